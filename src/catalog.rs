@@ -1,0 +1,322 @@
+//! The catalogue of states: one YAML file per built-in state under
+//! `states/`, embedded at build time, plus `--states-dir` files that add or
+//! override states, plus the user's own `states:` from the spec.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::diagnostic::{Diagnostic, Diagnostics, Source, nearest};
+use crate::spec::{RawUserState, SWITCHES, Spec, check_label_selector, check_state_name};
+
+/// The built-in states, in catalogue order.
+pub const BUILTIN_STATES: &[(&str, &str)] = &[
+    (
+        "states/00-detect-gpu.yaml",
+        include_str!("../states/00-detect-gpu.yaml"),
+    ),
+    (
+        "states/10-driver.yaml",
+        include_str!("../states/10-driver.yaml"),
+    ),
+];
+
+/// The Rust code that observes and converges a state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Handler {
+    DetectGpu,
+    Driver,
+    Exec,
+}
+
+impl Handler {
+    pub const ALL: &[(&str, Handler)] = &[
+        ("detect-gpu", Handler::DetectGpu),
+        ("driver", Handler::Driver),
+        ("exec", Handler::Exec),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Handler::ALL
+            .iter()
+            .find(|(_, h)| *h == self)
+            .map(|(n, _)| *n)
+            .expect("listed")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read states directory {path}")]
+    ReadDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid state definition\n{0}")]
+    Invalid(Diagnostics),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawStateFile {
+    name: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    handler: Spanned<String>,
+    #[serde(default)]
+    after: Vec<Spanned<String>>,
+    enabled_by: Option<Spanned<String>>,
+    #[serde(default)]
+    opt_out_labels: Vec<Spanned<String>>,
+    label: Option<Spanned<String>>,
+    check: Option<Spanned<String>>,
+    apply: Option<Spanned<String>>,
+}
+
+/// One state of the catalogue, wherever it was defined.
+#[derive(Debug, Clone)]
+pub struct StateDef {
+    pub name: String,
+    pub description: String,
+    pub handler: Handler,
+    pub after: Vec<Spanned<String>>,
+    /// The spec switch that turns it on (`gfd.enabled`); always on when absent.
+    pub enabled_by: Option<String>,
+    /// `key=value` node labels that opt a node out of this state.
+    pub opt_out_labels: Vec<String>,
+    /// The node label that publishes its outcome.
+    pub label: String,
+    pub check: Option<String>,
+    pub apply: Option<String>,
+    /// Where it was defined, for error messages.
+    pub origin: Arc<Source>,
+    pub name_at: serde_saphyr::Location,
+}
+
+impl StateDef {
+    pub fn from_user(user: RawUserState, handler: Handler, origin: Arc<Source>) -> StateDef {
+        StateDef {
+            label: format!("gpuprov.io/{}", user.name.value),
+            name: user.name.value,
+            description: user.description,
+            handler,
+            after: user.after,
+            enabled_by: None,
+            opt_out_labels: user.opt_out_labels.into_iter().map(|l| l.value).collect(),
+            check: Some(user.check.value),
+            apply: user.apply.map(|a| a.value),
+            origin,
+            name_at: user.name.referenced,
+        }
+    }
+
+    /// The place an error about this state's `after` entry points at.
+    pub fn diagnostic_at(
+        &self,
+        location: serde_saphyr::Location,
+        message: impl Into<String>,
+    ) -> Diagnostic {
+        Diagnostic::at_location(&self.origin, location, message)
+    }
+}
+
+/// The catalogue in order: built-ins, then `--states-dir` additions in file
+/// name order (an override keeps the built-in's place).
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub states: Vec<StateDef>,
+}
+
+impl Catalog {
+    pub fn builtin() -> Catalog {
+        Catalog::load(None).expect("the built-in states are valid")
+    }
+
+    pub fn load(states_dir: Option<&Path>) -> Result<Catalog, CatalogError> {
+        let mut catalog = Catalog { states: Vec::new() };
+        for (name, text) in BUILTIN_STATES {
+            catalog.add(parse_state(&Source {
+                name: format!("<embedded {name}>"),
+                text: text.to_string(),
+            })?);
+        }
+        if let Some(dir) = states_dir {
+            for source in read_states_dir(dir)? {
+                catalog.add(parse_state(&source)?);
+            }
+        }
+        Ok(catalog)
+    }
+
+    fn add(&mut self, state: StateDef) {
+        match self.states.iter_mut().find(|s| s.name == state.name) {
+            Some(existing) => *existing = state,
+            None => self.states.push(state),
+        }
+    }
+
+    /// The catalogue with the spec's own states appended. A user state may
+    /// not reuse a catalogue name: overriding is what `--states-dir` is for.
+    pub fn with_user_states(&self, spec: &Spec) -> Result<Vec<StateDef>, Diagnostics> {
+        let mut states = self.states.clone();
+        let mut errors = Vec::new();
+        for user in &spec.states {
+            if let Some(existing) = states.iter().find(|s| s.name == user.name) {
+                errors.push(Diagnostic::at_location(
+                    &user.origin,
+                    user.name_at,
+                    format!(
+                        "state `{}` is already defined by {}",
+                        user.name, existing.origin.name
+                    ),
+                ));
+            } else {
+                states.push(user.clone());
+            }
+        }
+        if errors.is_empty() {
+            Ok(states)
+        } else {
+            Err(Diagnostics(errors))
+        }
+    }
+}
+
+fn read_states_dir(dir: &Path) -> Result<Vec<Source>, CatalogError> {
+    let read_err = |source| CatalogError::ReadDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).map_err(|source| CatalogError::ReadDir {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Ok(Source {
+                name: path.display().to_string(),
+                text,
+            })
+        })
+        .collect()
+}
+
+fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
+    let invalid = |d: Diagnostic| CatalogError::Invalid(d.into());
+    let raw: RawStateFile = serde_saphyr::from_str(&source.text)
+        .map_err(|e| invalid(Diagnostic::from_yaml(source, &e)))?;
+    let at = |spanned_at, message: String| Diagnostic::at_location(source, spanned_at, message);
+
+    check_state_name(&raw.name.value).map_err(|why| {
+        invalid(at(
+            raw.name.referenced,
+            format!("state name `{}` {why}", raw.name.value),
+        ))
+    })?;
+    let handler = match Handler::ALL.iter().find(|(n, _)| *n == raw.handler.value) {
+        Some((_, handler)) => *handler,
+        None => {
+            let names: Vec<&str> = Handler::ALL.iter().map(|(n, _)| *n).collect();
+            let mut d = at(
+                raw.handler.referenced,
+                format!("unknown handler `{}`", raw.handler.value),
+            );
+            d = d.with_help(match nearest(&raw.handler.value, names.iter().copied()) {
+                Some(near) => format!("did you mean `{near}`? handlers: {}", names.join(", ")),
+                None => format!("handlers: {}", names.join(", ")),
+            });
+            return Err(invalid(d));
+        }
+    };
+    if let Some(switch) = &raw.enabled_by
+        && !SWITCHES.contains(&switch.value.as_str())
+    {
+        let mut d = at(
+            switch.referenced,
+            format!("unknown spec switch `{}`", switch.value),
+        );
+        if let Some(near) = nearest(&switch.value, SWITCHES.iter().copied()) {
+            d = d.with_help(format!("did you mean `{near}`?"));
+        }
+        return Err(invalid(d));
+    }
+    for label in &raw.opt_out_labels {
+        check_label_selector(&label.value).map_err(|why| invalid(at(label.referenced, why)))?;
+    }
+    match (handler, &raw.check) {
+        (Handler::Exec, None) => {
+            return Err(invalid(at(
+                raw.handler.referenced,
+                "an exec state needs a `check` command".to_string(),
+            )));
+        }
+        (Handler::DetectGpu | Handler::Driver, Some(check)) => {
+            return Err(invalid(at(
+                check.referenced,
+                format!(
+                    "`check` and `apply` belong to exec states, not `{}`",
+                    handler.name()
+                ),
+            )));
+        }
+        _ => {}
+    }
+    Ok(StateDef {
+        label: raw
+            .label
+            .map_or_else(|| format!("gpuprov.io/{}", raw.name.value), |l| l.value),
+        name: raw.name.value,
+        description: raw.description,
+        handler,
+        after: raw.after,
+        enabled_by: raw.enabled_by.map(|s| s.value),
+        opt_out_labels: raw.opt_out_labels.into_iter().map(|l| l.value).collect(),
+        check: raw.check.map(|c| c.value),
+        apply: raw.apply.map(|a| a.value),
+        origin: Arc::new(source.clone()),
+        name_at: raw.name.referenced,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_in_states_is_embedded() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("states");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| format!("states/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        on_disk.sort();
+        let embedded: Vec<String> = BUILTIN_STATES.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(on_disk, embedded);
+    }
+
+    #[test]
+    fn builtins_load_in_order() {
+        let names: Vec<String> = Catalog::builtin()
+            .states
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["detect-gpu", "driver"]);
+    }
+}

@@ -1,0 +1,118 @@
+//! Commands and flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::host::ExecMode;
+use crate::labels::LabelTarget;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gpuprov",
+    version,
+    about = "Converge a Kubernetes GPU node to a declared state"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log level or filter (RUST_LOG syntax); RUST_LOG wins when set.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Observe the node and show every step with what it would change. Writes nothing.
+    Plan(PlanArgs),
+    /// Converge the node once.
+    Apply(ApplyArgs),
+    /// List the catalogue of states in order.
+    States(StatesArgs),
+}
+
+/// Flags shared by `plan` and `apply`.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The desired-state YAML; the embedded default spec when absent.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// The node's root directory: `/` on the node, `/host` in a pod.
+    #[arg(long, default_value = "/")]
+    pub host_root: PathBuf,
+    /// How commands reach the host [default: chroot, or plain when the root is /].
+    #[arg(long, value_enum)]
+    pub host_exec: Option<ExecMode>,
+    /// A directory of state YAML files that add to or override the built-in ones.
+    #[arg(long)]
+    pub states_dir: Option<PathBuf>,
+    /// The node's current labels, `key=value,key=value`.
+    #[arg(long, value_delimiter = ',')]
+    pub node_labels: Vec<String>,
+    /// A file of the node's current labels, one `key=value` per line.
+    #[arg(long)]
+    pub node_labels_file: Option<PathBuf>,
+    /// Where labels go: NFD's feature file under the host root, stdout, or nowhere.
+    #[arg(long, value_enum, default_value_t = LabelTarget::Nfd)]
+    pub labels_out: LabelTarget,
+    /// Longest time one host command may run (`30s`, `5m`).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    pub command_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[arg(long, short = 'o', value_enum, default_value_t = PlanFormat::Text)]
+    pub output: PlanFormat,
+    /// Exit 0 when there is nothing to do, 2 when changes are pending, 1 on error.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Json,
+    Dot,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[arg(long, short = 'o', value_enum, default_value_t = ReportFormat::Text)]
+    pub output: ReportFormat,
+    /// How long to wait for another apply's lock on this host (`30s`, `2m`).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub lock_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatesArgs {
+    /// A directory of state YAML files that add to or override the built-in ones.
+    #[arg(long)]
+    pub states_dir: Option<PathBuf>,
+    /// Also list the user states of this spec.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    #[arg(long, short = 'o', value_enum, default_value_t = ReportFormat::Text)]
+    pub output: ReportFormat,
+}

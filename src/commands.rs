@@ -1,0 +1,285 @@
+//! The CLI's commands, on top of the library: load and validate every input
+//! before the host is touched, then plan or apply.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::catalog::Catalog;
+use crate::cli::{
+    ApplyArgs, Cli, Command, NodeArgs, PlanArgs, PlanFormat, ReportFormat, StatesArgs,
+};
+use crate::exec::{ApplyLock, Executor, RunReport, is_converged};
+use crate::facts::Facts;
+use crate::host::{ExecMode, Host};
+use crate::labels::{self, LabelTarget};
+use crate::plan::{Graph, PlanReport, Summary, symbol};
+use crate::spec::Spec;
+use crate::{Error, exit};
+
+/// Validated inputs of `plan` and `apply`: nothing here has read the host
+/// beyond checking that its root is a directory.
+pub struct Inputs {
+    pub host: Host,
+    pub spec: Spec,
+    pub graph: Graph,
+    pub node_labels: BTreeMap<String, String>,
+    pub labels_out: LabelTarget,
+}
+
+impl Inputs {
+    pub fn load(args: &NodeArgs) -> Result<Inputs, Error> {
+        let spec = match &args.config {
+            Some(path) => Spec::load(path)?,
+            None => Spec::default_spec(),
+        };
+        let graph = compile(&spec, args.states_dir.as_deref())?;
+        let node_labels = node_labels(&args.node_labels, args.node_labels_file.as_deref())?;
+        let mode = args
+            .host_exec
+            .unwrap_or_else(|| ExecMode::default_for(&args.host_root));
+        let host = Host::new(&args.host_root, mode, args.command_timeout)?;
+        Ok(Inputs {
+            host,
+            spec,
+            graph,
+            node_labels,
+            labels_out: args.labels_out,
+        })
+    }
+
+    fn facts(&self) -> Result<Facts, Error> {
+        Ok(Facts::gather(&self.host, self.node_labels.clone())?)
+    }
+
+    fn executor<'a>(&'a self, facts: &'a Facts) -> Executor<'a> {
+        Executor {
+            host: &self.host,
+            spec: &self.spec,
+            facts,
+            graph: &self.graph,
+        }
+    }
+}
+
+fn compile(spec: &Spec, states_dir: Option<&Path>) -> Result<Graph, Error> {
+    let catalog = Catalog::load(states_dir)?;
+    let states = catalog.with_user_states(spec).map_err(Error::Graph)?;
+    Graph::compile(states).map_err(Error::Graph)
+}
+
+/// Observes the node and lists what `apply` would change. Writes nothing.
+pub fn plan(inputs: &Inputs) -> Result<PlanReport, Error> {
+    let facts = inputs.facts()?;
+    let steps = inputs.executor(&facts).plan();
+    let labels = labels::compute(&steps, &inputs.graph, &facts.node_labels);
+    let label_sink = labels::sink_for(inputs.labels_out, &inputs.host).preview(&labels)?;
+    Ok(PlanReport {
+        schema_version: crate::plan::PLAN_SCHEMA_VERSION,
+        host_root: inputs.host.root().display().to_string(),
+        spec: inputs.spec.source.clone(),
+        os: facts.os.clone(),
+        kernel: facts.kernel.clone(),
+        summary: Summary::of(&steps),
+        steps,
+        labels,
+        label_sink,
+    })
+}
+
+/// Converges the node once, under the host's apply lock, then publishes
+/// labels and records the run in `last-run.json`.
+pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error> {
+    let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
+    let started = SystemTime::now();
+    let facts = inputs.facts()?;
+    let steps = inputs.executor(&facts).apply();
+    let labels = labels::compute(&steps, &inputs.graph, &facts.node_labels);
+    labels::sink_for(inputs.labels_out, &inputs.host).publish(&labels)?;
+    let report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
+    report.write(&inputs.host)?;
+    Ok(report)
+}
+
+/// Runs a parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> Result<i32, Error> {
+    match cli.command {
+        Command::Plan(args) => run_plan(&args),
+        Command::Apply(args) => run_apply(&args),
+        Command::States(args) => run_states(&args),
+    }
+}
+
+fn run_plan(args: &PlanArgs) -> Result<i32, Error> {
+    let report = plan(&Inputs::load(&args.node)?)?;
+    print(&match args.output {
+        PlanFormat::Text => report.to_text(),
+        PlanFormat::Json => report.to_json(),
+        PlanFormat::Dot => report.to_dot(),
+    })?;
+    Ok(if args.detailed_exitcode && report.has_changes() {
+        exit::CHANGES_PENDING
+    } else {
+        exit::OK
+    })
+}
+
+fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
+    let inputs = Inputs::load(&args.node)?;
+    let report = apply(&inputs, args.lock_timeout)?;
+    let text = match args.output {
+        ReportFormat::Text => apply_text(&report),
+        ReportFormat::Json => serde_json::to_string_pretty(&report).expect("serializes") + "\n",
+    };
+    // With labels on stdout, the report goes to stderr so the two don't mix.
+    if inputs.labels_out == LabelTarget::Stdout {
+        eprint!("{text}");
+    } else {
+        print(&text)?;
+    }
+    Ok(if report.converged {
+        exit::OK
+    } else {
+        exit::NOT_CONVERGED
+    })
+}
+
+fn apply_text(report: &RunReport) -> String {
+    let mut out = String::new();
+    for step in &report.steps {
+        out.push_str(&format!(
+            "  {} {}  {}  {}\n",
+            symbol(step.action),
+            step.name,
+            step.outcome.as_str(),
+            step.reason
+        ));
+    }
+    let s = Summary::of(&report.steps);
+    let verdict = if is_converged(&report.steps) {
+        "converged"
+    } else {
+        "NOT converged"
+    };
+    out.push_str(&format!(
+        "Apply: {verdict}: {} changed, {} unchanged, {} skipped, {} blocked, {} failed ({} ms).\n",
+        s.change, s.unchanged, s.skip, s.block, s.fail, report.duration_ms
+    ));
+    out
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StateRow {
+    name: String,
+    handler: &'static str,
+    after: Vec<String>,
+    enabled_by: Option<String>,
+    opt_out_labels: Vec<String>,
+    label: String,
+    description: String,
+    source: String,
+}
+
+fn run_states(args: &StatesArgs) -> Result<i32, Error> {
+    let spec = match &args.config {
+        Some(path) => Spec::load(path)?,
+        None => Spec::default_spec(),
+    };
+    let graph = compile(&spec, args.states_dir.as_deref())?;
+    let rows: Vec<StateRow> = graph
+        .steps
+        .iter()
+        .map(|s| StateRow {
+            name: s.name.clone(),
+            handler: s.handler.name(),
+            after: s.after.iter().map(|a| a.value.clone()).collect(),
+            enabled_by: s.enabled_by.clone(),
+            opt_out_labels: s.opt_out_labels.clone(),
+            label: s.label.clone(),
+            description: s.description.clone(),
+            source: s.origin.name.clone(),
+        })
+        .collect();
+    let text = match args.output {
+        ReportFormat::Json => serde_json::to_string_pretty(&rows).expect("serializes") + "\n",
+        ReportFormat::Text => {
+            let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+            let mut out = String::new();
+            for (i, row) in rows.iter().enumerate() {
+                out.push_str(&format!(
+                    "{:>2}. {:width$}  {}\n",
+                    i + 1,
+                    row.name,
+                    row.description
+                ));
+                let mut facts = vec![format!("handler {}", row.handler)];
+                if !row.after.is_empty() {
+                    facts.push(format!("after {}", row.after.join(", ")));
+                }
+                if let Some(switch) = &row.enabled_by {
+                    facts.push(format!("enabled by {switch}"));
+                }
+                if !row.opt_out_labels.is_empty() {
+                    facts.push(format!("opt-out {}", row.opt_out_labels.join(", ")));
+                }
+                facts.push(format!("label {}", row.label));
+                facts.push(format!("from {}", row.source));
+                out.push_str(&format!("    {:width$}  {}\n", "", facts.join(" · ")));
+            }
+            out
+        }
+    };
+    print(&text)?;
+    Ok(exit::OK)
+}
+
+/// `--node-labels` and `--node-labels-file`, merged (the flag wins).
+fn node_labels(flag: &[String], file: Option<&Path>) -> Result<BTreeMap<String, String>, Error> {
+    let mut labels = BTreeMap::new();
+    if let Some(path) = file {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::NodeLabels {
+            origin: origin.clone(),
+            problem: e.to_string(),
+        })?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (k, v) = split_label(line).map_err(|problem| Error::NodeLabels {
+                origin: format!("{origin}:{}", i + 1),
+                problem,
+            })?;
+            labels.insert(k, v);
+        }
+    }
+    for item in flag.iter().filter(|i| !i.trim().is_empty()) {
+        let (k, v) = split_label(item.trim()).map_err(|problem| Error::NodeLabels {
+            origin: "in --node-labels".to_string(),
+            problem,
+        })?;
+        labels.insert(k, v);
+    }
+    Ok(labels)
+}
+
+fn split_label(item: &str) -> Result<(String, String), String> {
+    match item.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!("`{item}` is not key=value")),
+    }
+}
+
+fn print(text: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(Error::Stdout)
+}

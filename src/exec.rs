@@ -1,0 +1,579 @@
+//! The executor: walks the plan's steps in order and, for each, decides
+//! whether it runs at all (disabled, opted out, blocked), observes the node,
+//! and then either shows the changes (`plan`) or makes them and checks that
+//! the step converged (`apply`). Both walks share every decision; they differ
+//! only in what they do with an observation.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+
+use crate::catalog::{Handler, StateDef};
+use crate::facts::Facts;
+use crate::host::{CommandRecord, Host, HostError};
+use crate::plan::Graph;
+use crate::spec::Spec;
+use crate::{driver, exec_state, gpu};
+
+/// Where `apply` records each run, under the host root.
+pub const LAST_RUN_PATH: &str = "/var/lib/gpuprov/last-run.json";
+/// The lock that lets one `apply` run per host at a time.
+pub const LOCK_PATH: &str = "/var/lib/gpuprov/apply.lock";
+/// A node carrying this label gets no operand at all, as with the GPU Operator.
+pub const OPERANDS_OPT_OUT: &str = "nvidia.com/gpu.deploy.operands=false";
+pub const REPORT_SCHEMA_VERSION: u32 = 1;
+
+/// How a step ended: published as `gpuprov.io/<state>=<outcome>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Ready,
+    Preinstalled,
+    Installed,
+    Configured,
+    Disabled,
+    OptedOut,
+    Blocked,
+    Pending,
+    Failed,
+    RebootRequired,
+    Absent,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ready => "ready",
+            Outcome::Preinstalled => "preinstalled",
+            Outcome::Installed => "installed",
+            Outcome::Configured => "configured",
+            Outcome::Disabled => "disabled",
+            Outcome::OptedOut => "opted-out",
+            Outcome::Blocked => "blocked",
+            Outcome::Pending => "pending",
+            Outcome::Failed => "failed",
+            Outcome::RebootRequired => "reboot-required",
+            Outcome::Absent => "absent",
+        }
+    }
+
+    /// Whether dependents may run after a step that ended this way.
+    fn lets_dependents_run(self) -> bool {
+        matches!(
+            self,
+            Outcome::Ready
+                | Outcome::Preinstalled
+                | Outcome::Installed
+                | Outcome::Configured
+                | Outcome::Disabled
+                | Outcome::OptedOut
+        )
+    }
+}
+
+/// What a step does, in one word: the plan's symbol and the report's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Converged already: nothing to do.
+    Unchanged,
+    /// Changes are needed (`plan`) or were made (`apply`).
+    Change,
+    /// Not run: disabled or opted out.
+    Skip,
+    /// Not run: a prerequisite did not converge.
+    Block,
+    /// Observing or applying failed, or the step is not converged.
+    Fail,
+}
+
+/// What dependents of a finished step do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    Pass,
+    /// Dependents are blocked, with the reason.
+    Block(String),
+    /// Dependents are disabled (and so theirs), with the reason: `no GPU`.
+    Disable(String),
+}
+
+/// One change a step needs, as data: `plan` prints it, `apply` makes it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Change {
+    /// Run a command in the host.
+    Run {
+        argv: Vec<String>,
+        /// How a person reads it (a user's own command as written).
+        display: String,
+    },
+    /// Write a file atomically.
+    WriteFile {
+        path: String,
+        #[serde(skip)]
+        content: Vec<u8>,
+        #[serde(skip)]
+        mode: u32,
+        /// Unified diff from the current content.
+        diff: String,
+    },
+}
+
+impl Change {
+    pub fn summary(&self) -> String {
+        match self {
+            Change::Run { display, .. } => format!("run: {display}"),
+            Change::WriteFile { path, .. } => format!("write {path}"),
+        }
+    }
+}
+
+/// What a handler saw on the node.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    /// The outcome when nothing needs to change.
+    pub outcome: Outcome,
+    /// The outcome once `changes` are made and verified.
+    pub on_change: Outcome,
+    pub reason: String,
+    pub changes: Vec<Change>,
+    /// Labels the step publishes besides its outcome label (GPU Operator
+    /// compatibility labels).
+    pub labels: BTreeMap<String, String>,
+    /// Overrides the gate the outcome implies.
+    pub gate: Option<Gate>,
+    /// Commands run while observing (an exec state's check).
+    pub commands: Vec<CommandRecord>,
+    pub details: serde_json::Value,
+}
+
+impl Observation {
+    pub fn new(outcome: Outcome, reason: impl Into<String>) -> Observation {
+        Observation {
+            outcome,
+            on_change: outcome,
+            reason: reason.into(),
+            changes: Vec::new(),
+            labels: BTreeMap::new(),
+            gate: None,
+            commands: Vec::new(),
+            details: serde_json::Value::Null,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("{0}")]
+    Observe(String),
+}
+
+/// Everything a handler may look at.
+pub struct StepContext<'a> {
+    pub host: &'a Host,
+    pub spec: &'a Spec,
+    pub facts: &'a Facts,
+    pub state: &'a StateDef,
+}
+
+fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+    match ctx.state.handler {
+        Handler::DetectGpu => Ok(gpu::observe(ctx)),
+        Handler::Driver => driver::observe(ctx),
+        Handler::Exec => exec_state::observe(ctx),
+    }
+}
+
+/// One step's result, in a plan or a run report.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepReport {
+    pub name: String,
+    pub handler: Handler,
+    pub after: Vec<String>,
+    pub action: Action,
+    pub outcome: Outcome,
+    pub reason: String,
+    pub changes: Vec<Change>,
+    pub commands: Vec<CommandRecord>,
+    pub labels: BTreeMap<String, String>,
+    pub details: serde_json::Value,
+    #[serde(skip)]
+    gate: Gate,
+}
+
+impl StepReport {
+    fn without_observation(
+        state: &StateDef,
+        action: Action,
+        outcome: Outcome,
+        reason: String,
+        gate: Gate,
+    ) -> StepReport {
+        StepReport {
+            name: state.name.clone(),
+            handler: state.handler,
+            after: state.after.iter().map(|a| a.value.clone()).collect(),
+            action,
+            outcome,
+            reason,
+            changes: Vec::new(),
+            commands: Vec::new(),
+            labels: BTreeMap::new(),
+            details: serde_json::Value::Null,
+            gate,
+        }
+    }
+
+    fn from_observation(
+        state: &StateDef,
+        action: Action,
+        outcome: Outcome,
+        obs: Observation,
+    ) -> StepReport {
+        let gate = obs
+            .gate
+            .clone()
+            .unwrap_or_else(|| default_gate(&state.name, outcome, &obs.reason));
+        StepReport {
+            labels: obs.labels,
+            changes: obs.changes,
+            commands: obs.commands,
+            details: obs.details,
+            reason: obs.reason,
+            ..StepReport::without_observation(state, action, outcome, String::new(), gate)
+        }
+    }
+}
+
+fn default_gate(name: &str, outcome: Outcome, reason: &str) -> Gate {
+    if outcome.lets_dependents_run() {
+        Gate::Pass
+    } else {
+        Gate::Block(format!("{name} is {}: {reason}", outcome.as_str()))
+    }
+}
+
+/// Everything needed to walk a plan on one host.
+pub struct Executor<'a> {
+    pub host: &'a Host,
+    pub spec: &'a Spec,
+    pub facts: &'a Facts,
+    pub graph: &'a Graph,
+}
+
+impl Executor<'_> {
+    /// Observes every step and lists what `apply` would change. Writes nothing.
+    pub fn plan(&self) -> Vec<StepReport> {
+        self.walk(|state, obs| {
+            if obs.changes.is_empty() {
+                StepReport::from_observation(state, action_for(&obs), obs.outcome, obs)
+            } else {
+                let mut report =
+                    StepReport::from_observation(state, Action::Change, obs.on_change, obs);
+                // Dependents are shown as they would run once this converges.
+                report.gate = Gate::Pass;
+                report
+            }
+        })
+    }
+
+    /// Converges every step: observe, change, observe again, verify.
+    pub fn apply(&self) -> Vec<StepReport> {
+        self.walk(|state, obs| {
+            if obs.changes.is_empty() {
+                return StepReport::from_observation(state, action_for(&obs), obs.outcome, obs);
+            }
+            let ctx = self.context(state);
+            let mut commands = obs.commands.clone();
+            for change in &obs.changes {
+                if let Err(reason) = make_change(self.host, change, &mut commands) {
+                    let mut failed = Observation::new(Outcome::Failed, reason);
+                    failed.commands = commands;
+                    failed.changes = obs.changes.clone();
+                    return StepReport::from_observation(
+                        state,
+                        Action::Fail,
+                        Outcome::Failed,
+                        failed,
+                    );
+                }
+            }
+            let (action, outcome, mut after) = match observe(&ctx) {
+                Ok(after) if after.changes.is_empty() && after.outcome.lets_dependents_run() => {
+                    (Action::Change, obs.on_change, after)
+                }
+                Ok(after) => {
+                    let still: Vec<String> = after.changes.iter().map(Change::summary).collect();
+                    let reason = if still.is_empty() {
+                        after.reason.clone()
+                    } else {
+                        format!(
+                            "changes made but not converged: still needs {}",
+                            still.join("; ")
+                        )
+                    };
+                    (
+                        Action::Fail,
+                        Outcome::Failed,
+                        Observation { reason, ..after },
+                    )
+                }
+                Err(e) => (
+                    Action::Fail,
+                    Outcome::Failed,
+                    Observation::new(Outcome::Failed, e.to_string()),
+                ),
+            };
+            commands.append(&mut after.commands);
+            after.commands = commands;
+            if action == Action::Change {
+                let made: Vec<String> = obs.changes.iter().map(Change::summary).collect();
+                after.reason = format!("changed ({}); {}", made.join("; "), after.reason);
+            }
+            after.changes = obs.changes;
+            StepReport::from_observation(state, action, outcome, after)
+        })
+    }
+
+    fn context<'s>(&'s self, state: &'s StateDef) -> StepContext<'s> {
+        StepContext {
+            host: self.host,
+            spec: self.spec,
+            facts: self.facts,
+            state,
+        }
+    }
+
+    fn walk(&self, mut act: impl FnMut(&StateDef, Observation) -> StepReport) -> Vec<StepReport> {
+        let mut reports: Vec<StepReport> = Vec::new();
+        for state in &self.graph.steps {
+            let gates: Vec<(&str, &Gate)> = state
+                .after
+                .iter()
+                .filter_map(|dep| reports.iter().find(|r| r.name == dep.value))
+                .map(|r| (r.name.as_str(), &r.gate))
+                .collect();
+            let skip = |outcome, reason: String, gate| {
+                let action = if outcome == Outcome::Blocked {
+                    Action::Block
+                } else {
+                    Action::Skip
+                };
+                StepReport::without_observation(state, action, outcome, reason, gate)
+            };
+            let disabled_upstream = gates.iter().find_map(|(_, g)| match g {
+                Gate::Disable(reason) => Some(reason.clone()),
+                _ => None,
+            });
+            let switched_off = state
+                .enabled_by
+                .as_deref()
+                .filter(|s| self.spec.switch(s) == Some(false));
+            let opted_out = self.opt_out_label(state);
+            let blocked = gates.iter().find_map(|(_, g)| match g {
+                Gate::Block(reason) => Some(reason.clone()),
+                _ => None,
+            });
+            let report = if let Some(reason) = disabled_upstream {
+                skip(Outcome::Disabled, reason.clone(), Gate::Disable(reason))
+            } else if let Some(switch) = switched_off {
+                skip(Outcome::Disabled, format!("{switch} is false"), Gate::Pass)
+            } else if let Some(label) = opted_out {
+                skip(Outcome::OptedOut, format!("node label {label}"), Gate::Pass)
+            } else if let Some(reason) = blocked {
+                skip(Outcome::Blocked, reason.clone(), Gate::Block(reason))
+            } else {
+                let started = Instant::now();
+                let report = match observe(&self.context(state)) {
+                    Ok(obs) => act(state, obs),
+                    Err(e) => {
+                        let obs = Observation::new(Outcome::Failed, e.to_string());
+                        StepReport::from_observation(state, Action::Fail, Outcome::Failed, obs)
+                    }
+                };
+                tracing::info!(
+                    step = %state.name,
+                    outcome = report.outcome.as_str(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "{}",
+                    report.reason
+                );
+                report
+            };
+            reports.push(report);
+        }
+        reports
+    }
+
+    fn opt_out_label(&self, state: &StateDef) -> Option<String> {
+        let global = (state.handler != Handler::DetectGpu).then_some(OPERANDS_OPT_OUT);
+        state
+            .opt_out_labels
+            .iter()
+            .map(String::as_str)
+            .chain(global)
+            .find(|selector| self.facts.has_label(selector))
+            .map(str::to_string)
+    }
+}
+
+/// A converged outcome, or `absent` that only disables dependents (no GPU:
+/// nothing to do), is unchanged; anything else did not converge.
+fn action_for(obs: &Observation) -> Action {
+    if obs.outcome.lets_dependents_run() || matches!(obs.gate, Some(Gate::Disable(_))) {
+        Action::Unchanged
+    } else {
+        Action::Fail
+    }
+}
+
+fn make_change(
+    host: &Host,
+    change: &Change,
+    commands: &mut Vec<CommandRecord>,
+) -> Result<(), String> {
+    match change {
+        Change::Run { argv, display } => {
+            let record = host.run(argv).map_err(|e| error_chain(&e))?;
+            let ok = record.success();
+            let summary = record.failure_summary();
+            commands.push(record);
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("`{display}` {summary}"))
+            }
+        }
+        Change::WriteFile {
+            path,
+            content,
+            mode,
+            ..
+        } => host
+            .write_atomic(path, content, *mode)
+            .map(|_| ())
+            .map_err(|e| error_chain(&e)),
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The record of one `apply`, written to `last-run.json`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    pub schema_version: u32,
+    pub gpuprov_version: &'static str,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub host_root: String,
+    pub spec: String,
+    /// True when every step is converged, disabled or opted out.
+    pub converged: bool,
+    pub steps: Vec<StepReport>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl RunReport {
+    pub fn new(
+        host: &Host,
+        spec: &Spec,
+        started: SystemTime,
+        steps: Vec<StepReport>,
+        labels: BTreeMap<String, String>,
+    ) -> RunReport {
+        RunReport {
+            schema_version: REPORT_SCHEMA_VERSION,
+            gpuprov_version: env!("CARGO_PKG_VERSION"),
+            started_at: humantime::format_rfc3339_millis(started).to_string(),
+            duration_ms: started.elapsed().unwrap_or_default().as_millis() as u64,
+            host_root: host.root().display().to_string(),
+            spec: spec.source.clone(),
+            converged: is_converged(&steps),
+            steps,
+            labels,
+        }
+    }
+
+    pub fn write(&self, host: &Host) -> Result<(), HostError> {
+        let mut json = serde_json::to_vec_pretty(self).expect("a report serializes");
+        json.push(b'\n');
+        host.write_atomic(LAST_RUN_PATH, &json, 0o644).map(|_| ())
+    }
+}
+
+pub fn is_converged(steps: &[StepReport]) -> bool {
+    steps
+        .iter()
+        .all(|s| matches!(s.action, Action::Unchanged | Action::Change | Action::Skip))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(
+        "another gpuprov apply holds {path}; gave up after {waited:?} (raise --lock-timeout to wait longer)"
+    )]
+    Timeout { path: String, waited: Duration },
+}
+
+/// Held while an `apply` runs; released on drop.
+pub struct ApplyLock {
+    _lock: Flock<std::fs::File>,
+}
+
+impl ApplyLock {
+    /// Takes the host's apply lock, waiting up to `timeout` for another run.
+    pub fn acquire(host: &Host, timeout: Duration) -> Result<ApplyLock, LockError> {
+        let path = host.resolve(LOCK_PATH)?;
+        let write_err = |source| HostError::Write {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(path.parent().expect("under the root")).map_err(write_err)?;
+        let started = Instant::now();
+        let mut announced = false;
+        loop {
+            // Opened anew each try: a failed flock consumes the handle.
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(write_err)?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(ApplyLock { _lock: lock }),
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {}
+                Err((_, errno)) => return Err(write_err(std::io::Error::from(errno)).into()),
+            }
+            if started.elapsed() >= timeout {
+                return Err(LockError::Timeout {
+                    path: path.display().to_string(),
+                    waited: timeout,
+                });
+            }
+            if !announced {
+                tracing::warn!(lock = %path.display(), "another gpuprov apply is running; waiting for its lock");
+                announced = true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

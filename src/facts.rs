@@ -1,0 +1,59 @@
+//! What is observed once per run and shared by every step.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::gpu::pci::{self, PciError, PciFunction};
+use crate::host::{Host, HostError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FactsError {
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Facts {
+    pub pci: Vec<PciFunction>,
+    /// The node's current labels (from `--node-labels` until an API server is wired in).
+    pub node_labels: BTreeMap<String, String>,
+    /// `PRETTY_NAME` from `/etc/os-release`, if there is one.
+    pub os: Option<String>,
+    /// The running kernel's release.
+    pub kernel: Option<String>,
+}
+
+impl Facts {
+    pub fn gather(host: &Host, node_labels: BTreeMap<String, String>) -> Result<Facts, FactsError> {
+        let os = host.read("/etc/os-release")?.and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim().trim_matches('"').to_string())
+        });
+        let kernel = host
+            .read("/proc/sys/kernel/osrelease")?
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty());
+        Ok(Facts {
+            pci: pci::scan(host)?,
+            node_labels,
+            os,
+            kernel,
+        })
+    }
+
+    pub fn gpus(&self) -> impl Iterator<Item = &PciFunction> {
+        self.pci.iter().filter(|f| f.is_gpu())
+    }
+
+    /// True when the node carries `selector` (`key=value`).
+    pub fn has_label(&self, selector: &str) -> bool {
+        selector
+            .split_once('=')
+            .is_some_and(|(k, v)| self.node_labels.get(k).is_some_and(|have| have == v))
+    }
+}

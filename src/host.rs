@@ -1,0 +1,611 @@
+//! The host root: every file and process on the node is reached through it.
+//!
+//! Paths are resolved inside the root the way the kernel would inside a
+//! chroot: absolute symlink targets start again at the root, relative ones
+//! continue from their directory, and a `..` that would climb above the root
+//! is an error rather than a silent escape. Writes are atomic; commands run
+//! through one wrapper that records what ran and how it ended.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Most symlinks followed while resolving one path (the kernel's limit).
+const MAX_SYMLINK_HOPS: u32 = 40;
+/// How much of a command's stdout and stderr a record keeps (the tail).
+const OUTPUT_TAIL_BYTES: usize = 4096;
+/// Directories searched for a bare command name inside the host root.
+const HOST_PATH: &[&str] = &[
+    "usr/local/sbin",
+    "usr/local/bin",
+    "usr/sbin",
+    "usr/bin",
+    "sbin",
+    "bin",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("host root {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("path {path} climbs above the host root {root}")]
+    Escapes { path: String, root: PathBuf },
+    #[error("path {path} has more than {MAX_SYMLINK_HOPS} symlinks (a loop?)")]
+    SymlinkLoop { path: String },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid UTF-8")]
+    NotUtf8 { path: PathBuf },
+    #[error("cannot start `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot enter the host's namespaces through {path}")]
+    Namespace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How commands reach the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecMode {
+    /// chroot into the host root (the default when the root is not `/`).
+    Chroot,
+    /// join PID 1's mount, UTS, IPC and network namespaces (a privileged pod with hostPID).
+    Nsenter,
+    /// run the program found at the same path under the root, without
+    /// changing root: for fixture hosts whose scripts use the machine's tools.
+    Prefix,
+}
+
+impl ExecMode {
+    /// The default for a root: plain execution when it is `/` (prefix of `/`
+    /// is the identity), chroot otherwise.
+    pub fn default_for(root: &Path) -> ExecMode {
+        if root == Path::new("/") {
+            ExecMode::Prefix
+        } else {
+            ExecMode::Chroot
+        }
+    }
+}
+
+/// What one command did, kept in the run report.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandRecord {
+    pub argv: Vec<String>,
+    /// `None` when the command was killed (by a signal or the timeout).
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandRecord {
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+
+    /// One line for messages: the last line of stderr, or the exit status.
+    pub fn failure_summary(&self) -> String {
+        let status = match (self.timed_out, self.exit_code) {
+            (true, _) => "timed out".to_string(),
+            (false, Some(code)) => format!("exited {code}"),
+            (false, None) => "killed by a signal".to_string(),
+        };
+        match self.stderr.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(line) => format!("{status}: {}", line.trim()),
+            None => status,
+        }
+    }
+}
+
+/// The node as seen through its root directory.
+#[derive(Debug, Clone)]
+pub struct Host {
+    root: PathBuf,
+    exec_mode: ExecMode,
+    command_timeout: Duration,
+}
+
+impl Host {
+    pub fn new(
+        root: &Path,
+        exec_mode: ExecMode,
+        command_timeout: Duration,
+    ) -> Result<Host, HostError> {
+        let meta = fs::metadata(root).map_err(|source| HostError::Read {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(HostError::NotADirectory(root.to_path_buf()));
+        }
+        Ok(Host {
+            root: root.to_path_buf(),
+            exec_mode,
+            command_timeout,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn exec_mode(&self) -> ExecMode {
+        self.exec_mode
+    }
+
+    /// Resolves a host path (`/etc/x` or `etc/x`) to a real path under the
+    /// root, following every symlink inside the root.
+    pub fn resolve(&self, host_path: &str) -> Result<PathBuf, HostError> {
+        let mut resolved: Vec<OsString> = Vec::new();
+        let mut pending: VecDeque<OsString> = components(Path::new(host_path));
+        let mut hops = 0;
+        while let Some(part) = pending.pop_front() {
+            if part == ".." {
+                if resolved.pop().is_none() {
+                    return Err(HostError::Escapes {
+                        path: host_path.to_string(),
+                        root: self.root.clone(),
+                    });
+                }
+                continue;
+            }
+            resolved.push(part);
+            let real = self.join(&resolved);
+            let Ok(meta) = fs::symlink_metadata(&real) else {
+                continue; // not there (yet): the rest is taken literally
+            };
+            if !meta.file_type().is_symlink() {
+                continue;
+            }
+            hops += 1;
+            if hops > MAX_SYMLINK_HOPS {
+                return Err(HostError::SymlinkLoop {
+                    path: host_path.to_string(),
+                });
+            }
+            let target =
+                fs::read_link(&real).map_err(|source| HostError::Read { path: real, source })?;
+            resolved.pop();
+            if target.is_absolute() {
+                resolved.clear();
+            }
+            for part in components(&target).into_iter().rev() {
+                pending.push_front(part);
+            }
+        }
+        Ok(self.join(&resolved))
+    }
+
+    fn join(&self, parts: &[OsString]) -> PathBuf {
+        let mut path = self.root.clone();
+        path.extend(parts);
+        path
+    }
+
+    /// Reads a file; `Ok(None)` when it does not exist.
+    pub fn read(&self, host_path: &str) -> Result<Option<String>, HostError> {
+        let path = self.resolve(host_path)?;
+        match fs::read(&path) {
+            Ok(bytes) => String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| HostError::NotUtf8 { path }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(HostError::Read { path, source }),
+        }
+    }
+
+    pub fn exists(&self, host_path: &str) -> Result<bool, HostError> {
+        Ok(self.resolve(host_path)?.exists())
+    }
+
+    /// The file name a symlink points at (`driver` → `nvidia`), without
+    /// following it; `Ok(None)` when there is no such link.
+    pub fn link_name(&self, host_path: &str) -> Result<Option<String>, HostError> {
+        let (parent, name) = split_parent(host_path);
+        let path = self.resolve(parent)?.join(name);
+        match fs::read_link(&path) {
+            Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(source) => Err(HostError::Read { path, source }),
+        }
+    }
+
+    /// Sorted entry names of a directory; empty when it does not exist.
+    pub fn list_dir(&self, host_path: &str) -> Result<Vec<String>, HostError> {
+        let path = self.resolve(host_path)?;
+        let entries = match fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(HostError::Read { path, source }),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| HostError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Writes a file atomically: a unique temporary file in the same
+    /// directory, fsync, rename over the target, fsync the directory. An
+    /// existing file keeps its mode and owner; a new one gets `new_mode`.
+    /// Returns false, touching nothing, when the content is already there.
+    pub fn write_atomic(
+        &self,
+        host_path: &str,
+        content: &[u8],
+        new_mode: u32,
+    ) -> Result<bool, HostError> {
+        let path = self.resolve(host_path)?;
+        let existing = fs::metadata(&path).ok();
+        if existing.is_some() && fs::read(&path).ok().as_deref() == Some(content) {
+            return Ok(false);
+        }
+        let write_err = |source| HostError::Write {
+            path: path.clone(),
+            source,
+        };
+        let dir = path.parent().expect("a resolved path is under the root");
+        fs::create_dir_all(dir).map_err(write_err)?;
+        let temp = temp_path(&path);
+        let result = (|| {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&temp)?;
+            file.write_all(content)?;
+            let mode = existing.as_ref().map_or(new_mode, |m| m.mode() & 0o7777);
+            file.set_permissions(fs::Permissions::from_mode(mode))?;
+            if let Some(meta) = &existing {
+                keep_owner(&file, meta)?;
+            }
+            file.sync_all()?;
+            fs::rename(&temp, &path)?;
+            File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result.map_err(write_err)?;
+        Ok(true)
+    }
+
+    /// Runs an argument vector inside the host. Never a shell string with
+    /// values pasted in; see `run_shell` for a user's own commands.
+    pub fn run(&self, argv: &[String]) -> Result<CommandRecord, HostError> {
+        let program = self.program_path(&argv[0]);
+        let mut command = Command::new(&program);
+        command.args(&argv[1..]);
+        match self.exec_mode {
+            ExecMode::Prefix => {
+                command
+                    .current_dir(&self.root)
+                    .env("GPUPROV_HOST_ROOT", &self.root)
+                    .env("PATH", self.prefixed_path());
+            }
+            ExecMode::Chroot => {
+                let root = self.root.clone();
+                command.env("GPUPROV_HOST_ROOT", "/");
+                // SAFETY: chroot and chdir are async-signal-safe syscalls; the
+                // closure allocates nothing.
+                unsafe {
+                    command.pre_exec(move || {
+                        nix::unistd::chroot(&root)?;
+                        nix::unistd::chdir("/")?;
+                        Ok(())
+                    });
+                }
+            }
+            ExecMode::Nsenter => {
+                let namespaces = open_pid1_namespaces()?;
+                command.env("GPUPROV_HOST_ROOT", "/").current_dir("/");
+                // SAFETY: setns is an async-signal-safe syscall and the file
+                // descriptors were opened before the fork.
+                unsafe {
+                    command.pre_exec(move || {
+                        for (file, flag) in &namespaces {
+                            nix::sched::setns(file.as_fd(), *flag)?;
+                        }
+                        nix::unistd::chdir("/")?;
+                        Ok(())
+                    });
+                }
+            }
+        }
+        self.finish(command, argv)
+    }
+
+    /// Runs a user's own command line (an `exec` state's check or apply)
+    /// through the host's shell, exactly as written.
+    pub fn run_shell(&self, script: &str) -> Result<CommandRecord, HostError> {
+        self.run(&["/bin/sh".to_string(), "-c".to_string(), script.to_string()])
+    }
+
+    /// In prefix mode a program is the fixture's own when the root has it at
+    /// that path (or, for a bare name, in one of its PATH directories), and
+    /// the machine's otherwise. In other modes the path is the host's own.
+    fn program_path(&self, program: &str) -> PathBuf {
+        if self.exec_mode != ExecMode::Prefix {
+            return PathBuf::from(program);
+        }
+        let candidates: Vec<String> = if program.starts_with('/') {
+            vec![program.to_string()]
+        } else if program.contains('/') {
+            return PathBuf::from(program);
+        } else {
+            HOST_PATH
+                .iter()
+                .map(|dir| format!("{dir}/{program}"))
+                .collect()
+        };
+        for candidate in candidates {
+            if let Ok(path) = self.resolve(&candidate)
+                && path.is_file()
+            {
+                return path;
+            }
+        }
+        PathBuf::from(program)
+    }
+
+    /// The root's own PATH directories first, then the machine's.
+    fn prefixed_path(&self) -> OsString {
+        let mut dirs: Vec<PathBuf> = HOST_PATH.iter().map(|d| self.root.join(d)).collect();
+        if let Some(path) = std::env::var_os("PATH") {
+            dirs.extend(std::env::split_paths(&path));
+        }
+        std::env::join_paths(dirs).unwrap_or_default()
+    }
+
+    fn finish(&self, mut command: Command, argv: &[String]) -> Result<CommandRecord, HostError> {
+        tracing::debug!(command = %argv.join(" "), "running");
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|source| HostError::Spawn {
+                command: argv.join(" "),
+                source,
+            })?;
+        let stdout = drain(child.stdout.take().expect("piped"));
+        let stderr = drain(child.stderr.take().expect("piped"));
+        let started = Instant::now();
+        let mut timed_out = false;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if started.elapsed() >= self.command_timeout => {
+                    timed_out = true;
+                    // The whole process group: a shell's children go too.
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(child.id() as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    break child.wait().ok();
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => break None,
+            }
+        };
+        Ok(CommandRecord {
+            argv: argv.to_vec(),
+            exit_code: status.and_then(|s| s.code()),
+            timed_out,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        })
+    }
+}
+
+fn components(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect()
+}
+
+fn split_parent(host_path: &str) -> (&str, &str) {
+    let trimmed = host_path.trim_end_matches('/');
+    match trimmed.rsplit_once('/') {
+        Some((parent, name)) => (parent, name),
+        None => ("", trimmed),
+    }
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(
+        ".{name}.gpuprov-{}-{unique}.tmp",
+        std::process::id()
+    ))
+}
+
+fn keep_owner(file: &File, meta: &fs::Metadata) -> std::io::Result<()> {
+    let current = file.metadata()?;
+    if current.uid() == meta.uid() && current.gid() == meta.gid() {
+        return Ok(());
+    }
+    nix::unistd::fchown(
+        file.as_fd(),
+        Some(nix::unistd::Uid::from_raw(meta.uid())),
+        Some(nix::unistd::Gid::from_raw(meta.gid())),
+    )
+    .map_err(std::io::Error::from)
+}
+
+fn open_pid1_namespaces() -> Result<Vec<(File, nix::sched::CloneFlags)>, HostError> {
+    use nix::sched::CloneFlags;
+    [
+        ("mnt", CloneFlags::CLONE_NEWNS),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("net", CloneFlags::CLONE_NEWNET),
+    ]
+    .into_iter()
+    .map(|(name, flag)| {
+        let path = PathBuf::from(format!("/proc/1/ns/{name}"));
+        File::open(&path)
+            .map(|file| (file, flag))
+            .map_err(|source| HostError::Namespace { path, source })
+    })
+    .collect()
+}
+
+/// Reads a pipe to its end on its own thread, keeping the tail.
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        let start = bytes.len().saturating_sub(OUTPUT_TAIL_BYTES);
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn host(dir: &Path) -> Host {
+        Host::new(dir, ExecMode::Prefix, Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn absolute_symlinks_restart_at_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("etc/real")).unwrap();
+        fs::write(dir.path().join("etc/real/f"), "inside").unwrap();
+        symlink("/etc/real", dir.path().join("etc/link")).unwrap();
+        assert_eq!(
+            host(dir.path()).read("/etc/link/f").unwrap().as_deref(),
+            Some("inside")
+        );
+    }
+
+    #[test]
+    fn dotdot_above_the_root_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("etc")).unwrap();
+        symlink("../../../../etc/passwd", dir.path().join("etc/evil")).unwrap();
+        let err = host(dir.path()).read("/etc/evil").unwrap_err();
+        assert!(matches!(err, HostError::Escapes { .. }), "{err}");
+        assert!(matches!(
+            host(dir.path()).read("../x"),
+            Err(HostError::Escapes { .. })
+        ));
+    }
+
+    #[test]
+    fn symlink_loops_end_in_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        symlink("b", dir.path().join("a")).unwrap();
+        symlink("a", dir.path().join("b")).unwrap();
+        assert!(matches!(
+            host(dir.path()).read("a"),
+            Err(HostError::SymlinkLoop { .. })
+        ));
+    }
+
+    #[test]
+    fn atomic_write_keeps_mode_and_skips_identical_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = host(dir.path());
+        assert!(h.write_atomic("/etc/x/conf", b"one", 0o644).unwrap());
+        fs::set_permissions(
+            dir.path().join("etc/x/conf"),
+            fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        assert!(h.write_atomic("/etc/x/conf", b"two", 0o644).unwrap());
+        let meta = fs::metadata(dir.path().join("etc/x/conf")).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o640);
+        assert!(!h.write_atomic("/etc/x/conf", b"two", 0o644).unwrap());
+        let leftovers: Vec<_> = fs::read_dir(dir.path().join("etc/x")).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn prefix_mode_runs_the_fixture_script_and_records_it() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("usr/bin")).unwrap();
+        let script = dir.path().join("usr/bin/hello");
+        fs::write(
+            &script,
+            "#!/bin/sh\necho \"root=$GPUPROV_HOST_ROOT\"\necho oops >&2\nexit 3\n",
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let record = host(dir.path())
+            .run(&["/usr/bin/hello".to_string()])
+            .unwrap();
+        assert_eq!(record.exit_code, Some(3));
+        assert_eq!(
+            record.stdout.trim(),
+            format!("root={}", dir.path().display())
+        );
+        assert_eq!(record.failure_summary(), "exited 3: oops");
+        let bare = host(dir.path()).run_shell("hello").unwrap();
+        assert_eq!(
+            bare.exit_code,
+            Some(3),
+            "bare names find the root's own scripts first"
+        );
+    }
+
+    #[test]
+    fn commands_past_the_timeout_are_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Host::new(dir.path(), ExecMode::Prefix, Duration::from_millis(200)).unwrap();
+        let record = h.run_shell("sleep 30").unwrap();
+        assert!(record.timed_out);
+        assert!(!record.success());
+    }
+}

@@ -1,0 +1,67 @@
+//! gpuprov: converges a Kubernetes GPU node to a declared state.
+//!
+//! Data flow: `spec` (node.yaml) and `catalog` (states/*.yaml) compile into a
+//! `plan::Graph`; `facts` are observed once through `host`; the `exec`
+//! executor walks the graph and each state's handler (`gpu`, `driver`,
+//! `exec_state`) observes and converges its part; `labels` publishes the
+//! outcome. `commands` ties these together for the CLI.
+
+pub mod catalog;
+pub mod cli;
+pub mod commands;
+pub mod diagnostic;
+pub mod driver;
+pub mod exec;
+pub mod exec_state;
+pub mod facts;
+pub mod gpu;
+pub mod host;
+pub mod labels;
+pub mod plan;
+pub mod spec;
+
+/// The crate's error: one variant per module that can fail a command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error(transparent)]
+    Catalog(#[from] catalog::CatalogError),
+    #[error("invalid state graph\n{0}")]
+    Graph(diagnostic::Diagnostics),
+    #[error("cannot observe the host")]
+    Facts(#[from] facts::FactsError),
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    #[error(transparent)]
+    Lock(#[from] exec::LockError),
+    #[error("cannot publish labels")]
+    Labels(#[from] labels::LabelError),
+    #[error("invalid node labels {origin}: {problem}")]
+    NodeLabels { origin: String, problem: String },
+    #[error("cannot write to stdout")]
+    Stdout(#[source] std::io::Error),
+}
+
+/// Exit codes, as the README documents them.
+pub mod exit {
+    /// Success; for `plan --detailed-exitcode`, nothing to change.
+    pub const OK: i32 = 0;
+    /// An error: invalid input, an unreadable host, a failed write.
+    pub const ERROR: i32 = 1;
+    /// `plan --detailed-exitcode`: changes are pending.
+    pub const CHANGES_PENDING: i32 = 2;
+    /// `apply` ran, but some step failed, is blocked or absent.
+    pub const NOT_CONVERGED: i32 = 3;
+    /// `apply` gave up waiting for another run's lock.
+    pub const LOCKED: i32 = 4;
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Lock(exec::LockError::Timeout { .. }) => exit::LOCKED,
+            _ => exit::ERROR,
+        }
+    }
+}
