@@ -16,7 +16,7 @@ use crate::exec::{ApplyLock, Executor, RunReport, is_converged};
 use crate::facts::Facts;
 use crate::host::{ExecMode, Host};
 use crate::labels::{self, LabelTarget};
-use crate::plan::{Graph, PlanReport, Summary, symbol};
+use crate::plan::{Graph, PlanReport, Summary, steps_table};
 use crate::spec::Spec;
 use crate::{Error, exit};
 
@@ -52,7 +52,10 @@ impl Inputs {
     }
 
     fn facts(&self) -> Result<Facts, Error> {
-        Ok(Facts::gather(&self.host, self.node_labels.clone())?)
+        Facts::gather(&self.host, self.node_labels.clone()).map_err(|source| Error::Facts {
+            root: self.host.root().display().to_string(),
+            source,
+        })
     }
 
     fn executor<'a>(&'a self, facts: &'a Facts) -> Executor<'a> {

@@ -121,7 +121,22 @@ fn plain_message(err: &serde_saphyr::Error) -> String {
         Some(i) => &text[..i],
         None => text,
     };
-    text.trim().to_string()
+    humane(text.trim())
+}
+
+/// Rewords the parser's messages that speak to a programmer, not a user.
+fn humane(message: &str) -> String {
+    if let Some(key) = message.strip_prefix("duplicate mapping key: ") {
+        let key = key.split(',').next().unwrap_or(key);
+        return format!("key `{key}` appears twice in this mapping");
+    }
+    if message.starts_with("multiple YAML documents detected") {
+        return "a second YAML document starts here; a spec is one document".to_string();
+    }
+    if message == "expected string scalar" {
+        return "expected a single value here, not a list or mapping".to_string();
+    }
+    message.to_string()
 }
 
 /// The candidate closest to `word` by edit distance, when close enough to be

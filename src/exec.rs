@@ -136,7 +136,8 @@ impl Change {
 pub struct Observation {
     /// The outcome when nothing needs to change.
     pub outcome: Outcome,
-    /// The outcome once `changes` are made and verified.
+    /// The outcome expected once `changes` are made (what `plan` shows);
+    /// `apply` reports what it observes afterwards.
     pub on_change: Outcome,
     pub reason: String,
     pub changes: Vec<Change>,
@@ -306,7 +307,7 @@ impl Executor<'_> {
             }
             let (action, outcome, mut after) = match observe(&ctx) {
                 Ok(after) if after.changes.is_empty() && after.outcome.lets_dependents_run() => {
-                    (Action::Change, obs.on_change, after)
+                    (Action::Change, after.outcome, after)
                 }
                 Ok(after) => {
                     let still: Vec<String> = after.changes.iter().map(Change::summary).collect();
@@ -333,8 +334,7 @@ impl Executor<'_> {
             commands.append(&mut after.commands);
             after.commands = commands;
             if action == Action::Change {
-                let made: Vec<String> = obs.changes.iter().map(Change::summary).collect();
-                after.reason = format!("changed ({}); {}", made.join("; "), after.reason);
+                after.reason = format!("changed: {} (was: {})", after.reason, obs.reason);
             }
             after.changes = obs.changes;
             StepReport::from_observation(state, action, outcome, after)

@@ -13,11 +13,14 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let record = ctx.host.run_shell(check)?;
     let passed = record.success();
     let summary = record.failure_summary();
+    // The outcome names the node's state, not this run's action, so a
+    // converged state keeps its label from one run to the next.
+    let converged = if ctx.state.apply.is_some() { Outcome::Configured } else { Outcome::Ready };
     let mut obs = if passed {
-        Observation::new(Outcome::Ready, "check passes")
+        Observation::new(converged, "check passes")
     } else if let Some(apply) = &ctx.state.apply {
         let mut obs = Observation::new(Outcome::Pending, format!("check {summary}"));
-        obs.on_change = Outcome::Configured;
+        obs.on_change = converged;
         obs.changes.push(Change::Run {
             argv: vec!["/bin/sh".to_string(), "-c".to_string(), apply.clone()],
             display: apply.clone(),

@@ -129,7 +129,10 @@ impl CommandRecord {
 /// The node as seen through its root directory.
 #[derive(Debug, Clone)]
 pub struct Host {
+    /// Absolute, so commands that change directory still find it.
     root: PathBuf,
+    /// As the user gave it, for messages and reports.
+    display_root: PathBuf,
     exec_mode: ExecMode,
     command_timeout: Duration,
 }
@@ -147,15 +150,21 @@ impl Host {
         if !meta.is_dir() {
             return Err(HostError::NotADirectory(root.to_path_buf()));
         }
+        let absolute = std::path::absolute(root).map_err(|source| HostError::Read {
+            path: root.to_path_buf(),
+            source,
+        })?;
         Ok(Host {
-            root: root.to_path_buf(),
+            root: absolute,
+            display_root: root.to_path_buf(),
             exec_mode,
             command_timeout,
         })
     }
 
+    /// The root as the user gave it.
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.display_root
     }
 
     pub fn exec_mode(&self) -> ExecMode {

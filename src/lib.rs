@@ -29,8 +29,12 @@ pub enum Error {
     Catalog(#[from] catalog::CatalogError),
     #[error("invalid state graph\n{0}")]
     Graph(diagnostic::Diagnostics),
-    #[error("cannot observe the host")]
-    Facts(#[from] facts::FactsError),
+    #[error("cannot observe the host at {root}")]
+    Facts {
+        root: String,
+        #[source]
+        source: facts::FactsError,
+    },
     #[error(transparent)]
     Host(#[from] host::HostError),
     #[error(transparent)]

@@ -185,26 +185,7 @@ impl PlanReport {
         };
         let _ = writeln!(out, "host: {}{about}", self.host_root);
         let _ = writeln!(out, "spec: {}\n", self.spec);
-        let name_width = self.steps.iter().map(|s| s.name.len()).max().unwrap_or(0);
-        let outcome_width = self
-            .steps
-            .iter()
-            .map(|s| s.outcome.as_str().len())
-            .max()
-            .unwrap_or(0);
-        for step in &self.steps {
-            let _ = writeln!(
-                out,
-                "  {} {:name_width$}  {:outcome_width$}  {}",
-                symbol(step.action),
-                step.name,
-                step.outcome.as_str(),
-                step.reason
-            );
-            for change in &step.changes {
-                let _ = writeln!(out, "      {}", change.summary());
-            }
-        }
+        out.push_str(&steps_table(&self.steps));
         let sink = &self.label_sink;
         let state = if sink.changes {
             "would change"
@@ -255,6 +236,27 @@ impl PlanReport {
         out.push_str("}\n");
         out
     }
+}
+
+/// One line per step (symbol, state, outcome, reason), its changes indented below.
+pub fn steps_table(steps: &[StepReport]) -> String {
+    let mut out = String::new();
+    let name_width = steps.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let outcome_width = steps.iter().map(|s| s.outcome.as_str().len()).max().unwrap_or(0);
+    for step in steps {
+        let _ = writeln!(
+            out,
+            "  {} {:name_width$}  {:outcome_width$}  {}",
+            symbol(step.action),
+            step.name,
+            step.outcome.as_str(),
+            step.reason
+        );
+        for change in &step.changes {
+            let _ = writeln!(out, "      {}", change.summary());
+        }
+    }
+    out
 }
 
 pub fn symbol(action: Action) -> &'static str {
