@@ -151,16 +151,7 @@ fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
 }
 
 fn apply_text(report: &RunReport) -> String {
-    let mut out = String::new();
-    for step in &report.steps {
-        out.push_str(&format!(
-            "  {} {}  {}  {}\n",
-            symbol(step.action),
-            step.name,
-            step.outcome.as_str(),
-            step.reason
-        ));
-    }
+    let mut out = steps_table(&report.steps);
     let s = Summary::of(&report.steps);
     let verdict = if is_converged(&report.steps) {
         "converged"
