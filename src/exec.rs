@@ -5,7 +5,6 @@
 //! only in what they do with an observation.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -20,8 +19,6 @@ use crate::{driver, exec_state, gpu};
 
 /// Where `apply` records each run, under the host root.
 pub const LAST_RUN_PATH: &str = "/var/lib/gpuprov/last-run.json";
-/// The lock that lets one `apply` run per host at a time.
-pub const LOCK_PATH: &str = "/var/lib/gpuprov/apply.lock";
 /// A node carrying this label gets no operand at all, as with the GPU Operator.
 pub const OPERANDS_OPT_OUT: &str = "nvidia.com/gpu.deploy.operands=false";
 pub const REPORT_SCHEMA_VERSION: u32 = 1;
@@ -529,12 +526,17 @@ pub enum LockError {
     #[error(transparent)]
     Host(#[from] HostError),
     #[error(
-        "another gpuprov apply holds {path}; gave up after {waited:?} (raise --lock-timeout to wait longer)"
+        "another gpuprov apply holds the lock on {path}; gave up after {waited:?} (raise --lock-timeout to wait longer)"
     )]
     Timeout { path: String, waited: Duration },
 }
 
-/// Held while an `apply` runs; released on drop.
+/// Held while an `apply` runs; released on drop (or when the process dies).
+///
+/// The lock is an exclusive flock(2) on the host root directory itself: no
+/// lock file is created, so a run that stops on bad input leaves no trace,
+/// and a gpuprov in a pod (`/host`) and one on the node (`/`) exclude each
+/// other because they lock the same directory.
 pub struct ApplyLock {
     _lock: Flock<std::fs::File>,
 }
@@ -542,26 +544,20 @@ pub struct ApplyLock {
 impl ApplyLock {
     /// Takes the host's apply lock, waiting up to `timeout` for another run.
     pub fn acquire(host: &Host, timeout: Duration) -> Result<ApplyLock, LockError> {
-        let path = host.resolve(LOCK_PATH)?;
-        let write_err = |source| HostError::Write {
+        let path = host.resolve("/")?;
+        let read_err = |source| HostError::Read {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(path.parent().expect("under the root")).map_err(write_err)?;
         let started = Instant::now();
         let mut announced = false;
         loop {
             // Opened anew each try: a failed flock consumes the handle.
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(write_err)?;
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            let dir = std::fs::File::open(&path).map_err(read_err)?;
+            match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => return Ok(ApplyLock { _lock: lock }),
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) => {}
-                Err((_, errno)) => return Err(write_err(std::io::Error::from(errno)).into()),
+                Err((_, errno)) => return Err(read_err(std::io::Error::from(errno)).into()),
             }
             if started.elapsed() >= timeout {
                 return Err(LockError::Timeout {

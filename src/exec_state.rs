@@ -15,7 +15,11 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let summary = record.failure_summary();
     // The outcome names the node's state, not this run's action, so a
     // converged state keeps its label from one run to the next.
-    let converged = if ctx.state.apply.is_some() { Outcome::Configured } else { Outcome::Ready };
+    let converged = if ctx.state.apply.is_some() {
+        Outcome::Configured
+    } else {
+        Outcome::Ready
+    };
     let mut obs = if passed {
         Observation::new(converged, "check passes")
     } else if let Some(apply) = &ctx.state.apply {

@@ -129,10 +129,10 @@ impl CommandRecord {
 /// The node as seen through its root directory.
 #[derive(Debug, Clone)]
 pub struct Host {
-    /// Absolute, so commands that change directory still find it.
-    root: PathBuf,
     /// As the user gave it, for messages and reports.
-    display_root: PathBuf,
+    root: PathBuf,
+    /// Absolute, so commands that change directory still find it.
+    absolute: PathBuf,
     exec_mode: ExecMode,
     command_timeout: Duration,
 }
@@ -155,8 +155,8 @@ impl Host {
             source,
         })?;
         Ok(Host {
-            root: absolute,
-            display_root: root.to_path_buf(),
+            root: root.to_path_buf(),
+            absolute,
             exec_mode,
             command_timeout,
         })
@@ -164,7 +164,7 @@ impl Host {
 
     /// The root as the user gave it.
     pub fn root(&self) -> &Path {
-        &self.display_root
+        &self.root
     }
 
     pub fn exec_mode(&self) -> ExecMode {
@@ -182,7 +182,7 @@ impl Host {
                 if resolved.pop().is_none() {
                     return Err(HostError::Escapes {
                         path: host_path.to_string(),
-                        root: self.root.clone(),
+                        root: self.absolute.clone(),
                     });
                 }
                 continue;
@@ -215,7 +215,7 @@ impl Host {
     }
 
     fn join(&self, parts: &[OsString]) -> PathBuf {
-        let mut path = self.root.clone();
+        let mut path = self.absolute.clone();
         path.extend(parts);
         path
     }
@@ -329,12 +329,12 @@ impl Host {
         match self.exec_mode {
             ExecMode::Prefix => {
                 command
-                    .current_dir(&self.root)
-                    .env("GPUPROV_HOST_ROOT", &self.root)
+                    .current_dir(&self.absolute)
+                    .env("GPUPROV_HOST_ROOT", &self.absolute)
                     .env("PATH", self.prefixed_path());
             }
             ExecMode::Chroot => {
-                let root = self.root.clone();
+                let root = self.absolute.clone();
                 command.env("GPUPROV_HOST_ROOT", "/");
                 // SAFETY: chroot and chdir are async-signal-safe syscalls; the
                 // closure allocates nothing.
@@ -400,7 +400,7 @@ impl Host {
 
     /// The root's own PATH directories first, then the machine's.
     fn prefixed_path(&self) -> OsString {
-        let mut dirs: Vec<PathBuf> = HOST_PATH.iter().map(|d| self.root.join(d)).collect();
+        let mut dirs: Vec<PathBuf> = HOST_PATH.iter().map(|d| self.absolute.join(d)).collect();
         if let Some(path) = std::env::var_os("PATH") {
             dirs.extend(std::env::split_paths(&path));
         }

@@ -1,6 +1,8 @@
 //! Thin entry point: parse the command line, set up logging, run, and turn
 //! the result into an exit code. Errors print with their causes.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use gpuprov::cli::{Cli, LogFormat};
 use gpuprov::exit;

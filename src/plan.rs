@@ -242,7 +242,11 @@ impl PlanReport {
 pub fn steps_table(steps: &[StepReport]) -> String {
     let mut out = String::new();
     let name_width = steps.iter().map(|s| s.name.len()).max().unwrap_or(0);
-    let outcome_width = steps.iter().map(|s| s.outcome.as_str().len()).max().unwrap_or(0);
+    let outcome_width = steps
+        .iter()
+        .map(|s| s.outcome.as_str().len())
+        .max()
+        .unwrap_or(0);
     for step in steps {
         let _ = writeln!(
             out,

@@ -1,0 +1,162 @@
+//! `gpuprov plan` on every fixture host, through the CLI: text and JSON
+//! snapshots, the DAG as dot, the detailed exit code, and no writes.
+
+mod support;
+
+use support::{changed, copy_host, fixture_hosts, gpuprov, tree};
+
+/// stdout, then stderr and the exit code when they say something.
+fn run(args: &[&str]) -> String {
+    let output = gpuprov().args(args).output().unwrap();
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !stderr.is_empty() {
+        text.push_str(&format!("--- stderr ---\n{stderr}"));
+    }
+    text.push_str(&format!("--- exit {} ---\n", output.status.code().unwrap()));
+    text
+}
+
+#[test]
+fn plan_text_and_json_for_every_fixture_host() {
+    let hosts = fixture_hosts();
+    assert!(hosts.len() >= 14, "fixture hosts went missing: {hosts:?}");
+    for host in hosts {
+        let root = format!("fixtures/hosts/{host}");
+        insta::assert_snapshot!(format!("{host}.text"), run(&["plan", "--host-root", &root]));
+        insta::assert_snapshot!(
+            format!("{host}.json"),
+            run(&["plan", "--host-root", &root, "--output", "json"])
+        );
+    }
+}
+
+#[test]
+fn plan_of_site_states_shows_each_command_it_would_run() {
+    insta::assert_snapshot!(run(&[
+        "plan",
+        "--config",
+        "fixtures/specs/site-states.yaml",
+        "--host-root",
+        "fixtures/hosts/h100x8-nvswitch-preinstalled",
+        "--host-exec",
+        "prefix",
+    ]));
+}
+
+#[test]
+fn plan_renders_the_dag_as_graphviz() {
+    let out = run(&[
+        "plan",
+        "--config",
+        "fixtures/specs/site-states.yaml",
+        "--host-root",
+        "fixtures/hosts/h100x8-nvswitch-preinstalled",
+        "--host-exec",
+        "prefix",
+        "--output",
+        "dot",
+    ]);
+    assert!(out.contains("\"driver\" -> \"persistence-mode\";"), "{out}");
+    assert!(
+        out.contains("\"persistence-mode\" -> \"gpu-clocks-report\";"),
+        "{out}"
+    );
+    insta::assert_snapshot!(out);
+}
+
+#[test]
+fn plan_writes_nothing_even_when_changes_are_pending() {
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let before = tree(host.path());
+    gpuprov()
+        .args([
+            "plan",
+            "--config",
+            "fixtures/specs/site-states.yaml",
+            "--host-exec",
+            "prefix",
+            "--host-root",
+        ])
+        .arg(host.path())
+        .assert()
+        .success();
+    assert_eq!(
+        changed(&before, &tree(host.path())),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
+
+#[test]
+fn detailed_exitcode_says_whether_apply_would_change_anything() {
+    let host = copy_host("a100-preinstalled");
+    let plan = |host: &std::path::Path| {
+        gpuprov()
+            .args(["plan", "--detailed-exitcode", "--host-root"])
+            .arg(host)
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(
+        plan(host.path()),
+        Some(2),
+        "a fresh node needs its labels written"
+    );
+    gpuprov()
+        .args(["apply", "--host-root"])
+        .arg(host.path())
+        .assert()
+        .code(0);
+    assert_eq!(
+        plan(host.path()),
+        Some(0),
+        "a converged node has nothing to do"
+    );
+    let bad = gpuprov()
+        .args([
+            "plan",
+            "--detailed-exitcode",
+            "--config",
+            "fixtures/specs/invalid/01-unknown-top-key.yaml",
+            "--host-root",
+        ])
+        .arg(host.path())
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+}
+
+#[test]
+fn states_lists_the_catalogue_in_order() {
+    insta::assert_snapshot!(run(&[
+        "states",
+        "--config",
+        "fixtures/specs/site-states.yaml"
+    ]));
+}
+
+#[test]
+fn embedded_default_spec_is_the_shipped_default_yaml() {
+    let embedded = run(&[
+        "plan",
+        "--host-root",
+        "fixtures/hosts/a100-preinstalled",
+        "--output",
+        "json",
+    ]);
+    let explicit = run(&[
+        "plan",
+        "--config",
+        "fixtures/specs/default.yaml",
+        "--host-root",
+        "fixtures/hosts/a100-preinstalled",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(
+        embedded.replace("<embedded default spec>", "fixtures/specs/default.yaml"),
+        explicit
+    );
+}

@@ -1,0 +1,162 @@
+//! Test support: the real `gpuprov` binary run on copies of fixture hosts.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, symlink};
+use std::path::{Path, PathBuf};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The binary, run from the repository root so relative fixture paths work.
+pub fn gpuprov() -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::cargo_bin("gpuprov").expect("binary built");
+    cmd.current_dir(repo()).env_remove("RUST_LOG");
+    cmd
+}
+
+/// Every fixture host, by name.
+pub fn fixture_hosts() -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(repo().join("fixtures/hosts"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A private copy of a fixture host (symlinks and modes kept).
+pub fn copy_host(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&repo().join("fixtures/hosts").join(name), dir.path());
+    dir
+}
+
+pub fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            symlink(fs::read_link(&src).unwrap(), &dst).unwrap();
+        } else if kind.is_dir() {
+            copy_tree(&src, &dst);
+        } else {
+            fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+/// What a file looks like, for "nothing changed" checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileState {
+    pub bytes: Vec<u8>,
+    pub mtime_ns: i128,
+    pub mode: u32,
+    pub link: Option<PathBuf>,
+}
+
+/// Every file, directory and symlink under `root`, by relative path.
+pub fn tree(root: &Path) -> BTreeMap<PathBuf, FileState> {
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, FileState>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        let rel = path.strip_prefix(root).unwrap().to_path_buf();
+        let link = meta
+            .file_type()
+            .is_symlink()
+            .then(|| fs::read_link(&path).unwrap());
+        let bytes = if meta.is_file() {
+            fs::read(&path).unwrap()
+        } else {
+            Vec::new()
+        };
+        let mtime_ns = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
+        out.insert(
+            rel,
+            FileState {
+                bytes,
+                mtime_ns,
+                mode: meta.mode(),
+                link,
+            },
+        );
+        if meta.is_dir() {
+            walk(root, &path, out);
+        }
+    }
+}
+
+/// The paths whose state differs between two trees (added, removed or changed).
+pub fn changed(
+    before: &BTreeMap<PathBuf, FileState>,
+    after: &BTreeMap<PathBuf, FileState>,
+) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|p| before.get(*p) != after.get(*p))
+        .cloned()
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+/// Writes a spec into `dir` and returns its path.
+pub fn write_spec(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Runs `apply --output json` and returns the exit code and the report.
+pub fn apply_json(host: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let output = gpuprov()
+        .args([
+            "apply",
+            "--output",
+            "json",
+            "--host-exec",
+            "prefix",
+            "--host-root",
+        ])
+        .arg(host)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let report = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("apply printed no JSON report ({e}); stderr:\n{stderr}"));
+    (output.status.code().unwrap(), report, stderr)
+}
+
+/// `step name → (action, outcome, reason)` from a report or plan.
+pub fn steps(report: &serde_json::Value) -> BTreeMap<String, (String, String, String)> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                (
+                    s["action"].as_str().unwrap().to_string(),
+                    s["outcome"].as_str().unwrap().to_string(),
+                    s["reason"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
