@@ -1,1 +1,118 @@
-fn main() {}
+//! Benchmarks of the spine, printed as medians: compiling the plan, and a
+//! whole `plan` and `apply` on the converged 8-GPU fixture host.
+//!
+//! Run with `cargo bench --bench spine`. Each figure is the median (and p90)
+//! of many runs in one process, so runs on a noisy machine stay comparable.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use gpuprov::catalog::Catalog;
+use gpuprov::cli::NodeArgs;
+use gpuprov::commands::{Inputs, apply, plan};
+use gpuprov::diagnostic::Source;
+use gpuprov::host::ExecMode;
+use gpuprov::labels::LabelTarget;
+use gpuprov::plan::Graph;
+use gpuprov::spec::Spec;
+
+fn measure(runs: usize, mut f: impl FnMut()) -> (Duration, Duration) {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    (times[runs / 2], times[runs * 9 / 10])
+}
+
+fn report(name: &str, runs: usize, (median, p90): (Duration, Duration)) {
+    println!("{name:<58} {runs:>6} runs  median {median:>10.2?}  p90 {p90:>10.2?}");
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
+        } else if kind.is_dir() {
+            copy_tree(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+fn node_args(host: &Path, config: Option<PathBuf>) -> NodeArgs {
+    NodeArgs {
+        config,
+        host_root: host.to_path_buf(),
+        host_exec: Some(ExecMode::Prefix),
+        states_dir: None,
+        node_labels: Vec::new(),
+        node_labels_file: None,
+        labels_out: LabelTarget::Nfd,
+        command_timeout: Duration::from_secs(60),
+    }
+}
+
+fn main() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let site_states = repo.join("fixtures/specs/site-states.yaml");
+    let spec_text = std::fs::read_to_string(&site_states).unwrap();
+
+    report(
+        "parse spec + load catalogue + compile plan (site-states)",
+        5000,
+        measure(5000, || {
+            let spec = Spec::parse(&Source {
+                name: "site-states.yaml".into(),
+                text: spec_text.clone(),
+            })
+            .unwrap();
+            let states = Catalog::load(None)
+                .unwrap()
+                .with_user_states(&spec)
+                .unwrap();
+            std::hint::black_box(Graph::compile(states).unwrap());
+        }),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(
+        &repo.join("fixtures/hosts/h100x8-nvswitch-preinstalled"),
+        dir.path(),
+    );
+    for (label, config, runs) in [
+        ("default spec", None, 500),
+        (
+            "site-states spec (2 exec checks)",
+            Some(site_states.clone()),
+            200,
+        ),
+    ] {
+        let inputs = Inputs::load(&node_args(dir.path(), config)).unwrap();
+        let first = apply(&inputs, Duration::from_secs(5)).unwrap();
+        assert!(first.converged, "the fixture converges");
+        report(
+            &format!("plan, converged 8-GPU host, {label}"),
+            runs,
+            measure(runs, || {
+                std::hint::black_box(plan(&inputs).unwrap());
+            }),
+        );
+        report(
+            &format!("apply, converged 8-GPU host, {label}"),
+            runs,
+            measure(runs, || {
+                let report = apply(&inputs, Duration::from_secs(5)).unwrap();
+                assert!(report.steps.iter().all(|s| s.changes.is_empty()));
+            }),
+        );
+    }
+}
