@@ -1,0 +1,89 @@
+//! The chroot mode runs a state's commands inside the host root for real:
+//! a minimal root with only a shell and its libraries, as a node image has.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use support::{apply_json, steps, write_spec};
+
+/// Copies `/bin/sh` and the libraries it links into `root`.
+fn install_shell(root: &Path) {
+    let shell = fs::canonicalize("/bin/sh").unwrap();
+    let mut files = vec![shell.clone()];
+    let ldd = Command::new("ldd")
+        .arg(&shell)
+        .output()
+        .expect("ldd is installed");
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line.split_whitespace().find(|w| w.starts_with('/'));
+        files.extend(path.map(Into::into));
+    }
+    for file in files {
+        let target = root.join(file.strip_prefix("/").unwrap());
+        fs::create_dir_all(target.parent().unwrap()).unwrap();
+        fs::copy(&file, &target).unwrap();
+    }
+    fs::create_dir_all(root.join("bin")).unwrap();
+    if !root.join("bin/sh").exists() {
+        std::os::unix::fs::symlink(&shell, root.join("bin/sh")).unwrap();
+    }
+}
+
+#[test]
+fn chroot_mode_runs_exec_states_inside_the_host_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: chroot needs root (CI and scripts/test run as root)");
+        return;
+    }
+    let host = tempfile::tempdir().unwrap();
+    install_shell(host.path());
+    fs::create_dir_all(host.path().join("var/lib")).unwrap();
+    let spec = write_spec(
+        host.path(),
+        "spec.yaml",
+        r#"states:
+  - name: inside
+    check: '[ -e /var/lib/marker ] && [ "$GPUPROV_HOST_ROOT" = / ]'
+    apply: 'echo "$GPUPROV_HOST_ROOT" > /var/lib/marker'
+"#,
+    );
+    let output = support::gpuprov()
+        .args([
+            "apply",
+            "--output",
+            "json",
+            "--host-exec",
+            "chroot",
+            "--config",
+        ])
+        .arg(&spec)
+        .arg("--host-root")
+        .arg(host.path())
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(steps(&report)["inside"].1, "configured");
+    assert_eq!(
+        fs::read_to_string(host.path().join("var/lib/marker")).unwrap(),
+        "/\n",
+        "the command ran chrooted, writing the root's own /var/lib"
+    );
+    // In prefix mode the same root is not `/` to the command.
+    let check_only = write_spec(
+        host.path(),
+        "check-only.yaml",
+        "states:\n  - name: inside\n    check: '[ \"$GPUPROV_HOST_ROOT\" = / ]'\n",
+    );
+    let (code, report, _) = apply_json(host.path(), &["--config", check_only.to_str().unwrap()]);
+    assert_eq!(code, 3);
+    assert_eq!(steps(&report)["inside"].1, "failed");
+}
