@@ -325,7 +325,7 @@ impl Executor<'_> {
                 Err(e) => (
                     Action::Fail,
                     Outcome::Failed,
-                    Observation::new(Outcome::Failed, e.to_string()),
+                    Observation::new(Outcome::Failed, error_chain(&e)),
                 ),
             };
             commands.append(&mut after.commands);
@@ -390,7 +390,7 @@ impl Executor<'_> {
                 let report = match observe(&self.context(state)) {
                     Ok(obs) => act(state, obs),
                     Err(e) => {
-                        let obs = Observation::new(Outcome::Failed, e.to_string());
+                        let obs = Observation::new(Outcome::Failed, error_chain(&e));
                         StepReport::from_observation(state, Action::Fail, Outcome::Failed, obs)
                     }
                 };

@@ -461,3 +461,31 @@ fn states_dir_overrides_a_builtin_in_place_and_adds_new_states() {
     );
     assert!(stderr.contains("did you mean `exec`?"), "{stderr}");
 }
+
+#[test]
+fn a_loaded_driver_without_a_readable_version_fails_instead_of_reading_as_absent() {
+    let host = copy_host("a100-preinstalled");
+    fs::write(
+        host.path().join("proc/driver/nvidia/version"),
+        "NVRM: something else entirely\n",
+    )
+    .unwrap();
+    let (code, report, _) = apply_json(host.path(), &[]);
+    assert_eq!(code, 3);
+    let driver = &steps(&report)["driver"];
+    assert_eq!(driver.1, "failed");
+    assert!(
+        driver
+            .2
+            .starts_with("/proc/driver/nvidia/version: no `NVRM version:` line"),
+        "{}",
+        driver.2
+    );
+    fs::remove_file(host.path().join("proc/driver/nvidia/version")).unwrap();
+    let (_, report, _) = apply_json(host.path(), &[]);
+    assert!(
+        steps(&report)["driver"]
+            .2
+            .contains("the nvidia module is loaded but this file is missing")
+    );
+}
