@@ -7,6 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use gpuprov::catalog::Catalog;
 use gpuprov::cli::NodeArgs;
 use gpuprov::commands::{Inputs, apply, plan};
@@ -30,22 +33,6 @@ fn measure(runs: usize, mut f: impl FnMut()) -> (Duration, Duration) {
 
 fn report(name: &str, runs: usize, (median, p90): (Duration, Duration)) {
     println!("{name:<58} {runs:>6} runs  median {median:>10.2?}  p90 {p90:>10.2?}");
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let (src, dst) = (entry.path(), to.join(entry.file_name()));
-        let kind = entry.file_type().unwrap();
-        if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
-        } else if kind.is_dir() {
-            copy_tree(&src, &dst);
-        } else {
-            std::fs::copy(&src, &dst).unwrap();
-        }
-    }
 }
 
 fn node_args(host: &Path, config: Option<PathBuf>) -> NodeArgs {
