@@ -75,7 +75,7 @@ fn main() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    copy_tree(
+    support::copy_tree(
         &repo.join("fixtures/hosts/h100x8-nvswitch-preinstalled"),
         dir.path(),
     );
