@@ -283,59 +283,56 @@ impl Executor<'_> {
 
     /// Converges every step: observe, change, observe again, verify.
     pub fn apply(&self) -> Vec<StepReport> {
-        self.walk(|state, obs| {
-            if obs.changes.is_empty() {
-                return StepReport::from_observation(state, action_for(&obs), obs.outcome, obs);
+        self.walk(|state, obs| self.converge(state, obs))
+    }
+
+    /// Makes one step's changes and verifies them by observing again.
+    fn converge(&self, state: &StateDef, obs: Observation) -> StepReport {
+        if obs.changes.is_empty() {
+            return StepReport::from_observation(state, action_for(&obs), obs.outcome, obs);
+        }
+        let mut commands = obs.commands.clone();
+        for change in &obs.changes {
+            if let Err(reason) = make_change(self.host, change, &mut commands) {
+                let mut failed = Observation::new(Outcome::Failed, reason);
+                failed.commands = commands;
+                failed.changes = obs.changes.clone();
+                return StepReport::from_observation(state, Action::Fail, Outcome::Failed, failed);
             }
-            let ctx = self.context(state);
-            let mut commands = obs.commands.clone();
-            for change in &obs.changes {
-                if let Err(reason) = make_change(self.host, change, &mut commands) {
-                    let mut failed = Observation::new(Outcome::Failed, reason);
-                    failed.commands = commands;
-                    failed.changes = obs.changes.clone();
-                    return StepReport::from_observation(
-                        state,
-                        Action::Fail,
-                        Outcome::Failed,
-                        failed,
-                    );
-                }
+        }
+        let (action, outcome, mut after) = match observe(&self.context(state)) {
+            Ok(after) if after.changes.is_empty() && after.outcome.lets_dependents_run() => {
+                (Action::Change, after.outcome, after)
             }
-            let (action, outcome, mut after) = match observe(&ctx) {
-                Ok(after) if after.changes.is_empty() && after.outcome.lets_dependents_run() => {
-                    (Action::Change, after.outcome, after)
-                }
-                Ok(after) => {
-                    let still: Vec<String> = after.changes.iter().map(Change::summary).collect();
-                    let reason = if still.is_empty() {
-                        after.reason.clone()
-                    } else {
-                        format!(
-                            "changes made but not converged: still needs {}",
-                            still.join("; ")
-                        )
-                    };
-                    (
-                        Action::Fail,
-                        Outcome::Failed,
-                        Observation { reason, ..after },
+            Ok(after) => {
+                let still: Vec<String> = after.changes.iter().map(Change::summary).collect();
+                let reason = if still.is_empty() {
+                    after.reason.clone()
+                } else {
+                    format!(
+                        "changes made but not converged: still needs {}",
+                        still.join("; ")
                     )
-                }
-                Err(e) => (
+                };
+                (
                     Action::Fail,
                     Outcome::Failed,
-                    Observation::new(Outcome::Failed, error_chain(&e)),
-                ),
-            };
-            commands.append(&mut after.commands);
-            after.commands = commands;
-            if action == Action::Change {
-                after.reason = format!("changed: {} (was: {})", after.reason, obs.reason);
+                    Observation { reason, ..after },
+                )
             }
-            after.changes = obs.changes;
-            StepReport::from_observation(state, action, outcome, after)
-        })
+            Err(e) => (
+                Action::Fail,
+                Outcome::Failed,
+                Observation::new(Outcome::Failed, error_chain(&e)),
+            ),
+        };
+        commands.append(&mut after.commands);
+        after.commands = commands;
+        if action == Action::Change {
+            after.reason = format!("changed: {} (was: {})", after.reason, obs.reason);
+        }
+        after.changes = obs.changes;
+        StepReport::from_observation(state, action, outcome, after)
     }
 
     fn context<'s>(&'s self, state: &'s StateDef) -> StepContext<'s> {
