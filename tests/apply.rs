@@ -296,7 +296,7 @@ fn a_second_apply_waits_for_the_first_ones_lock() {
         host.path(),
         "spec.yaml",
         &format!(
-            "states:\n  - name: slow\n    check: test -e \"$GPUPROV_HOST_ROOT/done\"\n    apply: touch {} && sleep 1 && touch \"$GPUPROV_HOST_ROOT/done\"\n",
+            "states:\n  - name: slow\n    check: test -e \"$GPUPROV_HOST_ROOT/done\"\n    apply: touch {} && sleep 3 && touch \"$GPUPROV_HOST_ROOT/done\"\n",
             started.display()
         ),
     );
