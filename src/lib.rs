@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod cli;
 pub mod commands;
+pub mod containerd;
 pub mod diagnostic;
 pub mod driver;
 pub mod exec;

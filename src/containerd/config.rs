@@ -1,0 +1,444 @@
+//! Format-preserving edits of containerd's `config.toml`.
+//!
+//! Only the keys gpuprov owns change: the runtime class's table (copied
+//! from the default runtime, so `SystemdCgroup` and friends carry over),
+//! its `runtime_type` and `BinaryName`, and `default_runtime_name`. Every
+//! other byte — comments, order, blank lines, quoting — stays as it was,
+//! because toml_edit keeps each item's decor and new tables are placed
+//! after their siblings rather than re-serialising the document.
+
+use toml_edit::{DocumentMut, Item, Table, TableLike, Value};
+
+/// The CRI runtime type gpuprov's runtime uses.
+pub const RUNC_V2: &str = "io.containerd.runc.v2";
+
+/// Which plugin holds the CRI runtimes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// `plugins.cri` (config version 1, containerd 1.x).
+    V1,
+    /// `plugins."io.containerd.grpc.v1.cri"` (version 2, containerd 1.x).
+    V2,
+    /// `plugins."io.containerd.cri.v1.runtime"` (version 3, containerd 2.x).
+    V3,
+}
+
+impl Layout {
+    pub fn plugin(self) -> &'static str {
+        match self {
+            Layout::V1 => "cri",
+            Layout::V2 => "io.containerd.grpc.v1.cri",
+            Layout::V3 => "io.containerd.cri.v1.runtime",
+        }
+    }
+}
+
+/// What the runtime class should look like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeWanted {
+    /// The runtime handler name (`nvidia`).
+    pub class: String,
+    /// The toolkit's runtime binary (`/usr/bin/nvidia-container-runtime`).
+    pub binary: String,
+    pub default: DefaultRuntime,
+}
+
+/// What to do with `default_runtime_name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultRuntime {
+    /// Make the class containerd's default runtime.
+    Set,
+    /// If the class is the default, stop that (gpuprov made it so earlier),
+    /// as long as a runc runtime is there to fall back to.
+    Clear,
+    /// Leave `default_runtime_name` as it is (someone else chose it).
+    Keep,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{line}:{column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("`{path}` is not a table")]
+    NotATable { path: String },
+    #[error("`version = {0}` is not a containerd config version (1, 2 or 3)")]
+    Version(i64),
+}
+
+/// The result of an edit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edited {
+    pub text: String,
+    pub layout: Layout,
+    /// The runtime whose settings the new runtime copied, if one was added.
+    pub copied_from: Option<String>,
+    /// Things a person should know (a default left as it was, …).
+    pub notes: Vec<String>,
+}
+
+impl Edited {
+    pub fn changed(&self, original: &str) -> bool {
+        self.text != original
+    }
+}
+
+pub fn parse(text: &str) -> Result<DocumentMut, ConfigError> {
+    text.parse::<DocumentMut>().map_err(|e| {
+        let (line, column) = e
+            .span()
+            .map(|span| line_column(text, span.start))
+            .unwrap_or((1, 1));
+        let message = e.message().trim().to_string();
+        ConfigError::Syntax {
+            line,
+            column,
+            message,
+        }
+    })
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The config version (a missing `version` means 1) and where the CRI
+/// runtimes live. containerd 2 reads a version-2 file whose tables already
+/// use its own plugin ids (AKS writes these), so existing tables win over
+/// the header for version 2.
+pub fn layout(doc: &DocumentMut) -> Result<(i64, Layout), ConfigError> {
+    let version = doc.get("version").and_then(Item::as_integer).unwrap_or(1);
+    let has = |plugin: &str| {
+        doc.get("plugins")
+            .and_then(Item::as_table_like)
+            .is_some_and(|p| p.contains_key(plugin))
+    };
+    let layout = match version {
+        1 => Layout::V1,
+        2 if has(Layout::V3.plugin()) => Layout::V3,
+        2 => Layout::V2,
+        3 => Layout::V3,
+        other => return Err(ConfigError::Version(other)),
+    };
+    Ok((version, layout))
+}
+
+/// Adds or corrects the runtime class. Idempotent: a second call on the
+/// result returns it unchanged. A document with no keys at all (an empty
+/// file) is written as config version `fresh_version`, the one the host's
+/// containerd wants.
+pub fn configure(
+    text: &str,
+    wanted: &RuntimeWanted,
+    fresh_version: i64,
+) -> Result<Edited, ConfigError> {
+    let mut doc = parse(text)?;
+    if doc.as_table().is_empty() && fresh_version != 1 {
+        doc.insert("version", toml_edit::value(fresh_version));
+    }
+    let (_, layout) = layout(&doc)?;
+    let mut notes = Vec::new();
+    let containerd_path = ["plugins", layout.plugin(), "containerd"];
+    let containerd = ensure_table(doc.as_table_mut(), &containerd_path)?;
+
+    let base = base_runtime(containerd, layout, &wanted.class);
+    let runtimes = ensure_child(containerd, "runtimes", &containerd_path)?;
+
+    let mut copied_from = None;
+    match (runtimes.get_mut(&wanted.class), &base) {
+        (None, Some((name, base_table))) => {
+            copied_from = Some(name.clone());
+            let mut copy = base_table.clone();
+            tidy_copy(&mut copy);
+            runtimes.insert(&wanted.class, Item::Table(copy));
+        }
+        (None, None) => {
+            let mut fresh = Table::new();
+            fresh.decor_mut().set_prefix("\n");
+            runtimes.insert(&wanted.class, Item::Table(fresh));
+        }
+        // An existing runtime keeps what its owner set; only settings it
+        // lacks are taken from the base runtime (SystemdCgroup above all).
+        (Some(ours), Some((_, base_table))) => fill_missing(ours, &Item::Table(base_table.clone())),
+        (Some(_), None) => {}
+    }
+
+    let ours = runtimes
+        .get_mut(&wanted.class)
+        .and_then(Item::as_table_like_mut)
+        .ok_or_else(|| ConfigError::NotATable {
+            path: format!("{}.runtimes.{}", containerd_path.join("."), wanted.class),
+        })?;
+    set_str(ours, "runtime_type", RUNC_V2);
+    let options = child_table_like(ours, "options")?;
+    set_str(options, "BinaryName", &wanted.binary);
+    if layout == Layout::V1 {
+        // containerd 1.x's v1 runtime shim reads `Runtime`, not `BinaryName`.
+        set_str(options, "Runtime", &wanted.binary);
+    }
+
+    let containerd = ensure_table(doc.as_table_mut(), &containerd_path)?;
+    let current_default = containerd
+        .get("default_runtime_name")
+        .and_then(Item::as_str)
+        .map(str::to_string);
+    let is_default = current_default.as_deref() == Some(wanted.class.as_str());
+    if wanted.default == DefaultRuntime::Set {
+        set_str(containerd, "default_runtime_name", &wanted.class);
+    } else if is_default && wanted.default == DefaultRuntime::Keep {
+        notes.push(format!(
+            "`{}` was already containerd's default runtime and stays so (CONTAINERD_SET_AS_DEFAULT is false)",
+            wanted.class
+        ));
+    } else if is_default {
+        let runc_exists = containerd
+            .get("runtimes")
+            .and_then(Item::as_table_like)
+            .is_some_and(|r| r.contains_key("runc"));
+        if runc_exists {
+            containerd.remove("default_runtime_name");
+        } else {
+            notes.push(format!(
+                "`{}` stays the default runtime: there is no runc runtime to fall back to",
+                wanted.class
+            ));
+        }
+    }
+
+    Ok(Edited {
+        text: doc.to_string(),
+        layout,
+        copied_from,
+        notes,
+    })
+}
+
+/// The runtime whose settings a new runtime class copies: the default
+/// runtime, else `runc`, else `crun`, if it is a runc-style runtime (a
+/// kata or gVisor default has options that mean nothing to runc); in a
+/// version-1 file without those, the legacy `default_runtime` table.
+fn base_runtime(containerd: &Table, layout: Layout, class: &str) -> Option<(String, Table)> {
+    let runtimes = containerd.get("runtimes").and_then(Item::as_table);
+    let default = containerd
+        .get("default_runtime_name")
+        .and_then(Item::as_str);
+    let runc_like = |table: &Table| {
+        table
+            .get("runtime_type")
+            .and_then(Item::as_str)
+            .is_none_or(|t| t == RUNC_V2 || t == "io.containerd.runtime.v1.linux")
+    };
+    let named = [default, Some("runc"), Some("crun")]
+        .into_iter()
+        .flatten()
+        .filter(|name| *name != class)
+        .find_map(|name| {
+            let table = runtimes?.get(name)?.as_table()?;
+            runc_like(table).then(|| (name.to_string(), table.clone()))
+        });
+    let legacy = || {
+        let table = containerd.get("default_runtime")?.as_table()?;
+        (layout == Layout::V1).then(|| ("default_runtime".to_string(), table.clone()))
+    };
+    named.or_else(legacy)
+}
+
+/// Removes the runtime class and a `default_runtime_name` naming it; the
+/// rest of the file is left as it is.
+pub fn unconfigure(text: &str, class: &str) -> Result<String, ConfigError> {
+    let mut doc = parse(text)?;
+    let (_, layout) = layout(&doc)?;
+    if let Some(containerd) = doc
+        .get_mut("plugins")
+        .and_then(|p| p.get_mut(layout.plugin()))
+        .and_then(|c| c.get_mut("containerd"))
+        .and_then(Item::as_table_like_mut)
+    {
+        if let Some(runtimes) = containerd
+            .get_mut("runtimes")
+            .and_then(Item::as_table_like_mut)
+        {
+            runtimes.remove(class);
+        }
+        if containerd
+            .get("default_runtime_name")
+            .and_then(Item::as_str)
+            == Some(class)
+        {
+            containerd.remove("default_runtime_name");
+        }
+    }
+    // Tables that only existed to hold the runtime (implicit: no header of
+    // their own) go with it.
+    prune_empty_implicit(
+        doc.as_table_mut(),
+        &["plugins", layout.plugin(), "containerd", "runtimes"],
+    );
+    Ok(doc.to_string())
+}
+
+fn prune_empty_implicit(table: &mut Table, path: &[&str]) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    if let Some(child) = table.get_mut(first).and_then(Item::as_table_mut) {
+        prune_empty_implicit(child, rest);
+        if child.is_empty() && child.is_implicit() {
+            table.remove(first);
+        }
+    }
+}
+
+/// The table at `path`, created (as implicit tables, which print no
+/// header of their own) where missing.
+fn ensure_table<'a>(root: &'a mut Table, path: &[&str]) -> Result<&'a mut Table, ConfigError> {
+    let mut table = root;
+    for (i, key) in path.iter().enumerate() {
+        if !table.contains_key(key) {
+            let mut child = Table::new();
+            child.set_implicit(true);
+            table.insert(key, Item::Table(child));
+        }
+        table = table
+            .get_mut(key)
+            .and_then(Item::as_table_mut)
+            .ok_or_else(|| ConfigError::NotATable {
+                path: path[..=i].join("."),
+            })?;
+    }
+    Ok(table)
+}
+
+/// A child table of `containerd` (`runtimes`), created when missing.
+fn ensure_child<'a>(
+    table: &'a mut Table,
+    key: &str,
+    path: &[&str],
+) -> Result<&'a mut Table, ConfigError> {
+    if !table.contains_key(key) {
+        let mut child = Table::new();
+        child.set_implicit(true);
+        table.insert(key, Item::Table(child));
+    }
+    table
+        .get_mut(key)
+        .and_then(Item::as_table_mut)
+        .ok_or_else(|| ConfigError::NotATable {
+            path: format!("{}.{key}", path.join(".")),
+        })
+}
+
+/// A child table or inline table of a runtime (`options`), created when missing.
+fn child_table_like<'a>(
+    table: &'a mut dyn TableLike,
+    key: &str,
+) -> Result<&'a mut dyn TableLike, ConfigError> {
+    if table.get(key).is_none() {
+        let mut child = Table::new();
+        child.set_implicit(false);
+        table.insert(key, Item::Table(child));
+    }
+    table
+        .get_mut(key)
+        .and_then(Item::as_table_like_mut)
+        .ok_or_else(|| ConfigError::NotATable {
+            path: key.to_string(),
+        })
+}
+
+/// Sets a string value. An existing value keeps its decor (spacing and an
+/// inline comment); a new key is indented like its siblings.
+fn set_str(table: &mut dyn TableLike, key: &str, value: &str) {
+    if let Some(item) = table.get_mut(key)
+        && let Some(old) = item.as_value()
+    {
+        if old.as_str() == Some(value) {
+            return;
+        }
+        let mut new = Value::from(value);
+        *new.decor_mut() = old.decor().clone();
+        *item = Item::Value(new);
+        return;
+    }
+    set_value_like_siblings(table, key, Value::from(value));
+}
+
+/// Adds to `ours` every key of `base` it lacks, recursively, leaving the
+/// keys it has alone.
+fn fill_missing(ours: &mut Item, base: &Item) {
+    let (Some(ours), Some(base)) = (ours.as_table_like_mut(), base.as_table_like()) else {
+        return;
+    };
+    for (key, base_item) in base.iter() {
+        match ours.get_mut(key) {
+            Some(existing) => fill_missing(existing, base_item),
+            None if base_item.is_value() => {
+                if let Some(value) = base_item.as_value() {
+                    set_value_like_siblings(ours, key, value.clone());
+                }
+            }
+            None => {
+                let mut copy = base_item.clone();
+                if let Some(table) = copy.as_table_mut() {
+                    tidy_copy(table);
+                }
+                ours.insert(key, copy);
+            }
+        }
+    }
+}
+
+fn set_value_like_siblings(table: &mut dyn TableLike, key: &str, value: Value) {
+    let indent = table
+        .iter()
+        .filter(|(_, item)| item.is_value())
+        .find_map(|(k, _)| {
+            let prefix = table.key(k)?.leaf_decor().prefix()?.as_str()?.to_string();
+            Some(indentation(&prefix))
+        });
+    table.insert(key, Item::Value(value));
+    if let (Some(indent), Some(mut k)) = (indent, table.key_mut(key)) {
+        k.leaf_decor_mut().set_prefix(indent);
+    }
+}
+
+/// A copied table takes its place from its siblings rather than the
+/// original's, and leaves the original's comments with the original: the
+/// copy keeps only indentation, and its header gets one blank line before it.
+fn tidy_copy(table: &mut Table) {
+    table.set_position(None);
+    let indent = table
+        .decor()
+        .prefix()
+        .and_then(|p| p.as_str())
+        .map(indentation)
+        .unwrap_or_default();
+    table.decor_mut().set_prefix(format!("\n{indent}"));
+    table.decor_mut().set_suffix("");
+    for (mut key, item) in table.iter_mut() {
+        let indent = key
+            .leaf_decor()
+            .prefix()
+            .and_then(|p| p.as_str())
+            .map(indentation)
+            .unwrap_or_default();
+        key.leaf_decor_mut().set_prefix(indent);
+        match item {
+            Item::Value(value) => value.decor_mut().set_suffix(""),
+            Item::Table(child) => tidy_copy(child),
+            _ => {}
+        }
+    }
+}
+
+/// The whitespace a decor prefix ends with: the indentation of the line.
+fn indentation(prefix: &str) -> String {
+    prefix.rsplit('\n').next().unwrap_or("").to_string()
+}

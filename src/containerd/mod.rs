@@ -1,0 +1,3 @@
+//! containerd's nvidia runtime: config editing, restart, revert.
+
+pub mod config;

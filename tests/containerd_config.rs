@@ -1,0 +1,345 @@
+//! The containerd config editor on every fixture config and every real
+//! config in ../shared/realworld/containerd: the runtime is right, every
+//! untouched line survives verbatim and in order, a second edit changes
+//! nothing, and removing the runtime gives back what was there.
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use gpuprov::containerd::config::{
+    ConfigError, DefaultRuntime, Edited, Layout, RuntimeWanted, configure, layout, parse,
+    unconfigure,
+};
+use support::repo;
+use toml_edit::Item;
+
+const BINARY: &str = "/usr/bin/nvidia-container-runtime";
+
+fn wanted(default: DefaultRuntime) -> RuntimeWanted {
+    RuntimeWanted {
+        class: "nvidia".into(),
+        binary: BINARY.into(),
+        default,
+    }
+}
+
+fn toml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The containerd table of the result, through whatever layout it uses.
+fn containerd_table(text: &str) -> (Layout, toml_edit::DocumentMut) {
+    let doc = parse(text).unwrap();
+    let (_, layout) = layout(&doc).unwrap();
+    (layout, doc)
+}
+
+fn lookup<'a>(item: &'a Item, path: &[&str]) -> Option<&'a Item> {
+    path.iter()
+        .try_fold(item, |item, key| item.as_table_like()?.get(key))
+}
+
+/// What a runtime means, whatever its formatting: used to compare tables.
+fn to_json(item: &Item) -> serde_json::Value {
+    match item {
+        Item::None => serde_json::Value::Null,
+        Item::Value(v) => value_json(v),
+        Item::Table(t) => {
+            serde_json::Value::Object(t.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect())
+        }
+        Item::ArrayOfTables(a) => {
+            serde_json::Value::Array(a.iter().map(|t| to_json(&Item::Table(t.clone()))).collect())
+        }
+    }
+}
+
+fn value_json(v: &toml_edit::Value) -> serde_json::Value {
+    use toml_edit::Value::*;
+    match v {
+        String(s) => serde_json::json!(s.value()),
+        Integer(i) => serde_json::json!(i.value()),
+        Float(f) => serde_json::json!(f.value()),
+        Boolean(b) => serde_json::json!(b.value()),
+        Datetime(d) => serde_json::json!(d.value().to_string()),
+        Array(a) => serde_json::Value::Array(a.iter().map(value_json).collect()),
+        InlineTable(t) => serde_json::Value::Object(
+            t.iter()
+                .map(|(k, v)| (k.to_string(), value_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// Lines gpuprov may rewrite in place: the keys it owns.
+fn owned_line(line: &str) -> bool {
+    let t = line.trim_start();
+    [
+        "default_runtime_name",
+        "runtime_type",
+        "BinaryName",
+        "Runtime ",
+        "Runtime=",
+    ]
+    .iter()
+    .any(|k| t.starts_with(k))
+}
+
+/// Every original line not owned by gpuprov is in the result, verbatim and in order.
+fn assert_untouched_lines_kept(name: &str, original: &str, edited: &str) {
+    let mut result = edited.lines();
+    for line in original.lines().filter(|l| !owned_line(l)) {
+        assert!(
+            result.any(|r| r == line),
+            "{name}: the line {line:?} is missing or out of order in:\n{edited}"
+        );
+    }
+}
+
+/// Checks one edit and returns it.
+fn check(name: &str, original: &str, default: DefaultRuntime) -> Edited {
+    let edited = configure(original, &wanted(default), 2).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (layout, doc) = containerd_table(&edited.text);
+    assert_eq!(layout, edited.layout);
+    let containerd = lookup(doc.as_item(), &["plugins", layout.plugin(), "containerd"])
+        .unwrap_or_else(|| panic!("{name}: no containerd table"));
+    let ours = lookup(containerd, &["runtimes", "nvidia"])
+        .unwrap_or_else(|| panic!("{name}: no nvidia runtime"));
+    assert_eq!(
+        lookup(ours, &["runtime_type"]).and_then(Item::as_str),
+        Some("io.containerd.runc.v2"),
+        "{name}"
+    );
+    assert_eq!(
+        lookup(ours, &["options", "BinaryName"]).and_then(Item::as_str),
+        Some(BINARY),
+        "{name}"
+    );
+    if layout == Layout::V1 {
+        assert_eq!(
+            lookup(ours, &["options", "Runtime"]).and_then(Item::as_str),
+            Some(BINARY),
+            "{name}"
+        );
+    }
+    if let Some(base) = &edited.copied_from {
+        let base_item = match base.as_str() {
+            "default_runtime" => lookup(containerd, &["default_runtime"]),
+            other => lookup(containerd, &["runtimes", other]),
+        }
+        .unwrap();
+        let systemd =
+            |item: &Item| lookup(item, &["options", "SystemdCgroup"]).and_then(Item::as_bool);
+        assert_eq!(
+            systemd(ours),
+            systemd(base_item),
+            "{name}: SystemdCgroup carried over from {base}"
+        );
+    }
+    let default_name = lookup(containerd, &["default_runtime_name"]).and_then(Item::as_str);
+    if default == DefaultRuntime::Set {
+        assert_eq!(default_name, Some("nvidia"), "{name}");
+    }
+    assert_untouched_lines_kept(name, original, &edited.text);
+    let again = configure(&edited.text, &wanted(default), 2).unwrap();
+    assert_eq!(
+        again.text, edited.text,
+        "{name}: a second edit changed the file"
+    );
+    edited
+}
+
+#[test]
+fn fixture_configs_come_out_right() {
+    let dir = repo().join("fixtures/containerd");
+    let files = toml_files(&dir);
+    assert!(files.len() >= 12, "{files:?}");
+    for path in files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let original = fs::read_to_string(&path).unwrap();
+        if name.starts_with("malformed") {
+            continue;
+        }
+        let edited = check(&name, &original, DefaultRuntime::Keep);
+        let mut shown = format!(
+            "layout: {:?}\ncopied from: {:?}\n",
+            edited.layout, edited.copied_from
+        );
+        for note in &edited.notes {
+            shown.push_str(&format!("note: {note}\n"));
+        }
+        shown.push_str("---\n");
+        shown.push_str(&edited.text);
+        insta::assert_snapshot!(format!("containerd-{name}"), shown);
+        check(&name, &original, DefaultRuntime::Set);
+    }
+}
+
+#[test]
+fn real_configs_come_out_right() {
+    let dir = repo().join("../shared/realworld/containerd");
+    let files = toml_files(&dir);
+    assert_eq!(
+        files.len(),
+        14,
+        "the real configs are beside the repository"
+    );
+    for path in files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let original = fs::read_to_string(&path).unwrap();
+        for default in [DefaultRuntime::Keep, DefaultRuntime::Set] {
+            let edited = check(&name, &original, default);
+            // Where gpuprov added the runtime, removing it gives back the
+            // original's meaning.
+            if edited.copied_from.is_some() && default == DefaultRuntime::Keep {
+                let reverted = unconfigure(&edited.text, "nvidia").unwrap();
+                assert_eq!(
+                    to_json(parse(&reverted).unwrap().as_item()),
+                    to_json(parse(&original).unwrap().as_item()),
+                    "{name}: unconfigure left something behind:\n{reverted}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn real_config_specifics() {
+    let read = |name: &str| {
+        fs::read_to_string(repo().join("../shared/realworld/containerd").join(name)).unwrap()
+    };
+    // A version-2 header over containerd 2's plugin ids: the ids win.
+    let aks = configure(
+        &read("10-aks-containerd2-v2-header-cri-v1-ids.toml"),
+        &wanted(DefaultRuntime::Keep),
+        2,
+    )
+    .unwrap();
+    assert_eq!(aks.layout, Layout::V3);
+    // nvidia already the default with no runc to fall back to: kept, and said.
+    let eks = read("02-eks-al2023-nodeadm-nvidia-v3.toml");
+    let edited = configure(&eks, &wanted(DefaultRuntime::Clear), 3).unwrap();
+    assert_eq!(
+        edited.text, eks,
+        "a correct nvidia runtime is left byte for byte"
+    );
+    assert!(
+        edited.notes[0].contains("no runc runtime to fall back to"),
+        "{:?}",
+        edited.notes
+    );
+    // Bottlerocket's default runtime is shimpei, a runc wrapper: its settings are the base.
+    let bottlerocket = configure(
+        &read("03-bottlerocket-k8s-shimpei-default-v2.toml"),
+        &wanted(DefaultRuntime::Keep),
+        2,
+    )
+    .unwrap();
+    assert_eq!(bottlerocket.copied_from.as_deref(), Some("shimpei"));
+    // Kind 2019 (version 1): the legacy default_runtime table is the base.
+    let kind = configure(
+        &read("05-kind-node-image-2019-v1.toml"),
+        &wanted(DefaultRuntime::Keep),
+        2,
+    )
+    .unwrap();
+    assert_eq!(
+        (kind.layout, kind.copied_from.as_deref()),
+        (Layout::V1, Some("default_runtime"))
+    );
+}
+
+#[test]
+fn default_runtime_is_set_cleared_or_kept_as_asked() {
+    let stale =
+        fs::read_to_string(repo().join("fixtures/containerd/v2-nvidia-stale.toml")).unwrap();
+    let default_of = |text: &str| {
+        let (layout, doc) = containerd_table(text);
+        lookup(
+            doc.as_item(),
+            &[
+                "plugins",
+                layout.plugin(),
+                "containerd",
+                "default_runtime_name",
+            ],
+        )
+        .and_then(Item::as_str)
+        .map(str::to_string)
+    };
+    let kept = configure(&stale, &wanted(DefaultRuntime::Keep), 2).unwrap();
+    assert_eq!(default_of(&kept.text).as_deref(), Some("nvidia"));
+    assert!(kept.notes[0].contains("stays so"));
+    let cleared = configure(&stale, &wanted(DefaultRuntime::Clear), 2).unwrap();
+    assert_eq!(
+        default_of(&cleared.text),
+        None,
+        "runc is there to fall back to"
+    );
+    let kata = fs::read_to_string(repo().join("fixtures/containerd/v2-default-kata.toml")).unwrap();
+    let set = configure(&kata, &wanted(DefaultRuntime::Set), 2).unwrap();
+    assert_eq!(default_of(&set.text).as_deref(), Some("nvidia"));
+    assert_eq!(
+        set.copied_from.as_deref(),
+        Some("runc"),
+        "kata's options are not runc's"
+    );
+    assert!(
+        set.text.contains("  default_runtime_name = \"nvidia\"\n"),
+        "indentation kept:\n{}",
+        set.text
+    );
+}
+
+#[test]
+fn inline_comments_on_changed_values_survive() {
+    let text = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"runc\"   # ticket K8S-12\n";
+    let edited = configure(text, &wanted(DefaultRuntime::Set), 2).unwrap();
+    assert!(
+        edited
+            .text
+            .contains("  default_runtime_name = \"nvidia\"   # ticket K8S-12\n"),
+        "{}",
+        edited.text
+    );
+}
+
+#[test]
+fn empty_files_take_the_hosts_config_version() {
+    for (version, plugin) in [
+        (2, "io.containerd.grpc.v1.cri"),
+        (3, "io.containerd.cri.v1.runtime"),
+    ] {
+        let edited = configure("", &wanted(DefaultRuntime::Keep), version).unwrap();
+        assert!(
+            edited.text.starts_with(&format!("version = {version}\n")),
+            "{}",
+            edited.text
+        );
+        assert!(edited.text.contains(plugin), "{}", edited.text);
+    }
+}
+
+#[test]
+fn malformed_configs_are_errors_with_line_and_column() {
+    let cases = [
+        ("malformed-unclosed-table.toml", "3:48: unclosed table"),
+        ("malformed-duplicate-key.toml", "5:3: duplicate key"),
+        (
+            "malformed-bad-version.toml",
+            "`version = 7` is not a containerd config version",
+        ),
+    ];
+    for (file, expected) in cases {
+        let text = fs::read_to_string(repo().join("fixtures/containerd").join(file)).unwrap();
+        let err: ConfigError = configure(&text, &wanted(DefaultRuntime::Keep), 2).unwrap_err();
+        assert!(err.to_string().starts_with(expected), "{file}: {err}");
+    }
+}
