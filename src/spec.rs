@@ -31,12 +31,15 @@ pub const SWITCHES: &[&str] = &[
     "validator.enabled",
 ];
 
-/// `toolkit.env` names gpuprov understands (the GPU Operator's containerd options).
-pub const TOOLKIT_ENV: &[&str] = &[
-    "CONTAINERD_CONFIG",
-    "CONTAINERD_SOCKET",
-    "CONTAINERD_RUNTIME_CLASS",
-    "CONTAINERD_SET_AS_DEFAULT",
+/// `toolkit.env` names gpuprov understands (the GPU Operator's containerd
+/// options), each with the `containerd:` key that says the same.
+pub const TOOLKIT_ENV: &[(&str, &str)] = &[
+    ("CONTAINERD_CONFIG", "config"),
+    ("CONTAINERD_SOCKET", "socket"),
+    ("CONTAINERD_RUNTIME_CLASS", "runtimeClass"),
+    ("CONTAINERD_SET_AS_DEFAULT", "setAsDefault"),
+    ("RUNTIME_DROP_IN_CONFIG", "dropInConfig"),
+    ("RUNTIME_RESTART_MODE", "restartMode"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,8 @@ struct RawSpec {
     driver: RawDriver,
     #[serde(default)]
     toolkit: RawToolkit,
+    #[serde(default)]
+    containerd: RawContainerd,
     #[serde(default)]
     device_plugin: RawSwitch,
     #[serde(default)]
@@ -84,11 +89,28 @@ struct RawDriver {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawToolkit {
     enabled: Option<bool>,
     #[serde(default)]
     env: Vec<RawEnvVar>,
+    install_dir: Option<Spanned<String>>,
+    version: Option<Spanned<String>>,
+    package_manager: Option<Spanned<String>>,
+}
+
+/// Values are read as text (`setAsDefault: true` and `"true"` are one) and
+/// checked by the same code as their `toolkit.env` twins.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawContainerd {
+    config: Option<Spanned<String>>,
+    socket: Option<Spanned<String>>,
+    runtime_class: Option<Spanned<String>>,
+    set_as_default: Option<Spanned<String>>,
+    drop_in_config: Option<Spanned<String>>,
+    restart_mode: Option<Spanned<String>>,
+    restart_timeout_seconds: Option<Spanned<u64>>,
 }
 
 /// `value` is read as text, so `value: true` and `value: "true"` are one.
@@ -122,6 +144,7 @@ pub struct Spec {
     pub source: String,
     pub driver: DriverSpec,
     pub toolkit: ToolkitSpec,
+    pub containerd: ContainerdOptions,
     pub device_plugin: bool,
     pub dcgm_exporter: bool,
     pub gfd: bool,
@@ -143,8 +166,23 @@ pub struct DriverSpec {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ToolkitSpec {
+    /// false: the toolkit is pre-installed; gpuprov only checks it is there.
     pub enabled: bool,
-    pub containerd: ContainerdOptions,
+    /// Where the toolkit's binaries are; the host's PATH when absent.
+    pub install_dir: Option<String>,
+    /// The package version to install (`1.17.8-1`); the newest when absent.
+    pub version: Option<String>,
+    /// The host's package manager; read from `/etc/os-release` when absent.
+    pub package_manager: Option<PackageManager>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PackageManager {
+    Apt,
+    Dnf,
+    Yum,
+    Zypper,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,6 +192,24 @@ pub struct ContainerdOptions {
     pub socket: String,
     pub runtime_class: String,
     pub set_as_default: bool,
+    /// Write the runtime to this drop-in file (imported from the main
+    /// config) instead of editing the main config.
+    pub drop_in_config: Option<String>,
+    pub restart_mode: RestartMode,
+    pub restart_timeout_seconds: u64,
+}
+
+/// How containerd picks up a changed config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartMode {
+    /// `systemctl restart containerd` in the host.
+    Systemd,
+    /// SIGHUP to the process serving the socket; containerd exits and its
+    /// service manager starts it again.
+    Signal,
+    /// Never restart; the change waits for someone else's restart.
+    None,
 }
 
 impl Spec {
@@ -221,7 +277,8 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         }
     });
 
-    let containerd = resolve_toolkit_env(&raw.toolkit.env, source, &mut errors);
+    let containerd = resolve_containerd(&raw.containerd, &raw.toolkit.env, source, &mut errors);
+    let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
 
     let mut states = Vec::new();
     let mut seen = BTreeSet::new();
@@ -271,10 +328,8 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
             enabled: raw.driver.enabled.unwrap_or(true),
             version,
         },
-        toolkit: ToolkitSpec {
-            enabled: raw.toolkit.enabled.unwrap_or(true),
-            containerd,
-        },
+        toolkit,
+        containerd,
         device_plugin: raw.device_plugin.enabled.unwrap_or(true),
         dcgm_exporter: raw.dcgm_exporter.enabled.unwrap_or(true),
         gfd: raw.gfd.enabled.unwrap_or(true),
@@ -283,7 +338,84 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
     })
 }
 
-fn resolve_toolkit_env(
+fn resolve_toolkit(raw: &RawToolkit, source: &Source, errors: &mut Vec<Diagnostic>) -> ToolkitSpec {
+    let at = |v: &Spanned<String>, message: String| {
+        Diagnostic::at_location(source, v.referenced, message)
+    };
+    let install_dir = raw
+        .install_dir
+        .as_ref()
+        .and_then(|dir| match check_host_path(&dir.value) {
+            Ok(()) => Some(dir.value.clone()),
+            Err(why) => {
+                errors.push(at(dir, format!("toolkit.installDir {why}")));
+                None
+            }
+        });
+    let version = raw.version.as_ref().and_then(|v| {
+        let ok = !v.value.is_empty()
+            && v.value.chars().next().is_some_and(|c| c.is_ascii_digit())
+            && v.value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".+~:-_".contains(c));
+        if ok {
+            Some(v.value.clone())
+        } else {
+            errors.push(
+                at(
+                    v,
+                    format!("toolkit.version `{}` is not a package version", v.value),
+                )
+                .with_help("write it as the package manager shows it, for example 1.17.8-1"),
+            );
+            None
+        }
+    });
+    let package_manager = raw.package_manager.as_ref().and_then(|pm| {
+        let known = [
+            ("apt", PackageManager::Apt),
+            ("dnf", PackageManager::Dnf),
+            ("yum", PackageManager::Yum),
+            ("zypper", PackageManager::Zypper),
+        ];
+        match known.iter().find(|(name, _)| *name == pm.value) {
+            Some((_, manager)) => Some(*manager),
+            None => {
+                let mut d = at(
+                    pm,
+                    format!(
+                        "toolkit.packageManager `{}` is not apt, dnf, yum or zypper",
+                        pm.value
+                    ),
+                );
+                if let Some(near) = nearest(&pm.value, known.iter().map(|(n, _)| *n)) {
+                    d = d.with_help(format!("did you mean `{near}`?"));
+                }
+                errors.push(d);
+                None
+            }
+        }
+    });
+    ToolkitSpec {
+        enabled: raw.enabled.unwrap_or(true),
+        install_dir,
+        version,
+        package_manager,
+    }
+}
+
+/// One place a containerd setting is given: `containerd.<key>` or its
+/// `toolkit.env` twin.
+struct Given<'a> {
+    key: &'static str,
+    value: &'a Spanned<String>,
+    origin: String,
+}
+
+/// The `containerd:` section and the `toolkit.env` names that say the same
+/// things. A setting given both ways must agree; the error names both.
+fn resolve_containerd(
+    raw: &RawContainerd,
     env: &[RawEnvVar],
     source: &Source,
     errors: &mut Vec<Diagnostic>,
@@ -293,13 +425,32 @@ fn resolve_toolkit_env(
         socket: "/run/containerd/containerd.sock".to_string(),
         runtime_class: "nvidia".to_string(),
         set_as_default: false,
+        drop_in_config: None,
+        restart_mode: RestartMode::Systemd,
+        restart_timeout_seconds: 60,
     };
-    let mut seen = BTreeSet::new();
+    let mut given: Vec<Given> = [
+        ("config", &raw.config),
+        ("socket", &raw.socket),
+        ("runtimeClass", &raw.runtime_class),
+        ("setAsDefault", &raw.set_as_default),
+        ("dropInConfig", &raw.drop_in_config),
+        ("restartMode", &raw.restart_mode),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| {
+        value.as_ref().map(|value| Given {
+            key,
+            value,
+            origin: format!("containerd.{key}"),
+        })
+    })
+    .collect();
+
+    let mut seen_env = BTreeSet::new();
     for var in env {
-        let (name, value) = (var.name.value.as_str(), var.value.value.trim());
-        let bad_value =
-            |message: String| Diagnostic::at_location(source, var.value.referenced, message);
-        if !seen.insert(name) {
+        let name = var.name.value.as_str();
+        if !seen_env.insert(name) {
             errors.push(Diagnostic::at_location(
                 source,
                 var.name.referenced,
@@ -307,52 +458,124 @@ fn resolve_toolkit_env(
             ));
             continue;
         }
-        match name {
-            "CONTAINERD_CONFIG" | "CONTAINERD_SOCKET" => {
-                if !value.starts_with('/') || value.split('/').any(|p| p == "..") {
-                    errors.push(bad_value(format!(
-                        "{name} must be an absolute path on the host without `..`, not `{value}`"
-                    )));
-                } else if name == "CONTAINERD_CONFIG" {
-                    options.config = value.to_string();
-                } else {
-                    options.socket = value.to_string();
-                }
-            }
-            "CONTAINERD_RUNTIME_CLASS" => match check_dns_label(value) {
-                Ok(()) => options.runtime_class = value.to_string(),
-                Err(why) => errors.push(bad_value(format!(
-                    "CONTAINERD_RUNTIME_CLASS `{value}` {why}"
-                ))),
-            },
-            "CONTAINERD_SET_AS_DEFAULT" => match value.to_ascii_lowercase().as_str() {
-                "true" => options.set_as_default = true,
-                "false" => options.set_as_default = false,
-                _ => errors.push(
-                    bad_value(format!(
-                        "CONTAINERD_SET_AS_DEFAULT must be true or false, not `{value}`"
-                    ))
-                    .with_help("write `value: true` or `value: \"false\"`"),
-                ),
-            },
-            other => {
+        match TOOLKIT_ENV.iter().find(|(env_name, _)| *env_name == name) {
+            Some((_, key)) => given.push(Given {
+                key,
+                value: &var.value,
+                origin: format!("toolkit.env {name}"),
+            }),
+            None => {
+                let names: Vec<&str> = TOOLKIT_ENV.iter().map(|(n, _)| *n).collect();
                 let diagnostic = Diagnostic::at_location(
                     source,
                     var.name.referenced,
-                    format!("unknown toolkit.env name `{other}`"),
+                    format!("unknown toolkit.env name `{name}`"),
                 );
-                let help = match nearest(other, TOOLKIT_ENV.iter().copied()) {
-                    Some(near) => format!(
-                        "did you mean `{near}`? known names: {}",
-                        TOOLKIT_ENV.join(", ")
-                    ),
-                    None => format!("known names: {}", TOOLKIT_ENV.join(", ")),
+                let help = match nearest(name, names.iter().copied()) {
+                    Some(near) => {
+                        format!("did you mean `{near}`? known names: {}", names.join(", "))
+                    }
+                    None => format!("known names: {}", names.join(", ")),
                 };
                 errors.push(diagnostic.with_help(help));
             }
         }
     }
+
+    let mut settled: Vec<(&'static str, String, &Given)> = Vec::new();
+    for g in &given {
+        let value = g.value.value.trim();
+        let bad = |message: String| Diagnostic::at_location(source, g.value.referenced, message);
+        let normalised = match g.key {
+            "config" | "socket" | "dropInConfig" => check_host_path(value)
+                .map(|()| value.to_string())
+                .map_err(|why| bad(format!("{} {why}", g.origin))),
+            "runtimeClass" => check_dns_label(value)
+                .map(|()| value.to_string())
+                .map_err(|why| bad(format!("{} `{value}` {why}", g.origin))),
+            "setAsDefault" => match value.to_ascii_lowercase().as_str() {
+                v @ ("true" | "false") => Ok(v.to_string()),
+                _ => Err(
+                    bad(format!("{} must be true or false, not `{value}`", g.origin))
+                        .with_help("write `true` or `\"false\"`"),
+                ),
+            },
+            "restartMode" => match value {
+                "systemd" | "signal" | "none" => Ok(value.to_string()),
+                _ => Err(bad(format!(
+                    "{} must be systemd, signal or none, not `{value}`",
+                    g.origin
+                ))),
+            },
+            _ => unreachable!("every key is listed above"),
+        };
+        let normalised = match normalised {
+            Ok(v) => v,
+            Err(d) => {
+                errors.push(d);
+                continue;
+            }
+        };
+        match settled.iter().find(|(key, _, _)| *key == g.key) {
+            Some((_, earlier, first)) if *earlier != normalised => {
+                errors.push(
+                    Diagnostic::at_location(
+                        source,
+                        g.value.referenced,
+                        format!(
+                            "{} `{normalised}` disagrees with {} `{earlier}` (line {})",
+                            g.origin,
+                            first.origin,
+                            first.value.referenced.line()
+                        ),
+                    )
+                    .with_help("give the setting once, or the same value in both places"),
+                );
+            }
+            Some(_) => {}
+            None => settled.push((g.key, normalised, g)),
+        }
+    }
+    for (key, value, _) in settled {
+        match key {
+            "config" => options.config = value,
+            "socket" => options.socket = value,
+            "runtimeClass" => options.runtime_class = value,
+            "setAsDefault" => options.set_as_default = value == "true",
+            "dropInConfig" => options.drop_in_config = Some(value),
+            "restartMode" => {
+                options.restart_mode = match value.as_str() {
+                    "signal" => RestartMode::Signal,
+                    "none" => RestartMode::None,
+                    _ => RestartMode::Systemd,
+                }
+            }
+            _ => unreachable!("every key is listed above"),
+        }
+    }
+    if let Some(timeout) = &raw.restart_timeout_seconds {
+        if timeout.value == 0 {
+            errors.push(Diagnostic::at_location(
+                source,
+                timeout.referenced,
+                "containerd.restartTimeoutSeconds must be at least 1",
+            ));
+        } else {
+            options.restart_timeout_seconds = timeout.value;
+        }
+    }
     options
+}
+
+/// Host paths in the spec are absolute and never climb with `..`.
+fn check_host_path(value: &str) -> Result<(), String> {
+    if value.starts_with('/') && !value.split('/').any(|p| p == "..") {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be an absolute path on the host without `..`, not `{value}`"
+        ))
+    }
 }
 
 /// NVIDIA driver versions are two or three dot-separated numbers.
@@ -410,11 +633,8 @@ mod tests {
     fn defaults_follow_the_gpu_operator() {
         let spec = parse("").unwrap();
         assert!(spec.driver.enabled && spec.toolkit.enabled && spec.device_plugin && spec.gfd);
-        assert_eq!(
-            spec.toolkit.containerd.config,
-            "/etc/containerd/config.toml"
-        );
-        assert_eq!(spec.toolkit.containerd.runtime_class, "nvidia");
+        assert_eq!(spec.containerd.config, "/etc/containerd/config.toml");
+        assert_eq!(spec.containerd.runtime_class, "nvidia");
     }
 
     #[test]
@@ -424,7 +644,7 @@ mod tests {
                 "toolkit:\n  env:\n  - name: CONTAINERD_SET_AS_DEFAULT\n    value: {value}\n"
             ))
             .unwrap();
-            assert!(spec.toolkit.containerd.set_as_default, "{value}");
+            assert!(spec.containerd.set_as_default, "{value}");
         }
     }
 

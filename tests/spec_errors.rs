@@ -56,7 +56,7 @@ const EXPECTED: &[(&str, &str, &str, &str)] = &[
         "08-env-set-as-default-not-boolean.yaml",
         "4:14",
         "CONTAINERD_SET_AS_DEFAULT must be true or false, not `perhaps`",
-        "value: true",
+        "write `true`",
     ),
     (
         "09-env-relative-config-path.yaml",
@@ -166,6 +166,30 @@ const EXPECTED: &[(&str, &str, &str, &str)] = &[
         "2:2",
         "tabs disallowed",
         "enabled",
+    ),
+    (
+        "28-containerd-disagrees-with-env.yaml",
+        "4:14",
+        "toolkit.env CONTAINERD_CONFIG `/etc/containerd/config.toml` disagrees with containerd.config",
+        "(line 6)",
+    ),
+    (
+        "29-containerd-restart-mode.yaml",
+        "2:16",
+        "must be systemd, signal or none, not `reload`",
+        "reload",
+    ),
+    (
+        "30-toolkit-version.yaml",
+        "2:12",
+        "toolkit.version `latest` is not a package version",
+        "1.17.8-1",
+    ),
+    (
+        "31-toolkit-package-manager.yaml",
+        "2:19",
+        "`apk` is not apt, dnf, yum or zypper",
+        "did you mean `apt`?",
     ),
 ];
 
