@@ -21,6 +21,14 @@ pub const BUILTIN_STATES: &[(&str, &str)] = &[
         "states/10-driver.yaml",
         include_str!("../states/10-driver.yaml"),
     ),
+    (
+        "states/20-container-toolkit.yaml",
+        include_str!("../states/20-container-toolkit.yaml"),
+    ),
+    (
+        "states/30-containerd-runtime.yaml",
+        include_str!("../states/30-containerd-runtime.yaml"),
+    ),
 ];
 
 /// The Rust code that observes and converges a state.
@@ -29,6 +37,8 @@ pub const BUILTIN_STATES: &[(&str, &str)] = &[
 pub enum Handler {
     DetectGpu,
     Driver,
+    ContainerToolkit,
+    ContainerdRuntime,
     Exec,
 }
 
@@ -36,6 +46,8 @@ impl Handler {
     pub const ALL: &[(&str, Handler)] = &[
         ("detect-gpu", Handler::DetectGpu),
         ("driver", Handler::Driver),
+        ("container-toolkit", Handler::ContainerToolkit),
+        ("containerd-runtime", Handler::ContainerdRuntime),
         ("exec", Handler::Exec),
     ];
 
@@ -266,7 +278,7 @@ fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
                 "an exec state needs a `check` command".to_string(),
             )));
         }
-        (Handler::DetectGpu | Handler::Driver, Some(check)) => {
+        (_, Some(check)) if handler != Handler::Exec => {
             return Err(invalid(at(
                 check.referenced,
                 format!(
@@ -317,6 +329,14 @@ mod tests {
             .into_iter()
             .map(|s| s.name)
             .collect();
-        assert_eq!(names, ["detect-gpu", "driver"]);
+        assert_eq!(
+            names,
+            [
+                "detect-gpu",
+                "driver",
+                "container-toolkit",
+                "containerd-runtime"
+            ]
+        );
     }
 }

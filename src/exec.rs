@@ -15,7 +15,7 @@ use crate::facts::Facts;
 use crate::host::{CommandRecord, Host, HostError};
 use crate::plan::Graph;
 use crate::spec::Spec;
-use crate::{driver, exec_state, gpu};
+use crate::{containerd, driver, exec_state, gpu, toolkit};
 
 /// Where `apply` records each run, under the host root.
 pub const LAST_RUN_PATH: &str = "/var/lib/gpuprov/last-run.json";
@@ -114,8 +114,26 @@ pub enum Change {
         content: Vec<u8>,
         #[serde(skip)]
         mode: u32,
-        /// Unified diff from the current content.
-        diff: String,
+        /// Why, in a few words (`backup of the original`).
+        purpose: String,
+        /// Unified diff from the current content, where a person wants to
+        /// read it (a config file; not a backup).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        diff: Option<String>,
+    },
+    /// Remove a file gpuprov wrote (a marker); a missing file is fine.
+    RemoveFile { path: String, purpose: String },
+    /// Stop the process serving a unix socket (found by the socket's peer
+    /// credentials) so its service manager starts it again, then wait for a
+    /// new process to answer.
+    SignalSocketOwner {
+        socket: String,
+        timeout_seconds: u64,
+    },
+    /// Wait until something answers on a unix socket.
+    WaitSocket {
+        socket: String,
+        timeout_seconds: u64,
     },
 }
 
@@ -123,7 +141,19 @@ impl Change {
     pub fn summary(&self) -> String {
         match self {
             Change::Run { display, .. } => format!("run: {display}"),
-            Change::WriteFile { path, .. } => format!("write {path}"),
+            Change::WriteFile { path, purpose, .. } => format!("write {path} ({purpose})"),
+            Change::RemoveFile { path, purpose } => format!("remove {path} ({purpose})"),
+            Change::SignalSocketOwner { socket, .. } => {
+                format!(
+                    "SIGTERM the process serving {socket}, wait for its service manager to start it again"
+                )
+            }
+            Change::WaitSocket {
+                socket,
+                timeout_seconds,
+            } => {
+                format!("wait up to {timeout_seconds}s for {socket} to answer")
+            }
         }
     }
 }
@@ -183,6 +213,8 @@ fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     match ctx.state.handler {
         Handler::DetectGpu => Ok(gpu::observe(ctx)),
         Handler::Driver => driver::observe(ctx),
+        Handler::ContainerToolkit => toolkit::observe(ctx),
+        Handler::ContainerdRuntime => containerd::observe(ctx),
         Handler::Exec => exec_state::observe(ctx),
     }
 }
@@ -329,7 +361,11 @@ impl Executor<'_> {
         commands.append(&mut after.commands);
         after.commands = commands;
         if action == Action::Change {
-            after.reason = format!("changed: {} (was: {})", after.reason, obs.reason);
+            after.reason = if after.reason == obs.reason {
+                format!("changed: {}", after.reason)
+            } else {
+                format!("changed: {} (was: {})", after.reason, obs.reason)
+            };
         }
         after.changes = obs.changes;
         StepReport::from_observation(state, action, outcome, after)
@@ -453,6 +489,28 @@ fn make_change(
             .write_atomic(path, content, *mode)
             .map(|_| ())
             .map_err(|e| error_chain(&e)),
+        Change::RemoveFile { path, .. } => host.remove(path).map_err(|e| error_chain(&e)),
+        Change::SignalSocketOwner {
+            socket,
+            timeout_seconds,
+        } => {
+            let path = host.resolve(socket).map_err(|e| error_chain(&e))?;
+            crate::containerd::restart::signal_and_wait(
+                &path,
+                Duration::from_secs(*timeout_seconds),
+            )
+        }
+        Change::WaitSocket {
+            socket,
+            timeout_seconds,
+        } => {
+            let path = host.resolve(socket).map_err(|e| error_chain(&e))?;
+            crate::containerd::restart::wait_for_socket(
+                &path,
+                Duration::from_secs(*timeout_seconds),
+                None,
+            )
+        }
     }
 }
 

@@ -23,17 +23,27 @@ pub struct Facts {
     pub node_labels: BTreeMap<String, String>,
     /// `PRETTY_NAME` from `/etc/os-release`, if there is one.
     pub os: Option<String>,
+    /// `ID` then each of `ID_LIKE` from `/etc/os-release` (`ubuntu`, `debian`).
+    pub os_ids: Vec<String>,
     /// The running kernel's release.
     pub kernel: Option<String>,
 }
 
 impl Facts {
     pub fn gather(host: &Host, node_labels: BTreeMap<String, String>) -> Result<Facts, FactsError> {
-        let os = host.read("/etc/os-release")?.and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        let os_release = host.read("/etc/os-release")?.unwrap_or_default();
+        let field = |name: &str| {
+            os_release
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
                 .map(|v| v.trim().trim_matches('"').to_string())
-        });
+        };
+        let os = field("PRETTY_NAME");
+        let os_ids = [field("ID"), field("ID_LIKE")]
+            .into_iter()
+            .flatten()
+            .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .collect();
         let kernel = host
             .read("/proc/sys/kernel/osrelease")?
             .map(|k| k.trim().to_string())
@@ -42,6 +52,7 @@ impl Facts {
             pci: pci::scan(host)?,
             node_labels,
             os,
+            os_ids,
             kernel,
         })
     }

@@ -25,7 +25,7 @@ const MAX_SYMLINK_HOPS: u32 = 40;
 /// How much of a command's stdout and stderr a record keeps (the tail).
 const OUTPUT_TAIL_BYTES: usize = 4096;
 /// Directories searched for a bare command name inside the host root.
-const HOST_PATH: &[&str] = &[
+pub const HOST_PATH: &[&str] = &[
     "usr/local/sbin",
     "usr/local/bin",
     "usr/sbin",
@@ -318,6 +318,16 @@ impl Host {
         }
         result.map_err(write_err)?;
         Ok(true)
+    }
+
+    /// Removes a file; a missing one is not an error.
+    pub fn remove(&self, host_path: &str) -> Result<(), HostError> {
+        let path = self.resolve(host_path)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(HostError::Write { path, source }),
+        }
     }
 
     /// Runs an argument vector inside the host. Never a shell string with

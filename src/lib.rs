@@ -20,6 +20,7 @@ pub mod host;
 pub mod labels;
 pub mod plan;
 pub mod spec;
+pub mod toolkit;
 
 /// The crate's error: one variant per module that can fail a command.
 #[derive(Debug, thiserror::Error)]

@@ -258,6 +258,14 @@ pub fn steps_table(steps: &[StepReport]) -> String {
         );
         for change in &step.changes {
             let _ = writeln!(out, "      {}", change.summary());
+            if let crate::exec::Change::WriteFile {
+                diff: Some(diff), ..
+            } = change
+            {
+                for line in diff.lines() {
+                    let _ = writeln!(out, "          {line}");
+                }
+            }
         }
     }
     out

@@ -23,10 +23,21 @@ fn plan_text_and_json_for_every_fixture_host() {
     assert!(hosts.len() >= 14, "fixture hosts went missing: {hosts:?}");
     for host in hosts {
         let root = format!("fixtures/hosts/{host}");
-        insta::assert_snapshot!(format!("{host}.text"), run(&["plan", "--host-root", &root]));
+        insta::assert_snapshot!(
+            format!("{host}.text"),
+            run(&["plan", "--host-exec", "prefix", "--host-root", &root])
+        );
         insta::assert_snapshot!(
             format!("{host}.json"),
-            run(&["plan", "--host-root", &root, "--output", "json"])
+            run(&[
+                "plan",
+                "--host-exec",
+                "prefix",
+                "--host-root",
+                &root,
+                "--output",
+                "json"
+            ])
         );
     }
 }
@@ -92,7 +103,13 @@ fn detailed_exitcode_says_whether_apply_would_change_anything() {
     let host = copy_host("a100-preinstalled");
     let plan = |host: &std::path::Path| {
         gpuprov()
-            .args(["plan", "--detailed-exitcode", "--host-root"])
+            .args([
+                "plan",
+                "--detailed-exitcode",
+                "--host-exec",
+                "prefix",
+                "--host-root",
+            ])
             .arg(host)
             .output()
             .unwrap()
@@ -105,7 +122,7 @@ fn detailed_exitcode_says_whether_apply_would_change_anything() {
         "a fresh node needs its labels written"
     );
     gpuprov()
-        .args(["apply", "--host-root"])
+        .args(["apply", "--host-exec", "prefix", "--host-root"])
         .arg(host.path())
         .assert()
         .code(0);

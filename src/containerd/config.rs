@@ -130,6 +130,19 @@ pub fn layout(doc: &DocumentMut) -> Result<(i64, Layout), ConfigError> {
     Ok((version, layout))
 }
 
+/// containerd's `default_runtime_name`, if the config sets one.
+pub fn default_runtime_name(text: &str) -> Result<Option<String>, ConfigError> {
+    let doc = parse(text)?;
+    let (_, layout) = layout(&doc)?;
+    Ok(doc
+        .get("plugins")
+        .and_then(|p| p.get(layout.plugin()))
+        .and_then(|c| c.get("containerd"))
+        .and_then(|c| c.get("default_runtime_name"))
+        .and_then(Item::as_str)
+        .map(str::to_string))
+}
+
 /// Adds or corrects the runtime class. Idempotent: a second call on the
 /// result returns it unchanged. A document with no keys at all (an empty
 /// file) is written as config version `fresh_version`, the one the host's

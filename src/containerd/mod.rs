@@ -1,3 +1,251 @@
-//! containerd's nvidia runtime: config editing, restart, revert.
+//! containerd's nvidia runtime: the `containerd-runtime` state.
+//!
+//! The config is edited in place (see `config`), the original is backed up
+//! before the first change, and containerd is restarted only when the file
+//! changed. A marker written before the config and removed after the
+//! restart makes a restart that was interrupted (a crash, a reboot) happen
+//! on the next run, although the file is then already right.
 
 pub mod config;
+pub mod restart;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::exec::{Change, Observation, Outcome, StepContext, StepError, error_chain};
+use crate::host::Host;
+use crate::spec::RestartMode;
+use config::{DefaultRuntime, RuntimeWanted};
+
+/// What gpuprov did to containerd's config, for revert.
+pub const RECORD: &str = "/var/lib/gpuprov/containerd.json";
+/// Present from before a config write until containerd has restarted.
+pub const RESTART_PENDING: &str = "/var/lib/gpuprov/containerd-restart-pending";
+/// Backups of originals live under here, at their own path.
+pub const BACKUP_DIR: &str = "/var/lib/gpuprov/backup";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// The config file gpuprov edited.
+    pub config: String,
+    /// Whether it existed before gpuprov's first write.
+    pub original_existed: bool,
+    /// Where the original's bytes are kept.
+    pub backup: String,
+    /// sha256 of what gpuprov last wrote: a file that still has it is
+    /// restored byte for byte on revert.
+    pub written_sha256: String,
+    pub runtime_class: String,
+}
+
+impl Record {
+    pub fn load(host: &Host) -> Result<Option<Record>, StepError> {
+        match host.read(RECORD)? {
+            None => Ok(None),
+            Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+                StepError::Observe(format!("{RECORD}: {e} (move it away to start over)"))
+            }),
+        }
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The config version the host's containerd wants for a new file: 2 for
+/// containerd 1.x, 3 for 2.x, from `containerd --version` in the host.
+pub fn wanted_config_version(host: &Host) -> Result<i64, String> {
+    let record = host
+        .run(&["containerd".to_string(), "--version".to_string()])
+        .map_err(|e| {
+            format!(
+                "cannot tell which config version containerd wants: {}",
+                error_chain(&e)
+            )
+        })?;
+    if !record.success() {
+        return Err(format!(
+            "cannot tell which config version containerd wants: `containerd --version` {}",
+            record.failure_summary()
+        ));
+    }
+    let major = record
+        .stdout
+        .split_whitespace()
+        .filter_map(|word| {
+            let word = word.strip_prefix('v').unwrap_or(word);
+            let (major, rest) = word.split_once('.')?;
+            rest.starts_with(|c: char| c.is_ascii_digit())
+                .then(|| major.parse::<u32>().ok())?
+        })
+        .next()
+        .ok_or_else(|| {
+            format!(
+                "no version in `containerd --version` output {:?}",
+                record.stdout.trim()
+            )
+        })?;
+    Ok(if major >= 2 { 3 } else { 2 })
+}
+
+/// The `containerd-runtime` handler.
+pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+    let opts = &ctx.spec.containerd;
+    let binary = crate::toolkit::runtime_binary(ctx.host, ctx.spec)?;
+    let record = Record::load(ctx.host)?;
+    let current = ctx.host.read(&opts.config)?;
+    let original = match &record {
+        Some(r) if r.original_existed => ctx.host.read(&r.backup)?,
+        Some(_) => None,
+        None => current.clone(),
+    };
+    let in_file = |e: config::ConfigError| StepError::Observe(format!("{}:{e}", opts.config));
+    let original_default = match &original {
+        Some(text) => config::default_runtime_name(text).map_err(in_file)?,
+        None => None,
+    };
+    let default = if opts.set_as_default {
+        DefaultRuntime::Set
+    } else if original_default.as_deref() == Some(opts.runtime_class.as_str()) {
+        DefaultRuntime::Keep
+    } else {
+        DefaultRuntime::Clear
+    };
+    let text = current.as_deref().unwrap_or("");
+    let fresh_version = if text.trim().is_empty() {
+        wanted_config_version(ctx.host).map_err(StepError::Observe)?
+    } else {
+        2
+    };
+    let wanted = RuntimeWanted {
+        class: opts.runtime_class.clone(),
+        binary: binary.clone(),
+        default,
+    };
+    let edited = config::configure(text, &wanted, fresh_version).map_err(in_file)?;
+    let changed = current.as_deref() != Some(edited.text.as_str());
+    let pending = ctx.host.exists(RESTART_PENDING)?;
+
+    let mut reason = format!(
+        "runtime `{}` runs {binary} ({} in {})",
+        opts.runtime_class,
+        edited.layout.plugin(),
+        opts.config
+    );
+    if opts.set_as_default {
+        reason.push_str(", the default runtime");
+    }
+    for note in &edited.notes {
+        reason.push_str(&format!("; {note}"));
+    }
+    if !changed && !pending {
+        let outcome = if record.is_some() {
+            Outcome::Configured
+        } else {
+            Outcome::Preinstalled
+        };
+        return Ok(Observation::new(outcome, reason));
+    }
+
+    let mut obs = Observation::new(Outcome::Pending, reason);
+    obs.on_change = Outcome::Configured;
+    if changed {
+        if record.is_none()
+            && let Some(original) = &current
+        {
+            obs.changes.push(Change::WriteFile {
+                path: backup_path(&opts.config),
+                content: original.clone().into_bytes(),
+                mode: 0o600,
+                purpose: "backup of the original, for revert".to_string(),
+                diff: None,
+            });
+        }
+        let new_record = Record {
+            config: opts.config.clone(),
+            original_existed: record
+                .as_ref()
+                .map_or(current.is_some(), |r| r.original_existed),
+            backup: record
+                .as_ref()
+                .map_or_else(|| backup_path(&opts.config), |r| r.backup.clone()),
+            written_sha256: sha256_hex(edited.text.as_bytes()),
+            runtime_class: opts.runtime_class.clone(),
+        };
+        obs.changes.push(Change::WriteFile {
+            path: RECORD.to_string(),
+            content: (serde_json::to_string_pretty(&new_record).expect("serializes") + "\n")
+                .into_bytes(),
+            mode: 0o644,
+            purpose: "what gpuprov changed, for revert".to_string(),
+            diff: None,
+        });
+        if opts.restart_mode != RestartMode::None {
+            obs.changes.push(Change::WriteFile {
+                path: RESTART_PENDING.to_string(),
+                content: Vec::new(),
+                mode: 0o644,
+                purpose: "restart owed until containerd is back".to_string(),
+                diff: None,
+            });
+        }
+        let diff = similar::TextDiff::from_lines(text, &edited.text)
+            .unified_diff()
+            .context_radius(3)
+            .header(&opts.config, &opts.config)
+            .to_string();
+        obs.changes.push(Change::WriteFile {
+            path: opts.config.clone(),
+            content: edited.text.into_bytes(),
+            mode: 0o644,
+            purpose: format!("runtime `{}`", opts.runtime_class),
+            diff: Some(diff),
+        });
+    }
+    obs.changes.extend(restart_changes(ctx));
+    if opts.restart_mode == RestartMode::None {
+        obs.reason
+            .push_str("; restartMode is none: containerd loads the runtime at its next restart");
+    } else {
+        obs.changes.push(Change::RemoveFile {
+            path: RESTART_PENDING.to_string(),
+            purpose: "containerd restarted".to_string(),
+        });
+    }
+    Ok(obs)
+}
+
+/// How containerd is made to load the config, per `restartMode`.
+pub fn restart_changes(ctx: &StepContext) -> Vec<Change> {
+    let opts = &ctx.spec.containerd;
+    let timeout_seconds = opts.restart_timeout_seconds;
+    match opts.restart_mode {
+        RestartMode::Systemd => vec![
+            Change::Run {
+                argv: ["systemctl", "restart", "containerd"]
+                    .map(String::from)
+                    .to_vec(),
+                display: "systemctl restart containerd".to_string(),
+            },
+            Change::WaitSocket {
+                socket: opts.socket.clone(),
+                timeout_seconds,
+            },
+        ],
+        RestartMode::Signal => vec![Change::SignalSocketOwner {
+            socket: opts.socket.clone(),
+            timeout_seconds,
+        }],
+        RestartMode::None => Vec::new(),
+    }
+}
+
+/// Where the original of a config file is kept.
+pub fn backup_path(config: &str) -> String {
+    format!("{BACKUP_DIR}{config}")
+}

@@ -1,0 +1,241 @@
+//! The NVIDIA container toolkit: its runtime binaries on the host, and
+//! installing them with the host's own package manager.
+//!
+//! gpuprov never adds a package repository: the host's configured sources
+//! (often a local mirror) are used as they are.
+
+use std::collections::BTreeMap;
+
+use crate::exec::{Change, Gate, Observation, Outcome, StepContext, StepError};
+use crate::host::{HOST_PATH, Host, HostError};
+use crate::spec::{PackageManager, Spec};
+
+/// The binaries a working toolkit has.
+pub const BINARIES: [&str; 3] = [
+    "nvidia-container-runtime",
+    "nvidia-ctk",
+    "nvidia-container-runtime-hook",
+];
+/// The packages installed, all at the pinned version when one is given.
+pub const PACKAGES: [&str; 4] = [
+    "nvidia-container-toolkit",
+    "nvidia-container-toolkit-base",
+    "libnvidia-container-tools",
+    "libnvidia-container1",
+];
+/// Written once gpuprov installed the toolkit, so later runs report
+/// `installed` rather than `preinstalled`.
+pub const INSTALLED_RECORD: &str = "/var/lib/gpuprov/toolkit-installed";
+
+/// The directories searched: the configured install dir, else the host's PATH.
+fn search_dirs(spec: &Spec) -> Vec<String> {
+    match &spec.toolkit.install_dir {
+        Some(dir) => vec![dir.trim_end_matches('/').to_string()],
+        None => HOST_PATH.iter().map(|d| format!("/{d}")).collect(),
+    }
+}
+
+/// Where each toolkit binary is on the host (a host path), if anywhere.
+pub fn locate(
+    host: &Host,
+    spec: &Spec,
+) -> Result<BTreeMap<&'static str, Option<String>>, HostError> {
+    let dirs = search_dirs(spec);
+    let mut found = BTreeMap::new();
+    for binary in BINARIES {
+        let mut at = None;
+        for dir in &dirs {
+            let candidate = format!("{dir}/{binary}");
+            if host.resolve(&candidate)?.is_file() {
+                at = Some(candidate);
+                break;
+            }
+        }
+        found.insert(binary, at);
+    }
+    Ok(found)
+}
+
+/// The host path of `nvidia-container-runtime`, the runtime containerd
+/// runs: where it is, or where installing the toolkit puts it (so a plan
+/// can show the containerd change before the toolkit is there).
+pub fn runtime_binary(host: &Host, spec: &Spec) -> Result<String, HostError> {
+    let found = locate(host, spec)?.remove(BINARIES[0]).flatten();
+    Ok(found.unwrap_or_else(|| {
+        let dir = spec.toolkit.install_dir.as_deref().unwrap_or("/usr/bin");
+        format!("{}/{}", dir.trim_end_matches('/'), BINARIES[0])
+    }))
+}
+
+/// The `container-toolkit` handler.
+pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+    let found = locate(ctx.host, ctx.spec)?;
+    let missing: Vec<&str> = found
+        .iter()
+        .filter(|(_, at)| at.is_none())
+        .map(|(b, _)| *b)
+        .collect();
+    let details = serde_json::to_value(&found).expect("serializes");
+    if missing.is_empty() {
+        let runtime = found[BINARIES[0]].as_deref().unwrap_or_default();
+        let outcome = if ctx.host.exists(INSTALLED_RECORD)? {
+            Outcome::Installed
+        } else {
+            Outcome::Preinstalled
+        };
+        let mut obs = Observation::new(
+            outcome,
+            format!("container toolkit found: {runtime} and its hook and nvidia-ctk"),
+        );
+        obs.details = details;
+        return Ok(obs);
+    }
+
+    let where_ = search_dirs(ctx.spec).join(", ");
+    let absent = |why: String| {
+        let reason = format!("{} not found in {where_}; {why}", missing.join(", "));
+        let mut obs = Observation::new(Outcome::Absent, reason.clone());
+        obs.gate = Some(Gate::Block(format!(
+            "container toolkit is absent: {reason}"
+        )));
+        obs.details = details.clone();
+        Ok(obs)
+    };
+    if !ctx.spec.toolkit.enabled {
+        return absent("toolkit.enabled is false, so gpuprov will not install it".to_string());
+    }
+    if ctx.spec.toolkit.install_dir.is_some() {
+        return absent("packages install to /usr/bin, not toolkit.installDir: install it there or drop installDir".to_string());
+    }
+    let manager = match ctx
+        .spec
+        .toolkit
+        .package_manager
+        .or_else(|| package_manager_for(&ctx.facts.os_ids))
+    {
+        Some(manager) => manager,
+        None => {
+            return absent(format!(
+                "no package manager is known for this OS ({}): set toolkit.packageManager",
+                ctx.facts.os_ids.join(" ")
+            ));
+        }
+    };
+    let program = program(manager);
+    if !HOST_PATH.iter().any(|dir| {
+        ctx.host
+            .resolve(&format!("/{dir}/{program}"))
+            .is_ok_and(|p| p.is_file())
+    }) {
+        return absent(format!("cannot install it: `{program}` is not in the host"));
+    }
+
+    let version = ctx.spec.toolkit.version.as_deref();
+    let mut obs = Observation::new(
+        Outcome::Absent,
+        format!("{} not found in {where_}", missing.join(", ")),
+    );
+    obs.on_change = Outcome::Installed;
+    for argv in install_commands(manager, version) {
+        obs.changes.push(Change::Run {
+            display: argv.join(" "),
+            argv,
+        });
+    }
+    obs.changes.push(Change::WriteFile {
+        path: INSTALLED_RECORD.to_string(),
+        content: format!("{program} {}\n", version.unwrap_or("newest")).into_bytes(),
+        mode: 0o644,
+        purpose: "record that gpuprov installed the toolkit".to_string(),
+        diff: None,
+    });
+    obs.details = details;
+    Ok(obs)
+}
+
+/// The package manager of an OS, from `/etc/os-release`'s ID and ID_LIKE.
+pub fn package_manager_for(os_ids: &[String]) -> Option<PackageManager> {
+    os_ids.iter().find_map(|id| match id.as_str() {
+        "debian" | "ubuntu" => Some(PackageManager::Apt),
+        "rhel" | "centos" | "fedora" | "rocky" | "almalinux" | "amzn" | "ol" => {
+            Some(PackageManager::Dnf)
+        }
+        "sles" | "suse" | "opensuse" | "opensuse-leap" => Some(PackageManager::Zypper),
+        _ => None,
+    })
+}
+
+fn program(manager: PackageManager) -> &'static str {
+    match manager {
+        PackageManager::Apt => "apt-get",
+        PackageManager::Dnf => "dnf",
+        PackageManager::Yum => "yum",
+        PackageManager::Zypper => "zypper",
+    }
+}
+
+/// The commands that install the toolkit, every package pinned to `version`
+/// (in each manager's own syntax) when one is given.
+pub fn install_commands(manager: PackageManager, version: Option<&str>) -> Vec<Vec<String>> {
+    let pinned = |separator: &str| -> Vec<String> {
+        PACKAGES
+            .iter()
+            .map(|p| match version {
+                Some(v) => format!("{p}{separator}{v}"),
+                None => p.to_string(),
+            })
+            .collect()
+    };
+    let words = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    match manager {
+        PackageManager::Apt => vec![
+            words("env DEBIAN_FRONTEND=noninteractive apt-get update -q"),
+            [words("env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends"), pinned("=")].concat(),
+        ],
+        PackageManager::Dnf => vec![[words("dnf install -y"), pinned("-")].concat()],
+        PackageManager::Yum => vec![[words("yum install -y"), pinned("-")].concat()],
+        PackageManager::Zypper => vec![[words("zypper --non-interactive install"), pinned("=")].concat()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_package_is_pinned_in_the_managers_syntax() {
+        let apt = install_commands(PackageManager::Apt, Some("1.17.8-1"));
+        assert!(
+            apt[1].contains(&"libnvidia-container1=1.17.8-1".to_string()),
+            "{apt:?}"
+        );
+        let dnf = install_commands(PackageManager::Dnf, Some("1.17.8-1"));
+        assert!(
+            dnf[0].contains(&"nvidia-container-toolkit-base-1.17.8-1".to_string()),
+            "{dnf:?}"
+        );
+        let zypper = install_commands(PackageManager::Zypper, None);
+        assert_eq!(
+            zypper[0].last().map(String::as_str),
+            Some("libnvidia-container1")
+        );
+    }
+
+    #[test]
+    fn package_manager_follows_os_release() {
+        let ids = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            package_manager_for(&ids("ubuntu debian")),
+            Some(PackageManager::Apt)
+        );
+        assert_eq!(
+            package_manager_for(&ids("rocky rhel centos fedora")),
+            Some(PackageManager::Dnf)
+        );
+        assert_eq!(
+            package_manager_for(&ids("opensuse-leap suse opensuse")),
+            Some(PackageManager::Zypper)
+        );
+        assert_eq!(package_manager_for(&ids("talos")), None);
+    }
+}
