@@ -1,0 +1,250 @@
+//! The container-toolkit and containerd-runtime states through `apply` on
+//! copies of fixture hosts (fake package managers, systemctl and containerd
+//! in the host root): install, edit, backup, restart only on change, an
+//! owed restart after a crash, and bad configs left untouched.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+
+use support::{apply_json, copy_host, repo, steps, write_spec};
+
+const CONFIG: &str = "etc/containerd/config.toml";
+const SYSTEMCTL_LOG: &str = "var/log/fake-systemctl.log";
+
+fn restarts(host: &Path) -> usize {
+    fs::read_to_string(host.join(SYSTEMCTL_LOG))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == "restart containerd")
+        .count()
+}
+
+#[test]
+fn containerd_restarts_once_for_a_change_and_never_for_none() {
+    let host = copy_host("a100-preinstalled");
+    let original = fs::read(host.path().join(CONFIG)).unwrap();
+    let (code, report, stderr) = apply_json(host.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let runtime = &steps(&report)["containerd-runtime"];
+    assert_eq!(
+        (runtime.0.as_str(), runtime.1.as_str()),
+        ("change", "configured")
+    );
+    assert_eq!(restarts(host.path()), 1);
+    let config = fs::read_to_string(host.path().join(CONFIG)).unwrap();
+    assert!(config.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nvidia]"));
+    assert_eq!(
+        fs::read(
+            host.path()
+                .join("var/lib/gpuprov/backup/etc/containerd/config.toml")
+        )
+        .unwrap(),
+        original,
+        "the original is backed up byte for byte"
+    );
+    assert!(
+        !host
+            .path()
+            .join("var/lib/gpuprov/containerd-restart-pending")
+            .exists()
+    );
+
+    for _ in 0..2 {
+        let (code, report, _) = apply_json(host.path(), &[]);
+        assert_eq!(code, 0);
+        assert_eq!(steps(&report)["containerd-runtime"].0, "unchanged");
+    }
+    assert_eq!(
+        restarts(host.path()),
+        1,
+        "an unchanged config restarts nothing"
+    );
+}
+
+#[test]
+fn a_restart_owed_from_an_interrupted_run_happens_on_the_next() {
+    let host = copy_host("a100-preinstalled");
+    let spec = write_spec(
+        host.path(),
+        "spec.yaml",
+        "containerd:\n  restartTimeoutSeconds: 1\n",
+    );
+    let spec = spec.to_str().unwrap();
+    // containerd does not come back: the restart is owed.
+    fs::remove_file(host.path().join("usr/bin/containerd")).unwrap();
+    let (code, report, _) = apply_json(host.path(), &["--config", spec]);
+    assert_eq!(code, 3);
+    let runtime = &steps(&report)["containerd-runtime"];
+    assert_eq!(runtime.1, "failed");
+    assert!(runtime.2.contains("nothing answered on"), "{}", runtime.2);
+    assert!(
+        host.path()
+            .join("var/lib/gpuprov/containerd-restart-pending")
+            .exists()
+    );
+    let written = fs::read(host.path().join(CONFIG)).unwrap();
+
+    // containerd is back; the file is already right, but the restart is still owed.
+    fs::copy(
+        repo().join("fixtures/hosts/a100-preinstalled/usr/bin/containerd"),
+        host.path().join("usr/bin/containerd"),
+    )
+    .unwrap();
+    let (code, report, _) = apply_json(host.path(), &["--config", spec]);
+    assert_eq!(code, 0);
+    assert_eq!(steps(&report)["containerd-runtime"].0, "change");
+    assert_eq!(restarts(host.path()), 2);
+    assert_eq!(
+        fs::read(host.path().join(CONFIG)).unwrap(),
+        written,
+        "the file was not rewritten"
+    );
+    assert!(
+        !host
+            .path()
+            .join("var/lib/gpuprov/containerd-restart-pending")
+            .exists()
+    );
+}
+
+#[test]
+fn a_malformed_config_fails_the_step_and_is_left_untouched() {
+    let host = copy_host("a100-preinstalled");
+    let broken =
+        fs::read_to_string(repo().join("fixtures/containerd/malformed-unclosed-table.toml"))
+            .unwrap();
+    fs::write(host.path().join(CONFIG), &broken).unwrap();
+    let (code, report, _) = apply_json(host.path(), &[]);
+    assert_eq!(code, 3);
+    let runtime = &steps(&report)["containerd-runtime"];
+    assert_eq!(runtime.1, "failed");
+    assert!(
+        runtime
+            .2
+            .starts_with("/etc/containerd/config.toml:3:48: unclosed table"),
+        "{}",
+        runtime.2
+    );
+    assert_eq!(
+        fs::read_to_string(host.path().join(CONFIG)).unwrap(),
+        broken
+    );
+    assert_eq!(restarts(host.path()), 0);
+    assert!(!host.path().join("var/lib/gpuprov/backup").exists());
+}
+
+#[test]
+fn the_toolkit_is_installed_pinned_and_then_reported_installed() {
+    let host = copy_host("rtx-with-audio");
+    let spec = write_spec(host.path(), "spec.yaml", "toolkit:\n  version: 1.17.8-1\n");
+    let spec = spec.to_str().unwrap();
+    let (code, report, stderr) = apply_json(host.path(), &["--config", spec]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(steps(&report)["container-toolkit"].1, "installed");
+    let log = fs::read_to_string(host.path().join("var/log/fake-apt-get.log")).unwrap();
+    for package in [
+        "nvidia-container-toolkit=1.17.8-1",
+        "nvidia-container-toolkit-base=1.17.8-1",
+        "libnvidia-container-tools=1.17.8-1",
+        "libnvidia-container1=1.17.8-1",
+    ] {
+        assert!(log.contains(package), "{package} not pinned: {log}");
+    }
+    // No config existed: one is created as containerd 1.6 wants it (version 2).
+    let config = fs::read_to_string(host.path().join(CONFIG)).unwrap();
+    assert!(config.starts_with("version = 2\n"), "{config}");
+    let (_, report, _) = apply_json(host.path(), &["--config", spec]);
+    let toolkit = &steps(&report)["container-toolkit"];
+    assert_eq!(
+        (toolkit.0.as_str(), toolkit.1.as_str()),
+        ("unchanged", "installed")
+    );
+    assert_eq!(log.lines().filter(|l| l.contains("install")).count(), 1);
+}
+
+#[test]
+fn a_preinstalled_toolkit_that_is_missing_blocks_containerd_and_says_why() {
+    let host = copy_host("rtx-with-audio");
+    let spec = write_spec(
+        host.path(),
+        "spec.yaml",
+        &fs::read_to_string(repo().join("fixtures/specs/preinstalled-driver-and-toolkit.yaml"))
+            .unwrap(),
+    );
+    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert_eq!(code, 3);
+    let steps = steps(&report);
+    assert_eq!(steps["container-toolkit"].1, "absent");
+    assert!(
+        steps["container-toolkit"]
+            .2
+            .contains("toolkit.enabled is false")
+    );
+    assert_eq!(steps["containerd-runtime"].1, "blocked");
+    assert!(
+        steps["containerd-runtime"]
+            .2
+            .starts_with("container toolkit is absent: "),
+        "{}",
+        steps["containerd-runtime"].2
+    );
+    assert!(!host.path().join(CONFIG).exists());
+    assert!(
+        !host.path().join("var/log/fake-apt-get.log").exists(),
+        "nothing was installed"
+    );
+}
+
+#[test]
+fn the_seeds_containerd_options_make_nvidia_the_default_runtime() {
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let spec = repo().join("fixtures/specs/containerd-options.yaml");
+    let (code, _, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    let config = fs::read_to_string(host.path().join(CONFIG)).unwrap();
+    assert!(
+        config
+            .contains("    default_runtime_name = \"nvidia\"   # do not change without a ticket\n"),
+        "the value changed, its comment stayed:\n{config}"
+    );
+}
+
+#[test]
+fn restart_mode_none_changes_the_file_and_leaves_containerd_alone() {
+    let host = copy_host("a100-preinstalled");
+    let spec = write_spec(
+        host.path(),
+        "spec.yaml",
+        "toolkit:\n  env:\n    - name: RUNTIME_RESTART_MODE\n      value: none\n",
+    );
+    let spec = spec.to_str().unwrap();
+    let (code, report, _) = apply_json(host.path(), &["--config", spec]);
+    assert_eq!(code, 0);
+    assert!(
+        steps(&report)["containerd-runtime"]
+            .2
+            .contains("loads the runtime at its next restart")
+    );
+    assert_eq!(restarts(host.path()), 0);
+    let (_, report, _) = apply_json(host.path(), &["--config", spec]);
+    assert_eq!(steps(&report)["containerd-runtime"].0, "unchanged");
+}
+
+#[test]
+fn the_toolkit_opt_out_label_skips_toolkit_and_containerd() {
+    let host = copy_host("a100-preinstalled");
+    let (code, report, _) = apply_json(
+        host.path(),
+        &[
+            "--node-labels",
+            "nvidia.com/gpu.deploy.container-toolkit=false",
+        ],
+    );
+    assert_eq!(code, 0);
+    let steps = steps(&report);
+    assert_eq!(steps["container-toolkit"].1, "opted-out");
+    assert_eq!(steps["containerd-runtime"].1, "opted-out");
+    assert_eq!(restarts(host.path()), 0);
+}
