@@ -39,6 +39,8 @@ pub enum Command {
     Apply(ApplyArgs),
     /// List the catalogue of states in order.
     States(StatesArgs),
+    /// Remove what gpuprov added: containerd's runtime, the labels.
+    Revert(RevertArgs),
 }
 
 /// Flags shared by `plan` and `apply`.
@@ -103,6 +105,17 @@ pub struct ApplyArgs {
 pub enum ReportFormat {
     Text,
     Json,
+}
+
+#[derive(Debug, Args)]
+pub struct RevertArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[arg(long, short = 'o', value_enum, default_value_t = ReportFormat::Text)]
+    pub output: ReportFormat,
+    /// How long to wait for another run's lock on this host (`30s`, `2m`).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub lock_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -113,7 +113,47 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Plan(args) => run_plan(&args),
         Command::Apply(args) => run_apply(&args),
         Command::States(args) => run_states(&args),
+        Command::Revert(args) => run_revert(&args),
     }
+}
+
+/// What `revert` did.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevertReport {
+    pub containerd: crate::containerd::revert::Reverted,
+    pub labels_removed: bool,
+}
+
+/// Removes what gpuprov added, under the host's lock: containerd's runtime
+/// (restarting containerd only if its config changed) and the labels.
+/// Installed packages stay.
+pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, Error> {
+    let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
+    let containerd = crate::containerd::revert::revert(&inputs.host, &inputs.spec.containerd)
+        .map_err(Error::Revert)?;
+    let labels_removed = labels::sink_for(inputs.labels_out, &inputs.host).withdraw()?;
+    Ok(RevertReport {
+        containerd,
+        labels_removed,
+    })
+}
+
+fn run_revert(args: &crate::cli::RevertArgs) -> Result<i32, Error> {
+    let report = revert(&Inputs::load(&args.node)?, args.lock_timeout)?;
+    print(&match args.output {
+        ReportFormat::Json => serde_json::to_string_pretty(&report).expect("serializes") + "\n",
+        ReportFormat::Text => format!(
+            "{}\nlabels: {}\n",
+            report.containerd.summary,
+            if report.labels_removed {
+                "removed"
+            } else {
+                "none to remove"
+            }
+        ),
+    })?;
+    Ok(exit::OK)
 }
 
 fn run_plan(args: &PlanArgs) -> Result<i32, Error> {

@@ -463,6 +463,15 @@ fn action_for(obs: &Observation) -> Action {
     }
 }
 
+/// Makes changes in order, stopping at the first that fails.
+pub fn make_changes(host: &Host, changes: &[Change]) -> Result<Vec<CommandRecord>, String> {
+    let mut commands = Vec::new();
+    for change in changes {
+        make_change(host, change, &mut commands)?;
+    }
+    Ok(commands)
+}
+
 fn make_change(
     host: &Host,
     change: &Change,

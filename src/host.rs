@@ -330,6 +330,23 @@ impl Host {
         }
     }
 
+    /// Removes the empty directories from `host_path` up to, and including,
+    /// `top` (gpuprov's own backup folders); stops at the first that is not
+    /// empty.
+    pub fn remove_empty_dirs(&self, host_path: &str, top: &str) -> Result<(), HostError> {
+        let top = self.resolve(top)?;
+        let mut dir = self.resolve(host_path)?;
+        while dir.starts_with(&top) {
+            if fs::remove_dir(&dir).is_err() {
+                break;
+            }
+            if dir == top || !dir.pop() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs an argument vector inside the host. Never a shell string with
     /// values pasted in; see `run_shell` for a user's own commands.
     pub fn run(&self, argv: &[String]) -> Result<CommandRecord, HostError> {

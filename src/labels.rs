@@ -78,6 +78,12 @@ pub trait LabelSink {
     fn preview(&self, labels: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError>;
     /// Writes the labels; returns whether anything changed.
     fn publish(&self, labels: &BTreeMap<String, String>) -> Result<bool, LabelError>;
+    /// Takes back every label gpuprov published (`gpuprov revert`);
+    /// returns whether anything changed. Sinks that keep nothing have
+    /// nothing to take back.
+    fn withdraw(&self) -> Result<bool, LabelError> {
+        Ok(false)
+    }
 }
 
 pub fn sink_for<'a>(target: LabelTarget, host: &'a Host) -> Box<dyn LabelSink + 'a> {
@@ -124,6 +130,12 @@ impl LabelSink for NfdFileSink<'_> {
             NfdFileSink::render(labels).as_bytes(),
             0o644,
         )?)
+    }
+
+    fn withdraw(&self) -> Result<bool, LabelError> {
+        let existed = self.host.exists(NFD_FEATURE_FILE)?;
+        self.host.remove(NFD_FEATURE_FILE)?;
+        Ok(existed)
     }
 }
 

@@ -45,6 +45,8 @@ pub enum Error {
     Labels(#[from] labels::LabelError),
     #[error("invalid node labels {origin}: {problem}")]
     NodeLabels { origin: String, problem: String },
+    #[error("revert stopped: {0}")]
+    Revert(String),
     #[error("cannot write to stdout")]
     Stdout(#[source] std::io::Error),
 }

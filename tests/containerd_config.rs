@@ -199,7 +199,7 @@ fn real_configs_come_out_right() {
             // Where gpuprov added the runtime, removing it gives back the
             // original's meaning.
             if edited.copied_from.is_some() && default == DefaultRuntime::Keep {
-                let reverted = unconfigure(&edited.text, "nvidia").unwrap();
+                let reverted = unconfigure(&edited.text, "nvidia", None).unwrap();
                 assert_eq!(
                     to_json(parse(&reverted).unwrap().as_item()),
                     to_json(parse(&original).unwrap().as_item()),

@@ -263,9 +263,14 @@ fn base_runtime(containerd: &Table, layout: Layout, class: &str) -> Option<(Stri
     named.or_else(legacy)
 }
 
-/// Removes the runtime class and a `default_runtime_name` naming it; the
-/// rest of the file is left as it is.
-pub fn unconfigure(text: &str, class: &str) -> Result<String, ConfigError> {
+/// Removes the runtime class and a `default_runtime_name` naming it
+/// (putting back `original_default`, the default before gpuprov, when there
+/// was one); the rest of the file is left as it is.
+pub fn unconfigure(
+    text: &str,
+    class: &str,
+    original_default: Option<&str>,
+) -> Result<String, ConfigError> {
     let mut doc = parse(text)?;
     let (_, layout) = layout(&doc)?;
     if let Some(containerd) = doc
@@ -285,7 +290,12 @@ pub fn unconfigure(text: &str, class: &str) -> Result<String, ConfigError> {
             .and_then(Item::as_str)
             == Some(class)
         {
-            containerd.remove("default_runtime_name");
+            match original_default.filter(|d| *d != class) {
+                Some(previous) => set_str(containerd, "default_runtime_name", previous),
+                None => {
+                    containerd.remove("default_runtime_name");
+                }
+            }
         }
     }
     // Tables that only existed to hold the runtime (implicit: no header of

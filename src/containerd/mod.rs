@@ -8,13 +8,14 @@
 
 pub mod config;
 pub mod restart;
+pub mod revert;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::exec::{Change, Observation, Outcome, StepContext, StepError, error_chain};
 use crate::host::Host;
-use crate::spec::RestartMode;
+use crate::spec::{ContainerdOptions, RestartMode};
 use config::{DefaultRuntime, RuntimeWanted};
 
 /// What gpuprov did to containerd's config, for revert.
@@ -207,7 +208,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             diff: Some(diff),
         });
     }
-    obs.changes.extend(restart_changes(ctx));
+    obs.changes.extend(restart_changes(opts));
     if opts.restart_mode == RestartMode::None {
         obs.reason
             .push_str("; restartMode is none: containerd loads the runtime at its next restart");
@@ -221,8 +222,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
 }
 
 /// How containerd is made to load the config, per `restartMode`.
-pub fn restart_changes(ctx: &StepContext) -> Vec<Change> {
-    let opts = &ctx.spec.containerd;
+pub fn restart_changes(opts: &ContainerdOptions) -> Vec<Change> {
     let timeout_seconds = opts.restart_timeout_seconds;
     match opts.restart_mode {
         RestartMode::Systemd => vec![

@@ -1,0 +1,124 @@
+//! Taking gpuprov's runtime out of containerd's config again.
+//!
+//! If the file is still exactly what gpuprov last wrote, the original comes
+//! back byte for byte (or the file goes, if gpuprov created it). If someone
+//! changed it since, only gpuprov's runtime (and a default it set) is
+//! removed and their change stays.
+
+use crate::exec::{Change, error_chain, make_changes};
+use crate::host::{CommandRecord, Host};
+use crate::spec::ContainerdOptions;
+
+use super::{RECORD, RESTART_PENDING, Record, config, restart_changes, sha256_hex};
+
+/// What reverting containerd did, in a sentence.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reverted {
+    pub summary: String,
+    pub changed: bool,
+    pub commands: Vec<CommandRecord>,
+}
+
+/// The changes that revert containerd's config, a sentence saying what
+/// they do, and whether the config changes; no changes when gpuprov never
+/// edited it.
+pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, String, bool), String> {
+    let record = Record::load(host).map_err(|e| error_chain(&e))?;
+    let Some(record) = record else {
+        let summary = "containerd: gpuprov has not changed its config".to_string();
+        return Ok((Vec::new(), summary, false));
+    };
+    let read = |path: &str| host.read(path).map_err(|e| error_chain(&e));
+    let current = read(&record.config)?;
+    let original = if record.original_existed {
+        read(&record.backup)?
+    } else {
+        None
+    };
+    if record.original_existed && original.is_none() {
+        return Err(format!(
+            "the backup {} of {} is missing; not touching the config",
+            record.backup, record.config
+        ));
+    }
+
+    let mut changes = Vec::new();
+    let summary;
+    match (&current, &original) {
+        (Some(now), _) if sha256_hex(now.as_bytes()) == record.written_sha256 => match &original {
+            Some(original) => {
+                summary = format!("containerd: restored {} byte for byte", record.config);
+                changes.push(write(&record.config, original.clone(), "the original"));
+            }
+            None => {
+                summary = format!("containerd: removed {} (gpuprov created it)", record.config);
+                changes.push(Change::RemoveFile {
+                    path: record.config.clone(),
+                    purpose: "gpuprov created it".to_string(),
+                });
+            }
+        },
+        (Some(now), _) => {
+            let original_default = match &original {
+                Some(text) => config::default_runtime_name(text)
+                    .map_err(|e| format!("{}: {e}", record.backup))?,
+                None => None,
+            };
+            let reverted =
+                config::unconfigure(now, &record.runtime_class, original_default.as_deref())
+                    .map_err(|e| format!("{}:{e}", record.config))?;
+            if reverted == *now {
+                summary = format!(
+                    "containerd: {} was changed since gpuprov wrote it and holds nothing of gpuprov's",
+                    record.config
+                );
+            } else {
+                summary = format!(
+                    "containerd: {} was changed since gpuprov wrote it; removed only runtime `{}`",
+                    record.config, record.runtime_class
+                );
+                changes.push(write(&record.config, reverted, "without gpuprov's runtime"));
+            }
+        }
+        (None, _) => summary = format!("containerd: {} is gone; nothing to revert", record.config),
+    }
+    let changed = !changes.is_empty();
+    if changed {
+        changes.extend(restart_changes(opts));
+    }
+    for path in [RESTART_PENDING, RECORD, record.backup.as_str()] {
+        changes.push(Change::RemoveFile {
+            path: path.to_string(),
+            purpose: "gpuprov's own record".to_string(),
+        });
+    }
+    Ok((changes, summary, changed))
+}
+
+/// Reverts containerd's config now.
+pub fn revert(host: &Host, opts: &ContainerdOptions) -> Result<Reverted, String> {
+    let (changes, summary, changed) = plan(host, opts)?;
+    let commands = make_changes(host, &changes)?;
+    let backup_dir = super::backup_path(&opts.config);
+    let backup_dir = backup_dir
+        .rsplit_once('/')
+        .map_or(super::BACKUP_DIR, |(dir, _)| dir);
+    host.remove_empty_dirs(backup_dir, super::BACKUP_DIR)
+        .map_err(|e| error_chain(&e))?;
+    Ok(Reverted {
+        summary,
+        changed,
+        commands,
+    })
+}
+
+fn write(path: &str, content: String, purpose: &str) -> Change {
+    Change::WriteFile {
+        path: path.to_string(),
+        content: content.into_bytes(),
+        mode: 0o644,
+        purpose: purpose.to_string(),
+        diff: None,
+    }
+}

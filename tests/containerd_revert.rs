@@ -1,0 +1,144 @@
+//! `gpuprov revert` after `apply`, for every fixture config: the original
+//! comes back byte for byte, containerd restarts only when the file
+//! changed, and a file someone edited after gpuprov loses only gpuprov's keys.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+
+use support::{apply_json, copy_host, gpuprov, repo};
+
+const CONFIG: &str = "etc/containerd/config.toml";
+
+fn restarts(host: &Path) -> usize {
+    fs::read_to_string(host.join("var/log/fake-systemctl.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == "restart containerd")
+        .count()
+}
+
+fn revert(host: &Path) -> String {
+    let output = gpuprov()
+        .args(["revert", "--host-exec", "prefix", "--host-root"])
+        .arg(host)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn revert_restores_every_fixture_config_byte_for_byte() {
+    let mut files: Vec<_> = fs::read_dir(repo().join("fixtures/containerd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("malformed")
+        })
+        .collect();
+    files.sort();
+    assert!(files.len() >= 12);
+    for file in files {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let host = copy_host("a100-preinstalled");
+        let original = fs::read(&file).unwrap();
+        fs::write(host.path().join(CONFIG), &original).unwrap();
+        let (code, _, stderr) = apply_json(host.path(), &[]);
+        assert_eq!(code, 0, "{name}: {stderr}");
+        let restarted = restarts(host.path());
+        // A config that already had the runtime right was left alone, so
+        // there is nothing of gpuprov's in it to revert.
+        let edited = fs::read(host.path().join(CONFIG)).unwrap() != original;
+        let said = revert(host.path());
+        let expected = if edited {
+            "byte for byte"
+        } else {
+            "has not changed its config"
+        };
+        assert!(said.contains(expected), "{name}: {said}");
+        assert_eq!(
+            fs::read(host.path().join(CONFIG)).unwrap(),
+            original,
+            "{name}"
+        );
+        let unload = usize::from(edited);
+        assert_eq!(
+            restarts(host.path()),
+            restarted + unload,
+            "{name}: a restart only to unload a runtime"
+        );
+        assert!(
+            !host.path().join("var/lib/gpuprov/containerd.json").exists(),
+            "{name}"
+        );
+        assert!(
+            !host.path().join("var/lib/gpuprov/backup").exists(),
+            "{name}"
+        );
+        assert!(
+            !host
+                .path()
+                .join("etc/kubernetes/node-feature-discovery/features.d/gpuprov")
+                .exists()
+        );
+        // A second revert has nothing left to do and restarts nothing.
+        assert!(revert(host.path()).contains("has not changed its config"));
+        assert_eq!(restarts(host.path()), restarted + unload, "{name}");
+    }
+}
+
+#[test]
+fn revert_removes_a_config_gpuprov_created() {
+    let host = copy_host("a100-preinstalled");
+    fs::remove_file(host.path().join(CONFIG)).unwrap();
+    assert_eq!(apply_json(host.path(), &[]).0, 0);
+    assert!(host.path().join(CONFIG).exists());
+    assert!(revert(host.path()).contains("gpuprov created it"));
+    assert!(!host.path().join(CONFIG).exists());
+}
+
+#[test]
+fn revert_after_someone_else_edited_keeps_their_edit() {
+    let host = copy_host("a100-preinstalled");
+    let spec = repo().join("fixtures/specs/containerd-options.yaml");
+    assert_eq!(
+        apply_json(host.path(), &["--config", spec.to_str().unwrap()]).0,
+        0
+    );
+    let mut text = fs::read_to_string(host.path().join(CONFIG)).unwrap();
+    text.push_str("\n# added by the on-call after gpuprov\n[debug]\n  level = \"debug\"\n");
+    fs::write(host.path().join(CONFIG), &text).unwrap();
+    let said = revert(host.path());
+    assert!(said.contains("removed only runtime `nvidia`"), "{said}");
+    let after = fs::read_to_string(host.path().join(CONFIG)).unwrap();
+    assert!(
+        after.contains("# added by the on-call after gpuprov\n[debug]\n  level = \"debug\"\n"),
+        "{after}"
+    );
+    assert!(!after.contains("nvidia"), "{after}");
+    assert!(
+        after.contains("default_runtime_name = \"runc\""),
+        "the default gpuprov replaced is back:\n{after}"
+    );
+}
+
+#[test]
+fn revert_on_a_node_gpuprov_never_touched_changes_nothing() {
+    let host = copy_host("a100-preinstalled");
+    let before = support::tree(host.path());
+    assert!(revert(host.path()).contains("has not changed its config"));
+    assert_eq!(
+        support::changed(&before, &support::tree(host.path())),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
