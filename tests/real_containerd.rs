@@ -1,0 +1,234 @@
+//! Debian's real containerd (1.6, installed by scripts/test) loads every
+//! version-2 config gpuprov edits: its CRI plugin's startup log shows the
+//! nvidia runtime with the right type, BinaryName and options, and the
+//! default runtime as configured.
+
+mod support;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use gpuprov::containerd::config::{
+    DefaultRuntime, Layout, RuntimeWanted, configure, default_runtime_name, layout, parse,
+};
+use support::repo;
+
+const BINARY: &str = "/usr/bin/nvidia-container-runtime";
+
+/// Every version-2 config among the fixtures and the real-world files.
+fn v2_configs() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for dir in ["fixtures/containerd", "../shared/realworld/containerd"] {
+        for entry in fs::read_dir(repo().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
+            let Ok(doc) = parse(&text) else { continue };
+            if path.extension().is_some_and(|e| e == "toml")
+                && matches!(layout(&doc), Ok((2, Layout::V2)))
+            {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The edited config, pointed at private paths so this containerd touches
+/// nothing of the machine's.
+fn private_config(edited: &str, dir: &Path) -> String {
+    let mut doc = parse(edited).unwrap();
+    let at = |name: &str| dir.join(name).display().to_string();
+    doc["root"] = toml_edit::value(at("root"));
+    doc["state"] = toml_edit::value(at("state"));
+    for (table, socket) in [
+        ("grpc", "c.sock"),
+        ("ttrpc", "c.sock.ttrpc"),
+        ("debug", "debug.sock"),
+    ] {
+        if doc.get(table).is_none() {
+            doc[table] = toml_edit::table();
+        }
+        doc[table]["address"] = toml_edit::value(at(socket));
+    }
+    // Imports name the machine's files; a test loads only what it wrote.
+    doc.remove("imports");
+    doc.to_string()
+}
+
+/// Starts containerd on `config` and returns its "Start cri plugin with
+/// config" log line, then stops it.
+fn cri_config_line(config: &Path) -> String {
+    let mut child = Command::new("containerd")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("containerd is installed (scripts/test installs Debian's package)");
+    let stderr = child.stderr.take().unwrap();
+    let (found, line) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = Vec::new();
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if l.contains("Start cri plugin with config") {
+                let _ = found.send(Ok(l));
+                return;
+            }
+            log.push(l);
+        }
+        let _ = found.send(Err(log.join("\n")));
+    });
+    let result = line.recv_timeout(Duration::from_secs(30));
+    let _ = child.kill();
+    let _ = child.wait();
+    match result {
+        Ok(Ok(line)) => line,
+        Ok(Err(log)) => panic!("containerd exited without starting CRI:\n{log}"),
+        Err(_) => panic!("containerd did not start CRI within 30s"),
+    }
+}
+
+/// The `nvidia:{…}` entry of the logged runtimes map.
+fn runtime_entry<'a>(line: &'a str, name: &str) -> &'a str {
+    let start = line
+        .find(&format!("Runtimes:map[{name}:{{"))
+        .or_else(|| line.find(&format!(" {name}:{{")))
+        .unwrap_or_else(|| panic!("no runtime {name} in {line}"));
+    let rest = &line[start..];
+    &rest[..rest.find("NetworkPluginMaxConfNum").unwrap_or(rest.len())]
+}
+
+#[test]
+fn real_containerd_loads_every_edited_version_2_config() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
+        return;
+    }
+    let files = v2_configs();
+    assert!(files.len() >= 15, "{files:?}");
+    for (i, file) in files.iter().enumerate() {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let original = fs::read_to_string(file).unwrap();
+        let default = if i % 2 == 0 {
+            DefaultRuntime::Set
+        } else {
+            DefaultRuntime::Keep
+        };
+        let wanted = RuntimeWanted {
+            class: "nvidia".into(),
+            binary: BINARY.into(),
+            default,
+        };
+        let edited = configure(&original, &wanted, 2).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        fs::write(&config, private_config(&edited.text, dir.path())).unwrap();
+        let line = cri_config_line(&config);
+
+        let nvidia = runtime_entry(&line, "nvidia");
+        assert!(
+            nvidia.contains("Type:io.containerd.runc.v2"),
+            "{name}: {nvidia}"
+        );
+        assert!(
+            nvidia.contains(&format!("BinaryName:{BINARY}")),
+            "{name}: {nvidia}"
+        );
+        let base_systemd = edited
+            .copied_from
+            .as_deref()
+            .map(|base| runtime_entry(&line, base).contains("SystemdCgroup:true"));
+        if base_systemd == Some(true) {
+            assert!(
+                nvidia.contains("SystemdCgroup:true"),
+                "{name}: SystemdCgroup not carried: {nvidia}"
+            );
+        }
+        let expected_default = match default {
+            DefaultRuntime::Set => "nvidia".to_string(),
+            _ => default_runtime_name(&original)
+                .unwrap()
+                .unwrap_or_else(|| "runc".into()),
+        };
+        assert!(
+            line.contains(&format!("DefaultRuntimeName:{expected_default} ")),
+            "{name}: the default runtime is not {expected_default}"
+        );
+    }
+}
+
+#[test]
+fn signal_mode_restarts_a_real_containerd_under_its_supervisor() {
+    use gpuprov::containerd::restart::{socket_owner, wait_for_socket};
+
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
+        return;
+    }
+    let host = support::copy_host("a100-preinstalled");
+    let root = host.path();
+    let private = tempfile::tempdir().unwrap();
+    // containerd serves the socket the spec names, inside the host root.
+    let socket = root.join("run/containerd/containerd.sock");
+    fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let original = fs::read_to_string(repo().join("fixtures/containerd/v2-default.toml")).unwrap();
+    let mut doc = parse(&private_config(&original, private.path())).unwrap();
+    doc["grpc"]["address"] = toml_edit::value(socket.display().to_string());
+    fs::write(root.join("etc/containerd/config.toml"), doc.to_string()).unwrap();
+
+    // The service manager: start containerd again whenever it exits.
+    let log = private.path().join("containerd.log");
+    let stop = private.path().join("stop");
+    let supervisor = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while [ ! -e '{}' ]; do containerd --config '{}' >> '{}' 2>&1; done",
+            stop.display(),
+            root.join("etc/containerd/config.toml").display(),
+            log.display()
+        ))
+        .spawn()
+        .unwrap();
+    wait_for_socket(&socket, Duration::from_secs(30), None).unwrap();
+    let before = socket_owner(&socket).unwrap();
+
+    let spec = support::write_spec(
+        root,
+        "spec.yaml",
+        "containerd:\n  restartMode: signal\n  restartTimeoutSeconds: 30\n",
+    );
+    let (code, report, stderr) = support::apply_json(root, &["--config", spec.to_str().unwrap()]);
+    let after = socket_owner(&socket);
+
+    fs::write(&stop, "").unwrap();
+    if let Ok(pid) = after {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let mut supervisor = supervisor;
+    let _ = supervisor.wait();
+
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(support::steps(&report)["containerd-runtime"].0, "change");
+    assert_ne!(after.unwrap(), before, "a new containerd serves the socket");
+    let log = fs::read_to_string(&log).unwrap();
+    let starts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Start cri plugin with config"))
+        .collect();
+    assert_eq!(starts.len(), 2, "started, then restarted once");
+    assert!(
+        !starts[0].contains(" nvidia:{"),
+        "the first containerd had no nvidia runtime"
+    );
+    assert!(runtime_entry(starts[1], "nvidia").contains(&format!("BinaryName:{BINARY}")));
+}
