@@ -142,3 +142,65 @@ fn revert_on_a_node_gpuprov_never_touched_changes_nothing() {
         Vec::<std::path::PathBuf>::new()
     );
 }
+
+#[test]
+fn drop_in_mode_only_adds_an_import_and_revert_takes_both_back() {
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let original = fs::read(host.path().join(CONFIG)).unwrap();
+    let spec = support::write_spec(
+        host.path(),
+        "spec.yaml",
+        "toolkit:\n  env:\n    - name: RUNTIME_DROP_IN_CONFIG\n      value: /etc/containerd/conf.d/99-nvidia.toml\n",
+    );
+    let spec = spec.to_str().unwrap();
+    assert_eq!(apply_json(host.path(), &["--config", spec]).0, 0);
+    let main = fs::read_to_string(host.path().join(CONFIG)).unwrap();
+    let original_text = String::from_utf8(original.clone()).unwrap();
+    assert_eq!(
+        main,
+        original_text.replacen(
+            "version = 2   # the 1.x schema\n",
+            "version = 2   # the 1.x schema\nimports = [\"/etc/containerd/conf.d/99-nvidia.toml\"]\n",
+            1
+        ),
+        "the main config only gains the import"
+    );
+    let drop_in =
+        fs::read_to_string(host.path().join("etc/containerd/conf.d/99-nvidia.toml")).unwrap();
+    assert!(
+        drop_in.contains("BinaryName = \"/usr/bin/nvidia-container-runtime\""),
+        "{drop_in}"
+    );
+    assert!(
+        drop_in.contains("sandbox_image = 'registry.k8s.io/pause:3.9'"),
+        "the whole CRI section: {drop_in}"
+    );
+    assert_eq!(apply_json(host.path(), &["--config", spec]).0, 0);
+    assert_eq!(
+        restarts(host.path()),
+        1,
+        "an unchanged drop-in restarts nothing"
+    );
+
+    let output = gpuprov()
+        .args([
+            "revert",
+            "--host-exec",
+            "prefix",
+            "--config",
+            spec,
+            "--host-root",
+        ])
+        .arg(host.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(fs::read(host.path().join(CONFIG)).unwrap(), original);
+    assert!(
+        !host
+            .path()
+            .join("etc/containerd/conf.d/99-nvidia.toml")
+            .exists()
+    );
+    assert_eq!(restarts(host.path()), 2);
+}

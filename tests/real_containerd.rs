@@ -232,3 +232,53 @@ fn signal_mode_restarts_a_real_containerd_under_its_supervisor() {
     );
     assert!(runtime_entry(starts[1], "nvidia").contains(&format!("BinaryName:{BINARY}")));
 }
+
+#[test]
+fn real_containerd_loads_the_runtime_from_a_drop_in() {
+    use gpuprov::containerd::config::{add_import, drop_in};
+
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
+        return;
+    }
+    for name in [
+        "v2-systemd-cgroup.toml",
+        "v2-registry-mirrors.toml",
+        "v2-imports.toml",
+    ] {
+        let original = fs::read_to_string(repo().join("fixtures/containerd").join(name)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let drop_in_path = dir.path().join("conf.d/99-nvidia.toml");
+        fs::create_dir_all(drop_in_path.parent().unwrap()).unwrap();
+        let wanted = RuntimeWanted {
+            class: "nvidia".into(),
+            binary: BINARY.into(),
+            default: DefaultRuntime::Keep,
+        };
+        let edited = configure(&original, &wanted, 2).unwrap();
+        fs::write(&drop_in_path, drop_in(&edited.text).unwrap()).unwrap();
+        // The main config as gpuprov leaves it: untouched but for the import.
+        let mut main = private_config(&original, dir.path());
+        main = add_import(&main, &drop_in_path.display().to_string(), 2).unwrap();
+        let config = dir.path().join("config.toml");
+        fs::write(&config, &main).unwrap();
+        assert!(
+            !main.contains("nvidia-container-runtime"),
+            "{name}: the main config has no runtime"
+        );
+
+        let line = cri_config_line(&config);
+        let nvidia = runtime_entry(&line, "nvidia");
+        assert!(
+            nvidia.contains(&format!("BinaryName:{BINARY}")),
+            "{name}: {nvidia}"
+        );
+        // The whole section came along: runc keeps its settings too.
+        let runc_systemd = runtime_entry(&line, "runc").contains("SystemdCgroup:true");
+        assert_eq!(
+            nvidia.contains("SystemdCgroup:true"),
+            runc_systemd,
+            "{name}: {line}"
+        );
+    }
+}

@@ -465,3 +465,139 @@ fn tidy_copy(table: &mut Table) {
 fn indentation(prefix: &str) -> String {
     prefix.rsplit('\n').next().unwrap_or("").to_string()
 }
+
+/// Adds `path` to the top-level `imports` unless an entry already names it
+/// (directly or as a glob). Existing entries and their order stay.
+pub fn add_import(text: &str, path: &str, fresh_version: i64) -> Result<String, ConfigError> {
+    let mut doc = parse(text)?;
+    if doc.as_table().is_empty() && fresh_version != 1 {
+        doc.insert("version", toml_edit::value(fresh_version));
+    }
+    layout(&doc)?;
+    match doc.get_mut("imports").and_then(Item::as_array_mut) {
+        Some(imports) => {
+            let covered = imports
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|entry| glob_matches(entry, path));
+            if !covered {
+                imports.push(path);
+            }
+        }
+        None => {
+            let mut imports = toml_edit::Array::new();
+            imports.push(path);
+            doc.insert("imports", toml_edit::value(imports));
+        }
+    }
+    Ok(doc.to_string())
+}
+
+/// Removes `path` from `imports` (and `imports` itself if that empties it
+/// and gpuprov added it); other entries stay.
+pub fn remove_import(text: &str, path: &str) -> Result<String, ConfigError> {
+    let mut doc = parse(text)?;
+    if let Some(imports) = doc.get_mut("imports").and_then(Item::as_array_mut) {
+        imports.retain(|entry| entry.as_str() != Some(path));
+        if imports.is_empty() {
+            doc.remove("imports");
+        }
+    }
+    Ok(doc.to_string())
+}
+
+/// The drop-in file for drop-in mode: the config version and the whole CRI
+/// runtime plugin section of `edited` (the main config with the runtime
+/// added). containerd before 2.1 merges an imported file's plugin sections
+/// by key, replacing the main config's section rather than merging into
+/// it, so the drop-in carries the whole section, not just the runtime.
+pub fn drop_in(edited: &str) -> Result<String, ConfigError> {
+    let source = parse(edited)?;
+    let (version, layout) = layout(&source)?;
+    let mut doc = DocumentMut::new();
+    doc.decor_mut().set_prefix(
+        "# Written by gpuprov: containerd's CRI runtime section with the nvidia runtime.\n\
+         # It replaces the main config's section of the same name; edit that one, and\n\
+         # gpuprov writes this file again from it.\n",
+    );
+    doc.insert("version", toml_edit::value(version));
+    let mut plugins = Table::new();
+    plugins.set_implicit(true);
+    if let Some(section) = source.get("plugins").and_then(|p| p.get(layout.plugin())) {
+        let mut section = section.clone();
+        if let Some(table) = section.as_table_mut() {
+            tidy_copy(table);
+            table.decor_mut().set_prefix("\n");
+        }
+        plugins.insert(layout.plugin(), section);
+    }
+    doc.insert("plugins", Item::Table(plugins));
+    Ok(doc.to_string())
+}
+
+/// containerd's import globs: `*` and `?` in the file name.
+fn glob_matches(pattern: &str, path: &str) -> bool {
+    let (p_dir, p_name) = pattern.rsplit_once('/').unwrap_or(("", pattern));
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    p_dir == dir && wildcard(p_name.as_bytes(), name.as_bytes())
+}
+
+fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
+    match (pattern.first(), text.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            wildcard(&pattern[1..], text) || (!text.is_empty() && wildcard(pattern, &text[1..]))
+        }
+        (Some(b'?'), Some(_)) => wildcard(&pattern[1..], &text[1..]),
+        (Some(p), Some(t)) if p == t => wildcard(&pattern[1..], &text[1..]),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_containerds_imports() {
+        assert!(glob_matches(
+            "/etc/containerd/conf.d/*.toml",
+            "/etc/containerd/conf.d/99-nvidia.toml"
+        ));
+        assert!(!glob_matches(
+            "/etc/containerd/conf.d/*.toml",
+            "/etc/containerd/99-nvidia.toml"
+        ));
+        assert!(glob_matches(
+            "/etc/containerd/conf.d/9?-nvidia.toml",
+            "/etc/containerd/conf.d/99-nvidia.toml"
+        ));
+        assert!(!glob_matches(
+            "/etc/containerd/conf.d/*.conf",
+            "/etc/containerd/conf.d/99-nvidia.toml"
+        ));
+    }
+
+    #[test]
+    fn imports_are_added_once_and_removed_exactly() {
+        let text = "version = 2\nimports = [\"/etc/containerd/site.toml\"]  # site\n";
+        let added = add_import(text, "/etc/containerd/conf.d/99-nvidia.toml", 2).unwrap();
+        assert_eq!(
+            added,
+            "version = 2\nimports = [\"/etc/containerd/site.toml\", \"/etc/containerd/conf.d/99-nvidia.toml\"]  # site\n"
+        );
+        assert_eq!(
+            add_import(&added, "/etc/containerd/conf.d/99-nvidia.toml", 2).unwrap(),
+            added
+        );
+        assert_eq!(
+            remove_import(&added, "/etc/containerd/conf.d/99-nvidia.toml").unwrap(),
+            text
+        );
+        let globbed = "version = 2\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n";
+        assert_eq!(
+            add_import(globbed, "/etc/containerd/conf.d/99-nvidia.toml", 2).unwrap(),
+            globbed
+        );
+    }
+}

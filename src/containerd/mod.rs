@@ -38,6 +38,9 @@ pub struct Record {
     /// restored byte for byte on revert.
     pub written_sha256: String,
     pub runtime_class: String,
+    /// The drop-in file gpuprov wrote and imports, in drop-in mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_in: Option<String>,
 }
 
 impl Record {
@@ -129,14 +132,43 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         default,
     };
     let edited = config::configure(text, &wanted, fresh_version).map_err(in_file)?;
-    let changed = current.as_deref() != Some(edited.text.as_str());
+    // What each file should hold: the main config with the runtime, or, in
+    // drop-in mode, the main config importing a drop-in that has it.
+    let mut files: Vec<(String, Option<String>, String, String)> = Vec::new();
+    match &opts.drop_in_config {
+        None => files.push((
+            opts.config.clone(),
+            current.clone(),
+            edited.text.clone(),
+            format!("runtime `{}`", opts.runtime_class),
+        )),
+        Some(drop_in) => {
+            let section = config::drop_in(&edited.text).map_err(in_file)?;
+            files.push((
+                drop_in.clone(),
+                ctx.host.read(drop_in)?,
+                section,
+                format!("runtime `{}`", opts.runtime_class),
+            ));
+            let main = config::add_import(text, drop_in, fresh_version).map_err(in_file)?;
+            files.push((
+                opts.config.clone(),
+                current.clone(),
+                main,
+                format!("import {drop_in}"),
+            ));
+        }
+    }
+    let changed = files
+        .iter()
+        .any(|(_, now, wanted, _)| now.as_deref() != Some(wanted.as_str()));
     let pending = ctx.host.exists(RESTART_PENDING)?;
 
     let mut reason = format!(
         "runtime `{}` runs {binary} ({} in {})",
         opts.runtime_class,
         edited.layout.plugin(),
-        opts.config
+        opts.drop_in_config.as_deref().unwrap_or(&opts.config)
     );
     if opts.set_as_default {
         reason.push_str(", the default runtime");
@@ -167,6 +199,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
                 diff: None,
             });
         }
+        let main_written = &files.last().expect("the main config is always listed").2;
         let new_record = Record {
             config: opts.config.clone(),
             original_existed: record
@@ -175,8 +208,9 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             backup: record
                 .as_ref()
                 .map_or_else(|| backup_path(&opts.config), |r| r.backup.clone()),
-            written_sha256: sha256_hex(edited.text.as_bytes()),
+            written_sha256: sha256_hex(main_written.as_bytes()),
             runtime_class: opts.runtime_class.clone(),
+            drop_in: opts.drop_in_config.clone(),
         };
         obs.changes.push(Change::WriteFile {
             path: RECORD.to_string(),
@@ -195,18 +229,24 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
                 diff: None,
             });
         }
-        let diff = similar::TextDiff::from_lines(text, &edited.text)
-            .unified_diff()
-            .context_radius(3)
-            .header(&opts.config, &opts.config)
-            .to_string();
-        obs.changes.push(Change::WriteFile {
-            path: opts.config.clone(),
-            content: edited.text.into_bytes(),
-            mode: 0o644,
-            purpose: format!("runtime `{}`", opts.runtime_class),
-            diff: Some(diff),
-        });
+        // The drop-in first, so the import never names a missing file.
+        for (path, now, wanted, purpose) in files {
+            if now.as_deref() == Some(wanted.as_str()) {
+                continue;
+            }
+            let diff = similar::TextDiff::from_lines(now.as_deref().unwrap_or(""), &wanted)
+                .unified_diff()
+                .context_radius(3)
+                .header(&path, &path)
+                .to_string();
+            obs.changes.push(Change::WriteFile {
+                path,
+                content: wanted.into_bytes(),
+                mode: 0o644,
+                purpose,
+                diff: Some(diff),
+            });
+        }
     }
     obs.changes.extend(restart_changes(opts));
     if opts.restart_mode == RestartMode::None {

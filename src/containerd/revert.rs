@@ -65,9 +65,13 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
                     .map_err(|e| format!("{}: {e}", record.backup))?,
                 None => None,
             };
-            let reverted =
+            let in_config = |e: config::ConfigError| format!("{}:{e}", record.config);
+            let mut reverted =
                 config::unconfigure(now, &record.runtime_class, original_default.as_deref())
-                    .map_err(|e| format!("{}:{e}", record.config))?;
+                    .map_err(in_config)?;
+            if let Some(drop_in) = &record.drop_in {
+                reverted = config::remove_import(&reverted, drop_in).map_err(in_config)?;
+            }
             if reverted == *now {
                 summary = format!(
                     "containerd: {} was changed since gpuprov wrote it and holds nothing of gpuprov's",
@@ -75,13 +79,29 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
                 );
             } else {
                 summary = format!(
-                    "containerd: {} was changed since gpuprov wrote it; removed only runtime `{}`",
-                    record.config, record.runtime_class
+                    "containerd: {} was changed since gpuprov wrote it; removed only {}",
+                    record.config,
+                    match &record.drop_in {
+                        Some(drop_in) => format!(
+                            "runtime `{}` and the import of {drop_in}",
+                            record.runtime_class
+                        ),
+                        None => format!("runtime `{}`", record.runtime_class),
+                    }
                 );
                 changes.push(write(&record.config, reverted, "without gpuprov's runtime"));
             }
         }
         (None, _) => summary = format!("containerd: {} is gone; nothing to revert", record.config),
+    }
+    if let Some(drop_in) = &record.drop_in {
+        changes.insert(
+            0,
+            Change::RemoveFile {
+                path: drop_in.clone(),
+                purpose: "gpuprov's drop-in".to_string(),
+            },
+        );
     }
     let changed = !changes.is_empty();
     if changed {
