@@ -248,3 +248,17 @@ fn the_toolkit_opt_out_label_skips_toolkit_and_containerd() {
     assert_eq!(steps["containerd-runtime"].1, "opted-out");
     assert_eq!(restarts(host.path()), 0);
 }
+
+#[test]
+fn a_missing_config_is_created_as_containerd_2_wants_it() {
+    let host = copy_host("gh200-preinstalled");
+    fs::remove_file(host.path().join(CONFIG)).unwrap();
+    let (code, _, stderr) = apply_json(host.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let config = fs::read_to_string(host.path().join(CONFIG)).unwrap();
+    assert!(config.starts_with("version = 3\n"), "{config}");
+    assert!(
+        config.contains("[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.nvidia]"),
+        "{config}"
+    );
+}
