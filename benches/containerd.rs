@@ -4,25 +4,14 @@
 //! Run with `cargo bench --bench containerd`.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+mod common;
+
+use common::{measure, runs};
 
 use gpuprov::containerd::config::{DefaultRuntime, RuntimeWanted, configure};
 
-fn median(runs: usize, mut f: impl FnMut()) -> Duration {
-    let mut times: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[runs / 2]
-}
-
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
-    let runs = if full { 2000 } else { 1 };
+    let runs = runs(2000);
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     // Debian 12's full `containerd config default` dump, the most common file
     // on kubeadm nodes (the largest of the real configs).
@@ -36,10 +25,10 @@ fn main() {
     };
     let edited = configure(&text, &wanted, 2).unwrap().text;
     let lines = text.lines().count();
-    let add = median(runs, || {
+    let (add, _) = measure(runs, || {
         std::hint::black_box(configure(&text, &wanted, 2).unwrap());
     });
-    let noop = median(runs, || {
+    let (noop, _) = measure(runs, || {
         let again = configure(&edited, &wanted, 2).unwrap();
         assert_eq!(again.text, edited);
     });

@@ -5,10 +5,13 @@
 //! of many runs in one process, so runs on a noisy machine stay comparable.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+use common::measure;
 
 use gpuprov::catalog::Catalog;
 use gpuprov::cli::NodeArgs;
@@ -18,18 +21,6 @@ use gpuprov::host::ExecMode;
 use gpuprov::labels::LabelTarget;
 use gpuprov::plan::Graph;
 use gpuprov::spec::Spec;
-
-fn measure(runs: usize, mut f: impl FnMut()) -> (Duration, Duration) {
-    let mut times: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    (times[runs / 2], times[runs * 9 / 10])
-}
 
 fn report(name: &str, runs: usize, (median, p90): (Duration, Duration)) {
     println!("{name:<58} {runs:>6} runs  median {median:>10.2?}  p90 {p90:>10.2?}");
@@ -51,8 +42,7 @@ fn node_args(host: &Path, config: Option<PathBuf>) -> NodeArgs {
 fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` does not, and
     // then one run of each keeps the benchmark compiled and working.
-    let full = std::env::args().any(|a| a == "--bench");
-    let runs = |n: usize| if full { n } else { 1 };
+    let runs = common::runs;
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let site_states = repo.join("fixtures/specs/site-states.yaml");
     let spec_text = std::fs::read_to_string(&site_states).unwrap();

@@ -36,11 +36,11 @@ pub enum Command {
     /// Observe the node and show every step with what it would change. Writes nothing.
     Plan(PlanArgs),
     /// Converge the node once.
-    Apply(ApplyArgs),
+    Apply(ChangeArgs),
     /// List the catalogue of states in order.
     States(StatesArgs),
     /// Remove what gpuprov added: containerd's runtime, the labels.
-    Revert(RevertArgs),
+    Revert(ChangeArgs),
 }
 
 /// Flags shared by `plan` and `apply`.
@@ -90,13 +90,14 @@ pub enum PlanFormat {
     Dot,
 }
 
+/// `apply` and `revert`: they change the node, under the host's lock.
 #[derive(Debug, Args)]
-pub struct ApplyArgs {
+pub struct ChangeArgs {
     #[command(flatten)]
     pub node: NodeArgs,
     #[arg(long, short = 'o', value_enum, default_value_t = ReportFormat::Text)]
     pub output: ReportFormat,
-    /// How long to wait for another apply's lock on this host (`30s`, `2m`).
+    /// How long to wait for another run's lock on this host (`30s`, `2m`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     pub lock_timeout: Duration,
 }
@@ -105,17 +106,6 @@ pub struct ApplyArgs {
 pub enum ReportFormat {
     Text,
     Json,
-}
-
-#[derive(Debug, Args)]
-pub struct RevertArgs {
-    #[command(flatten)]
-    pub node: NodeArgs,
-    #[arg(long, short = 'o', value_enum, default_value_t = ReportFormat::Text)]
-    pub output: ReportFormat,
-    /// How long to wait for another run's lock on this host (`30s`, `2m`).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
-    pub lock_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

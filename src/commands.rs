@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::catalog::Catalog;
 use crate::cli::{
-    ApplyArgs, Cli, Command, NodeArgs, PlanArgs, PlanFormat, ReportFormat, StatesArgs,
+    ChangeArgs, Cli, Command, NodeArgs, PlanArgs, PlanFormat, ReportFormat, StatesArgs,
 };
 use crate::exec::{ApplyLock, Executor, RunReport, is_converged};
 use crate::facts::Facts;
@@ -139,7 +139,7 @@ pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, E
     })
 }
 
-fn run_revert(args: &crate::cli::RevertArgs) -> Result<i32, Error> {
+fn run_revert(args: &ChangeArgs) -> Result<i32, Error> {
     let report = revert(&Inputs::load(&args.node)?, args.lock_timeout)?;
     print(&match args.output {
         ReportFormat::Json => serde_json::to_string_pretty(&report).expect("serializes") + "\n",
@@ -170,7 +170,7 @@ fn run_plan(args: &PlanArgs) -> Result<i32, Error> {
     })
 }
 
-fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
+fn run_apply(args: &ChangeArgs) -> Result<i32, Error> {
     let inputs = Inputs::load(&args.node)?;
     let report = apply(&inputs, args.lock_timeout)?;
     let text = match args.output {
