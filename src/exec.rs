@@ -99,7 +99,7 @@ pub enum Gate {
 
 /// One change a step needs, as data: `plan` prints it, `apply` makes it.
 #[derive(Debug, Clone, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
+#[serde(tag = "kind", rename_all = "kebab-case", rename_all_fields = "camelCase")]
 pub enum Change {
     /// Run a command in the host.
     Run {
