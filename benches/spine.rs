@@ -34,7 +34,9 @@ fn node_args(host: &Path, config: Option<PathBuf>) -> NodeArgs {
         states_dir: None,
         node_labels: Vec::new(),
         node_labels_file: None,
-        labels_out: LabelTarget::Nfd,
+        labels_sink: LabelTarget::File,
+        kubeconfig: None,
+        node_name: None,
         command_timeout: Duration::from_secs(60),
     }
 }

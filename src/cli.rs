@@ -64,9 +64,17 @@ pub struct NodeArgs {
     /// A file of the node's current labels, one `key=value` per line.
     #[arg(long)]
     pub node_labels_file: Option<PathBuf>,
-    /// Where labels go: NFD's feature file under the host root, stdout, or nowhere.
-    #[arg(long, value_enum, default_value_t = LabelTarget::Nfd)]
-    pub labels_out: LabelTarget,
+    /// Where labels go: the Node by server-side apply, NFD's feature file
+    /// under the host root, stdout, or nowhere. `auto`: the API server when
+    /// one is configured, else the file.
+    #[arg(long, value_enum, default_value_t = LabelTarget::Auto)]
+    pub labels_sink: LabelTarget,
+    /// The kubeconfig to reach the API server [default: in-cluster, else KUBECONFIG, else ~/.kube/config].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name [default: NODE_NAME, else the hostname].
+    #[arg(long)]
+    pub node_name: Option<String>,
     /// Longest time one host command may run (`30s`, `5m`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     pub command_timeout: Duration,

@@ -15,6 +15,7 @@ use crate::cli::{
 use crate::exec::{ApplyLock, Executor, RunReport, is_converged};
 use crate::facts::Facts;
 use crate::host::{ExecMode, Host};
+use crate::kube::{Cluster, ClusterOptions};
 use crate::labels::{self, LabelTarget};
 use crate::plan::{Graph, PlanReport, Summary, steps_table};
 use crate::spec::Spec;
@@ -26,8 +27,12 @@ pub struct Inputs {
     pub host: Host,
     pub spec: Spec,
     pub graph: Graph,
+    /// Labels given on the command line; they win over the node's own.
     pub node_labels: BTreeMap<String, String>,
-    pub labels_out: LabelTarget,
+    /// Where labels go, `Auto` resolved.
+    pub labels_sink: LabelTarget,
+    /// The API server, when one is configured (or asked for).
+    pub cluster: Option<Cluster>,
 }
 
 impl Inputs {
@@ -42,20 +47,56 @@ impl Inputs {
             .host_exec
             .unwrap_or_else(|| ExecMode::default_for(&args.host_root));
         let host = Host::new(&args.host_root, mode, args.command_timeout)?;
+        let options = ClusterOptions {
+            kubeconfig: args.kubeconfig.clone(),
+            node_name: args.node_name.clone(),
+        };
+        // An API server is used when asked for, or (auto) when one is
+        // configured; `auto` without one uses the feature file and says so.
+        let wants_api = match args.labels_sink {
+            LabelTarget::Api => true,
+            LabelTarget::Auto => options.configured(),
+            _ => options.kubeconfig.is_some(),
+        };
+        let cluster = if wants_api {
+            Some(Cluster::connect(&options)?)
+        } else {
+            None
+        };
+        let labels_sink = match (args.labels_sink, &cluster) {
+            (LabelTarget::Auto, Some(_)) => LabelTarget::Api,
+            (LabelTarget::Auto, None) => {
+                tracing::info!("no API server is configured: labels go to NFD's feature file");
+                LabelTarget::File
+            }
+            (target, _) => target,
+        };
         Ok(Inputs {
             host,
             spec,
             graph,
             node_labels,
-            labels_out: args.labels_out,
+            labels_sink,
+            cluster,
         })
     }
 
+    /// Observes the host; the node's labels come from the API server when
+    /// there is one, with `--node-labels` on top.
     fn facts(&self) -> Result<Facts, Error> {
-        Facts::gather(&self.host, self.node_labels.clone()).map_err(|source| Error::Facts {
+        let mut node_labels = match &self.cluster {
+            Some(cluster) => cluster.node_labels()?.labels,
+            None => BTreeMap::new(),
+        };
+        node_labels.extend(self.node_labels.clone());
+        Facts::gather(&self.host, node_labels).map_err(|source| Error::Facts {
             root: self.host.root().display().to_string(),
             source,
         })
+    }
+
+    fn sink(&self) -> Box<dyn labels::LabelSink + '_> {
+        labels::sink_for(self.labels_sink, &self.host, self.cluster.as_ref())
     }
 
     fn executor<'a>(&'a self, facts: &'a Facts) -> Executor<'a> {
@@ -79,7 +120,7 @@ pub fn plan(inputs: &Inputs) -> Result<PlanReport, Error> {
     let facts = inputs.facts()?;
     let steps = inputs.executor(&facts).plan();
     let labels = labels::compute(&steps, &inputs.graph, &facts.node_labels);
-    let label_sink = labels::sink_for(inputs.labels_out, &inputs.host).preview(&labels)?;
+    let label_sink = inputs.sink().preview(&labels)?;
     Ok(PlanReport {
         schema_version: crate::plan::PLAN_SCHEMA_VERSION,
         host_root: inputs.host.root().display().to_string(),
@@ -101,8 +142,12 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
     let facts = inputs.facts()?;
     let steps = inputs.executor(&facts).apply();
     let labels = labels::compute(&steps, &inputs.graph, &facts.node_labels);
-    labels::sink_for(inputs.labels_out, &inputs.host).publish(&labels)?;
-    let report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
+    let published = inputs.sink().publish(&labels)?;
+    if let Some(cluster) = &inputs.cluster {
+        crate::kube::events::publish(cluster, &inputs.host, &steps)?;
+    }
+    let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
+    report.label_notes = published.notes;
     report.write(&inputs.host)?;
     Ok(report)
 }
@@ -132,7 +177,7 @@ pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, E
     let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
     let containerd = crate::containerd::revert::revert(&inputs.host, &inputs.spec.containerd)
         .map_err(Error::Revert)?;
-    let labels_removed = labels::sink_for(inputs.labels_out, &inputs.host).withdraw()?;
+    let labels_removed = inputs.sink().withdraw()?;
     Ok(RevertReport {
         containerd,
         labels_removed,
@@ -178,7 +223,7 @@ fn run_apply(args: &ChangeArgs) -> Result<i32, Error> {
         ReportFormat::Json => serde_json::to_string_pretty(&report).expect("serializes") + "\n",
     };
     // With labels on stdout, the report goes to stderr so the two don't mix.
-    if inputs.labels_out == LabelTarget::Stdout {
+    if inputs.labels_sink == LabelTarget::Stdout {
         eprint!("{text}");
     } else {
         print(&text)?;

@@ -99,7 +99,11 @@ pub enum Gate {
 
 /// One change a step needs, as data: `plan` prints it, `apply` makes it.
 #[derive(Debug, Clone, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "kind",
+    rename_all = "kebab-case",
+    rename_all_fields = "camelCase"
+)]
 pub enum Change {
     /// Run a command in the host.
     Run {
@@ -549,6 +553,9 @@ pub struct RunReport {
     pub converged: bool,
     pub steps: Vec<StepReport>,
     pub labels: BTreeMap<String, String>,
+    /// Labels gpuprov left as another manager set them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub label_notes: Vec<String>,
 }
 
 impl RunReport {
@@ -569,6 +576,7 @@ impl RunReport {
             converged: is_converged(&steps),
             steps,
             labels,
+            label_notes: Vec::new(),
         }
     }
 

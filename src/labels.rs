@@ -42,24 +42,31 @@ pub fn compute(
     labels
 }
 
-/// What writing the labels would do, for `plan`.
-#[derive(Debug, Clone, Serialize)]
+/// What writing the labels would do (`plan`) or did (`apply`).
+#[derive(Debug, Clone, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct SinkPreview {
-    /// Where labels go: a file under the host root, `stdout` or `none`.
+    /// Where labels go: the node on an API server, a file under the host
+    /// root, `stdout` or `none`.
     pub target: String,
     pub changes: bool,
-    /// Unified diff of the feature file, when the sink is one.
+    /// Unified diff of the labels (the feature file, or the node's labels).
     pub diff: Option<String>,
+    /// Labels gpuprov wants but leaves alone, and why (another manager set them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
-/// Where labels are written. An API-server sink joins these later.
+/// Where labels are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LabelTarget {
+    /// The API server when one is configured, else the NFD feature file.
+    Auto,
+    /// The Node object, by server-side apply (field manager `gpuprov`).
+    Api,
     /// NFD's local feature file under the host root.
-    Nfd,
+    File,
     /// Standard output, one `key=value` per line.
-    #[value(name = "-")]
     Stdout,
     /// Nowhere.
     None,
@@ -69,6 +76,8 @@ pub enum LabelTarget {
 pub enum LabelError {
     #[error(transparent)]
     Host(#[from] HostError),
+    #[error(transparent)]
+    Kube(#[from] crate::kube::KubeError),
     #[error("cannot write labels to stdout")]
     Stdout(#[source] std::io::Error),
 }
@@ -76,8 +85,8 @@ pub enum LabelError {
 pub trait LabelSink {
     /// What `publish` would change, without changing it.
     fn preview(&self, labels: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError>;
-    /// Writes the labels; returns whether anything changed.
-    fn publish(&self, labels: &BTreeMap<String, String>) -> Result<bool, LabelError>;
+    /// Writes the labels; says what changed (`changes`) and what was left alone.
+    fn publish(&self, labels: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError>;
     /// Takes back every label gpuprov published (`gpuprov revert`);
     /// returns whether anything changed. Sinks that keep nothing have
     /// nothing to take back.
@@ -86,11 +95,19 @@ pub trait LabelSink {
     }
 }
 
-pub fn sink_for<'a>(target: LabelTarget, host: &'a Host) -> Box<dyn LabelSink + 'a> {
-    match target {
-        LabelTarget::Nfd => Box::new(NfdFileSink { host }),
-        LabelTarget::Stdout => Box::new(StdoutSink),
-        LabelTarget::None => Box::new(NoSink),
+/// The sink for a resolved target (`Auto` and `Api` need the cluster).
+pub fn sink_for<'a>(
+    target: LabelTarget,
+    host: &'a Host,
+    cluster: Option<&'a crate::kube::Cluster>,
+) -> Box<dyn LabelSink + 'a> {
+    match (target, cluster) {
+        (LabelTarget::Api | LabelTarget::Auto, Some(cluster)) => {
+            Box::new(crate::kube::sink::ApiLabelSink { cluster })
+        }
+        (LabelTarget::Stdout, _) => Box::new(StdoutSink),
+        (LabelTarget::None, _) => Box::new(NoSink),
+        _ => Box::new(NfdFileSink { host }),
     }
 }
 
@@ -121,15 +138,18 @@ impl LabelSink for NfdFileSink<'_> {
             target: NFD_FEATURE_FILE.to_string(),
             changes: current != wanted,
             diff: Some(diff),
+            notes: Vec::new(),
         })
     }
 
-    fn publish(&self, labels: &BTreeMap<String, String>) -> Result<bool, LabelError> {
-        Ok(self.host.write_atomic(
+    fn publish(&self, labels: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError> {
+        let mut preview = self.preview(labels)?;
+        preview.changes = self.host.write_atomic(
             NFD_FEATURE_FILE,
             NfdFileSink::render(labels).as_bytes(),
             0o644,
-        )?)
+        )?;
+        Ok(preview)
     }
 
     fn withdraw(&self) -> Result<bool, LabelError> {
@@ -145,17 +165,16 @@ impl LabelSink for StdoutSink {
     fn preview(&self, _: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError> {
         Ok(SinkPreview {
             target: "stdout".to_string(),
-            changes: false,
-            diff: None,
+            ..SinkPreview::default()
         })
     }
 
-    fn publish(&self, labels: &BTreeMap<String, String>) -> Result<bool, LabelError> {
+    fn publish(&self, labels: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError> {
         let mut out = std::io::stdout().lock();
         for (key, value) in labels {
             writeln!(out, "{key}={value}").map_err(LabelError::Stdout)?;
         }
-        Ok(false)
+        self.preview(labels)
     }
 }
 
@@ -165,12 +184,11 @@ impl LabelSink for NoSink {
     fn preview(&self, _: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError> {
         Ok(SinkPreview {
             target: "none".to_string(),
-            changes: false,
-            diff: None,
+            ..SinkPreview::default()
         })
     }
 
-    fn publish(&self, _: &BTreeMap<String, String>) -> Result<bool, LabelError> {
-        Ok(false)
+    fn publish(&self, labels: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError> {
+        self.preview(labels)
     }
 }

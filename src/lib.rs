@@ -17,6 +17,7 @@ pub mod exec_state;
 pub mod facts;
 pub mod gpu;
 pub mod host;
+pub mod kube;
 pub mod labels;
 pub mod plan;
 pub mod spec;
@@ -45,6 +46,8 @@ pub enum Error {
     Labels(#[from] labels::LabelError),
     #[error("invalid node labels {origin}: {problem}")]
     NodeLabels { origin: String, problem: String },
+    #[error(transparent)]
+    Kube(#[from] kube::KubeError),
     #[error("revert stopped: {0}")]
     Revert(String),
     #[error("cannot write to stdout")]

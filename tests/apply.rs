@@ -375,13 +375,13 @@ fn a_second_apply_waits_for_the_first_ones_lock() {
 }
 
 #[test]
-fn labels_out_stdout_prints_labels_and_writes_no_feature_file() {
+fn labels_sink_stdout_prints_labels_and_writes_no_feature_file() {
     let host = copy_host("rtx-with-audio");
     let output = gpuprov()
         .args([
             "apply",
-            "--labels-out",
-            "-",
+            "--labels-sink",
+            "stdout",
             "--host-exec",
             "prefix",
             "--host-root",

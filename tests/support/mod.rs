@@ -1,6 +1,8 @@
 //! Test support: the real `gpuprov` binary run on copies of fixture hosts.
 #![allow(dead_code)]
 
+pub mod fake_api;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, symlink};
@@ -13,7 +15,14 @@ pub fn repo() -> PathBuf {
 /// The binary, run from the repository root so relative fixture paths work.
 pub fn gpuprov() -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("gpuprov").expect("binary built");
-    cmd.current_dir(repo()).env_remove("RUST_LOG");
+    // No API server unless a test names one: nothing from the machine's
+    // own Kubernetes set-up may leak in.
+    cmd.current_dir(repo())
+        .env_remove("RUST_LOG")
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("NODE_NAME")
+        .env("HOME", "/nonexistent-gpuprov-test-home");
     cmd
 }
 

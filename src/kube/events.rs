@@ -1,0 +1,60 @@
+//! Node events for the steps an `apply` changed or that failed.
+//!
+//! Deduplicated across runs: the last event posted for each step is kept in
+//! `/var/lib/gpuprov/events.json`, and the same event is not posted again
+//! (a step failing the same way every five minutes posts once). The file is
+//! written only when it changes, so a converged run writes nothing.
+
+use std::collections::BTreeMap;
+
+use super::{Cluster, KubeError};
+use crate::exec::{Action, StepReport};
+use crate::host::Host;
+
+pub const POSTED: &str = "/var/lib/gpuprov/events.json";
+
+/// Posts an event for each changed or failed step not already posted.
+pub fn publish(cluster: &Cluster, host: &Host, steps: &[StepReport]) -> Result<(), crate::Error> {
+    let mut posted: BTreeMap<String, String> = host
+        .read(POSTED)?
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    let before = posted.clone();
+    for step in steps {
+        let (warning, reason) = match step.action {
+            Action::Change => (false, "Converged"),
+            Action::Fail => (true, "Failed"),
+            _ => {
+                posted.remove(&step.name);
+                continue;
+            }
+        };
+        let note = format!("{}: {} ({})", step.name, step.reason, step.outcome.as_str());
+        if posted.get(&step.name) == Some(&note) && warning {
+            continue;
+        }
+        let action = format!("Converge{}", pascal(&step.name));
+        cluster
+            .post_event(warning, reason, &action, &note)
+            .map_err(|e: KubeError| crate::Error::Kube(e))?;
+        posted.insert(step.name.clone(), note);
+    }
+    if posted != before {
+        let json = serde_json::to_string_pretty(&posted).expect("serializes") + "\n";
+        host.write_atomic(POSTED, json.as_bytes(), 0o644)?;
+    }
+    Ok(())
+}
+
+/// `containerd-runtime` → `ContainerdRuntime`.
+fn pascal(name: &str) -> String {
+    name.split('-')
+        .map(|w| {
+            let mut chars = w.chars();
+            chars
+                .next()
+                .map(|c| c.to_uppercase().chain(chars).collect::<String>())
+                .unwrap_or_default()
+        })
+        .collect()
+}

@@ -1,0 +1,353 @@
+//! The Kubernetes API server: the node's labels (read, and written by
+//! server-side apply as field manager `gpuprov`) and node events.
+//!
+//! Requests go through the kube client's `send`, so that status codes and
+//! `Retry-After` headers are seen as they are: 429, 5xx and connection
+//! errors are retried with backoff; a configured API server that stays
+//! unreachable is an error, never a silent fallback to another sink.
+
+pub mod events;
+pub mod sink;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ::kube::api::{PatchParams, PostParams};
+use ::kube::client::Body;
+use ::kube::core::Request;
+use k8s_openapi::api::core::v1::Node;
+use serde_json::json;
+
+/// The field manager gpuprov applies labels as.
+pub const FIELD_MANAGER: &str = "gpuprov";
+/// How many times a request is tried before the API server counts as unreachable.
+const ATTEMPTS: u32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot read the kubeconfig {path}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot configure the API client")]
+    Config(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the API server {server} did not answer {what} after {ATTEMPTS} tries: {last}")]
+    Unreachable {
+        server: String,
+        what: String,
+        last: String,
+    },
+    #[error("the API server {server} refused {what}: {code} {message}")]
+    Api {
+        server: String,
+        what: String,
+        code: u16,
+        message: String,
+    },
+    #[error("node {node} does not exist on {server} (set --node-name or NODE_NAME)")]
+    NodeNotFound { node: String, server: String },
+    #[error("no node name: set --node-name or NODE_NAME")]
+    NoNodeName,
+}
+
+/// How to reach the API server.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: Option<String>,
+}
+
+impl ClusterOptions {
+    /// Whether any API server is configured: a kubeconfig flag, `KUBECONFIG`,
+    /// `~/.kube/config`, or the in-cluster service environment.
+    pub fn configured(&self) -> bool {
+        self.kubeconfig.is_some()
+            || std::env::var_os("KUBECONFIG").is_some()
+            || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+            || std::env::var_os("HOME")
+                .is_some_and(|home| PathBuf::from(home).join(".kube/config").is_file())
+    }
+}
+
+/// The node's labels and which of them gpuprov's field manager owns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeLabels {
+    pub labels: BTreeMap<String, String>,
+    /// Keys gpuprov applied (its server-side-apply field set).
+    pub ours: BTreeSet<String>,
+    /// For each key someone else set: who (their field manager).
+    pub others: BTreeMap<String, String>,
+}
+
+/// A connection to the API server, for one node.
+pub struct Cluster {
+    runtime: tokio::runtime::Runtime,
+    client: ::kube::Client,
+    pub node: String,
+    pub server: String,
+}
+
+impl Cluster {
+    pub fn connect(options: &ClusterOptions) -> Result<Cluster, KubeError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime starts");
+        let config = runtime.block_on(async {
+            match &options.kubeconfig {
+                Some(path) => {
+                    let kubeconfig = ::kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                        KubeError::Kubeconfig {
+                            path: path.display().to_string(),
+                            source: Box::new(e),
+                        }
+                    })?;
+                    ::kube::Config::from_custom_kubeconfig(
+                        kubeconfig,
+                        &::kube::config::KubeConfigOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| KubeError::Kubeconfig {
+                        path: path.display().to_string(),
+                        source: Box::new(e),
+                    })
+                }
+                None => ::kube::Config::infer()
+                    .await
+                    .map_err(|e| KubeError::Config(Box::new(e))),
+            }
+        })?;
+        let server = config.cluster_url.to_string();
+        let client = {
+            let _guard = runtime.enter();
+            ::kube::Client::try_from(config).map_err(|e| KubeError::Config(Box::new(e)))?
+        };
+        let node = match &options.node_name {
+            Some(name) => name.clone(),
+            None => match std::env::var("NODE_NAME") {
+                Ok(name) if !name.is_empty() => name,
+                _ => nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .filter(|h| !h.is_empty())
+                    .ok_or(KubeError::NoNodeName)?,
+            },
+        };
+        Ok(Cluster {
+            runtime,
+            client,
+            node,
+            server,
+        })
+    }
+
+    /// Sends a request, retrying connection errors, 429 (after its
+    /// `Retry-After`) and 5xx with exponential backoff.
+    fn send(
+        &self,
+        what: &str,
+        request: http::Request<Vec<u8>>,
+    ) -> Result<(u16, Vec<u8>), KubeError> {
+        self.runtime.block_on(async {
+            let mut last = String::new();
+            for attempt in 0..ATTEMPTS {
+                if attempt > 0 {
+                    tracing::warn!(server = %self.server, %what, attempt, "retrying: {last}");
+                }
+                let backoff = Duration::from_millis(200 << attempt);
+                match self.client.send(request.clone().map(Body::from)).await {
+                    Ok(response) => {
+                        let code = response.status().as_u16();
+                        let retry_after = response
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok());
+                        let body = response
+                            .into_body()
+                            .collect_bytes()
+                            .await
+                            .map(|b| b.to_vec())
+                            .unwrap_or_default();
+                        if code == 429 || code >= 500 {
+                            last = format!("{code} {}", status_message(&body));
+                            let wait =
+                                retry_after.map_or(backoff, |s| Duration::from_secs(s.min(30)));
+                            tokio::time::sleep(wait).await;
+                            continue;
+                        }
+                        return Ok((code, body));
+                    }
+                    Err(e) => {
+                        last = crate::exec::error_chain(&e);
+                        tokio::time::sleep(backoff).await;
+                    }
+                }
+            }
+            Err(KubeError::Unreachable {
+                server: self.server.clone(),
+                what: what.to_string(),
+                last,
+            })
+        })
+    }
+
+    fn refused(&self, what: &str, code: u16, body: &[u8]) -> KubeError {
+        KubeError::Api {
+            server: self.server.clone(),
+            what: what.to_string(),
+            code,
+            message: status_message(body),
+        }
+    }
+
+    /// The node's labels and who set them.
+    pub fn node_labels(&self) -> Result<NodeLabels, KubeError> {
+        let what = format!("GET node {}", self.node);
+        let request = Request::new("/api/v1/nodes")
+            .get(&self.node, &Default::default())
+            .expect("a valid request");
+        let (code, body) = self.send(&what, request)?;
+        if code == 404 {
+            return Err(KubeError::NodeNotFound {
+                node: self.node.clone(),
+                server: self.server.clone(),
+            });
+        }
+        if code != 200 {
+            return Err(self.refused(&what, code, &body));
+        }
+        let node: Node = serde_json::from_slice(&body).map_err(|e| KubeError::Api {
+            server: self.server.clone(),
+            what,
+            code,
+            message: format!("the answer is not a Node: {e}"),
+        })?;
+        Ok(read_labels(&node))
+    }
+
+    /// Applies exactly `labels` as gpuprov's label set (server-side apply,
+    /// never forced): keys gpuprov owned before and no longer wants go away.
+    pub fn apply_labels(&self, labels: &BTreeMap<String, String>) -> Result<(), KubeError> {
+        let what = format!("PATCH (apply) node {}", self.node);
+        let patch = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.node, "labels": labels},
+        });
+        let params = PatchParams::apply(FIELD_MANAGER);
+        let request = Request::new("/api/v1/nodes")
+            .patch(&self.node, &params, &::kube::api::Patch::Apply(&patch))
+            .expect("a valid request");
+        let (code, body) = self.send(&what, request)?;
+        if code == 200 {
+            Ok(())
+        } else {
+            Err(self.refused(&what, code, &body))
+        }
+    }
+
+    /// Posts a node event (events.k8s.io/v1) in the `default` namespace.
+    pub fn post_event(
+        &self,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) -> Result<(), KubeError> {
+        let what = format!("POST event {reason}");
+        let now = std::time::SystemTime::now();
+        let nanos = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let event = json!({
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"name": format!("{}.{nanos:x}", self.node), "namespace": "default"},
+            "eventTime": humantime::format_rfc3339_micros(now).to_string(),
+            "reportingController": "gpuprov.io/gpuprov",
+            "reportingInstance": format!("gpuprov-{}", self.node),
+            "action": action,
+            "reason": reason,
+            "note": truncate(note, 1000),
+            "type": if warning { "Warning" } else { "Normal" },
+            "regarding": {"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": self.node},
+        });
+        let request = Request::new("/apis/events.k8s.io/v1/namespaces/default/events")
+            .create(
+                &PostParams::default(),
+                serde_json::to_vec(&event).expect("serializes"),
+            )
+            .expect("a valid request");
+        let (code, body) = self.send(&what, request)?;
+        if (200..300).contains(&code) {
+            Ok(())
+        } else {
+            Err(self.refused(&what, code, &body))
+        }
+    }
+}
+
+/// Labels, the keys gpuprov's apply owns, and who set the others.
+pub fn read_labels(node: &Node) -> NodeLabels {
+    let labels: BTreeMap<String, String> = node
+        .metadata
+        .labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let mut ours = BTreeSet::new();
+    let mut others = BTreeMap::new();
+    for entry in node.metadata.managed_fields.iter().flatten() {
+        let manager = entry.manager.clone().unwrap_or_default();
+        let keys = entry
+            .fields_v1
+            .as_ref()
+            .and_then(|f| f.0.get("f:metadata"))
+            .and_then(|m| m.get("f:labels"))
+            .and_then(|l| l.as_object())
+            .map(|l| {
+                l.keys()
+                    .filter_map(|k| k.strip_prefix("f:"))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for key in keys {
+            if manager == FIELD_MANAGER && entry.operation.as_deref() == Some("Apply") {
+                ours.insert(key);
+            } else {
+                others.entry(key).or_insert_with(|| manager.clone());
+            }
+        }
+    }
+    NodeLabels {
+        labels,
+        ours,
+        others,
+    }
+}
+
+/// A Status answer's message, or the body itself.
+fn status_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| truncate(&String::from_utf8_lossy(body), 200))
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}

@@ -1,0 +1,345 @@
+//! gpuprov against a loopback API server (tests/support/fake_api.rs) through
+//! the real kube client: labels by server-side apply, opt-outs read from the
+//! node, hand-set labels respected, removed labels gone, no writes on a
+//! converged node, events, outages and revert.
+
+mod support;
+
+use std::time::Instant;
+
+use support::fake_api::{FakeApi, Fault};
+use support::{copy_host, gpuprov, steps, write_spec};
+
+const NODE: &str = "gpu-node-1";
+
+/// `apply --output json` against the fake API server.
+fn apply(
+    fake: &FakeApi,
+    host: &std::path::Path,
+    extra: &[&str],
+) -> (i32, serde_json::Value, String) {
+    let kubeconfig = fake.kubeconfig();
+    let output = gpuprov()
+        .args([
+            "apply",
+            "--output",
+            "json",
+            "--host-exec",
+            "prefix",
+            "--node-name",
+            NODE,
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .arg("--host-root")
+        .arg(host)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let report = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+    (output.status.code().unwrap(), report, stderr)
+}
+
+fn fake_with_node(labels: &[(&str, &str)]) -> FakeApi {
+    let fake = FakeApi::start();
+    let mut all = vec![("kubernetes.io/hostname", NODE)];
+    all.extend_from_slice(labels);
+    fake.add_node(NODE, &all, "kubelet");
+    fake
+}
+
+#[test]
+fn labels_go_to_the_node_by_server_side_apply() {
+    let fake = fake_with_node(&[]);
+    let host = copy_host("a100-preinstalled");
+    let (code, _, stderr) = apply(&fake, host.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let labels = fake.labels(NODE);
+    assert_eq!(labels["gpuprov.io/driver"], "preinstalled");
+    assert_eq!(labels["nvidia.com/gpu.present"], "true");
+    assert_eq!(labels["nvidia.com/gpu.deploy.driver"], "pre-installed");
+    assert_eq!(labels["kubernetes.io/hostname"], NODE, "other labels stay");
+    let ours = fake.owned_by(NODE, "gpuprov");
+    assert!(
+        ours.contains(&"gpuprov.io/containerd-runtime".to_string()),
+        "{ours:?}"
+    );
+    assert!(!ours.contains(&"kubernetes.io/hostname".to_string()));
+    let patches: Vec<_> = fake
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == "PATCH")
+        .collect();
+    assert_eq!(patches.len(), 1, "one label PATCH per converge");
+    assert!(
+        patches[0]
+            .content_type
+            .starts_with("application/apply-patch"),
+        "{:?}",
+        patches[0]
+    );
+    assert!(
+        patches[0].uri.contains("fieldManager=gpuprov"),
+        "{:?}",
+        patches[0]
+    );
+    assert!(
+        !patches[0].uri.contains("force=true"),
+        "gpuprov never forces"
+    );
+    assert!(
+        !host
+            .path()
+            .join("etc/kubernetes/node-feature-discovery/features.d/gpuprov")
+            .exists(),
+        "with an API server the feature file is not written"
+    );
+}
+
+#[test]
+fn a_converged_node_gets_no_write_at_all() {
+    let fake = fake_with_node(&[]);
+    let host = copy_host("a100-preinstalled");
+    assert_eq!(apply(&fake, host.path(), &[]).0, 0);
+    fake.clear_log();
+    for _ in 0..3 {
+        let (code, report, _) = apply(&fake, host.path(), &[]);
+        assert_eq!(code, 0);
+        assert!(steps(&report).values().all(|s| s.0 != "change"));
+    }
+    assert_eq!(fake.writes(), Vec::new(), "only GETs on a converged node");
+    assert_eq!(
+        fake.log().len(),
+        3 * 2,
+        "two GETs of the node per run: facts and labels"
+    );
+}
+
+#[test]
+fn opt_out_labels_are_read_from_the_node() {
+    let fake = fake_with_node(&[("nvidia.com/gpu.deploy.operands", "false")]);
+    let host = copy_host("a100-preinstalled");
+    let (code, report, _) = apply(&fake, host.path(), &[]);
+    assert_eq!(code, 0);
+    let steps = steps(&report);
+    assert_eq!(steps["driver"].1, "opted-out");
+    assert_eq!(steps["containerd-runtime"].1, "opted-out");
+    assert_eq!(fake.labels(NODE)["nvidia.com/gpu.deploy.operands"], "false");
+}
+
+#[test]
+fn a_label_a_person_set_stays_and_the_report_says_so() {
+    let fake = fake_with_node(&[]);
+    fake.set_label(NODE, "gpuprov.io/driver", "maintenance", "kubectl-label");
+    let host = copy_host("a100-preinstalled");
+    let (code, report, _) = apply(&fake, host.path(), &[]);
+    assert_eq!(code, 0);
+    assert_eq!(fake.labels(NODE)["gpuprov.io/driver"], "maintenance");
+    let notes = report["labelNotes"].as_array().unwrap();
+    assert!(
+        notes[0]
+            .as_str()
+            .unwrap()
+            .contains("gpuprov.io/driver=maintenance was set by kubectl-label"),
+        "{notes:?}"
+    );
+    // And it is not fought over: the next run sends nothing.
+    fake.clear_log();
+    assert_eq!(apply(&fake, host.path(), &[]).0, 0);
+    assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+}
+
+#[test]
+fn labels_gpuprov_no_longer_wants_disappear() {
+    let fake = fake_with_node(&[]);
+    let host = copy_host("a100-preinstalled");
+    let site = support::repo().join("fixtures/specs/site-states.yaml");
+    assert_eq!(
+        apply(&fake, host.path(), &["--config", site.to_str().unwrap()]).0,
+        0
+    );
+    assert_eq!(
+        fake.labels(NODE)["gpuprov.io/persistence-mode"],
+        "configured"
+    );
+    assert_eq!(apply(&fake, host.path(), &[]).0, 0);
+    let labels = fake.labels(NODE);
+    assert!(
+        !labels.contains_key("gpuprov.io/persistence-mode"),
+        "{labels:?}"
+    );
+    assert_eq!(labels["gpuprov.io/driver"], "preinstalled");
+}
+
+#[test]
+fn changed_and_failed_steps_post_events_once() {
+    let fake = fake_with_node(&[]);
+    let host = copy_host("a100-preinstalled");
+    let spec = write_spec(
+        host.path(),
+        "spec.yaml",
+        "states:\n  - name: broken\n    check: \"false\"\n",
+    );
+    let spec = spec.to_str().unwrap();
+    assert_eq!(apply(&fake, host.path(), &["--config", spec]).0, 3);
+    let events = fake.events();
+    let reasons: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap().to_string(),
+                e["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        reasons.contains(&("Converged".into(), "Normal".into())),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("Failed".into(), "Warning".into())),
+        "{reasons:?}"
+    );
+    let failed = events.iter().find(|e| e["reason"] == "Failed").unwrap();
+    assert_eq!(failed["regarding"]["kind"], "Node");
+    assert_eq!(failed["regarding"]["name"], NODE);
+    assert!(
+        failed["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("broken: check exited 1")
+    );
+    // The same failure on the next run posts nothing new.
+    assert_eq!(apply(&fake, host.path(), &["--config", spec]).0, 3);
+    assert_eq!(fake.events().len(), events.len());
+}
+
+#[test]
+fn an_api_outage_is_retried_and_a_lasting_one_is_an_error() {
+    let fake = fake_with_node(&[]);
+    let host = copy_host("a100-preinstalled");
+    fake.inject(Fault {
+        method: Some("GET"),
+        path_prefix: "/api/v1/nodes",
+        status: 503,
+        retry_after: None,
+        times: 2,
+    });
+    fake.inject(Fault {
+        method: Some("PATCH"),
+        path_prefix: "/api/v1/nodes",
+        status: 429,
+        retry_after: Some(1),
+        times: 1,
+    });
+    let started = Instant::now();
+    let (code, _, stderr) = apply(&fake, host.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        started.elapsed().as_millis() >= 1000,
+        "Retry-After was honoured"
+    );
+    assert_eq!(fake.labels(NODE)["gpuprov.io/driver"], "preinstalled");
+
+    let host = copy_host("a100-preinstalled");
+    let before = support::tree(host.path());
+    fake.inject(Fault {
+        method: None,
+        path_prefix: "/api/v1/nodes",
+        status: 500,
+        retry_after: None,
+        times: 100,
+    });
+    let (code, _, stderr) = apply(&fake, host.path(), &[]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("did not answer GET node gpu-node-1 after 5 tries"),
+        "{stderr}"
+    );
+    assert_eq!(
+        support::changed(&before, &support::tree(host.path())),
+        Vec::<std::path::PathBuf>::new(),
+        "an unreachable API server stops the run before anything changes"
+    );
+}
+
+#[test]
+fn a_missing_node_is_an_error_naming_it() {
+    let fake = fake_with_node(&[]);
+    let host = copy_host("a100-preinstalled");
+    let kubeconfig = fake.kubeconfig();
+    let output = gpuprov()
+        .args(["plan", "--node-name", "gpu-node-9", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .arg("--host-root")
+        .arg(host.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("node gpu-node-9 does not exist"));
+}
+
+#[test]
+fn plan_shows_the_label_change_and_sends_nothing() {
+    let fake = fake_with_node(&[]);
+    let host = copy_host("a100-preinstalled");
+    let kubeconfig = fake.kubeconfig();
+    let output = gpuprov()
+        .args([
+            "plan",
+            "--host-exec",
+            "prefix",
+            "--node-name",
+            NODE,
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .arg("--host-root")
+        .arg(host.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("labels → node gpu-node-1 on http://"),
+        "{text}"
+    );
+    assert!(text.contains("+gpuprov.io/driver=preinstalled"), "{text}");
+    assert!(fake.writes().is_empty());
+}
+
+#[test]
+fn revert_takes_back_gpuprovs_labels_only() {
+    let fake = fake_with_node(&[("topology.kubernetes.io/zone", "z1")]);
+    let host = copy_host("a100-preinstalled");
+    assert_eq!(apply(&fake, host.path(), &[]).0, 0);
+    let kubeconfig = fake.kubeconfig();
+    let output = gpuprov()
+        .args([
+            "revert",
+            "--host-exec",
+            "prefix",
+            "--node-name",
+            NODE,
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .arg("--host-root")
+        .arg(host.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let labels = fake.labels(NODE);
+    assert!(
+        labels.keys().all(|k| !k.starts_with("gpuprov.io/")),
+        "{labels:?}"
+    );
+    assert!(!labels.contains_key("nvidia.com/gpu.present"));
+    assert_eq!(labels["topology.kubernetes.io/zone"], "z1");
+}

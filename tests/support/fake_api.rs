@@ -1,0 +1,504 @@
+//! A loopback Kubernetes API server for tests: Nodes (get, list, watch,
+//! JSON merge patch, server-side apply of labels with managedFields and
+//! conflicts between managers), events, fault injection and a request log.
+//! The real kube client talks to it over HTTP.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{OriginalUri, Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+/// One request as the server saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    pub method: String,
+    pub uri: String,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// A fault to answer with instead of handling a request.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// Matches requests whose method is this (`None`: any).
+    pub method: Option<&'static str>,
+    /// Matches requests whose path starts with this.
+    pub path_prefix: &'static str,
+    pub status: u16,
+    /// `Retry-After` seconds, for 429.
+    pub retry_after: Option<u64>,
+    /// How many requests it answers; then it is gone.
+    pub times: usize,
+}
+
+#[derive(Debug, Default, Clone)]
+struct NodeState {
+    labels: BTreeMap<String, String>,
+    /// label key → manager → operation (`Apply` or `Update`).
+    owners: BTreeMap<String, BTreeMap<String, String>>,
+    resource_version: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    nodes: BTreeMap<String, NodeState>,
+    events: Vec<Value>,
+    log: Vec<Logged>,
+    faults: VecDeque<Fault>,
+    version: u64,
+}
+
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Inner>>);
+
+pub struct FakeApi {
+    pub addr: SocketAddr,
+    shared: Shared,
+    /// Holds the kubeconfig naming this server.
+    dir: tempfile::TempDir,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl FakeApi {
+    pub fn start() -> FakeApi {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shared = Shared::default();
+        let app = Router::new()
+            .route("/api/v1/nodes", get(list_nodes))
+            .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{ns}/events",
+                post(create_event),
+            )
+            .fallback(not_found)
+            .with_state(shared.clone());
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        FakeApi {
+            addr,
+            shared,
+            dir: tempfile::tempdir().unwrap(),
+            _runtime: runtime,
+        }
+    }
+
+    /// A kubeconfig file naming this server.
+    pub fn kubeconfig(&self) -> PathBuf {
+        let path = self.dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+                 contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n\
+                 users:\n- name: fake\n  user:\n    token: fake-token\n",
+                self.addr
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Adds a node with labels set by `manager` (an Update, as `kubectl label` does).
+    pub fn add_node(&self, name: &str, labels: &[(&str, &str)], manager: &str) {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner.version += 1;
+        let mut node = NodeState {
+            resource_version: inner.version,
+            ..NodeState::default()
+        };
+        for (k, v) in labels {
+            node.labels.insert(k.to_string(), v.to_string());
+            node.owners
+                .entry(k.to_string())
+                .or_default()
+                .insert(manager.to_string(), "Update".to_string());
+        }
+        inner.nodes.insert(name.to_string(), node);
+    }
+
+    /// Sets a label as `manager` would with `kubectl label --overwrite`.
+    pub fn set_label(&self, node: &str, key: &str, value: &str, manager: &str) {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner.version += 1;
+        let version = inner.version;
+        let node = inner.nodes.get_mut(node).unwrap();
+        node.labels.insert(key.to_string(), value.to_string());
+        let owners = node.owners.entry(key.to_string()).or_default();
+        owners.clear();
+        owners.insert(manager.to_string(), "Update".to_string());
+        node.resource_version = version;
+    }
+
+    pub fn labels(&self, node: &str) -> BTreeMap<String, String> {
+        self.shared.0.lock().unwrap().nodes[node].labels.clone()
+    }
+
+    /// Label keys `manager` owns on `node`.
+    pub fn owned_by(&self, node: &str, manager: &str) -> Vec<String> {
+        let inner = self.shared.0.lock().unwrap();
+        inner.nodes[node]
+            .owners
+            .iter()
+            .filter(|(_, m)| m.contains_key(manager))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.0.lock().unwrap().events.clone()
+    }
+
+    pub fn log(&self) -> Vec<Logged> {
+        self.shared.0.lock().unwrap().log.clone()
+    }
+
+    pub fn clear_log(&self) {
+        self.shared.0.lock().unwrap().log.clear();
+    }
+
+    /// Requests that change something (anything but GET).
+    pub fn writes(&self) -> Vec<Logged> {
+        self.log()
+            .into_iter()
+            .filter(|l| l.method != "GET")
+            .collect()
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.shared.0.lock().unwrap().faults.push_back(fault);
+    }
+}
+
+fn status(code: u16, reason: &str, message: String) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    });
+    (
+        StatusCode::from_u16(code).unwrap(),
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Logs the request and answers with an injected fault if one matches.
+fn intercept(
+    shared: &Shared,
+    method: &Method,
+    uri: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Option<Response> {
+    let mut inner = shared.0.lock().unwrap();
+    inner.log.push(Logged {
+        method: method.to_string(),
+        uri: uri.to_string(),
+        content_type: headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        body: String::from_utf8_lossy(body).into_owned(),
+    });
+    let path = uri.split('?').next().unwrap_or(uri);
+    let position = inner.faults.iter().position(|f| {
+        f.method.is_none_or(|m| m == method.as_str()) && path.starts_with(f.path_prefix)
+    })?;
+    let fault = &mut inner.faults[position];
+    fault.times -= 1;
+    let (code, retry_after) = (fault.status, fault.retry_after);
+    if fault.times == 0 {
+        inner.faults.remove(position);
+    }
+    let mut response = status(code, "InjectedFault", format!("injected fault {code}"));
+    if let Some(seconds) = retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", seconds.to_string().parse().unwrap());
+    }
+    Some(response)
+}
+
+fn node_json(name: &str, node: &NodeState) -> Value {
+    let mut managers: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for (key, owners) in &node.owners {
+        for (manager, operation) in owners {
+            managers
+                .entry((manager.clone(), operation.clone()))
+                .or_default()
+                .push(key.clone());
+        }
+    }
+    let managed: Vec<Value> = managers
+        .into_iter()
+        .map(|((manager, operation), keys)| {
+            let labels: serde_json::Map<String, Value> = keys
+                .into_iter()
+                .map(|k| (format!("f:{k}"), json!({})))
+                .collect();
+            json!({
+                "manager": manager, "operation": operation, "apiVersion": "v1",
+                "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": labels}},
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": name, "uid": format!("uid-{name}"),
+            "resourceVersion": node.resource_version.to_string(),
+            "labels": node.labels, "managedFields": managed,
+        },
+        "spec": {}, "status": {},
+    })
+}
+
+async fn get_node(
+    State(shared): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()) {
+        return fault;
+    }
+    let inner = shared.0.lock().unwrap();
+    match inner.nodes.get(&name) {
+        Some(node) => axum::Json(node_json(&name, node)).into_response(),
+        None => status(404, "NotFound", format!("nodes \"{name}\" not found")),
+    }
+}
+
+async fn list_nodes(
+    State(shared): State<Shared>,
+    Query(query): Query<BTreeMap<String, String>>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()) {
+        return fault;
+    }
+    let wanted = query
+        .get("fieldSelector")
+        .and_then(|s| s.strip_prefix("metadata.name="))
+        .map(str::to_string);
+    let matches = |name: &str| wanted.as_deref().is_none_or(|w| w == name);
+    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        // A watch: the current nodes as ADDED, then changes as MODIFIED,
+        // polled from the store, until the client goes away.
+        let shared = shared.clone();
+        let stream = async_stream(shared, wanted);
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
+    let inner = shared.0.lock().unwrap();
+    let items: Vec<Value> = inner
+        .nodes
+        .iter()
+        .filter(|(name, _)| matches(name))
+        .map(|(name, node)| node_json(name, node))
+        .collect();
+    axum::Json(json!({
+        "apiVersion": "v1", "kind": "NodeList",
+        "metadata": {"resourceVersion": inner.version.to_string()}, "items": items,
+    }))
+    .into_response()
+}
+
+fn async_stream(
+    shared: Shared,
+    wanted: Option<String>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    let seen: BTreeMap<String, u64> = BTreeMap::new();
+    futures::stream::unfold(
+        (shared, wanted, seen),
+        |(shared, wanted, mut seen)| async move {
+            loop {
+                let event = {
+                    let inner = shared.0.lock().unwrap();
+                    inner
+                        .nodes
+                        .iter()
+                        .filter(|(name, _)| wanted.as_deref().is_none_or(|w| w == name.as_str()))
+                        .find(|(name, node)| seen.get(*name) != Some(&node.resource_version))
+                        .map(|(name, node)| {
+                            let kind = if seen.contains_key(name) {
+                                "MODIFIED"
+                            } else {
+                                "ADDED"
+                            };
+                            (
+                                name.clone(),
+                                node.resource_version,
+                                json!({"type": kind, "object": node_json(name, node)}),
+                            )
+                        })
+                };
+                match event {
+                    Some((name, version, event)) => {
+                        seen.insert(name, version);
+                        let mut line = event.to_string();
+                        line.push('\n');
+                        return Some((Ok(Bytes::from(line)), (shared, wanted, seen)));
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        },
+    )
+}
+
+async fn patch_node(
+    State(shared): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &body) {
+        return fault;
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "patch body is not JSON".to_string());
+    };
+    let manager = query
+        .get("fieldManager")
+        .cloned()
+        .unwrap_or_else(|| "unknown".to_string());
+    let force = query.get("force").is_some_and(|f| f == "true");
+    let mut inner = shared.0.lock().unwrap();
+    inner.version += 1;
+    let version = inner.version;
+    let Some(node) = inner.nodes.get_mut(&name) else {
+        return status(404, "NotFound", format!("nodes \"{name}\" not found"));
+    };
+    let labels: BTreeMap<String, Option<String>> = patch["metadata"]["labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string)))
+                .collect()
+        })
+        .unwrap_or_default();
+
+    if content_type.starts_with("application/apply-patch") {
+        // Server-side apply: the applied set is everything this manager owns.
+        let conflicts: Vec<String> = labels
+            .iter()
+            .filter_map(|(key, value)| {
+                let others = node.owners.get(key)?;
+                let other = others.keys().find(|m| **m != manager)?;
+                (node.labels.get(key) != value.as_ref())
+                    .then(|| format!("conflict with \"{other}\": .metadata.labels.{key}"))
+            })
+            .collect();
+        if !conflicts.is_empty() && !force {
+            return status(
+                409,
+                "Conflict",
+                format!(
+                    "Apply failed with {} conflict(s): {}",
+                    conflicts.len(),
+                    conflicts.join("; ")
+                ),
+            );
+        }
+        let previously: Vec<String> = node
+            .owners
+            .iter()
+            .filter(|(_, m)| m.contains_key(&manager))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in previously.iter().filter(|k| !labels.contains_key(*k)) {
+            let owners = node.owners.get_mut(key).unwrap();
+            owners.remove(&manager);
+            if owners.is_empty() {
+                node.owners.remove(key);
+                node.labels.remove(key);
+            }
+        }
+        for (key, value) in &labels {
+            let Some(value) = value else { continue };
+            node.labels.insert(key.clone(), value.clone());
+            let owners = node.owners.entry(key.clone()).or_default();
+            if force {
+                owners.clear();
+            }
+            owners.insert(manager.clone(), "Apply".to_string());
+        }
+    } else {
+        // JSON merge patch: an Update that takes the fields it sets.
+        for (key, value) in &labels {
+            match value {
+                Some(value) => {
+                    node.labels.insert(key.clone(), value.clone());
+                    let owners = node.owners.entry(key.clone()).or_default();
+                    owners.clear();
+                    owners.insert(manager.clone(), "Update".to_string());
+                }
+                None => {
+                    node.labels.remove(key);
+                    node.owners.remove(key);
+                }
+            }
+        }
+    }
+    node.resource_version = version;
+    axum::Json(node_json(&name, node)).into_response()
+}
+
+async fn create_event(
+    State(shared): State<Shared>,
+    UrlPath(_ns): UrlPath<String>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &body) {
+        return fault;
+    }
+    let Ok(event) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "event is not JSON".to_string());
+    };
+    shared.0.lock().unwrap().events.push(event.clone());
+    (StatusCode::CREATED, axum::Json(event)).into_response()
+}
+
+async fn not_found(method: Method, OriginalUri(uri): OriginalUri) -> Response {
+    status(
+        404,
+        "NotFound",
+        format!("the fake API server has no {method} {uri}"),
+    )
+}
