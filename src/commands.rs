@@ -84,15 +84,18 @@ impl Inputs {
     /// Observes the host; the node's labels come from the API server when
     /// there is one, with `--node-labels` on top.
     fn facts(&self) -> Result<Facts, Error> {
-        let mut node_labels = match &self.cluster {
-            Some(cluster) => cluster.node_labels()?.labels,
-            None => BTreeMap::new(),
+        let node = match &self.cluster {
+            Some(cluster) => cluster.node_labels()?,
+            None => Default::default(),
         };
+        let mut node_labels = node.labels;
         node_labels.extend(self.node_labels.clone());
-        Facts::gather(&self.host, node_labels).map_err(|source| Error::Facts {
+        let mut facts = Facts::gather(&self.host, node_labels).map_err(|source| Error::Facts {
             root: self.host.root().display().to_string(),
             source,
-        })
+        })?;
+        facts.own_labels = node.ours;
+        Ok(facts)
     }
 
     fn sink(&self) -> Box<dyn labels::LabelSink + '_> {
@@ -119,7 +122,7 @@ fn compile(spec: &Spec, states_dir: Option<&Path>) -> Result<Graph, Error> {
 pub fn plan(inputs: &Inputs) -> Result<PlanReport, Error> {
     let facts = inputs.facts()?;
     let steps = inputs.executor(&facts).plan();
-    let labels = labels::compute(&steps, &inputs.graph, &facts.node_labels);
+    let labels = labels::compute(&steps, &inputs.graph, &facts);
     let label_sink = inputs.sink().preview(&labels)?;
     Ok(PlanReport {
         schema_version: crate::plan::PLAN_SCHEMA_VERSION,
@@ -141,7 +144,7 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
     let started = SystemTime::now();
     let facts = inputs.facts()?;
     let steps = inputs.executor(&facts).apply();
-    let labels = labels::compute(&steps, &inputs.graph, &facts.node_labels);
+    let labels = labels::compute(&steps, &inputs.graph, &facts);
     let published = inputs.sink().publish(&labels)?;
     if let Some(cluster) = &inputs.cluster {
         crate::kube::events::publish(cluster, &inputs.host, &steps)?;

@@ -21,6 +21,9 @@ pub struct Facts {
     pub pci: Vec<PciFunction>,
     /// The node's current labels (from `--node-labels` until an API server is wired in).
     pub node_labels: BTreeMap<String, String>,
+    /// Label keys gpuprov applied to the node earlier (known with an API server).
+    #[serde(skip)]
+    pub own_labels: std::collections::BTreeSet<String>,
     /// `PRETTY_NAME` from `/etc/os-release`, if there is one.
     pub os: Option<String>,
     /// `ID` then each of `ID_LIKE` from `/etc/os-release` (`ubuntu`, `debian`).
@@ -51,6 +54,7 @@ impl Facts {
         Ok(Facts {
             pci: pci::scan(host)?,
             node_labels,
+            own_labels: Default::default(),
             os,
             os_ids,
             kernel,

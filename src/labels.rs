@@ -19,12 +19,15 @@ use crate::plan::Graph;
 pub const NFD_FEATURE_FILE: &str = "/etc/kubernetes/node-feature-discovery/features.d/gpuprov";
 const NFD_HEADER: &str = "# Written by gpuprov from its last apply; edits are overwritten.\n";
 
-/// The labels a run publishes, ordered by key.
+/// The labels a run publishes, ordered by key. `facts.own_labels` are keys
+/// gpuprov itself set earlier: a `false` there is gpuprov's own, not an
+/// opt-out.
 pub fn compute(
     steps: &[StepReport],
     graph: &Graph,
-    node_labels: &BTreeMap<String, String>,
+    facts: &crate::facts::Facts,
 ) -> BTreeMap<String, String> {
+    let node_labels = &facts.node_labels;
     let mut labels = BTreeMap::new();
     for (step, state) in steps.iter().zip(&graph.steps) {
         labels.insert(state.label.clone(), step.outcome.as_str().to_string());
@@ -33,7 +36,9 @@ pub fn compute(
         }
     }
     labels.retain(|key, value| match node_labels.get(key) {
-        Some(theirs) if theirs == "false" && value != "false" => {
+        Some(theirs)
+            if theirs == "false" && value != "false" && !facts.own_labels.contains(key) =>
+        {
             tracing::debug!(label = %key, "kept the node's opt-out label");
             false
         }

@@ -343,3 +343,25 @@ fn revert_takes_back_gpuprovs_labels_only() {
     assert!(!labels.contains_key("nvidia.com/gpu.present"));
     assert_eq!(labels["topology.kubernetes.io/zone"], "z1");
 }
+
+#[test]
+fn gpuprovs_own_false_is_not_mistaken_for_an_opt_out() {
+    let fake = fake_with_node(&[]);
+    // First the node has no GPU: gpuprov itself labels it gpu.present=false.
+    let bare = copy_host("no-gpu");
+    assert_eq!(apply(&fake, bare.path(), &[]).0, 0);
+    assert_eq!(fake.labels(NODE)["nvidia.com/gpu.present"], "false");
+    // A GPU arrives: the label follows, because that `false` was gpuprov's.
+    let gpu = copy_host("a100-preinstalled");
+    assert_eq!(apply(&fake, gpu.path(), &[]).0, 0);
+    assert_eq!(fake.labels(NODE)["nvidia.com/gpu.present"], "true");
+    // A person's `false` on a compat label stays.
+    fake.set_label(
+        NODE,
+        "nvidia.com/gpu.deploy.driver",
+        "false",
+        "kubectl-label",
+    );
+    assert_eq!(apply(&fake, gpu.path(), &[]).0, 0);
+    assert_eq!(fake.labels(NODE)["nvidia.com/gpu.deploy.driver"], "false");
+}
