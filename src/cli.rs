@@ -35,8 +35,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Observe the node and show every step with what it would change. Writes nothing.
     Plan(PlanArgs),
-    /// Converge the node once.
-    Apply(ChangeArgs),
+    /// Converge the node once (or, with --wait, until converged).
+    Apply(ApplyArgs),
     /// List the catalogue of states in order.
     States(StatesArgs),
     /// Remove what gpuprov added: containerd's runtime, the labels.
@@ -108,6 +108,18 @@ pub struct ChangeArgs {
     /// How long to wait for another run's lock on this host (`30s`, `2m`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     pub lock_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub change: ChangeArgs,
+    /// Retry until the node converges or --timeout passes (init-container mode).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: how long to keep trying (`10m`).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m", requires = "wait")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

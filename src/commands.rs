@@ -10,9 +10,9 @@ use serde::Serialize;
 
 use crate::catalog::Catalog;
 use crate::cli::{
-    ChangeArgs, Cli, Command, NodeArgs, PlanArgs, PlanFormat, ReportFormat, StatesArgs,
+    ApplyArgs, ChangeArgs, Cli, Command, NodeArgs, PlanArgs, PlanFormat, ReportFormat, StatesArgs,
 };
-use crate::exec::{ApplyLock, Executor, RunReport, is_converged};
+use crate::exec::{Action, ApplyLock, Executor, RunReport, is_converged};
 use crate::facts::Facts;
 use crate::host::{ExecMode, Host};
 use crate::kube::{Cluster, ClusterOptions};
@@ -218,10 +218,56 @@ fn run_plan(args: &PlanArgs) -> Result<i32, Error> {
     })
 }
 
-fn run_apply(args: &ChangeArgs) -> Result<i32, Error> {
-    let inputs = Inputs::load(&args.node)?;
-    let report = apply(&inputs, args.lock_timeout)?;
-    let text = match args.output {
+fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
+    let change = &args.change;
+    let inputs = Inputs::load(&change.node)?;
+    let deadline = std::time::Instant::now() + args.timeout;
+    let mut delay = Duration::from_secs(1);
+    let report = loop {
+        // Under --wait, a run that errors (the API server away, the lock
+        // held) is one more try, not the end.
+        let result = apply(&inputs, change.lock_timeout);
+        let done = match &result {
+            Ok(report) => report.converged,
+            Err(_) => false,
+        };
+        let out_of_time = std::time::Instant::now() + delay > deadline;
+        if done || !args.wait || out_of_time {
+            let report = result?;
+            if args.wait && !report.converged {
+                let waiting: Vec<String> = report
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s.action, Action::Fail | Action::Block))
+                    .map(|s| format!("{} is {}: {}", s.name, s.outcome.as_str(), s.reason))
+                    .collect();
+                tracing::error!(
+                    "not converged after {}: {}",
+                    humantime::format_duration(args.timeout),
+                    waiting.join("; ")
+                );
+            }
+            break report;
+        }
+        match &result {
+            Ok(report) => {
+                let blocking: Vec<&str> = report
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s.action, Action::Fail | Action::Block))
+                    .map(|s| s.name.as_str())
+                    .collect();
+                tracing::warn!(
+                    "not converged yet ({}); trying again in {delay:?}",
+                    blocking.join(", ")
+                );
+            }
+            Err(e) => tracing::warn!("{}; trying again in {delay:?}", crate::exec::error_chain(e)),
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_secs(30));
+    };
+    let text = match change.output {
         ReportFormat::Text => apply_text(&report),
         ReportFormat::Json => serde_json::to_string_pretty(&report).expect("serializes") + "\n",
     };

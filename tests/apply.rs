@@ -513,3 +513,45 @@ fn a_loaded_driver_without_a_readable_version_fails_instead_of_reading_as_absent
             .contains("the nvidia module is loaded but this file is missing")
     );
 }
+
+#[test]
+fn apply_wait_retries_until_converged_or_times_out_naming_the_step() {
+    let host = copy_host("a100-preinstalled");
+    let spec = write_spec(
+        host.path(),
+        "spec.yaml",
+        "states:\n  - name: fabric-ready\n    after: [driver]\n    check: test -e \"$GPUPROV_HOST_ROOT/run/fabric-ready\"\n",
+    );
+    let spec = spec.to_str().unwrap().to_string();
+    // Something else makes the node ready a moment later.
+    let ready = host.path().join("run/fabric-ready");
+    let maker = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        fs::create_dir_all(ready.parent().unwrap()).unwrap();
+        fs::write(ready, "").unwrap();
+    });
+    let started = Instant::now();
+    let (code, report, stderr) = apply_json(
+        host.path(),
+        &["--config", &spec, "--wait", "--timeout", "30s"],
+    );
+    maker.join().unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(steps(&report)["fabric-ready"].1, "ready");
+    assert!(
+        stderr.contains("not converged yet (fabric-ready)"),
+        "{stderr}"
+    );
+
+    fs::remove_file(host.path().join("run/fabric-ready")).unwrap();
+    let (code, _, stderr) = apply_json(
+        host.path(),
+        &["--config", &spec, "--wait", "--timeout", "2s"],
+    );
+    assert_eq!(code, 3);
+    assert!(
+        stderr.contains("not converged after 2s: fabric-ready is failed: check exited 1"),
+        "{stderr}"
+    );
+}
