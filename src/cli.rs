@@ -41,6 +41,9 @@ pub enum Command {
     States(StatesArgs),
     /// Remove what gpuprov added: containerd's runtime, the labels.
     Revert(ChangeArgs),
+    /// Keep the node converged (DaemonSet mode): watch the Node, the config
+    /// file and drift; serve /healthz, /readyz and /metrics.
+    Run(RunArgs),
 }
 
 /// Flags shared by `plan` and `apply`.
@@ -105,6 +108,21 @@ pub struct ChangeArgs {
     pub node: NodeArgs,
     #[arg(long, short = 'o', value_enum, default_value_t = ReportFormat::Text)]
     pub output: ReportFormat,
+    /// How long to wait for another run's lock on this host (`30s`, `2m`).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub lock_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Where to serve /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:9402")]
+    pub listen: std::net::SocketAddr,
+    /// How often to check for drift on a converged node (`5m`).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    pub drift_interval: Duration,
     /// How long to wait for another run's lock on this host (`30s`, `2m`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     pub lock_timeout: Duration,

@@ -162,6 +162,7 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Apply(args) => run_apply(&args),
         Command::States(args) => run_states(&args),
         Command::Revert(args) => run_revert(&args),
+        Command::Run(args) => crate::daemon::run(&args),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod cli;
 pub mod commands;
 pub mod containerd;
+pub mod daemon;
 pub mod diagnostic;
 pub mod driver;
 pub mod exec;
@@ -48,6 +49,14 @@ pub enum Error {
     NodeLabels { origin: String, problem: String },
     #[error(transparent)]
     Kube(#[from] kube::KubeError),
+    #[error("gpuprov run needs an API server: give --kubeconfig, or run in a pod")]
+    NeedsApiServer,
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("revert stopped: {0}")]
     Revert(String),
     #[error("cannot write to stdout")]

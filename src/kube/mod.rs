@@ -11,6 +11,8 @@ pub mod sink;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::kube::api::{PatchParams, PostParams};
@@ -82,12 +84,16 @@ pub struct NodeLabels {
     pub others: BTreeMap<String, String>,
 }
 
+/// API requests by verb and status code (0: no answer), for `/metrics`.
+pub type RequestCounts = Arc<Mutex<BTreeMap<(String, u16), u64>>>;
+
 /// A connection to the API server, for one node.
 pub struct Cluster {
     runtime: tokio::runtime::Runtime,
     client: ::kube::Client,
     pub node: String,
     pub server: String,
+    pub requests: RequestCounts,
 }
 
 impl Cluster {
@@ -141,6 +147,7 @@ impl Cluster {
             client,
             node,
             server,
+            requests: RequestCounts::default(),
         })
     }
 
@@ -151,6 +158,11 @@ impl Cluster {
         what: &str,
         request: http::Request<Vec<u8>>,
     ) -> Result<(u16, Vec<u8>), KubeError> {
+        let verb = request.method().to_string();
+        let count = |code: u16| {
+            let mut requests = self.requests.lock().expect("not poisoned");
+            *requests.entry((verb.clone(), code)).or_default() += 1;
+        };
         self.runtime.block_on(async {
             let mut last = String::new();
             for attempt in 0..ATTEMPTS {
@@ -161,6 +173,7 @@ impl Cluster {
                 match self.client.send(request.clone().map(Body::from)).await {
                     Ok(response) => {
                         let code = response.status().as_u16();
+                        count(code);
                         let retry_after = response
                             .headers()
                             .get("retry-after")
@@ -182,6 +195,7 @@ impl Cluster {
                         return Ok((code, body));
                     }
                     Err(e) => {
+                        count(0);
                         last = crate::exec::error_chain(&e);
                         tokio::time::sleep(backoff).await;
                     }
@@ -289,6 +303,62 @@ impl Cluster {
         } else {
             Err(self.refused(&what, code, &body))
         }
+    }
+}
+
+impl Cluster {
+    /// Watches this node (a field-selected watch) on a thread of its own and
+    /// calls `changed` with its labels whenever they change, until `stop`.
+    /// A dropped watch is started again after a pause.
+    pub fn watch_labels(
+        &self,
+        stop: Arc<AtomicBool>,
+        changed: impl Fn(BTreeMap<String, String>) + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        use ::kube::api::{Api, WatchEvent, WatchParams};
+        use futures::StreamExt;
+
+        let client = self.client.clone();
+        let node = self.node.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime starts");
+            runtime.block_on(async move {
+                let api: Api<Node> = Api::all(client);
+                let mut last: Option<BTreeMap<String, String>> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let params = WatchParams::default()
+                        .fields(&format!("metadata.name={node}"))
+                        .timeout(290);
+                    let stream = match api.watch(&params, "0").await {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            tracing::warn!(%node, "watch failed: {}", crate::exec::error_chain(&e));
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                            continue;
+                        }
+                    };
+                    let mut stream = std::pin::pin!(stream);
+                    while !stop.load(Ordering::Relaxed) {
+                        let next = tokio::time::timeout(Duration::from_millis(250), stream.next());
+                        let event = match next.await {
+                            Err(_) => continue,
+                            Ok(None) | Ok(Some(Err(_))) => break,
+                            Ok(Some(Ok(event))) => event,
+                        };
+                        if let WatchEvent::Added(object) | WatchEvent::Modified(object) = event {
+                            let labels = read_labels(&object).labels;
+                            if last.as_ref() != Some(&labels) {
+                                changed(labels.clone());
+                            }
+                            last = Some(labels);
+                        }
+                    }
+                }
+            });
+        })
     }
 }
 

@@ -1,0 +1,188 @@
+//! `gpuprov run` against the fake API server: it converges, serves its
+//! probes and metrics, converges again when the node's labels change and
+//! when containerd's config drifts, and stops cleanly on SIGTERM.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use support::fake_api::FakeApi;
+use support::{copy_host, repo};
+
+const NODE: &str = "gpu-node-1";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET a path; the status code and body, or None while nothing listens.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn restarts(host: &std::path::Path) -> usize {
+    std::fs::read_to_string(host.join("var/log/fake-systemctl.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == "restart containerd")
+        .count()
+}
+
+#[test]
+fn run_keeps_the_node_converged_and_stops_on_sigterm() {
+    let fake = FakeApi::start();
+    fake.add_node(NODE, &[("kubernetes.io/hostname", NODE)], "kubelet");
+    let host = copy_host("a100-preinstalled");
+    let port = free_port();
+    let bin = assert_cmd::cargo::cargo_bin("gpuprov");
+    let mut daemon = Daemon(
+        std::process::Command::new(bin)
+            .args([
+                "run",
+                "--host-exec",
+                "prefix",
+                "--node-name",
+                NODE,
+                "--drift-interval",
+                "1s",
+            ])
+            .arg("--kubeconfig")
+            .arg(fake.kubeconfig())
+            .arg("--host-root")
+            .arg(host.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env_remove("KUBECONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    eventually("/readyz to say converged", Duration::from_secs(30), || {
+        get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    assert_eq!(get(port, "/healthz").unwrap().0, 200);
+    let (_, metrics) = get(port, "/metrics").unwrap();
+    for line in [
+        "gpuprov_state_outcome{state=\"driver\",outcome=\"preinstalled\"} 1",
+        "gpuprov_converged 1",
+        "gpuprov_api_requests_total{verb=\"PATCH\",code=\"200\"} 1",
+        "gpuprov_converge_duration_seconds_count",
+        "gpuprov_last_success_timestamp_seconds",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
+    assert_eq!(fake.labels(NODE)["gpuprov.io/driver"], "preinstalled");
+    assert_eq!(restarts(host.path()), 1);
+
+    // Someone opts the node out of operands: the daemon follows the watch.
+    fake.set_label(
+        NODE,
+        "nvidia.com/gpu.deploy.operands",
+        "false",
+        "kubectl-label",
+    );
+    eventually("the opt-out to be applied", Duration::from_secs(15), || {
+        fake.labels(NODE)
+            .get("gpuprov.io/driver")
+            .map(String::as_str)
+            == Some("opted-out")
+    });
+    fake.set_label(
+        NODE,
+        "nvidia.com/gpu.deploy.operands",
+        "true",
+        "kubectl-label",
+    );
+    eventually("the node to be back in", Duration::from_secs(15), || {
+        fake.labels(NODE)
+            .get("gpuprov.io/driver")
+            .map(String::as_str)
+            == Some("preinstalled")
+    });
+
+    // Another tool rewrites containerd's config: the drift check puts the
+    // runtime back, restarting containerd once for that change.
+    let config = host.path().join("etc/containerd/config.toml");
+    let restarted = restarts(host.path());
+    std::fs::copy(repo().join("fixtures/containerd/v2-default.toml"), &config).unwrap();
+    eventually(
+        "the runtime to be put back",
+        Duration::from_secs(15),
+        || {
+            std::fs::read_to_string(&config)
+                .unwrap()
+                .contains("runtimes.nvidia")
+        },
+    );
+    eventually("containerd's restart", Duration::from_secs(15), || {
+        restarts(host.path()) == restarted + 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        restarts(host.path()),
+        restarted + 1,
+        "drift checks of an unchanged file restart nothing"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "run did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn run_without_an_api_server_is_an_error() {
+    let host = copy_host("a100-preinstalled");
+    let output = support::gpuprov()
+        .args(["run", "--labels-sink", "file", "--host-root"])
+        .arg(host.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("gpuprov run needs an API server"));
+}
