@@ -1,0 +1,210 @@
+//! The manifests under deploy/: every resource kustomize would render
+//! parses into its Kubernetes type, and the DaemonSet gives the binary what
+//! it expects (arguments the real CLI accepts, the host root mounted where
+//! --host-root says, the config where --config says, NODE_NAME, probes on
+//! the --listen port, and RBAC for what gpuprov does).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use gpuprov::cli::{Cli, Command};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec};
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use serde_json::Value;
+use support::repo;
+
+/// The documents kustomize renders from `dir`: resources in order, recursing
+/// into directories, as `kubectl kustomize` lists them.
+fn render(dir: &Path) -> Vec<(PathBuf, Value)> {
+    let kustomization: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap())
+            .unwrap();
+    let mut docs = Vec::new();
+    for resource in kustomization["resources"].as_array().unwrap() {
+        let path = dir.join(resource.as_str().unwrap());
+        if path.is_dir() {
+            docs.extend(render(&path));
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in text.split("\n---\n") {
+            let value: Value =
+                serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            docs.push((path.clone(), value));
+        }
+    }
+    docs
+}
+
+fn of_kind<T: serde::de::DeserializeOwned>(docs: &[(PathBuf, Value)], kind: &str) -> Vec<T> {
+    docs.iter()
+        .filter(|(_, v)| v["kind"] == kind)
+        .map(|(path, v)| {
+            serde_json::from_value(v.clone())
+                .unwrap_or_else(|e| panic!("{}: {kind}: {e}", path.display()))
+        })
+        .collect()
+}
+
+/// Checks a pod's gpuprov container against the binary; returns its command.
+fn check_gpuprov_container(pod: &PodSpec, container: &Container, config: &ConfigMap) -> Command {
+    let mut argv = vec!["gpuprov".to_string()];
+    argv.extend(container.args.clone().unwrap_or_default());
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let node = match &cli.command {
+        Command::Run(args) => &args.node,
+        Command::Apply(args) => &args.change.node,
+        other => panic!("unexpected command {other:?}"),
+    };
+    let mounts = container.volume_mounts.clone().unwrap_or_default();
+    let volumes = pod.volumes.clone().unwrap_or_default();
+    let volume_at = |path: &Path| {
+        let mount = mounts
+            .iter()
+            .filter(|m| path.starts_with(&m.mount_path))
+            .max_by_key(|m| m.mount_path.len())
+            .unwrap_or_else(|| panic!("nothing is mounted at {}", path.display()));
+        volumes
+            .iter()
+            .find(|v| v.name == mount.name)
+            .unwrap()
+            .clone()
+    };
+    // The host root is the node's /.
+    assert_eq!(node.host_root, PathBuf::from("/host"));
+    let host = volume_at(&node.host_root);
+    assert_eq!(host.host_path.unwrap().path, "/");
+    assert_eq!(pod.host_pid, Some(true), "nsenter needs the host's PID 1");
+    assert_eq!(
+        container.security_context.as_ref().unwrap().privileged,
+        Some(true)
+    );
+    // The config is the ConfigMap's node.yaml, and it is a valid spec.
+    let config_path = node.config.clone().unwrap();
+    let volume = volume_at(&config_path);
+    assert_eq!(
+        volume.config_map.unwrap().name,
+        config.metadata.name.clone().unwrap()
+    );
+    let key = config_path.file_name().unwrap().to_str().unwrap();
+    let text = &config.data.as_ref().unwrap()[key];
+    gpuprov::spec::Spec::parse(&gpuprov::diagnostic::Source {
+        name: key.into(),
+        text: text.clone(),
+    })
+    .unwrap();
+    // NODE_NAME from the downward API.
+    let env = container.env.clone().unwrap_or_default();
+    let node_name = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME is set");
+    let field = node_name
+        .value_from
+        .as_ref()
+        .unwrap()
+        .field_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(field.field_path, "spec.nodeName");
+    cli.command
+}
+
+#[test]
+fn the_daemonset_variant_matches_the_binary() {
+    let docs = render(&repo().join("deploy"));
+    let config = of_kind::<ConfigMap>(&docs, "ConfigMap").remove(0);
+    assert_eq!(
+        config.data.as_ref().unwrap()["node.yaml"],
+        std::fs::read_to_string(repo().join("fixtures/specs/default.yaml")).unwrap(),
+        "the deployed spec is the shipped default"
+    );
+    let daemonset = of_kind::<DaemonSet>(&docs, "DaemonSet").remove(0);
+    let pod = daemonset.spec.template.spec.unwrap();
+    let container = &pod.containers[0];
+    let Command::Run(run) = check_gpuprov_container(&pod, container, &config) else {
+        panic!("the DaemonSet runs `gpuprov run`");
+    };
+    let port = run.listen.port();
+    let ports = container.ports.clone().unwrap();
+    let metrics = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .unwrap();
+    assert_eq!(metrics.container_port, i32::from(port));
+    for (probe, path) in [
+        (&container.liveness_probe, "/healthz"),
+        (&container.readiness_probe, "/readyz"),
+    ] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into())
+        );
+    }
+    // RBAC: the node verbs gpuprov uses, and events.
+    let role = of_kind::<ClusterRole>(&docs, "ClusterRole").remove(0);
+    let rules = role.rules.unwrap();
+    let nodes = rules
+        .iter()
+        .find(|r| r.resources.as_ref().unwrap().contains(&"nodes".to_string()))
+        .unwrap();
+    for verb in ["get", "list", "watch", "patch"] {
+        assert!(nodes.verbs.contains(&verb.to_string()), "nodes {verb}");
+    }
+    assert!(
+        !nodes.verbs.contains(&"update".to_string())
+            && !nodes.verbs.contains(&"delete".to_string())
+    );
+    let events = rules
+        .iter()
+        .find(|r| {
+            r.resources
+                .as_ref()
+                .unwrap()
+                .contains(&"events".to_string())
+        })
+        .unwrap();
+    assert!(events.verbs.contains(&"create".to_string()));
+    let runtime_class: Vec<k8s_openapi::api::node::v1::RuntimeClass> =
+        of_kind(&docs, "RuntimeClass");
+    assert_eq!(runtime_class[0].handler, "nvidia");
+}
+
+#[test]
+fn the_init_container_variant_waits_for_convergence() {
+    let docs = render(&repo().join("deploy/init-container"));
+    let config = of_kind::<ConfigMap>(&docs, "ConfigMap").remove(0);
+    let daemonset = of_kind::<DaemonSet>(&docs, "DaemonSet").remove(0);
+    let pod = daemonset.spec.template.spec.unwrap();
+    let init = &pod.init_containers.clone().unwrap()[0];
+    let Command::Apply(apply) = check_gpuprov_container(&pod, init, &config) else {
+        panic!("the init container runs `gpuprov apply`");
+    };
+    assert!(apply.wait, "the init container waits until converged");
+}
+
+#[test]
+fn the_systemd_unit_runs_a_command_the_binary_accepts() {
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/gpuprov.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    let mut argv: Vec<&str> = exec.split_whitespace().collect();
+    argv[0] = "gpuprov";
+    let cli = Cli::try_parse_from(&argv).unwrap();
+    let Command::Apply(apply) = cli.command else {
+        panic!("one-shot apply")
+    };
+    assert!(apply.wait);
+    assert_eq!(
+        apply.change.node.labels_sink,
+        gpuprov::labels::LabelTarget::File,
+        "no API server in a bootstrap image"
+    );
+}
