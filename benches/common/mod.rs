@@ -1,3 +1,4 @@
+#![allow(dead_code)]
 //! What every benchmark needs: timing a closure many times.
 
 use std::time::{Duration, Instant};

@@ -1,0 +1,209 @@
+//! Fleet benchmarks against the loopback fake API server:
+//!
+//! * a simulation of many nodes (agents: one `gpuprov apply` process each,
+//!   on its own copy of a fixture host, many at once) converging against one
+//!   API server: total requests, requests per converge, and the p50/p99 time
+//!   to converge;
+//! * `gpuprov run` on a converged node: resident memory and CPU over a
+//!   minute, and the API requests it makes.
+//!
+//! Run with `cargo bench --bench fleet` (`cargo test` runs a small version).
+
+mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::fake_api::FakeApi;
+
+fn gpuprov_bin() -> PathBuf {
+    assert_cmd::cargo::cargo_bin("gpuprov")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Resident set size and CPU seconds (user + system) of a process.
+fn usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    (rss_kib, ticks / 100.0)
+}
+
+fn simulate(nodes: usize, parallel: usize) {
+    let fake = FakeApi::start();
+    for i in 0..nodes {
+        fake.add_node(
+            &format!("node-{i}"),
+            &[("kubernetes.io/hostname", &format!("node-{i}"))],
+            "kubelet",
+        );
+    }
+    let hosts: Vec<tempfile::TempDir> = (0..nodes)
+        .map(|_| support::copy_host("a100-preinstalled"))
+        .collect();
+    // containerd restarts are the fake's, not the API's business here.
+    let spec = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(spec.path(), "containerd:\n  restartMode: none\n").unwrap();
+    let kubeconfig = fake.kubeconfig();
+
+    let run_fleet = |label: &str| {
+        fake.clear_log();
+        let started = Instant::now();
+        let mut times = Vec::with_capacity(nodes);
+        for batch in (0..nodes).collect::<Vec<_>>().chunks(parallel) {
+            let children: Vec<(Instant, std::process::Child)> = batch
+                .iter()
+                .map(|&i| {
+                    let child = Command::new(gpuprov_bin())
+                        .args([
+                            "apply",
+                            "--host-exec",
+                            "prefix",
+                            "--node-name",
+                            &format!("node-{i}"),
+                            "--config",
+                        ])
+                        .arg(spec.path())
+                        .arg("--kubeconfig")
+                        .arg(&kubeconfig)
+                        .arg("--host-root")
+                        .arg(hosts[i].path())
+                        .env_remove("KUBECONFIG")
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap();
+                    (Instant::now(), child)
+                })
+                .collect();
+            for (start, mut child) in children {
+                let status = child.wait().unwrap();
+                assert!(status.success(), "an agent did not converge");
+                times.push(start.elapsed());
+            }
+        }
+        let wall = started.elapsed();
+        times.sort();
+        let log = fake.log();
+        let writes = log.iter().filter(|l| l.method != "GET").count();
+        if label.contains("converged") {
+            // `gpuprov run` does one such converge per drift interval (5 min)
+            // and re-opens its Node watch every 290 s (the watch timeout).
+            let per_converge = log.len() as f64 / nodes as f64;
+            let per_hour = per_converge * 12.0 + 3600.0 / 290.0;
+            println!(
+                "  → a converged node under `gpuprov run`: {per_hour:.1} API requests per hour, {writes} writes"
+            );
+        }
+        println!(
+            "{label:<34} {nodes:>4} nodes, {parallel:>3} at once: {:>6} requests ({:.2}/node, {:.2} writes/node), \
+             time to converge p50 {:>8.1?} p99 {:>8.1?}, all in {:>7.2?}",
+            log.len(),
+            log.len() as f64 / nodes as f64,
+            writes as f64 / nodes as f64,
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            wall,
+        );
+    };
+    run_fleet("fleet, first converge");
+    run_fleet("fleet, converged (second apply)");
+}
+
+fn steady_state(seconds: u64) {
+    let fake = FakeApi::start();
+    fake.add_node("gpu-node-1", &[], "kubelet");
+    let host = support::copy_host("h100x8-nvswitch-preinstalled");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut daemon = Command::new(gpuprov_bin())
+        .args([
+            "run",
+            "--host-exec",
+            "prefix",
+            "--node-name",
+            "gpu-node-1",
+            "--drift-interval",
+            "5m",
+        ])
+        .arg("--kubeconfig")
+        .arg(fake.kubeconfig())
+        .arg("--host-root")
+        .arg(host.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env_remove("KUBECONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Let it converge (the first converge restarts the fake containerd).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fake
+        .labels("gpu-node-1")
+        .contains_key("gpuprov.io/containerd-runtime")
+    {
+        assert!(Instant::now() < deadline, "run did not converge");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    fake.clear_log();
+    let (_, cpu_before) = usage(daemon.id());
+    let mut peak = 0;
+    let mut samples = Vec::new();
+    for _ in 0..seconds {
+        std::thread::sleep(Duration::from_secs(1));
+        let (rss, _) = usage(daemon.id());
+        peak = peak.max(rss);
+        samples.push(rss);
+    }
+    let (_, cpu_after) = usage(daemon.id());
+    let log = fake.log();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    samples.sort();
+    println!(
+        "`gpuprov run`, converged, {seconds}s: RSS median {:.1} MiB, peak {:.1} MiB; CPU {:.3}s ({:.3}% of a core); \
+         API requests {} ({} writes)",
+        samples[samples.len() / 2] as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        cpu_after - cpu_before,
+        (cpu_after - cpu_before) / seconds as f64 * 100.0,
+        log.len(),
+        log.iter().filter(|l| l.method != "GET").count(),
+    );
+}
+
+fn main() {
+    if common::runs(2) == 2 {
+        simulate(500, 25);
+        steady_state(60);
+    } else {
+        simulate(4, 2);
+        steady_state(2);
+    }
+}
