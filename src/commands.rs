@@ -150,6 +150,8 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
         crate::kube::events::publish(cluster, &inputs.host, &steps)?;
     }
     let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
+    report.label_sink = published.target;
+    report.labels_changed = published.changes;
     report.label_notes = published.notes;
     report.write(&inputs.host)?;
     Ok(report)
@@ -287,6 +289,15 @@ fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
 
 fn apply_text(report: &RunReport) -> String {
     let mut out = steps_table(&report.steps);
+    let state = if report.labels_changed {
+        "changed"
+    } else {
+        "unchanged"
+    };
+    out.push_str(&format!("labels → {} ({state})\n", report.label_sink));
+    for note in &report.label_notes {
+        out.push_str(&format!("    {note}\n"));
+    }
     let s = Summary::of(&report.steps);
     let verdict = if is_converged(&report.steps) {
         "converged"

@@ -553,6 +553,9 @@ pub struct RunReport {
     pub converged: bool,
     pub steps: Vec<StepReport>,
     pub labels: BTreeMap<String, String>,
+    /// Where the labels went, and whether that changed anything.
+    pub label_sink: String,
+    pub labels_changed: bool,
     /// Labels gpuprov left as another manager set them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub label_notes: Vec<String>,
@@ -576,6 +579,8 @@ impl RunReport {
             converged: is_converged(&steps),
             steps,
             labels,
+            label_sink: String::new(),
+            labels_changed: false,
             label_notes: Vec::new(),
         }
     }

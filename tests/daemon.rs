@@ -109,7 +109,10 @@ fn run_keeps_the_node_converged_and_stops_on_sigterm() {
     assert_eq!(fake.labels(NODE)["gpuprov.io/driver"], "preinstalled");
     assert_eq!(restarts(host.path()), 1);
 
-    // Someone opts the node out of operands: the daemon follows the watch.
+    // The watch connection drops; the daemon opens it again. Then someone
+    // opts the node out of operands: the daemon follows the watch.
+    fake.drop_watches();
+    std::thread::sleep(Duration::from_millis(500));
     fake.set_label(
         NODE,
         "nvidia.com/gpu.deploy.operands",

@@ -225,6 +225,7 @@ fn an_api_outage_is_retried_and_a_lasting_one_is_an_error() {
         status: 503,
         retry_after: None,
         times: 2,
+        delay_ms: 0,
     });
     fake.inject(Fault {
         method: Some("PATCH"),
@@ -232,6 +233,7 @@ fn an_api_outage_is_retried_and_a_lasting_one_is_an_error() {
         status: 429,
         retry_after: Some(1),
         times: 1,
+        delay_ms: 0,
     });
     let started = Instant::now();
     let (code, _, stderr) = apply(&fake, host.path(), &[]);
@@ -250,6 +252,7 @@ fn an_api_outage_is_retried_and_a_lasting_one_is_an_error() {
         status: 500,
         retry_after: None,
         times: 100,
+        delay_ms: 0,
     });
     let (code, _, stderr) = apply(&fake, host.path(), &[]);
     assert_eq!(code, 1);
@@ -364,4 +367,39 @@ fn gpuprovs_own_false_is_not_mistaken_for_an_opt_out() {
     );
     assert_eq!(apply(&fake, gpu.path(), &[]).0, 0);
     assert_eq!(fake.labels(NODE)["nvidia.com/gpu.deploy.driver"], "false");
+}
+
+#[test]
+fn a_conflict_reads_the_node_again_and_a_slow_server_is_waited_for() {
+    let fake = fake_with_node(&[]);
+    let host = copy_host("a100-preinstalled");
+    fake.inject(Fault {
+        method: Some("PATCH"),
+        path_prefix: "/api/v1/nodes",
+        status: 409,
+        retry_after: None,
+        times: 1,
+        delay_ms: 0,
+    });
+    fake.inject(Fault {
+        method: Some("GET"),
+        path_prefix: "/api/v1/nodes",
+        status: 0,
+        retry_after: None,
+        times: 2,
+        delay_ms: 700,
+    });
+    let (code, _, stderr) = apply(&fake, host.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("a label conflict: reading the node again"),
+        "{stderr}"
+    );
+    assert_eq!(fake.labels(NODE)["gpuprov.io/driver"], "preinstalled");
+    let patches = fake
+        .log()
+        .into_iter()
+        .filter(|l| l.method == "PATCH")
+        .count();
+    assert_eq!(patches, 2, "the conflicted apply, then one more");
 }

@@ -71,9 +71,8 @@ impl ApiLabelSink<'_> {
     }
 }
 
-impl LabelSink for ApiLabelSink<'_> {
-    fn preview(&self, wanted: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError> {
-        let (node, plan) = self.plan(wanted)?;
+impl ApiLabelSink<'_> {
+    fn preview_of(&self, node: &NodeLabels, plan: ApplyPlan) -> SinkPreview {
         let mut after = node.labels.clone();
         for key in &node.ours {
             if !plan.apply.contains_key(key) {
@@ -93,21 +92,43 @@ impl LabelSink for ApiLabelSink<'_> {
             .context_radius(1)
             .header("node labels now", "node labels after apply")
             .to_string();
-        Ok(SinkPreview {
+        SinkPreview {
             target: self.target(),
             changes: plan.needed,
             diff: Some(diff),
             notes: plan.notes,
-        })
+        }
+    }
+}
+
+impl LabelSink for ApiLabelSink<'_> {
+    fn preview(&self, wanted: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError> {
+        let (node, plan) = self.plan(wanted)?;
+        Ok(self.preview_of(&node, plan))
     }
 
+    /// One GET, and one apply only if the node differs. If another manager
+    /// took a label between the two (409), the node is read again and the
+    /// apply tried once more without it.
     fn publish(&self, wanted: &BTreeMap<String, String>) -> Result<SinkPreview, LabelError> {
-        let preview = self.preview(wanted)?;
-        if preview.changes {
-            let (_, plan) = self.plan(wanted)?;
-            self.cluster.apply_labels(&plan.apply)?;
+        let (node, plan) = self.plan(wanted)?;
+        if !plan.needed {
+            return Ok(self.preview_of(&node, plan));
         }
-        Ok(preview)
+        match self.cluster.apply_labels(&plan.apply) {
+            Err(super::KubeError::Api { code: 409, .. }) => {
+                tracing::warn!("a label conflict: reading the node again");
+                let (node, plan) = self.plan(wanted)?;
+                if plan.needed {
+                    self.cluster.apply_labels(&plan.apply)?;
+                }
+                Ok(self.preview_of(&node, plan))
+            }
+            result => {
+                result?;
+                Ok(self.preview_of(&node, plan))
+            }
+        }
     }
 
     fn withdraw(&self) -> Result<bool, LabelError> {

@@ -38,6 +38,15 @@ pub struct Fault {
     pub retry_after: Option<u64>,
     /// How many requests it answers; then it is gone.
     pub times: usize,
+    /// Wait this long first; with `status` 0 the request is then handled
+    /// as usual (a slow API server).
+    pub delay_ms: u64,
+}
+
+/// What an injected fault does to a request.
+enum Injected {
+    Answer(Response),
+    Delay(Duration),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -55,6 +64,8 @@ struct Inner {
     log: Vec<Logged>,
     faults: VecDeque<Fault>,
     version: u64,
+    /// Bumped to end every open watch (a dropped connection).
+    watch_generation: u64,
 }
 
 #[derive(Clone, Default)]
@@ -185,6 +196,11 @@ impl FakeApi {
     pub fn inject(&self, fault: Fault) {
         self.shared.0.lock().unwrap().faults.push_back(fault);
     }
+
+    /// Ends every open watch, as a dropped connection would.
+    pub fn drop_watches(&self) {
+        self.shared.0.lock().unwrap().watch_generation += 1;
+    }
 }
 
 fn status(code: u16, reason: &str, message: String) -> Response {
@@ -200,14 +216,31 @@ fn status(code: u16, reason: &str, message: String) -> Response {
         .into_response()
 }
 
-/// Logs the request and answers with an injected fault if one matches.
-fn intercept(
+/// Logs the request; answers with an injected fault, or waits first, if one
+/// matches.
+async fn intercept(
     shared: &Shared,
     method: &Method,
     uri: &str,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Option<Response> {
+    match log_and_match(shared, method, uri, headers, body)? {
+        Injected::Answer(response) => Some(response),
+        Injected::Delay(delay) => {
+            tokio::time::sleep(delay).await;
+            None
+        }
+    }
+}
+
+fn log_and_match(
+    shared: &Shared,
+    method: &Method,
+    uri: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Option<Injected> {
     let mut inner = shared.0.lock().unwrap();
     inner.log.push(Logged {
         method: method.to_string(),
@@ -226,8 +259,12 @@ fn intercept(
     let fault = &mut inner.faults[position];
     fault.times -= 1;
     let (code, retry_after) = (fault.status, fault.retry_after);
+    let delay = Duration::from_millis(fault.delay_ms);
     if fault.times == 0 {
         inner.faults.remove(position);
+    }
+    if code == 0 {
+        return Some(Injected::Delay(delay));
     }
     let mut response = status(code, "InjectedFault", format!("injected fault {code}"));
     if let Some(seconds) = retry_after {
@@ -235,7 +272,7 @@ fn intercept(
             .headers_mut()
             .insert("retry-after", seconds.to_string().parse().unwrap());
     }
-    Some(response)
+    Some(Injected::Answer(response))
 }
 
 fn node_json(name: &str, node: &NodeState) -> Value {
@@ -279,7 +316,9 @@ async fn get_node(
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()) {
+    if let Some(fault) =
+        intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()).await
+    {
         return fault;
     }
     let inner = shared.0.lock().unwrap();
@@ -296,7 +335,9 @@ async fn list_nodes(
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()) {
+    if let Some(fault) =
+        intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()).await
+    {
         return fault;
     }
     let wanted = query
@@ -333,12 +374,16 @@ fn async_stream(
     wanted: Option<String>,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
     let seen: BTreeMap<String, u64> = BTreeMap::new();
+    let generation = shared.0.lock().unwrap().watch_generation;
     futures::stream::unfold(
         (shared, wanted, seen),
-        |(shared, wanted, mut seen)| async move {
+        move |(shared, wanted, mut seen)| async move {
             loop {
                 let event = {
                     let inner = shared.0.lock().unwrap();
+                    if inner.watch_generation != generation {
+                        return None;
+                    }
                     inner
                         .nodes
                         .iter()
@@ -380,7 +425,7 @@ async fn patch_node(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &body) {
+    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &body).await {
         return fault;
     }
     let content_type = headers
@@ -485,7 +530,7 @@ async fn create_event(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &body) {
+    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &body).await {
         return fault;
     }
     let Ok(event) = serde_json::from_slice::<Value>(&body) else {
