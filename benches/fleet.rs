@@ -108,15 +108,6 @@ fn simulate(nodes: usize, parallel: usize) {
         times.sort();
         let log = fake.log();
         let writes = log.iter().filter(|l| l.method != "GET").count();
-        if label.contains("converged") {
-            // `gpuprov run` does one such converge per drift interval (5 min)
-            // and re-opens its Node watch every 290 s (the watch timeout).
-            let per_converge = log.len() as f64 / nodes as f64;
-            let per_hour = per_converge * 12.0 + 3600.0 / 290.0;
-            println!(
-                "  → a converged node under `gpuprov run`: {per_hour:.1} API requests per hour, {writes} writes"
-            );
-        }
         println!(
             "{label:<34} {nodes:>4} nodes, {parallel:>3} at once: {:>6} requests ({:.2}/node, {:.2} writes/node), \
              time to converge p50 {:>8.1?} p99 {:>8.1?}, all in {:>7.2?}",
@@ -127,6 +118,15 @@ fn simulate(nodes: usize, parallel: usize) {
             percentile(&times, 0.99),
             wall,
         );
+        if label.contains("converged") {
+            // `gpuprov run` does one such converge per drift interval (5 min)
+            // and re-opens its Node watch every 290 s (the watch timeout).
+            let per_converge = log.len() as f64 / nodes as f64;
+            let per_hour = per_converge * 12.0 + 3600.0 / 290.0;
+            println!(
+                "  → a converged node under `gpuprov run`: {per_hour:.1} API requests per hour, {writes} writes"
+            );
+        }
     };
     run_fleet("fleet, first converge");
     run_fleet("fleet, converged (second apply)");
