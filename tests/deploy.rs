@@ -208,3 +208,62 @@ fn the_systemd_unit_runs_a_command_the_binary_accepts() {
         "no API server in a bootstrap image"
     );
 }
+
+/// `kubectl kustomize` (on this machine kind's image) renders each variant
+/// to the same objects the tests above check, with the image tag applied.
+#[test]
+fn kubectl_kustomize_renders_every_variant() {
+    if std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no kubectl on this machine; the checks above read the same files");
+        return;
+    }
+    for (dir, daemonset) in [
+        ("deploy", "gpuprov"),
+        ("deploy/init-container", "gpuprov-init"),
+    ] {
+        let output = std::process::Command::new("kubectl")
+            .args(["kustomize"])
+            .arg(repo().join(dir))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{dir}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).unwrap();
+        let rendered: Vec<(String, String)> = text
+            .split("\n---\n")
+            .map(|doc| {
+                let value: Value = serde_saphyr::from_str(doc).unwrap();
+                (
+                    value["kind"].as_str().unwrap().to_string(),
+                    value["metadata"]["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let mut ours: Vec<(String, String)> = render(&repo().join(dir))
+            .into_iter()
+            .map(|(_, v)| {
+                (
+                    v["kind"].as_str().unwrap().to_string(),
+                    v["metadata"]["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let mut theirs = rendered.clone();
+        ours.sort();
+        theirs.sort();
+        assert_eq!(ours, theirs, "{dir}");
+        assert!(rendered.contains(&("DaemonSet".to_string(), daemonset.to_string())));
+        assert!(
+            text.contains("image: gpuprov:0.1.0"),
+            "{dir}: the image tag is applied"
+        );
+    }
+}
