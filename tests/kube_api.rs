@@ -403,3 +403,36 @@ fn a_conflict_reads_the_node_again_and_a_slow_server_is_waited_for() {
         .count();
     assert_eq!(patches, 2, "the conflicted apply, then one more");
 }
+
+/// The fake serves Pods as the kube client expects (create, get, list,
+/// delete), for the validation pod.
+#[test]
+fn the_fake_serves_pods_to_the_real_client() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, DeleteParams, ListParams, PostParams};
+
+    let fake = fake_with_node(&[]);
+    let kubeconfig = kube::config::Kubeconfig::read_from(fake.kubeconfig()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+        let pods: Api<Pod> = Api::namespaced(kube::Client::try_from(config).unwrap(), "gpuprov");
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "cuda-vectoradd"},
+            "spec": {"restartPolicy": "OnFailure", "containers": [{"name": "cuda-vectoradd", "image": "vectoradd"}]},
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        assert!(pods.create(&PostParams::default(), &pod).await.is_err(), "a second create conflicts");
+        fake.set_pod_phase("gpuprov", "cuda-vectoradd", "Succeeded");
+        let got = pods.get("cuda-vectoradd").await.unwrap();
+        assert_eq!(got.status.unwrap().phase.as_deref(), Some("Succeeded"));
+        assert_eq!(pods.list(&ListParams::default()).await.unwrap().items.len(), 1);
+        pods.delete("cuda-vectoradd", &DeleteParams::default()).await.unwrap();
+        assert!(pods.get("cuda-vectoradd").await.is_err());
+    });
+    assert!(fake.pods().is_empty());
+}

@@ -61,6 +61,8 @@ struct NodeState {
 struct Inner {
     nodes: BTreeMap<String, NodeState>,
     events: Vec<Value>,
+    /// (namespace, name) → pod.
+    pods: BTreeMap<(String, String), Value>,
     log: Vec<Logged>,
     faults: VecDeque<Fault>,
     version: u64,
@@ -93,6 +95,14 @@ impl FakeApi {
             .route(
                 "/apis/events.k8s.io/v1/namespaces/{ns}/events",
                 post(create_event),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/pods",
+                get(list_pods).post(create_pod),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}",
+                get(get_pod).delete(delete_pod),
             )
             .fallback(not_found)
             .with_state(shared.clone());
@@ -195,6 +205,27 @@ impl FakeApi {
 
     pub fn inject(&self, fault: Fault) {
         self.shared.0.lock().unwrap().faults.push_back(fault);
+    }
+
+    /// Sets a pod's `status.phase`, as the kubelet would.
+    pub fn set_pod_phase(&self, namespace: &str, name: &str, phase: &str) {
+        let mut inner = self.shared.0.lock().unwrap();
+        let pod = inner
+            .pods
+            .get_mut(&(namespace.to_string(), name.to_string()))
+            .unwrap();
+        pod["status"]["phase"] = json!(phase);
+    }
+
+    pub fn pods(&self) -> Vec<Value> {
+        self.shared
+            .0
+            .lock()
+            .unwrap()
+            .pods
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Ends every open watch, as a dropped connection would.
@@ -538,6 +569,98 @@ async fn create_event(
     };
     shared.0.lock().unwrap().events.push(event.clone());
     (StatusCode::CREATED, axum::Json(event)).into_response()
+}
+
+async fn create_pod(
+    State(shared): State<Shared>,
+    UrlPath(ns): UrlPath<String>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &body).await {
+        return fault;
+    }
+    let Ok(mut pod) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "pod is not JSON".to_string());
+    };
+    let Some(name) = pod["metadata"]["name"].as_str().map(str::to_string) else {
+        return status(422, "Invalid", "a pod needs metadata.name".to_string());
+    };
+    let mut inner = shared.0.lock().unwrap();
+    let key = (ns.clone(), name.clone());
+    if inner.pods.contains_key(&key) {
+        return status(
+            409,
+            "AlreadyExists",
+            format!("pods \"{name}\" already exists"),
+        );
+    }
+    pod["metadata"]["namespace"] = json!(ns);
+    pod["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
+    pod["status"] = json!({"phase": "Pending"});
+    inner.pods.insert(key, pod.clone());
+    (StatusCode::CREATED, axum::Json(pod)).into_response()
+}
+
+async fn get_pod(
+    State(shared): State<Shared>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(fault) =
+        intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()).await
+    {
+        return fault;
+    }
+    match shared.0.lock().unwrap().pods.get(&(ns, name.clone())) {
+        Some(pod) => axum::Json(pod.clone()).into_response(),
+        None => status(404, "NotFound", format!("pods \"{name}\" not found")),
+    }
+}
+
+async fn list_pods(
+    State(shared): State<Shared>,
+    UrlPath(ns): UrlPath<String>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(fault) =
+        intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()).await
+    {
+        return fault;
+    }
+    let inner = shared.0.lock().unwrap();
+    let items: Vec<Value> = inner
+        .pods
+        .iter()
+        .filter(|((n, _), _)| *n == ns)
+        .map(|(_, p)| p.clone())
+        .collect();
+    axum::Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}))
+        .into_response()
+}
+
+async fn delete_pod(
+    State(shared): State<Shared>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(fault) =
+        intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()).await
+    {
+        return fault;
+    }
+    match shared.0.lock().unwrap().pods.remove(&(ns, name.clone())) {
+        Some(pod) => axum::Json(pod).into_response(),
+        None => status(404, "NotFound", format!("pods \"{name}\" not found")),
+    }
 }
 
 async fn not_found(method: Method, OriginalUri(uri): OriginalUri) -> Response {
