@@ -4,20 +4,14 @@
 
 mod support;
 
+use support::containerd_restarts;
+
 use std::fs;
 use std::path::Path;
 
 use support::{apply_json, copy_host, gpuprov, repo};
 
 const CONFIG: &str = "etc/containerd/config.toml";
-
-fn restarts(host: &Path) -> usize {
-    fs::read_to_string(host.join("var/log/fake-systemctl.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| *l == "restart containerd")
-        .count()
-}
 
 fn revert(host: &Path) -> String {
     let output = gpuprov()
@@ -55,7 +49,7 @@ fn revert_restores_every_fixture_config_byte_for_byte() {
         fs::write(host.path().join(CONFIG), &original).unwrap();
         let (code, _, stderr) = apply_json(host.path(), &[]);
         assert_eq!(code, 0, "{name}: {stderr}");
-        let restarted = restarts(host.path());
+        let restarted = containerd_restarts(host.path());
         // A config that already had the runtime right was left alone, so
         // there is nothing of gpuprov's in it to revert.
         let edited = fs::read(host.path().join(CONFIG)).unwrap() != original;
@@ -73,7 +67,7 @@ fn revert_restores_every_fixture_config_byte_for_byte() {
         );
         let unload = usize::from(edited);
         assert_eq!(
-            restarts(host.path()),
+            containerd_restarts(host.path()),
             restarted + unload,
             "{name}: a restart only to unload a runtime"
         );
@@ -93,7 +87,11 @@ fn revert_restores_every_fixture_config_byte_for_byte() {
         );
         // A second revert has nothing left to do and restarts nothing.
         assert!(revert(host.path()).contains("has not changed its config"));
-        assert_eq!(restarts(host.path()), restarted + unload, "{name}");
+        assert_eq!(
+            containerd_restarts(host.path()),
+            restarted + unload,
+            "{name}"
+        );
     }
 }
 
@@ -177,7 +175,7 @@ fn drop_in_mode_only_adds_an_import_and_revert_takes_both_back() {
     );
     assert_eq!(apply_json(host.path(), &["--config", spec]).0, 0);
     assert_eq!(
-        restarts(host.path()),
+        containerd_restarts(host.path()),
         1,
         "an unchanged drop-in restarts nothing"
     );
@@ -202,5 +200,5 @@ fn drop_in_mode_only_adds_an_import_and_revert_takes_both_back() {
             .join("etc/containerd/conf.d/99-nvidia.toml")
             .exists()
     );
-    assert_eq!(restarts(host.path()), 2);
+    assert_eq!(containerd_restarts(host.path()), 2);
 }

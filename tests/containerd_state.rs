@@ -5,21 +5,13 @@
 
 mod support;
 
+use support::containerd_restarts;
+
 use std::fs;
-use std::path::Path;
 
 use support::{apply_json, copy_host, repo, steps, write_spec};
 
 const CONFIG: &str = "etc/containerd/config.toml";
-const SYSTEMCTL_LOG: &str = "var/log/fake-systemctl.log";
-
-fn restarts(host: &Path) -> usize {
-    fs::read_to_string(host.join(SYSTEMCTL_LOG))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| *l == "restart containerd")
-        .count()
-}
 
 #[test]
 fn containerd_restarts_once_for_a_change_and_never_for_none() {
@@ -32,7 +24,7 @@ fn containerd_restarts_once_for_a_change_and_never_for_none() {
         (runtime.0.as_str(), runtime.1.as_str()),
         ("change", "configured")
     );
-    assert_eq!(restarts(host.path()), 1);
+    assert_eq!(containerd_restarts(host.path()), 1);
     let config = fs::read_to_string(host.path().join(CONFIG)).unwrap();
     assert!(config.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nvidia]"));
     assert_eq!(
@@ -57,7 +49,7 @@ fn containerd_restarts_once_for_a_change_and_never_for_none() {
         assert_eq!(steps(&report)["containerd-runtime"].0, "unchanged");
     }
     assert_eq!(
-        restarts(host.path()),
+        containerd_restarts(host.path()),
         1,
         "an unchanged config restarts nothing"
     );
@@ -95,7 +87,7 @@ fn a_restart_owed_from_an_interrupted_run_happens_on_the_next() {
     let (code, report, _) = apply_json(host.path(), &["--config", spec]);
     assert_eq!(code, 0);
     assert_eq!(steps(&report)["containerd-runtime"].0, "change");
-    assert_eq!(restarts(host.path()), 2);
+    assert_eq!(containerd_restarts(host.path()), 2);
     assert_eq!(
         fs::read(host.path().join(CONFIG)).unwrap(),
         written,
@@ -131,7 +123,7 @@ fn a_malformed_config_fails_the_step_and_is_left_untouched() {
         fs::read_to_string(host.path().join(CONFIG)).unwrap(),
         broken
     );
-    assert_eq!(restarts(host.path()), 0);
+    assert_eq!(containerd_restarts(host.path()), 0);
     assert!(!host.path().join("var/lib/gpuprov/backup").exists());
 }
 
@@ -227,7 +219,7 @@ fn restart_mode_none_changes_the_file_and_leaves_containerd_alone() {
             .2
             .contains("loads the runtime at its next restart")
     );
-    assert_eq!(restarts(host.path()), 0);
+    assert_eq!(containerd_restarts(host.path()), 0);
     let (_, report, _) = apply_json(host.path(), &["--config", spec]);
     assert_eq!(steps(&report)["containerd-runtime"].0, "unchanged");
 }
@@ -246,7 +238,7 @@ fn the_toolkit_opt_out_label_skips_toolkit_and_containerd() {
     let steps = steps(&report);
     assert_eq!(steps["container-toolkit"].1, "opted-out");
     assert_eq!(steps["containerd-runtime"].1, "opted-out");
-    assert_eq!(restarts(host.path()), 0);
+    assert_eq!(containerd_restarts(host.path()), 0);
 }
 
 #[test]

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::containerd_restarts;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Stdio};
@@ -54,14 +56,6 @@ impl Drop for Daemon {
     }
 }
 
-fn restarts(host: &std::path::Path) -> usize {
-    std::fs::read_to_string(host.join("var/log/fake-systemctl.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| *l == "restart containerd")
-        .count()
-}
-
 #[test]
 fn run_keeps_the_node_converged_and_stops_on_sigterm() {
     let fake = FakeApi::start();
@@ -107,7 +101,7 @@ fn run_keeps_the_node_converged_and_stops_on_sigterm() {
         assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
     }
     assert_eq!(fake.labels(NODE)["gpuprov.io/driver"], "preinstalled");
-    assert_eq!(restarts(host.path()), 1);
+    assert_eq!(containerd_restarts(host.path()), 1);
 
     // The watch connection drops; the daemon opens it again. Then someone
     // opts the node out of operands: the daemon follows the watch.
@@ -141,7 +135,7 @@ fn run_keeps_the_node_converged_and_stops_on_sigterm() {
     // Another tool rewrites containerd's config: the drift check puts the
     // runtime back, restarting containerd once for that change.
     let config = host.path().join("etc/containerd/config.toml");
-    let restarted = restarts(host.path());
+    let restarted = containerd_restarts(host.path());
     std::fs::copy(repo().join("fixtures/containerd/v2-default.toml"), &config).unwrap();
     eventually(
         "the runtime to be put back",
@@ -153,11 +147,11 @@ fn run_keeps_the_node_converged_and_stops_on_sigterm() {
         },
     );
     eventually("containerd's restart", Duration::from_secs(15), || {
-        restarts(host.path()) == restarted + 1
+        containerd_restarts(host.path()) == restarted + 1
     });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
-        restarts(host.path()),
+        containerd_restarts(host.path()),
         restarted + 1,
         "drift checks of an unchanged file restart nothing"
     );

@@ -105,6 +105,10 @@ impl FakeApi {
                 get(get_pod).delete(delete_pod),
             )
             .fallback(not_found)
+            .layer(axum::middleware::from_fn_with_state(
+                shared.clone(),
+                log_and_inject,
+            ))
             .with_state(shared.clone());
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -247,6 +251,32 @@ fn status(code: u16, reason: &str, message: String) -> Response {
         .into_response()
 }
 
+/// Every request: logged, then answered by an injected fault (or delayed)
+/// when one matches, else handled.
+async fn log_and_inject(
+    State(shared): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .unwrap_or_default();
+    if let Some(fault) = intercept(
+        &shared,
+        &parts.method,
+        &parts.uri.to_string(),
+        &parts.headers,
+        &bytes,
+    )
+    .await
+    {
+        return fault;
+    }
+    next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
 /// Logs the request; answers with an injected fault, or waits first, if one
 /// matches.
 async fn intercept(
@@ -340,18 +370,7 @@ fn node_json(name: &str, node: &NodeState) -> Value {
     })
 }
 
-async fn get_node(
-    State(shared): State<Shared>,
-    UrlPath(name): UrlPath<String>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(fault) =
-        intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()).await
-    {
-        return fault;
-    }
+async fn get_node(State(shared): State<Shared>, UrlPath(name): UrlPath<String>) -> Response {
     let inner = shared.0.lock().unwrap();
     match inner.nodes.get(&name) {
         Some(node) => axum::Json(node_json(&name, node)).into_response(),
@@ -362,15 +381,7 @@ async fn get_node(
 async fn list_nodes(
     State(shared): State<Shared>,
     Query(query): Query<BTreeMap<String, String>>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(fault) =
-        intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()).await
-    {
-        return fault;
-    }
     let wanted = query
         .get("fieldSelector")
         .and_then(|s| s.strip_prefix("metadata.name="))
@@ -451,14 +462,9 @@ async fn patch_node(
     State(shared): State<Shared>,
     UrlPath(name): UrlPath<String>,
     Query(query): Query<BTreeMap<String, String>>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &body).await {
-        return fault;
-    }
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -556,14 +562,8 @@ async fn patch_node(
 async fn create_event(
     State(shared): State<Shared>,
     UrlPath(_ns): UrlPath<String>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &body).await {
-        return fault;
-    }
     let Ok(event) = serde_json::from_slice::<Value>(&body) else {
         return status(400, "BadRequest", "event is not JSON".to_string());
     };
@@ -574,14 +574,8 @@ async fn create_event(
 async fn create_pod(
     State(shared): State<Shared>,
     UrlPath(ns): UrlPath<String>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(fault) = intercept(&shared, &method, &uri.to_string(), &headers, &body).await {
-        return fault;
-    }
     let Ok(mut pod) = serde_json::from_slice::<Value>(&body) else {
         return status(400, "BadRequest", "pod is not JSON".to_string());
     };
@@ -607,33 +601,14 @@ async fn create_pod(
 async fn get_pod(
     State(shared): State<Shared>,
     UrlPath((ns, name)): UrlPath<(String, String)>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(fault) =
-        intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()).await
-    {
-        return fault;
-    }
     match shared.0.lock().unwrap().pods.get(&(ns, name.clone())) {
         Some(pod) => axum::Json(pod.clone()).into_response(),
         None => status(404, "NotFound", format!("pods \"{name}\" not found")),
     }
 }
 
-async fn list_pods(
-    State(shared): State<Shared>,
-    UrlPath(ns): UrlPath<String>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(fault) =
-        intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()).await
-    {
-        return fault;
-    }
+async fn list_pods(State(shared): State<Shared>, UrlPath(ns): UrlPath<String>) -> Response {
     let inner = shared.0.lock().unwrap();
     let items: Vec<Value> = inner
         .pods
@@ -648,15 +623,7 @@ async fn list_pods(
 async fn delete_pod(
     State(shared): State<Shared>,
     UrlPath((ns, name)): UrlPath<(String, String)>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(fault) =
-        intercept(&shared, &method, &uri.to_string(), &headers, &Bytes::new()).await
-    {
-        return fault;
-    }
     match shared.0.lock().unwrap().pods.remove(&(ns, name.clone())) {
         Some(pod) => axum::Json(pod).into_response(),
         None => status(404, "NotFound", format!("pods \"{name}\" not found")),

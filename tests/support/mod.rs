@@ -169,3 +169,12 @@ pub fn steps(report: &serde_json::Value) -> BTreeMap<String, (String, String, St
         })
         .collect()
 }
+
+/// How often the fixture's fake systemctl restarted containerd.
+pub fn containerd_restarts(host: &Path) -> usize {
+    fs::read_to_string(host.join("var/log/fake-systemctl.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == "restart containerd")
+        .count()
+}
