@@ -39,6 +39,8 @@ pub enum Command {
     Apply(ApplyArgs),
     /// List the catalogue of states in order.
     States(StatesArgs),
+    /// Print everything observed on the node: PCI, driver, NVML, labels.
+    Facts(FactsArgs),
     /// Remove what gpuprov added: containerd's runtime, the labels.
     Revert(ChangeArgs),
     /// Keep the node converged (DaemonSet mode): watch the Node, the config
@@ -144,6 +146,21 @@ pub struct ApplyArgs {
 pub enum ReportFormat {
     Text,
     Json,
+}
+
+#[derive(Debug, Args)]
+pub struct FactsArgs {
+    /// The node's root directory: `/` on the node, `/host` in a pod.
+    #[arg(long, default_value = "/")]
+    pub host_root: PathBuf,
+    /// The NVML library [default: the host root's libnvidia-ml.so.1].
+    #[arg(long)]
+    pub nvml_lib: Option<PathBuf>,
+    /// The node's current labels, `key=value,key=value`.
+    #[arg(long, value_delimiter = ',')]
+    pub node_labels: Vec<String>,
+    #[arg(long, short = 'o', value_enum, default_value_t = ReportFormat::Text)]
+    pub output: ReportFormat,
 }
 
 #[derive(Debug, Args)]

@@ -1,5 +1,6 @@
 //! GPU discovery: which PCI functions are NVIDIA GPUs.
 
+pub mod nvml;
 pub mod pci;
 
 use std::collections::BTreeMap;
