@@ -440,18 +440,26 @@ pub struct FactsReport {
 
 /// Observes the node and reports what it saw; changes nothing.
 pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> {
-    let host = Host::new(&args.host_root, ExecMode::default_for(&args.host_root), Duration::from_secs(30))?;
+    let host = Host::new(
+        &args.host_root,
+        ExecMode::default_for(&args.host_root),
+        Duration::from_secs(30),
+    )?;
     let node_labels = node_labels(&args.node_labels, None)?;
     let facts = Facts::gather(&host, node_labels).map_err(|source| Error::Facts {
         root: host.root().display().to_string(),
         source,
     })?;
     let driver = match crate::driver::detect::detect(&host) {
-        Ok(Some(driver)) => serde_json::json!({"loaded": true, "version": driver.version, "openKernelModule": driver.open_kernel_module}),
+        Ok(Some(driver)) => {
+            serde_json::json!({"loaded": true, "version": driver.version, "openKernelModule": driver.open_kernel_module})
+        }
         Ok(None) => serde_json::json!({"loaded": false}),
         Err(e) => serde_json::json!({"error": crate::exec::error_chain(&e)}),
     };
-    let nvml = match crate::gpu::nvml::find_library(&host, args.nvml_lib.as_deref()).and_then(|lib| crate::gpu::nvml::inventory(&lib)) {
+    let nvml = match crate::gpu::nvml::find_library(&host, args.nvml_lib.as_deref())
+        .and_then(|lib| crate::gpu::nvml::inventory(&lib))
+    {
         Ok(inventory) => serde_json::to_value(inventory).expect("serializes"),
         Err(problem) => serde_json::json!({"unavailable": problem.to_string(), "reason": problem}),
     };
@@ -477,27 +485,52 @@ fn run_facts(args: &crate::cli::FactsArgs) -> Result<i32, Error> {
 
 fn facts_text(report: &FactsReport) -> String {
     let mut out = format!("host: {}", report.host_root);
-    let about: Vec<String> = report.os.iter().cloned().chain(report.kernel.iter().map(|k| format!("kernel {k}"))).collect();
+    let about: Vec<String> = report
+        .os
+        .iter()
+        .cloned()
+        .chain(report.kernel.iter().map(|k| format!("kernel {k}")))
+        .collect();
     if !about.is_empty() {
         out.push_str(&format!(" ({})", about.join(", ")));
     }
     out.push('\n');
-    let nvidia: Vec<_> = report.pci.iter().filter(|f| f.nvidia_kind().is_some()).collect();
-    out.push_str(&format!("PCI: {} functions, {} of them NVIDIA's\n", report.pci.len(), nvidia.len()));
+    let nvidia: Vec<_> = report
+        .pci
+        .iter()
+        .filter(|f| f.nvidia_kind().is_some())
+        .collect();
+    out.push_str(&format!(
+        "PCI: {} functions, {} of them NVIDIA's\n",
+        report.pci.len(),
+        nvidia.len()
+    ));
     for f in nvidia {
         let kind = f.nvidia_kind().expect("filtered").describe();
         let driver = f.driver.as_deref().unwrap_or("no driver");
-        out.push_str(&format!("  {}  10de:{:04x}  class 0x{:06x}  {driver}  {kind}\n", f.address, f.device, f.class));
+        out.push_str(&format!(
+            "  {}  10de:{:04x}  class 0x{:06x}  {driver}  {kind}\n",
+            f.address, f.device, f.class
+        ));
     }
-    out.push_str(&match (report.driver["loaded"].as_bool(), report.driver["version"].as_str()) {
+    out.push_str(&match (
+        report.driver["loaded"].as_bool(),
+        report.driver["version"].as_str(),
+    ) {
         (Some(true), Some(version)) => format!("driver: NVIDIA {version} loaded\n"),
         (Some(false), _) => "driver: no NVIDIA kernel driver loaded\n".to_string(),
-        _ => format!("driver: {}\n", report.driver["error"].as_str().unwrap_or("unknown")),
+        _ => format!(
+            "driver: {}\n",
+            report.driver["error"].as_str().unwrap_or("unknown")
+        ),
     });
     match report.nvml["unavailable"].as_str() {
         Some(problem) => out.push_str(&format!("NVML: {problem}\n")),
         None => {
-            let devices = report.nvml["devices"].as_array().cloned().unwrap_or_default();
+            let devices = report.nvml["devices"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             out.push_str(&format!(
                 "NVML ({}): driver {}, CUDA {}, {} GPU(s)\n",
                 report.nvml["library"].as_str().unwrap_or(""),
@@ -520,7 +553,11 @@ fn facts_text(report: &FactsReport) -> String {
                     d["memoryTotalMib"],
                     d["computeCapability"][0],
                     d["computeCapability"][1],
-                    if d["persistenceMode"].as_bool() == Some(true) { "on" } else { "off" },
+                    if d["persistenceMode"].as_bool() == Some(true) {
+                        "on"
+                    } else {
+                        "off"
+                    },
                 ));
             }
         }

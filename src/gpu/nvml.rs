@@ -60,7 +60,9 @@ impl NvmlDevice {
     pub fn sysfs_address(&self) -> String {
         let id = self.pci_bus_id.to_lowercase();
         match id.split_once(':') {
-            Some((domain, rest)) if domain.len() > 4 => format!("{}:{rest}", &domain[domain.len() - 4..]),
+            Some((domain, rest)) if domain.len() > 4 => {
+                format!("{}:{rest}", &domain[domain.len() - 4..])
+            }
             _ => id,
         }
     }
@@ -107,19 +109,32 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
                 library: shown.clone(),
                 reason: e.to_string(),
             },
-            NvmlError::DriverNotLoaded => NvmlProblem::DriverNotLoaded { library: shown.clone() },
-            NvmlError::NoPermission => NvmlProblem::NoPermission { library: shown.clone() },
+            NvmlError::DriverNotLoaded => NvmlProblem::DriverNotLoaded {
+                library: shown.clone(),
+            },
+            NvmlError::NoPermission => NvmlProblem::NoPermission {
+                library: shown.clone(),
+            },
             other => unknown("nvmlInit", other),
         })?;
-    let driver_version = nvml.sys_driver_version().map_err(|e| unknown("the driver version", e))?;
-    let cuda = nvml.sys_cuda_driver_version().map_err(|e| unknown("the CUDA driver version", e))?;
-    let count = nvml.device_count().map_err(|e| unknown("the device count", e))?;
+    let driver_version = nvml
+        .sys_driver_version()
+        .map_err(|e| unknown("the driver version", e))?;
+    let cuda = nvml
+        .sys_cuda_driver_version()
+        .map_err(|e| unknown("the CUDA driver version", e))?;
+    let count = nvml
+        .device_count()
+        .map_err(|e| unknown("the device count", e))?;
     let mut devices = Vec::new();
     for index in 0..count {
         let lost = |what: &str| {
             let what = what.to_string();
             move |e: NvmlError| match e {
-                NvmlError::GpuLost => NvmlProblem::GpuLost { index, what: what.clone() },
+                NvmlError::GpuLost => NvmlProblem::GpuLost {
+                    index,
+                    what: what.clone(),
+                },
                 other => unknown(&format!("GPU {index}: {what}"), other),
             }
         };
@@ -134,13 +149,16 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
             Err(NvmlError::NotSupported) => false,
             Err(e) => return Err(lost("its persistence mode")(e)),
         };
-        let capability = device.cuda_compute_capability().map_err(lost("its compute capability"))?;
+        let capability = device
+            .cuda_compute_capability()
+            .map_err(lost("its compute capability"))?;
         devices.push(NvmlDevice {
             index,
             name: device.name().map_err(lost("its name"))?,
             uuid: device.uuid().map_err(lost("its UUID"))?,
             pci_bus_id: device.pci_info().map_err(lost("its PCI info"))?.bus_id,
-            memory_total_mib: device.memory_info().map_err(lost("its memory size"))?.total / (1024 * 1024),
+            memory_total_mib: device.memory_info().map_err(lost("its memory size"))?.total
+                / (1024 * 1024),
             compute_capability: (capability.major, capability.minor),
             mig_capable,
             mig_enabled,

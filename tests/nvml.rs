@@ -1,0 +1,165 @@
+//! NVML through the real nvml-wrapper: the fake library
+//! (fixtures/fake-nvml, built by scripts/test) answering from each fixture
+//! in fixtures/nvml, every NVML error mapped to its problem, and Debian's
+//! real libnvidia-ml on a machine without a driver.
+
+mod support;
+
+use std::path::PathBuf;
+
+use support::{gpuprov, repo};
+
+fn fake_library() -> PathBuf {
+    let path = repo().join("target/debug/libfake_nvml.so");
+    assert!(
+        path.exists(),
+        "{} is missing: scripts/test builds it (cargo build -p fake-nvml)",
+        path.display()
+    );
+    path
+}
+
+/// `gpuprov facts --output json` with the fake answering from `fixture`.
+fn facts(host: &str, fixture: &str) -> serde_json::Value {
+    let output = gpuprov()
+        .args([
+            "facts",
+            "--output",
+            "json",
+            "--host-root",
+            &format!("fixtures/hosts/{host}"),
+            "--nvml-lib",
+        ])
+        .arg(fake_library())
+        .env(
+            "GPUPROV_FAKE_NVML",
+            repo().join("fixtures/nvml").join(fixture),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn every_fixture_reads_through_the_real_nvml_wrapper() {
+    for (host, fixture) in [
+        ("h100x8-nvswitch-preinstalled", "h100x8.yaml"),
+        ("a100-preinstalled", "a100-mig.yaml"),
+        ("a100-preinstalled", "mixed-t4-a10g.yaml"),
+        ("a100-preinstalled", "l4.yaml"),
+        ("a100-preinstalled", "zero-devices.yaml"),
+    ] {
+        let nvml = facts(host, fixture)["nvml"].clone();
+        let mut shown = nvml.clone();
+        shown["library"] = serde_json::json!("<fake>");
+        insta::assert_snapshot!(
+            format!("nvml-{fixture}"),
+            serde_json::to_string_pretty(&shown).unwrap()
+        );
+    }
+}
+
+#[test]
+fn the_fake_answers_as_the_real_gpus_do() {
+    let nvml = facts("h100x8-nvswitch-preinstalled", "h100x8.yaml")["nvml"].clone();
+    let devices = nvml["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 8, "the same count as the PCI scan");
+    assert_eq!(devices[0]["name"], "NVIDIA H100 80GB HBM3");
+    assert_eq!(devices[0]["memoryTotalMib"], 81559);
+    assert_eq!(devices[0]["computeCapability"], serde_json::json!([9, 0]));
+    assert_eq!(devices[7]["pciBusId"], "00000000:DB:00.0");
+    let mig = facts("a100-preinstalled", "a100-mig.yaml")["nvml"]["devices"][0].clone();
+    assert_eq!(
+        (mig["migCapable"].as_bool(), mig["migEnabled"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let t4 = facts("a100-preinstalled", "mixed-t4-a10g.yaml")["nvml"]["devices"][0].clone();
+    assert_eq!(
+        (t4["name"].as_str(), t4["migCapable"].as_bool()),
+        (Some("Tesla T4"), Some(false))
+    );
+}
+
+#[test]
+fn nvml_errors_become_problems_a_person_can_act_on() {
+    for (fixture, problem, text) in [
+        (
+            "driver-not-loaded.yaml",
+            "driver-not-loaded",
+            "driver not loaded",
+        ),
+        (
+            "no-permission.yaml",
+            "no-permission",
+            "no permission to use the GPUs",
+        ),
+        ("gpu-lost.yaml", "gpu-lost", "GPU 3 is lost"),
+        (
+            "unknown-error.yaml",
+            "unknown",
+            "NVML failed: the device count",
+        ),
+    ] {
+        let nvml = facts("h100x8-nvswitch-preinstalled", fixture)["nvml"].clone();
+        assert_eq!(nvml["reason"]["problem"], problem, "{fixture}: {nvml}");
+        assert!(
+            nvml["unavailable"].as_str().unwrap().contains(text),
+            "{fixture}: {nvml}"
+        );
+    }
+    // No library in the host root at all.
+    let output = gpuprov()
+        .args([
+            "facts",
+            "--output",
+            "json",
+            "--host-root",
+            "fixtures/hosts/no-gpu",
+        ])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["nvml"]["reason"]["problem"], "library-not-found");
+}
+
+#[test]
+fn debians_real_libnvidia_ml_reports_driver_not_loaded() {
+    let library = [
+        "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1",
+        "/usr/lib/aarch64-linux-gnu/libnvidia-ml.so.1",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("scripts/test installs Debian's libnvidia-ml1");
+    // This machine has no NVIDIA driver: the real library must say so, not
+    // "no GPU" and not crash.
+    let output = gpuprov()
+        .args(["facts", "--output", "json", "--host-root", "/"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        report["nvml"]["reason"]["problem"], "driver-not-loaded",
+        "{}",
+        report["nvml"]
+    );
+    let found = report["nvml"]["reason"]["library"].as_str().unwrap();
+    assert_eq!(
+        std::fs::canonicalize(found).unwrap(),
+        std::fs::canonicalize(&library).unwrap(),
+        "the host's own library was found through its library directories"
+    );
+}
