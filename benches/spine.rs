@@ -37,6 +37,7 @@ fn node_args(host: &Path, config: Option<PathBuf>) -> NodeArgs {
         labels_sink: LabelTarget::File,
         kubeconfig: None,
         node_name: None,
+        nvml_lib: None,
         command_timeout: Duration::from_secs(60),
     }
 }

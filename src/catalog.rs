@@ -29,6 +29,14 @@ pub const BUILTIN_STATES: &[(&str, &str)] = &[
         "states/30-containerd-runtime.yaml",
         include_str!("../states/30-containerd-runtime.yaml"),
     ),
+    (
+        "states/40-gpu-health.yaml",
+        include_str!("../states/40-gpu-health.yaml"),
+    ),
+    (
+        "states/50-gpu-feature-discovery.yaml",
+        include_str!("../states/50-gpu-feature-discovery.yaml"),
+    ),
 ];
 
 /// The Rust code that observes and converges a state.
@@ -39,6 +47,8 @@ pub enum Handler {
     Driver,
     ContainerToolkit,
     ContainerdRuntime,
+    GpuHealth,
+    GpuFeatureDiscovery,
     Exec,
 }
 
@@ -48,6 +58,8 @@ impl Handler {
         ("driver", Handler::Driver),
         ("container-toolkit", Handler::ContainerToolkit),
         ("containerd-runtime", Handler::ContainerdRuntime),
+        ("gpu-health", Handler::GpuHealth),
+        ("gpu-feature-discovery", Handler::GpuFeatureDiscovery),
         ("exec", Handler::Exec),
     ];
 
@@ -335,7 +347,9 @@ mod tests {
                 "detect-gpu",
                 "driver",
                 "container-toolkit",
-                "containerd-runtime"
+                "containerd-runtime",
+                "gpu-health",
+                "gpu-feature-discovery"
             ]
         );
     }

@@ -80,6 +80,9 @@ pub struct NodeArgs {
     /// This node's name [default: NODE_NAME, else the hostname].
     #[arg(long)]
     pub node_name: Option<String>,
+    /// The NVML library [default: the host root's libnvidia-ml.so.1].
+    #[arg(long)]
+    pub nvml_lib: Option<PathBuf>,
     /// Longest time one host command may run (`30s`, `5m`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     pub command_timeout: Duration,

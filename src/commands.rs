@@ -33,6 +33,7 @@ pub struct Inputs {
     pub labels_sink: LabelTarget,
     /// The API server, when one is configured (or asked for).
     pub cluster: Option<Cluster>,
+    pub nvml_lib: Option<std::path::PathBuf>,
 }
 
 impl Inputs {
@@ -78,6 +79,7 @@ impl Inputs {
             node_labels,
             labels_sink,
             cluster,
+            nvml_lib: args.nvml_lib.clone(),
         })
     }
 
@@ -95,6 +97,7 @@ impl Inputs {
             source,
         })?;
         facts.own_labels = node.ours;
+        facts.nvml_lib = self.nvml_lib.clone();
         Ok(facts)
     }
 

@@ -38,6 +38,8 @@ pub enum Outcome {
     Failed,
     RebootRequired,
     Absent,
+    /// Working, but not wholly: a GPU fell off the bus.
+    Degraded,
 }
 
 impl Outcome {
@@ -54,6 +56,7 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::RebootRequired => "reboot-required",
             Outcome::Absent => "absent",
+            Outcome::Degraded => "degraded",
         }
     }
 
@@ -219,6 +222,8 @@ fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         Handler::Driver => driver::observe(ctx),
         Handler::ContainerToolkit => toolkit::observe(ctx),
         Handler::ContainerdRuntime => containerd::observe(ctx),
+        Handler::GpuHealth => gpu::gfd::observe_health(ctx),
+        Handler::GpuFeatureDiscovery => gpu::gfd::observe(ctx),
         Handler::Exec => exec_state::observe(ctx),
     }
 }
@@ -457,10 +462,16 @@ impl Executor<'_> {
     }
 }
 
-/// A converged outcome, or `absent` that only disables dependents (no GPU:
-/// nothing to do), is unchanged; anything else did not converge.
+/// A converged outcome is unchanged. So is a step that says it stands in
+/// no one's way (it disables its dependents: no GPU; or lets them pass:
+/// nothing to check). Anything else, `degraded` included, did not converge.
 fn action_for(obs: &Observation) -> Action {
-    if obs.outcome.lets_dependents_run() || matches!(obs.gate, Some(Gate::Disable(_))) {
+    let harmless = match &obs.gate {
+        Some(Gate::Disable(_)) => true,
+        Some(Gate::Pass) => obs.outcome != Outcome::Degraded,
+        _ => false,
+    };
+    if obs.outcome.lets_dependents_run() || harmless {
         Action::Unchanged
     } else {
         Action::Fail

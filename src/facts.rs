@@ -30,6 +30,12 @@ pub struct Facts {
     pub os_ids: Vec<String>,
     /// The running kernel's release.
     pub kernel: Option<String>,
+    /// `--nvml-lib`, when given.
+    #[serde(skip)]
+    pub nvml_lib: Option<std::path::PathBuf>,
+    /// NVML's inventory, asked for once by the first step that needs it.
+    #[serde(skip)]
+    nvml: std::sync::OnceLock<Result<crate::gpu::nvml::Inventory, crate::gpu::nvml::NvmlProblem>>,
 }
 
 impl Facts {
@@ -58,6 +64,16 @@ impl Facts {
             os,
             os_ids,
             kernel,
+            nvml_lib: None,
+            nvml: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// What NVML reports (loaded on first use, then kept for the run).
+    pub fn nvml(&self, host: &Host) -> &Result<crate::gpu::nvml::Inventory, crate::gpu::nvml::NvmlProblem> {
+        self.nvml.get_or_init(|| {
+            crate::gpu::nvml::find_library(host, self.nvml_lib.as_deref())
+                .and_then(|library| crate::gpu::nvml::inventory(&library))
         })
     }
 

@@ -68,7 +68,7 @@ struct RawSpec {
     #[serde(default)]
     dcgm_exporter: RawSwitch,
     #[serde(default)]
-    gfd: RawSwitch,
+    gfd: RawGfd,
     #[serde(default)]
     validator: RawSwitch,
     #[serde(default)]
@@ -79,6 +79,13 @@ struct RawSpec {
 #[serde(deny_unknown_fields)]
 struct RawSwitch {
     enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGfd {
+    enabled: Option<bool>,
+    mode: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -148,10 +155,21 @@ pub struct Spec {
     pub device_plugin: bool,
     pub dcgm_exporter: bool,
     pub gfd: bool,
+    pub gfd_mode: GfdMode,
     pub validator: bool,
     /// The user's own states, in document order.
     #[serde(skip)]
     pub states: Vec<StateDef>,
+}
+
+/// Who publishes GPU Feature Discovery's labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GfdMode {
+    /// gpuprov itself, from NVML (the `gpu-feature-discovery` state).
+    Builtin,
+    /// NVIDIA's GFD DaemonSet.
+    Daemonset,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -277,6 +295,21 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         }
     });
 
+    let gfd_mode = match raw.gfd.mode.as_ref() {
+        None => GfdMode::Daemonset,
+        Some(mode) => match mode.value.as_str() {
+            "builtin" => GfdMode::Builtin,
+            "daemonset" => GfdMode::Daemonset,
+            other => {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    mode.referenced,
+                    format!("gfd.mode must be builtin or daemonset, not `{other}`"),
+                ));
+                GfdMode::Daemonset
+            }
+        },
+    };
     let containerd = resolve_containerd(&raw.containerd, &raw.toolkit.env, source, &mut errors);
     let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
 
@@ -333,6 +366,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         device_plugin: raw.device_plugin.enabled.unwrap_or(true),
         dcgm_exporter: raw.dcgm_exporter.enabled.unwrap_or(true),
         gfd: raw.gfd.enabled.unwrap_or(true),
+        gfd_mode,
         validator: raw.validator.enabled.unwrap_or(true),
         states,
     })

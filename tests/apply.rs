@@ -80,6 +80,8 @@ fn apply_converges_site_states_and_publishes_labels_for_nfd() {
          gpuprov.io/detect-gpu=ready\n\
          gpuprov.io/driver=preinstalled\n\
          gpuprov.io/gpu-clocks-report=configured\n\
+         gpuprov.io/gpu-feature-discovery=disabled\n\
+         gpuprov.io/gpu-health=absent\n\
          gpuprov.io/persistence-mode=configured\n\
          nvidia.com/gpu.deploy.driver=pre-installed\n\
          nvidia.com/gpu.present=true\n"
@@ -397,6 +399,8 @@ fn labels_sink_stdout_prints_labels_and_writes_no_feature_file() {
          gpuprov.io/containerd-runtime=configured\n\
          gpuprov.io/detect-gpu=ready\n\
          gpuprov.io/driver=preinstalled\n\
+         gpuprov.io/gpu-feature-discovery=disabled\n\
+         gpuprov.io/gpu-health=absent\n\
          nvidia.com/gpu.deploy.driver=pre-installed\n\
          nvidia.com/gpu.present=true\n"
     );
@@ -460,6 +464,8 @@ fn states_dir_overrides_a_builtin_in_place_and_adds_new_states() {
             "driver",
             "container-toolkit",
             "containerd-runtime",
+            "gpu-health",
+            "gpu-feature-discovery",
             "persistenced"
         ]
     );

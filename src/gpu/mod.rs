@@ -1,5 +1,6 @@
 //! GPU discovery: which PCI functions are NVIDIA GPUs.
 
+pub mod gfd;
 pub mod nvml;
 pub mod pci;
 

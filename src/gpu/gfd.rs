@@ -1,0 +1,225 @@
+//! GPU Feature Discovery's labels, built in (`gfd.mode: builtin`), and the
+//! PCI/NVML health cross-check.
+//!
+//! Keys and value rules are GFD's, so that workloads scheduling on
+//! `nvidia.com/gpu.product` need no GFD. On a node with several models the
+//! labels describe one of them, chosen deterministically (GFD's choice
+//! depends on enumeration order): the model with the most GPUs, ties broken
+//! by the lowest NVML index. No timestamp label: it would make every run a
+//! write.
+
+use std::collections::BTreeMap;
+
+use super::nvml::{Inventory, NvmlDevice};
+use super::pci::PciFunction;
+use crate::exec::{Gate, Observation, Outcome, StepContext, StepError};
+use crate::spec::GfdMode;
+
+pub const MACHINE_FILE: &str = "/sys/class/dmi/id/product_name";
+
+/// GFD's architecture family for a compute capability.
+pub fn family(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (1, _) => "tesla",
+        (2, _) => "fermi",
+        (3, _) => "kepler",
+        (5, _) => "maxwell",
+        (6, _) => "pascal",
+        (7, m) if m < 5 => "volta",
+        (7, _) => "turing",
+        (8, m) if m < 9 => "ampere",
+        (8, _) => "ada-lovelace",
+        (9, _) => "hopper",
+        (10 | 12, _) => "blackwell",
+        _ => "undefined",
+    }
+}
+
+/// A label value: GFD's spaces-to-dashes, then only what Kubernetes allows
+/// (alphanumerics, `-`, `_`, `.`; 63 characters; alphanumeric at both ends).
+pub fn label_value(text: &str) -> String {
+    let replaced: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .collect();
+    let trimmed: String = replaced.chars().take(63).collect();
+    trimmed
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
+}
+
+/// The model the labels describe: the most GPUs, then the lowest index.
+pub fn chosen_model(devices: &[NvmlDevice]) -> Option<&NvmlDevice> {
+    let mut counts: BTreeMap<&str, (usize, u32)> = BTreeMap::new();
+    for d in devices {
+        let entry = counts.entry(d.name.as_str()).or_insert((0, d.index));
+        entry.0 += 1;
+        entry.1 = entry.1.min(d.index);
+    }
+    let (name, _) = counts
+        .iter()
+        .max_by(|(_, (n1, i1)), (_, (n2, i2))| n1.cmp(n2).then(i2.cmp(i1)))?;
+    devices.iter().filter(|d| d.name == *name).min_by_key(|d| d.index)
+}
+
+/// GFD's labels for this node.
+pub fn labels(inventory: &Inventory, pci: &[PciFunction], machine: Option<&str>) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut put = |key: &str, value: String| {
+        labels.insert(format!("nvidia.com/{key}"), value);
+    };
+    put("gpu.count", inventory.devices.len().to_string());
+    if let Some(model) = chosen_model(&inventory.devices) {
+        let (major, minor) = model.compute_capability;
+        put("gpu.product", label_value(&model.name));
+        put("gpu.memory", model.memory_total_mib.to_string());
+        put("gpu.family", family(major, minor).to_string());
+        put("gpu.compute.major", major.to_string());
+        put("gpu.compute.minor", minor.to_string());
+    }
+    let driver: Vec<&str> = inventory.driver_version.split('.').collect();
+    put("cuda.driver-version.full", label_value(&inventory.driver_version));
+    for (key, part) in ["major", "minor", "revision"].iter().zip(&driver) {
+        put(&format!("cuda.driver-version.{key}"), label_value(part));
+    }
+    let cuda: Vec<&str> = inventory.cuda_driver_version.split('.').collect();
+    put("cuda.runtime-version.full", label_value(&inventory.cuda_driver_version));
+    for (key, part) in ["major", "minor"].iter().zip(&cuda) {
+        put(&format!("cuda.runtime-version.{key}"), label_value(part));
+    }
+    if let Some(machine) = machine.map(label_value).filter(|m| !m.is_empty()) {
+        put("gpu.machine", machine);
+    }
+    let modes: std::collections::BTreeSet<&str> = pci
+        .iter()
+        .filter(|f| f.is_gpu())
+        .map(|f| if f.class_code() == 0x0302 { "compute" } else { "graphics" })
+        .collect();
+    let mode = match modes.len() {
+        1 => modes.first().copied().unwrap_or("unknown"),
+        _ => "unknown",
+    };
+    put("gpu.mode", mode.to_string());
+    let mig_capable = inventory.devices.iter().any(|d| d.mig_capable);
+    put("mig.capable", mig_capable.to_string());
+    labels
+}
+
+/// The `gpu-feature-discovery` handler (builtin mode).
+pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+    if ctx.spec.gfd_mode == GfdMode::Daemonset {
+        let mut obs = Observation::new(
+            Outcome::Disabled,
+            "gfd.mode is daemonset: NVIDIA's GFD DaemonSet publishes these labels",
+        );
+        obs.gate = Some(Gate::Pass);
+        return Ok(obs);
+    }
+    let inventory = match ctx.facts.nvml(ctx.host) {
+        Ok(inventory) => inventory,
+        Err(problem) => return Err(StepError::Observe(format!("no GPU features without NVML: {problem}"))),
+    };
+    let machine = ctx.host.read(MACHINE_FILE)?;
+    let labels = labels(inventory, &ctx.facts.pci, machine.as_deref());
+    let product = labels.get("nvidia.com/gpu.product").cloned().unwrap_or_default();
+    let mut obs = Observation::new(
+        Outcome::Ready,
+        format!("{} GPU labels: {}× {product}", labels.len(), inventory.devices.len()),
+    );
+    obs.labels = labels;
+    Ok(obs)
+}
+
+/// The `gpu-health` handler: NVML must see every GPU the PCI bus has bound
+/// to the nvidia driver; fewer means one fell off the bus (`degraded`,
+/// published as `gpuprov.io/gpu-health=degraded`).
+pub fn observe_health(ctx: &StepContext) -> Result<Observation, StepError> {
+    let on_nvidia: Vec<&PciFunction> = ctx
+        .facts
+        .gpus()
+        .filter(|g| g.driver.as_deref() == Some("nvidia"))
+        .collect();
+    let inventory = match ctx.facts.nvml(ctx.host) {
+        Ok(inventory) => inventory,
+        Err(super::nvml::NvmlProblem::LibraryNotFound) => {
+            let mut obs = Observation::new(Outcome::Absent, "no NVML library in the host: GPU health not checked");
+            obs.gate = Some(Gate::Pass);
+            return Ok(obs);
+        }
+        Err(problem) => {
+            let mut obs = Observation::new(Outcome::Degraded, problem.to_string());
+            obs.gate = Some(Gate::Pass);
+            return Ok(obs);
+        }
+    };
+    let seen = inventory.devices.len();
+    let mut obs = if seen < on_nvidia.len() {
+        let missing: Vec<String> = on_nvidia
+            .iter()
+            .filter(|g| !inventory.devices.iter().any(|d| d.sysfs_address() == g.address))
+            .map(|g| g.address.clone())
+            .collect();
+        Observation::new(
+            Outcome::Degraded,
+            format!(
+                "the PCI bus has {} GPUs on the nvidia driver but NVML sees {seen} (missing: {})",
+                on_nvidia.len(),
+                missing.join(", ")
+            ),
+        )
+    } else {
+        Observation::new(Outcome::Ready, format!("NVML sees all {seen} GPUs (driver {})", inventory.driver_version))
+    };
+    // A degraded node still runs its other GPUs: dependents go on.
+    obs.gate = Some(Gate::Pass);
+    Ok(obs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(index: u32, name: &str) -> NvmlDevice {
+        NvmlDevice {
+            index,
+            name: name.into(),
+            uuid: format!("GPU-{index}"),
+            pci_bus_id: format!("00000000:{index:02X}:00.0"),
+            memory_total_mib: 1,
+            compute_capability: (8, 0),
+            mig_capable: false,
+            mig_enabled: false,
+            mig_pending: false,
+            persistence_mode: false,
+        }
+    }
+
+    #[test]
+    fn families_follow_compute_capability() {
+        assert_eq!(family(7, 0), "volta");
+        assert_eq!(family(7, 5), "turing");
+        assert_eq!(family(8, 6), "ampere");
+        assert_eq!(family(8, 9), "ada-lovelace");
+        assert_eq!(family(9, 0), "hopper");
+        assert_eq!(family(10, 0), "blackwell");
+    }
+
+    #[test]
+    fn product_names_become_label_values() {
+        assert_eq!(label_value("NVIDIA H100 80GB HBM3"), "NVIDIA-H100-80GB-HBM3");
+        assert_eq!(label_value("NVIDIA A100-SXM4-40GB"), "NVIDIA-A100-SXM4-40GB");
+        assert_eq!(label_value(" Tesla T4 "), "Tesla-T4");
+        assert_eq!(label_value("PowerEdge XE9680 (rev 2)"), "PowerEdge-XE9680--rev-2");
+    }
+
+    #[test]
+    fn the_model_with_most_gpus_wins_then_the_lowest_index() {
+        let mixed = [device(0, "Tesla T4"), device(1, "NVIDIA A10G"), device(2, "NVIDIA A10G")];
+        assert_eq!(chosen_model(&mixed).unwrap().name, "NVIDIA A10G");
+        let tie = [device(0, "NVIDIA A10G"), device(1, "Tesla T4")];
+        assert_eq!(chosen_model(&tie).unwrap().name, "NVIDIA A10G");
+        let reversed = [device(0, "Tesla T4"), device(1, "NVIDIA A10G")];
+        assert_eq!(chosen_model(&reversed).unwrap().name, "Tesla T4");
+    }
+}
