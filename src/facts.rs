@@ -70,7 +70,10 @@ impl Facts {
     }
 
     /// What NVML reports (loaded on first use, then kept for the run).
-    pub fn nvml(&self, host: &Host) -> &Result<crate::gpu::nvml::Inventory, crate::gpu::nvml::NvmlProblem> {
+    pub fn nvml(
+        &self,
+        host: &Host,
+    ) -> &Result<crate::gpu::nvml::Inventory, crate::gpu::nvml::NvmlProblem> {
         self.nvml.get_or_init(|| {
             crate::gpu::nvml::find_library(host, self.nvml_lib.as_deref())
                 .and_then(|library| crate::gpu::nvml::inventory(&library))

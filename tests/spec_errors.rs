@@ -191,6 +191,12 @@ const EXPECTED: &[(&str, &str, &str, &str)] = &[
         "`apk` is not apt, dnf, yum or zypper",
         "did you mean `apt`?",
     ),
+    (
+        "32-gfd-mode.yaml",
+        "2:9",
+        "gfd.mode must be builtin or daemonset, not `sidecar`",
+        "sidecar",
+    ),
 ];
 
 #[test]

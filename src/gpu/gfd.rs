@@ -41,7 +41,13 @@ pub fn label_value(text: &str) -> String {
     let replaced: String = text
         .trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let trimmed: String = replaced.chars().take(63).collect();
     trimmed
@@ -60,11 +66,18 @@ pub fn chosen_model(devices: &[NvmlDevice]) -> Option<&NvmlDevice> {
     let (name, _) = counts
         .iter()
         .max_by(|(_, (n1, i1)), (_, (n2, i2))| n1.cmp(n2).then(i2.cmp(i1)))?;
-    devices.iter().filter(|d| d.name == *name).min_by_key(|d| d.index)
+    devices
+        .iter()
+        .filter(|d| d.name == *name)
+        .min_by_key(|d| d.index)
 }
 
 /// GFD's labels for this node.
-pub fn labels(inventory: &Inventory, pci: &[PciFunction], machine: Option<&str>) -> BTreeMap<String, String> {
+pub fn labels(
+    inventory: &Inventory,
+    pci: &[PciFunction],
+    machine: Option<&str>,
+) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::new();
     let mut put = |key: &str, value: String| {
         labels.insert(format!("nvidia.com/{key}"), value);
@@ -79,12 +92,18 @@ pub fn labels(inventory: &Inventory, pci: &[PciFunction], machine: Option<&str>)
         put("gpu.compute.minor", minor.to_string());
     }
     let driver: Vec<&str> = inventory.driver_version.split('.').collect();
-    put("cuda.driver-version.full", label_value(&inventory.driver_version));
+    put(
+        "cuda.driver-version.full",
+        label_value(&inventory.driver_version),
+    );
     for (key, part) in ["major", "minor", "revision"].iter().zip(&driver) {
         put(&format!("cuda.driver-version.{key}"), label_value(part));
     }
     let cuda: Vec<&str> = inventory.cuda_driver_version.split('.').collect();
-    put("cuda.runtime-version.full", label_value(&inventory.cuda_driver_version));
+    put(
+        "cuda.runtime-version.full",
+        label_value(&inventory.cuda_driver_version),
+    );
     for (key, part) in ["major", "minor"].iter().zip(&cuda) {
         put(&format!("cuda.runtime-version.{key}"), label_value(part));
     }
@@ -94,7 +113,13 @@ pub fn labels(inventory: &Inventory, pci: &[PciFunction], machine: Option<&str>)
     let modes: std::collections::BTreeSet<&str> = pci
         .iter()
         .filter(|f| f.is_gpu())
-        .map(|f| if f.class_code() == 0x0302 { "compute" } else { "graphics" })
+        .map(|f| {
+            if f.class_code() == 0x0302 {
+                "compute"
+            } else {
+                "graphics"
+            }
+        })
         .collect();
     let mode = match modes.len() {
         1 => modes.first().copied().unwrap_or("unknown"),
@@ -118,14 +143,25 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     }
     let inventory = match ctx.facts.nvml(ctx.host) {
         Ok(inventory) => inventory,
-        Err(problem) => return Err(StepError::Observe(format!("no GPU features without NVML: {problem}"))),
+        Err(problem) => {
+            return Err(StepError::Observe(format!(
+                "no GPU features without NVML: {problem}"
+            )));
+        }
     };
     let machine = ctx.host.read(MACHINE_FILE)?;
     let labels = labels(inventory, &ctx.facts.pci, machine.as_deref());
-    let product = labels.get("nvidia.com/gpu.product").cloned().unwrap_or_default();
+    let product = labels
+        .get("nvidia.com/gpu.product")
+        .cloned()
+        .unwrap_or_default();
     let mut obs = Observation::new(
         Outcome::Ready,
-        format!("{} GPU labels: {}× {product}", labels.len(), inventory.devices.len()),
+        format!(
+            "{} GPU labels: {}× {product}",
+            labels.len(),
+            inventory.devices.len()
+        ),
     );
     obs.labels = labels;
     Ok(obs)
@@ -143,7 +179,10 @@ pub fn observe_health(ctx: &StepContext) -> Result<Observation, StepError> {
     let inventory = match ctx.facts.nvml(ctx.host) {
         Ok(inventory) => inventory,
         Err(super::nvml::NvmlProblem::LibraryNotFound) => {
-            let mut obs = Observation::new(Outcome::Absent, "no NVML library in the host: GPU health not checked");
+            let mut obs = Observation::new(
+                Outcome::Absent,
+                "no NVML library in the host: GPU health not checked",
+            );
             obs.gate = Some(Gate::Pass);
             return Ok(obs);
         }
@@ -157,7 +196,12 @@ pub fn observe_health(ctx: &StepContext) -> Result<Observation, StepError> {
     let mut obs = if seen < on_nvidia.len() {
         let missing: Vec<String> = on_nvidia
             .iter()
-            .filter(|g| !inventory.devices.iter().any(|d| d.sysfs_address() == g.address))
+            .filter(|g| {
+                !inventory
+                    .devices
+                    .iter()
+                    .any(|d| d.sysfs_address() == g.address)
+            })
             .map(|g| g.address.clone())
             .collect();
         Observation::new(
@@ -169,7 +213,13 @@ pub fn observe_health(ctx: &StepContext) -> Result<Observation, StepError> {
             ),
         )
     } else {
-        Observation::new(Outcome::Ready, format!("NVML sees all {seen} GPUs (driver {})", inventory.driver_version))
+        Observation::new(
+            Outcome::Ready,
+            format!(
+                "NVML sees all {seen} GPUs (driver {})",
+                inventory.driver_version
+            ),
+        )
     };
     // A degraded node still runs its other GPUs: dependents go on.
     obs.gate = Some(Gate::Pass);
@@ -207,15 +257,28 @@ mod tests {
 
     #[test]
     fn product_names_become_label_values() {
-        assert_eq!(label_value("NVIDIA H100 80GB HBM3"), "NVIDIA-H100-80GB-HBM3");
-        assert_eq!(label_value("NVIDIA A100-SXM4-40GB"), "NVIDIA-A100-SXM4-40GB");
+        assert_eq!(
+            label_value("NVIDIA H100 80GB HBM3"),
+            "NVIDIA-H100-80GB-HBM3"
+        );
+        assert_eq!(
+            label_value("NVIDIA A100-SXM4-40GB"),
+            "NVIDIA-A100-SXM4-40GB"
+        );
         assert_eq!(label_value(" Tesla T4 "), "Tesla-T4");
-        assert_eq!(label_value("PowerEdge XE9680 (rev 2)"), "PowerEdge-XE9680--rev-2");
+        assert_eq!(
+            label_value("PowerEdge XE9680 (rev 2)"),
+            "PowerEdge-XE9680--rev-2"
+        );
     }
 
     #[test]
     fn the_model_with_most_gpus_wins_then_the_lowest_index() {
-        let mixed = [device(0, "Tesla T4"), device(1, "NVIDIA A10G"), device(2, "NVIDIA A10G")];
+        let mixed = [
+            device(0, "Tesla T4"),
+            device(1, "NVIDIA A10G"),
+            device(2, "NVIDIA A10G"),
+        ];
         assert_eq!(chosen_model(&mixed).unwrap().name, "NVIDIA A10G");
         let tie = [device(0, "NVIDIA A10G"), device(1, "Tesla T4")];
         assert_eq!(chosen_model(&tie).unwrap().name, "NVIDIA A10G");
