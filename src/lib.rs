@@ -12,6 +12,7 @@ pub mod commands;
 pub mod containerd;
 pub mod daemon;
 pub mod diagnostic;
+pub mod download;
 pub mod driver;
 pub mod exec;
 pub mod exec_state;

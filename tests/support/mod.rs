@@ -1,6 +1,7 @@
 //! Test support: the real `gpuprov` binary run on copies of fixture hosts.
 #![allow(dead_code)]
 
+pub mod artifact_server;
 pub mod fake_api;
 
 use std::collections::BTreeMap;
