@@ -62,7 +62,7 @@ fn a_download_is_checked_cached_and_not_fetched_again() {
     server.stop();
     fetch(&host, &artifact, Duration::from_secs(10), true).unwrap();
     assert_eq!(server.hits("/driver.run"), 1);
-    assert_eq!(cache_entries(&dir), [artifact.sha256.clone()]);
+    assert_eq!(cache_entries(&dir), vec![artifact.sha256.clone()]);
 }
 
 #[test]
