@@ -142,6 +142,19 @@ pub enum Change {
         socket: String,
         timeout_seconds: u64,
     },
+    /// Put a pinned artifact into the cache (a no-op when it is there).
+    Fetch {
+        #[serde(flatten)]
+        artifact: crate::download::Artifact,
+        /// Where it is kept, a host path.
+        path: String,
+        /// Whether the cache already has it (no network then).
+        cached: bool,
+        /// Its size, when known (cached).
+        size: Option<u64>,
+        timeout_seconds: u64,
+        executable: bool,
+    },
 }
 
 impl Change {
@@ -160,6 +173,19 @@ impl Change {
                 timeout_seconds,
             } => {
                 format!("wait up to {timeout_seconds}s for {socket} to answer")
+            }
+            Change::Fetch {
+                artifact,
+                path,
+                cached,
+                size,
+                ..
+            } => {
+                let size = size
+                    .map(|s| format!(", {:.1} MiB", s as f64 / 1048576.0))
+                    .unwrap_or_default();
+                let how = if *cached { "cache hit, no download" } else { "download" };
+                format!("fetch {} (sha256 {}{size}) → {path} ({how})", artifact.url, artifact.sha256)
             }
         }
     }
@@ -342,7 +368,10 @@ impl Executor<'_> {
             }
         }
         let (action, outcome, mut after) = match observe(&self.context(state)) {
-            Ok(after) if after.changes.is_empty() && after.outcome.lets_dependents_run() => {
+            Ok(after)
+                if after.changes.is_empty()
+                    && (after.outcome.lets_dependents_run() || after.outcome == Outcome::RebootRequired) =>
+            {
                 (Action::Change, after.outcome, after)
             }
             Ok(after) => {
@@ -524,6 +553,14 @@ fn make_change(
                 Duration::from_secs(*timeout_seconds),
             )
         }
+        Change::Fetch {
+            artifact,
+            timeout_seconds,
+            executable,
+            ..
+        } => crate::download::fetch(host, artifact, Duration::from_secs(*timeout_seconds), *executable)
+            .map(|_| ())
+            .map_err(|e| error_chain(&e)),
         Change::WaitSocket {
             socket,
             timeout_seconds,
@@ -603,10 +640,12 @@ impl RunReport {
     }
 }
 
+/// Every step converged, disabled or opted out, and no reboot is owed.
 pub fn is_converged(steps: &[StepReport]) -> bool {
-    steps
-        .iter()
-        .all(|s| matches!(s.action, Action::Unchanged | Action::Change | Action::Skip))
+    steps.iter().all(|s| {
+        matches!(s.action, Action::Unchanged | Action::Change | Action::Skip)
+            && s.outcome != Outcome::RebootRequired
+    })
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -90,9 +90,31 @@ struct RawGfd {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct RawDriver {
     enabled: Option<bool>,
     version: Option<Spanned<String>>,
+    upgrade_policy: Option<Spanned<String>>,
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    blacklist_nouveau: bool,
+    install: Option<Spanned<RawDriverInstall>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDriverInstall {
+    method: Spanned<String>,
+    url: Option<Spanned<String>>,
+    sha256: Option<Spanned<String>>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    allow_insecure_http: bool,
+    package: Option<Spanned<String>>,
+    package_version: Option<Spanned<String>>,
+    download_timeout_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +201,36 @@ pub struct DriverSpec {
     pub enabled: bool,
     /// The driver version to install when none is loaded (`535.161.08`).
     pub version: Option<String>,
+    /// What to do when a different driver is loaded.
+    pub upgrade_policy: UpgradePolicy,
+    /// With `ifDifferent`: replace the driver even while GPU processes run.
+    pub force: bool,
+    /// Blacklist nouveau when it holds the GPU (then a reboot is needed).
+    pub blacklist_nouveau: bool,
+    pub install: Option<DriverInstall>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpgradePolicy {
+    /// A loaded driver stays, whatever its version (the plan notes a mismatch).
+    Never,
+    /// A loaded driver of another version is replaced.
+    IfDifferent,
+}
+
+/// How gpuprov installs the driver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "method", rename_all = "camelCase")]
+pub enum DriverInstall {
+    /// NVIDIA's `.run` installer, pinned by sha256.
+    Runfile {
+        artifact: crate::download::Artifact,
+        args: Vec<String>,
+        download_timeout_seconds: u64,
+    },
+    /// The host's package manager, with the package pinned to a version.
+    Package { package: String, version: String },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -295,6 +347,81 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         }
     });
 
+    let upgrade_policy = match raw.driver.upgrade_policy.as_ref().map(|p| (p.value.as_str(), p)) {
+        None | Some(("never", _)) => UpgradePolicy::Never,
+        Some(("ifDifferent", _)) => UpgradePolicy::IfDifferent,
+        Some((other, p)) => {
+            errors.push(Diagnostic::at_location(
+                source,
+                p.referenced,
+                format!("driver.upgradePolicy must be never or ifDifferent, not `{other}`"),
+            ));
+            UpgradePolicy::Never
+        }
+    };
+    let install = raw.driver.install.as_ref().and_then(|install| {
+        let at = |location, message: String| Diagnostic::at_location(source, location, message);
+        let spec = &install.value;
+        match spec.method.value.as_str() {
+            "runfile" => {
+                let url = match &spec.url {
+                    Some(url) if ["https://", "http://", "file://"].iter().any(|s| url.value.starts_with(s)) => url.value.clone(),
+                    Some(url) => {
+                        errors.push(at(url.referenced, format!("driver.install.url `{}` is not https://, http:// or file://", url.value)));
+                        return None;
+                    }
+                    None => {
+                        errors.push(at(install.referenced, "driver.install with method runfile needs a url".to_string()));
+                        return None;
+                    }
+                };
+                let sha256 = match &spec.sha256 {
+                    Some(sha) if sha.value.len() == 64 && sha.value.bytes().all(|b| b.is_ascii_hexdigit()) => sha.value.to_lowercase(),
+                    Some(sha) => {
+                        errors.push(at(sha.referenced, format!("driver.install.sha256 `{}` is not 64 hex digits", sha.value)));
+                        return None;
+                    }
+                    None => {
+                        errors.push(
+                            at(install.referenced, "driver.install with method runfile needs its sha256".to_string())
+                                .with_help("gpuprov runs nothing it cannot verify: add `sha256: <64 hex digits>`"),
+                        );
+                        return None;
+                    }
+                };
+                Some(DriverInstall::Runfile {
+                    artifact: crate::download::Artifact {
+                        url,
+                        sha256,
+                        allow_insecure_http: spec.allow_insecure_http,
+                    },
+                    args: spec.args.clone(),
+                    download_timeout_seconds: spec.download_timeout_seconds.unwrap_or(600),
+                })
+            }
+            "package" => match (&spec.package, &spec.package_version) {
+                (Some(package), Some(version)) => Some(DriverInstall::Package {
+                    package: package.value.clone(),
+                    version: version.value.clone(),
+                }),
+                _ => {
+                    errors.push(at(
+                        install.referenced,
+                        "driver.install with method package needs package and packageVersion".to_string(),
+                    ));
+                    None
+                }
+            },
+            other => {
+                errors.push(at(spec.method.referenced, format!("driver.install.method must be runfile or package, not `{other}`")));
+                None
+            }
+        }
+    });
+    if install.is_some() && version.is_none() {
+        errors.push(Diagnostic::at(source, 1, 1, 1, "driver.install needs driver.version: the version to verify once installed"));
+    }
+
     let gfd_mode = match raw.gfd.mode.as_ref() {
         None => GfdMode::Daemonset,
         Some(mode) => match mode.value.as_str() {
@@ -360,6 +487,10 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         driver: DriverSpec {
             enabled: raw.driver.enabled.unwrap_or(true),
             version,
+            upgrade_policy,
+            force: raw.driver.force,
+            blacklist_nouveau: raw.driver.blacklist_nouveau,
+            install,
         },
         toolkit,
         containerd,

@@ -1,72 +1,293 @@
-//! The NVIDIA kernel driver: detection (installing comes later).
+//! The NVIDIA kernel driver: detect it, install it (a pinned runfile or a
+//! pinned package), load its modules, and deal with nouveau.
 
 pub mod detect;
 
 use std::collections::BTreeMap;
 
-use crate::exec::{Gate, Observation, Outcome, StepContext, StepError};
+use serde::{Deserialize, Serialize};
+
+use crate::exec::{Change, Gate, Observation, Outcome, StepContext, StepError, error_chain};
+use crate::host::Host;
+use crate::spec::{DriverInstall, PackageManager, UpgradePolicy};
 
 /// The GPU Operator's label for a node whose driver it must not deploy.
 pub const DEPLOY_DRIVER_LABEL: &str = "nvidia.com/gpu.deploy.driver";
+/// What gpuprov installed, so later runs say `installed` and verify it.
+pub const RECORD: &str = "/var/lib/gpuprov/driver.json";
+pub const NOUVEAU_BLACKLIST: &str = "/etc/modprobe.d/gpuprov-blacklist-nouveau.conf";
+/// Loaded in this order, unloaded in the reverse.
+const MODULES: [&str; 3] = ["nvidia", "nvidia-uvm", "nvidia-modeset"];
+/// The runfile's flags for an unattended install.
+pub const RUNFILE_FLAGS: [&str; 4] = ["--silent", "--accept-license", "--no-questions", "--ui=none"];
 
-/// The `driver` handler. A loaded driver is kept as found (`preinstalled`),
-/// as the GPU Operator's driver pod does; no driver means `absent`, which
-/// blocks everything that needs one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub version: String,
+    pub method: String,
+    /// The runfile's sha256, or the package and its version.
+    pub source: String,
+}
+
+fn load_record(host: &Host) -> Result<Option<Record>, StepError> {
+    match host.read(RECORD)? {
+        None => Ok(None),
+        Some(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StepError::Observe(format!("{RECORD}: {e}"))),
+    }
+}
+
+/// The `driver` handler.
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
-    let loaded =
-        detect::detect(ctx.host).map_err(|e| StepError::Observe(crate::exec::error_chain(&e)))?;
-    let Some(driver) = loaded else {
-        let bound = bound_drivers(ctx);
-        let mut reason = "no NVIDIA kernel driver is loaded".to_string();
-        if !bound.is_empty() {
-            reason.push_str(&format!(" (GPUs bound to {bound})"));
-        }
-        reason.push_str(if ctx.spec.driver.enabled {
-            "; this gpuprov cannot install drivers yet: pre-install one"
-        } else {
-            "; driver.enabled is false, so gpuprov will not install one"
-        });
-        let mut obs = Observation::new(Outcome::Absent, reason.clone());
-        obs.gate = Some(Gate::Block(format!("driver is absent: {reason}")));
-        return Ok(obs);
-    };
+    let loaded = detect::detect(ctx.host).map_err(|e| StepError::Observe(error_chain(&e)))?;
+    let record = load_record(ctx.host)?;
+    let spec = &ctx.spec.driver;
+    match loaded {
+        Some(driver) => observe_loaded(ctx, driver, record),
+        None if nouveau_holds_the_gpu(ctx)? => observe_nouveau(ctx),
+        None if !spec.enabled => Ok(absent(ctx, "driver.enabled is false, so gpuprov will not install one".to_string())),
+        None => match &spec.install {
+            None => Ok(absent(
+                ctx,
+                "no driver.install is configured: pre-install the driver or configure a runfile or package".to_string(),
+            )),
+            Some(install) => {
+                let mut obs = Observation::new(Outcome::Absent, "no NVIDIA kernel driver is loaded");
+                obs.on_change = Outcome::Installed;
+                obs.changes = install_changes(ctx, install)?;
+                Ok(obs)
+            }
+        },
+    }
+}
 
-    let kind = if driver.open_kernel_module {
-        "open"
-    } else {
-        "proprietary"
-    };
+fn observe_loaded(ctx: &StepContext, driver: detect::LoadedDriver, record: Option<Record>) -> Result<Observation, StepError> {
+    let spec = &ctx.spec.driver;
+    let kind = if driver.open_kernel_module { "open" } else { "proprietary" };
+    let ours = record.as_ref().is_some_and(|r| r.version == driver.version);
+    if let Some(record) = &record
+        && !ours
+        && spec.version.as_deref() == Some(record.version.as_str())
+    {
+        return Ok(Observation::new(
+            Outcome::Failed,
+            format!("gpuprov installed {} but {} is loaded", record.version, driver.version),
+        ));
+    }
     let mut reason = format!("NVIDIA {} ({kind} kernel module) is loaded", driver.version);
-    if let Some(wanted) = &ctx.spec.driver.version
+    let mut changes = Vec::new();
+    if let Some(wanted) = &spec.version
         && *wanted != driver.version
     {
-        reason.push_str(&format!(
-            "; driver.version asks {wanted}, the pre-installed driver is kept"
-        ));
+        match (spec.upgrade_policy, &spec.install, spec.enabled) {
+            (UpgradePolicy::IfDifferent, Some(install), true) => {
+                let users = gpu_users(ctx.host)?;
+                if !users.is_empty() && !spec.force {
+                    return Ok(Observation::new(
+                        Outcome::Failed,
+                        format!(
+                            "refusing to replace {} with {wanted} while GPU processes run ({}); stop them or set driver.force",
+                            driver.version,
+                            users.join(", ")
+                        ),
+                    ));
+                }
+                for module in MODULES.iter().rev() {
+                    changes.push(run(&["modprobe", "-r", module]));
+                }
+                changes.extend(install_changes(ctx, install)?);
+                reason.push_str(&format!("; driver.upgradePolicy ifDifferent replaces it with {wanted}"));
+            }
+            _ => reason.push_str(&format!("; driver.version asks {wanted}, the loaded driver is kept")),
+        }
     }
     let elsewhere: Vec<String> = ctx
         .facts
         .gpus()
         .filter(|g| g.driver.as_deref() != Some("nvidia"))
-        .map(|g| {
-            format!(
-                "{} ({})",
-                g.address,
-                g.driver.as_deref().unwrap_or("no driver")
-            )
-        })
+        .map(|g| format!("{} ({})", g.address, g.driver.as_deref().unwrap_or("no driver")))
         .collect();
     if !elsewhere.is_empty() {
-        reason.push_str(&format!(
-            "; GPUs not bound to nvidia are left alone: {}",
-            elsewhere.join(", ")
-        ));
+        reason.push_str(&format!("; GPUs not bound to nvidia are left alone: {}", elsewhere.join(", ")));
     }
-    let mut obs = Observation::new(Outcome::Preinstalled, reason);
-    obs.labels
-        .insert(DEPLOY_DRIVER_LABEL.to_string(), "pre-installed".to_string());
+    let outcome = if ours { Outcome::Installed } else { Outcome::Preinstalled };
+    let mut obs = Observation::new(outcome, reason);
+    if !changes.is_empty() {
+        obs.on_change = Outcome::Installed;
+        obs.changes = changes;
+    }
+    if outcome == Outcome::Preinstalled {
+        obs.labels
+            .insert(DEPLOY_DRIVER_LABEL.to_string(), "pre-installed".to_string());
+    }
     obs.details = serde_json::to_value(&driver).expect("serializes");
     Ok(obs)
+}
+
+fn absent(ctx: &StepContext, why: String) -> Observation {
+    let bound = bound_drivers(ctx);
+    let mut reason = "no NVIDIA kernel driver is loaded".to_string();
+    if !bound.is_empty() {
+        reason.push_str(&format!(" (GPUs bound to {bound})"));
+    }
+    reason.push_str(&format!("; {why}"));
+    let mut obs = Observation::new(Outcome::Absent, reason.clone());
+    obs.gate = Some(Gate::Block(format!("driver is absent: {reason}")));
+    obs
+}
+
+/// nouveau is loaded, or holds a GPU.
+fn nouveau_holds_the_gpu(ctx: &StepContext) -> Result<bool, StepError> {
+    Ok(ctx.host.exists("/sys/module/nouveau")? || ctx.facts.gpus().any(|g| g.driver.as_deref() == Some("nouveau")))
+}
+
+/// nouveau must go before NVIDIA's driver can load: blacklist it (with
+/// `driver.blacklistNouveau`) and reboot, or say how.
+fn observe_nouveau(ctx: &StepContext) -> Result<Observation, StepError> {
+    if ctx.host.exists(NOUVEAU_BLACKLIST)? {
+        let mut obs = Observation::new(
+            Outcome::RebootRequired,
+            format!("nouveau is blacklisted ({NOUVEAU_BLACKLIST}) but still loaded: reboot the node"),
+        );
+        obs.gate = Some(Gate::Block("the node must reboot to unload nouveau".to_string()));
+        return Ok(obs);
+    }
+    if !ctx.spec.driver.blacklist_nouveau || !ctx.spec.driver.enabled {
+        let mut obs = Observation::new(
+            Outcome::Failed,
+            "nouveau holds the GPU, so NVIDIA's driver cannot load; set driver.blacklistNouveau: true \
+             (gpuprov then blacklists nouveau and the node needs a reboot)",
+        );
+        obs.gate = Some(Gate::Block("nouveau holds the GPU".to_string()));
+        return Ok(obs);
+    }
+    let mut obs = Observation::new(Outcome::Absent, "nouveau holds the GPU");
+    obs.on_change = Outcome::RebootRequired;
+    obs.changes.push(Change::WriteFile {
+        path: NOUVEAU_BLACKLIST.to_string(),
+        content: b"# Written by gpuprov: NVIDIA's driver needs nouveau gone.\nblacklist nouveau\noptions nouveau modeset=0\n".to_vec(),
+        mode: 0o644,
+        purpose: "blacklist nouveau".to_string(),
+        diff: None,
+    });
+    match initramfs_command(&ctx.facts.os_ids) {
+        Some(argv) => obs.changes.push(run(&argv)),
+        None => obs.reason.push_str("; no initramfs tool known for this OS: regenerate it before rebooting"),
+    }
+    Ok(obs)
+}
+
+/// The command that rebuilds the initramfs, so the blacklist holds at boot.
+fn initramfs_command(os_ids: &[String]) -> Option<Vec<&'static str>> {
+    os_ids.iter().find_map(|id| match id.as_str() {
+        "debian" | "ubuntu" => Some(vec!["update-initramfs", "-u"]),
+        "rhel" | "centos" | "fedora" | "rocky" | "almalinux" | "amzn" | "ol" | "sles" | "suse" | "opensuse" => {
+            Some(vec!["dracut", "--force"])
+        }
+        _ => None,
+    })
+}
+
+/// Download, install, load the modules, create the device nodes, record.
+fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Change>, StepError> {
+    let version = ctx.spec.driver.version.clone().unwrap_or_default();
+    let mut changes = Vec::new();
+    let (method, source) = match install {
+        DriverInstall::Runfile {
+            artifact,
+            args,
+            download_timeout_seconds,
+        } => {
+            let path = artifact.cache_path();
+            let cached = crate::download::cached(ctx.host, artifact).map_err(|e| StepError::Observe(error_chain(&e)))?;
+            let size = if cached {
+                std::fs::metadata(ctx.host.resolve(&path)?).ok().map(|m| m.len())
+            } else {
+                None
+            };
+            changes.push(Change::Fetch {
+                artifact: artifact.clone(),
+                path: path.clone(),
+                cached,
+                size,
+                timeout_seconds: *download_timeout_seconds,
+                executable: true,
+            });
+            let mut argv = vec![path];
+            argv.extend(RUNFILE_FLAGS.iter().map(|f| f.to_string()));
+            argv.extend(args.iter().cloned());
+            changes.push(Change::Run {
+                display: argv.join(" "),
+                argv,
+            });
+            ("runfile", artifact.sha256.clone())
+        }
+        DriverInstall::Package { package, version } => {
+            let manager = crate::toolkit::package_manager_for(&ctx.facts.os_ids).ok_or_else(|| {
+                StepError::Observe(format!(
+                    "no package manager is known for this OS ({})",
+                    ctx.facts.os_ids.join(" ")
+                ))
+            })?;
+            let pinned = match manager {
+                PackageManager::Dnf | PackageManager::Yum => format!("{package}-{version}"),
+                PackageManager::Apt | PackageManager::Zypper => format!("{package}={version}"),
+            };
+            let argv: Vec<&str> = match manager {
+                PackageManager::Apt => vec!["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", "--no-install-recommends", &pinned],
+                PackageManager::Dnf => vec!["dnf", "install", "-y", &pinned],
+                PackageManager::Yum => vec!["yum", "install", "-y", &pinned],
+                PackageManager::Zypper => vec!["zypper", "--non-interactive", "install", &pinned],
+            };
+            changes.push(run(&argv));
+            ("package", pinned.clone())
+        }
+    };
+    for module in MODULES {
+        changes.push(run(&["modprobe", module]));
+    }
+    changes.push(run(&["nvidia-modprobe", "-u", "-c=0"]));
+    let record = Record {
+        version,
+        method: method.to_string(),
+        source,
+    };
+    changes.push(Change::WriteFile {
+        path: RECORD.to_string(),
+        content: (serde_json::to_string_pretty(&record).expect("serializes") + "\n").into_bytes(),
+        mode: 0o644,
+        purpose: "what gpuprov installed".to_string(),
+        diff: None,
+    });
+    Ok(changes)
+}
+
+fn run(argv: &[&str]) -> Change {
+    Change::Run {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        display: argv.join(" "),
+    }
+}
+
+/// Processes holding an NVIDIA device open: `pid (comm)`.
+fn gpu_users(host: &Host) -> Result<Vec<String>, StepError> {
+    let mut users = Vec::new();
+    for pid in host.list_dir("/proc")?.into_iter().filter(|p| p.bytes().all(|b| b.is_ascii_digit())) {
+        let fds = host.list_dir(&format!("/proc/{pid}/fd"))?;
+        let uses_gpu = fds.iter().any(|fd| {
+            host.link_name(&format!("/proc/{pid}/fd/{fd}"))
+                .ok()
+                .flatten()
+                .is_some_and(|name| name.starts_with("nvidia"))
+        });
+        if uses_gpu {
+            let comm = host.read(&format!("/proc/{pid}/comm"))?.unwrap_or_default();
+            users.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    Ok(users)
 }
 
 /// "nouveau ×1, vfio-pci ×2" for GPUs that some other driver holds.
