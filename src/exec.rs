@@ -184,8 +184,15 @@ impl Change {
                 let size = size
                     .map(|s| format!(", {:.1} MiB", s as f64 / 1048576.0))
                     .unwrap_or_default();
-                let how = if *cached { "cache hit, no download" } else { "download" };
-                format!("fetch {} (sha256 {}{size}) → {path} ({how})", artifact.url, artifact.sha256)
+                let how = if *cached {
+                    "cache hit, no download"
+                } else {
+                    "download"
+                };
+                format!(
+                    "fetch {} (sha256 {}{size}) → {path} ({how})",
+                    artifact.url, artifact.sha256
+                )
             }
         }
     }
@@ -370,7 +377,8 @@ impl Executor<'_> {
         let (action, outcome, mut after) = match observe(&self.context(state)) {
             Ok(after)
                 if after.changes.is_empty()
-                    && (after.outcome.lets_dependents_run() || after.outcome == Outcome::RebootRequired) =>
+                    && (after.outcome.lets_dependents_run()
+                        || after.outcome == Outcome::RebootRequired) =>
             {
                 (Action::Change, after.outcome, after)
             }
@@ -558,9 +566,14 @@ fn make_change(
             timeout_seconds,
             executable,
             ..
-        } => crate::download::fetch(host, artifact, Duration::from_secs(*timeout_seconds), *executable)
-            .map(|_| ())
-            .map_err(|e| error_chain(&e)),
+        } => crate::download::fetch(
+            host,
+            artifact,
+            Duration::from_secs(*timeout_seconds),
+            *executable,
+        )
+        .map(|_| ())
+        .map_err(|e| error_chain(&e)),
         Change::WaitSocket {
             socket,
             timeout_seconds,

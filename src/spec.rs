@@ -347,7 +347,12 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         }
     });
 
-    let upgrade_policy = match raw.driver.upgrade_policy.as_ref().map(|p| (p.value.as_str(), p)) {
+    let upgrade_policy = match raw
+        .driver
+        .upgrade_policy
+        .as_ref()
+        .map(|p| (p.value.as_str(), p))
+    {
         None | Some(("never", _)) => UpgradePolicy::Never,
         Some(("ifDifferent", _)) => UpgradePolicy::IfDifferent,
         Some((other, p)) => {
@@ -419,7 +424,13 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         }
     });
     if install.is_some() && version.is_none() {
-        errors.push(Diagnostic::at(source, 1, 1, 1, "driver.install needs driver.version: the version to verify once installed"));
+        errors.push(Diagnostic::at(
+            source,
+            1,
+            1,
+            1,
+            "driver.install needs driver.version: the version to verify once installed",
+        ));
     }
 
     let gfd_mode = match raw.gfd.mode.as_ref() {

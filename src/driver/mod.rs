@@ -19,7 +19,12 @@ pub const NOUVEAU_BLACKLIST: &str = "/etc/modprobe.d/gpuprov-blacklist-nouveau.c
 /// Loaded in this order, unloaded in the reverse.
 const MODULES: [&str; 3] = ["nvidia", "nvidia-uvm", "nvidia-modeset"];
 /// The runfile's flags for an unattended install.
-pub const RUNFILE_FLAGS: [&str; 4] = ["--silent", "--accept-license", "--no-questions", "--ui=none"];
+pub const RUNFILE_FLAGS: [&str; 4] = [
+    "--silent",
+    "--accept-license",
+    "--no-questions",
+    "--ui=none",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -63,9 +68,17 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     }
 }
 
-fn observe_loaded(ctx: &StepContext, driver: detect::LoadedDriver, record: Option<Record>) -> Result<Observation, StepError> {
+fn observe_loaded(
+    ctx: &StepContext,
+    driver: detect::LoadedDriver,
+    record: Option<Record>,
+) -> Result<Observation, StepError> {
     let spec = &ctx.spec.driver;
-    let kind = if driver.open_kernel_module { "open" } else { "proprietary" };
+    let kind = if driver.open_kernel_module {
+        "open"
+    } else {
+        "proprietary"
+    };
     let ours = record.as_ref().is_some_and(|r| r.version == driver.version);
     if let Some(record) = &record
         && !ours
@@ -73,7 +86,10 @@ fn observe_loaded(ctx: &StepContext, driver: detect::LoadedDriver, record: Optio
     {
         return Ok(Observation::new(
             Outcome::Failed,
-            format!("gpuprov installed {} but {} is loaded", record.version, driver.version),
+            format!(
+                "gpuprov installed {} but {} is loaded",
+                record.version, driver.version
+            ),
         ));
     }
     let mut reason = format!("NVIDIA {} ({kind} kernel module) is loaded", driver.version);
@@ -98,21 +114,38 @@ fn observe_loaded(ctx: &StepContext, driver: detect::LoadedDriver, record: Optio
                     changes.push(run(&["modprobe", "-r", module]));
                 }
                 changes.extend(install_changes(ctx, install)?);
-                reason.push_str(&format!("; driver.upgradePolicy ifDifferent replaces it with {wanted}"));
+                reason.push_str(&format!(
+                    "; driver.upgradePolicy ifDifferent replaces it with {wanted}"
+                ));
             }
-            _ => reason.push_str(&format!("; driver.version asks {wanted}, the loaded driver is kept")),
+            _ => reason.push_str(&format!(
+                "; driver.version asks {wanted}, the loaded driver is kept"
+            )),
         }
     }
     let elsewhere: Vec<String> = ctx
         .facts
         .gpus()
         .filter(|g| g.driver.as_deref() != Some("nvidia"))
-        .map(|g| format!("{} ({})", g.address, g.driver.as_deref().unwrap_or("no driver")))
+        .map(|g| {
+            format!(
+                "{} ({})",
+                g.address,
+                g.driver.as_deref().unwrap_or("no driver")
+            )
+        })
         .collect();
     if !elsewhere.is_empty() {
-        reason.push_str(&format!("; GPUs not bound to nvidia are left alone: {}", elsewhere.join(", ")));
+        reason.push_str(&format!(
+            "; GPUs not bound to nvidia are left alone: {}",
+            elsewhere.join(", ")
+        ));
     }
-    let outcome = if ours { Outcome::Installed } else { Outcome::Preinstalled };
+    let outcome = if ours {
+        Outcome::Installed
+    } else {
+        Outcome::Preinstalled
+    };
     let mut obs = Observation::new(outcome, reason);
     if !changes.is_empty() {
         obs.on_change = Outcome::Installed;
@@ -140,7 +173,11 @@ fn absent(ctx: &StepContext, why: String) -> Observation {
 
 /// nouveau is loaded, or holds a GPU.
 fn nouveau_holds_the_gpu(ctx: &StepContext) -> Result<bool, StepError> {
-    Ok(ctx.host.exists("/sys/module/nouveau")? || ctx.facts.gpus().any(|g| g.driver.as_deref() == Some("nouveau")))
+    Ok(ctx.host.exists("/sys/module/nouveau")?
+        || ctx
+            .facts
+            .gpus()
+            .any(|g| g.driver.as_deref() == Some("nouveau")))
 }
 
 /// nouveau must go before NVIDIA's driver can load: blacklist it (with
@@ -149,9 +186,13 @@ fn observe_nouveau(ctx: &StepContext) -> Result<Observation, StepError> {
     if ctx.host.exists(NOUVEAU_BLACKLIST)? {
         let mut obs = Observation::new(
             Outcome::RebootRequired,
-            format!("nouveau is blacklisted ({NOUVEAU_BLACKLIST}) but still loaded: reboot the node"),
+            format!(
+                "nouveau is blacklisted ({NOUVEAU_BLACKLIST}) but still loaded: reboot the node"
+            ),
         );
-        obs.gate = Some(Gate::Block("the node must reboot to unload nouveau".to_string()));
+        obs.gate = Some(Gate::Block(
+            "the node must reboot to unload nouveau".to_string(),
+        ));
         return Ok(obs);
     }
     if !ctx.spec.driver.blacklist_nouveau || !ctx.spec.driver.enabled {
@@ -174,7 +215,9 @@ fn observe_nouveau(ctx: &StepContext) -> Result<Observation, StepError> {
     });
     match initramfs_command(&ctx.facts.os_ids) {
         Some(argv) => obs.changes.push(run(&argv)),
-        None => obs.reason.push_str("; no initramfs tool known for this OS: regenerate it before rebooting"),
+        None => obs
+            .reason
+            .push_str("; no initramfs tool known for this OS: regenerate it before rebooting"),
     }
     Ok(obs)
 }
@@ -183,9 +226,8 @@ fn observe_nouveau(ctx: &StepContext) -> Result<Observation, StepError> {
 fn initramfs_command(os_ids: &[String]) -> Option<Vec<&'static str>> {
     os_ids.iter().find_map(|id| match id.as_str() {
         "debian" | "ubuntu" => Some(vec!["update-initramfs", "-u"]),
-        "rhel" | "centos" | "fedora" | "rocky" | "almalinux" | "amzn" | "ol" | "sles" | "suse" | "opensuse" => {
-            Some(vec!["dracut", "--force"])
-        }
+        "rhel" | "centos" | "fedora" | "rocky" | "almalinux" | "amzn" | "ol" | "sles" | "suse"
+        | "opensuse" => Some(vec!["dracut", "--force"]),
         _ => None,
     })
 }
@@ -201,9 +243,12 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
             download_timeout_seconds,
         } => {
             let path = artifact.cache_path();
-            let cached = crate::download::cached(ctx.host, artifact).map_err(|e| StepError::Observe(error_chain(&e)))?;
+            let cached = crate::download::cached(ctx.host, artifact)
+                .map_err(|e| StepError::Observe(error_chain(&e)))?;
             let size = if cached {
-                std::fs::metadata(ctx.host.resolve(&path)?).ok().map(|m| m.len())
+                std::fs::metadata(ctx.host.resolve(&path)?)
+                    .ok()
+                    .map(|m| m.len())
             } else {
                 None
             };
@@ -225,18 +270,28 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
             ("runfile", artifact.sha256.clone())
         }
         DriverInstall::Package { package, version } => {
-            let manager = crate::toolkit::package_manager_for(&ctx.facts.os_ids).ok_or_else(|| {
-                StepError::Observe(format!(
-                    "no package manager is known for this OS ({})",
-                    ctx.facts.os_ids.join(" ")
-                ))
-            })?;
+            let manager =
+                crate::toolkit::package_manager_for(&ctx.facts.os_ids).ok_or_else(|| {
+                    StepError::Observe(format!(
+                        "no package manager is known for this OS ({})",
+                        ctx.facts.os_ids.join(" ")
+                    ))
+                })?;
             let pinned = match manager {
                 PackageManager::Dnf | PackageManager::Yum => format!("{package}-{version}"),
                 PackageManager::Apt | PackageManager::Zypper => format!("{package}={version}"),
             };
             let argv: Vec<&str> = match manager {
-                PackageManager::Apt => vec!["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", "--no-install-recommends", &pinned],
+                PackageManager::Apt => vec![
+                    "env",
+                    "DEBIAN_FRONTEND=noninteractive",
+                    "apt-get",
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    &pinned,
+                ],
                 PackageManager::Dnf => vec!["dnf", "install", "-y", &pinned],
                 PackageManager::Yum => vec!["yum", "install", "-y", &pinned],
                 PackageManager::Zypper => vec!["zypper", "--non-interactive", "install", &pinned],
@@ -274,7 +329,11 @@ fn run(argv: &[&str]) -> Change {
 /// Processes holding an NVIDIA device open: `pid (comm)`.
 fn gpu_users(host: &Host) -> Result<Vec<String>, StepError> {
     let mut users = Vec::new();
-    for pid in host.list_dir("/proc")?.into_iter().filter(|p| p.bytes().all(|b| b.is_ascii_digit())) {
+    for pid in host
+        .list_dir("/proc")?
+        .into_iter()
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+    {
         let fds = host.list_dir(&format!("/proc/{pid}/fd"))?;
         let uses_gpu = fds.iter().any(|fd| {
             host.link_name(&format!("/proc/{pid}/fd/{fd}"))

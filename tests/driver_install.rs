@@ -1,0 +1,365 @@
+//! Installing the driver through `apply`: a pinned runfile from a loopback
+//! server (or a file:// path), the package method, nouveau, and the upgrade
+//! policy. Fixture scripts stand in for modprobe, nvidia-modprobe and the
+//! package manager; the installer is a script the test serves.
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use support::artifact_server::{ArtifactServer, Route};
+use support::{apply_json, changed, copy_host, steps, tree, write_spec};
+
+const VERSION: &str = "550.54.15";
+
+/// A stand-in for NVIDIA's .run installer: records its flags, puts a
+/// module of `VERSION` in place and brings nvidia-modprobe along.
+fn installer() -> Vec<u8> {
+    format!(
+        r#"#!/bin/sh
+root="$GPUPROV_HOST_ROOT"
+mkdir -p "$root/var/log"
+echo "$*" >> "$root/var/log/fake-installer.log"
+kernel=$(cat "$root/proc/sys/kernel/osrelease")
+mkdir -p "$root/lib/modules/$kernel/kernel/drivers/video"
+echo "{VERSION}" > "$root/lib/modules/$kernel/kernel/drivers/video/nvidia.ko"
+cp "$root/usr/local/lib/fixture/nvidia-modprobe" "$root/usr/bin/nvidia-modprobe"
+"#
+    )
+    .into_bytes()
+}
+
+fn sha(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn runfile_spec(host: &Path, url: &str, sha256: &str, extra: &str) -> PathBuf {
+    write_spec(
+        host,
+        "driver.yaml",
+        &format!(
+            "driver:\n  version: \"{VERSION}\"\n{extra}  install:\n    method: runfile\n    url: {url}\n    sha256: {sha256}\n    allowInsecureHttp: true\n    args: [--dkms]\n"
+        ),
+    )
+}
+
+fn log(host: &Path, name: &str) -> String {
+    fs::read_to_string(host.join("var/log").join(name)).unwrap_or_default()
+}
+
+#[test]
+fn a_pinned_runfile_installs_the_driver_once() {
+    let server = ArtifactServer::start();
+    server.route(
+        "/NVIDIA-Linux-x86_64-550.54.15.run",
+        Route::Body(installer()),
+    );
+    let host = copy_host("t4-no-driver");
+    let spec = runfile_spec(
+        host.path(),
+        &server.url("/NVIDIA-Linux-x86_64-550.54.15.run"),
+        &sha(&installer()),
+        "",
+    );
+    let spec = spec.to_str().unwrap();
+
+    let (code, report, stderr) = apply_json(host.path(), &["--config", spec]);
+    assert_eq!(code, 0, "{stderr}");
+    let driver = &steps(&report)["driver"];
+    assert_eq!(
+        (driver.0.as_str(), driver.1.as_str()),
+        ("change", "installed"),
+        "{}",
+        driver.2
+    );
+    assert_eq!(
+        log(host.path(), "fake-installer.log"),
+        "--silent --accept-license --no-questions --ui=none --dkms\n",
+        "NVIDIA's unattended flags, then the spec's args"
+    );
+    assert_eq!(
+        log(host.path(), "fake-modprobe.log"),
+        "nvidia\nnvidia-uvm\nnvidia-modeset\n"
+    );
+    assert!(host.path().join("dev/nvidia0").exists() && host.path().join("dev/nvidiactl").exists());
+    assert!(
+        fs::read_to_string(host.path().join("proc/driver/nvidia/version"))
+            .unwrap()
+            .contains(VERSION)
+    );
+    assert_eq!(
+        steps(&report)["containerd-runtime"].1,
+        "configured",
+        "the rest of the stack follows"
+    );
+
+    // A second apply: no download, no command, no write.
+    let before = tree(host.path());
+    let (code, report, _) = apply_json(host.path(), &["--config", spec]);
+    assert_eq!(code, 0);
+    assert_eq!(steps(&report)["driver"].0, "unchanged");
+    assert_eq!(steps(&report)["driver"].1, "installed");
+    assert_eq!(server.hits("/NVIDIA-Linux-x86_64-550.54.15.run"), 1);
+    assert_eq!(
+        changed(&before, &tree(host.path())),
+        [
+            PathBuf::from("var/lib/gpuprov"),
+            PathBuf::from("var/lib/gpuprov/last-run.json")
+        ]
+    );
+}
+
+#[test]
+fn plan_names_the_artifact_the_cache_and_the_command() {
+    let server = ArtifactServer::start();
+    server.route("/driver.run", Route::Body(installer()));
+    let host = copy_host("t4-no-driver");
+    let spec = runfile_spec(
+        host.path(),
+        &server.url("/driver.run"),
+        &sha(&installer()),
+        "",
+    );
+    let output = support::gpuprov()
+        .args(["plan", "--host-exec", "prefix", "--config"])
+        .arg(&spec)
+        .arg("--host-root")
+        .arg(host.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains(&format!(
+            "fetch {} (sha256 {}",
+            server.url("/driver.run"),
+            sha(&installer())
+        )),
+        "{text}"
+    );
+    assert!(text.contains("(download)"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "run: /var/cache/gpuprov/{} --silent --accept-license --no-questions --ui=none --dkms",
+            sha(&installer())
+        )),
+        "{text}"
+    );
+    assert_eq!(server.hits("/driver.run"), 0, "plan downloads nothing");
+}
+
+#[test]
+fn a_checksum_mismatch_runs_nothing_and_leaves_nothing() {
+    let server = ArtifactServer::start();
+    server.route("/driver.run", Route::Body(installer()));
+    let host = copy_host("t4-no-driver");
+    let spec = runfile_spec(
+        host.path(),
+        &server.url("/driver.run"),
+        &sha(b"another build"),
+        "",
+    );
+    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert_eq!(code, 3);
+    let driver = &steps(&report)["driver"];
+    assert_eq!(driver.1, "failed");
+    assert!(driver.2.contains("sha256 mismatch"), "{}", driver.2);
+    assert!(
+        log(host.path(), "fake-installer.log").is_empty(),
+        "nothing was executed"
+    );
+    let cache: Vec<_> = fs::read_dir(host.path().join("var/cache/gpuprov"))
+        .map(|d| d.count())
+        .into_iter()
+        .collect();
+    assert!(
+        cache.iter().all(|n| *n == 0),
+        "nothing is left in the cache"
+    );
+}
+
+#[test]
+fn a_missing_artifact_and_plain_http_are_clear_failures() {
+    let server = ArtifactServer::start();
+    let host = copy_host("t4-no-driver");
+    let spec = runfile_spec(host.path(), &server.url("/gone.run"), &sha(b"x"), "");
+    let (_, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert!(
+        steps(&report)["driver"]
+            .2
+            .contains("the server answered 404"),
+        "{:?}",
+        steps(&report)["driver"]
+    );
+
+    let spec = write_spec(
+        host.path(),
+        "http.yaml",
+        &format!(
+            "driver:\n  version: \"{VERSION}\"\n  install:\n    method: runfile\n    url: {}\n    sha256: {}\n",
+            server.url("/driver.run"),
+            sha(b"x")
+        ),
+    );
+    let (_, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert!(
+        steps(&report)["driver"].2.contains("plain http is refused"),
+        "{:?}",
+        steps(&report)["driver"]
+    );
+}
+
+#[test]
+fn file_urls_and_the_cache_need_no_server() {
+    let host = copy_host("t4-no-driver");
+    fs::create_dir_all(host.path().join("srv/mirror")).unwrap();
+    fs::write(host.path().join("srv/mirror/driver.run"), installer()).unwrap();
+    let spec = runfile_spec(
+        host.path(),
+        "file:///srv/mirror/driver.run",
+        &sha(&installer()),
+        "",
+    );
+    let (code, report, stderr) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(steps(&report)["driver"].1, "installed");
+
+    // A cache hit with the server stopped.
+    let server = ArtifactServer::start();
+    let other = copy_host("t4-no-driver");
+    let url = server.url("/driver.run");
+    server.stop();
+    let cache = other.path().join("var/cache/gpuprov");
+    fs::create_dir_all(&cache).unwrap();
+    fs::write(cache.join(sha(&installer())), installer()).unwrap();
+    let spec = runfile_spec(other.path(), &url, &sha(&installer()), "");
+    let (code, report, stderr) = apply_json(other.path(), &["--config", spec.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(steps(&report)["driver"].1, "installed");
+}
+
+#[test]
+fn the_package_method_pins_the_package() {
+    let host = copy_host("t4-no-driver");
+    let spec = write_spec(
+        host.path(),
+        "pkg.yaml",
+        &format!(
+            "driver:\n  version: \"{VERSION}\"\n  install:\n    method: package\n    package: nvidia-driver\n    packageVersion: {VERSION}-1\n"
+        ),
+    );
+    let (code, report, stderr) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(steps(&report)["driver"].1, "installed");
+    assert!(log(host.path(), "fake-apt-get.log").contains(&format!(
+        "install -y -q --no-install-recommends nvidia-driver={VERSION}-1"
+    )));
+}
+
+#[test]
+fn nouveau_is_blacklisted_only_when_asked_and_then_a_reboot_is_owed() {
+    let host = copy_host("nouveau-bound");
+    let (code, report, _) = apply_json(host.path(), &[]);
+    assert_eq!(code, 3);
+    assert!(
+        steps(&report)["driver"]
+            .2
+            .contains("set driver.blacklistNouveau: true")
+    );
+    assert!(
+        !host
+            .path()
+            .join("etc/modprobe.d/gpuprov-blacklist-nouveau.conf")
+            .exists()
+    );
+
+    let spec = write_spec(
+        host.path(),
+        "nouveau.yaml",
+        "driver:\n  blacklistNouveau: true\n",
+    );
+    let spec = spec.to_str().unwrap();
+    let (code, report, _) = apply_json(host.path(), &["--config", spec]);
+    assert_eq!(code, 3, "a reboot is owed: not converged");
+    assert_eq!(steps(&report)["driver"].1, "reboot-required");
+    let blacklist = fs::read_to_string(
+        host.path()
+            .join("etc/modprobe.d/gpuprov-blacklist-nouveau.conf"),
+    )
+    .unwrap();
+    assert!(blacklist.contains("blacklist nouveau\noptions nouveau modeset=0\n"));
+    assert_eq!(
+        log(host.path(), "fake-update-initramfs.log"),
+        "-u\n",
+        "Debian regenerates its initramfs"
+    );
+    let (_, report, _) = apply_json(host.path(), &["--config", spec]);
+    assert_eq!(steps(&report)["driver"].1, "reboot-required");
+    assert_eq!(
+        log(host.path(), "fake-update-initramfs.log"),
+        "-u\n",
+        "nothing more until the reboot"
+    );
+}
+
+#[test]
+fn a_different_loaded_driver_follows_the_upgrade_policy() {
+    let server = ArtifactServer::start();
+    server.route("/driver.run", Route::Body(installer()));
+    let url = server.url("/driver.run");
+    // a100-preinstalled has 535.161.08 loaded.
+    let host = copy_host("a100-preinstalled");
+    let spec = runfile_spec(host.path(), &url, &sha(&installer()), "");
+    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    let driver = &steps(&report)["driver"];
+    assert_eq!(driver.1, "preinstalled");
+    assert!(
+        driver
+            .2
+            .contains("driver.version asks 550.54.15, the loaded driver is kept"),
+        "{}",
+        driver.2
+    );
+
+    // ifDifferent refuses while a process holds a GPU open...
+    let busy = host.path().join("proc/4242");
+    fs::create_dir_all(busy.join("fd")).unwrap();
+    fs::write(busy.join("comm"), "python3\n").unwrap();
+    std::os::unix::fs::symlink("/dev/nvidia0", busy.join("fd/7")).unwrap();
+    let spec = runfile_spec(
+        host.path(),
+        &url,
+        &sha(&installer()),
+        "  upgradePolicy: ifDifferent\n",
+    );
+    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert_eq!(code, 3);
+    assert!(
+        steps(&report)["driver"]
+            .2
+            .contains("while GPU processes run (4242 (python3))"),
+        "{:?}",
+        steps(&report)["driver"]
+    );
+    assert!(log(host.path(), "fake-installer.log").is_empty());
+
+    // ...and replaces the driver once they are gone.
+    fs::remove_dir_all(&busy).unwrap();
+    let (code, report, stderr) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(steps(&report)["driver"].1, "installed");
+    assert!(
+        log(host.path(), "fake-modprobe.log")
+            .starts_with("-r nvidia-modeset\n-r nvidia-uvm\n-r nvidia\n")
+    );
+    assert!(
+        fs::read_to_string(host.path().join("proc/driver/nvidia/version"))
+            .unwrap()
+            .contains(VERSION)
+    );
+}
