@@ -293,3 +293,48 @@ fn copy_hashing(
     target.sync_all().map_err(CopyError::Write)?;
     Ok(hex(&hasher.finalize()))
 }
+
+/// Unpacks a cached `.tar.gz` into `into` (host paths) atomically: into a
+/// fresh sibling directory first, then renamed over `into` (an older
+/// `into` moves aside and is removed). Entries cannot escape the directory.
+pub fn unpack(host: &Host, archive: &str, into: &str) -> Result<(), String> {
+    let archive_path = host
+        .resolve(archive)
+        .map_err(|e| crate::exec::error_chain(&e))?;
+    let target = host
+        .resolve(into)
+        .map_err(|e| crate::exec::error_chain(&e))?;
+    let parent = target
+        .parent()
+        .ok_or_else(|| format!("{into} has no parent directory"))?
+        .to_path_buf();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let fresh = parent.join(format!(".{name}.gpuprov-{}.new", std::process::id()));
+    let old = parent.join(format!(".{name}.gpuprov-{}.old", std::process::id()));
+    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    fs::create_dir_all(&parent).map_err(|e| io(&parent.display().to_string(), e))?;
+    let _ = fs::remove_dir_all(&fresh);
+    fs::create_dir_all(&fresh).map_err(|e| io(&fresh.display().to_string(), e))?;
+    let result = File::open(&archive_path)
+        .map_err(|e| io(archive, e))
+        .and_then(|file| {
+            tar::Archive::new(flate2::read::GzDecoder::new(file))
+                .unpack(&fresh)
+                .map_err(|e| io(&format!("unpacking {archive}"), e))
+        });
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&fresh);
+        return Err(e);
+    }
+    if target.exists() {
+        fs::rename(&target, &old).map_err(|e| io(into, e))?;
+    }
+    fs::rename(&fresh, &target).map_err(|e| io(into, e))?;
+    let _ = fs::remove_dir_all(&old);
+    File::open(&parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(&parent.display().to_string(), e))
+}

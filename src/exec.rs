@@ -142,6 +142,8 @@ pub enum Change {
         socket: String,
         timeout_seconds: u64,
     },
+    /// Unpack a cached `.tar.gz` into a directory, atomically.
+    Unpack { archive: String, into: String },
     /// Put a pinned artifact into the cache (a no-op when it is there).
     Fetch {
         #[serde(flatten)]
@@ -173,6 +175,9 @@ impl Change {
                 timeout_seconds,
             } => {
                 format!("wait up to {timeout_seconds}s for {socket} to answer")
+            }
+            Change::Unpack { archive, into } => {
+                format!("unpack {archive} into {into} (atomically)")
             }
             Change::Fetch {
                 artifact,
@@ -561,6 +566,7 @@ fn make_change(
                 Duration::from_secs(*timeout_seconds),
             )
         }
+        Change::Unpack { archive, into } => crate::download::unpack(host, archive, into),
         Change::Fetch {
             artifact,
             timeout_seconds,

@@ -17,6 +17,9 @@ use serde_saphyr::Spanned;
 use crate::catalog::{Handler, StateDef};
 use crate::diagnostic::{Diagnostic, Diagnostics, Source, nearest};
 
+/// Where `toolkit.method: artifact` unpacks the toolkit by default.
+pub const DEFAULT_TOOLKIT_DIR: &str = "/usr/local/nvidia/toolkit";
+
 /// The spec used when `--config` is not given.
 pub const DEFAULT_SPEC: &str = include_str!("../fixtures/specs/default.yaml");
 pub const DEFAULT_SPEC_NAME: &str = "<embedded default spec>";
@@ -126,6 +129,17 @@ struct RawToolkit {
     install_dir: Option<Spanned<String>>,
     version: Option<Spanned<String>>,
     package_manager: Option<Spanned<String>>,
+    method: Option<Spanned<String>>,
+    artifact: Option<Spanned<RawArtifact>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawArtifact {
+    url: Spanned<String>,
+    sha256: Spanned<String>,
+    #[serde(default)]
+    allow_insecure_http: bool,
 }
 
 /// Values are read as text (`setAsDefault: true` and `"true"` are one) and
@@ -244,6 +258,9 @@ pub struct ToolkitSpec {
     pub version: Option<String>,
     /// The host's package manager; read from `/etc/os-release` when absent.
     pub package_manager: Option<PackageManager>,
+    /// `toolkit.method: artifact`: a tarball of the binaries, pinned by
+    /// sha256, unpacked into the install dir (instead of packages).
+    pub artifact: Option<crate::download::Artifact>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -572,11 +589,67 @@ fn resolve_toolkit(raw: &RawToolkit, source: &Source, errors: &mut Vec<Diagnosti
             }
         }
     });
+    let artifact = match raw.method.as_ref().map(|m| (m.value.as_str(), m)) {
+        None | Some(("package", _)) => None,
+        Some(("artifact", method)) => match &raw.artifact {
+            None => {
+                errors.push(at(
+                    method,
+                    "toolkit.method artifact needs toolkit.artifact (url and sha256)".to_string(),
+                ));
+                None
+            }
+            Some(artifact) => {
+                let (url, sha) = (&artifact.value.url, &artifact.value.sha256);
+                if !["https://", "http://", "file://"]
+                    .iter()
+                    .any(|p| url.value.starts_with(p))
+                {
+                    errors.push(at(
+                        url,
+                        format!(
+                            "toolkit.artifact.url `{}` is not https://, http:// or file://",
+                            url.value
+                        ),
+                    ));
+                    None
+                } else if sha.value.len() != 64 || !sha.value.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    errors.push(at(
+                        sha,
+                        format!(
+                            "toolkit.artifact.sha256 `{}` is not 64 hex digits",
+                            sha.value
+                        ),
+                    ));
+                    None
+                } else {
+                    Some(crate::download::Artifact {
+                        url: url.value.clone(),
+                        sha256: sha.value.to_lowercase(),
+                        allow_insecure_http: artifact.value.allow_insecure_http,
+                    })
+                }
+            }
+        },
+        Some((other, method)) => {
+            errors.push(at(
+                method,
+                format!("toolkit.method must be package or artifact, not `{other}`"),
+            ));
+            None
+        }
+    };
     ToolkitSpec {
         enabled: raw.enabled.unwrap_or(true),
-        install_dir,
+        install_dir: if artifact.is_some() {
+            install_dir.or_else(|| Some(DEFAULT_TOOLKIT_DIR.to_string()))
+        } else {
+            install_dir
+        },
         version,
         package_manager,
+        artifact,
     }
 }
 

@@ -363,3 +363,92 @@ fn a_different_loaded_driver_follows_the_upgrade_policy() {
             .contains(VERSION)
     );
 }
+
+/// A toolkit tarball: the three binaries at its top level.
+fn toolkit_tarball(tag: &str) -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    for name in [
+        "nvidia-container-runtime",
+        "nvidia-ctk",
+        "nvidia-container-runtime-hook",
+    ] {
+        let body = format!("#!/bin/sh\necho {name} {tag}\n");
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o755);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, name, body.as_bytes())
+            .unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn the_toolkit_artifact_method_unpacks_a_pinned_tarball_atomically() {
+    let server = ArtifactServer::start();
+    let (v1, v2) = (toolkit_tarball("v1"), toolkit_tarball("v2"));
+    server.route("/toolkit-v1.tar.gz", Route::Body(v1.clone()));
+    server.route("/toolkit-v2.tar.gz", Route::Body(v2.clone()));
+    let host = copy_host("rtx-with-audio");
+    let spec_for = |path: &str, tarball: &[u8]| {
+        write_spec(
+            host.path(),
+            "toolkit.yaml",
+            &format!(
+                "toolkit:\n  method: artifact\n  artifact:\n    url: {}\n    sha256: {}\n    allowInsecureHttp: true\n",
+                server.url(path),
+                sha(tarball)
+            ),
+        )
+    };
+    let spec = spec_for("/toolkit-v1.tar.gz", &v1);
+    let (code, report, stderr) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(steps(&report)["container-toolkit"].1, "installed");
+    let runtime = host
+        .path()
+        .join("usr/local/nvidia/toolkit/nvidia-container-runtime");
+    assert!(fs::read_to_string(&runtime).unwrap().contains("v1"));
+    let config = fs::read_to_string(host.path().join("etc/containerd/config.toml")).unwrap();
+    assert!(
+        config.contains("BinaryName = \"/usr/local/nvidia/toolkit/nvidia-container-runtime\""),
+        "{config}"
+    );
+    assert!(
+        !host.path().join("var/log/fake-apt-get.log").exists(),
+        "no package manager involved"
+    );
+
+    let before = tree(host.path());
+    assert_eq!(
+        apply_json(host.path(), &["--config", spec.to_str().unwrap()]).0,
+        0
+    );
+    assert_eq!(server.hits("/toolkit-v1.tar.gz"), 1);
+    assert_eq!(
+        changed(&before, &tree(host.path())).len(),
+        2,
+        "only the run record"
+    );
+
+    // A new pinned artifact replaces the directory whole.
+    let spec = spec_for("/toolkit-v2.tar.gz", &v2);
+    assert_eq!(
+        apply_json(host.path(), &["--config", spec.to_str().unwrap()]).0,
+        0
+    );
+    assert!(fs::read_to_string(&runtime).unwrap().contains("v2"));
+    let leftovers: Vec<_> = fs::read_dir(host.path().join("usr/local/nvidia"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        leftovers,
+        ["toolkit"],
+        "no temporary or old directory is left"
+    );
+}

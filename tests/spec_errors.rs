@@ -197,6 +197,30 @@ const EXPECTED: &[(&str, &str, &str, &str)] = &[
         "gfd.mode must be builtin or daemonset, not `sidecar`",
         "sidecar",
     ),
+    (
+        "33-driver-runfile-without-sha256.yaml",
+        "4:5",
+        "driver.install with method runfile needs its sha256",
+        "gpuprov runs nothing it cannot verify",
+    ),
+    (
+        "34-driver-install-method.yaml",
+        "4:13",
+        "driver.install.method must be runfile or package, not `dkms`",
+        "dkms",
+    ),
+    (
+        "35-driver-upgrade-policy.yaml",
+        "2:18",
+        "driver.upgradePolicy must be never or ifDifferent, not `always`",
+        "always",
+    ),
+    (
+        "36-toolkit-artifact-short-sha256.yaml",
+        "5:13",
+        "toolkit.artifact.sha256 `12345` is not 64 hex digits",
+        "12345",
+    ),
 ];
 
 #[test]

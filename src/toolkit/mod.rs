@@ -75,6 +75,15 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         .filter(|(_, at)| at.is_none())
         .map(|(b, _)| *b)
         .collect();
+    if let Some(artifact) = &ctx.spec.toolkit.artifact
+        && ctx.spec.toolkit.enabled
+    {
+        let record = ctx.host.read(INSTALLED_RECORD)?.unwrap_or_default();
+        let current = record.contains(&artifact.sha256);
+        if !missing.is_empty() || !current {
+            return artifact_install(ctx, artifact, &missing, found);
+        }
+    }
     let details = serde_json::to_value(&found).expect("serializes");
     if missing.is_empty() {
         let runtime = found[BINARIES[0]].as_deref().unwrap_or_default();
@@ -238,4 +247,63 @@ mod tests {
         );
         assert_eq!(package_manager_for(&ids("talos")), None);
     }
+}
+
+/// `toolkit.method: artifact`: fetch the pinned tarball, unpack it into the
+/// install dir atomically, record which artifact is there.
+fn artifact_install(
+    ctx: &StepContext,
+    artifact: &crate::download::Artifact,
+    missing: &[&str],
+    found: BTreeMap<&'static str, Option<String>>,
+) -> Result<Observation, StepError> {
+    let dir = ctx
+        .spec
+        .toolkit
+        .install_dir
+        .clone()
+        .unwrap_or_else(|| crate::spec::DEFAULT_TOOLKIT_DIR.to_string());
+    let path = artifact.cache_path();
+    let cached = crate::download::cached(ctx.host, artifact)
+        .map_err(|e| StepError::Observe(crate::exec::error_chain(&e)))?;
+    let size = if cached {
+        std::fs::metadata(ctx.host.resolve(&path)?)
+            .ok()
+            .map(|m| m.len())
+    } else {
+        None
+    };
+    let reason = if missing.is_empty() {
+        format!(
+            "{dir} holds another toolkit artifact than sha256 {}",
+            artifact.sha256
+        )
+    } else {
+        format!("{} not found in {dir}", missing.join(", "))
+    };
+    let mut obs = Observation::new(Outcome::Absent, reason);
+    obs.on_change = Outcome::Installed;
+    obs.changes = vec![
+        Change::Fetch {
+            artifact: artifact.clone(),
+            path: path.clone(),
+            cached,
+            size,
+            timeout_seconds: 600,
+            executable: false,
+        },
+        Change::Unpack {
+            archive: path,
+            into: dir,
+        },
+        Change::WriteFile {
+            path: INSTALLED_RECORD.to_string(),
+            content: format!("artifact {}\n", artifact.sha256).into_bytes(),
+            mode: 0o644,
+            purpose: "record that gpuprov installed the toolkit".to_string(),
+            diff: None,
+        },
+    ];
+    obs.details = serde_json::to_value(&found).expect("serializes");
+    Ok(obs)
 }
