@@ -207,48 +207,6 @@ pub fn install_commands(manager: PackageManager, version: Option<&str>) -> Vec<V
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_package_is_pinned_in_the_managers_syntax() {
-        let apt = install_commands(PackageManager::Apt, Some("1.17.8-1"));
-        assert!(
-            apt[1].contains(&"libnvidia-container1=1.17.8-1".to_string()),
-            "{apt:?}"
-        );
-        let dnf = install_commands(PackageManager::Dnf, Some("1.17.8-1"));
-        assert!(
-            dnf[0].contains(&"nvidia-container-toolkit-base-1.17.8-1".to_string()),
-            "{dnf:?}"
-        );
-        let zypper = install_commands(PackageManager::Zypper, None);
-        assert_eq!(
-            zypper[0].last().map(String::as_str),
-            Some("libnvidia-container1")
-        );
-    }
-
-    #[test]
-    fn package_manager_follows_os_release() {
-        let ids = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-        assert_eq!(
-            package_manager_for(&ids("ubuntu debian")),
-            Some(PackageManager::Apt)
-        );
-        assert_eq!(
-            package_manager_for(&ids("rocky rhel centos fedora")),
-            Some(PackageManager::Dnf)
-        );
-        assert_eq!(
-            package_manager_for(&ids("opensuse-leap suse opensuse")),
-            Some(PackageManager::Zypper)
-        );
-        assert_eq!(package_manager_for(&ids("talos")), None);
-    }
-}
-
 /// `toolkit.method: artifact`: fetch the pinned tarball, unpack it into the
 /// install dir atomically, record which artifact is there.
 fn artifact_install(
@@ -306,4 +264,46 @@ fn artifact_install(
     ];
     obs.details = serde_json::to_value(&found).expect("serializes");
     Ok(obs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_package_is_pinned_in_the_managers_syntax() {
+        let apt = install_commands(PackageManager::Apt, Some("1.17.8-1"));
+        assert!(
+            apt[1].contains(&"libnvidia-container1=1.17.8-1".to_string()),
+            "{apt:?}"
+        );
+        let dnf = install_commands(PackageManager::Dnf, Some("1.17.8-1"));
+        assert!(
+            dnf[0].contains(&"nvidia-container-toolkit-base-1.17.8-1".to_string()),
+            "{dnf:?}"
+        );
+        let zypper = install_commands(PackageManager::Zypper, None);
+        assert_eq!(
+            zypper[0].last().map(String::as_str),
+            Some("libnvidia-container1")
+        );
+    }
+
+    #[test]
+    fn package_manager_follows_os_release() {
+        let ids = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            package_manager_for(&ids("ubuntu debian")),
+            Some(PackageManager::Apt)
+        );
+        assert_eq!(
+            package_manager_for(&ids("rocky rhel centos fedora")),
+            Some(PackageManager::Dnf)
+        );
+        assert_eq!(
+            package_manager_for(&ids("opensuse-leap suse opensuse")),
+            Some(PackageManager::Zypper)
+        );
+        assert_eq!(package_manager_for(&ids("talos")), None);
+    }
 }
