@@ -8,12 +8,6 @@ use std::path::Path;
 
 use support::{copy_host, gpuprov, repo, steps, write_spec};
 
-fn fake_library() -> std::path::PathBuf {
-    let path = repo().join("target/debug/libfake_nvml.so");
-    assert!(path.exists(), "scripts/test builds {}", path.display());
-    path
-}
-
 /// `apply --labels-sink stdout` with builtin GFD; the labels and the report.
 fn apply(host: &Path, fixture: &str) -> (i32, BTreeMap<String, String>, serde_json::Value) {
     let spec = write_spec(host, "gfd.yaml", "gfd:\n  mode: builtin\n");
@@ -29,7 +23,7 @@ fn apply(host: &Path, fixture: &str) -> (i32, BTreeMap<String, String>, serde_js
         ])
         .arg(&spec)
         .arg("--nvml-lib")
-        .arg(fake_library())
+        .arg(support::fake_nvml_library())
         .arg("--host-root")
         .arg(host)
         .env(
@@ -133,7 +127,7 @@ fn a_mixed_node_gets_the_same_labels_every_run() {
             ])
             .arg(&spec)
             .arg("--nvml-lib")
-            .arg(fake_library())
+            .arg(support::fake_nvml_library())
             .arg("--host-root")
             .arg(host.path())
             .env(

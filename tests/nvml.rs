@@ -9,16 +9,6 @@ use std::path::PathBuf;
 
 use support::{gpuprov, repo};
 
-fn fake_library() -> PathBuf {
-    let path = repo().join("target/debug/libfake_nvml.so");
-    assert!(
-        path.exists(),
-        "{} is missing: scripts/test builds it (cargo build -p fake-nvml)",
-        path.display()
-    );
-    path
-}
-
 /// `gpuprov facts --output json` with the fake answering from `fixture`.
 fn facts(host: &str, fixture: &str) -> serde_json::Value {
     let output = gpuprov()
@@ -30,7 +20,7 @@ fn facts(host: &str, fixture: &str) -> serde_json::Value {
             &format!("fixtures/hosts/{host}"),
             "--nvml-lib",
         ])
-        .arg(fake_library())
+        .arg(support::fake_nvml_library())
         .env(
             "GPUPROV_FAKE_NVML",
             repo().join("fixtures/nvml").join(fixture),

@@ -179,3 +179,14 @@ pub fn containerd_restarts(host: &Path) -> usize {
         .filter(|l| *l == "restart containerd")
         .count()
 }
+
+/// The fake libnvidia-ml (fixtures/fake-nvml), which scripts/test builds.
+pub fn fake_nvml_library() -> PathBuf {
+    let path = repo().join("target/debug/libfake_nvml.so");
+    assert!(
+        path.exists(),
+        "{} is missing: scripts/test builds it (cargo build -p fake-nvml)",
+        path.display()
+    );
+    path
+}
