@@ -267,3 +267,65 @@ fn kubectl_kustomize_renders_every_variant() {
         );
     }
 }
+
+/// The operands run where gpuprov's labels say (the GPU Operator's own
+/// selectors), with the runtime class gpuprov adds and the mounts each needs.
+#[test]
+fn the_operands_follow_the_deploy_labels() {
+    let docs = render(&repo().join("deploy/operands"));
+    let daemonsets: Vec<DaemonSet> = of_kind(&docs, "DaemonSet");
+    let mut operands = Vec::new();
+    for daemonset in &daemonsets {
+        let pod = daemonset.spec.template.spec.clone().unwrap();
+        let selector = pod.node_selector.clone().unwrap();
+        let (key, value) = selector.iter().next().unwrap();
+        assert_eq!(value, "true");
+        let operand = key
+            .strip_prefix("nvidia.com/gpu.deploy.")
+            .expect("a GPU Operator deploy label");
+        operands.push(operand.to_string());
+        assert_eq!(
+            pod.runtime_class_name.as_deref(),
+            Some("nvidia"),
+            "{operand}"
+        );
+        let mounts: Vec<String> = pod.containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| m.mount_path)
+            .collect();
+        let needed = match operand {
+            "device-plugin" => "/var/lib/kubelet/device-plugins",
+            "dcgm-exporter" => "/var/lib/kubelet/pod-resources",
+            "gpu-feature-discovery" => "/etc/kubernetes/node-feature-discovery/features.d",
+            other => panic!("unexpected operand {other}"),
+        };
+        assert!(
+            mounts.contains(&needed.to_string()),
+            "{operand}: {mounts:?}"
+        );
+    }
+    operands.sort();
+    assert_eq!(
+        operands,
+        ["dcgm-exporter", "device-plugin", "gpu-feature-discovery"]
+    );
+    let exporter = daemonsets
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some("nvidia-dcgm-exporter"))
+        .unwrap();
+    let labels = exporter
+        .spec
+        .template
+        .metadata
+        .clone()
+        .unwrap()
+        .labels
+        .unwrap();
+    assert_eq!(
+        labels["app"], "nvidia-dcgm-exporter",
+        "the label gpuprov will look for"
+    );
+}
