@@ -149,8 +149,12 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
     let steps = inputs.executor(&facts).apply();
     let labels = labels::compute(&steps, &inputs.graph, &facts);
     let published = inputs.sink().publish(&labels)?;
-    if let Some(cluster) = &inputs.cluster {
-        crate::kube::events::publish(cluster, &inputs.host, &steps)?;
+    // Events tell people what happened; a failure to post them (RBAC, a
+    // flaky server) is logged and does not undo a converge.
+    if let Some(cluster) = &inputs.cluster
+        && let Err(e) = crate::kube::events::publish(cluster, &inputs.host, &steps)
+    {
+        tracing::warn!("node events not posted: {}", crate::exec::error_chain(&e));
     }
     let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
     report.label_sink = published.target;

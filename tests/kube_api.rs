@@ -436,3 +436,21 @@ fn the_fake_serves_pods_to_the_real_client() {
     });
     assert!(fake.pods().is_empty());
 }
+
+#[test]
+fn events_that_cannot_be_posted_do_not_fail_the_converge() {
+    let fake = fake_with_node(&[]);
+    fake.inject(Fault {
+        method: Some("POST"),
+        path_prefix: "/apis/events.k8s.io",
+        status: 403,
+        retry_after: None,
+        times: 100,
+        delay_ms: 0,
+    });
+    let host = copy_host("a100-preinstalled");
+    let (code, _, stderr) = apply(&fake, host.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("node events not posted"), "{stderr}");
+    assert_eq!(fake.labels(NODE)["gpuprov.io/driver"], "preinstalled");
+}
