@@ -440,12 +440,10 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
             }
         }
     });
-    if install.is_some() && version.is_none() {
-        errors.push(Diagnostic::at(
+    if let (Some(_), None, Some(at)) = (&install, &version, &raw.driver.install) {
+        errors.push(Diagnostic::at_location(
             source,
-            1,
-            1,
-            1,
+            at.referenced,
             "driver.install needs driver.version: the version to verify once installed",
         ));
     }

@@ -221,6 +221,12 @@ const EXPECTED: &[(&str, &str, &str, &str)] = &[
         "toolkit.artifact.sha256 `12345` is not 64 hex digits",
         "12345",
     ),
+    (
+        "37-driver-install-without-version.yaml",
+        "3:5",
+        "driver.install needs driver.version",
+        "method: package",
+    ),
 ];
 
 #[test]
