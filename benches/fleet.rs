@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::daemon::{Daemon, eventually, free_port};
 use support::fake_api::FakeApi;
 
 fn gpuprov_bin() -> PathBuf {
@@ -136,55 +137,26 @@ fn steady_state(seconds: u64) {
     let fake = FakeApi::start();
     fake.add_node("gpu-node-1", &[], "kubelet");
     let host = support::copy_host("h100x8-nvswitch-preinstalled");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut daemon = Command::new(gpuprov_bin())
-        .args([
-            "run",
-            "--host-exec",
-            "prefix",
-            "--node-name",
-            "gpu-node-1",
-            "--drift-interval",
-            "5m",
-        ])
-        .arg("--kubeconfig")
-        .arg(fake.kubeconfig())
-        .arg("--host-root")
-        .arg(host.path())
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env_remove("KUBECONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = Daemon::spawn(&fake, "gpu-node-1", host.path(), "5m", free_port());
     // Let it converge (the first converge restarts the fake containerd).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !fake
-        .labels("gpu-node-1")
-        .contains_key("gpuprov.io/containerd-runtime")
-    {
-        assert!(Instant::now() < deadline, "run did not converge");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually("run to converge", Duration::from_secs(30), || {
+        fake.labels("gpu-node-1")
+            .contains_key("gpuprov.io/containerd-runtime")
+    });
     std::thread::sleep(Duration::from_secs(1));
     fake.clear_log();
-    let (_, cpu_before) = usage(daemon.id());
+    let (_, cpu_before) = usage(daemon.0.id());
     let mut peak = 0;
     let mut samples = Vec::new();
     for _ in 0..seconds {
         std::thread::sleep(Duration::from_secs(1));
-        let (rss, _) = usage(daemon.id());
+        let (rss, _) = usage(daemon.0.id());
         peak = peak.max(rss);
         samples.push(rss);
     }
-    let (_, cpu_after) = usage(daemon.id());
+    let (_, cpu_after) = usage(daemon.0.id());
     let log = fake.log();
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     samples.sort();
     println!(
         "`gpuprov run`, converged, {seconds}s: RSS median {:.1} MiB, peak {:.1} MiB; CPU {:.3}s ({:.3}% of a core); \

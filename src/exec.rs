@@ -160,6 +160,35 @@ pub enum Change {
 }
 
 impl Change {
+    /// Fetch `artifact` into its cache path, saying whether the cache
+    /// already holds it (and how big it is) so a plan shows whether the
+    /// network is needed.
+    pub fn fetch(
+        host: &Host,
+        artifact: &crate::download::Artifact,
+        timeout_seconds: u64,
+        executable: bool,
+    ) -> Result<Change, StepError> {
+        let path = artifact.cache_path();
+        let cached = crate::download::cached(host, artifact)
+            .map_err(|e| StepError::Observe(error_chain(&e)))?;
+        let size = if cached {
+            std::fs::metadata(host.resolve(&path)?)
+                .ok()
+                .map(|m| m.len())
+        } else {
+            None
+        };
+        Ok(Change::Fetch {
+            artifact: artifact.clone(),
+            path,
+            cached,
+            size,
+            timeout_seconds,
+            executable,
+        })
+    }
+
     pub fn summary(&self) -> String {
         match self {
             Change::Run { display, .. } => format!("run: {display}"),

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::{apply_json, changed, copy_host, gpuprov, repo, steps, tree, write_spec};
+use support::{
+    apply_config, apply_json, changed, copy_host, gpuprov, repo, steps, tree, write_spec,
+};
 
 const NFD_FILE: &str = "etc/kubernetes/node-feature-discovery/features.d/gpuprov";
 const LAST_RUN: &str = "var/lib/gpuprov/last-run.json";
@@ -192,7 +194,7 @@ fn driver_enabled_false_without_a_driver_blocks_dependents_and_says_why() {
         "spec.yaml",
         "driver:\n  enabled: false\nstates:\n  - name: needs-driver\n    after: [driver]\n    check: \"true\"\n",
     );
-    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, _) = apply_config(host.path(), &spec);
     assert_eq!(code, 3, "not converged");
     let steps = steps(&report);
     assert_eq!(steps["driver"].1, "absent");
@@ -252,7 +254,7 @@ fn a_failing_state_blocks_its_dependents_and_not_its_siblings() {
     apply: mkdir -p "$GPUPROV_HOST_ROOT/var/lib" && touch "$GPUPROV_HOST_ROOT/var/lib/sibling"
 "#,
     );
-    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, _) = apply_config(host.path(), &spec);
     assert_eq!(code, 3);
     let steps = steps(&report);
     assert_eq!(steps["fabric-manager"].1, "failed");
@@ -289,7 +291,7 @@ fn an_apply_that_does_not_converge_fails_the_step() {
         "spec.yaml",
         "states:\n  - name: stubborn\n    check: \"false\"\n    apply: \"true\"\n",
     );
-    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, _) = apply_config(host.path(), &spec);
     assert_eq!(code, 3);
     let stubborn = &steps(&report)["stubborn"];
     assert_eq!(stubborn.1, "failed");

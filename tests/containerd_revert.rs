@@ -9,7 +9,7 @@ use support::containerd_restarts;
 use std::fs;
 use std::path::Path;
 
-use support::{apply_json, copy_host, gpuprov, repo};
+use support::{apply_config, apply_json, copy_host, gpuprov, repo};
 
 const CONFIG: &str = "etc/containerd/config.toml";
 
@@ -17,14 +17,10 @@ fn revert(host: &Path) -> String {
     let output = gpuprov()
         .args(["revert", "--host-exec", "prefix", "--host-root"])
         .arg(host)
-        .output()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .assert()
+        .success()
+        .get_output()
+        .clone();
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
@@ -109,10 +105,7 @@ fn revert_removes_a_config_gpuprov_created() {
 fn revert_after_someone_else_edited_keeps_their_edit() {
     let host = copy_host("a100-preinstalled");
     let spec = repo().join("fixtures/specs/containerd-options.yaml");
-    assert_eq!(
-        apply_json(host.path(), &["--config", spec.to_str().unwrap()]).0,
-        0
-    );
+    assert_eq!(apply_config(host.path(), &spec).0, 0);
     let mut text = fs::read_to_string(host.path().join(CONFIG)).unwrap();
     text.push_str("\n# added by the on-call after gpuprov\n[debug]\n  level = \"debug\"\n");
     fs::write(host.path().join(CONFIG), &text).unwrap();

@@ -9,7 +9,7 @@ use support::containerd_restarts;
 
 use std::fs;
 
-use support::{apply_json, copy_host, repo, steps, write_spec};
+use support::{apply_config, apply_json, copy_host, repo, steps, write_spec};
 
 const CONFIG: &str = "etc/containerd/config.toml";
 
@@ -165,7 +165,7 @@ fn a_preinstalled_toolkit_that_is_missing_blocks_containerd_and_says_why() {
         &fs::read_to_string(repo().join("fixtures/specs/preinstalled-driver-and-toolkit.yaml"))
             .unwrap(),
     );
-    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, _) = apply_config(host.path(), &spec);
     assert_eq!(code, 3);
     let steps = steps(&report);
     assert_eq!(steps["container-toolkit"].1, "absent");
@@ -193,7 +193,7 @@ fn a_preinstalled_toolkit_that_is_missing_blocks_containerd_and_says_why() {
 fn the_seeds_containerd_options_make_nvidia_the_default_runtime() {
     let host = copy_host("h100x8-nvswitch-preinstalled");
     let spec = repo().join("fixtures/specs/containerd-options.yaml");
-    let (code, _, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, _, _) = apply_config(host.path(), &spec);
     assert_eq!(code, 0);
     let config = fs::read_to_string(host.path().join(CONFIG)).unwrap();
     assert!(

@@ -8,21 +8,13 @@ use support::containerd_restarts;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use support::daemon::{Daemon, eventually, free_port};
 use support::fake_api::FakeApi;
 use support::{copy_host, repo};
 
 const NODE: &str = "gpu-node-1";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// GET a path; the status code and body, or None while nothing listens.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -39,52 +31,13 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn run_keeps_the_node_converged_and_stops_on_sigterm() {
     let fake = FakeApi::start();
     fake.add_node(NODE, &[("kubernetes.io/hostname", NODE)], "kubelet");
     let host = copy_host("a100-preinstalled");
     let port = free_port();
-    let bin = assert_cmd::cargo::cargo_bin("gpuprov");
-    let mut daemon = Daemon(
-        std::process::Command::new(bin)
-            .args([
-                "run",
-                "--host-exec",
-                "prefix",
-                "--node-name",
-                NODE,
-                "--drift-interval",
-                "1s",
-            ])
-            .arg("--kubeconfig")
-            .arg(fake.kubeconfig())
-            .arg("--host-root")
-            .arg(host.path())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env_remove("KUBECONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut daemon = Daemon::spawn(&fake, NODE, host.path(), "1s", port);
 
     eventually("/readyz to say converged", Duration::from_secs(30), || {
         get(port, "/readyz").is_some_and(|(code, _)| code == 200)

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use support::artifact_server::{ArtifactServer, Route};
-use support::{apply_json, changed, copy_host, steps, tree, write_spec};
+use support::{apply_config, apply_json, changed, copy_host, steps, tree, write_spec};
 
 const VERSION: &str = "550.54.15";
 
@@ -163,7 +163,7 @@ fn a_checksum_mismatch_runs_nothing_and_leaves_nothing() {
         &sha(b"another build"),
         "",
     );
-    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, _) = apply_config(host.path(), &spec);
     assert_eq!(code, 3);
     let driver = &steps(&report)["driver"];
     assert_eq!(driver.1, "failed");
@@ -187,7 +187,7 @@ fn a_missing_artifact_and_plain_http_are_clear_failures() {
     let server = ArtifactServer::start();
     let host = copy_host("t4-no-driver");
     let spec = runfile_spec(host.path(), &server.url("/gone.run"), &sha(b"x"), "");
-    let (_, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (_, report, _) = apply_config(host.path(), &spec);
     assert!(
         steps(&report)["driver"]
             .2
@@ -205,7 +205,7 @@ fn a_missing_artifact_and_plain_http_are_clear_failures() {
             sha(b"x")
         ),
     );
-    let (_, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (_, report, _) = apply_config(host.path(), &spec);
     assert!(
         steps(&report)["driver"].2.contains("plain http is refused"),
         "{:?}",
@@ -224,7 +224,7 @@ fn file_urls_and_the_cache_need_no_server() {
         &sha(&installer()),
         "",
     );
-    let (code, report, stderr) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, stderr) = apply_config(host.path(), &spec);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(steps(&report)["driver"].1, "installed");
 
@@ -252,7 +252,7 @@ fn the_package_method_pins_the_package() {
             "driver:\n  version: \"{VERSION}\"\n  install:\n    method: package\n    package: nvidia-driver\n    packageVersion: {VERSION}-1\n"
         ),
     );
-    let (code, report, stderr) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, stderr) = apply_config(host.path(), &spec);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(steps(&report)["driver"].1, "installed");
     assert!(log(host.path(), "fake-apt-get.log").contains(&format!(
@@ -314,7 +314,7 @@ fn a_different_loaded_driver_follows_the_upgrade_policy() {
     // a100-preinstalled has 535.161.08 loaded.
     let host = copy_host("a100-preinstalled");
     let spec = runfile_spec(host.path(), &url, &sha(&installer()), "");
-    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, _) = apply_config(host.path(), &spec);
     assert_eq!(code, 0);
     let driver = &steps(&report)["driver"];
     assert_eq!(driver.1, "preinstalled");
@@ -337,7 +337,7 @@ fn a_different_loaded_driver_follows_the_upgrade_policy() {
         &sha(&installer()),
         "  upgradePolicy: ifDifferent\n",
     );
-    let (code, report, _) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, _) = apply_config(host.path(), &spec);
     assert_eq!(code, 3);
     assert!(
         steps(&report)["driver"]
@@ -350,7 +350,7 @@ fn a_different_loaded_driver_follows_the_upgrade_policy() {
 
     // ...and replaces the driver once they are gone.
     fs::remove_dir_all(&busy).unwrap();
-    let (code, report, stderr) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, stderr) = apply_config(host.path(), &spec);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(steps(&report)["driver"].1, "installed");
     assert!(
@@ -406,7 +406,7 @@ fn the_toolkit_artifact_method_unpacks_a_pinned_tarball_atomically() {
         )
     };
     let spec = spec_for("/toolkit-v1.tar.gz", &v1);
-    let (code, report, stderr) = apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+    let (code, report, stderr) = apply_config(host.path(), &spec);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(steps(&report)["container-toolkit"].1, "installed");
     let runtime = host
@@ -424,10 +424,7 @@ fn the_toolkit_artifact_method_unpacks_a_pinned_tarball_atomically() {
     );
 
     let before = tree(host.path());
-    assert_eq!(
-        apply_json(host.path(), &["--config", spec.to_str().unwrap()]).0,
-        0
-    );
+    assert_eq!(apply_config(host.path(), &spec).0, 0);
     assert_eq!(server.hits("/toolkit-v1.tar.gz"), 1);
     assert_eq!(
         changed(&before, &tree(host.path())).len(),
@@ -437,10 +434,7 @@ fn the_toolkit_artifact_method_unpacks_a_pinned_tarball_atomically() {
 
     // A new pinned artifact replaces the directory whole.
     let spec = spec_for("/toolkit-v2.tar.gz", &v2);
-    assert_eq!(
-        apply_json(host.path(), &["--config", spec.to_str().unwrap()]).0,
-        0
-    );
+    assert_eq!(apply_config(host.path(), &spec).0, 0);
     assert!(fs::read_to_string(&runtime).unwrap().contains("v2"));
     let leftovers: Vec<_> = fs::read_dir(host.path().join("usr/local/nvidia"))
         .unwrap()

@@ -6,13 +6,13 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use support::{copy_host, gpuprov, repo, steps, write_spec};
+use support::{copy_host, gpuprov_with_fake_nvml, steps, write_spec};
 
 /// `apply --labels-sink stdout` with builtin GFD; the labels and the report.
 fn apply(host: &Path, fixture: &str) -> (i32, BTreeMap<String, String>, serde_json::Value) {
     let spec = write_spec(host, "gfd.yaml", "gfd:\n  mode: builtin\n");
     let report_path = host.join("var/lib/gpuprov/last-run.json");
-    let output = gpuprov()
+    let output = gpuprov_with_fake_nvml(fixture)
         .args([
             "apply",
             "--labels-sink",
@@ -26,10 +26,6 @@ fn apply(host: &Path, fixture: &str) -> (i32, BTreeMap<String, String>, serde_js
         .arg(support::fake_nvml_library())
         .arg("--host-root")
         .arg(host)
-        .env(
-            "GPUPROV_FAKE_NVML",
-            repo().join("fixtures/nvml").join(fixture),
-        )
         .output()
         .unwrap();
     let labels = String::from_utf8_lossy(&output.stdout)
@@ -116,7 +112,7 @@ fn a_mixed_node_gets_the_same_labels_every_run() {
     );
     for _ in 0..100 {
         let spec = host.path().join("gfd.yaml");
-        let output = gpuprov()
+        let output = gpuprov_with_fake_nvml("mixed-t4-a10g.yaml")
             .args([
                 "plan",
                 "--output",
@@ -130,10 +126,6 @@ fn a_mixed_node_gets_the_same_labels_every_run() {
             .arg(support::fake_nvml_library())
             .arg("--host-root")
             .arg(host.path())
-            .env(
-                "GPUPROV_FAKE_NVML",
-                repo().join("fixtures/nvml/mixed-t4-a10g.yaml"),
-            )
             .output()
             .unwrap();
         let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();

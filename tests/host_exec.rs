@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use support::{apply_json, steps, write_spec};
+use support::{apply_config, steps, write_spec};
 
 /// Copies `/bin/sh` and the libraries it links into `root`.
 fn install_shell(root: &Path) {
@@ -62,15 +62,11 @@ fn chroot_mode_runs_exec_states_inside_the_host_root() {
         .arg(&spec)
         .arg("--host-root")
         .arg(host.path())
-        .output()
-        .unwrap();
+        .assert()
+        .success()
+        .get_output()
+        .clone();
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     assert_eq!(steps(&report)["inside"].1, "configured");
     assert_eq!(
         fs::read_to_string(host.path().join("var/lib/marker")).unwrap(),
@@ -83,7 +79,7 @@ fn chroot_mode_runs_exec_states_inside_the_host_root() {
         "check-only.yaml",
         "states:\n  - name: inside\n    check: '[ \"$GPUPROV_HOST_ROOT\" = / ]'\n",
     );
-    let (code, report, _) = apply_json(host.path(), &["--config", check_only.to_str().unwrap()]);
+    let (code, report, _) = apply_config(host.path(), &check_only);
     assert_eq!(code, 3);
     assert_eq!(steps(&report)["inside"].1, "failed");
 }

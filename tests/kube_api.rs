@@ -12,27 +12,26 @@ use support::{copy_host, gpuprov, steps, write_spec};
 
 const NODE: &str = "gpu-node-1";
 
+/// `gpuprov <subcommand>` for NODE on the fixture host at `host`, talking
+/// to the fake API server.
+fn against(fake: &FakeApi, subcommand: &str, host: &std::path::Path) -> assert_cmd::Command {
+    let mut cmd = gpuprov();
+    cmd.args([subcommand, "--host-exec", "prefix", "--node-name", NODE])
+        .arg("--kubeconfig")
+        .arg(fake.kubeconfig())
+        .arg("--host-root")
+        .arg(host);
+    cmd
+}
+
 /// `apply --output json` against the fake API server.
 fn apply(
     fake: &FakeApi,
     host: &std::path::Path,
     extra: &[&str],
 ) -> (i32, serde_json::Value, String) {
-    let kubeconfig = fake.kubeconfig();
-    let output = gpuprov()
-        .args([
-            "apply",
-            "--output",
-            "json",
-            "--host-exec",
-            "prefix",
-            "--node-name",
-            NODE,
-            "--kubeconfig",
-        ])
-        .arg(&kubeconfig)
-        .arg("--host-root")
-        .arg(host)
+    let output = against(fake, "apply", host)
+        .args(["--output", "json"])
         .args(extra)
         .output()
         .unwrap();
@@ -287,21 +286,7 @@ fn a_missing_node_is_an_error_naming_it() {
 fn plan_shows_the_label_change_and_sends_nothing() {
     let fake = fake_with_node(&[]);
     let host = copy_host("a100-preinstalled");
-    let kubeconfig = fake.kubeconfig();
-    let output = gpuprov()
-        .args([
-            "plan",
-            "--host-exec",
-            "prefix",
-            "--node-name",
-            NODE,
-            "--kubeconfig",
-        ])
-        .arg(&kubeconfig)
-        .arg("--host-root")
-        .arg(host.path())
-        .output()
-        .unwrap();
+    let output = against(&fake, "plan", host.path()).output().unwrap();
     assert_eq!(output.status.code(), Some(0));
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -317,27 +302,7 @@ fn revert_takes_back_gpuprovs_labels_only() {
     let fake = fake_with_node(&[("topology.kubernetes.io/zone", "z1")]);
     let host = copy_host("a100-preinstalled");
     assert_eq!(apply(&fake, host.path(), &[]).0, 0);
-    let kubeconfig = fake.kubeconfig();
-    let output = gpuprov()
-        .args([
-            "revert",
-            "--host-exec",
-            "prefix",
-            "--node-name",
-            NODE,
-            "--kubeconfig",
-        ])
-        .arg(&kubeconfig)
-        .arg("--host-root")
-        .arg(host.path())
-        .output()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    against(&fake, "revert", host.path()).assert().success();
     let labels = fake.labels(NODE);
     assert!(
         labels.keys().all(|k| !k.starts_with("gpuprov.io/")),

@@ -7,11 +7,11 @@ mod support;
 
 use std::path::PathBuf;
 
-use support::{gpuprov, repo};
+use support::{gpuprov, gpuprov_with_fake_nvml};
 
 /// `gpuprov facts --output json` with the fake answering from `fixture`.
 fn facts(host: &str, fixture: &str) -> serde_json::Value {
-    let output = gpuprov()
+    let output = gpuprov_with_fake_nvml(fixture)
         .args([
             "facts",
             "--output",
@@ -21,18 +21,10 @@ fn facts(host: &str, fixture: &str) -> serde_json::Value {
             "--nvml-lib",
         ])
         .arg(support::fake_nvml_library())
-        .env(
-            "GPUPROV_FAKE_NVML",
-            repo().join("fixtures/nvml").join(fixture),
-        )
-        .output()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .assert()
+        .success()
+        .get_output()
+        .clone();
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
@@ -132,14 +124,10 @@ fn debians_real_libnvidia_ml_reports_driver_not_loaded() {
     // "no GPU" and not crash.
     let output = gpuprov()
         .args(["facts", "--output", "json", "--host-root", "/"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .assert()
+        .success()
+        .get_output()
+        .clone();
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         report["nvml"]["reason"]["problem"], "driver-not-loaded",

@@ -243,23 +243,12 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
             download_timeout_seconds,
         } => {
             let path = artifact.cache_path();
-            let cached = crate::download::cached(ctx.host, artifact)
-                .map_err(|e| StepError::Observe(error_chain(&e)))?;
-            let size = if cached {
-                std::fs::metadata(ctx.host.resolve(&path)?)
-                    .ok()
-                    .map(|m| m.len())
-            } else {
-                None
-            };
-            changes.push(Change::Fetch {
-                artifact: artifact.clone(),
-                path: path.clone(),
-                cached,
-                size,
-                timeout_seconds: *download_timeout_seconds,
-                executable: true,
-            });
+            changes.push(Change::fetch(
+                ctx.host,
+                artifact,
+                *download_timeout_seconds,
+                true,
+            )?);
             let mut argv = vec![path];
             argv.extend(RUNFILE_FLAGS.iter().map(|f| f.to_string()));
             argv.extend(args.iter().cloned());

@@ -221,16 +221,6 @@ fn artifact_install(
         .install_dir
         .clone()
         .unwrap_or_else(|| crate::spec::DEFAULT_TOOLKIT_DIR.to_string());
-    let path = artifact.cache_path();
-    let cached = crate::download::cached(ctx.host, artifact)
-        .map_err(|e| StepError::Observe(crate::exec::error_chain(&e)))?;
-    let size = if cached {
-        std::fs::metadata(ctx.host.resolve(&path)?)
-            .ok()
-            .map(|m| m.len())
-    } else {
-        None
-    };
     let reason = if missing.is_empty() {
         format!(
             "{dir} holds another toolkit artifact than sha256 {}",
@@ -242,16 +232,9 @@ fn artifact_install(
     let mut obs = Observation::new(Outcome::Absent, reason);
     obs.on_change = Outcome::Installed;
     obs.changes = vec![
-        Change::Fetch {
-            artifact: artifact.clone(),
-            path: path.clone(),
-            cached,
-            size,
-            timeout_seconds: 600,
-            executable: false,
-        },
+        Change::fetch(ctx.host, artifact, 600, false)?,
         Change::Unpack {
-            archive: path,
+            archive: artifact.cache_path(),
             into: dir,
         },
         Change::WriteFile {

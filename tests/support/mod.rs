@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod artifact_server;
+pub mod daemon;
 pub mod fake_api;
 
 use std::collections::BTreeMap;
@@ -152,6 +153,11 @@ pub fn apply_json(host: &Path, extra: &[&str]) -> (i32, serde_json::Value, Strin
     (output.status.code().unwrap(), report, stderr)
 }
 
+/// `apply --output json --config <spec>`: the exit code and the report.
+pub fn apply_config(host: &Path, spec: &Path) -> (i32, serde_json::Value, String) {
+    apply_json(host, &["--config", spec.to_str().unwrap()])
+}
+
 /// `step name → (action, outcome, reason)` from a report or plan.
 pub fn steps(report: &serde_json::Value) -> BTreeMap<String, (String, String, String)> {
     report["steps"]
@@ -178,6 +184,17 @@ pub fn containerd_restarts(host: &Path) -> usize {
         .lines()
         .filter(|l| *l == "restart containerd")
         .count()
+}
+
+/// `gpuprov` reading NVML through the fake library, which answers from
+/// `fixtures/nvml/<fixture>`.
+pub fn gpuprov_with_fake_nvml(fixture: &str) -> assert_cmd::Command {
+    let mut cmd = gpuprov();
+    cmd.env(
+        "GPUPROV_FAKE_NVML",
+        repo().join("fixtures/nvml").join(fixture),
+    );
+    cmd
 }
 
 /// The fake libnvidia-ml (fixtures/fake-nvml), which scripts/test builds.

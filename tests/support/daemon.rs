@@ -1,0 +1,64 @@
+//! `gpuprov run` as a child process against the fake API server, shared by
+//! the daemon tests and the fleet benchmark.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use super::fake_api::FakeApi;
+
+/// A loopback port nothing listens on (for `--listen`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits up to `timeout` for `check` to hold; fails the test naming `what`.
+pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A running `gpuprov run`, killed when dropped so a failed test leaves no
+/// process behind.
+pub struct Daemon(pub Child);
+
+impl Daemon {
+    /// Starts `gpuprov run` for `node` on the fixture host at `host_root`,
+    /// serving its probes on `port`.
+    pub fn spawn(
+        fake: &FakeApi,
+        node: &str,
+        host_root: &Path,
+        drift_interval: &str,
+        port: u16,
+    ) -> Daemon {
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"))
+            .args(["run", "--host-exec", "prefix", "--node-name", node])
+            .args(["--drift-interval", drift_interval])
+            .arg("--kubeconfig")
+            .arg(fake.kubeconfig())
+            .arg("--host-root")
+            .arg(host_root)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env_remove("KUBECONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Daemon(child)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
