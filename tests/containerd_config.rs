@@ -343,3 +343,20 @@ fn malformed_configs_are_errors_with_line_and_column() {
         assert!(err.to_string().starts_with(expected), "{file}: {err}");
     }
 }
+
+#[test]
+fn a_key_that_should_be_a_table_is_an_error_naming_its_whole_path() {
+    for (text, path) in [
+        (
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nruntimes = \"runc\"\n",
+            "`plugins.io.containerd.grpc.v1.cri.containerd.runtimes` is not a table",
+        ),
+        (
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\ncontainerd = 1\n",
+            "`plugins.io.containerd.grpc.v1.cri.containerd` is not a table",
+        ),
+    ] {
+        let err = configure(text, &wanted(DefaultRuntime::Keep), 2).unwrap_err();
+        assert_eq!(err.to_string(), path);
+    }
+}

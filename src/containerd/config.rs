@@ -339,26 +339,18 @@ fn ensure_table<'a>(root: &'a mut Table, path: &[&str]) -> Result<&'a mut Table,
     Ok(table)
 }
 
-/// A child table of `containerd` (`runtimes`), created when missing.
+/// A child table of `containerd` (`runtimes`), created when missing; an
+/// error names its whole path, not just `key`.
 fn ensure_child<'a>(
     table: &'a mut Table,
     key: &str,
     path: &[&str],
 ) -> Result<&'a mut Table, ConfigError> {
-    if !table.contains_key(key) {
-        let mut child = Table::new();
-        child.set_implicit(true);
-        table.insert(key, Item::Table(child));
-    }
-    table
-        .get_mut(key)
-        .and_then(Item::as_table_mut)
-        .ok_or_else(|| ConfigError::NotATable {
-            path: format!("{}.{key}", path.join(".")),
-        })
+    ensure_table(table, &[key]).map_err(|_| ConfigError::NotATable {
+        path: format!("{}.{key}", path.join(".")),
+    })
 }
 
-/// A child table or inline table of a runtime (`options`), created when missing.
 fn child_table_like<'a>(
     table: &'a mut dyn TableLike,
     key: &str,
