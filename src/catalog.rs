@@ -37,6 +37,35 @@ pub const BUILTIN_STATES: &[(&str, &str)] = &[
         "states/50-gpu-feature-discovery.yaml",
         include_str!("../states/50-gpu-feature-discovery.yaml"),
     ),
+    (
+        "states/60-device-plugin.yaml",
+        include_str!("../states/60-device-plugin.yaml"),
+    ),
+    (
+        "states/61-dcgm-exporter.yaml",
+        include_str!("../states/61-dcgm-exporter.yaml"),
+    ),
+    (
+        "states/70-validator.yaml",
+        include_str!("../states/70-validator.yaml"),
+    ),
+];
+
+/// The operands' static pod templates, by operand; `--states-dir` may
+/// replace one with `templates/<operand>.yaml` of its own.
+pub const OPERAND_TEMPLATES: &[(&str, &str)] = &[
+    (
+        "states/templates/device-plugin.yaml",
+        include_str!("../states/templates/device-plugin.yaml"),
+    ),
+    (
+        "states/templates/dcgm-exporter.yaml",
+        include_str!("../states/templates/dcgm-exporter.yaml"),
+    ),
+    (
+        "states/templates/gpu-feature-discovery.yaml",
+        include_str!("../states/templates/gpu-feature-discovery.yaml"),
+    ),
 ];
 
 /// The Rust code that observes and converges a state.
@@ -49,6 +78,9 @@ pub enum Handler {
     ContainerdRuntime,
     GpuHealth,
     GpuFeatureDiscovery,
+    DevicePlugin,
+    DcgmExporter,
+    Validator,
     Exec,
 }
 
@@ -60,6 +92,9 @@ impl Handler {
         ("containerd-runtime", Handler::ContainerdRuntime),
         ("gpu-health", Handler::GpuHealth),
         ("gpu-feature-discovery", Handler::GpuFeatureDiscovery),
+        ("device-plugin", Handler::DevicePlugin),
+        ("dcgm-exporter", Handler::DcgmExporter),
+        ("validator", Handler::Validator),
         ("exec", Handler::Exec),
     ];
 
@@ -322,16 +357,28 @@ fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
 mod tests {
     use super::*;
 
+    fn files_in(dir: &str) -> Vec<String> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        let mut files: Vec<String> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| format!("{dir}/{}", e.file_name().to_string_lossy()))
+            .collect();
+        files.sort();
+        files
+    }
+
     #[test]
     fn every_file_in_states_is_embedded() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("states");
-        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| format!("states/{}", e.unwrap().file_name().to_string_lossy()))
-            .collect();
-        on_disk.sort();
         let embedded: Vec<String> = BUILTIN_STATES.iter().map(|(n, _)| n.to_string()).collect();
-        assert_eq!(on_disk, embedded);
+        assert_eq!(files_in("states"), embedded);
+        let mut templates: Vec<String> = OPERAND_TEMPLATES
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        templates.sort();
+        assert_eq!(files_in("states/templates"), templates);
     }
 
     #[test]
@@ -349,7 +396,10 @@ mod tests {
                 "container-toolkit",
                 "containerd-runtime",
                 "gpu-health",
-                "gpu-feature-discovery"
+                "gpu-feature-discovery",
+                "device-plugin",
+                "dcgm-exporter",
+                "validator"
             ]
         );
     }

@@ -128,6 +128,11 @@ pub struct RunArgs {
     /// How often to check for drift on a converged node (`5m`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     pub drift_interval: Duration,
+    /// How often to check again while a step waits on something outside
+    /// gpuprov (an operand's pod starting): `pending`, not a failure, so no
+    /// backoff.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub pending_interval: Duration,
     /// How long to wait for another run's lock on this host (`30s`, `2m`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     pub lock_timeout: Duration,

@@ -97,6 +97,7 @@ impl Inputs {
             source,
         })?;
         facts.own_labels = node.ours;
+        facts.node_allocatable = node.allocatable;
         facts.nvml_lib = self.nvml_lib.clone();
         Ok(facts)
     }
@@ -111,6 +112,7 @@ impl Inputs {
             spec: &self.spec,
             facts,
             graph: &self.graph,
+            cluster: self.cluster.as_ref(),
         }
     }
 }
@@ -249,7 +251,7 @@ fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
                 let waiting: Vec<String> = report
                     .steps
                     .iter()
-                    .filter(|s| matches!(s.action, Action::Fail | Action::Block))
+                    .filter(|s| matches!(s.action, Action::Fail | Action::Block | Action::Wait))
                     .map(|s| format!("{} is {}: {}", s.name, s.outcome.as_str(), s.reason))
                     .collect();
                 tracing::error!(
@@ -265,7 +267,7 @@ fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
                 let blocking: Vec<&str> = report
                     .steps
                     .iter()
-                    .filter(|s| matches!(s.action, Action::Fail | Action::Block))
+                    .filter(|s| matches!(s.action, Action::Fail | Action::Block | Action::Wait))
                     .map(|s| s.name.as_str())
                     .collect();
                 tracing::warn!(
@@ -276,7 +278,14 @@ fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
             Err(e) => tracing::warn!("{}; trying again in {delay:?}", crate::exec::error_chain(e)),
         }
         std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_secs(30));
+        // Waiting on an operand's pod is progress: keep looking every
+        // couple of seconds rather than backing off.
+        let waiting = matches!(&result, Ok(report) if report.only_waiting());
+        delay = if waiting {
+            Duration::from_secs(2)
+        } else {
+            (delay * 2).min(Duration::from_secs(30))
+        };
     };
     let text = match change.output {
         ReportFormat::Text => apply_text(&report),
@@ -313,8 +322,8 @@ fn apply_text(report: &RunReport) -> String {
         "NOT converged"
     };
     out.push_str(&format!(
-        "Apply: {verdict}: {} changed, {} unchanged, {} skipped, {} blocked, {} failed ({} ms).\n",
-        s.change, s.unchanged, s.skip, s.block, s.fail, report.duration_ms
+        "Apply: {verdict}: {} changed, {} unchanged, {} skipped, {} waiting, {} blocked, {} failed ({} ms).\n",
+        s.change, s.unchanged, s.skip, s.wait, s.block, s.fail, report.duration_ms
     ));
     out
 }

@@ -100,6 +100,11 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 backoff = Duration::from_secs(1);
                 args.drift_interval
             }
+            // Waiting on an operand is progress, not failure: look again soon.
+            Ok(report) if report.only_waiting() => {
+                backoff = Duration::from_secs(1);
+                args.pending_interval
+            }
             _ => {
                 let wait = with_jitter(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);

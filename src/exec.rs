@@ -13,9 +13,10 @@ use serde::Serialize;
 use crate::catalog::{Handler, StateDef};
 use crate::facts::Facts;
 use crate::host::{CommandRecord, Host, HostError};
+use crate::kube::Cluster;
 use crate::plan::Graph;
 use crate::spec::Spec;
-use crate::{containerd, driver, exec_state, gpu, toolkit};
+use crate::{containerd, driver, exec_state, gpu, operands, toolkit};
 
 /// Where `apply` records each run, under the host root.
 pub const LAST_RUN_PATH: &str = "/var/lib/gpuprov/last-run.json";
@@ -86,6 +87,9 @@ pub enum Action {
     Skip,
     /// Not run: a prerequisite did not converge.
     Block,
+    /// Done what it can; waiting for something outside gpuprov (an
+    /// operand's pod to start, the device plugin to register).
+    Wait,
     /// Observing or applying failed, or the step is not converged.
     Fail,
 }
@@ -141,6 +145,17 @@ pub enum Change {
     WaitSocket {
         socket: String,
         timeout_seconds: u64,
+    },
+    /// Run the validation pod on this node and wait for it to succeed; it is
+    /// deleted afterwards, whatever happened.
+    ValidationPod {
+        namespace: String,
+        name: String,
+        image: String,
+        runtime_class: Option<String>,
+        timeout_seconds: u64,
+        #[serde(skip)]
+        manifest: serde_json::Value,
     },
     /// Unpack a cached `.tar.gz` into a directory, atomically.
     Unpack { archive: String, into: String },
@@ -207,6 +222,22 @@ impl Change {
             }
             Change::Unpack { archive, into } => {
                 format!("unpack {archive} into {into} (atomically)")
+            }
+            Change::ValidationPod {
+                namespace,
+                name,
+                image,
+                runtime_class,
+                timeout_seconds,
+                ..
+            } => {
+                let class = runtime_class
+                    .as_deref()
+                    .map(|c| format!(", runtime class {c}"))
+                    .unwrap_or_default();
+                format!(
+                    "run pod {namespace}/{name} ({image}{class}, 1 nvidia.com/gpu) on this node, wait up to {timeout_seconds}s for it to succeed, delete it"
+                )
             }
             Change::Fetch {
                 artifact,
@@ -281,6 +312,8 @@ pub struct StepContext<'a> {
     pub spec: &'a Spec,
     pub facts: &'a Facts,
     pub state: &'a StateDef,
+    /// The API server, when there is one.
+    pub cluster: Option<&'a Cluster>,
 }
 
 fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
@@ -291,7 +324,19 @@ fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         Handler::ContainerdRuntime => containerd::observe(ctx),
         Handler::GpuHealth => gpu::gfd::observe_health(ctx),
         Handler::GpuFeatureDiscovery => gpu::gfd::observe(ctx),
+        Handler::DevicePlugin => operands::observe(ctx, operands::Operand::DevicePlugin),
+        Handler::DcgmExporter => operands::observe(ctx, operands::Operand::DcgmExporter),
+        Handler::Validator => operands::validate::observe(ctx),
         Handler::Exec => exec_state::observe(ctx),
+    }
+}
+
+/// What a disabled or opted-out step takes away from the node (an
+/// operand's static pod); most states leave things as they are.
+fn withdraw(ctx: &StepContext) -> Result<Vec<Change>, StepError> {
+    match operands::Operand::of(ctx.state.handler) {
+        Some(operand) => operands::withdraw(ctx, operand),
+        None => Ok(Vec::new()),
     }
 }
 
@@ -371,19 +416,23 @@ pub struct Executor<'a> {
     pub spec: &'a Spec,
     pub facts: &'a Facts,
     pub graph: &'a Graph,
+    pub cluster: Option<&'a Cluster>,
 }
 
 impl Executor<'_> {
     /// Observes every step and lists what `apply` would change. Writes nothing.
     pub fn plan(&self) -> Vec<StepReport> {
-        self.walk(|state, obs| {
+        self.walk(|state, obs, _| {
             if obs.changes.is_empty() {
                 StepReport::from_observation(state, action_for(&obs), obs.outcome, obs)
             } else {
+                let disables = matches!(obs.gate, Some(Gate::Disable(_)));
                 let mut report =
                     StepReport::from_observation(state, Action::Change, obs.on_change, obs);
                 // Dependents are shown as they would run once this converges.
-                report.gate = Gate::Pass;
+                if !disables {
+                    report.gate = Gate::Pass;
+                }
                 report
             }
         })
@@ -391,30 +440,40 @@ impl Executor<'_> {
 
     /// Converges every step: observe, change, observe again, verify.
     pub fn apply(&self) -> Vec<StepReport> {
-        self.walk(|state, obs| self.converge(state, obs))
+        self.walk(|state, obs, again| self.converge(state, obs, again))
     }
 
-    /// Makes one step's changes and verifies them by observing again.
-    fn converge(&self, state: &StateDef, obs: Observation) -> StepReport {
+    /// Makes one step's changes and verifies them by observing `again`.
+    fn converge(
+        &self,
+        state: &StateDef,
+        obs: Observation,
+        again: &dyn Fn() -> Result<Observation, StepError>,
+    ) -> StepReport {
         if obs.changes.is_empty() {
             return StepReport::from_observation(state, action_for(&obs), obs.outcome, obs);
         }
         let mut commands = obs.commands.clone();
         for change in &obs.changes {
-            if let Err(reason) = make_change(self.host, change, &mut commands) {
+            if let Err(reason) = make_change(self.host, self.cluster, change, &mut commands) {
                 let mut failed = Observation::new(Outcome::Failed, reason);
                 failed.commands = commands;
                 failed.changes = obs.changes.clone();
                 return StepReport::from_observation(state, Action::Fail, Outcome::Failed, failed);
             }
         }
-        let (action, outcome, mut after) = match observe(&self.context(state)) {
+        let (action, outcome, mut after) = match again() {
             Ok(after)
                 if after.changes.is_empty()
                     && (after.outcome.lets_dependents_run()
                         || after.outcome == Outcome::RebootRequired) =>
             {
                 (Action::Change, after.outcome, after)
+            }
+            // Changes made; the rest is up to something else (a pod to
+            // start), which a later converge verifies.
+            Ok(after) if after.changes.is_empty() && after.outcome == Outcome::Pending => {
+                (Action::Wait, Outcome::Pending, after)
             }
             Ok(after) => {
                 let still: Vec<String> = after.changes.iter().map(Change::summary).collect();
@@ -440,7 +499,7 @@ impl Executor<'_> {
         };
         commands.append(&mut after.commands);
         after.commands = commands;
-        if action == Action::Change {
+        if matches!(action, Action::Change | Action::Wait) {
             after.reason = if after.reason == obs.reason {
                 format!("changed: {}", after.reason)
             } else {
@@ -457,10 +516,33 @@ impl Executor<'_> {
             spec: self.spec,
             facts: self.facts,
             state,
+            cluster: self.cluster,
         }
     }
 
-    fn walk(&self, mut act: impl FnMut(&StateDef, Observation) -> StepReport) -> Vec<StepReport> {
+    /// A skipped step's observation: its outcome and what it withdraws.
+    fn skipped(
+        &self,
+        state: &StateDef,
+        outcome: Outcome,
+        reason: &str,
+        gate: &Gate,
+    ) -> Result<Observation, StepError> {
+        let changes = withdraw(&self.context(state))?;
+        let mut obs = Observation::new(outcome, reason);
+        obs.gate = Some(gate.clone());
+        obs.changes = changes;
+        Ok(obs)
+    }
+
+    fn walk(
+        &self,
+        mut act: impl FnMut(
+            &StateDef,
+            Observation,
+            &dyn Fn() -> Result<Observation, StepError>,
+        ) -> StepReport,
+    ) -> Vec<StepReport> {
         let mut reports: Vec<StepReport> = Vec::new();
         for state in &self.graph.steps {
             let gates: Vec<(&str, &Gate)> = state
@@ -469,14 +551,6 @@ impl Executor<'_> {
                 .filter_map(|dep| reports.iter().find(|r| r.name == dep.value))
                 .map(|r| (r.name.as_str(), &r.gate))
                 .collect();
-            let skip = |outcome, reason: String, gate| {
-                let action = if outcome == Outcome::Blocked {
-                    Action::Block
-                } else {
-                    Action::Skip
-                };
-                StepReport::without_observation(state, action, outcome, reason, gate)
-            };
             let disabled_upstream = gates.iter().find_map(|(_, g)| match g {
                 Gate::Disable(reason) => Some(reason.clone()),
                 _ => None,
@@ -490,31 +564,56 @@ impl Executor<'_> {
                 Gate::Block(reason) => Some(reason.clone()),
                 _ => None,
             });
-            let report = if let Some(reason) = disabled_upstream {
-                skip(Outcome::Disabled, reason.clone(), Gate::Disable(reason))
+            let skipped = if let Some(reason) = disabled_upstream {
+                Some((Outcome::Disabled, reason.clone(), Gate::Disable(reason)))
             } else if let Some(switch) = switched_off {
-                skip(Outcome::Disabled, format!("{switch} is false"), Gate::Pass)
+                Some((Outcome::Disabled, format!("{switch} is false"), Gate::Pass))
             } else if let Some(label) = opted_out {
-                skip(Outcome::OptedOut, format!("node label {label}"), Gate::Pass)
-            } else if let Some(reason) = blocked {
-                skip(Outcome::Blocked, reason.clone(), Gate::Block(reason))
+                Some((Outcome::OptedOut, format!("node label {label}"), Gate::Pass))
             } else {
-                let started = Instant::now();
-                let report = match observe(&self.context(state)) {
-                    Ok(obs) => act(state, obs),
-                    Err(e) => {
-                        let obs = Observation::new(Outcome::Failed, error_chain(&e));
-                        StepReport::from_observation(state, Action::Fail, Outcome::Failed, obs)
+                blocked.map(|reason| (Outcome::Blocked, reason.clone(), Gate::Block(reason)))
+            };
+            let started = Instant::now();
+            let report = match skipped {
+                // A blocked step leaves the node as it is: a passing failure
+                // upstream must not tear operands down.
+                Some((Outcome::Blocked, reason, gate)) => StepReport::without_observation(
+                    state,
+                    Action::Block,
+                    Outcome::Blocked,
+                    reason,
+                    gate,
+                ),
+                // A disabled or opted-out step withdraws what it put there.
+                Some((outcome, reason, gate)) => {
+                    let again = || self.skipped(state, outcome, &reason, &gate);
+                    match again() {
+                        Ok(obs) if obs.changes.is_empty() => StepReport::without_observation(
+                            state,
+                            Action::Skip,
+                            outcome,
+                            reason.clone(),
+                            gate.clone(),
+                        ),
+                        Ok(obs) => act(state, obs, &again),
+                        Err(e) => failed_report(state, &e),
                     }
-                };
-                tracing::info!(
-                    step = %state.name,
-                    outcome = report.outcome.as_str(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "{}",
-                    report.reason
-                );
-                report
+                }
+                None => {
+                    let again = || observe(&self.context(state));
+                    let report = match again() {
+                        Ok(obs) => act(state, obs, &again),
+                        Err(e) => failed_report(state, &e),
+                    };
+                    tracing::info!(
+                        step = %state.name,
+                        outcome = report.outcome.as_str(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "{}",
+                        report.reason
+                    );
+                    report
+                }
             };
             reports.push(report);
         }
@@ -533,6 +632,11 @@ impl Executor<'_> {
     }
 }
 
+fn failed_report(state: &StateDef, e: &StepError) -> StepReport {
+    let obs = Observation::new(Outcome::Failed, error_chain(e));
+    StepReport::from_observation(state, Action::Fail, Outcome::Failed, obs)
+}
+
 /// A converged outcome is unchanged. So is a step that says it stands in
 /// no one's way (it disables its dependents: no GPU; or lets them pass:
 /// nothing to check). Anything else, `degraded` included, did not converge.
@@ -544,6 +648,8 @@ fn action_for(obs: &Observation) -> Action {
     };
     if obs.outcome.lets_dependents_run() || harmless {
         Action::Unchanged
+    } else if obs.outcome == Outcome::Pending {
+        Action::Wait
     } else {
         Action::Fail
     }
@@ -553,13 +659,14 @@ fn action_for(obs: &Observation) -> Action {
 pub fn make_changes(host: &Host, changes: &[Change]) -> Result<Vec<CommandRecord>, String> {
     let mut commands = Vec::new();
     for change in changes {
-        make_change(host, change, &mut commands)?;
+        make_change(host, None, change, &mut commands)?;
     }
     Ok(commands)
 }
 
 fn make_change(
     host: &Host,
+    cluster: Option<&Cluster>,
     change: &Change,
     commands: &mut Vec<CommandRecord>,
 ) -> Result<(), String> {
@@ -596,6 +703,22 @@ fn make_change(
             )
         }
         Change::Unpack { archive, into } => crate::download::unpack(host, archive, into),
+        Change::ValidationPod {
+            namespace,
+            name,
+            timeout_seconds,
+            manifest,
+            ..
+        } => {
+            let cluster = cluster.ok_or("the validation pod needs an API server")?;
+            operands::validate::run_pod(
+                cluster,
+                namespace,
+                name,
+                manifest,
+                Duration::from_secs(*timeout_seconds),
+            )
+        }
         Change::Fetch {
             artifact,
             timeout_seconds,
@@ -621,6 +744,15 @@ fn make_change(
             )
         }
     }
+}
+
+/// A unified diff of a file's content, for a `WriteFile` change.
+pub fn file_diff(path: &str, now: &str, wanted: &str) -> String {
+    similar::TextDiff::from_lines(now, wanted)
+        .unified_diff()
+        .context_radius(3)
+        .header(path, path)
+        .to_string()
 }
 
 /// An error and its causes on one line.
@@ -685,6 +817,19 @@ impl RunReport {
         let mut json = serde_json::to_vec_pretty(self).expect("a report serializes");
         json.push(b'\n');
         host.write_atomic(LAST_RUN_PATH, &json, 0o644).map(|_| ())
+    }
+}
+
+impl RunReport {
+    /// Not converged only because steps wait on something outside gpuprov
+    /// (and what they wait for may arrive any moment): nothing failed.
+    pub fn only_waiting(&self) -> bool {
+        !self.converged
+            && self.steps.iter().any(|s| s.action == Action::Wait)
+            && self
+                .steps
+                .iter()
+                .all(|s| s.action != Action::Fail && s.outcome != Outcome::RebootRequired)
     }
 }
 

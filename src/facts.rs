@@ -24,6 +24,9 @@ pub struct Facts {
     /// Label keys gpuprov applied to the node earlier (known with an API server).
     #[serde(skip)]
     pub own_labels: std::collections::BTreeSet<String>,
+    /// The node's allocatable resources (known with an API server).
+    #[serde(skip)]
+    pub node_allocatable: BTreeMap<String, String>,
     /// `PRETTY_NAME` from `/etc/os-release`, if there is one.
     pub os: Option<String>,
     /// `ID` then each of `ID_LIKE` from `/etc/os-release` (`ubuntu`, `debian`).
@@ -61,6 +64,7 @@ impl Facts {
             pci: pci::scan(host)?,
             node_labels,
             own_labels: Default::default(),
+            node_allocatable: BTreeMap::new(),
             os,
             os_ids,
             kernel,

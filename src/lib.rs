@@ -3,7 +3,8 @@
 //! Data flow: `spec` (node.yaml) and `catalog` (states/*.yaml) compile into a
 //! `plan::Graph`; `facts` are observed once through `host`; the `exec`
 //! executor walks the graph and each state's handler (`gpu`, `driver`,
-//! `exec_state`) observes and converges its part; `labels` publishes the
+//! `toolkit`, `containerd`, `operands`, `exec_state`) observes and
+//! converges its part; `labels` publishes the
 //! outcome. `commands` ties these together for the CLI.
 
 pub mod catalog;
@@ -21,6 +22,7 @@ pub mod gpu;
 pub mod host;
 pub mod kube;
 pub mod labels;
+pub mod operands;
 pub mod plan;
 pub mod spec;
 pub mod toolkit;

@@ -141,6 +141,7 @@ pub struct Summary {
     pub change: usize,
     pub unchanged: usize,
     pub skip: usize,
+    pub wait: usize,
     pub block: usize,
     pub fail: usize,
 }
@@ -153,6 +154,7 @@ impl Summary {
                 Action::Change => &mut s.change,
                 Action::Unchanged => &mut s.unchanged,
                 Action::Skip => &mut s.skip,
+                Action::Wait => &mut s.wait,
                 Action::Block => &mut s.block,
                 Action::Fail => &mut s.fail,
             } += 1;
@@ -208,8 +210,8 @@ impl PlanReport {
         let s = &self.summary;
         let _ = writeln!(
             out,
-            "\nPlan: {} to change, {} unchanged, {} skipped, {} blocked, {} failed; labels {state}.",
-            s.change, s.unchanged, s.skip, s.block, s.fail
+            "\nPlan: {} to change, {} unchanged, {} skipped, {} waiting, {} blocked, {} failed; labels {state}.",
+            s.change, s.unchanged, s.skip, s.wait, s.block, s.fail
         );
         out
     }
@@ -277,6 +279,7 @@ pub fn symbol(action: Action) -> &'static str {
         Action::Change => "~",
         Action::Skip => "-",
         Action::Block => "!",
+        Action::Wait => "…",
         Action::Fail => "✗",
     }
 }
@@ -287,6 +290,7 @@ fn colour(action: Action) -> &'static str {
         Action::Change => "#fff59d",
         Action::Skip => "#eeeeee",
         Action::Block => "#ffcc80",
+        Action::Wait => "#b3e5fc",
         Action::Fail => "#ef9a9a",
     }
 }

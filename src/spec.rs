@@ -67,28 +67,54 @@ struct RawSpec {
     #[serde(default)]
     containerd: RawContainerd,
     #[serde(default)]
-    device_plugin: RawSwitch,
+    device_plugin: RawOperand,
     #[serde(default)]
-    dcgm_exporter: RawSwitch,
+    dcgm_exporter: RawOperand,
     #[serde(default)]
-    gfd: RawGfd,
+    gfd: RawOperand,
     #[serde(default)]
-    validator: RawSwitch,
+    validator: RawValidator,
+    #[serde(default)]
+    operands: RawOperands,
     #[serde(default)]
     states: Vec<RawUserState>,
 }
 
+/// An operand's section (`devicePlugin`, `dcgmExporter`, `gfd`), with the
+/// GPU Operator's key names. `mode` belongs to `gfd` alone; `resolve` says
+/// so when another section has it.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSwitch {
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOperand {
     enabled: Option<bool>,
+    mode: Option<Spanned<String>>,
+    repository: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
+    version: Option<Spanned<String>>,
+    image_pull_policy: Option<Spanned<String>>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: Vec<RawEnvVar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawGfd {
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawValidator {
     enabled: Option<bool>,
-    mode: Option<Spanned<String>>,
+    repository: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
+    version: Option<Spanned<String>>,
+    image_pull_policy: Option<Spanned<String>>,
+    timeout_seconds: Option<Spanned<u64>>,
+    namespace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOperands {
+    deploy: Option<Spanned<String>>,
+    static_pod_dir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,15 +214,82 @@ pub struct Spec {
     pub driver: DriverSpec,
     pub toolkit: ToolkitSpec,
     pub containerd: ContainerdOptions,
-    pub device_plugin: bool,
-    pub dcgm_exporter: bool,
-    pub gfd: bool,
+    pub device_plugin: OperandSpec,
+    pub dcgm_exporter: OperandSpec,
+    pub gfd: OperandSpec,
     pub gfd_mode: GfdMode,
-    pub validator: bool,
+    pub validator: ValidatorSpec,
+    pub operands: OperandsSpec,
     /// The user's own states, in document order.
     #[serde(skip)]
     pub states: Vec<StateDef>,
 }
+
+/// One operand: whether it runs, and the container it runs as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperandSpec {
+    pub enabled: bool,
+    /// `repository/image:version` (`@version` for a `sha256:` digest).
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    /// Added after the template's own arguments.
+    pub args: Vec<String>,
+    /// Set in the container, replacing a template variable of the same name.
+    pub env: Vec<(String, String)>,
+}
+
+/// The vectorAdd validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidatorSpec {
+    pub enabled: bool,
+    /// The CUDA sample the validation pod runs.
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    /// How long the pod may take to succeed (pull, schedule, run).
+    pub timeout_seconds: u64,
+    /// Where the validation pod is created.
+    pub namespace: String,
+}
+
+/// How operands are started on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperandsSpec {
+    pub deploy: OperandDeploy,
+    /// The kubelet's static pod directory (`staticPodPath`).
+    pub static_pod_dir: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OperandDeploy {
+    /// Node labels with an API server, static pods without one.
+    Auto,
+    /// `nvidia.com/gpu.deploy.<operand>=true` for the operands' DaemonSets.
+    Labels,
+    /// Manifests in the kubelet's static pod directory.
+    StaticPods,
+}
+
+/// Each operand's default image: the versions `deploy/operands` runs.
+pub const DEVICE_PLUGIN_IMAGE: (&str, &str, &str) =
+    ("nvcr.io/nvidia", "k8s-device-plugin", "v0.17.0");
+pub const DCGM_EXPORTER_IMAGE: (&str, &str, &str) = (
+    "nvcr.io/nvidia/k8s",
+    "dcgm-exporter",
+    "3.3.9-3.6.1-ubuntu22.04",
+);
+/// GFD ships in the device plugin's image.
+pub const GFD_IMAGE: (&str, &str, &str) = DEVICE_PLUGIN_IMAGE;
+/// The seed's validation sample.
+pub const VALIDATOR_IMAGE: (&str, &str, &str) = (
+    "nvcr.io/nvidia/k8s",
+    "cuda-sample",
+    "vectoradd-cuda11.7.1-ubuntu20.04",
+);
+pub const DEFAULT_STATIC_POD_DIR: &str = "/etc/kubernetes/manifests";
 
 /// Who publishes GPU Feature Discovery's labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -336,10 +429,10 @@ impl Spec {
         Some(match name {
             "driver.enabled" => self.driver.enabled,
             "toolkit.enabled" => self.toolkit.enabled,
-            "devicePlugin.enabled" => self.device_plugin,
-            "dcgmExporter.enabled" => self.dcgm_exporter,
-            "gfd.enabled" => self.gfd,
-            "validator.enabled" => self.validator,
+            "devicePlugin.enabled" => self.device_plugin.enabled,
+            "dcgmExporter.enabled" => self.dcgm_exporter.enabled,
+            "gfd.enabled" => self.gfd.enabled,
+            "validator.enabled" => self.validator.enabled,
             _ => return None,
         })
     }
@@ -463,6 +556,38 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
             }
         },
     };
+    for (section, raw_operand) in [
+        ("devicePlugin", &raw.device_plugin),
+        ("dcgmExporter", &raw.dcgm_exporter),
+    ] {
+        if let Some(mode) = &raw_operand.mode {
+            errors.push(
+                Diagnostic::at_location(
+                    source,
+                    mode.referenced,
+                    format!("{section}.mode is not a setting"),
+                )
+                .with_help("only gfd has a mode (builtin or daemonset)"),
+            );
+        }
+    }
+    let device_plugin = resolve_operand(
+        "devicePlugin",
+        &raw.device_plugin,
+        DEVICE_PLUGIN_IMAGE,
+        source,
+        &mut errors,
+    );
+    let dcgm_exporter = resolve_operand(
+        "dcgmExporter",
+        &raw.dcgm_exporter,
+        DCGM_EXPORTER_IMAGE,
+        source,
+        &mut errors,
+    );
+    let gfd = resolve_operand("gfd", &raw.gfd, GFD_IMAGE, source, &mut errors);
+    let validator = resolve_validator(&raw.validator, source, &mut errors);
+    let operands = resolve_operands(&raw.operands, source, &mut errors);
     let containerd = resolve_containerd(&raw.containerd, &raw.toolkit.env, source, &mut errors);
     let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
 
@@ -520,13 +645,213 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         },
         toolkit,
         containerd,
-        device_plugin: raw.device_plugin.enabled.unwrap_or(true),
-        dcgm_exporter: raw.dcgm_exporter.enabled.unwrap_or(true),
-        gfd: raw.gfd.enabled.unwrap_or(true),
+        device_plugin,
+        dcgm_exporter,
+        gfd,
         gfd_mode,
-        validator: raw.validator.enabled.unwrap_or(true),
+        validator,
+        operands,
         states,
     })
+}
+
+/// `repository/image:version` from the three keys (defaults for those not
+/// given); a `sha256:` version is a digest (`@sha256:…`).
+fn resolve_image(
+    section: &str,
+    parts: [&Option<Spanned<String>>; 3],
+    default: (&str, &str, &str),
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> String {
+    let defaults = [default.0, default.1, default.2];
+    let mut values = [String::new(), String::new(), String::new()];
+    for (i, (key, part)) in ["repository", "image", "version"]
+        .iter()
+        .zip(parts)
+        .enumerate()
+    {
+        values[i] = match part {
+            None => defaults[i].to_string(),
+            Some(given) => {
+                let value = given.value.trim();
+                let bad_char =
+                    |c: char| c.is_whitespace() || (*key != "repository" && c == '/') || c == '@';
+                if value.is_empty() || value.chars().any(bad_char) {
+                    errors.push(Diagnostic::at_location(
+                        source,
+                        given.referenced,
+                        format!("{section}.{key} `{}` is not an image {key}", given.value),
+                    ));
+                }
+                value.trim_end_matches('/').to_string()
+            }
+        };
+    }
+    let [repository, image, version] = values;
+    let separator = if version.starts_with("sha256:") {
+        '@'
+    } else {
+        ':'
+    };
+    format!("{repository}/{image}{separator}{version}")
+}
+
+fn resolve_pull_policy(
+    section: &str,
+    policy: &Option<Spanned<String>>,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<String> {
+    let policy = policy.as_ref()?;
+    match policy.value.as_str() {
+        "Always" | "IfNotPresent" | "Never" => Some(policy.value.clone()),
+        other => {
+            errors.push(Diagnostic::at_location(
+                source,
+                policy.referenced,
+                format!(
+                    "{section}.imagePullPolicy must be Always, IfNotPresent or Never, not `{other}`"
+                ),
+            ));
+            None
+        }
+    }
+}
+
+fn resolve_operand(
+    section: &str,
+    raw: &RawOperand,
+    default_image: (&str, &str, &str),
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> OperandSpec {
+    let image = resolve_image(
+        section,
+        [&raw.repository, &raw.image, &raw.version],
+        default_image,
+        source,
+        errors,
+    );
+    let mut env: Vec<(String, String)> = Vec::new();
+    for var in &raw.env {
+        let name = var.name.value.as_str();
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid {
+            errors.push(Diagnostic::at_location(
+                source,
+                var.name.referenced,
+                format!("{section}.env name `{name}` is not an environment variable name"),
+            ));
+        } else if env.iter().any(|(n, _)| n == name) {
+            errors.push(Diagnostic::at_location(
+                source,
+                var.name.referenced,
+                format!("{section}.env `{name}` is set twice"),
+            ));
+        } else {
+            env.push((name.to_string(), var.value.value.clone()));
+        }
+    }
+    OperandSpec {
+        enabled: raw.enabled.unwrap_or(true),
+        image,
+        image_pull_policy: resolve_pull_policy(section, &raw.image_pull_policy, source, errors),
+        args: raw.args.clone(),
+        env,
+    }
+}
+
+fn resolve_validator(
+    raw: &RawValidator,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> ValidatorSpec {
+    let image = resolve_image(
+        "validator",
+        [&raw.repository, &raw.image, &raw.version],
+        VALIDATOR_IMAGE,
+        source,
+        errors,
+    );
+    let timeout_seconds = match &raw.timeout_seconds {
+        Some(t) if t.value == 0 => {
+            errors.push(Diagnostic::at_location(
+                source,
+                t.referenced,
+                "validator.timeoutSeconds must be at least 1",
+            ));
+            300
+        }
+        Some(t) => t.value,
+        None => 300,
+    };
+    let namespace = match &raw.namespace {
+        Some(ns) => {
+            if let Err(why) = check_dns_label(&ns.value) {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    ns.referenced,
+                    format!("validator.namespace `{}` {why}", ns.value),
+                ));
+            }
+            ns.value.clone()
+        }
+        None => "gpuprov".to_string(),
+    };
+    ValidatorSpec {
+        enabled: raw.enabled.unwrap_or(true),
+        image,
+        image_pull_policy: resolve_pull_policy("validator", &raw.image_pull_policy, source, errors),
+        timeout_seconds,
+        namespace,
+    }
+}
+
+fn resolve_operands(
+    raw: &RawOperands,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> OperandsSpec {
+    let deploy = match raw.deploy.as_ref() {
+        None => OperandDeploy::Auto,
+        Some(d) => match d.value.as_str() {
+            "auto" => OperandDeploy::Auto,
+            "labels" => OperandDeploy::Labels,
+            "staticPods" => OperandDeploy::StaticPods,
+            other => {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    d.referenced,
+                    format!("operands.deploy must be auto, labels or staticPods, not `{other}`"),
+                ));
+                OperandDeploy::Auto
+            }
+        },
+    };
+    let static_pod_dir = match &raw.static_pod_dir {
+        Some(dir) => {
+            if let Err(why) = check_host_path(&dir.value) {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    dir.referenced,
+                    format!("operands.staticPodDir {why}"),
+                ));
+            }
+            dir.value.trim_end_matches('/').to_string()
+        }
+        None => DEFAULT_STATIC_POD_DIR.to_string(),
+    };
+    OperandsSpec {
+        deploy,
+        static_pod_dir,
+    }
 }
 
 fn resolve_toolkit(raw: &RawToolkit, source: &Source, errors: &mut Vec<Diagnostic>) -> ToolkitSpec {
@@ -879,7 +1204,16 @@ mod tests {
     #[test]
     fn defaults_follow_the_gpu_operator() {
         let spec = parse("").unwrap();
-        assert!(spec.driver.enabled && spec.toolkit.enabled && spec.device_plugin && spec.gfd);
+        assert!(
+            spec.driver.enabled
+                && spec.toolkit.enabled
+                && spec.device_plugin.enabled
+                && spec.gfd.enabled
+        );
+        assert_eq!(
+            spec.device_plugin.image,
+            "nvcr.io/nvidia/k8s-device-plugin:v0.17.0"
+        );
         assert_eq!(spec.containerd.config, "/etc/containerd/config.toml");
         assert_eq!(spec.containerd.runtime_class, "nvidia");
     }

@@ -79,12 +79,15 @@ fn apply_converges_site_states_and_publishes_labels_for_nfd() {
          feature.node.kubernetes.io/pci-10de.present=true\n\
          gpuprov.io/container-toolkit=preinstalled\n\
          gpuprov.io/containerd-runtime=configured\n\
+         gpuprov.io/dcgm-exporter=configured\n\
          gpuprov.io/detect-gpu=ready\n\
+         gpuprov.io/device-plugin=configured\n\
          gpuprov.io/driver=preinstalled\n\
          gpuprov.io/gpu-clocks-report=configured\n\
-         gpuprov.io/gpu-feature-discovery=disabled\n\
+         gpuprov.io/gpu-feature-discovery=configured\n\
          gpuprov.io/gpu-health=absent\n\
          gpuprov.io/persistence-mode=configured\n\
+         gpuprov.io/validator=ready\n\
          nvidia.com/gpu.deploy.driver=pre-installed\n\
          nvidia.com/gpu.present=true\n"
     );
@@ -399,10 +402,13 @@ fn labels_sink_stdout_prints_labels_and_writes_no_feature_file() {
         "feature.node.kubernetes.io/pci-10de.present=true\n\
          gpuprov.io/container-toolkit=installed\n\
          gpuprov.io/containerd-runtime=configured\n\
+         gpuprov.io/dcgm-exporter=configured\n\
          gpuprov.io/detect-gpu=ready\n\
+         gpuprov.io/device-plugin=configured\n\
          gpuprov.io/driver=preinstalled\n\
-         gpuprov.io/gpu-feature-discovery=disabled\n\
+         gpuprov.io/gpu-feature-discovery=configured\n\
          gpuprov.io/gpu-health=absent\n\
+         gpuprov.io/validator=ready\n\
          nvidia.com/gpu.deploy.driver=pre-installed\n\
          nvidia.com/gpu.present=true\n"
     );
@@ -468,6 +474,9 @@ fn states_dir_overrides_a_builtin_in_place_and_adds_new_states() {
             "containerd-runtime",
             "gpu-health",
             "gpu-feature-discovery",
+            "device-plugin",
+            "dcgm-exporter",
+            "validator",
             "persistenced"
         ]
     );

@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use support::daemon::{Daemon, eventually, free_port};
-use support::fake_api::FakeApi;
+use support::fake_api::{FakeApi, Kubelet, Operands};
 use support::{copy_host, repo};
 
 const NODE: &str = "gpu-node-1";
@@ -35,10 +35,23 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
 fn run_keeps_the_node_converged_and_stops_on_sigterm() {
     let fake = FakeApi::start();
     fake.add_node(NODE, &[("kubernetes.io/hostname", NODE)], "kubelet");
+    // The operands' DaemonSets follow the labels; the validation pod passes.
+    fake.run_operands(Operands {
+        gpus: 1,
+        product: "NVIDIA-A100-SXM4-40GB".into(),
+    });
+    fake.kubelet(Kubelet::Runs {
+        phase: "Succeeded",
+        after_ms: 300,
+        log: "Test PASSED\n".into(),
+        exit_code: 0,
+    });
     let host = copy_host("a100-preinstalled");
     let port = free_port();
     let mut daemon = Daemon::spawn(&fake, NODE, host.path(), "1s", port);
 
+    // The first converge labels the node for its operands and waits; the
+    // next (a pending interval later) finds them running and validates.
     eventually("/readyz to say converged", Duration::from_secs(30), || {
         get(port, "/readyz").is_some_and(|(code, _)| code == 200)
     });
@@ -46,14 +59,27 @@ fn run_keeps_the_node_converged_and_stops_on_sigterm() {
     let (_, metrics) = get(port, "/metrics").unwrap();
     for line in [
         "gpuprov_state_outcome{state=\"driver\",outcome=\"preinstalled\"} 1",
+        "gpuprov_state_outcome{state=\"device-plugin\",outcome=\"ready\"} 1",
+        "gpuprov_state_outcome{state=\"validator\",outcome=\"ready\"} 1",
         "gpuprov_converged 1",
-        "gpuprov_api_requests_total{verb=\"PATCH\",code=\"200\"} 1",
+        "gpuprov_api_requests_total{verb=\"PATCH\",code=\"200\"} 2",
+        "gpuprov_api_requests_total{verb=\"POST\",code=\"201\"}",
         "gpuprov_converge_duration_seconds_count",
         "gpuprov_last_success_timestamp_seconds",
     ] {
         assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
     }
-    assert_eq!(fake.labels(NODE)["gpuprov.io/driver"], "preinstalled");
+    let labels = fake.labels(NODE);
+    assert_eq!(labels["gpuprov.io/driver"], "preinstalled");
+    assert_eq!(labels["nvidia.com/gpu.deploy.device-plugin"], "true");
+    assert_eq!(labels["gpuprov.io/validator"], "ready");
+    assert!(
+        fake.pods().iter().all(|p| !p["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .contains("vectoradd")),
+        "the validation pod is deleted"
+    );
     assert_eq!(containerd_restarts(host.path()), 1);
 
     // The watch connection drops; the daemon opens it again. Then someone
@@ -72,6 +98,12 @@ fn run_keeps_the_node_converged_and_stops_on_sigterm() {
             .map(String::as_str)
             == Some("opted-out")
     });
+    let labels = fake.labels(NODE);
+    assert!(
+        !labels.contains_key("nvidia.com/gpu.deploy.device-plugin"),
+        "the operands leave: {labels:?}"
+    );
+    assert!(fake.pods().is_empty(), "the exporter's pod is gone");
     fake.set_label(
         NODE,
         "nvidia.com/gpu.deploy.operands",

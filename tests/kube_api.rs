@@ -24,14 +24,31 @@ fn against(fake: &FakeApi, subcommand: &str, host: &std::path::Path) -> assert_c
     cmd
 }
 
-/// `apply --output json` against the fake API server.
+/// The operands and the validation have tests of their own
+/// (tests/operands.rs); these are about labels.
+fn node_prep_only() -> String {
+    support::repo()
+        .join("fixtures/specs/node-prep-only.yaml")
+        .display()
+        .to_string()
+}
+
+/// `apply --output json` against the fake API server, with the
+/// node-prep-only spec unless `extra` names one.
 fn apply(
     fake: &FakeApi,
     host: &std::path::Path,
     extra: &[&str],
 ) -> (i32, serde_json::Value, String) {
+    let default_spec = node_prep_only();
+    let spec: &[&str] = if extra.contains(&"--config") {
+        &[]
+    } else {
+        &["--config", &default_spec]
+    };
     let output = against(fake, "apply", host)
         .args(["--output", "json"])
+        .args(spec)
         .args(extra)
         .output()
         .unwrap();
@@ -153,7 +170,10 @@ fn a_label_a_person_set_stays_and_the_report_says_so() {
 fn labels_gpuprov_no_longer_wants_disappear() {
     let fake = fake_with_node(&[]);
     let host = copy_host("a100-preinstalled");
-    let site = support::repo().join("fixtures/specs/site-states.yaml");
+    let site = std::fs::read_to_string(support::repo().join("fixtures/specs/site-states.yaml"))
+        .unwrap()
+        + &std::fs::read_to_string(node_prep_only()).unwrap();
+    let site = write_spec(host.path(), "site.yaml", &site);
     assert_eq!(
         apply(&fake, host.path(), &["--config", site.to_str().unwrap()]).0,
         0

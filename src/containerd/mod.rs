@@ -234,11 +234,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             if now.as_deref() == Some(wanted.as_str()) {
                 continue;
             }
-            let diff = similar::TextDiff::from_lines(now.as_deref().unwrap_or(""), &wanted)
-                .unified_diff()
-                .context_radius(3)
-                .header(&path, &path)
-                .to_string();
+            let diff = crate::exec::file_diff(&path, now.as_deref().unwrap_or(""), &wanted);
             obs.changes.push(Change::WriteFile {
                 path,
                 content: wanted.into_bytes(),

@@ -131,16 +131,14 @@ pub fn labels(
     labels
 }
 
-/// The `gpu-feature-discovery` handler (builtin mode).
+/// The `gpu-feature-discovery` handler: in daemonset mode an operand; in
+/// builtin mode the labels themselves (and no GFD static pod).
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+    use crate::operands::{self, Operand};
     if ctx.spec.gfd_mode == GfdMode::Daemonset {
-        let mut obs = Observation::new(
-            Outcome::Disabled,
-            "gfd.mode is daemonset: NVIDIA's GFD DaemonSet publishes these labels",
-        );
-        obs.gate = Some(Gate::Pass);
-        return Ok(obs);
+        return operands::observe(ctx, Operand::GpuFeatureDiscovery);
     }
+    let withdrawn = operands::withdraw(ctx, Operand::GpuFeatureDiscovery)?;
     let inventory = match ctx.facts.nvml(ctx.host) {
         Ok(inventory) => inventory,
         Err(problem) => {
@@ -164,6 +162,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         ),
     );
     obs.labels = labels;
+    obs.changes = withdrawn;
     Ok(obs)
 }
 

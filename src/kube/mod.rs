@@ -7,6 +7,7 @@
 //! unreachable is an error, never a silent fallback to another sink.
 
 pub mod events;
+pub mod pods;
 pub mod sink;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -82,6 +83,8 @@ pub struct NodeLabels {
     pub ours: BTreeSet<String>,
     /// For each key someone else set: who (their field manager).
     pub others: BTreeMap<String, String>,
+    /// The node's allocatable resources (`nvidia.com/gpu` → `8`).
+    pub allocatable: BTreeMap<String, String>,
 }
 
 /// API requests by verb and status code (0: no answer), for `/metrics`.
@@ -396,10 +399,17 @@ pub fn read_labels(node: &Node) -> NodeLabels {
             }
         }
     }
+    let allocatable = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .map(|a| a.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+        .unwrap_or_default();
     NodeLabels {
         labels,
         ours,
         others,
+        allocatable,
     }
 }
 

@@ -159,6 +159,7 @@ mod tests {
             labels: wanted.clone(),
             ours: ["gpuprov.io/driver".to_string()].into(),
             others: BTreeMap::new(),
+            allocatable: BTreeMap::new(),
         };
         assert!(!plan_apply(&node, &wanted).needed);
         // A label gpuprov applied before and no longer wants: an apply removes it.
@@ -180,6 +181,7 @@ mod tests {
                 "kubectl-label".to_string(),
             )]
             .into(),
+            allocatable: BTreeMap::new(),
         };
         let plan = plan_apply(&node, &wanted);
         assert_eq!(plan.apply, labels(&[("gpuprov.io/driver", "preinstalled")]));

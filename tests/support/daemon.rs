@@ -42,6 +42,8 @@ impl Daemon {
         let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"))
             .args(["run", "--host-exec", "prefix", "--node-name", node])
             .args(["--drift-interval", drift_interval])
+            // Operands starting are checked on again every second.
+            .args(["--pending-interval", "1s"])
             .arg("--kubeconfig")
             .arg(fake.kubeconfig())
             .arg("--host-root")

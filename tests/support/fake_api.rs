@@ -54,7 +54,34 @@ struct NodeState {
     labels: BTreeMap<String, String>,
     /// label key → manager → operation (`Apply` or `Update`).
     owners: BTreeMap<String, BTreeMap<String, String>>,
+    /// `status.allocatable`, as the kubelet reports it.
+    allocatable: BTreeMap<String, String>,
     resource_version: u64,
+}
+
+/// What the cluster does when gpuprov labels a node for an operand, as the
+/// operands' DaemonSets would: the device plugin registers the node's GPUs,
+/// the DCGM exporter's pod becomes Ready, GFD labels the product.
+#[derive(Debug, Clone)]
+pub struct Operands {
+    pub gpus: usize,
+    pub product: String,
+}
+
+/// What the kubelet does with a validation pod (a pod whose name starts
+/// with `gpuprov-cuda-vectoradd`).
+#[derive(Debug, Clone)]
+pub enum Kubelet {
+    /// It runs, and ends in this phase (`Succeeded`, `Failed`) after a while,
+    /// having logged this.
+    Runs {
+        phase: &'static str,
+        after_ms: u64,
+        log: String,
+        exit_code: i32,
+    },
+    /// It is never scheduled: not enough nvidia.com/gpu.
+    NeverSchedules,
 }
 
 #[derive(Default)]
@@ -63,6 +90,10 @@ struct Inner {
     events: Vec<Value>,
     /// (namespace, name) → pod.
     pods: BTreeMap<(String, String), Value>,
+    /// (namespace, name) → its log.
+    pod_logs: BTreeMap<(String, String), String>,
+    operands: Option<Operands>,
+    kubelet: Option<Kubelet>,
     log: Vec<Logged>,
     faults: VecDeque<Fault>,
     version: u64,
@@ -104,6 +135,8 @@ impl FakeApi {
                 "/api/v1/namespaces/{ns}/pods/{name}",
                 get(get_pod).delete(delete_pod),
             )
+            .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
+            .route("/api/v1/pods", get(list_all_pods))
             .fallback(not_found)
             .layer(axum::middleware::from_fn_with_state(
                 shared.clone(),
@@ -230,6 +263,51 @@ impl FakeApi {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// From now on, the cluster starts operands on the labels gpuprov sets.
+    pub fn run_operands(&self, operands: Operands) {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner.operands = Some(operands);
+        let names: Vec<String> = inner.nodes.keys().cloned().collect();
+        for name in names {
+            simulate_operands(&mut inner, &name);
+        }
+    }
+
+    /// From now on, the kubelet treats validation pods this way.
+    pub fn kubelet(&self, kubelet: Kubelet) {
+        self.shared.0.lock().unwrap().kubelet = Some(kubelet);
+    }
+
+    /// Sets an allocatable resource of a node, as the kubelet would.
+    pub fn set_allocatable(&self, node: &str, resource: &str, value: &str) {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner.version += 1;
+        let version = inner.version;
+        let node = inner.nodes.get_mut(node).unwrap();
+        node.allocatable
+            .insert(resource.to_string(), value.to_string());
+        node.resource_version = version;
+    }
+
+    /// Adds a pod bound to `node`, Ready or not, as a DaemonSet's would be.
+    pub fn add_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        labels: &[(&str, &str)],
+        ready: bool,
+    ) {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let pod = running_pod(namespace, name, node, &labels, ready);
+        self.shared
+            .0
+            .lock()
+            .unwrap()
+            .pods
+            .insert((namespace.to_string(), name.to_string()), pod);
     }
 
     /// Ends every open watch, as a dropped connection would.
@@ -366,7 +444,7 @@ fn node_json(name: &str, node: &NodeState) -> Value {
             "resourceVersion": node.resource_version.to_string(),
             "labels": node.labels, "managedFields": managed,
         },
-        "spec": {}, "status": {},
+        "spec": {}, "status": {"allocatable": node.allocatable},
     })
 }
 
@@ -556,7 +634,82 @@ async fn patch_node(
         }
     }
     node.resource_version = version;
-    axum::Json(node_json(&name, node)).into_response()
+    simulate_operands(&mut inner, &name);
+    axum::Json(node_json(&name, &inner.nodes[&name])).into_response()
+}
+
+/// A pod on `node` in phase Running, with its Ready condition.
+fn running_pod(
+    namespace: &str,
+    name: &str,
+    node: &str,
+    labels: &BTreeMap<&str, &str>,
+    ready: bool,
+) -> Value {
+    let ready = if ready { "True" } else { "False" };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{namespace}-{name}"), "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "operand"}]},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": ready}]},
+    })
+}
+
+/// Makes the node's operands follow its deploy labels (see `Operands`).
+fn simulate_operands(inner: &mut Inner, name: &str) {
+    let Some(operands) = inner.operands.clone() else {
+        return;
+    };
+    inner.version += 1;
+    let version = inner.version;
+    let node = inner.nodes.get_mut(name).unwrap();
+    let on = |key: &str| {
+        node.labels
+            .get(&format!("nvidia.com/gpu.deploy.{key}"))
+            .is_some_and(|v| v == "true")
+    };
+    let (plugin, exporter, gfd) = (
+        on("device-plugin"),
+        on("dcgm-exporter"),
+        on("gpu-feature-discovery"),
+    );
+    let before = (node.allocatable.clone(), node.labels.clone());
+    if plugin {
+        node.allocatable
+            .insert("nvidia.com/gpu".into(), operands.gpus.to_string());
+    } else {
+        node.allocatable.remove("nvidia.com/gpu");
+    }
+    let product = "nvidia.com/gpu.product".to_string();
+    if gfd {
+        node.labels
+            .insert(product.clone(), operands.product.clone());
+        node.owners
+            .entry(product)
+            .or_default()
+            .insert("nfd-worker".into(), "Update".into());
+    } else if node
+        .owners
+        .get(&product)
+        .is_some_and(|o| o.contains_key("nfd-worker"))
+    {
+        node.labels.remove(&product);
+        node.owners.remove(&product);
+    }
+    if before != (node.allocatable.clone(), node.labels.clone()) {
+        node.resource_version = version;
+    }
+    let key = (
+        "gpuprov".to_string(),
+        format!("nvidia-dcgm-exporter-{name}"),
+    );
+    if exporter {
+        let labels = BTreeMap::from([("app", "nvidia-dcgm-exporter")]);
+        let pod = running_pod(&key.0, &key.1, name, &labels, true);
+        inner.pods.entry(key).or_insert(pod);
+    } else {
+        inner.pods.remove(&key);
+    }
 }
 
 async fn create_event(
@@ -594,8 +747,100 @@ async fn create_pod(
     pod["metadata"]["namespace"] = json!(ns);
     pod["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
     pod["status"] = json!({"phase": "Pending"});
+    let kubelet = inner
+        .kubelet
+        .clone()
+        .filter(|_| name.starts_with("gpuprov-cuda-vectoradd"));
+    match kubelet {
+        Some(Kubelet::NeverSchedules) => {
+            pod["status"]["conditions"] = json!([{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+            }]);
+        }
+        Some(Kubelet::Runs {
+            phase,
+            after_ms,
+            log,
+            exit_code,
+        }) => {
+            let shared = shared.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                let mut inner = shared.0.lock().unwrap();
+                inner.pod_logs.insert(key.clone(), log);
+                if let Some(pod) = inner.pods.get_mut(&key) {
+                    pod["status"] = json!({
+                        "phase": phase,
+                        "containerStatuses": [{
+                            "name": "cuda-vectoradd", "image": "", "imageID": "", "ready": false, "restartCount": 0,
+                            "state": {"terminated": {"exitCode": exit_code, "reason": if exit_code == 0 { "Completed" } else { "Error" }}},
+                        }],
+                    });
+                }
+            });
+        }
+        None => {}
+    }
     inner.pods.insert(key, pod.clone());
     (StatusCode::CREATED, axum::Json(pod)).into_response()
+}
+
+async fn pod_log(
+    State(shared): State<Shared>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    let inner = shared.0.lock().unwrap();
+    let key = (ns, name.clone());
+    if !inner.pods.contains_key(&key) {
+        return status(404, "NotFound", format!("pods \"{name}\" not found"));
+    }
+    let log = inner.pod_logs.get(&key).cloned().unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = query
+        .get("tailLines")
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or(lines.len())
+        .min(lines.len());
+    let mut text = lines[lines.len() - tail..].join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    (StatusCode::OK, text).into_response()
+}
+
+/// Pods in every namespace, filtered by `spec.nodeName=` and one `k=v` label.
+async fn list_all_pods(
+    State(shared): State<Shared>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    let node = query
+        .get("fieldSelector")
+        .and_then(|s| s.strip_prefix("spec.nodeName="))
+        .map(str::to_string);
+    let label = query
+        .get("labelSelector")
+        .and_then(|s| s.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+    let inner = shared.0.lock().unwrap();
+    let items: Vec<Value> = inner
+        .pods
+        .values()
+        .filter(|p| {
+            node.as_ref()
+                .is_none_or(|n| p["spec"]["nodeName"] == json!(n))
+        })
+        .filter(|p| {
+            label
+                .as_ref()
+                .is_none_or(|(k, v)| p["metadata"]["labels"][k] == json!(v))
+        })
+        .cloned()
+        .collect();
+    axum::Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}))
+        .into_response()
 }
 
 async fn get_pod(

@@ -1,0 +1,251 @@
+//! The operands: NVIDIA's device plugin, DCGM exporter and GPU Feature
+//! Discovery (`gfd.mode: daemonset`), started on this node and verified;
+//! and the vectorAdd validation (`validate`).
+//!
+//! With an API server, an operand starts when the node carries
+//! `nvidia.com/gpu.deploy.<operand>=true`: the GPU Operator's own selector,
+//! so its DaemonSets and ours in `deploy/operands` both follow it. The label
+//! is published with the run's other labels, and goes (the operand leaves)
+//! when the state is disabled or opted out. Without an API server (a
+//! bootstrap image), the operand's static pod goes into the kubelet's static
+//! pod directory instead, and is removed when the state is disabled.
+
+pub mod static_pod;
+pub mod validate;
+
+use crate::catalog::Handler;
+use crate::exec::{Change, Observation, Outcome, StepContext, StepError, error_chain, file_diff};
+use crate::spec::{OperandDeploy, OperandSpec, Spec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    DevicePlugin,
+    DcgmExporter,
+    GpuFeatureDiscovery,
+}
+
+/// The allocatable resource the device plugin registers.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// The label the DCGM exporter's pods carry (ours and the GPU Operator's).
+pub const DCGM_EXPORTER_SELECTOR: &str = "app=nvidia-dcgm-exporter";
+/// The label GFD publishes that shows it ran on the node.
+pub const GFD_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
+
+impl Operand {
+    /// The operand a state's handler runs, if it runs one.
+    pub fn of(handler: Handler) -> Option<Operand> {
+        match handler {
+            Handler::DevicePlugin => Some(Operand::DevicePlugin),
+            Handler::DcgmExporter => Some(Operand::DcgmExporter),
+            Handler::GpuFeatureDiscovery => Some(Operand::GpuFeatureDiscovery),
+            _ => None,
+        }
+    }
+
+    /// The GPU Operator's name for it, in its deploy label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operand::DevicePlugin => "device-plugin",
+            Operand::DcgmExporter => "dcgm-exporter",
+            Operand::GpuFeatureDiscovery => "gpu-feature-discovery",
+        }
+    }
+
+    /// `nvidia.com/gpu.deploy.<operand>`: its DaemonSet's node selector.
+    pub fn deploy_label(self) -> String {
+        format!("nvidia.com/gpu.deploy.{}", self.name())
+    }
+
+    pub fn spec(self, spec: &Spec) -> &OperandSpec {
+        match self {
+            Operand::DevicePlugin => &spec.device_plugin,
+            Operand::DcgmExporter => &spec.dcgm_exporter,
+            Operand::GpuFeatureDiscovery => &spec.gfd,
+        }
+    }
+}
+
+/// Whether operands run as static pods here: asked for, or `auto` without
+/// an API server.
+pub fn as_static_pods(ctx: &StepContext) -> bool {
+    match ctx.spec.operands.deploy {
+        OperandDeploy::Auto => ctx.cluster.is_none(),
+        OperandDeploy::Labels => false,
+        OperandDeploy::StaticPods => true,
+    }
+}
+
+/// The operand's handler: start it (label or static pod), then verify it.
+pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepError> {
+    let path = static_pod::path(ctx.spec, operand);
+    let current = ctx.host.read(&path)?;
+    let mut changes = Vec::new();
+    let mut labels = std::collections::BTreeMap::new();
+    let static_pods = as_static_pods(ctx);
+    if static_pods {
+        let wanted = static_pod::render(ctx.spec, operand).map_err(StepError::Observe)?;
+        match &current {
+            Some(text) if !static_pod::is_ours(text) => {
+                return Err(StepError::Observe(format!(
+                    "{path} exists and gpuprov did not write it; move it away or set operands.staticPodDir"
+                )));
+            }
+            Some(text) if *text == wanted => {}
+            _ => changes.push(Change::WriteFile {
+                diff: Some(file_diff(&path, current.as_deref().unwrap_or(""), &wanted)),
+                path: path.clone(),
+                content: wanted.into_bytes(),
+                mode: 0o644,
+                purpose: format!("{} static pod", operand.name()),
+            }),
+        }
+    } else {
+        if current.as_deref().is_some_and(static_pod::is_ours) {
+            changes.push(Change::RemoveFile {
+                path: path.clone(),
+                purpose: format!(
+                    "{} static pod: it runs from its DaemonSet now",
+                    operand.name()
+                ),
+            });
+        }
+        labels.insert(operand.deploy_label(), "true".to_string());
+    }
+    let (outcome, reason) = verify(ctx, operand, static_pods, &path)?;
+    let mut obs = Observation::new(outcome, reason);
+    if !changes.is_empty() {
+        // Once the manifest is in place the kubelet starts the pod; with an
+        // API server a later converge sees it running.
+        obs.outcome = Outcome::Pending;
+        obs.on_change = if ctx.cluster.is_some() {
+            Outcome::Pending
+        } else {
+            Outcome::Configured
+        };
+    }
+    obs.changes = changes;
+    obs.labels = labels;
+    Ok(obs)
+}
+
+/// Whether the operand runs: without an API server, `configured` (the
+/// manifest or label is in place and the kubelet or a DaemonSet does the
+/// rest); with one, `ready` once its effect shows, else `pending`.
+fn verify(
+    ctx: &StepContext,
+    operand: Operand,
+    static_pods: bool,
+    path: &str,
+) -> Result<(Outcome, String), StepError> {
+    let image = &operand.spec(ctx.spec).image;
+    let Some(cluster) = ctx.cluster else {
+        return Ok((
+            Outcome::Configured,
+            if static_pods {
+                format!("static pod {path} ({image}); the kubelet runs it")
+            } else {
+                format!(
+                    "{}=true for its DaemonSet; not verified without an API server",
+                    operand.deploy_label()
+                )
+            },
+        ));
+    };
+    let label = operand.deploy_label();
+    if !static_pods && !ctx.facts.has_label(&format!("{label}=true")) {
+        return Ok((
+            Outcome::Pending,
+            format!("starting: the node gets {label}=true, its DaemonSet's selector"),
+        ));
+    }
+    Ok(match operand {
+        Operand::DevicePlugin => {
+            let want = gpu_count(ctx);
+            let have = ctx
+                .facts
+                .node_allocatable
+                .get(GPU_RESOURCE)
+                .cloned()
+                .unwrap_or_else(|| "none".to_string());
+            if have == want.to_string() {
+                (
+                    Outcome::Ready,
+                    format!("the node offers all {want} GPUs as {GPU_RESOURCE}"),
+                )
+            } else {
+                (
+                    Outcome::Pending,
+                    format!(
+                        "waiting for the device plugin to register: allocatable {GPU_RESOURCE} is {have}, the node has {want} GPUs"
+                    ),
+                )
+            }
+        }
+        Operand::DcgmExporter => {
+            let pods = cluster
+                .pods_on_node(DCGM_EXPORTER_SELECTOR)
+                .map_err(|e| StepError::Observe(error_chain(&e)))?;
+            let name = |p: &k8s_openapi::api::core::v1::Pod| {
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap_or(""),
+                    p.metadata.name.as_deref().unwrap_or("")
+                )
+            };
+            match (
+                pods.iter().find(|p| crate::kube::pods::is_ready(p)),
+                pods.first(),
+            ) {
+                (Some(ready), _) => (Outcome::Ready, format!("pod {} is Ready", name(ready))),
+                (None, Some(pod)) => (
+                    Outcome::Pending,
+                    format!(
+                        "waiting for pod {} to be Ready: {}",
+                        name(pod),
+                        crate::kube::pods::describe(pod)
+                    ),
+                ),
+                (None, None) => (
+                    Outcome::Pending,
+                    format!("waiting for a pod with {DCGM_EXPORTER_SELECTOR} on this node"),
+                ),
+            }
+        }
+        Operand::GpuFeatureDiscovery => match ctx.facts.node_labels.get(GFD_PRODUCT_LABEL) {
+            Some(product) => (
+                Outcome::Ready,
+                format!("GFD labelled the node: {GFD_PRODUCT_LABEL}={product}"),
+            ),
+            None => (
+                Outcome::Pending,
+                format!("waiting for GFD to label the node with {GFD_PRODUCT_LABEL}"),
+            ),
+        },
+    })
+}
+
+/// The GPUs the device plugin can offer: those NVML sees, or without NVML
+/// the PCI GPUs bound to the nvidia driver.
+pub fn gpu_count(ctx: &StepContext) -> usize {
+    match ctx.facts.nvml(ctx.host) {
+        Ok(inventory) => inventory.devices.len(),
+        Err(_) => ctx
+            .facts
+            .gpus()
+            .filter(|g| g.driver.as_deref() == Some("nvidia"))
+            .count(),
+    }
+}
+
+/// What a disabled or opted-out operand takes away: its static pod. (Its
+/// deploy label goes by itself: the run no longer publishes it.)
+pub fn withdraw(ctx: &StepContext, operand: Operand) -> Result<Vec<Change>, StepError> {
+    let path = static_pod::path(ctx.spec, operand);
+    Ok(match ctx.host.read(&path)? {
+        Some(text) if static_pod::is_ours(&text) => vec![Change::RemoveFile {
+            path,
+            purpose: format!("{} static pod: disabled", operand.name()),
+        }],
+        _ => Vec::new(),
+    })
+}

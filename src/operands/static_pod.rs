@@ -1,0 +1,128 @@
+//! Static pod manifests for the operands, from the templates in
+//! `states/templates/` with the image, pull policy, args and env from the
+//! spec, and the runtime class unless nvidia is containerd's default.
+
+use serde_json::{Value, json};
+
+use super::Operand;
+use crate::catalog::OPERAND_TEMPLATES;
+use crate::spec::Spec;
+
+/// The label that marks a manifest as gpuprov's: only those are rewritten
+/// or removed.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "gpuprov");
+
+/// Where the operand's manifest goes, a host path.
+pub fn path(spec: &Spec, operand: Operand) -> String {
+    let dir = spec.operands.static_pod_dir.trim_end_matches('/');
+    format!("{dir}/gpuprov-{}.yaml", operand.name())
+}
+
+fn template(operand: Operand) -> (&'static str, &'static str) {
+    let wanted = format!("states/templates/{}.yaml", operand.name());
+    *OPERAND_TEMPLATES
+        .iter()
+        .find(|(name, _)| *name == wanted)
+        .expect("every operand has a template")
+}
+
+/// The operand's manifest as gpuprov writes it.
+pub fn render(spec: &Spec, operand: Operand) -> Result<String, String> {
+    let (name, text) = template(operand);
+    let mut pod: Value =
+        serde_saphyr::from_str(text).map_err(|e| format!("template {name}: {e}"))?;
+    let wanted = operand.spec(spec);
+    pod["metadata"]["labels"][MANAGED_BY.0] = json!(MANAGED_BY.1);
+    if !spec.containerd.set_as_default {
+        put_first(
+            &mut pod["spec"],
+            &[("runtimeClassName", json!(spec.containerd.runtime_class))],
+        );
+    }
+    let container = pod["spec"]["containers"]
+        .get_mut(0)
+        .filter(|c| c.is_object())
+        .ok_or_else(|| format!("template {name} has no container"))?;
+    let mut first = vec![("image", json!(wanted.image))];
+    if let Some(policy) = &wanted.image_pull_policy {
+        first.push(("imagePullPolicy", json!(policy)));
+    }
+    // After the container's name, where a person looks for them.
+    let container_name = container["name"].take();
+    first.insert(0, ("name", container_name));
+    put_first(container, &first);
+    if !wanted.args.is_empty() {
+        let mut args = container["args"].as_array().cloned().unwrap_or_default();
+        args.extend(wanted.args.iter().map(|a| json!(a)));
+        container["args"] = json!(args);
+    }
+    if !wanted.env.is_empty() {
+        let mut env = container["env"].as_array().cloned().unwrap_or_default();
+        for (key, value) in &wanted.env {
+            let var = json!({"name": key, "value": value});
+            match env.iter_mut().find(|v| v["name"] == json!(key)) {
+                Some(existing) => *existing = var,
+                None => env.push(var),
+            }
+        }
+        container["env"] = json!(env);
+    }
+    let yaml = serde_saphyr::to_string(&pod).map_err(|e| format!("template {name}: {e}"))?;
+    Ok(format!(
+        "# Written by gpuprov from {name} and the spec.\n# gpuprov rewrites it, and removes it when the operand is disabled.\n{yaml}"
+    ))
+}
+
+/// Sets `entries` at the start of an object, in order, keeping the rest.
+fn put_first(object: &mut Value, entries: &[(&str, Value)]) {
+    let rest = match object.take() {
+        Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    let mut map = serde_json::Map::new();
+    for (key, value) in entries {
+        map.insert(key.to_string(), value.clone());
+    }
+    for (key, value) in rest {
+        if !map.contains_key(&key) {
+            map.insert(key, value);
+        }
+    }
+    *object = Value::Object(map);
+}
+
+/// Whether a manifest carries gpuprov's label (a file that is not YAML is
+/// someone else's).
+pub fn is_ours(text: &str) -> bool {
+    serde_saphyr::from_str::<Value>(text)
+        .is_ok_and(|pod| pod["metadata"]["labels"][MANAGED_BY.0] == json!(MANAGED_BY.1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_template_renders_and_is_recognised_as_ours() {
+        let spec = Spec::default_spec();
+        for operand in [
+            Operand::DevicePlugin,
+            Operand::DcgmExporter,
+            Operand::GpuFeatureDiscovery,
+        ] {
+            let text = render(&spec, operand).unwrap();
+            assert!(is_ours(&text), "{text}");
+            let pod: Value = serde_saphyr::from_str(&text).unwrap();
+            assert_eq!(pod["kind"], "Pod");
+            assert_eq!(pod["spec"]["runtimeClassName"], "nvidia");
+            assert_eq!(
+                pod["spec"]["containers"][0]["image"],
+                json!(operand.spec(&spec).image)
+            );
+        }
+        assert!(!is_ours(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: theirs\n"
+        ));
+        assert!(!is_ours("not: [yaml"));
+    }
+}

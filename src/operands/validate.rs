@@ -1,0 +1,305 @@
+//! The `validator` state: the last mile, a CUDA program runs.
+//!
+//! With an API server: the seed's `cuda-vectoradd` pod, pinned to this node
+//! by node affinity (so the scheduler still checks its `nvidia.com/gpu`
+//! request), with the runtime class unless nvidia is containerd's default.
+//! gpuprov waits for it to succeed and deletes it. A pass is remembered in
+//! a marker under `/run` (gone at reboot) holding what was validated, so a
+//! converged node does not run the pod again until it reboots or the
+//! driver, runtime class, image or GPU count changes.
+//!
+//! Without one: host checks only (NVML sees every GPU on the nvidia
+//! driver, the device nodes exist, the runtime binary runs). A host with no
+//! NVML library at all is noted rather than failed, as gpu-health does.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::exec::{Change, Observation, Outcome, StepContext, StepError, error_chain};
+use crate::kube::Cluster;
+use crate::kube::pods::describe;
+
+/// Where a pass is remembered until reboot.
+pub const MARKER: &str = "/run/gpuprov/validations/cuda-vectoradd.json";
+/// How many log lines a failure quotes.
+const LOG_LINES: i64 = 20;
+
+pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+    match ctx.cluster {
+        Some(cluster) => observe_pod(ctx, cluster),
+        None => host_checks(ctx),
+    }
+}
+
+/// The runtime class the validation pod names: none when nvidia is the default.
+fn runtime_class(ctx: &StepContext) -> Option<String> {
+    let containerd = &ctx.spec.containerd;
+    (!containerd.set_as_default).then(|| containerd.runtime_class.clone())
+}
+
+fn pod_name(node: &str) -> String {
+    // A pod name is a DNS subdomain: 253 characters.
+    let mut name = format!("gpuprov-cuda-vectoradd-{node}");
+    name.truncate(253);
+    name.trim_end_matches(['-', '.']).to_string()
+}
+
+fn observe_pod(ctx: &StepContext, cluster: &Cluster) -> Result<Observation, StepError> {
+    let validator = &ctx.spec.validator;
+    let driver = crate::driver::detect::detect(ctx.host)
+        .map_err(|e| StepError::Observe(error_chain(&e)))?
+        .map(|d| d.version);
+    let validated = json!({
+        "node": cluster.node,
+        "image": validator.image,
+        "runtimeClass": runtime_class(ctx),
+        "gpus": super::gpu_count(ctx),
+        "driver": driver,
+    });
+    let record = serde_json::to_string_pretty(&validated).expect("serializes") + "\n";
+    let previous = ctx.host.read(MARKER)?;
+    if previous.as_deref() == Some(record.as_str()) {
+        return Ok(Observation::new(
+            Outcome::Ready,
+            format!(
+                "vectorAdd passed on this node since boot ({})",
+                validator.image
+            ),
+        ));
+    }
+    let name = pod_name(&cluster.node);
+    let manifest = manifest(ctx, &cluster.node, &name);
+    let mut obs = Observation::new(
+        Outcome::Pending,
+        if previous.is_some() {
+            "validated before, but the driver, runtime class, image or GPU count changed since"
+                .to_string()
+        } else {
+            "vectorAdd has not run on this node since boot".to_string()
+        },
+    );
+    obs.on_change = Outcome::Ready;
+    obs.changes = vec![
+        Change::ValidationPod {
+            namespace: validator.namespace.clone(),
+            name,
+            image: validator.image.clone(),
+            runtime_class: runtime_class(ctx),
+            timeout_seconds: validator.timeout_seconds,
+            manifest,
+        },
+        Change::WriteFile {
+            path: MARKER.to_string(),
+            content: record.into_bytes(),
+            mode: 0o644,
+            purpose: "the pass, remembered until reboot".to_string(),
+            diff: None,
+        },
+    ];
+    Ok(obs)
+}
+
+/// The seed's `cuda-vectoradd` pod, pinned to `node`. `restartPolicy:
+/// Never` (the seed has `OnFailure`) so that a failure is final and its log
+/// can be read, instead of a restart loop.
+fn manifest(ctx: &StepContext, node: &str, name: &str) -> serde_json::Value {
+    let validator = &ctx.spec.validator;
+    let mut container = json!({
+        "name": "cuda-vectoradd",
+        "image": validator.image,
+        "resources": {"limits": {super::GPU_RESOURCE: 1}},
+    });
+    if let Some(policy) = &validator.image_pull_policy {
+        container["imagePullPolicy"] = json!(policy);
+    }
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": validator.namespace,
+            "labels": {
+                "app.kubernetes.io/name": "gpuprov-validation",
+                super::static_pod::MANAGED_BY.0: super::static_pod::MANAGED_BY.1,
+            },
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchFields": [
+                    {"key": "metadata.name", "operator": "In", "values": [node]}
+                ]}]
+            }}},
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [container],
+        },
+    });
+    if let Some(class) = runtime_class(ctx) {
+        pod["spec"]["runtimeClassName"] = json!(class);
+    }
+    pod
+}
+
+/// Creates the validation pod, waits for it to succeed, and deletes it
+/// whatever happened. A failure says why, with the pod's last log lines.
+pub fn run_pod(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+    manifest: &serde_json::Value,
+    timeout: Duration,
+) -> Result<(), String> {
+    let api = |e: crate::kube::KubeError| error_chain(&e);
+    let started = Instant::now();
+    // A pod left by an interrupted run goes first.
+    if !cluster.create_pod(namespace, manifest).map_err(api)? {
+        cluster.delete_pod(namespace, name).map_err(api)?;
+        while cluster.get_pod(namespace, name).map_err(api)?.is_some() {
+            if started.elapsed() > timeout {
+                return Err(format!(
+                    "an earlier validation pod {namespace}/{name} is still there after {}s",
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        cluster.create_pod(namespace, manifest).map_err(api)?;
+    }
+    tracing::info!(pod = %format!("{namespace}/{name}"), "validation pod created; waiting for it to succeed");
+    let result = wait_for_pod(
+        cluster,
+        namespace,
+        name,
+        timeout.saturating_sub(started.elapsed()),
+    );
+    let deleted = cluster.delete_pod(namespace, name).map_err(api);
+    result.and(deleted)
+}
+
+fn wait_for_pod(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut poll = Duration::from_millis(100);
+    let mut last_said = Instant::now();
+    loop {
+        let pod = cluster
+            .get_pod(namespace, name)
+            .map_err(|e| error_chain(&e))?
+            .ok_or_else(|| {
+                format!("the validation pod {namespace}/{name} was deleted by someone else")
+            })?;
+        let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+        match phase.as_deref() {
+            Some("Succeeded") => return Ok(()),
+            Some("Failed") => {
+                return Err(format!(
+                    "the validation pod {namespace}/{name} failed ({}){}",
+                    describe(&pod),
+                    last_lines(cluster, namespace, name)
+                ));
+            }
+            _ => {}
+        }
+        if started.elapsed() >= timeout {
+            return Err(format!(
+                "the validation pod {namespace}/{name} did not succeed within {}s ({}){}",
+                timeout.as_secs(),
+                describe(&pod),
+                last_lines(cluster, namespace, name)
+            ));
+        }
+        if last_said.elapsed() >= Duration::from_secs(10) {
+            tracing::info!(pod = %format!("{namespace}/{name}"), elapsed_s = started.elapsed().as_secs(), "still waiting: {}", describe(&pod));
+            last_said = Instant::now();
+        }
+        std::thread::sleep(poll.min(timeout.saturating_sub(started.elapsed())));
+        poll = (poll * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// `; last log lines: …`, or nothing when there is no log (never started).
+fn last_lines(cluster: &Cluster, namespace: &str, name: &str) -> String {
+    match cluster.pod_log(namespace, name, LOG_LINES) {
+        Ok(log) if !log.trim().is_empty() => {
+            format!("; last log lines:\n{}", log.trim_end())
+        }
+        _ => String::new(),
+    }
+}
+
+/// Without an API server: what can be checked on the host itself.
+fn host_checks(ctx: &StepContext) -> Result<Observation, StepError> {
+    let mut problems = Vec::new();
+    let mut passed = Vec::new();
+    let on_nvidia = ctx
+        .facts
+        .gpus()
+        .filter(|g| g.driver.as_deref() == Some("nvidia"))
+        .count();
+    match ctx.facts.nvml(ctx.host) {
+        Ok(inventory) if inventory.devices.len() >= on_nvidia => {
+            passed.push(format!("NVML sees all {} GPUs", inventory.devices.len()))
+        }
+        Ok(inventory) => problems.push(format!(
+            "NVML sees {} of the {on_nvidia} GPUs on the nvidia driver",
+            inventory.devices.len()
+        )),
+        // As gpu-health: a host without the library is noted, not failed
+        // (the driver may keep it elsewhere); any other NVML error fails.
+        Err(crate::gpu::nvml::NvmlProblem::LibraryNotFound) => {
+            passed.push("NVML not checked (no libnvidia-ml in the host)".to_string())
+        }
+        Err(problem) => problems.push(format!("NVML: {problem}")),
+    }
+    let mut missing: Vec<String> = Vec::new();
+    for node in
+        std::iter::once("nvidiactl".to_string()).chain((0..on_nvidia).map(|i| format!("nvidia{i}")))
+    {
+        let path = format!("/dev/{node}");
+        if !ctx.host.exists(&path)? {
+            missing.push(path);
+        }
+    }
+    if missing.is_empty() {
+        passed.push(format!("/dev/nvidiactl and {on_nvidia} GPU device nodes"));
+    } else {
+        problems.push(format!("missing device nodes: {}", missing.join(", ")));
+    }
+    let runtime = crate::toolkit::runtime_binary(ctx.host, ctx.spec)?;
+    let mut commands = Vec::new();
+    if ctx.host.resolve(&runtime)?.is_file() {
+        let record = ctx.host.run(&[runtime.clone(), "--version".to_string()])?;
+        if record.success() {
+            passed.push(format!("{runtime} runs"));
+        } else {
+            problems.push(format!(
+                "`{runtime} --version` {}",
+                record.failure_summary()
+            ));
+        }
+        commands.push(record);
+    } else {
+        problems.push(format!("no runtime binary at {runtime}"));
+    }
+    let mut obs = if problems.is_empty() {
+        Observation::new(
+            Outcome::Ready,
+            format!(
+                "host checks pass (no API server for the vectorAdd pod): {}",
+                passed.join(", ")
+            ),
+        )
+    } else {
+        Observation::new(
+            Outcome::Failed,
+            format!("host checks fail: {}", problems.join("; ")),
+        )
+    };
+    obs.commands = commands;
+    Ok(obs)
+}
