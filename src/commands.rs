@@ -183,19 +183,26 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
 #[serde(rename_all = "camelCase")]
 pub struct RevertReport {
     pub containerd: crate::containerd::revert::Reverted,
+    /// The operands' static pod manifests removed.
+    pub static_pods_removed: Vec<String>,
     pub labels_removed: bool,
 }
 
 /// Removes what gpuprov added, under the host's lock: containerd's runtime
-/// (restarting containerd only if its config changed) and the labels.
-/// Installed packages stay.
+/// (restarting containerd only if its config changed), the operands' static
+/// pods, the validation's pass and the labels (with an API server, the
+/// deploy labels going stops the operands' DaemonSet pods). Installed
+/// packages stay.
 pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, Error> {
     let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
     let containerd = crate::containerd::revert::revert(&inputs.host, &inputs.spec.containerd)
         .map_err(Error::Revert)?;
+    let static_pods_removed = crate::operands::static_pod::remove_ours(&inputs.host, &inputs.spec)?;
+    inputs.host.remove(crate::operands::validate::MARKER)?;
     let labels_removed = inputs.sink().withdraw()?;
     Ok(RevertReport {
         containerd,
+        static_pods_removed,
         labels_removed,
     })
 }
@@ -205,8 +212,13 @@ fn run_revert(args: &ChangeArgs) -> Result<i32, Error> {
     print(&match args.output {
         ReportFormat::Json => serde_json::to_string_pretty(&report).expect("serializes") + "\n",
         ReportFormat::Text => format!(
-            "{}\nlabels: {}\n",
+            "{}\nstatic pods: {}\nlabels: {}\n",
             report.containerd.summary,
+            if report.static_pods_removed.is_empty() {
+                "none to remove".to_string()
+            } else {
+                format!("removed {}", report.static_pods_removed.join(", "))
+            },
             if report.labels_removed {
                 "removed"
             } else {

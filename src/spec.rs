@@ -844,7 +844,7 @@ fn resolve_operands(
                     format!("operands.staticPodDir {why}"),
                 ));
             }
-            dir.value.trim_end_matches('/').to_string()
+            dir.value.clone()
         }
         None => DEFAULT_STATIC_POD_DIR.to_string(),
     };

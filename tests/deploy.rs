@@ -170,6 +170,32 @@ fn the_daemonset_variant_matches_the_binary() {
         })
         .unwrap();
     assert!(events.verbs.contains(&"create".to_string()));
+    // The DCGM exporter's pod may be in any namespace: pods are listed
+    // cluster-wide; the validation pod is made, read and deleted in ours.
+    assert!(rules.iter().any(|r| {
+        r.resources.as_ref().unwrap().contains(&"pods".to_string())
+            && r.verbs.contains(&"list".to_string())
+    }));
+    let role = of_kind::<k8s_openapi::api::rbac::v1::Role>(&docs, "Role").remove(0);
+    assert_eq!(role.metadata.namespace.as_deref(), Some("gpuprov"));
+    let rules = role.rules.unwrap();
+    for (resource, verbs) in [
+        ("pods", &["create", "get", "delete"][..]),
+        ("pods/log", &["get"]),
+    ] {
+        let rule = rules
+            .iter()
+            .find(|r| {
+                r.resources
+                    .as_ref()
+                    .unwrap()
+                    .contains(&resource.to_string())
+            })
+            .unwrap_or_else(|| panic!("no rule for {resource}"));
+        for verb in verbs {
+            assert!(rule.verbs.contains(&verb.to_string()), "{resource} {verb}");
+        }
+    }
     let runtime_class: Vec<k8s_openapi::api::node::v1::RuntimeClass> =
         of_kind(&docs, "RuntimeClass");
     assert_eq!(runtime_class[0].handler, "nvidia");
@@ -306,6 +332,14 @@ fn the_operands_follow_the_deploy_labels() {
             mounts.contains(&needed.to_string()),
             "{operand}: {mounts:?}"
         );
+        // The same image gpuprov's static pods run by default.
+        let spec = gpuprov::spec::Spec::default_spec();
+        let image = match operand {
+            "device-plugin" => &spec.device_plugin.image,
+            "dcgm-exporter" => &spec.dcgm_exporter.image,
+            _ => &spec.gfd.image,
+        };
+        assert_eq!(pod.containers[0].image.as_ref(), Some(image), "{operand}");
     }
     operands.sort();
     assert_eq!(

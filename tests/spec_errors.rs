@@ -227,6 +227,42 @@ const EXPECTED: &[(&str, &str, &str, &str)] = &[
         "driver.install needs driver.version",
         "method: package",
     ),
+    (
+        "38-operand-pull-policy.yaml",
+        "2:20",
+        "devicePlugin.imagePullPolicy must be Always, IfNotPresent or Never, not `Sometimes`",
+        "Sometimes",
+    ),
+    (
+        "39-device-plugin-mode.yaml",
+        "3:9",
+        "devicePlugin.mode is not a setting",
+        "only gfd has a mode",
+    ),
+    (
+        "40-operands-deploy.yaml",
+        "2:11",
+        "operands.deploy must be auto, labels or staticPods, not `daemonsets`",
+        "daemonsets",
+    ),
+    (
+        "41-validator-timeout-zero.yaml",
+        "2:19",
+        "validator.timeoutSeconds must be at least 1",
+        "timeoutSeconds: 0",
+    ),
+    (
+        "42-operand-version-with-space.yaml",
+        "2:12",
+        "dcgmExporter.version `3.3.9 latest` is not an image version",
+        "3.3.9 latest",
+    ),
+    (
+        "43-operand-env-name.yaml",
+        "3:13",
+        "gfd.env name `1BAD` is not an environment variable name",
+        "1BAD",
+    ),
 ];
 
 #[test]

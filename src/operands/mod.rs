@@ -32,6 +32,12 @@ pub const DCGM_EXPORTER_SELECTOR: &str = "app=nvidia-dcgm-exporter";
 pub const GFD_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 
 impl Operand {
+    pub const ALL: [Operand; 3] = [
+        Operand::DevicePlugin,
+        Operand::DcgmExporter,
+        Operand::GpuFeatureDiscovery,
+    ];
+
     /// The operand a state's handler runs, if it runs one.
     pub fn of(handler: Handler) -> Option<Operand> {
         match handler {

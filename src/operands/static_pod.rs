@@ -91,6 +91,23 @@ fn put_first(object: &mut Value, entries: &[(&str, Value)]) {
     *object = Value::Object(map);
 }
 
+/// Removes every operand manifest gpuprov wrote (`gpuprov revert`);
+/// returns their paths.
+pub fn remove_ours(
+    host: &crate::host::Host,
+    spec: &Spec,
+) -> Result<Vec<String>, crate::host::HostError> {
+    let mut removed = Vec::new();
+    for operand in Operand::ALL {
+        let path = path(spec, operand);
+        if host.read(&path)?.is_some_and(|text| is_ours(&text)) {
+            host.remove(&path)?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
 /// Whether a manifest carries gpuprov's label (a file that is not YAML is
 /// someone else's).
 pub fn is_ours(text: &str) -> bool {
@@ -105,11 +122,7 @@ mod tests {
     #[test]
     fn every_template_renders_and_is_recognised_as_ours() {
         let spec = Spec::default_spec();
-        for operand in [
-            Operand::DevicePlugin,
-            Operand::DcgmExporter,
-            Operand::GpuFeatureDiscovery,
-        ] {
+        for operand in Operand::ALL {
             let text = render(&spec, operand).unwrap();
             assert!(is_ours(&text), "{text}");
             let pod: Value = serde_saphyr::from_str(&text).unwrap();

@@ -167,12 +167,7 @@ pub fn run_pod(
         cluster.create_pod(namespace, manifest).map_err(api)?;
     }
     tracing::info!(pod = %format!("{namespace}/{name}"), "validation pod created; waiting for it to succeed");
-    let result = wait_for_pod(
-        cluster,
-        namespace,
-        name,
-        timeout.saturating_sub(started.elapsed()),
-    );
+    let result = wait_for_pod(cluster, namespace, name, started, timeout);
     let deleted = cluster.delete_pod(namespace, name).map_err(api);
     result.and(deleted)
 }
@@ -181,9 +176,9 @@ fn wait_for_pod(
     cluster: &Cluster,
     namespace: &str,
     name: &str,
+    started: Instant,
     timeout: Duration,
 ) -> Result<(), String> {
-    let started = Instant::now();
     let mut poll = Duration::from_millis(100);
     let mut last_said = Instant::now();
     loop {
