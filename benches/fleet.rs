@@ -1,9 +1,11 @@
 //! Fleet benchmarks against the loopback fake API server:
 //!
-//! * a simulation of many nodes (agents: one `gpuprov apply` process each,
-//!   on its own copy of a fixture host, many at once) converging against one
-//!   API server: total requests, requests per converge, and the p50/p99 time
-//!   to converge;
+//! * a simulation of many nodes (agents: one `gpuprov apply --wait` process
+//!   each, on its own copy of a fixture host, many at once) converging
+//!   against one API server, whose operands start as soon as a node is
+//!   labelled for them and whose validation pods pass at once: total
+//!   requests, requests per node, and the p50/p99 time until the node is
+//!   ready (operands verified, vectorAdd passed);
 //! * `gpuprov run` on a converged node: resident memory and CPU over a
 //!   minute, and the API requests it makes.
 //!
@@ -18,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::daemon::{Daemon, eventually, free_port};
-use support::fake_api::FakeApi;
+use support::fake_api::{FakeApi, Kubelet, Operands};
 
 fn gpuprov_bin() -> PathBuf {
     assert_cmd::cargo::cargo_bin("gpuprov")
@@ -52,8 +54,24 @@ fn usage(pid: u32) -> (u64, f64) {
     (rss_kib, ticks / 100.0)
 }
 
+/// The cluster's side, instant: the operands' DaemonSets start on the
+/// labels, and the vectorAdd pod succeeds.
+fn instant_cluster(fake: &FakeApi, gpus: usize) {
+    fake.run_operands(Operands {
+        gpus,
+        product: "NVIDIA-A100-SXM4-40GB".into(),
+    });
+    fake.kubelet(Kubelet::Runs {
+        phase: "Succeeded",
+        after_ms: 0,
+        log: "Test PASSED\n".into(),
+        exit_code: 0,
+    });
+}
+
 fn simulate(nodes: usize, parallel: usize) {
     let fake = FakeApi::start();
+    instant_cluster(&fake, 1);
     for i in 0..nodes {
         fake.add_node(
             &format!("node-{i}"),
@@ -80,6 +98,9 @@ fn simulate(nodes: usize, parallel: usize) {
                     let child = Command::new(gpuprov_bin())
                         .args([
                             "apply",
+                            "--wait",
+                            "--timeout",
+                            "2m",
                             "--host-exec",
                             "prefix",
                             "--node-name",
@@ -136,12 +157,15 @@ fn simulate(nodes: usize, parallel: usize) {
 fn steady_state(seconds: u64) {
     let fake = FakeApi::start();
     fake.add_node("gpu-node-1", &[], "kubelet");
+    instant_cluster(&fake, 8);
     let host = support::copy_host("h100x8-nvswitch-preinstalled");
     let daemon = Daemon::spawn(&fake, "gpu-node-1", host.path(), "5m", free_port());
-    // Let it converge (the first converge restarts the fake containerd).
+    // Let it converge: the first converge restarts the fake containerd and
+    // labels the node for its operands, the next validates.
     eventually("run to converge", Duration::from_secs(30), || {
         fake.labels("gpu-node-1")
-            .contains_key("gpuprov.io/containerd-runtime")
+            .get("gpuprov.io/validator")
+            .is_some_and(|v| v == "ready")
     });
     std::thread::sleep(Duration::from_secs(1));
     fake.clear_log();
