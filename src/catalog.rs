@@ -51,8 +51,7 @@ pub const BUILTIN_STATES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The operands' static pod templates, by operand; `--states-dir` may
-/// replace one with `templates/<operand>.yaml` of its own.
+/// The operands' static pod templates, by operand (see `operands::static_pod`).
 pub const OPERAND_TEMPLATES: &[(&str, &str)] = &[
     (
         "states/templates/device-plugin.yaml",

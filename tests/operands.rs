@@ -107,14 +107,21 @@ fn validation_pods_created(fake: &FakeApi) -> Vec<Value> {
         .collect()
 }
 
-const ONLY_DEVICE_PLUGIN: &str =
-    "dcgmExporter:\n  enabled: false\ngfd:\n  enabled: false\nvalidator:\n  enabled: false\n";
+/// A spec with only `keep` of the operands and the validator enabled.
+fn only(host: &Path, keep: &str) -> PathBuf {
+    let off: String = ["devicePlugin", "dcgmExporter", "gfd", "validator"]
+        .iter()
+        .filter(|k| **k != keep)
+        .map(|k| format!("{k}:\n  enabled: false\n"))
+        .collect();
+    spec_file(host, &off)
+}
 
 #[test]
 fn the_device_plugin_is_pending_until_the_node_offers_every_gpu() {
     let fake = cluster(&[]);
     let host = copy_host("a100-preinstalled");
-    let spec = spec_file(host.path(), ONLY_DEVICE_PLUGIN);
+    let spec = only(host.path(), "devicePlugin");
 
     let (code, report, _) = apply(Some(&fake), host.path(), Some(&spec), &[]);
     assert_eq!(code, 3, "pending is not converged");
@@ -156,10 +163,7 @@ fn the_device_plugin_is_pending_until_the_node_offers_every_gpu() {
 fn the_dcgm_exporter_is_ready_once_its_pod_on_this_node_is_ready() {
     let fake = cluster(&[]);
     let host = copy_host("a100-preinstalled");
-    let spec = spec_file(
-        host.path(),
-        "devicePlugin:\n  enabled: false\ngfd:\n  enabled: false\nvalidator:\n  enabled: false\n",
-    );
+    let spec = only(host.path(), "dcgmExporter");
     apply(Some(&fake), host.path(), Some(&spec), &[]);
     assert_eq!(
         fake.labels(NODE)["nvidia.com/gpu.deploy.dcgm-exporter"],
@@ -207,10 +211,7 @@ fn the_dcgm_exporter_is_ready_once_its_pod_on_this_node_is_ready() {
 fn gfd_is_ready_once_the_product_label_is_on_the_node() {
     let fake = cluster(&[]);
     let host = copy_host("a100-preinstalled");
-    let spec = spec_file(
-        host.path(),
-        "devicePlugin:\n  enabled: false\ndcgmExporter:\n  enabled: false\nvalidator:\n  enabled: false\n",
-    );
+    let spec = only(host.path(), "gfd");
     apply(Some(&fake), host.path(), Some(&spec), &[]);
     assert_eq!(
         fake.labels(NODE)["nvidia.com/gpu.deploy.gpu-feature-discovery"],
