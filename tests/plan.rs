@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{changed, copy_host, fixture_hosts, gpuprov, tree};
+use support::{changed, copy_host, fixture_hosts, gpuprov, repo, tree};
 
 /// stdout, then stderr and the exit code when they say something.
 fn run(args: &[&str]) -> String {
@@ -176,4 +176,25 @@ fn embedded_default_spec_is_the_shipped_default_yaml() {
         embedded.replace("<embedded default spec>", "fixtures/specs/default.yaml"),
         explicit
     );
+}
+
+/// The README's first command plans the fixture with every step converged
+/// or to change, none failed or blocked.
+#[test]
+fn the_readmes_first_command_plans_cleanly() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("cargo run --locked -- plan"))
+        .expect("the README starts with a plan command");
+    let args: Vec<&str> = line
+        .strip_prefix("cargo run --locked -- ")
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let output = gpuprov().args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("0 blocked, 0 failed"), "{text}");
+    assert!(text.contains("✓ validator"), "{text}");
 }

@@ -268,16 +268,20 @@ fn host_checks(ctx: &StepContext) -> Result<Observation, StepError> {
     let runtime = crate::toolkit::runtime_binary(ctx.host, ctx.spec)?;
     let mut commands = Vec::new();
     if ctx.host.resolve(&runtime)?.is_file() {
-        let record = ctx.host.run(&[runtime.clone(), "--version".to_string()])?;
-        if record.success() {
-            passed.push(format!("{runtime} runs"));
-        } else {
-            problems.push(format!(
-                "`{runtime} --version` {}",
-                record.failure_summary()
-            ));
+        match ctx.host.run(&[runtime.clone(), "--version".to_string()]) {
+            Ok(record) => {
+                if record.success() {
+                    passed.push(format!("{runtime} runs"));
+                } else {
+                    problems.push(format!(
+                        "`{runtime} --version` {}",
+                        record.failure_summary()
+                    ));
+                }
+                commands.push(record);
+            }
+            Err(e) => problems.push(error_chain(&e)),
         }
-        commands.push(record);
     } else {
         problems.push(format!("no runtime binary at {runtime}"));
     }
