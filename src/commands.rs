@@ -150,6 +150,16 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
     let facts = inputs.facts()?;
     let steps = inputs.executor(&facts).apply();
     let labels = labels::compute(&steps, &inputs.graph, &facts);
+    if crate::interrupt::requested() {
+        // A partial run's outcomes are not the node's: its labels stay as
+        // they were until a run completes.
+        let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
+        report.converged = false;
+        report.interrupted = true;
+        report.label_sink = "not published: interrupted".to_string();
+        report.write(&inputs.host)?;
+        return Ok(report);
+    }
     let published = inputs.sink().publish(&labels)?;
     // Events tell people what happened; a failure to post them (RBAC, a
     // flaky server) is logged and does not undo a converge.
@@ -246,6 +256,7 @@ fn run_plan(args: &PlanArgs) -> Result<i32, Error> {
 fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
     let change = &args.change;
     let inputs = Inputs::load(&change.node)?;
+    crate::interrupt::install();
     let deadline = std::time::Instant::now() + args.timeout;
     let mut delay = Duration::from_secs(1);
     let report = loop {
@@ -257,9 +268,9 @@ fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
             Err(_) => false,
         };
         let out_of_time = std::time::Instant::now() + delay > deadline;
-        if done || !args.wait || out_of_time {
+        if done || !args.wait || out_of_time || crate::interrupt::requested() {
             let report = result?;
-            if args.wait && !report.converged {
+            if args.wait && !report.converged && !report.interrupted {
                 let waiting: Vec<String> = report
                     .steps
                     .iter()
@@ -309,7 +320,10 @@ fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
     } else {
         print(&text)?;
     }
-    Ok(if report.converged {
+    Ok(if report.interrupted {
+        tracing::warn!("interrupted: stopped after the change in progress");
+        exit::INTERRUPTED
+    } else if report.converged {
         exit::OK
     } else {
         exit::NOT_CONVERGED
@@ -328,7 +342,9 @@ fn apply_text(report: &RunReport) -> String {
         out.push_str(&format!("    {note}\n"));
     }
     let s = Summary::of(&report.steps);
-    let verdict = if is_converged(&report.steps) {
+    let verdict = if report.interrupted {
+        "INTERRUPTED (SIGTERM or SIGINT) after the change in progress, labels not published"
+    } else if is_converged(&report.steps) {
         "converged"
     } else {
         "NOT converged"

@@ -3,8 +3,8 @@
 //! changes, and on a drift interval (another tool rewrote containerd's
 //! config: the runtime is put back, and containerd restarts only because the
 //! file changed). Failures back off exponentially with jitter. Serves
-//! `/healthz`, `/readyz` and `/metrics`. SIGTERM or SIGINT lets the current
-//! converge finish, then exits 0.
+//! `/healthz`, `/readyz` and `/metrics`. SIGTERM or SIGINT lets the change
+//! in progress finish, then exits 0 (see `interrupt`).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -26,12 +26,6 @@ const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: i32) {
-    STOP.store(true, Ordering::SeqCst);
-}
 
 /// Why the loop converges again.
 #[derive(Debug)]
@@ -58,7 +52,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         return Err(Error::NeedsApiServer);
     };
     let requests = cluster.requests.clone();
-    install_signal_handlers();
+    crate::interrupt::install();
 
     let status = Arc::new(Mutex::new(Status {
         histogram: vec![0; BUCKETS.len()],
@@ -91,7 +85,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let mut backoff = Duration::from_secs(1);
     let mut foreign: Option<BTreeMap<String, String>> = None;
     let mut last_labels: BTreeMap<String, String> = BTreeMap::new();
-    while !STOP.load(Ordering::SeqCst) {
+    while !crate::interrupt::requested() {
         let started = Instant::now();
         let result = apply(&inputs, args.lock_timeout);
         let elapsed = started.elapsed();
@@ -127,7 +121,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         // Wait for a reason to converge again.
         let due = Instant::now() + next;
         loop {
-            if STOP.load(Ordering::SeqCst) {
+            if crate::interrupt::requested() {
                 break;
             }
             match events.recv_timeout(Duration::from_millis(200)) {
@@ -169,21 +163,6 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     stop.store(true, Ordering::SeqCst);
     let _ = node_watch.join();
     Ok(exit::OK)
-}
-
-fn install_signal_handlers() {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            let _ = sigaction(signal, &action);
-        }
-    }
 }
 
 /// Up to a fifth more than `base`, so that a fleet does not retry in step.

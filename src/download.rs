@@ -121,7 +121,9 @@ pub fn fetch(
         path: dir.clone(),
         source,
     })?;
-    let temp = dir.join(format!(".{}.{}.part", artifact.sha256, std::process::id()));
+    crate::host::sweep_stale_temps(&target);
+    let name = target.file_name().unwrap_or_default().to_string_lossy();
+    let temp = dir.join(format!(".{name}.gpuprov-{}.part", std::process::id()));
     let result = download_to(host, artifact, &temp, timeout);
     let actual = match result {
         Ok(actual) => actual,
@@ -312,6 +314,7 @@ pub fn unpack(host: &Host, archive: &str, into: &str) -> Result<(), String> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    crate::host::sweep_stale_temps(&target);
     let fresh = parent.join(format!(".{name}.gpuprov-{}.new", std::process::id()));
     let old = parent.join(format!(".{name}.gpuprov-{}.old", std::process::id()));
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");

@@ -454,7 +454,18 @@ impl Executor<'_> {
             return StepReport::from_observation(state, action_for(&obs), obs.outcome, obs);
         }
         let mut commands = obs.commands.clone();
-        for change in &obs.changes {
+        for (done, change) in obs.changes.iter().enumerate() {
+            if crate::interrupt::requested() {
+                let reason = format!(
+                    "interrupted before {} (of {} changes, {done} made)",
+                    change.summary(),
+                    obs.changes.len()
+                );
+                let mut stopped = Observation::new(Outcome::Failed, reason);
+                stopped.commands = commands;
+                stopped.changes = obs.changes.clone();
+                return StepReport::from_observation(state, Action::Fail, Outcome::Failed, stopped);
+            }
             if let Err(reason) = make_change(self.host, self.cluster, change, &mut commands) {
                 let mut failed = Observation::new(Outcome::Failed, reason);
                 failed.commands = commands;
@@ -574,6 +585,12 @@ impl Executor<'_> {
                 blocked.map(|reason| (Outcome::Blocked, reason.clone(), Gate::Block(reason)))
             };
             let started = Instant::now();
+            let skipped = if crate::interrupt::requested() {
+                let reason = "not run: gpuprov was interrupted".to_string();
+                Some((Outcome::Blocked, reason.clone(), Gate::Block(reason)))
+            } else {
+                skipped
+            };
             let report = match skipped {
                 // A blocked step leaves the node as it is: a passing failure
                 // upstream must not tear operands down.
@@ -787,6 +804,10 @@ pub struct RunReport {
     /// Labels gpuprov left as another manager set them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub label_notes: Vec<String>,
+    /// Stopped by SIGTERM or SIGINT: steps after the action in progress
+    /// did not run, and no labels were published.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 impl RunReport {
@@ -810,6 +831,7 @@ impl RunReport {
             label_sink: String::new(),
             labels_changed: false,
             label_notes: Vec::new(),
+            interrupted: false,
         }
     }
 

@@ -286,6 +286,7 @@ impl Host {
         new_mode: u32,
     ) -> Result<bool, HostError> {
         let path = self.resolve(host_path)?;
+        sweep_stale_temps(&path);
         let existing = fs::metadata(&path).ok();
         if existing.is_some() && fs::read(&path).ok().as_deref() == Some(content) {
             return Ok(false);
@@ -323,6 +324,7 @@ impl Host {
     /// Removes a file; a missing one is not an error.
     pub fn remove(&self, host_path: &str) -> Result<(), HostError> {
         let path = self.resolve(host_path)?;
+        sweep_stale_temps(&path);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -491,6 +493,37 @@ fn split_parent(host_path: &str) -> (&str, &str) {
     }
 }
 
+/// Removes what a gpuprov killed mid-write left beside `path`: its
+/// `.<name>.gpuprov-<pid>…` temporary files and directories (atomic writes,
+/// downloads, unpacking). Every writer holds the host's apply lock, so such
+/// an entry of another process is stale. Best effort: a sweep that fails
+/// leaves the entry for the next.
+pub(crate) fn sweep_stale_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.gpuprov-", name.to_string_lossy());
+    let ours = std::process::id().to_string();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let entry_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = entry_name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if rest.split(['-', '.']).next() == Some(ours.as_str()) {
+            continue;
+        }
+        let stale = entry.path();
+        tracing::info!(path = %stale.display(), "removing what an interrupted run left");
+        let _ = match entry.file_type() {
+            Ok(kind) if kind.is_dir() => fs::remove_dir_all(&stale),
+            _ => fs::remove_file(&stale),
+        };
+    }
+}
+
 fn temp_path(path: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -549,6 +582,41 @@ mod tests {
 
     fn host(dir: &Path) -> Host {
         Host::new(dir, ExecMode::Prefix, Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn a_write_sweeps_what_a_killed_run_left_beside_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        fs::create_dir_all(etc.join(".config.toml.gpuprov-4000001.new")).unwrap();
+        fs::write(etc.join(".config.toml.gpuprov-4000001-3.tmp"), "half").unwrap();
+        let ours = format!(".config.toml.gpuprov-{}-99.tmp", std::process::id());
+        fs::write(etc.join(&ours), "in flight").unwrap();
+        fs::write(
+            etc.join(".other.toml.gpuprov-4000001-0.tmp"),
+            "not beside it",
+        )
+        .unwrap();
+        // Even a write that changes nothing sweeps.
+        fs::write(etc.join("config.toml"), "same").unwrap();
+        assert!(
+            !host(dir.path())
+                .write_atomic("/etc/config.toml", b"same", 0o644)
+                .unwrap()
+        );
+        let mut left: Vec<String> = fs::read_dir(&etc)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ours.as_str(),
+                ".other.toml.gpuprov-4000001-0.tmp",
+                "config.toml"
+            ]
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod exec_state;
 pub mod facts;
 pub mod gpu;
 pub mod host;
+pub mod interrupt;
 pub mod kube;
 pub mod labels;
 pub mod operands;
@@ -78,6 +79,8 @@ pub mod exit {
     pub const NOT_CONVERGED: i32 = 3;
     /// `apply` gave up waiting for another run's lock.
     pub const LOCKED: i32 = 4;
+    /// `apply` stopped on SIGTERM or SIGINT after the action in progress.
+    pub const INTERRUPTED: i32 = 5;
 }
 
 impl Error {

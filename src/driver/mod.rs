@@ -15,6 +15,11 @@ use crate::spec::{DriverInstall, PackageManager, UpgradePolicy};
 pub const DEPLOY_DRIVER_LABEL: &str = "nvidia.com/gpu.deploy.driver";
 /// What gpuprov installed, so later runs say `installed` and verify it.
 pub const RECORD: &str = "/var/lib/gpuprov/driver.json";
+/// The install in progress, written before it starts and removed once the
+/// record is written: a run killed in between leaves it, and the next run
+/// that finds that driver loaded finishes the bookkeeping instead of
+/// calling gpuprov's own driver pre-installed.
+pub const INSTALLING: &str = "/var/lib/gpuprov/driver-installing.json";
 pub const NOUVEAU_BLACKLIST: &str = "/etc/modprobe.d/gpuprov-blacklist-nouveau.conf";
 /// Loaded in this order, unloaded in the reverse.
 const MODULES: [&str; 3] = ["nvidia", "nvidia-uvm", "nvidia-modeset"];
@@ -35,22 +40,64 @@ pub struct Record {
     pub source: String,
 }
 
-fn load_record(host: &Host) -> Result<Option<Record>, StepError> {
-    match host.read(RECORD)? {
+fn load_record(host: &Host, path: &str) -> Result<Option<Record>, StepError> {
+    match host.read(path)? {
         None => Ok(None),
         Some(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| StepError::Observe(format!("{RECORD}: {e}"))),
+            .map_err(|e| StepError::Observe(format!("{path}: {e}"))),
+    }
+}
+
+fn record_change(path: &str, record: &Record, purpose: &str) -> Change {
+    Change::WriteFile {
+        path: path.to_string(),
+        content: (serde_json::to_string_pretty(record).expect("serializes") + "\n").into_bytes(),
+        mode: 0o644,
+        purpose: purpose.to_string(),
+        diff: None,
     }
 }
 
 /// The `driver` handler.
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let loaded = detect::detect(ctx.host).map_err(|e| StepError::Observe(error_chain(&e)))?;
-    let record = load_record(ctx.host)?;
+    let mut record = load_record(ctx.host, RECORD)?;
+    let installing = load_record(ctx.host, INSTALLING)?;
     let spec = &ctx.spec.driver;
+    // An install a killed run left behind: once its driver is loaded, it
+    // is gpuprov's. The run may have stopped between modules, so the
+    // loading steps (each a no-op when done) run again, then the record.
+    let mut bookkeeping = Vec::new();
+    if let (Some(intent), Some(driver)) = (&installing, &loaded)
+        && intent.version == driver.version
+    {
+        bookkeeping.extend(load_modules());
+        if record.as_ref() != Some(intent) {
+            bookkeeping.push(record_change(
+                RECORD,
+                intent,
+                "what gpuprov installed (an interrupted install)",
+            ));
+            record = Some(intent.clone());
+        }
+        bookkeeping.push(Change::RemoveFile {
+            path: INSTALLING.to_string(),
+            purpose: "the install is done".to_string(),
+        });
+    }
     match loaded {
-        Some(driver) => observe_loaded(ctx, driver, record),
+        Some(driver) => {
+            let mut obs = observe_loaded(ctx, driver, record)?;
+            if !bookkeeping.is_empty() {
+                if obs.changes.is_empty() {
+                    obs.on_change = obs.outcome;
+                }
+                bookkeeping.append(&mut obs.changes);
+                obs.changes = bookkeeping;
+            }
+            Ok(obs)
+        }
         None if nouveau_holds_the_gpu(ctx)? => observe_nouveau(ctx),
         None if !spec.enabled => Ok(absent(ctx, "driver.enabled is false, so gpuprov will not install one".to_string())),
         None => match &spec.install {
@@ -234,8 +281,7 @@ fn initramfs_command(os_ids: &[String]) -> Option<Vec<&'static str>> {
 
 /// Download, install, load the modules, create the device nodes, record.
 fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Change>, StepError> {
-    let version = ctx.spec.driver.version.clone().unwrap_or_default();
-    let mut changes = Vec::new();
+    let mut install_steps = Vec::new();
     let (method, source) = match install {
         DriverInstall::Runfile {
             artifact,
@@ -243,7 +289,7 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
             download_timeout_seconds,
         } => {
             let path = artifact.cache_path();
-            changes.push(Change::fetch(
+            install_steps.push(Change::fetch(
                 ctx.host,
                 artifact,
                 *download_timeout_seconds,
@@ -252,7 +298,7 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
             let mut argv = vec![path];
             argv.extend(RUNFILE_FLAGS.iter().map(|f| f.to_string()));
             argv.extend(args.iter().cloned());
-            changes.push(Change::Run {
+            install_steps.push(Change::Run {
                 display: argv.join(" "),
                 argv,
             });
@@ -285,27 +331,38 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
                 PackageManager::Yum => vec!["yum", "install", "-y", &pinned],
                 PackageManager::Zypper => vec!["zypper", "--non-interactive", "install", &pinned],
             };
-            changes.push(run(&argv));
+            install_steps.push(run(&argv));
             ("package", pinned.clone())
         }
     };
-    for module in MODULES {
-        changes.push(run(&["modprobe", module]));
-    }
-    changes.push(run(&["nvidia-modprobe", "-u", "-c=0"]));
     let record = Record {
-        version,
+        version: ctx.spec.driver.version.clone().unwrap_or_default(),
         method: method.to_string(),
         source,
     };
-    changes.push(Change::WriteFile {
-        path: RECORD.to_string(),
-        content: (serde_json::to_string_pretty(&record).expect("serializes") + "\n").into_bytes(),
-        mode: 0o644,
-        purpose: "what gpuprov installed".to_string(),
-        diff: None,
+    // The intent first: a run killed from here on is finished by the next.
+    let mut changes = vec![record_change(
+        INSTALLING,
+        &record,
+        "the install in progress, finished by the next run if this one is killed",
+    )];
+    changes.append(&mut install_steps);
+    changes.extend(load_modules());
+    changes.push(record_change(RECORD, &record, "what gpuprov installed"));
+    changes.push(Change::RemoveFile {
+        path: INSTALLING.to_string(),
+        purpose: "the install is done".to_string(),
     });
     Ok(changes)
+}
+
+/// Load the modules and create the device nodes.
+fn load_modules() -> Vec<Change> {
+    MODULES
+        .iter()
+        .map(|module| run(&["modprobe", module]))
+        .chain([run(&["nvidia-modprobe", "-u", "-c=0"])])
+        .collect()
 }
 
 fn run(argv: &[&str]) -> Change {

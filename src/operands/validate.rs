@@ -200,6 +200,11 @@ fn wait_for_pod(
             }
             _ => {}
         }
+        if crate::interrupt::requested() {
+            return Err(format!(
+                "interrupted while waiting for the validation pod {namespace}/{name}"
+            ));
+        }
         if started.elapsed() >= timeout {
             return Err(format!(
                 "the validation pod {namespace}/{name} did not succeed within {}s ({}){}",

@@ -23,8 +23,8 @@ pub const PACKAGES: [&str; 4] = [
     "libnvidia-container-tools",
     "libnvidia-container1",
 ];
-/// Written once gpuprov installed the toolkit, so later runs report
-/// `installed` rather than `preinstalled`.
+/// Written when gpuprov installs the toolkit (before the packages, after
+/// a tarball), so later runs report `installed` rather than `preinstalled`.
 pub const INSTALLED_RECORD: &str = "/var/lib/gpuprov/toolkit-installed";
 
 /// The directories searched: the configured install dir, else the host's PATH.
@@ -145,19 +145,21 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         format!("{} not found in {where_}", missing.join(", ")),
     );
     obs.on_change = Outcome::Installed;
+    // The record first: a run killed during the install (whose packages may
+    // still land) leaves the toolkit gpuprov's, not pre-installed.
+    obs.changes.push(Change::WriteFile {
+        path: INSTALLED_RECORD.to_string(),
+        content: format!("{program} {}\n", version.unwrap_or("newest")).into_bytes(),
+        mode: 0o644,
+        purpose: "record that gpuprov installs the toolkit".to_string(),
+        diff: None,
+    });
     for argv in install_commands(manager, version) {
         obs.changes.push(Change::Run {
             display: argv.join(" "),
             argv,
         });
     }
-    obs.changes.push(Change::WriteFile {
-        path: INSTALLED_RECORD.to_string(),
-        content: format!("{program} {}\n", version.unwrap_or("newest")).into_bytes(),
-        mode: 0o644,
-        purpose: "record that gpuprov installed the toolkit".to_string(),
-        diff: None,
-    });
     obs.details = details;
     Ok(obs)
 }
