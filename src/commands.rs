@@ -146,6 +146,7 @@ pub fn plan(inputs: &Inputs) -> Result<PlanReport, Error> {
 /// labels and records the run in `last-run.json`.
 pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error> {
     let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
+    sweep_interrupted(&inputs.host)?;
     let started = SystemTime::now();
     let facts = inputs.facts()?;
     let steps = inputs.executor(&facts).apply();
@@ -174,6 +175,21 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
     report.label_notes = published.notes;
     report.write(&inputs.host)?;
     Ok(report)
+}
+
+/// gpuprov's own directories, where a killed run may have left a
+/// temporary that no later write of the same file would sweep.
+const OWN_DIRS: [&str; 3] = [
+    "/var/lib/gpuprov",
+    crate::download::CACHE_DIR,
+    "/run/gpuprov",
+];
+
+fn sweep_interrupted(host: &Host) -> Result<(), Error> {
+    for dir in OWN_DIRS {
+        host.sweep_interrupted(dir)?;
+    }
+    Ok(())
 }
 
 /// Runs a parsed command line; returns the exit code.
@@ -205,6 +221,7 @@ pub struct RevertReport {
 /// packages stay.
 pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, Error> {
     let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
+    sweep_interrupted(&inputs.host)?;
     let containerd = crate::containerd::revert::revert(&inputs.host, &inputs.spec.containerd)
         .map_err(Error::Revert)?;
     let static_pods_removed = crate::operands::static_pod::remove_ours(&inputs.host, &inputs.spec)?;

@@ -493,6 +493,54 @@ fn split_parent(host_path: &str) -> (&str, &str) {
     }
 }
 
+/// Whether a directory entry is a temporary of another gpuprov process's
+/// (`.<name>.gpuprov-<pid>…`): one killed mid-write, since every writer
+/// holds the host's apply lock.
+fn is_stale_temp(entry_name: &str, prefix: &str) -> bool {
+    let Some(rest) = entry_name.strip_prefix(prefix) else {
+        return false;
+    };
+    let pid = rest.split(['-', '.']).next().unwrap_or_default();
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && pid != std::process::id().to_string()
+}
+
+fn remove_entry(entry: &fs::DirEntry) {
+    let stale = entry.path();
+    tracing::info!(path = %stale.display(), "removing what an interrupted run left");
+    let _ = match entry.file_type() {
+        Ok(kind) if kind.is_dir() => fs::remove_dir_all(&stale),
+        _ => fs::remove_file(&stale),
+    };
+}
+
+impl Host {
+    /// Removes every temporary an interrupted run left under `host_dir`
+    /// (gpuprov's own directories, swept at the start of each run under
+    /// the lock: their files are not all rewritten by the next run).
+    pub fn sweep_interrupted(&self, host_dir: &str) -> Result<(), HostError> {
+        fn sweep(dir: &Path) {
+            let Ok(entries) = fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some((base, _)) = name.split_once(".gpuprov-")
+                    && base.starts_with('.')
+                    && is_stale_temp(&name, &format!("{base}.gpuprov-"))
+                {
+                    remove_entry(&entry);
+                } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    sweep(&entry.path());
+                }
+            }
+        }
+        sweep(&self.resolve(host_dir)?);
+        Ok(())
+    }
+}
+
 /// Removes what a gpuprov killed mid-write left beside `path`: its
 /// `.<name>.gpuprov-<pid>…` temporary files and directories (atomic writes,
 /// downloads, unpacking). Every writer holds the host's apply lock, so such
@@ -503,24 +551,13 @@ pub(crate) fn sweep_stale_temps(path: &Path) {
         return;
     };
     let prefix = format!(".{}.gpuprov-", name.to_string_lossy());
-    let ours = std::process::id().to_string();
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
-        let entry_name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = entry_name.strip_prefix(&prefix) else {
-            continue;
-        };
-        if rest.split(['-', '.']).next() == Some(ours.as_str()) {
-            continue;
+        if is_stale_temp(&entry.file_name().to_string_lossy(), &prefix) {
+            remove_entry(&entry);
         }
-        let stale = entry.path();
-        tracing::info!(path = %stale.display(), "removing what an interrupted run left");
-        let _ = match entry.file_type() {
-            Ok(kind) if kind.is_dir() => fs::remove_dir_all(&stale),
-            _ => fs::remove_file(&stale),
-        };
     }
 }
 
@@ -617,6 +654,33 @@ mod tests {
                 "config.toml"
             ]
         );
+    }
+
+    #[test]
+    fn a_run_sweeps_its_own_directories_of_what_a_killed_run_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = dir.path().join("var/lib/gpuprov/backup/etc");
+        fs::create_dir_all(&own).unwrap();
+        fs::write(own.join(".config.toml.gpuprov-4000001-0.tmp"), "half").unwrap();
+        fs::write(
+            dir.path()
+                .join("var/lib/gpuprov/.events.json.gpuprov-4000002-7.tmp"),
+            "",
+        )
+        .unwrap();
+        fs::write(own.join(".config.toml.keep"), "a user's file").unwrap();
+        host(dir.path())
+            .sweep_interrupted("/var/lib/gpuprov")
+            .unwrap();
+        assert!(!own.join(".config.toml.gpuprov-4000001-0.tmp").exists());
+        assert!(
+            !dir.path()
+                .join("var/lib/gpuprov/.events.json.gpuprov-4000002-7.tmp")
+                .exists()
+        );
+        assert!(own.join(".config.toml.keep").exists());
+        // A directory that does not exist yet is nothing to sweep.
+        host(dir.path()).sweep_interrupted("/run/gpuprov").unwrap();
     }
 
     #[test]

@@ -106,13 +106,30 @@ fn cycle_error(states: &[StateDef], deps: &[BTreeSet<usize>], waiting: &[usize])
                 .map(|&i| states[i].name.as_str())
                 .collect();
             names.push(names[0]);
-            let closing = &states[current];
-            let entry = closing
+            // The edges of the cycle, each a step and the step it waits
+            // on. The error points at one from a file of the user's when
+            // there is one (the override that made the cycle), not at a
+            // built-in they cannot edit.
+            let edges: Vec<(usize, usize)> = cycle
+                .iter()
+                .zip(cycle.iter().skip(1).chain([&next]))
+                .map(|(&step, &dep)| (step, dep))
+                .collect();
+            let embedded = |i: usize| states[i].origin.name.starts_with("<embedded");
+            let (step, dep) = if embedded(current) {
+                edges
+                    .into_iter()
+                    .find(|&(step, _)| !embedded(step))
+                    .unwrap_or((current, next))
+            } else {
+                (current, next)
+            };
+            let entry = states[step]
                 .after
                 .iter()
-                .find(|a| a.value == states[next].name)
+                .find(|a| a.value == states[dep].name)
                 .expect("the edge exists");
-            return closing.diagnostic_at(
+            return states[step].diagnostic_at(
                 entry.referenced,
                 format!("dependency cycle: {}", names.join(" → ")),
             );

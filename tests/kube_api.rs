@@ -245,6 +245,7 @@ fn an_api_outage_is_retried_and_a_lasting_one_is_an_error() {
         retry_after: None,
         times: 2,
         delay_ms: 0,
+        body: None,
     });
     fake.inject(Fault {
         method: Some("PATCH"),
@@ -253,6 +254,7 @@ fn an_api_outage_is_retried_and_a_lasting_one_is_an_error() {
         retry_after: Some(1),
         times: 1,
         delay_ms: 0,
+        body: None,
     });
     let started = Instant::now();
     let (code, _, stderr) = apply(&fake, host.path(), &[]);
@@ -272,6 +274,7 @@ fn an_api_outage_is_retried_and_a_lasting_one_is_an_error() {
         retry_after: None,
         times: 100,
         delay_ms: 0,
+        body: None,
     });
     let (code, _, stderr) = apply(&fake, host.path(), &[]);
     assert_eq!(code, 1);
@@ -365,6 +368,7 @@ fn a_conflict_reads_the_node_again_and_a_slow_server_is_waited_for() {
         retry_after: None,
         times: 1,
         delay_ms: 0,
+        body: None,
     });
     fake.inject(Fault {
         method: Some("GET"),
@@ -373,6 +377,7 @@ fn a_conflict_reads_the_node_again_and_a_slow_server_is_waited_for() {
         retry_after: None,
         times: 2,
         delay_ms: 700,
+        body: None,
     });
     let (code, _, stderr) = apply(&fake, host.path(), &[]);
     assert_eq!(code, 0, "{stderr}");
@@ -432,6 +437,7 @@ fn events_that_cannot_be_posted_do_not_fail_the_converge() {
         retry_after: None,
         times: 100,
         delay_ms: 0,
+        body: None,
     });
     let host = copy_host("a100-preinstalled");
     let (code, _, stderr) = apply(&fake, host.path(), &[]);

@@ -136,7 +136,7 @@ fn detailed_exitcode_says_whether_apply_would_change_anything() {
             "plan",
             "--detailed-exitcode",
             "--config",
-            "fixtures/specs/invalid/01-unknown-top-key.yaml",
+            "fixtures/bad/spec/01-unknown-top-key.yaml",
             "--host-root",
         ])
         .arg(host.path())

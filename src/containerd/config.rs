@@ -58,16 +58,68 @@ pub enum DefaultRuntime {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A problem at a place in the file (1-based line and column).
     #[error("{line}:{column}: {message}")]
-    Syntax {
+    At {
         line: usize,
         column: usize,
         message: String,
     },
-    #[error("`{path}` is not a table")]
-    NotATable { path: String },
+    #[error("`{}` is not a table", dotted(keys))]
+    NotATable { keys: Vec<String> },
     #[error("`version = {0}` is not a containerd config version (1, 2 or 3)")]
-    Version(i64),
+    Version(String),
+}
+
+impl ConfigError {
+    /// The error with the line and column of the key it is about in
+    /// `text`, when it is about one that is there.
+    pub fn located(self, text: &str) -> ConfigError {
+        let keys = match &self {
+            ConfigError::NotATable { keys } => keys.clone(),
+            ConfigError::Version(_) => vec!["version".to_string()],
+            ConfigError::At { .. } => return self,
+        };
+        match locate(text, &keys) {
+            Some((line, column)) => ConfigError::At {
+                line,
+                column,
+                message: self.to_string(),
+            },
+            None => self,
+        }
+    }
+}
+
+/// Keys as TOML writes them: `plugins."io.containerd.grpc.v1.cri".containerd`.
+fn dotted(keys: &[String]) -> String {
+    keys.iter()
+        .map(|k| {
+            if !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                k.clone()
+            } else {
+                format!("{k:?}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Where the value at `keys` starts in `text` (line and column), from a
+/// parse that keeps positions.
+fn locate(text: &str, keys: &[String]) -> Option<(usize, usize)> {
+    let doc = toml_edit::Document::parse(text).ok()?;
+    let mut item = doc.as_item();
+    let mut span = None;
+    for key in keys {
+        let (k, value) = item.as_table_like()?.get_key_value(key)?;
+        span = value.span().or_else(|| k.span());
+        item = value;
+    }
+    span.map(|s| line_column(text, s.start))
 }
 
 /// The result of an edit.
@@ -94,7 +146,7 @@ pub fn parse(text: &str) -> Result<DocumentMut, ConfigError> {
             .map(|span| line_column(text, span.start))
             .unwrap_or((1, 1));
         let message = e.message().trim().to_string();
-        ConfigError::Syntax {
+        ConfigError::At {
             line,
             column,
             message,
@@ -114,7 +166,12 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 /// use its own plugin ids (AKS writes these), so existing tables win over
 /// the header for version 2.
 pub fn layout(doc: &DocumentMut) -> Result<(i64, Layout), ConfigError> {
-    let version = doc.get("version").and_then(Item::as_integer).unwrap_or(1);
+    let version = match doc.get("version") {
+        None => 1,
+        Some(item) => item
+            .as_integer()
+            .ok_or_else(|| ConfigError::Version(item.to_string().trim().to_string()))?,
+    };
     let has = |plugin: &str| {
         doc.get("plugins")
             .and_then(Item::as_table_like)
@@ -125,7 +182,7 @@ pub fn layout(doc: &DocumentMut) -> Result<(i64, Layout), ConfigError> {
         2 if has(Layout::V3.plugin()) => Layout::V3,
         2 => Layout::V2,
         3 => Layout::V3,
-        other => return Err(ConfigError::Version(other)),
+        other => return Err(ConfigError::Version(other.to_string())),
     };
     Ok((version, layout))
 }
@@ -187,7 +244,11 @@ pub fn configure(
         .get_mut(&wanted.class)
         .and_then(Item::as_table_like_mut)
         .ok_or_else(|| ConfigError::NotATable {
-            path: format!("{}.runtimes.{}", containerd_path.join("."), wanted.class),
+            keys: containerd_path
+                .iter()
+                .map(|k| k.to_string())
+                .chain(["runtimes".to_string(), wanted.class.clone()])
+                .collect(),
         })?;
     set_str(ours, "runtime_type", RUNC_V2);
     let options = child_table_like(ours, "options")?;
@@ -333,7 +394,7 @@ fn ensure_table<'a>(root: &'a mut Table, path: &[&str]) -> Result<&'a mut Table,
             .get_mut(key)
             .and_then(Item::as_table_mut)
             .ok_or_else(|| ConfigError::NotATable {
-                path: path[..=i].join("."),
+                keys: path[..=i].iter().map(|k| k.to_string()).collect(),
             })?;
     }
     Ok(table)
@@ -347,7 +408,7 @@ fn ensure_child<'a>(
     path: &[&str],
 ) -> Result<&'a mut Table, ConfigError> {
     ensure_table(table, &[key]).map_err(|_| ConfigError::NotATable {
-        path: format!("{}.{key}", path.join(".")),
+        keys: path.iter().chain([&key]).map(|k| k.to_string()).collect(),
     })
 }
 
@@ -364,7 +425,7 @@ fn child_table_like<'a>(
         .get_mut(key)
         .and_then(Item::as_table_like_mut)
         .ok_or_else(|| ConfigError::NotATable {
-            path: key.to_string(),
+            keys: vec![key.to_string()],
         })
 }
 

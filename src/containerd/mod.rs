@@ -108,9 +108,15 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         Some(_) => None,
         None => current.clone(),
     };
-    let in_file = |e: config::ConfigError| StepError::Observe(format!("{}:{e}", opts.config));
+    // An error names the file and, where it can, the line and column.
+    let in_file = |text: &str| {
+        let text = text.to_string();
+        move |e: config::ConfigError| {
+            StepError::Observe(format!("{}:{}", opts.config, e.located(&text)))
+        }
+    };
     let original_default = match &original {
-        Some(text) => config::default_runtime_name(text).map_err(in_file)?,
+        Some(text) => config::default_runtime_name(text).map_err(in_file(text))?,
         None => None,
     };
     let default = if opts.set_as_default {
@@ -131,7 +137,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         binary: binary.clone(),
         default,
     };
-    let edited = config::configure(text, &wanted, fresh_version).map_err(in_file)?;
+    let edited = config::configure(text, &wanted, fresh_version).map_err(in_file(text))?;
     // What each file should hold: the main config with the runtime, or, in
     // drop-in mode, the main config importing a drop-in that has it.
     let mut files: Vec<(String, Option<String>, String, String)> = Vec::new();
@@ -143,14 +149,14 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             format!("runtime `{}`", opts.runtime_class),
         )),
         Some(drop_in) => {
-            let section = config::drop_in(&edited.text).map_err(in_file)?;
+            let section = config::drop_in(&edited.text).map_err(in_file(text))?;
             files.push((
                 drop_in.clone(),
                 ctx.host.read(drop_in)?,
                 section,
                 format!("runtime `{}`", opts.runtime_class),
             ));
-            let main = config::add_import(text, drop_in, fresh_version).map_err(in_file)?;
+            let main = config::add_import(text, drop_in, fresh_version).map_err(in_file(text))?;
             files.push((
                 opts.config.clone(),
                 current.clone(),

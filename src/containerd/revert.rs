@@ -62,10 +62,11 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
         (Some(now), _) => {
             let original_default = match &original {
                 Some(text) => config::default_runtime_name(text)
-                    .map_err(|e| format!("{}: {e}", record.backup))?,
+                    .map_err(|e| format!("{}:{}", record.backup, e.located(text)))?,
                 None => None,
             };
-            let in_config = |e: config::ConfigError| format!("{}:{e}", record.config);
+            let in_config =
+                |e: config::ConfigError| format!("{}:{}", record.config, e.located(now));
             let mut reverted =
                 config::unconfigure(now, &record.runtime_class, original_default.as_deref())
                     .map_err(in_config)?;

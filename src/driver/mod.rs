@@ -340,12 +340,18 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
         method: method.to_string(),
         source,
     };
-    // The intent first: a run killed from here on is finished by the next.
-    let mut changes = vec![record_change(
+    // The intent goes after the download and before the installer runs: a
+    // run killed from there on is finished by the next.
+    let downloads = install_steps
+        .iter()
+        .take_while(|c| matches!(c, Change::Fetch { .. }))
+        .count();
+    let mut changes: Vec<Change> = install_steps.drain(..downloads).collect();
+    changes.push(record_change(
         INSTALLING,
         &record,
         "the install in progress, finished by the next run if this one is killed",
-    )];
+    ));
     changes.append(&mut install_steps);
     changes.extend(load_modules());
     changes.push(record_change(RECORD, &record, "what gpuprov installed"));

@@ -41,6 +41,8 @@ pub struct Fault {
     /// Wait this long first; with `status` 0 the request is then handled
     /// as usual (a slow API server).
     pub delay_ms: u64,
+    /// The body to answer with instead of a Status object.
+    pub body: Option<String>,
 }
 
 /// What an injected fault does to a request.
@@ -202,6 +204,17 @@ impl FakeApi {
         let owners = node.owners.entry(key.to_string()).or_default();
         owners.clear();
         owners.insert(manager.to_string(), "Update".to_string());
+        node.resource_version = version;
+    }
+
+    /// Removes a label, as `kubectl label node <node> <key>-` does.
+    pub fn remove_label(&self, node: &str, key: &str) {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner.version += 1;
+        let version = inner.version;
+        let node = inner.nodes.get_mut(node).unwrap();
+        node.labels.remove(key);
+        node.owners.remove(key);
         node.resource_version = version;
     }
 
@@ -398,6 +411,7 @@ fn log_and_match(
     let fault = &mut inner.faults[position];
     fault.times -= 1;
     let (code, retry_after) = (fault.status, fault.retry_after);
+    let body = fault.body.clone();
     let delay = Duration::from_millis(fault.delay_ms);
     if fault.times == 0 {
         inner.faults.remove(position);
@@ -405,7 +419,15 @@ fn log_and_match(
     if code == 0 {
         return Some(Injected::Delay(delay));
     }
-    let mut response = status(code, "InjectedFault", format!("injected fault {code}"));
+    let mut response = match body {
+        Some(body) => (
+            StatusCode::from_u16(code).unwrap(),
+            [("content-type", "application/json")],
+            body,
+        )
+            .into_response(),
+        None => status(code, "InjectedFault", format!("injected fault {code}")),
+    };
     if let Some(seconds) = retry_after {
         response
             .headers_mut()
