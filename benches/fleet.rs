@@ -146,7 +146,9 @@ fn simulate(nodes: usize, parallel: usize) {
             let per_converge = log.len() as f64 / nodes as f64;
             let per_hour = per_converge * 12.0 + 3600.0 / 290.0;
             println!(
-                "  → a converged node under `gpuprov run`: {per_hour:.1} API requests per hour, {writes} writes"
+                "  → a converged node under `gpuprov run`: {per_hour:.1} API requests per hour, {writes} writes \
+                 (target: zero writes per hour: {})",
+                if writes == 0 { "met" } else { "MISSED" }
             );
         }
     };
@@ -182,15 +184,23 @@ fn steady_state(seconds: u64) {
     let log = fake.log();
     drop(daemon);
     samples.sort();
+    let median_mib = samples[samples.len() / 2] as f64 / 1024.0;
     println!(
-        "`gpuprov run`, converged, {seconds}s: RSS median {:.1} MiB, peak {:.1} MiB; CPU {:.3}s ({:.3}% of a core); \
+        "`gpuprov run`, converged, {seconds}s: RSS median {median_mib:.1} MiB, peak {:.1} MiB; CPU {:.3}s ({:.3}% of a core); \
          API requests {} ({} writes)",
-        samples[samples.len() / 2] as f64 / 1024.0,
         peak as f64 / 1024.0,
         cpu_after - cpu_before,
         (cpu_after - cpu_before) / seconds as f64 * 100.0,
         log.len(),
         log.iter().filter(|l| l.method != "GET").count(),
+    );
+    println!(
+        "  → steady-state RSS under 16 MiB: {}",
+        if peak as f64 / 1024.0 < 16.0 {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
 }
 

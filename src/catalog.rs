@@ -275,7 +275,8 @@ fn read_states_dir(dir: &Path) -> Result<Vec<Source>, CatalogError> {
         .collect()
 }
 
-fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
+/// One state file, parsed and checked (public for the fuzz target).
+pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
     let invalid = |d: Diagnostic| CatalogError::Invalid(d.into());
     let raw: RawStateFile = serde_saphyr::from_str(&source.text)
         .map_err(|e| invalid(Diagnostic::from_yaml(source, &e)))?;

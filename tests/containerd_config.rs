@@ -349,11 +349,11 @@ fn a_key_that_should_be_a_table_is_an_error_naming_its_whole_path() {
     for (text, path) in [
         (
             "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nruntimes = \"runc\"\n",
-            "`plugins.io.containerd.grpc.v1.cri.containerd.runtimes` is not a table",
+            "`plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes` is not a table",
         ),
         (
             "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\ncontainerd = 1\n",
-            "`plugins.io.containerd.grpc.v1.cri.containerd` is not a table",
+            "`plugins.\"io.containerd.grpc.v1.cri\".containerd` is not a table",
         ),
     ] {
         let err = configure(text, &wanted(DefaultRuntime::Keep), 2).unwrap_err();

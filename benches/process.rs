@@ -1,0 +1,99 @@
+//! Whole-process figures, as a user meets them: the `gpuprov` binary run as
+//! a process, each figure the median of many runs.
+//!
+//! * the process floor: `gpuprov --version` (exec, dynamic loading, exit);
+//! * `plan` and a no-op `apply` on the converged 8-GPU fixture, and their
+//!   ratio to the floor (target: a no-op `apply` within 3× the floor);
+//! * a cold converge of a pre-installed node end to end: toolkit present,
+//!   containerd's config edited and containerd restarted (the fixture's
+//!   stand-in), labels applied on the API server.
+//!
+//! Run with `cargo bench --bench process` (`cargo test` runs one of each).
+
+mod common;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::measure;
+use support::fake_api::FakeApi;
+
+fn gpuprov(args: &[&str]) -> Command {
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
+    cmd.args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", "/nonexistent-gpuprov-bench-home")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+fn succeeds(cmd: &mut Command) {
+    let status = cmd.status().unwrap();
+    assert!(status.success(), "{cmd:?} exited {status}");
+}
+
+fn report(name: &str, runs: usize, (median, p90): (Duration, Duration)) {
+    println!("{name:<62} {runs:>5} runs  median {median:>10.2?}  p90 {p90:>10.2?}");
+}
+
+fn on_host(subcommand: &str, host: &Path) -> Command {
+    let mut cmd = gpuprov(&[subcommand, "--host-exec", "prefix", "--host-root"]);
+    cmd.arg(host);
+    cmd
+}
+
+fn main() {
+    let runs = common::runs;
+
+    let floor = measure(runs(300), || succeeds(&mut gpuprov(&["--version"])));
+    report("process floor: gpuprov --version", runs(300), floor);
+
+    // The 8-GPU fixture, converged once (the runtime added, the static
+    // pods written, the fake containerd restarted).
+    let host = support::copy_host("h100x8-nvswitch-preinstalled");
+    succeeds(&mut on_host("apply", host.path()));
+    let plan = measure(runs(300), || succeeds(&mut on_host("plan", host.path())));
+    report("gpuprov plan, converged 8-GPU host", runs(300), plan);
+    let apply = measure(runs(300), || succeeds(&mut on_host("apply", host.path())));
+    report(
+        "gpuprov apply (no-op), converged 8-GPU host",
+        runs(300),
+        apply,
+    );
+    let ratio = |(median, _): (Duration, Duration)| median.as_secs_f64() / floor.0.as_secs_f64();
+    println!(
+        "  → plan {:.2}× the floor, no-op apply {:.2}× the floor (target: apply within 3×: {})",
+        ratio(plan),
+        ratio(apply),
+        if ratio(apply) <= 3.0 { "met" } else { "MISSED" }
+    );
+
+    // A cold converge: a fresh copy of the pre-installed A100 node each
+    // time, against the API server, operands left to the GPU Operator.
+    let node_prep = support::repo().join("fixtures/specs/node-prep-only.yaml");
+    let cold = measure(runs(40), || {
+        let fake = FakeApi::start();
+        fake.add_node("gpu-node-1", &[], "kubelet");
+        let host = support::copy_host("a100-preinstalled");
+        let mut cmd = on_host("apply", host.path());
+        cmd.args(["--node-name", "gpu-node-1", "--config"])
+            .arg(&node_prep)
+            .arg("--kubeconfig")
+            .arg(fake.kubeconfig());
+        succeeds(&mut cmd);
+        assert_eq!(
+            fake.labels("gpu-node-1")["gpuprov.io/containerd-runtime"],
+            "configured"
+        );
+    });
+    report(
+        "cold converge, pre-installed A100 node, labels on the API",
+        runs(40),
+        cold,
+    );
+}
