@@ -226,6 +226,7 @@ pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, E
         .map_err(Error::Revert)?;
     let static_pods_removed = crate::operands::static_pod::remove_ours(&inputs.host, &inputs.spec)?;
     inputs.host.remove(crate::operands::validate::MARKER)?;
+    inputs.host.remove(crate::operands::validate::RUNTIME_RAN)?;
     let labels_removed = inputs.sink().withdraw()?;
     Ok(RevertReport {
         containerd,

@@ -22,6 +22,8 @@ use crate::kube::pods::describe;
 
 /// Where a pass is remembered until reboot.
 pub const MARKER: &str = "/run/gpuprov/validations/cuda-vectoradd.json";
+/// Without an API server: the runtime binary that ran, until reboot.
+pub const RUNTIME_RAN: &str = "/run/gpuprov/validations/runtime-binary.json";
 /// How many log lines a failure quotes.
 const LOG_LINES: i64 = 20;
 
@@ -272,11 +274,32 @@ fn host_checks(ctx: &StepContext) -> Result<Observation, StepError> {
     }
     let runtime = crate::toolkit::runtime_binary(ctx.host, ctx.spec)?;
     let mut commands = Vec::new();
-    if ctx.host.resolve(&runtime)?.is_file() {
+    let mut changes = Vec::new();
+    let binary = ctx.host.resolve(&runtime)?;
+    // The runtime binary's run is remembered until reboot, for as long as
+    // the binary is the same file: a converged node spawns nothing.
+    let identity = std::fs::metadata(&binary).ok().filter(|m| m.is_file()).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        format!(
+            "{}\n",
+            serde_json::json!({"path": runtime, "size": m.len(), "mtimeNs": m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128})
+        )
+    });
+    let ran_before = identity.is_some() && ctx.host.read(RUNTIME_RAN)? == identity;
+    if ran_before {
+        passed.push(format!("{runtime} ran since boot and is unchanged"));
+    } else if let Some(identity) = identity {
         match ctx.host.run(&[runtime.clone(), "--version".to_string()]) {
             Ok(record) => {
                 if record.success() {
                     passed.push(format!("{runtime} runs"));
+                    changes.push(Change::WriteFile {
+                        path: RUNTIME_RAN.to_string(),
+                        content: identity.into_bytes(),
+                        mode: 0o644,
+                        purpose: "the runtime binary ran; not run again until it changes or the node reboots".to_string(),
+                        diff: None,
+                    });
                 } else {
                     problems.push(format!(
                         "`{runtime} --version` {}",
@@ -305,5 +328,8 @@ fn host_checks(ctx: &StepContext) -> Result<Observation, StepError> {
         )
     };
     obs.commands = commands;
+    if obs.outcome == Outcome::Ready {
+        obs.changes = changes;
+    }
     Ok(obs)
 }
