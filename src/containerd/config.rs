@@ -91,6 +91,47 @@ impl ConfigError {
     }
 }
 
+/// The edited document as text, with the original's table headers kept
+/// where they say the same: toml_edit writes a key shared by several
+/// headers with one quoting (`'io.containerd.grpc.v1.cri'` for a header
+/// that had `"io.containerd.grpc.v1.cri"`), which would rewrite lines
+/// gpuprov did not touch. A header is swapped back only for an original
+/// that names the same table.
+fn render(original: &str, doc: &DocumentMut) -> String {
+    let rendered = doc.to_string();
+    if rendered == original {
+        return rendered;
+    }
+    let header_keys = |line: &str| -> Option<(bool, Vec<String>)> {
+        let t = line.trim();
+        let (array, inner) = if let Some(inner) = t.strip_prefix("[[") {
+            (true, inner.split_once("]]")?.0)
+        } else {
+            (false, t.strip_prefix('[')?.split_once(']')?.0)
+        };
+        let keys = toml_edit::Key::parse(inner).ok()?;
+        Some((array, keys.iter().map(|k| k.get().to_string()).collect()))
+    };
+    let old: Vec<&str> = original.split_inclusive('\n').collect();
+    let new: Vec<&str> = rendered.split_inclusive('\n').collect();
+    let diff = similar::TextDiff::from_slices(&old, &new);
+    let mut out = String::with_capacity(rendered.len());
+    for op in diff.ops() {
+        let (old_range, new_range) = (op.old_range(), op.new_range());
+        if op.tag() == similar::DiffTag::Replace && old_range.len() == new_range.len() {
+            for (o, n) in old[old_range].iter().zip(&new[new_range]) {
+                let same = header_keys(o).is_some() && header_keys(o) == header_keys(n);
+                out.push_str(if same { o } else { n });
+            }
+        } else {
+            for n in &new[new_range] {
+                out.push_str(n);
+            }
+        }
+    }
+    out
+}
+
 /// Keys as TOML writes them: `plugins."io.containerd.grpc.v1.cri".containerd`.
 fn dotted(keys: &[String]) -> String {
     keys.iter()
@@ -287,7 +328,7 @@ pub fn configure(
     }
 
     Ok(Edited {
-        text: doc.to_string(),
+        text: render(text, &doc),
         layout,
         copied_from,
         notes,
@@ -365,7 +406,7 @@ pub fn unconfigure(
         doc.as_table_mut(),
         &["plugins", layout.plugin(), "containerd", "runtimes"],
     );
-    Ok(doc.to_string())
+    Ok(render(text, &doc))
 }
 
 fn prune_empty_implicit(table: &mut Table, path: &[&str]) {
@@ -543,7 +584,7 @@ pub fn add_import(text: &str, path: &str, fresh_version: i64) -> Result<String, 
             doc.insert("imports", toml_edit::value(imports));
         }
     }
-    Ok(doc.to_string())
+    Ok(render(text, &doc))
 }
 
 /// Removes `path` from `imports` (and `imports` itself if that empties it
@@ -556,7 +597,7 @@ pub fn remove_import(text: &str, path: &str) -> Result<String, ConfigError> {
             doc.remove("imports");
         }
     }
-    Ok(doc.to_string())
+    Ok(render(text, &doc))
 }
 
 /// The drop-in file for drop-in mode: the config version and the whole CRI
