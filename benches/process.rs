@@ -50,21 +50,33 @@ fn on_host(subcommand: &str, host: &Path) -> Command {
 fn main() {
     let runs = common::runs;
 
-    let floor = measure(runs(300), || succeeds(&mut gpuprov(&["--version"])));
-    report("process floor: gpuprov --version", runs(300), floor);
-
     // The 8-GPU fixture, converged once (the runtime added, the static
     // pods written, the fake containerd restarted).
     let host = support::copy_host("h100x8-nvswitch-preinstalled");
     succeeds(&mut on_host("apply", host.path()));
-    let plan = measure(runs(300), || succeeds(&mut on_host("plan", host.path())));
-    report("gpuprov plan, converged 8-GPU host", runs(300), plan);
-    let apply = measure(runs(300), || succeeds(&mut on_host("apply", host.path())));
-    report(
-        "gpuprov apply (no-op), converged 8-GPU host",
-        runs(300),
-        apply,
-    );
+    // The three are run in turn, so that the machine's noise falls on each
+    // alike and their ratios hold.
+    let n = runs(300);
+    let mut times: [Vec<Duration>; 3] = Default::default();
+    for _ in 0..n {
+        let commands: [Command; 3] = [
+            gpuprov(&["--version"]),
+            on_host("plan", host.path()),
+            on_host("apply", host.path()),
+        ];
+        for (mut command, samples) in commands.into_iter().zip(times.iter_mut()) {
+            let started = std::time::Instant::now();
+            succeeds(&mut command);
+            samples.push(started.elapsed());
+        }
+    }
+    let [floor, plan, apply] = times.map(|mut samples| {
+        samples.sort();
+        (samples[n / 2], samples[n * 9 / 10])
+    });
+    report("process floor: gpuprov --version", n, floor);
+    report("gpuprov plan, converged 8-GPU host", n, plan);
+    report("gpuprov apply (no-op), converged 8-GPU host", n, apply);
     let ratio = |(median, _): (Duration, Duration)| median.as_secs_f64() / floor.0.as_secs_f64();
     println!(
         "  → plan {:.2}× the floor, no-op apply {:.2}× the floor (target: apply within 3×: {})",

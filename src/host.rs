@@ -127,7 +127,7 @@ impl CommandRecord {
 }
 
 /// The node as seen through its root directory.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Host {
     /// As the user gave it, for messages and reports.
     root: PathBuf,
@@ -135,6 +135,24 @@ pub struct Host {
     absolute: PathBuf,
     exec_mode: ExecMode,
     command_timeout: Duration,
+    /// What the inner components of paths already resolved are: a real
+    /// directory (`None`) or a symlink to a target. A run resolves hundreds
+    /// of paths under the same few directories and sysfs links, and this
+    /// spares their lstat and readlink. Cleared before every command, which
+    /// may change the tree.
+    known: std::sync::Mutex<std::collections::HashMap<PathBuf, Option<PathBuf>>>,
+}
+
+impl Clone for Host {
+    fn clone(&self) -> Host {
+        Host {
+            root: self.root.clone(),
+            absolute: self.absolute.clone(),
+            exec_mode: self.exec_mode,
+            command_timeout: self.command_timeout,
+            known: Default::default(),
+        }
+    }
 }
 
 impl Host {
@@ -159,6 +177,7 @@ impl Host {
             absolute,
             exec_mode,
             command_timeout,
+            known: Default::default(),
         })
     }
 
@@ -189,20 +208,50 @@ impl Host {
             }
             resolved.push(part);
             let real = self.join(&resolved);
-            let Ok(meta) = fs::symlink_metadata(&real) else {
-                continue; // not there (yet): the rest is taken literally
+            let inner = !pending.is_empty();
+            let known = if inner {
+                self.known.lock().expect("not poisoned").get(&real).cloned()
+            } else {
+                None
             };
-            if !meta.file_type().is_symlink() {
-                continue;
-            }
+            let target = match known {
+                Some(None) => continue,
+                Some(Some(target)) => target,
+                None => {
+                    let Ok(meta) = fs::symlink_metadata(&real) else {
+                        // Not there (yet): the rest is taken literally, and
+                        // nothing under it can be a symlink to look at.
+                        if pending.iter().all(|p| p != "..") {
+                            resolved.extend(pending.drain(..));
+                            break;
+                        }
+                        continue;
+                    };
+                    if !meta.file_type().is_symlink() {
+                        if inner && meta.is_dir() {
+                            self.known.lock().expect("not poisoned").insert(real, None);
+                        }
+                        continue;
+                    }
+                    let target = fs::read_link(&real).map_err(|source| HostError::Read {
+                        path: real.clone(),
+                        source,
+                    })?;
+                    if inner {
+                        self.known
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(real, Some(target.clone()));
+                    }
+                    target
+                }
+            };
             hops += 1;
             if hops > MAX_SYMLINK_HOPS {
                 return Err(HostError::SymlinkLoop {
                     path: host_path.to_string(),
                 });
             }
-            let target =
-                fs::read_link(&real).map_err(|source| HostError::Read { path: real, source })?;
             resolved.pop();
             if target.is_absolute() {
                 resolved.clear();
@@ -438,6 +487,8 @@ impl Host {
 
     fn finish(&self, mut command: Command, argv: &[String]) -> Result<CommandRecord, HostError> {
         tracing::debug!(command = %argv.join(" "), "running");
+        // A command may replace a directory with a symlink.
+        self.known.lock().expect("not poisoned").clear();
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
