@@ -838,7 +838,7 @@ impl RunReport {
     pub fn write(&self, host: &Host) -> Result<(), HostError> {
         let mut json = serde_json::to_vec_pretty(self).expect("a report serializes");
         json.push(b'\n');
-        host.write_atomic(LAST_RUN_PATH, &json, 0o644).map(|_| ())
+        host.write_report(LAST_RUN_PATH, &json, 0o644).map(|_| ())
     }
 }
 

@@ -334,6 +334,29 @@ impl Host {
         content: &[u8],
         new_mode: u32,
     ) -> Result<bool, HostError> {
+        self.write_atomic_with(host_path, content, new_mode, true)
+    }
+
+    /// `write_atomic` without the fsyncs, for gpuprov's run report: it is
+    /// rewritten by every run, readers still never see it half written
+    /// (the rename is atomic), and a power cut can lose only the last
+    /// report. Two fsyncs are a fifth of a converged run's time.
+    pub fn write_report(
+        &self,
+        host_path: &str,
+        content: &[u8],
+        new_mode: u32,
+    ) -> Result<bool, HostError> {
+        self.write_atomic_with(host_path, content, new_mode, false)
+    }
+
+    fn write_atomic_with(
+        &self,
+        host_path: &str,
+        content: &[u8],
+        new_mode: u32,
+        durable: bool,
+    ) -> Result<bool, HostError> {
         let path = self.resolve(host_path)?;
         sweep_stale_temps(&path);
         let existing = fs::metadata(&path).ok();
@@ -359,9 +382,14 @@ impl Host {
             if let Some(meta) = &existing {
                 keep_owner(&file, meta)?;
             }
-            file.sync_all()?;
+            if durable {
+                file.sync_all()?;
+            }
             fs::rename(&temp, &path)?;
-            File::open(dir)?.sync_all()
+            if durable {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
         })();
         if result.is_err() {
             let _ = fs::remove_file(&temp);
