@@ -52,6 +52,20 @@ fn owned_line(line: &str) -> bool {
     .any(|k| t.starts_with(k))
 }
 
+/// Every line of `original` that gpuprov does not own is in `edited`,
+/// verbatim and in order.
+pub fn untouched_lines_kept(original: &str, edited: &str) -> Result<(), String> {
+    let mut result = edited.lines();
+    for line in original.lines().filter(|l| !owned_line(l)) {
+        if !result.any(|r| r == line) {
+            return Err(format!(
+                "the line {line:?} is missing or out of order in:\n{edited}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// containerd's config, edited three ways (default set, cleared, kept):
 /// the result parses, every line gpuprov does not own is kept verbatim and
 /// in order, and a second edit changes nothing.
@@ -72,13 +86,8 @@ pub fn containerd(text: &str) {
         if let Err(e) = config::parse(&edited.text) {
             panic!("the edit does not parse ({e}):\n{}", edited.text);
         }
-        let mut result = edited.text.lines();
-        for line in text.lines().filter(|l| !owned_line(l)) {
-            assert!(
-                result.any(|r| r == line),
-                "the line {line:?} is missing or out of order in:\n{}",
-                edited.text
-            );
+        if let Err(e) = untouched_lines_kept(text, &edited.text) {
+            panic!("{e}");
         }
         let again = config::configure(&edited.text, &wanted, 2)
             .unwrap_or_else(|e| panic!("a second edit fails ({e}):\n{}", edited.text));

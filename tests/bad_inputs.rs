@@ -123,24 +123,34 @@ fn node_prep_only() -> PathBuf {
     repo().join("fixtures/specs/node-prep-only.yaml")
 }
 
+/// Runs `cmd` on `host` and records what it printed and changed.
+fn observe(host: &Path, cmd: &mut assert_cmd::Command) -> Outcome {
+    let before = tree(host);
+    let (code, output) = run(cmd);
+    Outcome {
+        code,
+        output,
+        before,
+        after: tree(host),
+        labels: None,
+        bad_file: None,
+        shown_as: String::new(),
+    }
+}
+
 fn try_case(case: &Case) -> Outcome {
     let expected = &case.expected;
     let bytes = std::fs::read(&case.input).unwrap();
     match case.kind.as_str() {
         "spec" => {
             let host = copy_host("h100x8-nvswitch-preinstalled");
-            let before = tree(host.path());
-            let (code, output) = run(apply_on(host.path())
-                .arg("--config")
-                .arg(relative(&case.input)));
+            let input = relative(&case.input);
             Outcome {
-                code,
-                output,
-                before,
-                after: tree(host.path()),
-                labels: None,
-                bad_file: None,
-                shown_as: relative(&case.input),
+                shown_as: input.clone(),
+                ..observe(
+                    host.path(),
+                    apply_on(host.path()).arg("--config").arg(&input),
+                )
             }
         }
         "catalogue" => {
@@ -148,16 +158,12 @@ fn try_case(case: &Case) -> Outcome {
             let states = tempfile::tempdir().unwrap();
             let file = states.path().join(case.input.file_name().unwrap());
             std::fs::write(&file, &bytes).unwrap();
-            let before = tree(host.path());
-            let (code, output) = run(apply_on(host.path()).arg("--states-dir").arg(states.path()));
             Outcome {
-                code,
-                output,
-                before,
-                after: tree(host.path()),
-                labels: None,
-                bad_file: None,
                 shown_as: file.display().to_string(),
+                ..observe(
+                    host.path(),
+                    apply_on(host.path()).arg("--states-dir").arg(states.path()),
+                )
             }
         }
         "containerd" | "sysfs" | "procfs" => {
@@ -167,16 +173,12 @@ fn try_case(case: &Case) -> Outcome {
                 .clone()
                 .unwrap_or_else(|| "etc/containerd/config.toml".to_string());
             std::fs::write(host.path().join(&path), &bytes).unwrap();
-            let before = tree(host.path());
-            let (code, output) = run(apply_on(host.path()).arg("--config").arg(node_prep_only()));
             Outcome {
-                code,
-                output,
-                before,
-                after: tree(host.path()),
-                labels: None,
                 bad_file: Some(PathBuf::from(path)),
-                shown_as: String::new(),
+                ..observe(
+                    host.path(),
+                    apply_on(host.path()).arg("--config").arg(node_prep_only()),
+                )
             }
         }
         "http" => {
@@ -203,17 +205,10 @@ fn try_case(case: &Case) -> Outcome {
                 ) + &std::fs::read_to_string(node_prep_only()).unwrap(),
             )
             .unwrap();
-            let before = tree(host.path());
-            let (code, output) = run(apply_on(host.path()).arg("--config").arg(&spec));
-            Outcome {
-                code,
-                output,
-                before,
-                after: tree(host.path()),
-                labels: None,
-                bad_file: None,
-                shown_as: String::new(),
-            }
+            observe(
+                host.path(),
+                apply_on(host.path()).arg("--config").arg(&spec),
+            )
         }
         "api" => {
             // A node converged against a working cluster; then the server
@@ -261,16 +256,10 @@ fn try_case(case: &Case) -> Outcome {
                 body: Some(String::from_utf8(bytes).unwrap()),
             });
             let labels = fake.labels(NODE);
-            let before = tree(host.path());
-            let (code, output) = run(&mut against(host.path()));
+            let outcome = observe(host.path(), &mut against(host.path()));
             Outcome {
-                code,
-                output,
-                before,
-                after: tree(host.path()),
                 labels: Some((labels, fake.labels(NODE))),
-                bad_file: None,
-                shown_as: String::new(),
+                ..outcome
             }
         }
         other => panic!("unknown kind of bad input `{other}`"),

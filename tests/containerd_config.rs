@@ -3,6 +3,8 @@
 //! untouched line survives verbatim and in order, a second edit changes
 //! nothing, and removing the runtime gives back what was there.
 
+#[path = "../fuzz/invariants.rs"]
+mod invariants;
 mod support;
 
 use std::fs;
@@ -78,28 +80,10 @@ fn value_json(v: &toml_edit::Value) -> serde_json::Value {
     }
 }
 
-/// Lines gpuprov may rewrite in place: the keys it owns.
-fn owned_line(line: &str) -> bool {
-    let t = line.trim_start();
-    [
-        "default_runtime_name",
-        "runtime_type",
-        "BinaryName",
-        "Runtime ",
-        "Runtime=",
-    ]
-    .iter()
-    .any(|k| t.starts_with(k))
-}
-
 /// Every original line not owned by gpuprov is in the result, verbatim and in order.
 fn assert_untouched_lines_kept(name: &str, original: &str, edited: &str) {
-    let mut result = edited.lines();
-    for line in original.lines().filter(|l| !owned_line(l)) {
-        assert!(
-            result.any(|r| r == line),
-            "{name}: the line {line:?} is missing or out of order in:\n{edited}"
-        );
+    if let Err(e) = invariants::untouched_lines_kept(original, edited) {
+        panic!("{name}: {e}");
     }
 }
 
