@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::daemon::{Daemon, eventually, free_port};
-use support::fake_api::{FakeApi, Kubelet, Operands};
+use support::fake_api::FakeApi;
 
 fn gpuprov_bin() -> PathBuf {
     assert_cmd::cargo::cargo_bin("gpuprov")
@@ -57,16 +57,7 @@ fn usage(pid: u32) -> (u64, f64) {
 /// The cluster's side, instant: the operands' DaemonSets start on the
 /// labels, and the vectorAdd pod succeeds.
 fn instant_cluster(fake: &FakeApi, gpus: usize) {
-    fake.run_operands(Operands {
-        gpus,
-        product: "NVIDIA-A100-SXM4-40GB".into(),
-    });
-    fake.kubelet(Kubelet::Runs {
-        phase: "Succeeded",
-        after_ms: 0,
-        log: "Test PASSED\n".into(),
-        exit_code: 0,
-    });
+    fake.run_working_cluster(gpus, "NVIDIA-A100-SXM4-40GB");
 }
 
 fn simulate(nodes: usize, parallel: usize) {
@@ -157,8 +148,7 @@ fn simulate(nodes: usize, parallel: usize) {
 }
 
 fn steady_state(seconds: u64) {
-    let fake = FakeApi::start();
-    fake.add_node("gpu-node-1", &[], "kubelet");
+    let fake = FakeApi::with_node("gpu-node-1", &[]);
     instant_cluster(&fake, 8);
     let host = support::copy_host("h100x8-nvswitch-preinstalled");
     let daemon = Daemon::spawn(&fake, "gpu-node-1", host.path(), "5m", free_port());

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use support::artifact_server::{ArtifactServer, Route};
-use support::fake_api::{FakeApi, Fault, Kubelet, Operands};
+use support::fake_api::{FakeApi, Fault};
 use support::{FileState, copy_host, gpuprov, repo, tree};
 
 #[derive(Debug, Deserialize)]
@@ -214,18 +214,8 @@ fn try_case(case: &Case) -> Outcome {
             // A node converged against a working cluster; then the server
             // answers one request badly.
             let host = copy_host("a100-preinstalled");
-            let fake = FakeApi::start();
-            fake.add_node(NODE, &[("kubernetes.io/hostname", NODE)], "kubelet");
-            fake.run_operands(Operands {
-                gpus: 1,
-                product: "NVIDIA-A100-SXM4-80GB".into(),
-            });
-            fake.kubelet(Kubelet::Runs {
-                phase: "Succeeded",
-                after_ms: 0,
-                log: String::new(),
-                exit_code: 0,
-            });
+            let fake = FakeApi::with_node(NODE, &[]);
+            fake.run_working_cluster(1, "NVIDIA-A100-SXM4-80GB");
             let against = |host: &Path| {
                 let mut cmd = apply_on(host);
                 cmd.args(["--node-name", NODE])

@@ -60,9 +60,7 @@ fn start_apply(fake: &FakeApi, host: &Path, spec: &Path) -> Child {
 }
 
 fn fake_with_node() -> FakeApi {
-    let fake = FakeApi::start();
-    fake.add_node(NODE, &[("kubernetes.io/hostname", NODE)], "kubelet");
-    fake
+    FakeApi::with_node(NODE, &[])
 }
 
 /// What a converged node is: every file (bytes and mode) but the run's own

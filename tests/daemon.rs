@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use support::daemon::{Daemon, eventually, free_port};
-use support::fake_api::{FakeApi, Kubelet, Operands};
+use support::fake_api::FakeApi;
 use support::{copy_host, repo};
 
 const NODE: &str = "gpu-node-1";
@@ -33,19 +33,9 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
 
 #[test]
 fn run_keeps_the_node_converged_and_stops_on_sigterm() {
-    let fake = FakeApi::start();
-    fake.add_node(NODE, &[("kubernetes.io/hostname", NODE)], "kubelet");
+    let fake = FakeApi::with_node(NODE, &[]);
     // The operands' DaemonSets follow the labels; the validation pod passes.
-    fake.run_operands(Operands {
-        gpus: 1,
-        product: "NVIDIA-A100-SXM4-40GB".into(),
-    });
-    fake.kubelet(Kubelet::Runs {
-        phase: "Succeeded",
-        after_ms: 300,
-        log: "Test PASSED\n".into(),
-        exit_code: 0,
-    });
+    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
     let host = copy_host("a100-preinstalled");
     let port = free_port();
     let mut daemon = Daemon::spawn(&fake, NODE, host.path(), "1s", port);

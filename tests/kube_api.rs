@@ -58,11 +58,7 @@ fn apply(
 }
 
 fn fake_with_node(labels: &[(&str, &str)]) -> FakeApi {
-    let fake = FakeApi::start();
-    let mut all = vec![("kubernetes.io/hostname", NODE)];
-    all.extend_from_slice(labels);
-    fake.add_node(NODE, &all, "kubelet");
-    fake
+    FakeApi::with_node(NODE, labels)
 }
 
 #[test]

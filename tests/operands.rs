@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use support::fake_api::{FakeApi, Kubelet, Operands};
+use support::fake_api::{FakeApi, Kubelet};
 use support::{copy_host, fake_nvml_library, gpuprov_with_fake_nvml, repo, steps, write_spec};
 
 const NODE: &str = "gpu-node-1";
@@ -20,27 +20,14 @@ const MARKER: &str = "run/gpuprov/validations/cuda-vectoradd.json";
 
 /// A cluster with NODE (an A100 node, as the host fixture and fake NVML say).
 fn cluster(labels: &[(&str, &str)]) -> FakeApi {
-    let fake = FakeApi::start();
-    let mut all = vec![("kubernetes.io/hostname", NODE)];
-    all.extend_from_slice(labels);
-    fake.add_node(NODE, &all, "kubelet");
-    fake
+    FakeApi::with_node(NODE, labels)
 }
 
 /// A cluster whose operands follow gpuprov's labels and whose kubelet runs
 /// the validation pod to success.
 fn working_cluster(labels: &[(&str, &str)]) -> FakeApi {
     let fake = cluster(labels);
-    fake.run_operands(Operands {
-        gpus: 1,
-        product: A100.into(),
-    });
-    fake.kubelet(Kubelet::Runs {
-        phase: "Succeeded",
-        after_ms: 200,
-        log: "[Vector addition of 50000 elements]\nTest PASSED\nDone\n".into(),
-        exit_code: 0,
-    });
+    fake.run_working_cluster(1, A100);
     fake
 }
 

@@ -221,6 +221,16 @@ impl Cluster {
         }
     }
 
+    /// An answer that does not parse as the `kind` asked for.
+    fn not_a(&self, what: &str, code: u16, kind: &str, e: &serde_json::Error) -> KubeError {
+        KubeError::Api {
+            server: self.server.clone(),
+            what: what.to_string(),
+            code,
+            message: format!("the answer is not a {kind}: {e}"),
+        }
+    }
+
     /// The node's labels and who set them.
     pub fn node_labels(&self) -> Result<NodeLabels, KubeError> {
         let what = format!("GET node {}", self.node);
@@ -237,12 +247,8 @@ impl Cluster {
         if code != 200 {
             return Err(self.refused(&what, code, &body));
         }
-        let node: Node = serde_json::from_slice(&body).map_err(|e| KubeError::Api {
-            server: self.server.clone(),
-            what,
-            code,
-            message: format!("the answer is not a Node: {e}"),
-        })?;
+        let node: Node =
+            serde_json::from_slice(&body).map_err(|e| self.not_a(&what, code, "Node", &e))?;
         Ok(read_labels(&node))
     }
 

@@ -90,15 +90,6 @@ impl Cluster {
             (code, body) => Err(self.refused(&what, code, &body)),
         }
     }
-
-    fn not_a(&self, what: &str, code: u16, kind: &str, e: &serde_json::Error) -> KubeError {
-        KubeError::Api {
-            server: self.server.clone(),
-            what: what.to_string(),
-            code,
-            message: format!("the answer is not a {kind}: {e}"),
-        }
-    }
 }
 
 /// Whether the pod's Ready condition is True.

@@ -278,6 +278,32 @@ impl FakeApi {
             .collect()
     }
 
+    /// A server with one node, `name`, as its kubelet registers it (with
+    /// its hostname label), carrying `labels` besides.
+    pub fn with_node(name: &str, labels: &[(&str, &str)]) -> FakeApi {
+        let fake = FakeApi::start();
+        let mut all = vec![("kubernetes.io/hostname", name)];
+        all.extend_from_slice(labels);
+        fake.add_node(name, &all, "kubelet");
+        fake
+    }
+
+    /// The cluster's side of a working node, at once: the operands follow
+    /// gpuprov's deploy labels (`gpus` GPUs, GFD's `product`), and the
+    /// validation pod succeeds.
+    pub fn run_working_cluster(&self, gpus: usize, product: &str) {
+        self.run_operands(Operands {
+            gpus,
+            product: product.to_string(),
+        });
+        self.kubelet(Kubelet::Runs {
+            phase: "Succeeded",
+            after_ms: 0,
+            log: "[Vector addition of 50000 elements]\nTest PASSED\nDone\n".to_string(),
+            exit_code: 0,
+        });
+    }
+
     /// From now on, the cluster starts operands on the labels gpuprov sets.
     pub fn run_operands(&self, operands: Operands) {
         let mut inner = self.shared.0.lock().unwrap();
