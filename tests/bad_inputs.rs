@@ -34,6 +34,10 @@ struct Expected {
     says: Vec<String>,
     /// sysfs, procfs: where on the node the case's bytes go.
     path: Option<String>,
+    /// sysfs, procfs: the file cannot be read at all (a directory stands
+    /// where it should be), whatever the case's bytes.
+    #[serde(default)]
+    unreadable: bool,
     /// http: `body` (200 with the case's bytes), `truncated`, or `status`.
     answer: Option<String>,
     status: Option<u16>,
@@ -172,7 +176,13 @@ fn try_case(case: &Case) -> Outcome {
                 .path
                 .clone()
                 .unwrap_or_else(|| "etc/containerd/config.toml".to_string());
-            std::fs::write(host.path().join(&path), &bytes).unwrap();
+            let target = host.path().join(&path);
+            if expected.unreadable {
+                std::fs::remove_file(&target).unwrap();
+                std::fs::create_dir(&target).unwrap();
+            } else {
+                std::fs::write(&target, &bytes).unwrap();
+            }
             Outcome {
                 bad_file: Some(PathBuf::from(path)),
                 ..observe(
