@@ -575,7 +575,10 @@ impl Executor<'_> {
                 Gate::Block(reason) => Some(reason.clone()),
                 _ => None,
             });
-            let skipped = if let Some(reason) = disabled_upstream {
+            let skipped = if crate::interrupt::requested() {
+                let reason = "not run: gpuprov was interrupted".to_string();
+                Some((Outcome::Blocked, reason.clone(), Gate::Block(reason)))
+            } else if let Some(reason) = disabled_upstream {
                 Some((Outcome::Disabled, reason.clone(), Gate::Disable(reason)))
             } else if let Some(switch) = switched_off {
                 Some((Outcome::Disabled, format!("{switch} is false"), Gate::Pass))
@@ -585,12 +588,6 @@ impl Executor<'_> {
                 blocked.map(|reason| (Outcome::Blocked, reason.clone(), Gate::Block(reason)))
             };
             let started = Instant::now();
-            let skipped = if crate::interrupt::requested() {
-                let reason = "not run: gpuprov was interrupted".to_string();
-                Some((Outcome::Blocked, reason.clone(), Gate::Block(reason)))
-            } else {
-                skipped
-            };
             let report = match skipped {
                 // A blocked step leaves the node as it is: a passing failure
                 // upstream must not tear operands down.
