@@ -263,7 +263,7 @@ fn read_states_dir(dir: &Path) -> Result<Vec<Source>, CatalogError> {
     paths
         .into_iter()
         .map(|path| {
-            let text = std::fs::read_to_string(&path).map_err(|source| CatalogError::ReadDir {
+            let text = crate::host::read_user_file(&path, crate::host::USER_FILE_CAP).map_err(|source| CatalogError::ReadDir {
                 path: path.display().to_string(),
                 source,
             })?;

@@ -445,7 +445,7 @@ fn node_labels(flag: &[String], file: Option<&Path>) -> Result<BTreeMap<String, 
     let mut labels = BTreeMap::new();
     if let Some(path) = file {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::NodeLabels {
+        let text = crate::host::read_user_file(path, crate::host::USER_FILE_CAP).map_err(|e| Error::NodeLabels {
             origin: origin.clone(),
             problem: e.to_string(),
         })?;

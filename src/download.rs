@@ -6,9 +6,9 @@
 //! deletes the temporary file and says expected against actual; nothing
 //! downloaded is used before its hash matches.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -69,15 +69,13 @@ pub enum DownloadError {
 
 /// Whether the artifact is in the cache with the right contents.
 pub fn cached(host: &Host, artifact: &Artifact) -> Result<bool, DownloadError> {
-    let path = host.resolve(&artifact.cache_path())?;
-    if !path.is_file() {
+    let Some((file, _)) = host.open_regular(&artifact.cache_path())? else {
         return Ok(false);
-    }
-    Ok(hash_file(&path).is_ok_and(|actual| actual == artifact.sha256))
+    };
+    Ok(hash_file(file).is_ok_and(|actual| actual == artifact.sha256))
 }
 
-fn hash_file(path: &std::path::Path) -> std::io::Result<String> {
-    let mut file = File::open(path)?;
+fn hash_file(mut file: File) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0; 1 << 16];
     loop {
@@ -102,85 +100,57 @@ pub fn fetch(
     timeout: Duration,
     executable: bool,
 ) -> Result<String, DownloadError> {
-    let target = host.resolve(&artifact.cache_path())?;
+    let path = artifact.cache_path();
     let mode = if executable { 0o755 } else { 0o644 };
-    if cached(host, artifact)? {
-        fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(|source| {
-            HostError::Write {
-                path: target.clone(),
+    if cached(host, artifact)?
+        && let Some((file, _)) = host.open_regular(&path)?
+    {
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|source| HostError::Write {
+                path: host.root().join(path.trim_start_matches('/')),
                 source,
-            }
-        })?;
-        return Ok(artifact.cache_path());
+            })?;
+        return Ok(path);
     }
-    let dir = target
-        .parent()
-        .expect("the cache is a directory")
-        .to_path_buf();
-    fs::create_dir_all(&dir).map_err(|source| HostError::Write {
-        path: dir.clone(),
-        source,
-    })?;
-    crate::host::sweep_stale_temps(&target);
-    let name = target.file_name().unwrap_or_default().to_string_lossy();
-    let temp = dir.join(format!(".{name}.gpuprov-{}.part", std::process::id()));
-    let result = download_to(host, artifact, &temp, timeout);
-    let actual = match result {
-        Ok(actual) => actual,
-        Err(e) => {
-            let _ = fs::remove_file(&temp);
-            return Err(e);
-        }
-    };
+    // Created O_EXCL | O_NOFOLLOW beside the cache entry: nothing planted at
+    // a predictable name redirects the download.
+    let mut temp = host.create_beside(&path)?;
+    let actual = download_to(host, artifact, &mut temp, timeout)?;
     if actual != artifact.sha256 {
-        let _ = fs::remove_file(&temp);
         return Err(DownloadError::Mismatch {
             url: artifact.url.clone(),
             expected: artifact.sha256.clone(),
             actual,
         });
     }
-    let write_err = |source| HostError::Write {
-        path: target.clone(),
-        source,
-    };
-    fs::set_permissions(&temp, fs::Permissions::from_mode(mode)).map_err(write_err)?;
-    fs::rename(&temp, &target).map_err(write_err)?;
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(write_err)?;
-    Ok(artifact.cache_path())
+    temp.commit(mode, true)?;
+    Ok(path)
 }
 
 /// Streams the artifact into `temp`, hashing as it goes; returns the hash.
 fn download_to(
     host: &Host,
     artifact: &Artifact,
-    temp: &std::path::Path,
+    temp: &mut crate::host::NewFile,
     timeout: Duration,
 ) -> Result<String, DownloadError> {
     let url = &artifact.url;
-    let open_temp = || {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(temp)
-            .map_err(|source| HostError::Write {
-                path: temp.to_path_buf(),
-                source,
-            })
+    let write_err = |source| {
+        DownloadError::from(HostError::Write {
+            path: host.root().join(artifact.cache_path().trim_start_matches('/')),
+            source,
+        })
     };
     if let Some(path) = url.strip_prefix("file://") {
-        let source_path = host.resolve(path)?;
         let file_err = |source| DownloadError::File {
             url: url.clone(),
-            path: source_path.clone(),
+            path: host.root().join(path.trim_start_matches('/')),
             source,
         };
-        let mut source = File::open(&source_path).map_err(file_err)?;
-        return copy_hashing(&mut source, &mut open_temp()?, None, url).map_err(|e| match e {
+        let Some((mut source, _)) = host.open_regular(path)? else {
+            return Err(file_err(std::io::ErrorKind::NotFound.into()));
+        };
+        return copy_hashing(&mut source, temp.file(), None, url).map_err(|e| match e {
             CopyError::Read(e) | CopyError::Write(e) => file_err(e),
         });
     }
@@ -224,15 +194,13 @@ fn download_to(
             continue;
         }
         let expected_len = response.content_length();
-        match copy_hashing(&mut response, &mut open_temp()?, expected_len, url) {
+        // A retry starts the temporary file again.
+        let file = temp.file();
+        file.set_len(0).map_err(write_err)?;
+        file.seek(std::io::SeekFrom::Start(0)).map_err(write_err)?;
+        match copy_hashing(&mut response, file, expected_len, url) {
             Ok(hash) => return Ok(hash),
-            Err(CopyError::Write(source)) => {
-                return Err(HostError::Write {
-                    path: temp.to_path_buf(),
-                    source,
-                }
-                .into());
-            }
+            Err(CopyError::Write(source)) => return Err(write_err(source)),
             Err(CopyError::Read(e)) => last = e.to_string(),
         }
     }
@@ -298,46 +266,18 @@ fn copy_hashing(
 
 /// Unpacks a cached `.tar.gz` into `into` (host paths) atomically: into a
 /// fresh sibling directory first, then renamed over `into` (an older
-/// `into` moves aside and is removed). Entries cannot escape the directory.
+/// `into` moves aside and is removed). Entries cannot escape the directory,
+/// and a symlink at `into` is refused, never followed or replaced.
 pub fn unpack(host: &Host, archive: &str, into: &str) -> Result<(), String> {
-    let archive_path = host
-        .resolve(archive)
-        .map_err(|e| crate::exec::error_chain(&e))?;
-    let target = host
-        .resolve(into)
-        .map_err(|e| crate::exec::error_chain(&e))?;
-    let parent = target
-        .parent()
-        .ok_or_else(|| format!("{into} has no parent directory"))?
-        .to_path_buf();
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    crate::host::sweep_stale_temps(&target);
-    let fresh = parent.join(format!(".{name}.gpuprov-{}.new", std::process::id()));
-    let old = parent.join(format!(".{name}.gpuprov-{}.old", std::process::id()));
-    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
-    fs::create_dir_all(&parent).map_err(|e| io(&parent.display().to_string(), e))?;
-    let _ = fs::remove_dir_all(&fresh);
-    fs::create_dir_all(&fresh).map_err(|e| io(&fresh.display().to_string(), e))?;
-    let result = File::open(&archive_path)
-        .map_err(|e| io(archive, e))
-        .and_then(|file| {
-            tar::Archive::new(flate2::read::GzDecoder::new(file))
-                .unpack(&fresh)
-                .map_err(|e| io(&format!("unpacking {archive}"), e))
-        });
-    if let Err(e) = result {
-        let _ = fs::remove_dir_all(&fresh);
-        return Err(e);
-    }
-    if target.exists() {
-        fs::rename(&target, &old).map_err(|e| io(into, e))?;
-    }
-    fs::rename(&fresh, &target).map_err(|e| io(into, e))?;
-    let _ = fs::remove_dir_all(&old);
-    File::open(&parent)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(&parent.display().to_string(), e))
+    let chain = |e: HostError| crate::exec::error_chain(&e);
+    let file = host
+        .open_regular(archive)
+        .map_err(chain)?
+        .map(|(file, _)| file)
+        .ok_or_else(|| format!("{archive}: not in the cache"))?;
+    let (fresh, swap) = host.fresh_dir_beside(into).map_err(chain)?;
+    tar::Archive::new(flate2::read::GzDecoder::new(file))
+        .unpack(&fresh)
+        .map_err(|e| format!("unpacking {archive}: {e}"))?;
+    swap.commit().map_err(chain)
 }

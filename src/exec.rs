@@ -188,9 +188,7 @@ impl Change {
         let cached = crate::download::cached(host, artifact)
             .map_err(|e| StepError::Observe(error_chain(&e)))?;
         let size = if cached {
-            std::fs::metadata(host.resolve(&path)?)
-                .ok()
-                .map(|m| m.len())
+            host.stat(&path)?.map(|info| info.size)
         } else {
             None
         };

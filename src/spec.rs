@@ -403,7 +403,7 @@ impl Spec {
     }
 
     pub fn load(path: &Path) -> Result<Spec, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        let text = crate::host::read_user_file(path, crate::host::USER_FILE_CAP).map_err(|source| SpecError::Read {
             path: path.display().to_string(),
             source,
         })?;

@@ -102,7 +102,10 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let opts = &ctx.spec.containerd;
     let binary = crate::toolkit::runtime_binary(ctx.host, ctx.spec)?;
     let record = Record::load(ctx.host)?;
-    let current = ctx.host.read(&opts.config)?;
+    // A config that is a symlink (distros and k3s do this) is edited at its
+    // target inside the root, and the link stays.
+    let config_path = ctx.host.follow_links(&opts.config)?;
+    let current = ctx.host.read(&config_path)?;
     let original = match &record {
         Some(r) if r.original_existed => ctx.host.read(&r.backup)?,
         Some(_) => None,
@@ -111,8 +114,9 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // An error names the file and, where it can, the line and column.
     let in_file = |text: &str| {
         let text = text.to_string();
+        let config_path = &config_path;
         move |e: config::ConfigError| {
-            StepError::Observe(format!("{}:{}", opts.config, e.located(&text)))
+            StepError::Observe(format!("{}:{}", config_path, e.located(&text)))
         }
     };
     let original_default = match &original {
@@ -143,7 +147,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let mut files: Vec<(String, Option<String>, String, String)> = Vec::new();
     match &opts.drop_in_config {
         None => files.push((
-            opts.config.clone(),
+            config_path.clone(),
             current.clone(),
             edited.text.clone(),
             format!("runtime `{}`", opts.runtime_class),
@@ -158,7 +162,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             ));
             let main = config::add_import(text, drop_in, fresh_version).map_err(in_file(text))?;
             files.push((
-                opts.config.clone(),
+                config_path.clone(),
                 current.clone(),
                 main,
                 format!("import {drop_in}"),
@@ -174,10 +178,13 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         "runtime `{}` runs {binary} ({} in {})",
         opts.runtime_class,
         edited.layout.plugin(),
-        opts.drop_in_config.as_deref().unwrap_or(&opts.config)
+        opts.drop_in_config.as_deref().unwrap_or(&config_path)
     );
     if opts.set_as_default {
         reason.push_str(", the default runtime");
+    }
+    if config_path != opts.config {
+        reason.push_str(&format!("; {} is a link to it", opts.config));
     }
     for note in &edited.notes {
         reason.push_str(&format!("; {note}"));
@@ -198,7 +205,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             && let Some(original) = &current
         {
             obs.changes.push(Change::WriteFile {
-                path: backup_path(&opts.config),
+                path: backup_path(&config_path),
                 content: original.clone().into_bytes(),
                 mode: 0o600,
                 purpose: "backup of the original, for revert".to_string(),
@@ -207,13 +214,13 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         }
         let main_written = &files.last().expect("the main config is always listed").2;
         let new_record = Record {
-            config: opts.config.clone(),
+            config: config_path.clone(),
             original_existed: record
                 .as_ref()
                 .map_or(current.is_some(), |r| r.original_existed),
             backup: record
                 .as_ref()
-                .map_or_else(|| backup_path(&opts.config), |r| r.backup.clone()),
+                .map_or_else(|| backup_path(&config_path), |r| r.backup.clone()),
             written_sha256: sha256_hex(main_written.as_bytes()),
             runtime_class: opts.runtime_class.clone(),
             drop_in: opts.drop_in_config.clone(),

@@ -11,7 +11,6 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::Pid;
 
@@ -52,9 +51,67 @@ pub fn wait_for_socket(
 
 /// Stops the process serving `socket` with SIGTERM and waits for its
 /// service manager to start a new one.
+///
+/// The signal goes only to a process proven to be containerd: the socket's
+/// peer, held by a pidfd (so a pid that is reused meanwhile is never hit),
+/// that is not PID 0 (a peer outside gpuprov's PID namespace), not PID 1,
+/// not gpuprov nor anything in its process group, whose `/proc/<pid>/comm`
+/// is containerd's, and that still serves the socket once held.
 pub fn signal_and_wait(socket: &Path, timeout: Duration) -> Result<(), String> {
     let pid = socket_owner(socket)?;
-    kill(Pid::from_raw(pid), Signal::SIGTERM)
+    let pidfd = identify_containerd(socket, pid)?;
+    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::TERM)
         .map_err(|e| format!("cannot signal containerd (pid {pid}): {e}"))?;
     wait_for_socket(socket, timeout, Some(pid))
+}
+
+/// The process names containerd runs under.
+const CONTAINERD_NAMES: &[&str] = &["containerd"];
+
+/// Proves that `pid`, the peer of `socket`, is containerd, and holds it.
+fn identify_containerd(socket: &Path, pid: i32) -> Result<std::os::fd::OwnedFd, String> {
+    let shown = socket.display();
+    let hint = "use containerd.restartMode: systemd, or run gpuprov with hostPID: true";
+    if pid == 0 {
+        return Err(format!(
+            "the process serving {shown} is outside gpuprov's PID namespace (its peer pid reads 0), so gpuprov cannot prove which process it is: {hint}"
+        ));
+    }
+    if pid == 1 {
+        return Err(format!(
+            "the process serving {shown} is PID 1 (an init, or containerd as a container's first process): gpuprov does not signal PID 1; {hint}"
+        ));
+    }
+    let own = std::process::id() as i32;
+    let own_group = nix::unistd::getpgrp().as_raw();
+    let group = nix::unistd::getpgid(Some(Pid::from_raw(pid)))
+        .map(|g| g.as_raw())
+        .map_err(|e| format!("the process serving {shown} (pid {pid}) cannot be looked at: {e}"))?;
+    if pid == own || group == own_group {
+        return Err(format!(
+            "the process serving {shown} (pid {pid}) is gpuprov or in gpuprov's own process group: not signalled"
+        ));
+    }
+    let raw = rustix::process::Pid::from_raw(pid).ok_or("pid 0")?;
+    let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+        .map_err(|e| format!("cannot hold the process serving {shown} (pid {pid}): {e}"))?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_string())
+        .map_err(|e| {
+            format!(
+                "cannot read /proc/{pid}/comm to prove that the process serving {shown} is containerd: {e}; {hint}"
+            )
+        })?;
+    if !CONTAINERD_NAMES.contains(&comm.as_str()) {
+        return Err(format!(
+            "the process serving {shown} (pid {pid}) is `{comm}`, not containerd: not signalled"
+        ));
+    }
+    // Held now: if the socket still has that peer, it is the same process.
+    if socket_owner(socket)? != pid {
+        return Err(format!(
+            "the process serving {shown} changed while it was being identified: not signalled"
+        ));
+    }
+    Ok(pidfd)
 }

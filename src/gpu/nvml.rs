@@ -91,38 +91,86 @@ pub fn find_library(host: &Host, explicit: Option<&Path>) -> Result<PathBuf, Nvm
     if let Some(path) = explicit {
         return Ok(path.to_path_buf());
     }
+    // Only a regular file (after links) is a candidate: dlopen on a FIFO
+    // would block, and on a device do whatever opening it does.
     LIBRARY_DIRS
         .iter()
-        .filter_map(|dir| host.resolve(&format!("/{dir}/{LIBRARY}")).ok())
-        .find(|path| path.exists())
+        .map(|dir| format!("/{dir}/{LIBRARY}"))
+        .filter(|path| host.is_file(path).unwrap_or(false))
+        .find_map(|path| host.resolve(&path).ok())
         .ok_or(NvmlProblem::LibraryNotFound)
 }
 
 /// Everything NVML reports about the node's GPUs.
 pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
     let shown = library.display().to_string();
-    let nvml = Nvml::builder()
-        .lib_path(library.as_os_str())
-        .init()
-        .map_err(|e| match e {
-            NvmlError::LibloadingError(e) => NvmlProblem::LibraryUnusable {
-                library: shown.clone(),
+    match std::fs::metadata(library) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => {
+            return Err(NvmlProblem::LibraryUnusable {
+                library: shown,
+                reason: "not a regular file".to_string(),
+            });
+        }
+        Err(e) => {
+            return Err(NvmlProblem::LibraryUnusable {
+                library: shown,
                 reason: e.to_string(),
-            },
-            NvmlError::DriverNotLoaded => NvmlProblem::DriverNotLoaded {
-                library: shown.clone(),
-            },
-            NvmlError::NoPermission => NvmlProblem::NoPermission {
-                library: shown.clone(),
-            },
-            other => unknown("nvmlInit", other),
-        })?;
+            });
+        }
+    }
+    // nvml-wrapper loads every symbol lazily and panics when a function the
+    // library lacks is called; an older driver's or a broken install's
+    // library is checked here first, and nothing it lacks is called.
+    let nvml = std::panic::catch_unwind(|| init(library)).unwrap_or_else(|_| {
+        Err(NvmlProblem::LibraryUnusable {
+            library: shown.clone(),
+            reason: "nvml-wrapper panicked while loading it".to_string(),
+        })
+    })?;
+    let lib = nvml.lib();
+    let missing: Vec<&str> = [
+        ("nvmlShutdown", lib.nvmlShutdown.is_ok()),
+        ("nvmlSystemGetDriverVersion", lib.nvmlSystemGetDriverVersion.is_ok()),
+        ("nvmlDeviceGetCount_v2", lib.nvmlDeviceGetCount_v2.is_ok()),
+        ("nvmlDeviceGetHandleByIndex_v2", lib.nvmlDeviceGetHandleByIndex_v2.is_ok()),
+        ("nvmlDeviceGetName", lib.nvmlDeviceGetName.is_ok()),
+        ("nvmlDeviceGetUUID", lib.nvmlDeviceGetUUID.is_ok()),
+        ("nvmlDeviceGetPciInfo_v3", lib.nvmlDeviceGetPciInfo_v3.is_ok()),
+        ("nvmlDeviceGetCudaComputeCapability", lib.nvmlDeviceGetCudaComputeCapability.is_ok()),
+        (
+            "nvmlSystemGetCudaDriverVersion",
+            lib.nvmlSystemGetCudaDriverVersion_v2.is_ok() || lib.nvmlSystemGetCudaDriverVersion.is_ok(),
+        ),
+        (
+            "nvmlDeviceGetMemoryInfo",
+            lib.nvmlDeviceGetMemoryInfo_v2.is_ok() || lib.nvmlDeviceGetMemoryInfo.is_ok(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(name, _)| name)
+    .collect();
+    if !missing.is_empty() {
+        let shutdown_missing = lib.nvmlShutdown.is_err();
+        if shutdown_missing {
+            // Dropping it would call the missing nvmlShutdown.
+            std::mem::forget(nvml);
+        }
+        return Err(NvmlProblem::LibraryUnusable {
+            library: shown,
+            reason: format!(
+                "it lacks {} (an older driver's library, or a broken install)",
+                missing.join(", ")
+            ),
+        });
+    }
+    let has_mig_mode = lib.nvmlDeviceGetMigMode.is_ok();
+    let has_persistence_mode = lib.nvmlDeviceGetPersistenceMode.is_ok();
     let driver_version = nvml
         .sys_driver_version()
         .map_err(|e| unknown("the driver version", e))?;
-    let cuda = nvml
-        .sys_cuda_driver_version()
-        .map_err(|e| unknown("the CUDA driver version", e))?;
+    let cuda = cuda_driver_version(&nvml).map_err(|e| unknown("the CUDA driver version", e))?;
     let count = nvml
         .device_count()
         .map_err(|e| unknown("the device count", e))?;
@@ -139,15 +187,15 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
             }
         };
         let device = nvml.device_by_index(index).map_err(lost("its handle"))?;
-        let (mig_capable, mig_enabled, mig_pending) = match device.mig_mode() {
-            Ok(mode) => (true, mode.current == 1, mode.pending == 1),
-            Err(NvmlError::NotSupported) => (false, false, false),
-            Err(e) => return Err(lost("its MIG mode")(e)),
+        let (mig_capable, mig_enabled, mig_pending) = match has_mig_mode.then(|| device.mig_mode()) {
+            Some(Ok(mode)) => (true, mode.current == 1, mode.pending == 1),
+            None | Some(Err(NvmlError::NotSupported)) => (false, false, false),
+            Some(Err(e)) => return Err(lost("its MIG mode")(e)),
         };
-        let persistence_mode = match device.is_in_persistent_mode() {
-            Ok(enabled) => enabled,
-            Err(NvmlError::NotSupported) => false,
-            Err(e) => return Err(lost("its persistence mode")(e)),
+        let persistence_mode = match has_persistence_mode.then(|| device.is_in_persistent_mode()) {
+            Some(Ok(enabled)) => enabled,
+            None | Some(Err(NvmlError::NotSupported)) => false,
+            Some(Err(e)) => return Err(lost("its persistence mode")(e)),
         };
         let capability = device
             .cuda_compute_capability()
@@ -157,7 +205,7 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
             name: device.name().map_err(lost("its name"))?,
             uuid: device.uuid().map_err(lost("its UUID"))?,
             pci_bus_id: device.pci_info().map_err(lost("its PCI info"))?.bus_id,
-            memory_total_mib: device.memory_info().map_err(lost("its memory size"))?.total
+            memory_total_mib: memory_total(&nvml, &device).map_err(lost("its memory size"))?
                 / (1024 * 1024),
             compute_capability: (capability.major, capability.minor),
             mig_capable,
@@ -172,6 +220,70 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
         cuda_driver_version: format!("{}.{}", cuda / 1000, (cuda % 1000) / 10),
         devices,
     })
+}
+
+/// The CUDA version the driver supports: `_v2` where the library has it,
+/// the first version (drivers before R450) otherwise.
+fn cuda_driver_version(nvml: &Nvml) -> Result<i32, NvmlError> {
+    if nvml.lib().nvmlSystemGetCudaDriverVersion_v2.is_ok() {
+        return nvml.sys_cuda_driver_version();
+    }
+    let mut version = 0;
+    let Ok(function) = nvml.lib().nvmlSystemGetCudaDriverVersion.as_ref() else {
+        return Err(NvmlError::FunctionNotFound);
+    };
+    // SAFETY: the symbol is NVML's, with nvml.h's signature; the pointer is
+    // to a local that outlives the call.
+    nvml_result(unsafe { function(&mut version) })?;
+    Ok(version)
+}
+
+/// A GPU's total memory in bytes: `_v2` where the library has it, the
+/// first version (drivers before R510) otherwise.
+fn memory_total(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Result<u64, NvmlError> {
+    if nvml.lib().nvmlDeviceGetMemoryInfo_v2.is_ok() {
+        return device.memory_info().map(|m| m.total);
+    }
+    let Ok(function) = nvml.lib().nvmlDeviceGetMemoryInfo.as_ref() else {
+        return Err(NvmlError::FunctionNotFound);
+    };
+    let mut memory = nvml_wrapper_sys::bindings::nvmlMemory_t {
+        total: 0,
+        free: 0,
+        used: 0,
+    };
+    // SAFETY: as above; the handle is the device's own, valid while `nvml`
+    // is initialised.
+    nvml_result(unsafe { function(device.handle(), &mut memory) })?;
+    Ok(memory.total)
+}
+
+fn nvml_result(code: nvml_wrapper_sys::bindings::nvmlReturn_t) -> Result<(), NvmlError> {
+    nvml_wrapper::error::nvml_try(code)
+}
+
+fn init(library: &Path) -> Result<Nvml, NvmlProblem> {
+    let shown = library.display().to_string();
+    Nvml::builder()
+        .lib_path(library.as_os_str())
+        .init()
+        .map_err(|e| match e {
+            NvmlError::LibloadingError(e) => NvmlProblem::LibraryUnusable {
+                library: shown.clone(),
+                reason: e.to_string(),
+            },
+            NvmlError::FailedToLoadSymbol(symbol) => NvmlProblem::LibraryUnusable {
+                library: shown.clone(),
+                reason: format!("it lacks nvmlInit_v2 ({symbol}): not an NVML library, or a broken install"),
+            },
+            NvmlError::DriverNotLoaded => NvmlProblem::DriverNotLoaded {
+                library: shown.clone(),
+            },
+            NvmlError::NoPermission => NvmlProblem::NoPermission {
+                library: shown.clone(),
+            },
+            other => unknown("nvmlInit", other),
+        })
 }
 
 fn unknown(what: &str, e: NvmlError) -> NvmlProblem {

@@ -275,14 +275,12 @@ fn host_checks(ctx: &StepContext) -> Result<Observation, StepError> {
     let runtime = crate::toolkit::runtime_binary(ctx.host, ctx.spec)?;
     let mut commands = Vec::new();
     let mut changes = Vec::new();
-    let binary = ctx.host.resolve(&runtime)?;
     // The runtime binary's run is remembered until reboot, for as long as
     // the binary is the same file: a converged node spawns nothing.
-    let identity = std::fs::metadata(&binary).ok().filter(|m| m.is_file()).map(|m| {
-        use std::os::unix::fs::MetadataExt;
+    let identity = ctx.host.stat(&runtime)?.filter(|info| info.regular).map(|info| {
         format!(
             "{}\n",
-            serde_json::json!({"path": runtime, "size": m.len(), "mtimeNs": m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128})
+            serde_json::json!({"path": runtime, "size": info.size, "mtimeNs": info.mtime_ns})
         )
     });
     let ran_before = identity.is_some() && ctx.host.read(RUNTIME_RAN)? == identity;

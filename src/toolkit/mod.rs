@@ -46,7 +46,7 @@ pub fn locate(
         let mut at = None;
         for dir in &dirs {
             let candidate = format!("{dir}/{binary}");
-            if host.resolve(&candidate)?.is_file() {
+            if host.is_file(&candidate)? {
                 at = Some(candidate);
                 break;
             }
@@ -133,8 +133,8 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let program = program(manager);
     if !HOST_PATH.iter().any(|dir| {
         ctx.host
-            .resolve(&format!("/{dir}/{program}"))
-            .is_ok_and(|p| p.is_file())
+            .is_file(&format!("/{dir}/{program}"))
+            .unwrap_or(false)
     }) {
         return absent(format!("cannot install it: `{program}` is not in the host"));
     }

@@ -1,0 +1,791 @@
+//! The host root: every file and process on the node is reached through it.
+//!
+//! Paths are resolved inside the root by the kernel, as in a chroot:
+//! `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` through libpathrs
+//! (which emulates it safely on kernels without openat2). Absolute symlink
+//! targets start again at the root and `..` stops at it, so no symlink,
+//! however it is swapped in, leads a resolution out of the root. Every
+//! operation then works on the file descriptor of the directory it resolved
+//! (`*at` syscalls), never on a path string that could be re-resolved:
+//!
+//! * reads open an `O_PATH` handle, check that it is a regular file and
+//!   its size against a cap, and only then reopen it for reading (a FIFO, a
+//!   device or a socket is refused before it is ever opened);
+//! * writes and removes never follow a symlink in the last component: a
+//!   link at a path gpuprov writes or removes is refused with its target
+//!   named (see `follow_links` for containerd's config, which distros do
+//!   symlink);
+//! * below gpuprov's own directories (`OWN_DIRS`) no symlink is followed
+//!   at all;
+//! * temporary files are created `O_CREAT | O_EXCL | O_NOFOLLOW` and
+//!   renamed into place; see `files.rs`.
+//!
+//! Commands run through one wrapper that records what ran and how it ended
+//! (`command.rs`).
+
+mod command;
+mod files;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pathrs::flags::{OpenFlags, ResolverFlags};
+use rustix::fs::{AtFlags, FileType};
+use serde::Serialize;
+
+pub use command::CommandRecord;
+pub use files::{NewFile, read_user_file};
+
+/// Most symlinks followed while resolving one path (the kernel's limit).
+const MAX_SYMLINK_HOPS: u32 = 40;
+/// The most bytes read from a file under `/sys` or `/proc`: their
+/// attributes are at most a page (4 KiB); 1 MiB is far above any real one.
+pub const KERNEL_FILE_CAP: u64 = 1 << 20;
+/// The most bytes read from any other host file (containerd's config and
+/// its imports, gpuprov's records, manifests): real containerd configs are
+/// tens of KiB.
+pub const HOST_FILE_CAP: u64 = 16 << 20;
+/// The most bytes read from a file named on the command line (a spec, a
+/// state file, a labels file): real ones are a few KiB.
+pub const USER_FILE_CAP: u64 = 1 << 20;
+/// The most entries one directory listing keeps.
+pub const DIR_ENTRIES_CAP: usize = 100_000;
+/// gpuprov's own directories: below them no symlink is ever followed (a
+/// link planted there could aim gpuprov's records at someone else's file).
+pub const OWN_DIRS: &[&str] = &["var/lib/gpuprov", "run/gpuprov", "var/cache/gpuprov"];
+/// Directories searched for a bare command name inside the host root.
+pub const HOST_PATH: &[&str] = &[
+    "usr/local/sbin",
+    "usr/local/bin",
+    "usr/sbin",
+    "usr/bin",
+    "sbin",
+    "bin",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("host root {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("path {path} has more than {MAX_SYMLINK_HOPS} symlinks (a loop?)")]
+    SymlinkLoop { path: String },
+    #[error(
+        "{path} has a symlink in it, below gpuprov's own directory /{own}: gpuprov follows no link there"
+    )]
+    LinkInOwnDir { path: String, own: &'static str },
+    #[error(
+        "{path} is a symlink (to {target}): gpuprov does not write or remove through a link, nor replace one it did not make"
+    )]
+    Symlink { path: String, target: String },
+    #[error("{path} is {kind}, not a regular file")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path} is {kind}, not a directory")]
+    NotDirectory { path: PathBuf, kind: &'static str },
+    #[error("{path} is {size} bytes, more than the {cap} bytes gpuprov reads from such a file")]
+    TooLarge { path: PathBuf, size: u64, cap: u64 },
+    #[error("{path} has more than {cap} entries")]
+    TooManyEntries { path: PathBuf, cap: usize },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid UTF-8")]
+    NotUtf8 { path: PathBuf },
+    #[error("cannot start `{command}`{hint}")]
+    Spawn {
+        command: String,
+        hint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot enter the host's namespaces through {path}")]
+    Namespace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How commands reach the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecMode {
+    /// chroot into the host root (the default when the root is not `/`).
+    Chroot,
+    /// join PID 1's mount, UTS, IPC and network namespaces (a privileged pod with hostPID).
+    Nsenter,
+    /// run the program found at the same path under the root, without
+    /// changing root: for fixture hosts whose scripts use the machine's tools.
+    Prefix,
+}
+
+impl ExecMode {
+    /// The default for a root: plain execution when it is `/` (prefix of `/`
+    /// is the identity), chroot otherwise.
+    pub fn default_for(root: &Path) -> ExecMode {
+        if root == Path::new("/") {
+            ExecMode::Prefix
+        } else {
+            ExecMode::Chroot
+        }
+    }
+}
+
+/// What `stat` tells about a host file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileInfo {
+    pub regular: bool,
+    pub directory: bool,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_ns: i128,
+}
+
+/// The node as seen through its root directory.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// As the user gave it, for messages and reports.
+    root: PathBuf,
+    /// Absolute, so commands that change directory still find it.
+    absolute: PathBuf,
+    /// The root directory, open: every path is resolved beneath it.
+    tree: Arc<pathrs::Root>,
+    exec_mode: ExecMode,
+    command_timeout: Duration,
+}
+
+/// What a host path names, before anything is opened: the directory that
+/// holds it (resolved inside the root) and its last component.
+struct Parent {
+    dir: pathrs::Handle,
+    name: std::ffi::OsString,
+}
+
+impl Host {
+    pub fn new(
+        root: &Path,
+        exec_mode: ExecMode,
+        command_timeout: Duration,
+    ) -> Result<Host, HostError> {
+        let read_err = |source| HostError::Read {
+            path: root.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(root).map_err(read_err)?;
+        if !meta.is_dir() {
+            return Err(HostError::NotADirectory(root.to_path_buf()));
+        }
+        let absolute = std::path::absolute(root).map_err(read_err)?;
+        let tree = pathrs::Root::open(&absolute).map_err(|e| read_err(io_error(e)))?;
+        Ok(Host {
+            root: root.to_path_buf(),
+            absolute,
+            tree: Arc::new(tree),
+            exec_mode,
+            command_timeout,
+        })
+    }
+
+    /// The root as the user gave it.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn exec_mode(&self) -> ExecMode {
+        self.exec_mode
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+
+    /// A host path as messages show it before it is resolved: under the root.
+    fn shown(&self, host_path: &str) -> PathBuf {
+        self.absolute.join(relative(host_path))
+    }
+
+    /// Resolves a host path to an `O_PATH` handle, following symlinks
+    /// inside the root only (none below gpuprov's own directories);
+    /// `Ok(None)` when it, or a directory on the way, does not exist.
+    fn handle(&self, host_path: &str) -> Result<Option<pathrs::Handle>, HostError> {
+        let path = relative(host_path);
+        let result = match own_dir_split(&path) {
+            None => self.tree.resolve(Path::new("/").join(&path)),
+            Some((base, rest, own)) => {
+                let base = match self.tree.resolve(base) {
+                    Ok(base) => base,
+                    Err(e) => return self.absent_or(host_path, e),
+                };
+                let beneath = pathrs::Root::from_fd(OwnedFd::from(base))
+                    .with_resolver_flags(ResolverFlags::NO_SYMLINKS);
+                match beneath.resolve(rest) {
+                    Err(e) if errno(&e) == Some(libc::ELOOP) => {
+                        return Err(HostError::LinkInOwnDir {
+                            path: host_path.to_string(),
+                            own,
+                        });
+                    }
+                    other => other,
+                }
+            }
+        };
+        match result {
+            Ok(handle) => Ok(Some(handle)),
+            Err(e) => self.absent_or(host_path, e),
+        }
+    }
+
+    fn absent_or<T>(&self, host_path: &str, e: pathrs::error::Error) -> Result<Option<T>, HostError> {
+        match errno(&e) {
+            Some(libc::ENOENT | libc::ENOTDIR) => Ok(None),
+            Some(libc::ELOOP) => Err(HostError::SymlinkLoop {
+                path: host_path.to_string(),
+            }),
+            _ => Err(HostError::Read {
+                path: self.shown(host_path),
+                source: io_error(e),
+            }),
+        }
+    }
+
+    /// The directory that holds `host_path`, resolved; `create` makes the
+    /// missing directories (mode 0755). `Ok(None)` when it does not exist.
+    fn parent(&self, host_path: &str, create: bool) -> Result<Option<Parent>, HostError> {
+        let path = relative(host_path);
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(HostError::Write {
+                path: self.shown(host_path),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a file's path (it names the root, or ends in `..`)",
+                ),
+            });
+        };
+        let name = name.to_os_string();
+        let dir_str = format!("/{}", dir.display());
+        if create {
+            self.make_dirs(&dir_str)?;
+        }
+        Ok(self
+            .handle(&dir_str)?
+            .map(|dir| Parent { dir, name }))
+    }
+
+    /// Makes a directory and its missing parents inside the root.
+    fn make_dirs(&self, host_dir: &str) -> Result<(), HostError> {
+        let path = relative(host_dir);
+        let perm = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+        let result = match own_dir_split(&path) {
+            None => self.tree.mkdir_all(&path, &perm).map(drop),
+            Some((base, rest, own)) => self.tree.mkdir_all(base, &perm).and_then(|base| {
+                let beneath = pathrs::Root::from_fd(OwnedFd::from(base))
+                    .with_resolver_flags(ResolverFlags::NO_SYMLINKS);
+                beneath.mkdir_all(rest, &perm).map(drop).map_err(|e| {
+                    if errno(&e) == Some(libc::ELOOP) {
+                        tracing::debug!(own, "a link below an own directory");
+                    }
+                    e
+                })
+            }),
+        };
+        result.map_err(|e| match errno(&e) {
+            Some(libc::ELOOP) => match own_dir_split(&path) {
+                Some((_, _, own)) => HostError::LinkInOwnDir {
+                    path: host_dir.to_string(),
+                    own,
+                },
+                None => HostError::SymlinkLoop {
+                    path: host_dir.to_string(),
+                },
+            },
+            _ => HostError::Write {
+                path: self.shown(host_dir),
+                source: io_error(e),
+            },
+        })
+    }
+
+    /// Resolves a host path (`/etc/x` or `etc/x`) to a real path under the
+    /// root, following every symlink inside the root; a part that does not
+    /// exist yet is taken literally. Only for handing a path to something
+    /// that is not gpuprov (a command, `dlopen`, a socket connect):
+    /// gpuprov's own reads and writes go through the handles.
+    pub fn resolve(&self, host_path: &str) -> Result<PathBuf, HostError> {
+        let mut existing = relative(host_path);
+        let mut missing = Vec::new();
+        loop {
+            let shown = format!("/{}", existing.display());
+            if let Some(handle) = self.handle(&shown)? {
+                let mut real = fd_path(&handle).map_err(|source| HostError::Read {
+                    path: self.shown(&shown),
+                    source,
+                })?;
+                real.extend(missing.iter().rev());
+                return Ok(real);
+            }
+            let Some(name) = existing.file_name() else {
+                let mut real = self.absolute.clone();
+                real.extend(missing.iter().rev());
+                return Ok(real);
+            };
+            missing.push(name.to_os_string());
+            existing.pop();
+        }
+    }
+
+    /// What kind of file `host_path` is, following links inside the root;
+    /// `Ok(None)` when it does not exist.
+    pub fn stat(&self, host_path: &str) -> Result<Option<FileInfo>, HostError> {
+        let Some(handle) = self.handle(host_path)? else {
+            return Ok(None);
+        };
+        let stat = rustix::fs::fstat(&handle).map_err(|e| HostError::Read {
+            path: self.shown(host_path),
+            source: e.into(),
+        })?;
+        Ok(Some(file_info(&stat)))
+    }
+
+    pub fn exists(&self, host_path: &str) -> Result<bool, HostError> {
+        Ok(self.handle(host_path)?.is_some())
+    }
+
+    /// Whether `host_path` is a regular file (links inside the root followed).
+    pub fn is_file(&self, host_path: &str) -> Result<bool, HostError> {
+        Ok(self.stat(host_path)?.is_some_and(|info| info.regular))
+    }
+
+    /// Opens a regular file for reading, refusing anything else before it
+    /// is opened (a FIFO would block, a device could do anything on open);
+    /// `Ok(None)` when it does not exist.
+    pub fn open_regular(&self, host_path: &str) -> Result<Option<(File, FileInfo)>, HostError> {
+        let Some(handle) = self.handle(host_path)? else {
+            return Ok(None);
+        };
+        let shown = fd_path(&handle).unwrap_or_else(|_| self.shown(host_path));
+        let stat = rustix::fs::fstat(&handle).map_err(|e| HostError::Read {
+            path: shown.clone(),
+            source: e.into(),
+        })?;
+        let kind = FileType::from_raw_mode(stat.st_mode);
+        if kind != FileType::RegularFile {
+            return Err(HostError::NotRegular {
+                path: shown,
+                kind: kind_name(kind),
+            });
+        }
+        let file = handle
+            .reopen(OpenFlags::O_RDONLY | OpenFlags::O_CLOEXEC | OpenFlags::O_NOCTTY)
+            .map_err(|e| HostError::Read {
+                path: shown,
+                source: io_error(e),
+            })?;
+        Ok(Some((file, file_info(&stat))))
+    }
+
+    /// Reads a file's bytes, at most its cap (`KERNEL_FILE_CAP` under
+    /// `/sys` and `/proc`, `HOST_FILE_CAP` elsewhere); `Ok(None)` when it
+    /// does not exist.
+    pub fn read_bytes(&self, host_path: &str) -> Result<Option<Vec<u8>>, HostError> {
+        let cap = cap_for(host_path);
+        let Some((file, info)) = self.open_regular(host_path)? else {
+            return Ok(None);
+        };
+        let path = self.shown(host_path);
+        read_capped(file, info.size, cap, &path).map(Some)
+    }
+
+    /// Reads a UTF-8 file, capped as `read_bytes`; `Ok(None)` when it does
+    /// not exist.
+    pub fn read(&self, host_path: &str) -> Result<Option<String>, HostError> {
+        match self.read_bytes(host_path)? {
+            None => Ok(None),
+            Some(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| HostError::NotUtf8 {
+                path: self.shown(host_path),
+            }),
+        }
+    }
+
+    /// The file name a symlink points at (`driver` → `nvidia`), without
+    /// following it; `Ok(None)` when there is no such link.
+    pub fn link_name(&self, host_path: &str) -> Result<Option<String>, HostError> {
+        Ok(self.link_target(host_path)?.and_then(|target| {
+            Path::new(&target)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        }))
+    }
+
+    /// Where a symlink points, as written; `Ok(None)` when `host_path` is
+    /// not a symlink (or does not exist).
+    pub fn link_target(&self, host_path: &str) -> Result<Option<String>, HostError> {
+        let Some(Parent { dir, name }) = self.parent(host_path, false)? else {
+            return Ok(None);
+        };
+        match rustix::fs::readlinkat(&dir, name.as_os_str(), Vec::new()) {
+            Ok(target) => Ok(Some(target.to_string_lossy().into_owned())),
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::INVAL) => Ok(None),
+            Err(e) => Err(HostError::Read {
+                path: self.shown(host_path),
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// The host path a chain of symlinks at `host_path` ends at, each hop
+    /// resolved inside the root: containerd's config is often a link
+    /// (`/etc/containerd/config.toml` → `/etc/k3s/containerd.toml`) and is
+    /// edited at its target, the link kept. `host_path` itself when it is
+    /// not a link.
+    pub fn follow_links(&self, host_path: &str) -> Result<String, HostError> {
+        let mut path = format!("/{}", relative(host_path).display());
+        for _ in 0..MAX_SYMLINK_HOPS {
+            let Some(target) = self.link_target(&path)? else {
+                return Ok(path);
+            };
+            path = if target.starts_with('/') {
+                target
+            } else {
+                let parent = Path::new(&path).parent().unwrap_or(Path::new("/"));
+                format!("{}/{target}", parent.display())
+            };
+            path = format!("/{}", normalize(&path).display());
+        }
+        Err(HostError::SymlinkLoop {
+            path: host_path.to_string(),
+        })
+    }
+
+    /// Sorted entry names of a directory; empty when it does not exist.
+    pub fn list_dir(&self, host_path: &str) -> Result<Vec<String>, HostError> {
+        let Some(handle) = self.handle(host_path)? else {
+            return Ok(Vec::new());
+        };
+        let shown = self.shown(host_path);
+        let read_err = |source: std::io::Error| HostError::Read {
+            path: shown.clone(),
+            source,
+        };
+        let stat = rustix::fs::fstat(&handle).map_err(|e| read_err(e.into()))?;
+        let kind = FileType::from_raw_mode(stat.st_mode);
+        if kind != FileType::Directory {
+            return Err(HostError::NotDirectory {
+                path: shown,
+                kind: kind_name(kind),
+            });
+        }
+        let dir = handle
+            .reopen(OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY | OpenFlags::O_CLOEXEC)
+            .map_err(|e| read_err(io_error(e)))?;
+        let names = files::entry_names(dir.as_fd()).map_err(read_err)?;
+        if names.len() > DIR_ENTRIES_CAP {
+            return Err(HostError::TooManyEntries {
+                path: shown,
+                cap: DIR_ENTRIES_CAP,
+            });
+        }
+        Ok(names)
+    }
+
+    /// Writes a file atomically: a new temporary file in the same
+    /// directory, fsync, rename over the target, fsync the directory. An
+    /// existing file keeps its mode and owner; a new one gets `new_mode`.
+    /// Returns false, touching nothing, when the content is already there.
+    /// A symlink or anything but a regular file at `host_path` is refused.
+    pub fn write_atomic(
+        &self,
+        host_path: &str,
+        content: &[u8],
+        new_mode: u32,
+    ) -> Result<bool, HostError> {
+        self.write_atomic_with(host_path, content, new_mode, true)
+    }
+
+    /// `write_atomic` without the fsyncs, for gpuprov's run report: it is
+    /// rewritten by every run, readers still never see it half written
+    /// (the rename is atomic), and a power cut can lose only the last
+    /// report. Two fsyncs are a fifth of a converged run's time.
+    pub fn write_report(
+        &self,
+        host_path: &str,
+        content: &[u8],
+        new_mode: u32,
+    ) -> Result<bool, HostError> {
+        self.write_atomic_with(host_path, content, new_mode, false)
+    }
+
+    fn write_atomic_with(
+        &self,
+        host_path: &str,
+        content: &[u8],
+        new_mode: u32,
+        durable: bool,
+    ) -> Result<bool, HostError> {
+        let shown = self.shown(host_path);
+        // Nothing is created, not even a temporary, when the content is
+        // already there: a converged run changes no directory either.
+        if let Some(Parent { dir, name }) = self.parent(host_path, false)?
+            && let Some(stat) = files::existing_file(&dir, &name, &shown, host_path)?
+            && files::holds(&dir, &name, &stat, content, &shown)?
+        {
+            files::sweep_beside(&dir, &name);
+            return Ok(false);
+        }
+        let mut file = self.create_beside(host_path)?;
+        std::io::Write::write_all(file.file(), content)
+            .map_err(|source| HostError::Write { path: shown, source })?;
+        file.commit(new_mode, durable)?;
+        Ok(true)
+    }
+
+    /// A new temporary file beside `host_path` (its directories made),
+    /// created `O_CREAT | O_EXCL | O_NOFOLLOW` so that nothing planted at
+    /// its name is followed or reused; `commit` renames it over the target.
+    /// What a killed run left beside the target is swept first.
+    pub fn create_beside(&self, host_path: &str) -> Result<NewFile, HostError> {
+        let Some(Parent { dir, name }) = self.parent(host_path, true)? else {
+            return Err(HostError::Write {
+                path: self.shown(host_path),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        };
+        NewFile::create(dir, name, self.shown(host_path), host_path.to_string())
+    }
+
+    /// Removes a file gpuprov owns; a missing one is not an error. A
+    /// symlink (never followed) or a directory there is refused.
+    pub fn remove(&self, host_path: &str) -> Result<(), HostError> {
+        let Some(Parent { dir, name }) = self.parent(host_path, false)? else {
+            return Ok(());
+        };
+        let shown = self.shown(host_path);
+        files::sweep_beside(&dir, &name);
+        match rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => {
+                return Err(HostError::Write {
+                    path: shown,
+                    source: e.into(),
+                });
+            }
+            Ok(stat) => match FileType::from_raw_mode(stat.st_mode) {
+                FileType::RegularFile => {}
+                FileType::Symlink => {
+                    let target = self.link_target(host_path)?.unwrap_or_default();
+                    return Err(HostError::Symlink {
+                        path: host_path.to_string(),
+                        target,
+                    });
+                }
+                other => {
+                    return Err(HostError::NotRegular {
+                        path: shown,
+                        kind: kind_name(other),
+                    });
+                }
+            },
+        }
+        match rustix::fs::unlinkat(&dir, name.as_os_str(), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(HostError::Write {
+                path: shown,
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Removes the empty directories from `host_path` up to, and including,
+    /// `top` (gpuprov's own backup folders); stops at the first that is not
+    /// empty.
+    pub fn remove_empty_dirs(&self, host_path: &str, top: &str) -> Result<(), HostError> {
+        let top = relative(top);
+        let mut dir = relative(host_path);
+        while dir.starts_with(&top) && dir.file_name().is_some() {
+            let Some(Parent { dir: parent, name }) =
+                self.parent(&format!("/{}", dir.display()), false)?
+            else {
+                break;
+            };
+            if rustix::fs::unlinkat(&parent, name.as_os_str(), AtFlags::REMOVEDIR).is_err() {
+                break;
+            }
+            if dir == top || !dir.pop() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every temporary an interrupted run left under `host_dir`
+    /// (gpuprov's own directories, swept at the start of each run under
+    /// the lock: their files are not all rewritten by the next run).
+    pub fn sweep_interrupted(&self, host_dir: &str) -> Result<(), HostError> {
+        let Some(handle) = self.handle(host_dir)? else {
+            return Ok(());
+        };
+        if let Ok(dir) =
+            handle.reopen(OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY | OpenFlags::O_CLOEXEC)
+        {
+            files::sweep_tree(OwnedFd::from(dir), 0);
+        }
+        Ok(())
+    }
+
+    /// Makes a fresh, empty directory beside `host_path` for unpacking
+    /// into, and returns its real path and a handle on the parent for the
+    /// renames that put it in place (see `download::unpack`).
+    pub fn fresh_dir_beside(
+        &self,
+        host_path: &str,
+    ) -> Result<(PathBuf, files::DirSwap), HostError> {
+        let Some(Parent { dir, name }) = self.parent(host_path, true)? else {
+            return Err(HostError::Write {
+                path: self.shown(host_path),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        };
+        files::DirSwap::create(dir, name, self.shown(host_path), host_path)
+    }
+}
+
+/// The host path without its leading `/`, `.` components dropped.
+fn relative(host_path: &str) -> PathBuf {
+    Path::new(host_path)
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(Component::Normal(name)),
+            Component::ParentDir => Some(Component::ParentDir),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A path with `.` and `..` folded lexically, as a resolution inside the
+/// root sees it (a `..` at the root stays at the root).
+fn normalize(path: &str) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in Path::new(path).components() {
+        match part {
+            Component::Normal(name) => out.push(name),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Splits a relative path below one of gpuprov's own directories into the
+/// part above it (resolved normally), the rest (resolved with no symlinks)
+/// and which directory it is.
+fn own_dir_split(path: &Path) -> Option<(&Path, &Path, &'static str)> {
+    let own = OWN_DIRS.iter().find(|own| path.starts_with(own))?;
+    let own_path = Path::new(own);
+    let base = own_path.parent().unwrap_or(Path::new(""));
+    let rest = path.strip_prefix(base).ok()?;
+    Some((base, rest, own))
+}
+
+fn cap_for(host_path: &str) -> u64 {
+    let path = relative(host_path);
+    if path.starts_with("sys") || path.starts_with("proc") {
+        KERNEL_FILE_CAP
+    } else {
+        HOST_FILE_CAP
+    }
+}
+
+/// Reads at most `cap` bytes, refusing a file that says it is bigger
+/// before reading and one that turns out bigger (procfs files say 0).
+pub(crate) fn read_capped(
+    file: File,
+    size: u64,
+    cap: u64,
+    path: &Path,
+) -> Result<Vec<u8>, HostError> {
+    if size > cap {
+        return Err(HostError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+            cap,
+        });
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| HostError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if bytes.len() as u64 > cap {
+        return Err(HostError::TooLarge {
+            path: path.to_path_buf(),
+            size: bytes.len() as u64,
+            cap,
+        });
+    }
+    Ok(bytes)
+}
+
+fn file_info(stat: &rustix::fs::Stat) -> FileInfo {
+    let kind = FileType::from_raw_mode(stat.st_mode);
+    FileInfo {
+        regular: kind == FileType::RegularFile,
+        directory: kind == FileType::Directory,
+        size: stat.st_size as u64,
+        mode: stat.st_mode & 0o7777,
+        mtime_ns: stat.st_mtime as i128 * 1_000_000_000 + stat.st_mtime_nsec as i128,
+    }
+}
+
+pub(crate) fn kind_name(kind: FileType) -> &'static str {
+    match kind {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symlink",
+        FileType::Fifo => "a FIFO (named pipe)",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Unknown => "a file of unknown type",
+    }
+}
+
+/// The path the kernel gives an open descriptor (`/proc/self/fd/N`).
+fn fd_path(fd: &impl AsFd) -> std::io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    let link = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    std::fs::read_link(link)
+}
+
+fn errno(e: &pathrs::error::Error) -> Option<i32> {
+    match e.kind() {
+        pathrs::error::ErrorKind::OsError(errno) => errno,
+        _ => None,
+    }
+}
+
+/// A libpathrs error as an I/O error: the errno when it has one, its
+/// message otherwise.
+fn io_error(e: pathrs::error::Error) -> std::io::Error {
+    match errno(&e) {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::other(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests;
