@@ -84,7 +84,7 @@ pub struct NodeArgs {
     #[arg(long)]
     pub nvml_lib: Option<PathBuf>,
     /// Longest time one host command may run (`30s`, `5m`).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
     pub command_timeout: Duration,
 }
 
@@ -114,7 +114,7 @@ pub struct ChangeArgs {
     #[arg(long, short = 'o', value_enum, default_value_t = ReportFormat::Text)]
     pub output: ReportFormat,
     /// How long to wait for another run's lock on this host (`30s`, `2m`).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub lock_timeout: Duration,
 }
 
@@ -126,15 +126,15 @@ pub struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:9402")]
     pub listen: std::net::SocketAddr,
     /// How often to check for drift on a converged node (`5m`).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
     pub drift_interval: Duration,
     /// How often to check again while a step waits on something outside
     /// gpuprov (an operand's pod starting): `pending`, not a failure, so no
     /// backoff.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub pending_interval: Duration,
     /// How long to wait for another run's lock on this host (`30s`, `2m`).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub lock_timeout: Duration,
 }
 
@@ -146,7 +146,7 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub wait: bool,
     /// With --wait: how long to keep trying (`10m`).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m", requires = "wait")]
+    #[arg(long, value_parser = parse_duration, default_value = "10m", requires = "wait")]
     pub timeout: Duration,
 }
 
@@ -181,4 +181,14 @@ pub struct StatesArgs {
     pub config: Option<PathBuf>,
     #[arg(long, short = 'o', value_enum, default_value_t = ReportFormat::Text)]
     pub output: ReportFormat,
+}
+
+/// A duration flag (`90s`, `5m`, `1h30m`): at most a year, so that no
+/// deadline computed from it overflows.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration > Duration::from_secs(crate::spec::MAX_SECONDS) {
+        return Err("longer than a year, the longest wait gpuprov takes".to_string());
+    }
+    Ok(duration)
 }

@@ -143,7 +143,7 @@ struct RawDriverInstall {
     allow_insecure_http: bool,
     package: Option<Spanned<String>>,
     package_version: Option<Spanned<String>>,
-    download_timeout_seconds: Option<u64>,
+    download_timeout_seconds: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -511,7 +511,13 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
                         allow_insecure_http: spec.allow_insecure_http,
                     },
                     args: spec.args.clone(),
-                    download_timeout_seconds: spec.download_timeout_seconds.unwrap_or(600),
+                    download_timeout_seconds: seconds(
+                        &spec.download_timeout_seconds,
+                        "driver.install.downloadTimeoutSeconds",
+                        600,
+                        source,
+                        &mut errors,
+                    ),
                 })
             }
             "package" => match (&spec.package, &spec.package_version) {
@@ -780,18 +786,13 @@ fn resolve_validator(
         source,
         errors,
     );
-    let timeout_seconds = match &raw.timeout_seconds {
-        Some(t) if t.value == 0 => {
-            errors.push(Diagnostic::at_location(
-                source,
-                t.referenced,
-                "validator.timeoutSeconds must be at least 1",
-            ));
-            300
-        }
-        Some(t) => t.value,
-        None => 300,
-    };
+    let timeout_seconds = seconds(
+        &raw.timeout_seconds,
+        "validator.timeoutSeconds",
+        300,
+        source,
+        errors,
+    );
     let namespace = match &raw.namespace {
         Some(ns) => {
             if let Err(why) = check_dns_label(&ns.value) {
@@ -1125,18 +1126,49 @@ fn resolve_containerd(
             _ => unreachable!("every key is listed above"),
         }
     }
-    if let Some(timeout) = &raw.restart_timeout_seconds {
-        if timeout.value == 0 {
+    options.restart_timeout_seconds = seconds(
+        &raw.restart_timeout_seconds,
+        "containerd.restartTimeoutSeconds",
+        options.restart_timeout_seconds,
+        source,
+        errors,
+    );
+    options
+}
+
+/// The longest wait a spec or a flag may ask for: a year. Longer ones are
+/// mistakes, and past a few hundred years a deadline overflows the clock.
+pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
+
+/// A number of seconds from the spec: at least 1 and at most `MAX_SECONDS`,
+/// `default` when it is not given.
+fn seconds(
+    value: &Option<Spanned<u64>>,
+    key: &str,
+    default: u64,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> u64 {
+    match value {
+        None => default,
+        Some(t) if t.value == 0 => {
             errors.push(Diagnostic::at_location(
                 source,
-                timeout.referenced,
-                "containerd.restartTimeoutSeconds must be at least 1",
+                t.referenced,
+                format!("{key} must be at least 1"),
             ));
-        } else {
-            options.restart_timeout_seconds = timeout.value;
+            default
         }
+        Some(t) if t.value > MAX_SECONDS => {
+            errors.push(Diagnostic::at_location(
+                source,
+                t.referenced,
+                format!("{key} must be at most {MAX_SECONDS} (a year)"),
+            ));
+            default
+        }
+        Some(t) => t.value,
     }
-    options
 }
 
 /// Host paths in the spec are absolute and never climb with `..`.

@@ -12,7 +12,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-use nix::unistd::Pid;
 
 /// The pid of the process serving a unix socket, from its peer credentials.
 pub fn socket_owner(socket: &Path) -> Result<i32, String> {
@@ -55,7 +54,7 @@ pub fn wait_for_socket(
 /// The signal goes only to a process proven to be containerd: the socket's
 /// peer, held by a pidfd (so a pid that is reused meanwhile is never hit),
 /// that is not PID 0 (a peer outside gpuprov's PID namespace), not PID 1,
-/// not gpuprov nor anything in its process group, whose `/proc/<pid>/comm`
+/// not gpuprov itself (the signal goes to one process, never a group), whose `/proc/<pid>/comm`
 /// is containerd's, and that still serves the socket once held.
 pub fn signal_and_wait(socket: &Path, timeout: Duration) -> Result<(), String> {
     let pid = socket_owner(socket)?;
@@ -82,14 +81,9 @@ fn identify_containerd(socket: &Path, pid: i32) -> Result<std::os::fd::OwnedFd, 
             "the process serving {shown} is PID 1 (an init, or containerd as a container's first process): gpuprov does not signal PID 1; {hint}"
         ));
     }
-    let own = std::process::id() as i32;
-    let own_group = nix::unistd::getpgrp().as_raw();
-    let group = nix::unistd::getpgid(Some(Pid::from_raw(pid)))
-        .map(|g| g.as_raw())
-        .map_err(|e| format!("the process serving {shown} (pid {pid}) cannot be looked at: {e}"))?;
-    if pid == own || group == own_group {
+    if pid == std::process::id() as i32 {
         return Err(format!(
-            "the process serving {shown} (pid {pid}) is gpuprov or in gpuprov's own process group: not signalled"
+            "the process serving {shown} is gpuprov itself (pid {pid}): not signalled"
         ));
     }
     let raw = rustix::process::Pid::from_raw(pid).ok_or("pid 0")?;
