@@ -263,10 +263,12 @@ fn read_states_dir(dir: &Path) -> Result<Vec<Source>, CatalogError> {
     paths
         .into_iter()
         .map(|path| {
-            let text = crate::host::read_user_file(&path, crate::host::USER_FILE_CAP).map_err(|source| CatalogError::ReadDir {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let text = crate::host::read_user_file(&path, crate::host::USER_FILE_CAP).map_err(
+                |source| CatalogError::ReadDir {
+                    path: path.display().to_string(),
+                    source,
+                },
+            )?;
             Ok(Source {
                 name: path.display().to_string(),
                 text,
@@ -335,6 +337,10 @@ pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
             )));
         }
         _ => {}
+    }
+    if let Some(label) = &raw.label {
+        crate::labels::check_label_key(&label.value)
+            .map_err(|why| invalid(at(label.referenced, why)))?;
     }
     Ok(StateDef {
         label: raw

@@ -12,7 +12,7 @@ use crate::catalog::Catalog;
 use crate::cli::{
     ApplyArgs, ChangeArgs, Cli, Command, NodeArgs, PlanArgs, PlanFormat, ReportFormat, StatesArgs,
 };
-use crate::exec::{Action, ApplyLock, Executor, RunReport, is_converged};
+use crate::exec::{Action, ApplyLock, Executor, RunReport};
 use crate::facts::Facts;
 use crate::host::{ExecMode, Host};
 use crate::kube::{Cluster, ClusterOptions};
@@ -158,10 +158,12 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
         report.converged = false;
         report.interrupted = true;
         report.label_sink = "not published: interrupted".to_string();
-        report.write(&inputs.host)?;
+        report.record(&inputs.host);
         return Ok(report);
     }
-    let published = inputs.sink().publish(&labels)?;
+    // A failure to publish (the disk full under the feature file, the API
+    // server gone) is reported after the steps, whose own errors come first.
+    let published = inputs.sink().publish(&labels);
     // Events tell people what happened; a failure to post them (RBAC, a
     // flaky server) is logged and does not undo a converge.
     if let Some(cluster) = &inputs.cluster
@@ -170,11 +172,30 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
         tracing::warn!("node events not posted: {}", crate::exec::error_chain(&e));
     }
     let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
-    report.label_sink = published.target;
-    report.labels_changed = published.changes;
-    report.label_notes = published.notes;
-    report.write(&inputs.host)?;
+    match published {
+        Ok(published) => {
+            report.label_sink = published.target;
+            report.labels_changed = published.changes;
+            report.label_notes = published.notes;
+        }
+        Err(e) => {
+            let why = format!("labels not published: {}", crate::exec::error_chain(&e));
+            tracing::error!("{why}");
+            report.label_sink =
+                "not published (the labels on the node are the last run's)".to_string();
+            report.converged = false;
+            report.errors.push(why);
+        }
+    }
+    report.record(&inputs.host);
     Ok(report)
+}
+
+/// Whether an error of one try may be gone at the next: the API server
+/// unreachable or answering 5xx, another run holding the lock. Invalid
+/// input and a host that cannot be read stay as they are.
+fn waiting_may_help(error: &Error) -> bool {
+    matches!(error, Error::Kube(_) | Error::Lock(_) | Error::Labels(_))
 }
 
 /// gpuprov's own directories, where a killed run may have left a
@@ -286,9 +307,24 @@ fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
             Err(_) => false,
         };
         let out_of_time = std::time::Instant::now() + delay > deadline;
-        if done || !args.wait || out_of_time || crate::interrupt::requested() {
+        // Waiting helps only with what changes by itself: operands
+        // starting, an API server coming back, another run's lock.
+        let hopeless = match &result {
+            Ok(report) => report.cannot_converge_by_waiting(),
+            Err(e) if waiting_may_help(e) => None,
+            Err(e) => Some(crate::exec::error_chain(e)),
+        };
+        if args.wait
+            && !done
+            && !out_of_time
+            && let Some(why) = &hopeless
+        {
+            tracing::error!("not waiting: the node cannot converge by waiting: {why}");
+        }
+        if done || !args.wait || out_of_time || hopeless.is_some() || crate::interrupt::requested()
+        {
             let report = result?;
-            if args.wait && !report.converged && !report.interrupted {
+            if args.wait && !report.converged && !report.interrupted && hopeless.is_none() {
                 let waiting: Vec<String> = report
                     .steps
                     .iter()
@@ -359,10 +395,13 @@ fn apply_text(report: &RunReport) -> String {
     for note in &report.label_notes {
         out.push_str(&format!("    {note}\n"));
     }
+    for error in &report.errors {
+        out.push_str(&format!("error: {error}\n"));
+    }
     let s = Summary::of(&report.steps);
     let verdict = if report.interrupted {
         "INTERRUPTED (SIGTERM or SIGINT) after the change in progress, labels not published"
-    } else if is_converged(&report.steps) {
+    } else if report.converged {
         "converged"
     } else {
         "NOT converged"
@@ -445,9 +484,11 @@ fn node_labels(flag: &[String], file: Option<&Path>) -> Result<BTreeMap<String, 
     let mut labels = BTreeMap::new();
     if let Some(path) = file {
         let origin = path.display().to_string();
-        let text = crate::host::read_user_file(path, crate::host::USER_FILE_CAP).map_err(|e| Error::NodeLabels {
-            origin: origin.clone(),
-            problem: e.to_string(),
+        let text = crate::host::read_user_file(path, crate::host::USER_FILE_CAP).map_err(|e| {
+            Error::NodeLabels {
+                origin: origin.clone(),
+                problem: e.to_string(),
+            }
         })?;
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -473,7 +514,8 @@ fn node_labels(flag: &[String], file: Option<&Path>) -> Result<BTreeMap<String, 
 
 fn split_label(item: &str) -> Result<(String, String), String> {
     match item.split_once('=') {
-        Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) => {
+        Some((k, v)) if !k.is_empty() => {
+            crate::labels::check_label(k, v).map_err(|why| format!("`{item}`: {why}"))?;
             Ok((k.to_string(), v.to_string()))
         }
         _ => Err(format!("`{item}` is not key=value")),

@@ -161,7 +161,12 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     }
     tracing::info!("stopping");
     stop.store(true, Ordering::SeqCst);
-    let _ = node_watch.join();
+    // The watch notices `stop` within 250 ms, unless it is inside a request
+    // the server never answers: shutdown does not wait for that one.
+    let waited = Instant::now();
+    while !node_watch.is_finished() && waited.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(exit::OK)
 }
 

@@ -137,7 +137,9 @@ fn download_to(
     let url = &artifact.url;
     let write_err = |source| {
         DownloadError::from(HostError::Write {
-            path: host.root().join(artifact.cache_path().trim_start_matches('/')),
+            path: host
+                .root()
+                .join(artifact.cache_path().trim_start_matches('/')),
             source,
         })
     };

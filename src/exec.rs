@@ -803,6 +803,11 @@ pub struct RunReport {
     /// did not run, and no labels were published.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub interrupted: bool,
+    /// What went wrong after the steps: the labels not published, the
+    /// report not recorded. A run with any is not converged, and each is
+    /// printed after the steps' own errors, never instead of them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 impl RunReport {
@@ -827,6 +832,19 @@ impl RunReport {
             labels_changed: false,
             label_notes: Vec::new(),
             interrupted: false,
+            errors: Vec::new(),
+        }
+    }
+
+    /// Records the report in `last-run.json`; a failure to (a full disk, a
+    /// read-only mount) is kept in `errors`, so that the run's own outcome
+    /// is still printed.
+    pub fn record(&mut self, host: &Host) {
+        if let Err(e) = self.write(host) {
+            let why = format!("the run report was not recorded: {}", error_chain(&e));
+            tracing::error!("{why}");
+            self.converged = false;
+            self.errors.push(why);
         }
     }
 
@@ -838,6 +856,24 @@ impl RunReport {
 }
 
 impl RunReport {
+    /// Why waiting cannot make this run converge, if it cannot: a step
+    /// failed that does not change by itself (only a user's own `exec`
+    /// checks watch conditions that may), a reboot is owed, something is
+    /// absent. `None` while everything left is waiting (pending operands)
+    /// or blocked behind what is waiting.
+    pub fn cannot_converge_by_waiting(&self) -> Option<String> {
+        let final_steps: Vec<String> = self
+            .steps
+            .iter()
+            .filter(|s| match s.action {
+                Action::Fail => s.handler != crate::catalog::Handler::Exec,
+                _ => s.outcome == Outcome::RebootRequired,
+            })
+            .map(|s| format!("{} is {}: {}", s.name, s.outcome.as_str(), s.reason))
+            .collect();
+        (!final_steps.is_empty()).then(|| final_steps.join("; "))
+    }
+
     /// Not converged only because steps wait on something outside gpuprov
     /// (and what they wait for may arrive any moment): nothing failed.
     pub fn only_waiting(&self) -> bool {

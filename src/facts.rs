@@ -13,6 +13,10 @@ pub enum FactsError {
     Pci(#[from] PciError),
     #[error(transparent)]
     Host(#[from] HostError),
+    #[error(
+        "{root} does not look like a node's root: it has no {missing}. Nothing was changed and no label was published (a GPU node's labels stay). Point --host-root at the node's / (in a pod: mount the node's / at /host, with its /sys and /proc)"
+    )]
+    NotAHost { root: String, missing: String },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -41,8 +45,37 @@ pub struct Facts {
     nvml: std::sync::OnceLock<Result<crate::gpu::nvml::Inventory, crate::gpu::nvml::NvmlProblem>>,
 }
 
+/// A root without sysfs's PCI bus or without procfs is a wrong mount (an
+/// empty directory, `/host` without its submounts), not a node without
+/// GPUs: taken at its word it would publish `gpu.present=false` and
+/// withdraw a GPU node's labels.
+fn check_is_a_host(host: &Host) -> Result<(), FactsError> {
+    let missing: Vec<&str> = [
+        ("/sys/bus/pci/devices", "/sys/bus/pci/devices (sysfs)"),
+        ("/proc", "/proc"),
+    ]
+    .into_iter()
+    .filter(|(path, _)| {
+        !host
+            .stat(path)
+            .ok()
+            .flatten()
+            .is_some_and(|info| info.directory)
+    })
+    .map(|(_, shown)| shown)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(FactsError::NotAHost {
+        root: host.root().display().to_string(),
+        missing: missing.join(" and no "),
+    })
+}
+
 impl Facts {
     pub fn gather(host: &Host, node_labels: BTreeMap<String, String>) -> Result<Facts, FactsError> {
+        check_is_a_host(host)?;
         let os_release = host.read("/etc/os-release")?.unwrap_or_default();
         let field = |name: &str| {
             os_release

@@ -403,10 +403,13 @@ impl Spec {
     }
 
     pub fn load(path: &Path) -> Result<Spec, SpecError> {
-        let text = crate::host::read_user_file(path, crate::host::USER_FILE_CAP).map_err(|source| SpecError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text =
+            crate::host::read_user_file(path, crate::host::USER_FILE_CAP).map_err(|source| {
+                SpecError::Read {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
         Spec::parse(&Source {
             name: path.display().to_string(),
             text,
@@ -1215,7 +1218,8 @@ fn check_dns_label(value: &str) -> Result<(), String> {
 /// node carries exactly that label.
 pub fn check_label_selector(selector: &str) -> Result<(), String> {
     match selector.split_once('=') {
-        Some((key, _)) if !key.is_empty() && !key.contains(char::is_whitespace) => Ok(()),
+        Some((key, value)) if !key.is_empty() => crate::labels::check_label(key, value)
+            .map_err(|why| format!("opt-out label `{selector}`: {why}")),
         _ => Err(format!(
             "opt-out label `{selector}` must be written key=value"
         )),

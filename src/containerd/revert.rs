@@ -25,7 +25,20 @@ pub struct Reverted {
 /// edited it.
 pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, String, bool), String> {
     let record = Record::load(host).map_err(|e| error_chain(&e))?;
+    // A revert killed between writing the config and restarting containerd
+    // left the marker: the restart is still owed, whatever the file says.
+    let owed = host.exists(RESTART_PENDING).map_err(|e| error_chain(&e))?
+        && opts.restart_mode != crate::spec::RestartMode::None;
     let Some(record) = record else {
+        if owed {
+            let mut changes = restart_changes(opts);
+            changes.push(Change::RemoveFile {
+                path: RESTART_PENDING.to_string(),
+                purpose: "containerd restarted".to_string(),
+            });
+            let summary = "containerd: restarted, as an interrupted run owed".to_string();
+            return Ok((changes, summary, false));
+        }
         let summary = "containerd: gpuprov has not changed its config".to_string();
         return Ok((Vec::new(), summary, false));
     };
@@ -105,7 +118,21 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
         );
     }
     let changed = !changes.is_empty();
-    if changed {
+    if changed && opts.restart_mode != crate::spec::RestartMode::None {
+        // Written first, removed last: a revert killed in between restarts
+        // containerd on its next run.
+        changes.insert(
+            0,
+            Change::WriteFile {
+                path: RESTART_PENDING.to_string(),
+                content: Vec::new(),
+                mode: 0o644,
+                purpose: "restart owed until containerd is back".to_string(),
+                diff: None,
+            },
+        );
+    }
+    if changed || owed {
         changes.extend(restart_changes(opts));
     }
     for path in [RESTART_PENDING, RECORD, record.backup.as_str()] {

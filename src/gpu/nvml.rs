@@ -131,16 +131,29 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
     let lib = nvml.lib();
     let missing: Vec<&str> = [
         ("nvmlShutdown", lib.nvmlShutdown.is_ok()),
-        ("nvmlSystemGetDriverVersion", lib.nvmlSystemGetDriverVersion.is_ok()),
+        (
+            "nvmlSystemGetDriverVersion",
+            lib.nvmlSystemGetDriverVersion.is_ok(),
+        ),
         ("nvmlDeviceGetCount_v2", lib.nvmlDeviceGetCount_v2.is_ok()),
-        ("nvmlDeviceGetHandleByIndex_v2", lib.nvmlDeviceGetHandleByIndex_v2.is_ok()),
+        (
+            "nvmlDeviceGetHandleByIndex_v2",
+            lib.nvmlDeviceGetHandleByIndex_v2.is_ok(),
+        ),
         ("nvmlDeviceGetName", lib.nvmlDeviceGetName.is_ok()),
         ("nvmlDeviceGetUUID", lib.nvmlDeviceGetUUID.is_ok()),
-        ("nvmlDeviceGetPciInfo_v3", lib.nvmlDeviceGetPciInfo_v3.is_ok()),
-        ("nvmlDeviceGetCudaComputeCapability", lib.nvmlDeviceGetCudaComputeCapability.is_ok()),
+        (
+            "nvmlDeviceGetPciInfo_v3",
+            lib.nvmlDeviceGetPciInfo_v3.is_ok(),
+        ),
+        (
+            "nvmlDeviceGetCudaComputeCapability",
+            lib.nvmlDeviceGetCudaComputeCapability.is_ok(),
+        ),
         (
             "nvmlSystemGetCudaDriverVersion",
-            lib.nvmlSystemGetCudaDriverVersion_v2.is_ok() || lib.nvmlSystemGetCudaDriverVersion.is_ok(),
+            lib.nvmlSystemGetCudaDriverVersion_v2.is_ok()
+                || lib.nvmlSystemGetCudaDriverVersion.is_ok(),
         ),
         (
             "nvmlDeviceGetMemoryInfo",
@@ -187,7 +200,8 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
             }
         };
         let device = nvml.device_by_index(index).map_err(lost("its handle"))?;
-        let (mig_capable, mig_enabled, mig_pending) = match has_mig_mode.then(|| device.mig_mode()) {
+        let (mig_capable, mig_enabled, mig_pending) = match has_mig_mode.then(|| device.mig_mode())
+        {
             Some(Ok(mode)) => (true, mode.current == 1, mode.pending == 1),
             None | Some(Err(NvmlError::NotSupported)) => (false, false, false),
             Some(Err(e)) => return Err(lost("its MIG mode")(e)),
@@ -274,7 +288,9 @@ fn init(library: &Path) -> Result<Nvml, NvmlProblem> {
             },
             NvmlError::FailedToLoadSymbol(symbol) => NvmlProblem::LibraryUnusable {
                 library: shown.clone(),
-                reason: format!("it lacks nvmlInit_v2 ({symbol}): not an NVML library, or a broken install"),
+                reason: format!(
+                    "it lacks nvmlInit_v2 ({symbol}): not an NVML library, or a broken install"
+                ),
             },
             NvmlError::DriverNotLoaded => NvmlProblem::DriverNotLoaded {
                 library: shown.clone(),

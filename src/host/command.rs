@@ -218,8 +218,14 @@ fn watch(mut child: Child, timeout: Duration) -> (Option<ExitStatus>, bool, Stri
     let deadline = started + timeout;
     let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
     let mut pipes: Vec<(Option<File>, Tail)> = vec![
-        (child.stdout.take().map(|p| File::from(OwnedFd::from(p))), Tail::default()),
-        (child.stderr.take().map(|p| File::from(OwnedFd::from(p))), Tail::default()),
+        (
+            child.stdout.take().map(|p| File::from(OwnedFd::from(p))),
+            Tail::default(),
+        ),
+        (
+            child.stderr.take().map(|p| File::from(OwnedFd::from(p))),
+            Tail::default(),
+        ),
     ];
     // Readable once the command has exited; without pidfds (kernels before
     // 5.3) the loop looks every 50 ms instead.

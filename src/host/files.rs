@@ -98,7 +98,8 @@ impl NewFile {
         // The target may have become a link since it was looked at: a
         // rename replaces the link itself, never what it points at, but
         // gpuprov does not replace what it did not make.
-        if let Ok(stat) = rustix::fs::statat(&self.dir, self.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
+        if let Ok(stat) =
+            rustix::fs::statat(&self.dir, self.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
             && FileType::from_raw_mode(stat.st_mode) == FileType::Symlink
         {
             return Err(HostError::Symlink {

@@ -247,7 +247,11 @@ impl Host {
         }
     }
 
-    fn absent_or<T>(&self, host_path: &str, e: pathrs::error::Error) -> Result<Option<T>, HostError> {
+    fn absent_or<T>(
+        &self,
+        host_path: &str,
+        e: pathrs::error::Error,
+    ) -> Result<Option<T>, HostError> {
         match errno(&e) {
             Some(libc::ENOENT | libc::ENOTDIR) => Ok(None),
             Some(libc::ELOOP) => Err(HostError::SymlinkLoop {
@@ -278,9 +282,7 @@ impl Host {
         if create {
             self.make_dirs(&dir_str)?;
         }
-        Ok(self
-            .handle(&dir_str)?
-            .map(|dir| Parent { dir, name }))
+        Ok(self.handle(&dir_str)?.map(|dir| Parent { dir, name }))
     }
 
     /// Makes a directory and its missing parents inside the root.
@@ -412,9 +414,11 @@ impl Host {
     pub fn read(&self, host_path: &str) -> Result<Option<String>, HostError> {
         match self.read_bytes(host_path)? {
             None => Ok(None),
-            Some(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| HostError::NotUtf8 {
-                path: self.shown(host_path),
-            }),
+            Some(bytes) => String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| HostError::NotUtf8 {
+                    path: self.shown(host_path),
+                }),
         }
     }
 
@@ -544,8 +548,10 @@ impl Host {
             return Ok(false);
         }
         let mut file = self.create_beside(host_path)?;
-        std::io::Write::write_all(file.file(), content)
-            .map_err(|source| HostError::Write { path: shown, source })?;
+        std::io::Write::write_all(file.file(), content).map_err(|source| HostError::Write {
+            path: shown,
+            source,
+        })?;
         file.commit(new_mode, durable)?;
         Ok(true)
     }

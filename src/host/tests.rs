@@ -91,7 +91,10 @@ fn dotdot_in_a_link_stops_at_the_root() {
         Some("the root's own")
     );
     assert_eq!(
-        host(dir.path()).read("../../etc/passwd").unwrap().as_deref(),
+        host(dir.path())
+            .read("../../etc/passwd")
+            .unwrap()
+            .as_deref(),
         Some("the root's own")
     );
 }
@@ -162,7 +165,6 @@ fn commands_past_the_timeout_are_killed() {
     assert!(!record.success());
 }
 
-
 #[test]
 fn a_symlink_at_a_written_path_is_refused_and_its_target_untouched() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,9 +211,16 @@ fn special_files_are_refused_before_they_are_opened() {
     let h = host(dir.path());
     // A FIFO with no writer would block an open for reading forever.
     let err = h.read("/etc/fifo").unwrap_err();
-    assert!(err.to_string().contains("a FIFO (named pipe), not a regular file"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("a FIFO (named pipe), not a regular file"),
+        "{err}"
+    );
     let err = h.read("/etc").unwrap_err();
-    assert!(err.to_string().contains("a directory, not a regular file"), "{err}");
+    assert!(
+        err.to_string().contains("a directory, not a regular file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -235,7 +244,9 @@ fn oversize_files_are_refused_with_size_and_cap() {
 fn a_flooding_command_keeps_only_a_bounded_tail() {
     let dir = tempfile::tempdir().unwrap();
     let h = Host::new(dir.path(), ExecMode::Prefix, Duration::from_secs(2)).unwrap();
-    let record = h.run_shell("head -c 50000000 /dev/zero | tr '\\0' y; echo end").unwrap();
+    let record = h
+        .run_shell("head -c 50000000 /dev/zero | tr '\\0' y; echo end")
+        .unwrap();
     assert!(record.success(), "{record:?}");
     assert_eq!(record.stdout.len(), 4096);
     assert!(record.stdout.ends_with("yyyend\n"));
@@ -247,9 +258,7 @@ fn a_daemonized_grandchild_holding_stdout_does_not_hold_the_run() {
     let h = Host::new(dir.path(), ExecMode::Prefix, Duration::from_secs(60)).unwrap();
     // The grandchild leaves the process group and keeps stdout open for
     // a minute; the command itself exits at once.
-    let record = h
-        .run_shell("setsid sleep 60 & echo started")
-        .unwrap();
+    let record = h.run_shell("setsid sleep 60 & echo started").unwrap();
     assert!(record.success(), "{record:?}");
     assert_eq!(record.stdout, "started\n");
     assert!(!record.timed_out);
@@ -269,14 +278,21 @@ fn containerds_config_link_is_followed_to_its_target_inside_the_root() {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir_all(dir.path().join("etc/containerd")).unwrap();
     fs::create_dir_all(dir.path().join("etc/k3s")).unwrap();
-    symlink("../k3s/config.toml", dir.path().join("etc/containerd/config.toml")).unwrap();
+    symlink(
+        "../k3s/config.toml",
+        dir.path().join("etc/containerd/config.toml"),
+    )
+    .unwrap();
     symlink("/etc/k3s/real.toml", dir.path().join("etc/k3s/config.toml")).unwrap();
     let h = host(dir.path());
     assert_eq!(
         h.follow_links("/etc/containerd/config.toml").unwrap(),
         "/etc/k3s/real.toml"
     );
-    assert_eq!(h.follow_links("/etc/k3s/real.toml").unwrap(), "/etc/k3s/real.toml");
+    assert_eq!(
+        h.follow_links("/etc/k3s/real.toml").unwrap(),
+        "/etc/k3s/real.toml"
+    );
     symlink("/etc/loop", dir.path().join("etc/loop")).unwrap();
     assert!(matches!(
         h.follow_links("/etc/loop"),

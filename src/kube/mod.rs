@@ -129,6 +129,18 @@ impl Cluster {
                     .map_err(|e| KubeError::Config(Box::new(e))),
             }
         })?;
+        let mut config = config;
+        // Who is asking, in the API server's audit log and metrics.
+        config.headers.push((
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(concat!("gpuprov/", env!("CARGO_PKG_VERSION"))),
+        ));
+        // A server that accepts the connection and never answers must not
+        // hold a converge: every request but the watch (whose own idle
+        // check is in `watch_labels`) answers well within this.
+        config
+            .connect_timeout
+            .get_or_insert(Duration::from_secs(10));
         let server = config.cluster_url.to_string();
         let client = {
             let _guard = runtime.enter();
@@ -161,6 +173,7 @@ impl Cluster {
         what: &str,
         request: http::Request<Vec<u8>>,
     ) -> Result<(u16, Vec<u8>), KubeError> {
+        let request = without_empty_query(request);
         let verb = request.method().to_string();
         let count = |code: u16| {
             let mut requests = self.requests.lock().expect("not poisoned");
@@ -316,9 +329,10 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Watches this node (a field-selected watch) on a thread of its own and
-    /// calls `changed` with its labels whenever they change, until `stop`.
-    /// A dropped watch is started again after a pause.
+    /// Watches this Node's labels (a field-selected watch) on a thread until
+    /// `stop`; `changed` gets every new set. A watch that fails, goes silent past its server-side
+    /// timeout or ends is started again. The thread never needs joining:
+    /// it checks `stop` every 250 ms and holds nothing that must be closed.
     pub fn watch_labels(
         &self,
         stop: Arc<AtomicBool>,
@@ -341,22 +355,36 @@ impl Cluster {
                     let params = WatchParams::default()
                         .fields(&format!("metadata.name={node}"))
                         .timeout(290);
-                    let stream = match api.watch(&params, "0").await {
-                        Ok(stream) => stream,
-                        Err(e) => {
+                    // Neither the request nor the stream may hang: an API
+                    // server that went away mid-watch (a restart, a cut
+                    // link) sends nothing more, not even a close.
+                    let started = tokio::time::timeout(WATCH_START_TIMEOUT, api.watch(&params, "0"));
+                    let stream = match started.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
                             tracing::warn!(%node, "watch failed: {}", crate::exec::error_chain(&e));
                             tokio::time::sleep(Duration::from_secs(2)).await;
                             continue;
                         }
+                        Err(_) => {
+                            tracing::warn!(%node, "watch not answered within {WATCH_START_TIMEOUT:?}; trying again");
+                            continue;
+                        }
                     };
                     let mut stream = std::pin::pin!(stream);
+                    let mut heard = std::time::Instant::now();
                     while !stop.load(Ordering::Relaxed) {
                         let next = tokio::time::timeout(Duration::from_millis(250), stream.next());
                         let event = match next.await {
+                            Err(_) if heard.elapsed() > WATCH_STALL => {
+                                tracing::warn!(%node, "the watch went silent past its own timeout; watching again");
+                                break;
+                            }
                             Err(_) => continue,
                             Ok(None) | Ok(Some(Err(_))) => break,
                             Ok(Some(Ok(event))) => event,
                         };
+                        heard = std::time::Instant::now();
                         if let WatchEvent::Added(object) | WatchEvent::Modified(object) = event {
                             let labels = read_labels(&object).labels;
                             if last.as_ref() != Some(&labels) {
@@ -370,6 +398,25 @@ impl Cluster {
         })
     }
 }
+
+/// kube's request builders end a path with `?` when no parameter is set
+/// (`/api/v1/nodes/n?`); the request goes out without it.
+fn without_empty_query(mut request: http::Request<Vec<u8>>) -> http::Request<Vec<u8>> {
+    let uri = request.uri().to_string();
+    let trimmed = uri.trim_end_matches(['?', '&']).replace("?&", "?");
+    if trimmed != uri
+        && let Ok(fixed) = trimmed.parse()
+    {
+        *request.uri_mut() = fixed;
+    }
+    request
+}
+
+/// How long a watch request may take to answer.
+const WATCH_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The server ends each watch after 290 s; a stream silent for longer is
+/// stalled.
+const WATCH_STALL: Duration = Duration::from_secs(300);
 
 /// Labels, the keys gpuprov's apply owns, and who set the others.
 pub fn read_labels(node: &Node) -> NodeLabels {

@@ -277,12 +277,16 @@ fn host_checks(ctx: &StepContext) -> Result<Observation, StepError> {
     let mut changes = Vec::new();
     // The runtime binary's run is remembered until reboot, for as long as
     // the binary is the same file: a converged node spawns nothing.
-    let identity = ctx.host.stat(&runtime)?.filter(|info| info.regular).map(|info| {
-        format!(
-            "{}\n",
-            serde_json::json!({"path": runtime, "size": info.size, "mtimeNs": info.mtime_ns})
-        )
-    });
+    let identity = ctx
+        .host
+        .stat(&runtime)?
+        .filter(|info| info.regular)
+        .map(|info| {
+            format!(
+                "{}\n",
+                serde_json::json!({"path": runtime, "size": info.size, "mtimeNs": info.mtime_ns})
+            )
+        });
     let ran_before = identity.is_some() && ctx.host.read(RUNTIME_RAN)? == identity;
     if ran_before {
         passed.push(format!("{runtime} ran since boot and is unchanged"));

@@ -23,6 +23,7 @@ pub struct Logged {
     pub method: String,
     pub uri: String,
     pub content_type: String,
+    pub user_agent: String,
     pub body: String,
 }
 
@@ -425,6 +426,11 @@ fn log_and_match(
         uri: uri.to_string(),
         content_type: headers
             .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        user_agent: headers
+            .get("user-agent")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string(),
