@@ -162,8 +162,19 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
         return Ok(report);
     }
     // A failure to publish (the disk full under the feature file, the API
-    // server gone) is reported after the steps, whose own errors come first.
-    let published = inputs.sink().publish(&labels);
+    // server refusing) ends the run as an error; the steps' own failures,
+    // the root cause where a disk is full, are logged first so that they
+    // are not hidden behind it. The node keeps the last run's labels and
+    // `last-run.json` the last run's report.
+    let published = match inputs.sink().publish(&labels) {
+        Ok(published) => published,
+        Err(e) => {
+            for step in steps.iter().filter(|s| s.action == Action::Fail) {
+                tracing::error!(step = %step.name, "{}", step.reason);
+            }
+            return Err(e.into());
+        }
+    };
     // Events tell people what happened; a failure to post them (RBAC, a
     // flaky server) is logged and does not undo a converge.
     if let Some(cluster) = &inputs.cluster
@@ -172,21 +183,9 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
         tracing::warn!("node events not posted: {}", crate::exec::error_chain(&e));
     }
     let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
-    match published {
-        Ok(published) => {
-            report.label_sink = published.target;
-            report.labels_changed = published.changes;
-            report.label_notes = published.notes;
-        }
-        Err(e) => {
-            let why = format!("labels not published: {}", crate::exec::error_chain(&e));
-            tracing::error!("{why}");
-            report.label_sink =
-                "not published (the labels on the node are the last run's)".to_string();
-            report.converged = false;
-            report.errors.push(why);
-        }
-    }
+    report.label_sink = published.target;
+    report.labels_changed = published.changes;
+    report.label_notes = published.notes;
     report.record(&inputs.host);
     Ok(report)
 }

@@ -803,9 +803,10 @@ pub struct RunReport {
     /// did not run, and no labels were published.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub interrupted: bool,
-    /// What went wrong after the steps: the labels not published, the
-    /// report not recorded. A run with any is not converged, and each is
-    /// printed after the steps' own errors, never instead of them.
+    /// What went wrong after the steps and the labels: the report not
+    /// recorded (a full disk, a read-only mount). A run with any is not
+    /// converged, and each is printed after the steps' own errors, never
+    /// instead of them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
 }

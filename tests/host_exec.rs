@@ -41,6 +41,9 @@ fn chroot_mode_runs_exec_states_inside_the_host_root() {
     let host = tempfile::tempdir().unwrap();
     install_shell(host.path());
     fs::create_dir_all(host.path().join("var/lib")).unwrap();
+    // What makes a root a host: sysfs's PCI bus (here without a GPU) and procfs.
+    fs::create_dir_all(host.path().join("sys/bus/pci/devices")).unwrap();
+    fs::create_dir_all(host.path().join("proc")).unwrap();
     let spec = write_spec(
         host.path(),
         "spec.yaml",

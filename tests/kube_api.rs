@@ -223,8 +223,14 @@ fn changed_and_failed_steps_post_events_once() {
             )
         })
         .collect();
+    // The run did not converge: what changed in it says `Changed`, never
+    // `Converged`.
     assert!(
-        reasons.contains(&("Converged".into(), "Normal".into())),
+        reasons.contains(&("Changed".into(), "Normal".into())),
+        "{reasons:?}"
+    );
+    assert!(
+        !reasons.iter().any(|(reason, _)| reason == "Converged"),
         "{reasons:?}"
     );
     assert!(

@@ -188,6 +188,7 @@ fn sysfs(root: &Path, functions: &BTreeMap<String, Listed>) {
 fn detect(functions: &BTreeMap<String, Listed>) -> String {
     let dir = tempfile::tempdir().unwrap();
     sysfs(dir.path(), functions);
+    std::fs::create_dir_all(dir.path().join("proc")).unwrap();
     let host = Host::new(dir.path(), ExecMode::Prefix, Duration::from_secs(5)).unwrap();
     let facts = Facts::gather(&host, BTreeMap::new()).unwrap();
     let mut drivers: BTreeMap<String, usize> = BTreeMap::new();

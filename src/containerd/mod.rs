@@ -198,7 +198,20 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         return Ok(Observation::new(outcome, reason));
     }
 
-    let mut obs = Observation::new(Outcome::Pending, reason);
+    // What is there now, for the plan and for the "(was: …)" of the report.
+    let now: Vec<String> = files
+        .iter()
+        .filter(|(_, now, wanted, _)| now.as_deref() != Some(wanted.as_str()))
+        .map(|(path, now, _, purpose)| match now {
+            None => format!("{path} does not exist"),
+            Some(_) => format!("{path} lacks {purpose} as wanted"),
+        })
+        .chain((!changed && pending).then(|| {
+            "containerd has not restarted since gpuprov's last edit (a run was interrupted)"
+                .to_string()
+        }))
+        .collect();
+    let mut obs = Observation::new(Outcome::Pending, now.join("; "));
     obs.on_change = Outcome::Configured;
     if changed {
         if record.is_none()

@@ -1,4 +1,6 @@
-//! Node events for the steps an `apply` changed or that failed.
+//! Node events for the steps an `apply` changed or that failed: reason
+//! `Converged` for a change in a run that converged, `Changed` for one in a
+//! run that did not, `Failed` (a warning) for a failure.
 //!
 //! Deduplicated across runs: the last event posted for each step is kept in
 //! `/var/lib/gpuprov/events.json`, and the same event is not posted again
@@ -15,6 +17,9 @@ pub const POSTED: &str = "/var/lib/gpuprov/events.json";
 
 /// Posts an event for each changed or failed step not already posted.
 pub fn publish(cluster: &Cluster, host: &Host, steps: &[StepReport]) -> Result<(), crate::Error> {
+    // `Converged` only when the whole run converged: a step that changed on
+    // a node still waiting or failing elsewhere says `Changed`.
+    let converged = crate::exec::is_converged(steps);
     let mut posted: BTreeMap<String, String> = host
         .read(POSTED)?
         .and_then(|text| serde_json::from_str(&text).ok())
@@ -22,7 +27,8 @@ pub fn publish(cluster: &Cluster, host: &Host, steps: &[StepReport]) -> Result<(
     let before = posted.clone();
     for step in steps {
         let (warning, reason) = match step.action {
-            Action::Change => (false, "Converged"),
+            Action::Change if converged => (false, "Converged"),
+            Action::Change => (false, "Changed"),
             Action::Fail => (true, "Failed"),
             _ => {
                 posted.remove(&step.name);
