@@ -280,8 +280,9 @@ fn read_states_dir(dir: &Path) -> Result<Vec<Source>, CatalogError> {
 /// One state file, parsed and checked (public for the fuzz target).
 pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
     let invalid = |d: Diagnostic| CatalogError::Invalid(d.into());
-    let raw: RawStateFile = serde_saphyr::from_str(&source.text)
-        .map_err(|e| invalid(Diagnostic::from_yaml(source, &e)))?;
+    let raw: RawStateFile =
+        serde_saphyr::from_str_with_options(&source.text, crate::spec::strict_yaml())
+            .map_err(|e| invalid(Diagnostic::from_yaml(source, &e)))?;
     let at = |spanned_at, message: String| Diagnostic::at_location(source, spanned_at, message);
 
     check_state_name(&raw.name.value).map_err(|why| {

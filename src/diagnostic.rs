@@ -136,7 +136,22 @@ fn humane(message: &str) -> String {
     if message == "expected string scalar" {
         return "expected a single value here, not a list or mapping".to_string();
     }
-    message.to_string()
+    if let Some(rest) = message.strip_prefix("The string value [")
+        && let Some(text) = rest.strip_suffix("] must be quoted")
+    {
+        return format!(
+            "write this as a string, \"{text}\": unquoted, YAML reads it as a number or a boolean"
+        );
+    }
+    match message {
+        "expected sequence start" => "expected a list here".to_string(),
+        "expected mapping start" => "expected a mapping (key: value lines) here".to_string(),
+        "invalid u64" | "invalid u32" | "invalid i64" => {
+            "expected a whole number of seconds".to_string()
+        }
+        "invalid boolean (strict mode expects true/false)" => "expected true or false".to_string(),
+        _ => message.to_string(),
+    }
 }
 
 /// The candidate closest to `word` by edit distance, when close enough to be

@@ -420,8 +420,28 @@ pub struct Executor<'a> {
 impl Executor<'_> {
     /// Observes every step and lists what `apply` would change. Writes nothing.
     pub fn plan(&self) -> Vec<StepReport> {
-        self.walk(|state, obs, _| {
+        self.walk(|state, obs, _, changing_upstream| {
             if obs.changes.is_empty() {
+                // A step that cannot converge on the node as it is now may
+                // well converge once what an earlier step will install is
+                // there (the validator after the toolkit): the plan shows
+                // it waiting for that step, not failed.
+                if let Some(upstream) = changing_upstream
+                    && action_for(&obs) == Action::Fail
+                {
+                    let reason = format!(
+                        "waits for {upstream}, which will change first (now: {})",
+                        obs.reason
+                    );
+                    let mut report = StepReport::from_observation(
+                        state,
+                        Action::Wait,
+                        Outcome::Pending,
+                        Observation { reason, ..obs },
+                    );
+                    report.gate = Gate::Pass;
+                    return report;
+                }
                 StepReport::from_observation(state, action_for(&obs), obs.outcome, obs)
             } else {
                 let disables = matches!(obs.gate, Some(Gate::Disable(_)));
@@ -438,7 +458,7 @@ impl Executor<'_> {
 
     /// Converges every step: observe, change, observe again, verify.
     pub fn apply(&self) -> Vec<StepReport> {
-        self.walk(|state, obs, again| self.converge(state, obs, again))
+        self.walk(|state, obs, again, _| self.converge(state, obs, again))
     }
 
     /// Makes one step's changes and verifies them by observing `again`.
@@ -550,10 +570,28 @@ impl Executor<'_> {
             &StateDef,
             Observation,
             &dyn Fn() -> Result<Observation, StepError>,
+            Option<&str>,
         ) -> StepReport,
     ) -> Vec<StepReport> {
         let mut reports: Vec<StepReport> = Vec::new();
+        // For each step, an earlier step (itself or further up) that changes.
+        let mut changing: BTreeMap<String, Option<String>> = BTreeMap::new();
         for state in &self.graph.steps {
+            // The earliest such step: the one whose change the rest follow
+            // from (the toolkit's install, before the runtime that runs it).
+            let changing_upstream: Option<String> =
+                state
+                    .after
+                    .iter()
+                    .filter_map(|dep| {
+                        let index = reports.iter().position(|r| r.name == dep.value)?;
+                        let report = &reports[index];
+                        changing.get(&report.name).cloned().flatten().or_else(|| {
+                            (report.action == Action::Change).then(|| report.name.clone())
+                        })
+                    })
+                    .min_by_key(|name| reports.iter().position(|r| &r.name == name));
+            changing.insert(state.name.clone(), changing_upstream.clone());
             let gates: Vec<(&str, &Gate)> = state
                 .after
                 .iter()
@@ -607,14 +645,14 @@ impl Executor<'_> {
                             reason.clone(),
                             gate.clone(),
                         ),
-                        Ok(obs) => act(state, obs, &again),
+                        Ok(obs) => act(state, obs, &again, changing_upstream.as_deref()),
                         Err(e) => failed_report(state, &e),
                     }
                 }
                 None => {
                     let again = || observe(&self.context(state));
                     let report = match again() {
-                        Ok(obs) => act(state, obs, &again),
+                        Ok(obs) => act(state, obs, &again, changing_upstream.as_deref()),
                         Err(e) => failed_report(state, &e),
                     };
                     tracing::info!(

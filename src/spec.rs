@@ -187,7 +187,45 @@ struct RawContainerd {
 #[serde(deny_unknown_fields)]
 struct RawEnvVar {
     name: Spanned<String>,
-    value: Spanned<String>,
+    value: Spanned<EnvValue>,
+}
+
+/// A `toolkit.env` value: a string, or a YAML boolean or number taken as
+/// its text (the GPU Operator's values write `value: true`).
+#[derive(Debug)]
+struct EnvValue(String);
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = EnvValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a boolean")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// How specs and state files are read: a string field must be written as
+/// a string when its text would read as a number or a boolean
+/// (`version: 3.10` is refused with the quoted form to write; as a
+/// number it would be 3.1), and booleans are YAML 1.2's `true`/`false`.
+pub fn strict_yaml() -> serde_saphyr::Options {
+    serde_saphyr::options! { no_schema: true, strict_booleans: true }
 }
 
 /// A user's own state: an `exec` state with a check and an apply command.
@@ -421,7 +459,7 @@ impl Spec {
             // An empty file asks for every default.
             serde_saphyr::from_str("{}").expect("empty mapping")
         } else {
-            serde_saphyr::from_str(&source.text)
+            serde_saphyr::from_str_with_options(&source.text, strict_yaml())
                 .map_err(|e| SpecError::Invalid(Diagnostic::from_yaml(source, &e).into()))?
         };
         resolve(raw, source).map_err(SpecError::Invalid)
@@ -765,7 +803,7 @@ fn resolve_operand(
                 format!("{section}.env `{name}` is set twice"),
             ));
         } else {
-            env.push((name.to_string(), var.value.value.clone()));
+            env.push((name.to_string(), var.value.value.0.clone()));
         }
     }
     OperandSpec {
@@ -984,7 +1022,8 @@ fn resolve_toolkit(raw: &RawToolkit, source: &Source, errors: &mut Vec<Diagnosti
 /// `toolkit.env` twin.
 struct Given<'a> {
     key: &'static str,
-    value: &'a Spanned<String>,
+    text: &'a str,
+    referenced: serde_saphyr::Location,
     origin: String,
 }
 
@@ -1017,7 +1056,8 @@ fn resolve_containerd(
     .filter_map(|(key, value)| {
         value.as_ref().map(|value| Given {
             key,
-            value,
+            text: &value.value,
+            referenced: value.referenced,
             origin: format!("containerd.{key}"),
         })
     })
@@ -1037,7 +1077,8 @@ fn resolve_containerd(
         match TOOLKIT_ENV.iter().find(|(env_name, _)| *env_name == name) {
             Some((_, key)) => given.push(Given {
                 key,
-                value: &var.value,
+                text: &var.value.value.0,
+                referenced: var.value.referenced,
                 origin: format!("toolkit.env {name}"),
             }),
             None => {
@@ -1060,8 +1101,8 @@ fn resolve_containerd(
 
     let mut settled: Vec<(&'static str, String, &Given)> = Vec::new();
     for g in &given {
-        let value = g.value.value.trim();
-        let bad = |message: String| Diagnostic::at_location(source, g.value.referenced, message);
+        let value = g.text.trim();
+        let bad = |message: String| Diagnostic::at_location(source, g.referenced, message);
         let normalised = match g.key {
             "config" | "socket" | "dropInConfig" => check_host_path(value)
                 .map(|()| value.to_string())
@@ -1097,12 +1138,12 @@ fn resolve_containerd(
                 errors.push(
                     Diagnostic::at_location(
                         source,
-                        g.value.referenced,
+                        g.referenced,
                         format!(
                             "{} `{normalised}` disagrees with {} `{earlier}` (line {})",
                             g.origin,
                             first.origin,
-                            first.value.referenced.line()
+                            first.referenced.line()
                         ),
                     )
                     .with_help("give the setting once, or the same value in both places"),
