@@ -485,8 +485,12 @@ fn node_labels(flag: &[String], file: Option<&Path>) -> Result<BTreeMap<String, 
         let origin = path.display().to_string();
         let text = crate::host::read_user_file(path, crate::host::USER_FILE_CAP).map_err(|e| {
             Error::NodeLabels {
-                origin: origin.clone(),
-                problem: e.to_string(),
+                origin: format!("in --node-labels-file {origin}"),
+                problem: if e.kind() == std::io::ErrorKind::NotFound {
+                    "no such file (it holds the node's labels, one key=value a line)".to_string()
+                } else {
+                    e.to_string()
+                },
             }
         })?;
         for (i, line) in text.lines().enumerate() {

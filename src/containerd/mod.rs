@@ -105,6 +105,12 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // A config that is a symlink (distros and k3s do this) is edited at its
     // target inside the root, and the link stays.
     let config_path = ctx.host.follow_links(&opts.config)?;
+    if config_path != opts.config && !ctx.host.exists(&config_path)? {
+        return Err(StepError::Observe(format!(
+            "{} is a symlink to {config_path}, which does not exist in the host root: gpuprov does not create a file at a link's target",
+            opts.config
+        )));
+    }
     let current = ctx.host.read(&config_path)?;
     let original = match &record {
         Some(r) if r.original_existed => ctx.host.read(&r.backup)?,

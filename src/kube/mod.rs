@@ -35,6 +35,10 @@ pub enum KubeError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(
+        "no API server found: not in a pod, and no kubeconfig (KUBECONFIG, ~/.kube/config); give --kubeconfig FILE, or --labels-sink file to label through NFD's feature file without one"
+    )]
+    NotFound(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot configure the API client")]
     Config(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the API server {server} did not answer {what} after {ATTEMPTS} tries: {last}")]
@@ -126,7 +130,7 @@ impl Cluster {
                 }
                 None => ::kube::Config::infer()
                     .await
-                    .map_err(|e| KubeError::Config(Box::new(e))),
+                    .map_err(|e| KubeError::NotFound(Box::new(e))),
             }
         })?;
         let mut config = config;
