@@ -68,21 +68,54 @@ fn default_host() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 enum Setup {
-    Symlink { path: String, to: String },
-    Fifo { path: String },
-    CharDevice { path: String, major: u64, minor: u64 },
-    Sparse { path: String, bytes: u64 },
-    File { path: String, content: String, #[serde(default)] mode: Option<u32> },
-    Dir { path: String },
-    Remove { path: String },
+    Symlink {
+        path: String,
+        to: String,
+    },
+    Fifo {
+        path: String,
+    },
+    CharDevice {
+        path: String,
+        major: u64,
+        minor: u64,
+    },
+    Sparse {
+        path: String,
+        bytes: u64,
+    },
+    File {
+        path: String,
+        content: String,
+        #[serde(default)]
+        mode: Option<u32>,
+    },
+    Dir {
+        path: String,
+    },
+    Remove {
+        path: String,
+    },
     /// A unix socket file that nobody serves.
-    Socket { path: String },
+    Socket {
+        path: String,
+    },
     /// A process that is not containerd serving a unix socket.
-    ServeSocket { path: String },
+    ServeSocket {
+        path: String,
+    },
     /// A small tmpfs mounted at `path`, filled up (`full`) or read-only.
-    Tmpfs { path: String, #[serde(default)] full: bool, #[serde(default)] readonly: bool },
+    Tmpfs {
+        path: String,
+        #[serde(default)]
+        full: bool,
+        #[serde(default)]
+        readonly: bool,
+    },
     /// `path` bind-mounted onto itself read-only: what it holds stays visible.
-    ReadOnly { path: String },
+    ReadOnly {
+        path: String,
+    },
 }
 
 /// Undoes what a case mounted and started, whatever happens.
@@ -110,7 +143,12 @@ fn fill(text: &str, root: &Path, outside: &Path) -> String {
         .replace("{repo}", &repo().display().to_string())
 }
 
-fn run_setup(step: &Setup, root: &Path, outside: &Path, cleanup: &mut Cleanup) -> Result<(), String> {
+fn run_setup(
+    step: &Setup,
+    root: &Path,
+    outside: &Path,
+    cleanup: &mut Cleanup,
+) -> Result<(), String> {
     let at = |path: &str| {
         let path = root.join(path);
         if let Some(parent) = path.parent() {
@@ -119,8 +157,14 @@ fn run_setup(step: &Setup, root: &Path, outside: &Path, cleanup: &mut Cleanup) -
         path
     };
     let run = |argv: &[&str]| -> Result<(), String> {
-        let status = Command::new(argv[0]).args(&argv[1..]).status().map_err(|e| e.to_string())?;
-        status.success().then_some(()).ok_or_else(|| format!("{argv:?} failed"))
+        let status = Command::new(argv[0])
+            .args(&argv[1..])
+            .status()
+            .map_err(|e| e.to_string())?;
+        status
+            .success()
+            .then_some(())
+            .ok_or_else(|| format!("{argv:?} failed"))
     };
     match step {
         Setup::Symlink { path, to } => {
@@ -149,7 +193,11 @@ fn run_setup(step: &Setup, root: &Path, outside: &Path, cleanup: &mut Cleanup) -
             let file = fs::File::create(at(path)).map_err(|e| e.to_string())?;
             file.set_len(*bytes).map_err(|e| e.to_string())
         }
-        Setup::File { path, content, mode } => {
+        Setup::File {
+            path,
+            content,
+            mode,
+        } => {
             let path = at(path);
             let _ = fs::remove_file(&path);
             fs::write(&path, fill(content, root, outside)).map_err(|e| e.to_string())?;
@@ -203,7 +251,11 @@ fn run_setup(step: &Setup, root: &Path, outside: &Path, cleanup: &mut Cleanup) -
             }
             Ok(())
         }
-        Setup::Tmpfs { path, full, readonly } => {
+        Setup::Tmpfs {
+            path,
+            full,
+            readonly,
+        } => {
             let path = at(path);
             fs::create_dir_all(&path).map_err(|e| e.to_string())?;
             let target = path.display().to_string();
@@ -295,7 +347,9 @@ fn check(name: &str, case: &Case) -> Result<(), String> {
         None => repo().join("fixtures/specs/node-prep-only.yaml"),
     };
     for argv in &case.before {
-        let output = gpuprov_on(root, outside.path(), argv, &spec).output().unwrap();
+        let output = gpuprov_on(root, outside.path(), argv, &spec)
+            .output()
+            .unwrap();
         if !output.status.success() {
             return Err(format!(
                 "`{}` before the case failed: {}",
@@ -311,7 +365,9 @@ fn check(name: &str, case: &Case) -> Result<(), String> {
     }
     let before = tree(root);
     let outside_before = tree(outside.path());
-    let output = gpuprov_on(root, outside.path(), &case.command, &spec).output().unwrap();
+    let output = gpuprov_on(root, outside.path(), &case.command, &spec)
+        .output()
+        .unwrap();
     let after = tree(root);
     drop(cleanup);
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
@@ -340,7 +396,9 @@ fn check(name: &str, case: &Case) -> Result<(), String> {
         let text = path.to_string_lossy();
         // A directory made to hold a file gpuprov owns harms nothing.
         let new_dir = !before.contains_key(&path)
-            && after.get(&path).is_some_and(|s| s.mode & 0o170000 == 0o040000);
+            && after
+                .get(&path)
+                .is_some_and(|s| s.mode & 0o170000 == 0o040000);
         let allowed = (new_dir || owned(&path) || case.changes.iter().any(|c| text == c.as_str()))
             && !case.untouched.iter().any(|u| text == u.as_str());
         if !allowed {
@@ -356,7 +414,11 @@ fn check(name: &str, case: &Case) -> Result<(), String> {
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(format!("{name} ({}): {}\n{shown}", case.about, problems.join("; ")))
+        Err(format!(
+            "{name} ({}): {}\n{shown}",
+            case.about,
+            problems.join("; ")
+        ))
     }
 }
 

@@ -141,3 +141,88 @@ fn debians_real_libnvidia_ml_reports_driver_not_loaded() {
         "the host's own library was found through its library directories"
     );
 }
+
+/// The fake built as an R470-era library (no `nvmlDeviceGetMemoryInfo_v2`,
+/// no MIG functions, only the first `nvmlSystemGetCudaDriverVersion`),
+/// which scripts/test builds into its own target directory.
+fn old_driver_library() -> PathBuf {
+    let path = support::repo().join("target/fake-nvml-old-driver/debug/libfake_nvml.so");
+    assert!(
+        path.exists(),
+        "{} is missing: scripts/test builds it (cargo build -p fake-nvml --features old-driver --target-dir target/fake-nvml-old-driver)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn an_old_drivers_library_is_read_without_the_functions_it_lacks() {
+    let output = gpuprov_with_fake_nvml("a100-mig.yaml")
+        .args([
+            "facts",
+            "--output",
+            "json",
+            "--host-root",
+            "fixtures/hosts/a100-preinstalled",
+            "--nvml-lib",
+        ])
+        .arg(old_driver_library())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let device = &report["nvml"]["devices"][0];
+    // Memory through the first nvmlDeviceGetMemoryInfo, the CUDA version
+    // through the first nvmlSystemGetCudaDriverVersion, and MIG not asked
+    // for at all (the library has no nvmlDeviceGetMigMode).
+    assert_eq!(device["memoryTotalMib"], 40960, "{report}");
+    assert_eq!(report["nvml"]["cudaDriverVersion"], "12.2");
+    assert_eq!(device["migCapable"], false);
+}
+
+#[test]
+fn a_library_that_is_not_nvml_is_unusable_not_a_panic() {
+    // A real shared library without a single NVML function: a broken
+    // install, or the wrong file at libnvidia-ml.so.1.
+    let output = std::process::Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let libz = listing
+        .lines()
+        .find(|l| l.trim_start().starts_with("libz.so.1 "))
+        .and_then(|l| l.rsplit("=> ").next())
+        .expect("zlib is installed")
+        .trim()
+        .to_string();
+    let output = gpuprov()
+        .args([
+            "facts",
+            "--output",
+            "json",
+            "--host-root",
+            "fixtures/hosts/a100-preinstalled",
+            "--nvml-lib",
+            &libz,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        report["nvml"]["reason"]["problem"], "library-unusable",
+        "{report}"
+    );
+    assert!(
+        report["nvml"]["reason"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("nvmlInit_v2"),
+        "{report}"
+    );
+}
