@@ -46,9 +46,11 @@ const MAX_SYMLINK_HOPS: u32 = 40;
 /// attributes are at most a page (4 KiB); 1 MiB is far above any real one.
 pub const KERNEL_FILE_CAP: u64 = 1 << 20;
 /// The most bytes read from any other host file (containerd's config and
-/// its imports, gpuprov's records, manifests): real containerd configs are
-/// tens of KiB.
-pub const HOST_FILE_CAP: u64 = 16 << 20;
+/// its imports, gpuprov's records, manifests): the largest real containerd
+/// config we know is 7 KiB, and editing a config costs about 30 times its
+/// size in memory (BENCHMARKS.md), so 2 MiB keeps a run near 60 MiB at
+/// worst.
+pub const HOST_FILE_CAP: u64 = 2 << 20;
 /// The most bytes read from a file named on the command line (a spec, a
 /// state file, a labels file): real ones are a few KiB.
 pub const USER_FILE_CAP: u64 = 1 << 20;
