@@ -293,15 +293,10 @@ impl Host {
         let perm = std::os::unix::fs::PermissionsExt::from_mode(0o755);
         let result = match own_dir_split(&path) {
             None => self.tree.mkdir_all(&path, &perm).map(drop),
-            Some((base, rest, own)) => self.tree.mkdir_all(base, &perm).and_then(|base| {
+            Some((base, rest, _)) => self.tree.mkdir_all(base, &perm).and_then(|base| {
                 let beneath = pathrs::Root::from_fd(OwnedFd::from(base))
                     .with_resolver_flags(ResolverFlags::NO_SYMLINKS);
-                beneath.mkdir_all(rest, &perm).map(drop).map_err(|e| {
-                    if errno(&e) == Some(libc::ELOOP) {
-                        tracing::debug!(own, "a link below an own directory");
-                    }
-                    e
-                })
+                beneath.mkdir_all(rest, &perm).map(drop)
             }),
         };
         result.map_err(|e| match errno(&e) {
