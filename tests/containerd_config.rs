@@ -344,3 +344,43 @@ fn a_key_that_should_be_a_table_is_an_error_naming_its_whole_path() {
         assert_eq!(err.to_string(), path);
     }
 }
+
+#[test]
+fn crlf_line_endings_and_a_byte_order_mark_are_kept_exactly() {
+    for path in toml_files(&repo().join("fixtures/containerd"))
+        .into_iter()
+        .chain(toml_files(&repo().join("../shared/realworld/containerd")))
+    {
+        let Ok(lf) = fs::read_to_string(&path) else {
+            continue;
+        };
+        if lf.is_empty() || configure(&lf, &wanted(DefaultRuntime::Clear), 2).is_err() {
+            continue; // the malformed fixtures
+        }
+        let windows = format!("\u{feff}{}", lf.replace('\n', "\r\n"));
+        let edited = configure(&windows, &wanted(DefaultRuntime::Clear), 2).unwrap();
+        let expected = configure(&lf, &wanted(DefaultRuntime::Clear), 2).unwrap();
+        assert_eq!(
+            edited.text,
+            format!("\u{feff}{}", expected.text.replace('\n', "\r\n")),
+            "{}: the edit is the LF edit, in CRLF with the BOM",
+            path.display()
+        );
+        assert!(
+            !edited.text.replace("\r\n", "").contains('\n'),
+            "{}",
+            path.display()
+        );
+        assert_eq!(
+            unconfigure(&edited.text, "nvidia", None).unwrap(),
+            format!(
+                "\u{feff}{}",
+                unconfigure(&expected.text, "nvidia", None)
+                    .unwrap()
+                    .replace('\n', "\r\n")
+            ),
+            "{}",
+            path.display()
+        );
+    }
+}

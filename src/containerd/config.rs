@@ -180,7 +180,50 @@ impl Edited {
     }
 }
 
+/// How a config file is written apart from its TOML: a UTF-8 byte order
+/// mark, and CRLF line endings (a file written on Windows, or by a tool
+/// that uses them). The editor works on the text without them and puts
+/// them back, so every untouched byte stays as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Encoding {
+    bom: bool,
+    crlf: bool,
+}
+
+impl Encoding {
+    /// The encoding of `text`, and the text without it. CRLF counts only
+    /// when every line ends so; a file that mixes both is edited as it is.
+    fn detect(text: &str) -> (Encoding, std::borrow::Cow<'_, str>) {
+        let (bom, body) = match text.strip_prefix('\u{feff}') {
+            Some(body) => (true, body),
+            None => (false, text),
+        };
+        let lines = body.matches('\n').count();
+        let crlf = lines > 0 && body.matches("\r\n").count() == lines;
+        let body = if crlf {
+            std::borrow::Cow::Owned(body.replace("\r\n", "\n"))
+        } else {
+            std::borrow::Cow::Borrowed(body)
+        };
+        (Encoding { bom, crlf }, body)
+    }
+
+    fn restore(self, text: String) -> String {
+        let text = if self.crlf {
+            text.replace('\n', "\r\n")
+        } else {
+            text
+        };
+        if self.bom {
+            format!("\u{feff}{text}")
+        } else {
+            text
+        }
+    }
+}
+
 pub fn parse(text: &str) -> Result<DocumentMut, ConfigError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     text.parse::<DocumentMut>().map_err(|e| {
         let (line, column) = e
             .span()
@@ -246,6 +289,17 @@ pub fn default_runtime_name(text: &str) -> Result<Option<String>, ConfigError> {
 /// file) is written as config version `fresh_version`, the one the host's
 /// containerd wants.
 pub fn configure(
+    text: &str,
+    wanted: &RuntimeWanted,
+    fresh_version: i64,
+) -> Result<Edited, ConfigError> {
+    let (encoding, text) = Encoding::detect(text);
+    let mut edited = configure_plain(&text, wanted, fresh_version)?;
+    edited.text = encoding.restore(edited.text);
+    Ok(edited)
+}
+
+fn configure_plain(
     text: &str,
     wanted: &RuntimeWanted,
     fresh_version: i64,
@@ -369,6 +423,15 @@ fn base_runtime(containerd: &Table, layout: Layout, class: &str) -> Option<(Stri
 /// (putting back `original_default`, the default before gpuprov, when there
 /// was one); the rest of the file is left as it is.
 pub fn unconfigure(
+    text: &str,
+    class: &str,
+    original_default: Option<&str>,
+) -> Result<String, ConfigError> {
+    let (encoding, text) = Encoding::detect(text);
+    unconfigure_plain(&text, class, original_default).map(|t| encoding.restore(t))
+}
+
+fn unconfigure_plain(
     text: &str,
     class: &str,
     original_default: Option<&str>,
@@ -563,6 +626,11 @@ fn indentation(prefix: &str) -> String {
 /// Adds `path` to the top-level `imports` unless an entry already names it
 /// (directly or as a glob). Existing entries and their order stay.
 pub fn add_import(text: &str, path: &str, fresh_version: i64) -> Result<String, ConfigError> {
+    let (encoding, text) = Encoding::detect(text);
+    add_import_plain(&text, path, fresh_version).map(|t| encoding.restore(t))
+}
+
+fn add_import_plain(text: &str, path: &str, fresh_version: i64) -> Result<String, ConfigError> {
     let mut doc = parse(text)?;
     if doc.as_table().is_empty() && fresh_version != 1 {
         doc.insert("version", toml_edit::value(fresh_version));
@@ -590,6 +658,11 @@ pub fn add_import(text: &str, path: &str, fresh_version: i64) -> Result<String, 
 /// Removes `path` from `imports` (and `imports` itself if that empties it
 /// and gpuprov added it); other entries stay.
 pub fn remove_import(text: &str, path: &str) -> Result<String, ConfigError> {
+    let (encoding, text) = Encoding::detect(text);
+    remove_import_plain(&text, path).map(|t| encoding.restore(t))
+}
+
+fn remove_import_plain(text: &str, path: &str) -> Result<String, ConfigError> {
     let mut doc = parse(text)?;
     if let Some(imports) = doc.get_mut("imports").and_then(Item::as_array_mut) {
         imports.retain(|entry| entry.as_str() != Some(path));

@@ -97,6 +97,13 @@ pub fn wanted_config_version(host: &Host) -> Result<i64, String> {
     Ok(if major >= 2 { 3 } else { 2 })
 }
 
+/// Whether the host has a containerd binary on its PATH directories.
+fn has_containerd(host: &Host) -> bool {
+    crate::host::HOST_PATH
+        .iter()
+        .any(|dir| host.is_file(&format!("/{dir}/containerd")).unwrap_or(false))
+}
+
 /// The `containerd-runtime` handler.
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let opts = &ctx.spec.containerd;
@@ -137,6 +144,26 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         DefaultRuntime::Clear
     };
     let text = current.as_deref().unwrap_or("");
+    if text.trim().is_empty() && !has_containerd(ctx.host) {
+        // Nothing to configure: containerd is simply not installed here.
+        return Ok(Observation::new(
+            Outcome::Absent,
+            format!(
+                "containerd is not installed: no containerd binary in the host's {} and {} {}",
+                crate::host::HOST_PATH
+                    .iter()
+                    .map(|d| format!("/{d}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                config_path,
+                if current.is_some() {
+                    "is empty"
+                } else {
+                    "does not exist"
+                }
+            ),
+        ));
+    }
     let fresh_version = if text.trim().is_empty() {
         wanted_config_version(ctx.host).map_err(StepError::Observe)?
     } else {
