@@ -247,6 +247,9 @@ pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, E
     let static_pods_removed = crate::operands::static_pod::remove_ours(&inputs.host, &inputs.spec)?;
     inputs.host.remove(crate::operands::validate::MARKER)?;
     inputs.host.remove(crate::operands::validate::RUNTIME_RAN)?;
+    inputs
+        .host
+        .remove(crate::containerd::effective::VIEW_CHECKED)?;
     let labels_removed = inputs.sink().withdraw()?;
     Ok(RevertReport {
         containerd,

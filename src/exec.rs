@@ -141,6 +141,15 @@ pub enum Change {
         socket: String,
         timeout_seconds: u64,
     },
+    /// Check containerd's own view of its config (`containerd config dump`
+    /// in the host) for the runtime: it must exist, run `binary`, carry
+    /// runc's SystemdCgroup, and be the default when `set_as_default`.
+    CheckContainerdView {
+        config: String,
+        class: String,
+        binary: String,
+        set_as_default: bool,
+    },
     /// Wait until something answers on a unix socket.
     WaitSocket {
         socket: String,
@@ -217,6 +226,11 @@ impl Change {
                 timeout_seconds,
             } => {
                 format!("wait up to {timeout_seconds}s for {socket} to answer")
+            }
+            Change::CheckContainerdView { config, class, .. } => {
+                format!(
+                    "check runtime `{class}` in containerd's own view of {config} (containerd config dump)"
+                )
             }
             Change::Unpack { archive, into } => {
                 format!("unpack {archive} into {into} (atomically)")
@@ -782,6 +796,23 @@ fn make_change(
         )
         .map(|_| ())
         .map_err(|e| error_chain(&e)),
+        Change::CheckContainerdView {
+            config,
+            class,
+            binary,
+            set_as_default,
+        } => {
+            let wanted = crate::containerd::config::RuntimeWanted {
+                class: class.clone(),
+                binary: binary.clone(),
+                default: if *set_as_default {
+                    crate::containerd::config::DefaultRuntime::Set
+                } else {
+                    crate::containerd::config::DefaultRuntime::Keep
+                },
+            };
+            crate::containerd::effective::verify(host, config, &wanted, commands)
+        }
         Change::WaitSocket {
             socket,
             timeout_seconds,

@@ -173,12 +173,13 @@ struct RawArtifact {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawContainerd {
-    config: Option<Spanned<String>>,
-    socket: Option<Spanned<String>>,
-    runtime_class: Option<Spanned<String>>,
-    set_as_default: Option<Spanned<String>>,
-    drop_in_config: Option<Spanned<String>>,
-    restart_mode: Option<Spanned<String>>,
+    // Read as text, as their `toolkit.env` twins are: `setAsDefault: true`.
+    config: Option<Spanned<EnvValue>>,
+    socket: Option<Spanned<EnvValue>>,
+    runtime_class: Option<Spanned<EnvValue>>,
+    set_as_default: Option<Spanned<EnvValue>>,
+    drop_in_config: Option<Spanned<EnvValue>>,
+    restart_mode: Option<Spanned<EnvValue>>,
     restart_timeout_seconds: Option<Spanned<u64>>,
 }
 
@@ -1056,7 +1057,7 @@ fn resolve_containerd(
     .filter_map(|(key, value)| {
         value.as_ref().map(|value| Given {
             key,
-            text: &value.value,
+            text: &value.value.0,
             referenced: value.referenced,
             origin: format!("containerd.{key}"),
         })

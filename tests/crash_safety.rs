@@ -77,6 +77,9 @@ fn node_state(host: &Path, fake: &FakeApi) -> NodeState {
             || p == Path::new("node.yaml")
             || p == Path::new("var/lib/gpuprov/last-run.json")
             || p == Path::new("var/lib/gpuprov/events.json")
+            // A per-boot cache keyed to containerd's binary by size and
+            // mtime, which differ between two copies of the fixture.
+            || p == Path::new("run/gpuprov/containerd-view.json")
     };
     let files = tree(host)
         .into_iter()

@@ -282,3 +282,75 @@ fn real_containerd_loads_the_runtime_from_a_drop_in() {
         );
     }
 }
+
+/// `containerd --config <file> config dump` with Debian's real containerd.
+fn real_dump(config: &Path) -> String {
+    let output = Command::new("containerd")
+        .arg("--config")
+        .arg(config)
+        .args(["config", "dump"])
+        .output()
+        .expect("scripts/test installs Debian's containerd");
+    assert!(
+        output.status.success(),
+        "{}: {}",
+        config.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn containerds_own_view_of_every_edited_config_has_the_runtime() {
+    // Every config real containerd 1.6 reads (versions 1 and 2), edited
+    // as gpuprov edits it, then dumped by containerd itself: the view
+    // gpuprov verifies on a node.
+    let mut files = Vec::new();
+    for dir in ["fixtures/containerd", "../shared/realworld/containerd"] {
+        for entry in fs::read_dir(repo().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
+            let Ok(doc) = parse(&text) else { continue };
+            if path.extension().is_some_and(|e| e == "toml")
+                && matches!(layout(&doc), Ok((1, _)) | Ok((2, Layout::V2)))
+            {
+                files.push((path, text));
+            }
+        }
+    }
+    assert!(files.len() >= 15, "{} configs", files.len());
+    let dir = tempfile::tempdir().unwrap();
+    let mut legacy_default = Vec::new();
+    for (path, text) in &files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        for default in [DefaultRuntime::Clear, DefaultRuntime::Set] {
+            let wanted = RuntimeWanted {
+                class: "nvidia".into(),
+                binary: BINARY.into(),
+                default,
+            };
+            let edited = configure(text, &wanted, 2).unwrap();
+            let file = dir.path().join(&name);
+            fs::write(&file, private_config(&edited.text, dir.path())).unwrap();
+            let dump = real_dump(&file);
+            let verdict =
+                gpuprov::containerd::effective::check(&dump, &wanted, "containerd's view");
+            match (default, verdict) {
+                (_, Ok(())) => {}
+                // A version-1 file's legacy default_runtime table with a
+                // runtime_type wins over default_runtime_name in 1.x:
+                // gpuprov must say so rather than report the default set.
+                (DefaultRuntime::Set, Err(why))
+                    if why.contains("default_runtime has runtime_type") =>
+                {
+                    legacy_default.push(name.clone());
+                }
+                (_, Err(why)) => panic!("{name} ({default:?}): {why}"),
+            }
+        }
+    }
+    // The kind 2019 node image is the real config with such a table.
+    assert_eq!(legacy_default, ["05-kind-node-image-2019-v1.toml"]);
+}

@@ -7,6 +7,7 @@
 //! on the next run, although the file is then already right.
 
 pub mod config;
+pub mod effective;
 pub mod restart;
 pub mod revert;
 
@@ -97,11 +98,16 @@ pub fn wanted_config_version(host: &Host) -> Result<i64, String> {
     Ok(if major >= 2 { 3 } else { 2 })
 }
 
-/// Whether the host has a containerd binary on its PATH directories.
-fn has_containerd(host: &Host) -> bool {
+/// The host path of containerd's binary, on the host's PATH directories.
+pub fn containerd_binary(host: &Host) -> Option<String> {
     crate::host::HOST_PATH
         .iter()
-        .any(|dir| host.is_file(&format!("/{dir}/containerd")).unwrap_or(false))
+        .map(|dir| format!("/{dir}/containerd"))
+        .find(|path| host.is_file(path).unwrap_or(false))
+}
+
+fn has_containerd(host: &Host) -> bool {
+    containerd_binary(host).is_some()
 }
 
 /// The `containerd-runtime` handler.
@@ -222,13 +228,50 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     for note in &edited.notes {
         reason.push_str(&format!("; {note}"));
     }
+    // containerd's own view is checked once per boot and after every
+    // change: the marker holds what it was checked for.
+    let wanted_files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(path, _, wanted, _)| (path.as_str(), wanted.as_str()))
+        .collect();
+    let view_key = effective::view_key(ctx.host, &wanted, &wanted_files);
+    let view_checked =
+        ctx.host.read(effective::VIEW_CHECKED)?.as_deref() == Some(view_key.as_str());
+    let check_view = Change::CheckContainerdView {
+        config: config_path.clone(),
+        class: opts.runtime_class.clone(),
+        binary: binary.clone(),
+        set_as_default: opts.set_as_default,
+    };
+    let remember_view = Change::WriteFile {
+        path: effective::VIEW_CHECKED.to_string(),
+        content: view_key.clone().into_bytes(),
+        mode: 0o644,
+        purpose: "containerd's view was checked; not again until a change or a reboot".to_string(),
+        diff: None,
+    };
     if !changed && !pending {
         let outcome = if record.is_some() {
             Outcome::Configured
         } else {
             Outcome::Preinstalled
         };
-        return Ok(Observation::new(outcome, reason));
+        if view_checked {
+            return Ok(Observation::new(outcome, reason));
+        }
+        // Checked now, before anything is decided: a view that does not
+        // have the runtime fails the step with the key that wins.
+        let mut commands = Vec::new();
+        if let Err(why) = effective::verify(ctx.host, &config_path, &wanted, &mut commands) {
+            let mut obs = Observation::new(Outcome::Failed, why);
+            obs.commands = commands;
+            return Ok(obs);
+        }
+        let mut obs = Observation::new(Outcome::Pending, reason);
+        obs.commands = commands;
+        obs.on_change = outcome;
+        obs.changes.push(remember_view);
+        return Ok(obs);
     }
 
     // What is there now, for the plan and for the "(was: …)" of the report.
@@ -303,6 +346,11 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             });
         }
     }
+    // Before the restart: containerd is not restarted into a config whose
+    // view lacks the runtime.
+    if changed {
+        obs.changes.push(check_view);
+    }
     obs.changes.extend(restart_changes(opts));
     if opts.restart_mode == RestartMode::None {
         obs.reason
@@ -313,6 +361,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             purpose: "containerd restarted".to_string(),
         });
     }
+    obs.changes.push(remember_view);
     Ok(obs)
 }
 

@@ -29,7 +29,7 @@ use serde::Serialize;
 use super::{ExecMode, HOST_PATH, Host, HostError};
 
 /// How much of a command's stdout and stderr a record keeps (the tail).
-const OUTPUT_TAIL_BYTES: usize = 4096;
+pub const OUTPUT_TAIL_BYTES: usize = 4096;
 /// How long the pipes may stay open after the command itself exited (a
 /// daemon it started holds them).
 const EXIT_GRACE: Duration = Duration::from_millis(500);
@@ -69,6 +69,17 @@ impl Host {
     /// Runs an argument vector inside the host. Never a shell string with
     /// values pasted in; see `run_shell` for a user's own commands.
     pub fn run(&self, argv: &[String]) -> Result<CommandRecord, HostError> {
+        self.run_keeping(argv, OUTPUT_TAIL_BYTES)
+    }
+
+    /// `run`, keeping up to `stdout_bytes` of stdout (the tail) instead of
+    /// 4 KiB: for a command whose output gpuprov reads (`containerd config
+    /// dump`).
+    pub fn run_keeping(
+        &self,
+        argv: &[String],
+        stdout_bytes: usize,
+    ) -> Result<CommandRecord, HostError> {
         let program = self.program_path(&argv[0]);
         let mut command = Command::new(&program);
         command.args(&argv[1..]);
@@ -108,7 +119,7 @@ impl Host {
                 }
             }
         }
-        self.finish(command, argv)
+        self.finish(command, argv, stdout_bytes)
     }
 
     /// Runs a user's own command line (an `exec` state's check or apply)
@@ -153,7 +164,12 @@ impl Host {
         std::env::join_paths(dirs).unwrap_or_default()
     }
 
-    fn finish(&self, mut command: Command, argv: &[String]) -> Result<CommandRecord, HostError> {
+    fn finish(
+        &self,
+        mut command: Command,
+        argv: &[String],
+        stdout_bytes: usize,
+    ) -> Result<CommandRecord, HostError> {
         tracing::debug!(command = %argv.join(" "), "running");
         let child = command
             .stdin(Stdio::null())
@@ -166,7 +182,7 @@ impl Host {
                 hint: spawn_hint(self.exec_mode, &self.absolute, &source),
                 source,
             })?;
-        let (status, timed_out, stdout, stderr) = watch(child, self.command_timeout);
+        let (status, timed_out, stdout, stderr) = watch(child, self.command_timeout, stdout_bytes);
         Ok(CommandRecord {
             argv: argv.to_vec(),
             exit_code: status.and_then(|s| s.code()),
@@ -193,14 +209,17 @@ fn spawn_hint(mode: ExecMode, root: &std::path::Path, error: &std::io::Error) ->
     }
 }
 
-/// A stream's last bytes.
-#[derive(Default)]
-struct Tail(VecDeque<u8>);
+/// A stream's last bytes, at most `.1` of them.
+struct Tail(VecDeque<u8>, usize);
 
 impl Tail {
+    fn new(keep: usize) -> Tail {
+        Tail(VecDeque::new(), keep)
+    }
+
     fn push(&mut self, bytes: &[u8]) {
-        let bytes = &bytes[bytes.len().saturating_sub(OUTPUT_TAIL_BYTES)..];
-        let overflow = (self.0.len() + bytes.len()).saturating_sub(OUTPUT_TAIL_BYTES);
+        let bytes = &bytes[bytes.len().saturating_sub(self.1)..];
+        let overflow = (self.0.len() + bytes.len()).saturating_sub(self.1);
         self.0.drain(..overflow);
         self.0.extend(bytes);
     }
@@ -212,7 +231,11 @@ impl Tail {
 
 /// Reads the child's pipes until they close, the command has ended (plus
 /// `EXIT_GRACE`), or `timeout` passes (the process group is then killed).
-fn watch(mut child: Child, timeout: Duration) -> (Option<ExitStatus>, bool, String, String) {
+fn watch(
+    mut child: Child,
+    timeout: Duration,
+    stdout_bytes: usize,
+) -> (Option<ExitStatus>, bool, String, String) {
     use rustix::event::{PollFd, PollFlags, Timespec};
     let started = Instant::now();
     let deadline = started + timeout;
@@ -220,11 +243,11 @@ fn watch(mut child: Child, timeout: Duration) -> (Option<ExitStatus>, bool, Stri
     let mut pipes: Vec<(Option<File>, Tail)> = vec![
         (
             child.stdout.take().map(|p| File::from(OwnedFd::from(p))),
-            Tail::default(),
+            Tail::new(stdout_bytes),
         ),
         (
             child.stderr.take().map(|p| File::from(OwnedFd::from(p))),
-            Tail::default(),
+            Tail::new(OUTPUT_TAIL_BYTES),
         ),
     ];
     // Readable once the command has exited; without pidfds (kernels before

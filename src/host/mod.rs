@@ -37,7 +37,7 @@ use pathrs::flags::{OpenFlags, ResolverFlags};
 use rustix::fs::{AtFlags, FileType};
 use serde::Serialize;
 
-pub use command::CommandRecord;
+pub use command::{CommandRecord, OUTPUT_TAIL_BYTES};
 pub use files::{NewFile, read_user_file};
 
 /// Most symlinks followed while resolving one path (the kernel's limit).
