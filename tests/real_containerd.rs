@@ -21,6 +21,12 @@ const BINARY: &str = "/usr/bin/nvidia-container-runtime";
 
 /// Every version-2 config among the fixtures and the real-world files.
 fn v2_configs() -> Vec<PathBuf> {
+    configs(|version, layout| version == 2 && layout == Layout::V2)
+}
+
+/// The configs among the fixtures and the real-world files whose version
+/// and layout `keep` accepts.
+fn configs(keep: impl Fn(i64, Layout) -> bool) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for dir in ["fixtures/containerd", "../shared/realworld/containerd"] {
         for entry in fs::read_dir(repo().join(dir)).unwrap() {
@@ -30,7 +36,7 @@ fn v2_configs() -> Vec<PathBuf> {
             };
             let Ok(doc) = parse(&text) else { continue };
             if path.extension().is_some_and(|e| e == "toml")
-                && matches!(layout(&doc), Ok((2, Layout::V2)))
+                && layout(&doc).is_ok_and(|(version, layout)| keep(version, layout))
             {
                 files.push(path);
             }
@@ -305,21 +311,14 @@ fn containerds_own_view_of_every_edited_config_has_the_runtime() {
     // Every config real containerd 1.6 reads (versions 1 and 2), edited
     // as gpuprov edits it, then dumped by containerd itself: the view
     // gpuprov verifies on a node.
-    let mut files = Vec::new();
-    for dir in ["fixtures/containerd", "../shared/realworld/containerd"] {
-        for entry in fs::read_dir(repo().join(dir)).unwrap() {
-            let path = entry.unwrap().path();
-            let Ok(text) = fs::read_to_string(&path) else {
-                continue;
-            };
-            let Ok(doc) = parse(&text) else { continue };
-            if path.extension().is_some_and(|e| e == "toml")
-                && matches!(layout(&doc), Ok((1, _)) | Ok((2, Layout::V2)))
-            {
-                files.push((path, text));
-            }
-        }
-    }
+    let files: Vec<(PathBuf, String)> =
+        configs(|version, layout| version == 1 || layout == Layout::V2)
+            .into_iter()
+            .map(|path| {
+                let text = fs::read_to_string(&path).unwrap();
+                (path, text)
+            })
+            .collect();
     assert!(files.len() >= 15, "{} configs", files.len());
     let dir = tempfile::tempdir().unwrap();
     let mut legacy_default = Vec::new();
