@@ -281,9 +281,14 @@ impl Host {
         };
         let name = name.to_os_string();
         let dir_str = format!("/{}", dir.display());
-        if create {
-            self.make_dirs(&dir_str)?;
+        // Usually there already: mkdir_all's checks are paid only to make it.
+        if let Some(dir) = self.handle(&dir_str)? {
+            return Ok(Some(Parent { dir, name }));
         }
+        if !create {
+            return Ok(None);
+        }
+        self.make_dirs(&dir_str)?;
         Ok(self.handle(&dir_str)?.map(|dir| Parent { dir, name }))
     }
 
@@ -373,25 +378,70 @@ impl Host {
         let Some(handle) = self.handle(host_path)? else {
             return Ok(None);
         };
-        let shown = fd_path(&handle).unwrap_or_else(|_| self.shown(host_path));
+        let shown = || fd_path(&handle).unwrap_or_else(|_| self.shown(host_path));
         let stat = rustix::fs::fstat(&handle).map_err(|e| HostError::Read {
-            path: shown.clone(),
+            path: shown(),
             source: e.into(),
         })?;
         let kind = FileType::from_raw_mode(stat.st_mode);
         if kind != FileType::RegularFile {
             return Err(HostError::NotRegular {
-                path: shown,
+                path: shown(),
                 kind: kind_name(kind),
             });
         }
-        let file = handle
-            .reopen(OpenFlags::O_RDONLY | OpenFlags::O_CLOEXEC | OpenFlags::O_NOCTTY)
-            .map_err(|e| HostError::Read {
-                path: shown,
-                source: io_error(e),
-            })?;
+        // Opened again by the same resolution (one openat2, no procfs
+        // round trip), and proven to be the same inode: a file swapped in
+        // meanwhile is refused, and O_NONBLOCK keeps even that open from
+        // blocking.
+        let flags = OpenFlags::O_RDONLY
+            | OpenFlags::O_CLOEXEC
+            | OpenFlags::O_NOCTTY
+            | OpenFlags::O_NONBLOCK;
+        let Some(file) = self.open_resolved(host_path, flags)? else {
+            return Ok(None);
+        };
+        let now = rustix::fs::fstat(&file).map_err(|e| HostError::Read {
+            path: shown(),
+            source: e.into(),
+        })?;
+        if (now.st_dev, now.st_ino) != (stat.st_dev, stat.st_ino) {
+            return Err(HostError::Read {
+                path: shown(),
+                source: std::io::Error::other("it was replaced while gpuprov opened it"),
+            });
+        }
         Ok(Some((file, file_info(&stat))))
+    }
+
+    /// Opens `host_path` with `flags`, resolved as `handle` resolves it;
+    /// `Ok(None)` when it does not exist.
+    fn open_resolved(&self, host_path: &str, flags: OpenFlags) -> Result<Option<File>, HostError> {
+        let path = relative(host_path);
+        let result = match own_dir_split(&path) {
+            None => self.tree.open_subpath(Path::new("/").join(&path), flags),
+            Some((base, rest, own)) => {
+                let base = match self.tree.resolve(base) {
+                    Ok(base) => base,
+                    Err(e) => return self.absent_or(host_path, e),
+                };
+                let beneath = pathrs::Root::from_fd(OwnedFd::from(base))
+                    .with_resolver_flags(ResolverFlags::NO_SYMLINKS);
+                match beneath.open_subpath(rest, flags) {
+                    Err(e) if errno(&e) == Some(libc::ELOOP) => {
+                        return Err(HostError::LinkInOwnDir {
+                            path: host_path.to_string(),
+                            own,
+                        });
+                    }
+                    other => other,
+                }
+            }
+        };
+        match result {
+            Ok(file) => Ok(Some(file)),
+            Err(e) => self.absent_or(host_path, e),
+        }
     }
 
     /// Reads a file's bytes, at most its cap (`KERNEL_FILE_CAP` under
@@ -471,25 +521,27 @@ impl Host {
 
     /// Sorted entry names of a directory; empty when it does not exist.
     pub fn list_dir(&self, host_path: &str) -> Result<Vec<String>, HostError> {
-        let Some(handle) = self.handle(host_path)? else {
-            return Ok(Vec::new());
-        };
         let shown = self.shown(host_path);
         let read_err = |source: std::io::Error| HostError::Read {
             path: shown.clone(),
             source,
         };
-        let stat = rustix::fs::fstat(&handle).map_err(|e| read_err(e.into()))?;
-        let kind = FileType::from_raw_mode(stat.st_mode);
-        if kind != FileType::Directory {
-            return Err(HostError::NotDirectory {
-                path: shown,
-                kind: kind_name(kind),
-            });
-        }
-        let dir = handle
-            .reopen(OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY | OpenFlags::O_CLOEXEC)
-            .map_err(|e| read_err(io_error(e)))?;
+        // O_DIRECTORY fails on anything else before it is opened.
+        let flags = OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY | OpenFlags::O_CLOEXEC;
+        let Some(dir) = self.open_resolved(host_path, flags)? else {
+            // Not there, or there but not a directory: which one?
+            return match self.stat(host_path)? {
+                None => Ok(Vec::new()),
+                Some(_) => {
+                    let handle = self.handle(host_path)?.expect("it was just there");
+                    let stat = rustix::fs::fstat(&handle).map_err(|e| read_err(e.into()))?;
+                    Err(HostError::NotDirectory {
+                        path: shown,
+                        kind: kind_name(FileType::from_raw_mode(stat.st_mode)),
+                    })
+                }
+            };
+        };
         let names = files::entry_names(dir.as_fd()).map_err(read_err)?;
         if names.len() > DIR_ENTRIES_CAP {
             return Err(HostError::TooManyEntries {
@@ -635,12 +687,8 @@ impl Host {
     /// (gpuprov's own directories, swept at the start of each run under
     /// the lock: their files are not all rewritten by the next run).
     pub fn sweep_interrupted(&self, host_dir: &str) -> Result<(), HostError> {
-        let Some(handle) = self.handle(host_dir)? else {
-            return Ok(());
-        };
-        if let Ok(dir) =
-            handle.reopen(OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY | OpenFlags::O_CLOEXEC)
-        {
+        let flags = OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY | OpenFlags::O_CLOEXEC;
+        if let Some(dir) = self.open_resolved(host_dir, flags)? {
             files::sweep_tree(OwnedFd::from(dir), 0);
         }
         Ok(())
