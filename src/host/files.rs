@@ -102,12 +102,7 @@ impl NewFile {
             rustix::fs::statat(&self.dir, self.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
             && FileType::from_raw_mode(stat.st_mode) == FileType::Symlink
         {
-            return Err(HostError::Symlink {
-                path: self.host_path.clone(),
-                target: rustix::fs::readlinkat(&self.dir, self.name.as_os_str(), Vec::new())
-                    .map(|t| t.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            });
+            return Err(symlink_refused(&self.dir, &self.name, &self.host_path));
         }
         rustix::fs::renameat(
             &self.dir,
@@ -132,6 +127,16 @@ impl Drop for NewFile {
     }
 }
 
+/// The refusal for a symlink at `name` in `dir`, naming where it points.
+fn symlink_refused(dir: &impl AsFd, name: &OsStr, host_path: &str) -> HostError {
+    HostError::Symlink {
+        path: host_path.to_string(),
+        target: rustix::fs::readlinkat(dir, name, Vec::new())
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
 /// The regular file at `name` in `dir`, if there is one; a symlink (never
 /// followed) or anything else there is refused.
 pub(super) fn existing_file(
@@ -152,12 +157,7 @@ pub(super) fn existing_file(
     };
     match FileType::from_raw_mode(stat.st_mode) {
         FileType::RegularFile => Ok(Some(stat)),
-        FileType::Symlink => Err(HostError::Symlink {
-            path: host_path.to_string(),
-            target: rustix::fs::readlinkat(dir, name, Vec::new())
-                .map(|t| t.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        }),
+        FileType::Symlink => Err(symlink_refused(dir, name, host_path)),
         other => Err(HostError::NotRegular {
             path: shown.to_path_buf(),
             kind: kind_name(other),
@@ -221,14 +221,7 @@ impl DirSwap {
             Err(e) => return Err(write_err(e.into())),
             Ok(stat) => match FileType::from_raw_mode(stat.st_mode) {
                 FileType::Directory => {}
-                FileType::Symlink => {
-                    return Err(HostError::Symlink {
-                        path: host_path.to_string(),
-                        target: rustix::fs::readlinkat(&dir, name.as_os_str(), Vec::new())
-                            .map(|t| t.to_string_lossy().into_owned())
-                            .unwrap_or_default(),
-                    });
-                }
+                FileType::Symlink => return Err(symlink_refused(&dir, &name, host_path)),
                 other => {
                     return Err(HostError::NotDirectory {
                         path: shown,

@@ -168,6 +168,29 @@ pub struct Host {
     command_timeout: Duration,
 }
 
+/// Where a path is resolved (see `Host::scope`).
+struct Scope<'h> {
+    root: ScopeRoot<'h>,
+    /// The path under that root.
+    rest: PathBuf,
+    /// The own directory it is below, if any.
+    own: Option<&'static str>,
+}
+
+enum ScopeRoot<'h> {
+    Tree(&'h pathrs::Root),
+    Beneath(pathrs::Root),
+}
+
+impl Scope<'_> {
+    fn root(&self) -> &pathrs::Root {
+        match &self.root {
+            ScopeRoot::Tree(root) => root,
+            ScopeRoot::Beneath(root) => root,
+        }
+    }
+}
+
 /// What a host path names, before anything is opened: the directory that
 /// holds it (resolved inside the root) and its last component.
 struct Parent {
@@ -222,30 +245,56 @@ impl Host {
     /// inside the root only (none below gpuprov's own directories);
     /// `Ok(None)` when it, or a directory on the way, does not exist.
     fn handle(&self, host_path: &str) -> Result<Option<pathrs::Handle>, HostError> {
-        let path = relative(host_path);
-        let result = match own_dir_split(&path) {
-            None => self.tree.resolve(Path::new("/").join(&path)),
-            Some((base, rest, own)) => {
-                let base = match self.tree.resolve(base) {
-                    Ok(base) => base,
-                    Err(e) => return self.absent_or(host_path, e),
-                };
-                let beneath = pathrs::Root::from_fd(OwnedFd::from(base))
-                    .with_resolver_flags(ResolverFlags::NO_SYMLINKS);
-                match beneath.resolve(rest) {
-                    Err(e) if errno(&e) == Some(libc::ELOOP) => {
-                        return Err(HostError::LinkInOwnDir {
-                            path: host_path.to_string(),
-                            own,
-                        });
-                    }
-                    other => other,
-                }
-            }
+        self.in_root(host_path, |root, path| root.resolve(path))
+    }
+
+    /// Where `path` (relative) is resolved: the host root, or, below one
+    /// of gpuprov's own directories, that directory's parent with no link
+    /// followed from there on (made first when `create`).
+    fn scope(&self, path: &Path, create: bool) -> Result<Scope<'_>, pathrs::error::Error> {
+        let Some((base, rest, own)) = own_dir_split(path) else {
+            return Ok(Scope {
+                root: ScopeRoot::Tree(&self.tree),
+                rest: Path::new("/").join(path),
+                own: None,
+            });
         };
-        match result {
-            Ok(handle) => Ok(Some(handle)),
-            Err(e) => self.absent_or(host_path, e),
+        let base = if create {
+            self.tree
+                .mkdir_all(base, &std::os::unix::fs::PermissionsExt::from_mode(0o755))?
+        } else {
+            self.tree.resolve(base)?
+        };
+        Ok(Scope {
+            root: ScopeRoot::Beneath(
+                pathrs::Root::from_fd(OwnedFd::from(base))
+                    .with_resolver_flags(ResolverFlags::NO_SYMLINKS),
+            ),
+            rest: rest.to_path_buf(),
+            own: Some(own),
+        })
+    }
+
+    /// Runs `op` on `host_path` in its scope; `Ok(None)` when it, or a
+    /// directory on the way, does not exist.
+    fn in_root<T>(
+        &self,
+        host_path: &str,
+        op: impl FnOnce(&pathrs::Root, &Path) -> Result<T, pathrs::error::Error>,
+    ) -> Result<Option<T>, HostError> {
+        let scope = match self.scope(&relative(host_path), false) {
+            Ok(scope) => scope,
+            Err(e) => return self.absent_or(host_path, e),
+        };
+        match op(scope.root(), &scope.rest) {
+            Ok(value) => Ok(Some(value)),
+            Err(e) => match (errno(&e), scope.own) {
+                (Some(libc::ELOOP), Some(own)) => Err(HostError::LinkInOwnDir {
+                    path: host_path.to_string(),
+                    own,
+                }),
+                _ => self.absent_or(host_path, e),
+            },
         }
     }
 
@@ -294,25 +343,19 @@ impl Host {
 
     /// Makes a directory and its missing parents inside the root.
     fn make_dirs(&self, host_dir: &str) -> Result<(), HostError> {
-        let path = relative(host_dir);
         let perm = std::os::unix::fs::PermissionsExt::from_mode(0o755);
-        let result = match own_dir_split(&path) {
-            None => self.tree.mkdir_all(&path, &perm).map(drop),
-            Some((base, rest, _)) => self.tree.mkdir_all(base, &perm).and_then(|base| {
-                let beneath = pathrs::Root::from_fd(OwnedFd::from(base))
-                    .with_resolver_flags(ResolverFlags::NO_SYMLINKS);
-                beneath.mkdir_all(rest, &perm).map(drop)
-            }),
-        };
-        result.map_err(|e| match errno(&e) {
-            Some(libc::ELOOP) => match own_dir_split(&path) {
-                Some((_, _, own)) => HostError::LinkInOwnDir {
-                    path: host_dir.to_string(),
-                    own,
-                },
-                None => HostError::SymlinkLoop {
-                    path: host_dir.to_string(),
-                },
+        let path = relative(host_dir);
+        let own = own_dir_split(&path).map(|(_, _, own)| own);
+        let made = self
+            .scope(&path, true)
+            .and_then(|scope| scope.root().mkdir_all(&scope.rest, &perm).map(drop));
+        made.map_err(|e| match (errno(&e), own) {
+            (Some(libc::ELOOP), Some(own)) => HostError::LinkInOwnDir {
+                path: host_dir.to_string(),
+                own,
+            },
+            (Some(libc::ELOOP), None) => HostError::SymlinkLoop {
+                path: host_dir.to_string(),
             },
             _ => HostError::Write {
                 path: self.shown(host_dir),
@@ -417,31 +460,7 @@ impl Host {
     /// Opens `host_path` with `flags`, resolved as `handle` resolves it;
     /// `Ok(None)` when it does not exist.
     fn open_resolved(&self, host_path: &str, flags: OpenFlags) -> Result<Option<File>, HostError> {
-        let path = relative(host_path);
-        let result = match own_dir_split(&path) {
-            None => self.tree.open_subpath(Path::new("/").join(&path), flags),
-            Some((base, rest, own)) => {
-                let base = match self.tree.resolve(base) {
-                    Ok(base) => base,
-                    Err(e) => return self.absent_or(host_path, e),
-                };
-                let beneath = pathrs::Root::from_fd(OwnedFd::from(base))
-                    .with_resolver_flags(ResolverFlags::NO_SYMLINKS);
-                match beneath.open_subpath(rest, flags) {
-                    Err(e) if errno(&e) == Some(libc::ELOOP) => {
-                        return Err(HostError::LinkInOwnDir {
-                            path: host_path.to_string(),
-                            own,
-                        });
-                    }
-                    other => other,
-                }
-            }
-        };
-        match result {
-            Ok(file) => Ok(Some(file)),
-            Err(e) => self.absent_or(host_path, e),
-        }
+        self.in_root(host_path, |root, path| root.open_subpath(path, flags))
     }
 
     /// Reads a file's bytes, at most its cap (`KERNEL_FILE_CAP` under
@@ -530,17 +549,14 @@ impl Host {
         let flags = OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY | OpenFlags::O_CLOEXEC;
         let Some(dir) = self.open_resolved(host_path, flags)? else {
             // Not there, or there but not a directory: which one?
-            return match self.stat(host_path)? {
-                None => Ok(Vec::new()),
-                Some(_) => {
-                    let handle = self.handle(host_path)?.expect("it was just there");
-                    let stat = rustix::fs::fstat(&handle).map_err(|e| read_err(e.into()))?;
-                    Err(HostError::NotDirectory {
-                        path: shown,
-                        kind: kind_name(FileType::from_raw_mode(stat.st_mode)),
-                    })
-                }
+            let Some(handle) = self.handle(host_path)? else {
+                return Ok(Vec::new());
             };
+            let stat = rustix::fs::fstat(&handle).map_err(|e| read_err(e.into()))?;
+            return Err(HostError::NotDirectory {
+                path: shown,
+                kind: kind_name(FileType::from_raw_mode(stat.st_mode)),
+            });
         };
         let names = files::entry_names(dir.as_fd()).map_err(read_err)?;
         if names.len() > DIR_ENTRIES_CAP {
@@ -627,30 +643,8 @@ impl Host {
         };
         let shown = self.shown(host_path);
         files::sweep_beside(&dir, &name);
-        match rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
-            Err(rustix::io::Errno::NOENT) => return Ok(()),
-            Err(e) => {
-                return Err(HostError::Write {
-                    path: shown,
-                    source: e.into(),
-                });
-            }
-            Ok(stat) => match FileType::from_raw_mode(stat.st_mode) {
-                FileType::RegularFile => {}
-                FileType::Symlink => {
-                    let target = self.link_target(host_path)?.unwrap_or_default();
-                    return Err(HostError::Symlink {
-                        path: host_path.to_string(),
-                        target,
-                    });
-                }
-                other => {
-                    return Err(HostError::NotRegular {
-                        path: shown,
-                        kind: kind_name(other),
-                    });
-                }
-            },
+        if files::existing_file(&dir, &name, &shown, host_path)?.is_none() {
+            return Ok(());
         }
         match rustix::fs::unlinkat(&dir, name.as_os_str(), AtFlags::empty()) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
