@@ -195,3 +195,37 @@ fn drop_in_mode_only_adds_an_import_and_revert_takes_both_back() {
     );
     assert_eq!(containerd_restarts(host.path()), 2);
 }
+
+#[test]
+fn a_revert_killed_before_its_restart_restarts_containerd_next_time() {
+    let host = copy_host("a100-preinstalled");
+    let original = fs::read(host.path().join(CONFIG)).unwrap();
+    assert_eq!(apply_json(host.path(), &[]).0, 0);
+    let restarts = containerd_restarts(host.path());
+    // As a revert killed between restoring the config and restarting
+    // containerd leaves the node: the original back, the marker written
+    // first still there, gpuprov's record not yet removed.
+    fs::write(host.path().join(CONFIG), &original).unwrap();
+    fs::write(
+        host.path()
+            .join("var/lib/gpuprov/containerd-restart-pending"),
+        "",
+    )
+    .unwrap();
+    revert(host.path());
+    assert_eq!(
+        containerd_restarts(host.path()),
+        restarts + 1,
+        "the owed restart happens"
+    );
+    assert_eq!(fs::read(host.path().join(CONFIG)).unwrap(), original);
+    assert!(
+        !host
+            .path()
+            .join("var/lib/gpuprov/containerd-restart-pending")
+            .exists()
+    );
+    // Once paid, it is not owed again.
+    revert(host.path());
+    assert_eq!(containerd_restarts(host.path()), restarts + 1);
+}
