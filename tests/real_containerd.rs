@@ -321,7 +321,6 @@ fn containerds_own_view_of_every_edited_config_has_the_runtime() {
             .collect();
     assert!(files.len() >= 15, "{} configs", files.len());
     let dir = tempfile::tempdir().unwrap();
-    let mut legacy_default = Vec::new();
     for (path, text) in &files {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         for default in [DefaultRuntime::Clear, DefaultRuntime::Set] {
@@ -334,22 +333,73 @@ fn containerds_own_view_of_every_edited_config_has_the_runtime() {
             let file = dir.path().join(&name);
             fs::write(&file, private_config(&edited.text, dir.path())).unwrap();
             let dump = real_dump(&file);
-            let verdict =
-                gpuprov::containerd::effective::check(&dump, &wanted, "containerd's view");
-            match (default, verdict) {
-                (_, Ok(())) => {}
-                // A version-1 file's legacy default_runtime table with a
-                // runtime_type wins over default_runtime_name in 1.x:
-                // gpuprov must say so rather than report the default set.
-                (DefaultRuntime::Set, Err(why))
-                    if why.contains("default_runtime has runtime_type") =>
-                {
-                    legacy_default.push(name.clone());
-                }
-                (_, Err(why)) => panic!("{name} ({default:?}): {why}"),
+            if let Err(why) =
+                gpuprov::containerd::effective::check(&dump, &wanted, "containerd's view")
+            {
+                panic!("{name} ({default:?}): {why}");
             }
         }
     }
-    // The kind 2019 node image is the real config with such a table.
-    assert_eq!(legacy_default, ["05-kind-node-image-2019-v1.toml"]);
+}
+
+#[test]
+fn a_legacy_default_runtime_table_no_longer_wins_over_the_nvidia_default() {
+    // Kind's 2019 node image: containerd 1.x makes a `default_runtime`
+    // table with a runtime_type the default, whatever default_runtime_name
+    // says. The check catches the unedited table; gpuprov's edit empties
+    // the type, and real containerd then runs pods on nvidia.
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
+        return;
+    }
+    let original =
+        fs::read_to_string(repo().join("../shared/realworld/containerd/05-kind-node-image-2019-v1.toml"))
+            .unwrap();
+    let wanted = RuntimeWanted {
+        class: "nvidia".into(),
+        binary: BINARY.into(),
+        default: DefaultRuntime::Set,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+
+    // Only default_runtime_name set, as before: containerd's view says the
+    // legacy table wins.
+    let mut naive = parse(&original).unwrap();
+    naive["plugins"]["cri"]["containerd"]["default_runtime_name"] = toml_edit::value("nvidia");
+    naive["plugins"]["cri"]["containerd"]["runtimes"]["nvidia"]["runtime_type"] =
+        toml_edit::value("io.containerd.runc.v2");
+    naive["plugins"]["cri"]["containerd"]["runtimes"]["nvidia"]["options"]["BinaryName"] =
+        toml_edit::value(BINARY);
+    fs::write(&file, private_config(&naive.to_string(), dir.path())).unwrap();
+    let why = gpuprov::containerd::effective::check(&real_dump(&file), &wanted, "view")
+        .unwrap_err();
+    assert!(why.contains("default_runtime has runtime_type"), "{why}");
+    assert!(cri_config_line(&file).contains("DefaultRuntimeName:default "));
+
+    let edited = configure(&original, &wanted, 2).unwrap();
+    assert!(
+        edited.notes.iter().any(|n| n.contains("legacy `default_runtime`")),
+        "{:?}",
+        edited.notes
+    );
+    // Every comment of the original is still there.
+    for comment in original.lines().filter(|l| l.trim_start().starts_with('#')) {
+        assert!(edited.text.contains(comment), "lost {comment:?}");
+    }
+    fs::write(&file, private_config(&edited.text, dir.path())).unwrap();
+    gpuprov::containerd::effective::check(&real_dump(&file), &wanted, "view").unwrap();
+    let line = cri_config_line(&file);
+    assert!(line.contains("DefaultRuntimeName:nvidia "), "{line}");
+    assert!(
+        runtime_entry(&line, "nvidia").contains(&format!("BinaryName:{BINARY}")),
+        "{line}"
+    );
+
+    // Taken out again from a file someone changed since (no byte-for-byte
+    // restore): the legacy table's type comes back.
+    let changed = format!("{}\n# changed by hand\n", edited.text);
+    let reverted =
+        gpuprov::containerd::config::unconfigure(&changed, "nvidia", Some(&original)).unwrap();
+    assert_eq!(reverted, format!("{original}\n# changed by hand\n"));
 }

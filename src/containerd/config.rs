@@ -361,6 +361,21 @@ fn configure_plain(
     let is_default = current_default.as_deref() == Some(wanted.class.as_str());
     if wanted.default == DefaultRuntime::Set {
         set_str(containerd, "default_runtime_name", &wanted.class);
+        if let Some(runtime_type) = legacy_default_type(containerd, layout) {
+            // containerd 1.x makes a legacy `default_runtime` table with a
+            // type the default, whatever default_runtime_name says; an empty
+            // type turns that off and keeps the line, its comments and the
+            // rest of the table (revert puts the type back).
+            if let Some(legacy) = containerd
+                .get_mut(LEGACY_DEFAULT)
+                .and_then(Item::as_table_like_mut)
+            {
+                set_str(legacy, "runtime_type", "");
+            }
+            notes.push(format!(
+                "the legacy `{LEGACY_DEFAULT}` table's runtime_type (\"{runtime_type}\") is now \"\": containerd 1.x made that table the default whatever default_runtime_name said"
+            ));
+        }
     } else if is_default && wanted.default == DefaultRuntime::Keep {
         notes.push(format!(
             "`{}` was already containerd's default runtime and stays so (CONTAINERD_SET_AS_DEFAULT is false)",
@@ -387,6 +402,25 @@ fn configure_plain(
         copied_from,
         notes,
     })
+}
+
+/// The legacy table containerd 1.x takes as the default runtime when it
+/// has a `runtime_type` (configs from 2019 and before).
+pub const LEGACY_DEFAULT: &str = "default_runtime";
+
+/// The `runtime_type` of the legacy default table, when it has one that
+/// containerd 1.x obeys (containerd 2 dropped the table; version 3 files
+/// are for it).
+fn legacy_default_type(containerd: &dyn TableLike, layout: Layout) -> Option<String> {
+    if layout == Layout::V3 {
+        return None;
+    }
+    containerd
+        .get(LEGACY_DEFAULT)?
+        .get("runtime_type")?
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
 }
 
 /// The runtime whose settings a new runtime class copies: the default
@@ -419,25 +453,45 @@ fn base_runtime(containerd: &Table, layout: Layout, class: &str) -> Option<(Stri
     named.or_else(legacy)
 }
 
-/// Removes the runtime class and a `default_runtime_name` naming it
-/// (putting back `original_default`, the default before gpuprov, when there
-/// was one); the rest of the file is left as it is.
-pub fn unconfigure(
-    text: &str,
-    class: &str,
-    original_default: Option<&str>,
-) -> Result<String, ConfigError> {
+/// Removes the runtime class and a `default_runtime_name` naming it,
+/// putting back what `original` (the file before gpuprov, when there was
+/// one) had: its default runtime, and the type of a legacy default table
+/// that gpuprov emptied. The rest of the file is left as it is.
+pub fn unconfigure(text: &str, class: &str, original: Option<&str>) -> Result<String, ConfigError> {
     let (encoding, text) = Encoding::detect(text);
-    unconfigure_plain(&text, class, original_default).map(|t| encoding.restore(t))
+    let original = original.map(parse).transpose()?;
+    unconfigure_plain(&text, class, original.as_ref()).map(|t| encoding.restore(t))
+}
+
+/// The `containerd` table of the CRI plugin, in the document's layout.
+fn containerd_table(doc: &DocumentMut) -> Option<&dyn TableLike> {
+    let (_, layout) = layout(doc).ok()?;
+    doc.get("plugins")?
+        .get(layout.plugin())?
+        .get("containerd")?
+        .as_table_like()
 }
 
 fn unconfigure_plain(
     text: &str,
     class: &str,
-    original_default: Option<&str>,
+    original: Option<&DocumentMut>,
 ) -> Result<String, ConfigError> {
+    let original_layout = original.and_then(|o| layout(o).ok()).map(|(_, l)| l);
     let mut doc = parse(text)?;
     let (_, layout) = layout(&doc)?;
+    let original_containerd = original.and_then(containerd_table);
+    let original_default = original_containerd
+        .and_then(|c| c.get("default_runtime_name"))
+        .and_then(Item::as_str);
+    let original_legacy = original_containerd
+        .zip(original_layout)
+        .and_then(|(c, l)| legacy_default_type(c, l));
+    // A `[….containerd]` header gpuprov wrote only for default_runtime_name.
+    let header_was_there = original
+        .and_then(|o| o.get("plugins")?.get(layout.plugin())?.get("containerd"))
+        .and_then(Item::as_table)
+        .is_some_and(|t| !t.is_implicit());
     if let Some(containerd) = doc
         .get_mut("plugins")
         .and_then(|p| p.get_mut(layout.plugin()))
@@ -462,6 +516,24 @@ fn unconfigure_plain(
                 }
             }
         }
+        if let Some(runtime_type) = &original_legacy
+            && let Some(legacy) = containerd
+                .get_mut(LEGACY_DEFAULT)
+                .and_then(Item::as_table_like_mut)
+            && legacy.get("runtime_type").and_then(Item::as_str) == Some("")
+        {
+            set_str(legacy, "runtime_type", runtime_type);
+        }
+    }
+    if !header_was_there
+        && let Some(containerd) = doc
+            .get_mut("plugins")
+            .and_then(|p| p.get_mut(layout.plugin()))
+            .and_then(|c| c.get_mut("containerd"))
+            .and_then(Item::as_table_mut)
+        && containerd.iter().all(|(_, item)| item.is_table())
+    {
+        containerd.set_implicit(true);
     }
     // Tables that only existed to hold the runtime (implicit: no header of
     // their own) go with it.

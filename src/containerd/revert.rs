@@ -73,16 +73,15 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
             }
         },
         (Some(now), _) => {
-            let original_default = match &original {
-                Some(text) => config::default_runtime_name(text)
-                    .map_err(|e| format!("{}:{}", record.backup, e.located(text)))?,
-                None => None,
-            };
+            if let Some(text) = &original {
+                config::parse(text)
+                    .and_then(|doc| config::layout(&doc))
+                    .map_err(|e| format!("{}:{}", record.backup, e.located(text)))?;
+            }
             let in_config =
                 |e: config::ConfigError| format!("{}:{}", record.config, e.located(now));
-            let mut reverted =
-                config::unconfigure(now, &record.runtime_class, original_default.as_deref())
-                    .map_err(in_config)?;
+            let mut reverted = config::unconfigure(now, &record.runtime_class, original.as_deref())
+                .map_err(in_config)?;
             if let Some(drop_in) = &record.drop_in {
                 reverted = config::remove_import(&reverted, drop_in).map_err(in_config)?;
             }
