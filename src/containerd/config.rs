@@ -751,14 +751,36 @@ fn remove_import_plain(text: &str, path: &str) -> Result<String, ConfigError> {
 /// by key, replacing the main config's section rather than merging into
 /// it, so the drop-in carries the whole section, not just the runtime.
 pub fn drop_in(edited: &str) -> Result<String, ConfigError> {
-    let source = parse(edited)?;
-    let (version, layout) = layout(&source)?;
-    let mut doc = DocumentMut::new();
-    doc.decor_mut().set_prefix(
+    section_file(
+        edited,
         "# Written by gpuprov: containerd's CRI runtime section with the nvidia runtime.\n\
          # It replaces the main config's section of the same name; edit that one, and\n\
          # gpuprov writes this file again from it.\n",
-    );
+    )
+}
+
+/// The drop-in that gives containerd 2 the runtime when the main config is
+/// version 1: containerd 2 renames a version-1 file's plugins and then
+/// takes it as version 3, so the CRI tables in it land where nothing reads
+/// them (checked with containerd 2.1.9). A version-3 file imported after
+/// it is read as written.
+pub fn version3_drop_in(wanted: &RuntimeWanted) -> Result<String, ConfigError> {
+    let edited = configure_plain("", wanted, 3)?;
+    section_file(
+        &edited.text,
+        "# Written by gpuprov: the nvidia runtime for containerd 2, which ignores the CRI\n\
+         # tables of the version-1 main config that imports this file. Converting that\n\
+         # file (`containerd config migrate`) makes its own settings apply again.\n",
+    )
+}
+
+/// A file with the config version and the CRI runtime plugin section of
+/// `edited`, under `header`.
+fn section_file(edited: &str, header: &str) -> Result<String, ConfigError> {
+    let source = parse(edited)?;
+    let (version, layout) = layout(&source)?;
+    let mut doc = DocumentMut::new();
+    doc.decor_mut().set_prefix(header);
     doc.insert("version", toml_edit::value(version));
     let mut plugins = Table::new();
     plugins.set_implicit(true);

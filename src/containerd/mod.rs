@@ -170,21 +170,45 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             ),
         ));
     }
-    let fresh_version = if text.trim().is_empty() {
-        wanted_config_version(ctx.host).map_err(StepError::Observe)?
+    let file_version = if text.trim().is_empty() {
+        None
     } else {
-        2
+        let doc = config::parse(text).map_err(in_file(text))?;
+        Some(config::layout(&doc).map_err(in_file(text))?.0)
+    };
+    // containerd 2 ignores a version-1 file's CRI tables: the runtime goes
+    // into a version-3 drop-in the file imports.
+    let version1_on_2 = file_version == Some(1)
+        && has_containerd(ctx.host)
+        && wanted_config_version(ctx.host).map_err(StepError::Observe)? == 3;
+    let fresh_version = match file_version {
+        None => wanted_config_version(ctx.host).map_err(StepError::Observe)?,
+        Some(_) => 2,
     };
     let wanted = RuntimeWanted {
         class: opts.runtime_class.clone(),
         binary: binary.clone(),
         default,
     };
-    let edited = config::configure(text, &wanted, fresh_version).map_err(in_file(text))?;
+    let edited = if version1_on_2 {
+        config::configure("", &wanted, 3)
+    } else {
+        config::configure(text, &wanted, fresh_version)
+    }
+    .map_err(in_file(text))?;
+    let drop_in_path = match &opts.drop_in_config {
+        Some(path) => Some(path.clone()),
+        None if version1_on_2 => {
+            let path = default_drop_in(&config_path);
+            refuse_foreign_drop_in(ctx.host, &path, record.as_ref(), &wanted)?;
+            Some(path)
+        }
+        None => None,
+    };
     // What each file should hold: the main config with the runtime, or, in
     // drop-in mode, the main config importing a drop-in that has it.
     let mut files: Vec<(String, Option<String>, String, String)> = Vec::new();
-    match &opts.drop_in_config {
+    match &drop_in_path {
         None => files.push((
             config_path.clone(),
             current.clone(),
@@ -192,7 +216,12 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             format!("runtime `{}`", opts.runtime_class),
         )),
         Some(drop_in) => {
-            let section = config::drop_in(&edited.text).map_err(in_file(text))?;
+            let section = if version1_on_2 {
+                config::version3_drop_in(&wanted)
+            } else {
+                config::drop_in(&edited.text)
+            }
+            .map_err(in_file(text))?;
             files.push((
                 drop_in.clone(),
                 ctx.host.read(drop_in)?,
@@ -217,10 +246,15 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         "runtime `{}` runs {binary} ({} in {})",
         opts.runtime_class,
         edited.layout.plugin(),
-        opts.drop_in_config.as_deref().unwrap_or(&config_path)
+        drop_in_path.as_deref().unwrap_or(&config_path)
     );
     if opts.set_as_default {
         reason.push_str(", the default runtime");
+    }
+    if version1_on_2 {
+        reason.push_str(&format!(
+            "; containerd 2 ignores the CRI tables of {config_path}, a version-1 config, so the runtime is in a version-3 drop-in it imports (`containerd config migrate` converts the file so its own settings apply again)"
+        ));
     }
     if config_path != opts.config {
         reason.push_str(&format!("; {} is a link to it", opts.config));
@@ -312,7 +346,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
                 .map_or_else(|| backup_path(&config_path), |r| r.backup.clone()),
             written_sha256: sha256_hex(main_written.as_bytes()),
             runtime_class: opts.runtime_class.clone(),
-            drop_in: opts.drop_in_config.clone(),
+            drop_in: drop_in_path.clone(),
         };
         obs.changes.push(Change::WriteFile {
             path: RECORD.to_string(),
@@ -387,6 +421,34 @@ pub fn restart_changes(opts: &ContainerdOptions) -> Vec<Change> {
         }],
         RestartMode::None => Vec::new(),
     }
+}
+
+/// Where gpuprov puts the version-3 drop-in for a version-1 config under
+/// containerd 2 when the spec names none: `conf.d/` beside the config.
+pub fn default_drop_in(config: &str) -> String {
+    let dir = config.rsplit_once('/').map_or("", |(dir, _)| dir);
+    format!("{dir}/conf.d/gpuprov-runtime.toml")
+}
+
+/// A file at the default drop-in path that gpuprov did not write (no record
+/// names it, and it is not what gpuprov would write) is not replaced.
+fn refuse_foreign_drop_in(
+    host: &Host,
+    path: &str,
+    record: Option<&Record>,
+    wanted: &RuntimeWanted,
+) -> Result<(), StepError> {
+    let ours = record.and_then(|r| r.drop_in.as_deref()) == Some(path);
+    let Some(existing) = host.read(path)? else {
+        return Ok(());
+    };
+    let same = config::version3_drop_in(wanted).is_ok_and(|text| text == existing);
+    if ours || same {
+        return Ok(());
+    }
+    Err(StepError::Observe(format!(
+        "{path} exists and gpuprov did not write it: gpuprov puts containerd 2's runtime for a version-1 config there; move it away, or name another file in containerd.dropInConfig"
+    )))
 }
 
 /// Where the original of a config file is kept.
