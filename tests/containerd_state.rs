@@ -262,11 +262,14 @@ fn a_version_1_config_on_containerd_2_gets_a_version_3_drop_in_it_imports() {
     // 2019 config on a containerd 2 host: gpuprov writes the runtime into a
     // version-3 drop-in, imports it, says why, and revert undoes both.
     let host = copy_host("gh200-preinstalled");
-    let original =
-        fs::read_to_string(repo().join("../shared/realworld/containerd/05-kind-node-image-2019-v1.toml"))
-            .unwrap();
+    let original = fs::read_to_string(
+        repo().join("../shared/realworld/containerd/05-kind-node-image-2019-v1.toml"),
+    )
+    .unwrap();
     fs::write(host.path().join(CONFIG), &original).unwrap();
-    let drop_in = host.path().join("etc/containerd/conf.d/gpuprov-runtime.toml");
+    let drop_in = host
+        .path()
+        .join("etc/containerd/conf.d/gpuprov-runtime.toml");
 
     let plan = support::gpuprov()
         .args(["plan", "--host-exec", "prefix", "--host-root"])
@@ -274,7 +277,10 @@ fn a_version_1_config_on_containerd_2_gets_a_version_3_drop_in_it_imports() {
         .output()
         .unwrap();
     let plan = String::from_utf8_lossy(&plan.stdout);
-    assert!(plan.contains("+imports = [\"/etc/containerd/conf.d/gpuprov-runtime.toml\"]"), "{plan}");
+    assert!(
+        plan.contains("+imports = [\"/etc/containerd/conf.d/gpuprov-runtime.toml\"]"),
+        "{plan}"
+    );
     assert!(plan.contains("io.containerd.cri.v1.runtime"), "{plan}");
     assert!(!drop_in.exists(), "plan changes nothing");
 
@@ -282,7 +288,11 @@ fn a_version_1_config_on_containerd_2_gets_a_version_3_drop_in_it_imports() {
     assert_eq!(code, 0, "{stderr}");
     let runtime = &steps(&report)["containerd-runtime"];
     assert_eq!(runtime.1, "configured", "{}", runtime.2);
-    assert!(runtime.2.contains("ignores the CRI tables"), "{}", runtime.2);
+    assert!(
+        runtime.2.contains("ignores the CRI tables"),
+        "{}",
+        runtime.2
+    );
     let section = fs::read_to_string(&drop_in).unwrap();
     assert!(section.contains("version = 3\n"), "{section}");
     assert!(
@@ -291,7 +301,10 @@ fn a_version_1_config_on_containerd_2_gets_a_version_3_drop_in_it_imports() {
     );
     let main = fs::read_to_string(host.path().join(CONFIG)).unwrap();
     assert_eq!(
-        main.replace("imports = [\"/etc/containerd/conf.d/gpuprov-runtime.toml\"]\n", ""),
+        main.replace(
+            "imports = [\"/etc/containerd/conf.d/gpuprov-runtime.toml\"]\n",
+            ""
+        ),
         original,
         "the main file only gains the import"
     );
@@ -303,23 +316,40 @@ fn a_version_1_config_on_containerd_2_gets_a_version_3_drop_in_it_imports() {
         .arg(host.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(fs::read_to_string(host.path().join(CONFIG)).unwrap(), original);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(host.path().join(CONFIG)).unwrap(),
+        original
+    );
     assert!(!drop_in.exists());
 }
 
 #[test]
 fn a_foreign_file_at_the_default_drop_in_is_not_replaced() {
     let host = copy_host("gh200-preinstalled");
-    let original = "[plugins.cri.containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n";
+    let original =
+        "[plugins.cri.containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n";
     fs::write(host.path().join(CONFIG), original).unwrap();
-    let drop_in = host.path().join("etc/containerd/conf.d/gpuprov-runtime.toml");
+    let drop_in = host
+        .path()
+        .join("etc/containerd/conf.d/gpuprov-runtime.toml");
     fs::create_dir_all(drop_in.parent().unwrap()).unwrap();
     fs::write(&drop_in, "# someone's\n").unwrap();
     let (code, report, _) = apply_json(host.path(), &[]);
     assert_ne!(code, 0);
     let runtime = &steps(&report)["containerd-runtime"];
-    assert!(runtime.2.contains("gpuprov did not write it"), "{}", runtime.2);
+    assert!(
+        runtime.2.contains("gpuprov did not write it"),
+        "{}",
+        runtime.2
+    );
     assert_eq!(fs::read_to_string(&drop_in).unwrap(), "# someone's\n");
-    assert_eq!(fs::read_to_string(host.path().join(CONFIG)).unwrap(), original);
+    assert_eq!(
+        fs::read_to_string(host.path().join(CONFIG)).unwrap(),
+        original
+    );
 }

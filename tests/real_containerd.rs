@@ -352,9 +352,10 @@ fn a_legacy_default_runtime_table_no_longer_wins_over_the_nvidia_default() {
         eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
         return;
     }
-    let original =
-        fs::read_to_string(repo().join("../shared/realworld/containerd/05-kind-node-image-2019-v1.toml"))
-            .unwrap();
+    let original = fs::read_to_string(
+        repo().join("../shared/realworld/containerd/05-kind-node-image-2019-v1.toml"),
+    )
+    .unwrap();
     let wanted = RuntimeWanted {
         class: "nvidia".into(),
         binary: BINARY.into(),
@@ -372,14 +373,17 @@ fn a_legacy_default_runtime_table_no_longer_wins_over_the_nvidia_default() {
     naive["plugins"]["cri"]["containerd"]["runtimes"]["nvidia"]["options"]["BinaryName"] =
         toml_edit::value(BINARY);
     fs::write(&file, private_config(&naive.to_string(), dir.path())).unwrap();
-    let why = gpuprov::containerd::effective::check(&real_dump(&file), &wanted, "view")
-        .unwrap_err();
+    let why =
+        gpuprov::containerd::effective::check(&real_dump(&file), &wanted, "view").unwrap_err();
     assert!(why.contains("default_runtime has runtime_type"), "{why}");
     assert!(cri_config_line(&file).contains("DefaultRuntimeName:default "));
 
     let edited = configure(&original, &wanted, 2).unwrap();
     assert!(
-        edited.notes.iter().any(|n| n.contains("legacy `default_runtime`")),
+        edited
+            .notes
+            .iter()
+            .any(|n| n.contains("legacy `default_runtime`")),
         "{:?}",
         edited.notes
     );
