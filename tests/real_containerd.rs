@@ -383,7 +383,7 @@ fn a_legacy_default_runtime_table_no_longer_wins_over_the_nvidia_default() {
         edited
             .notes
             .iter()
-            .any(|n| n.contains("legacy `default_runtime`")),
+            .any(|n| n.contains("legacy `default_runtime` table has runtime_type = \"\"")),
         "{:?}",
         edited.notes
     );

@@ -361,19 +361,26 @@ fn configure_plain(
     let is_default = current_default.as_deref() == Some(wanted.class.as_str());
     if wanted.default == DefaultRuntime::Set {
         set_str(containerd, "default_runtime_name", &wanted.class);
-        if let Some(runtime_type) = legacy_default_type(containerd, layout) {
+        if legacy_default_type(containerd, layout).is_some()
+            && let Some(legacy) = containerd
+                .get_mut(LEGACY_DEFAULT)
+                .and_then(Item::as_table_like_mut)
+        {
             // containerd 1.x makes a legacy `default_runtime` table with a
             // type the default, whatever default_runtime_name says; an empty
             // type turns that off and keeps the line, its comments and the
             // rest of the table (revert puts the type back).
-            if let Some(legacy) = containerd
-                .get_mut(LEGACY_DEFAULT)
-                .and_then(Item::as_table_like_mut)
-            {
-                set_str(legacy, "runtime_type", "");
-            }
+            set_str(legacy, "runtime_type", "");
+        }
+        let emptied = layout != Layout::V3
+            && containerd
+                .get(LEGACY_DEFAULT)
+                .and_then(|t| t.get("runtime_type"))
+                .and_then(Item::as_str)
+                == Some("");
+        if emptied {
             notes.push(format!(
-                "the legacy `{LEGACY_DEFAULT}` table's runtime_type (\"{runtime_type}\") is now \"\": containerd 1.x made that table the default whatever default_runtime_name said"
+                "the legacy `{LEGACY_DEFAULT}` table has runtime_type = \"\", so that containerd 1.x obeys default_runtime_name"
             ));
         }
     } else if is_default && wanted.default == DefaultRuntime::Keep {
