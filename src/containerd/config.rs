@@ -274,11 +274,8 @@ pub fn layout(doc: &DocumentMut) -> Result<(i64, Layout), ConfigError> {
 /// containerd's `default_runtime_name`, if the config sets one.
 pub fn default_runtime_name(text: &str) -> Result<Option<String>, ConfigError> {
     let doc = parse(text)?;
-    let (_, layout) = layout(&doc)?;
-    Ok(doc
-        .get("plugins")
-        .and_then(|p| p.get(layout.plugin()))
-        .and_then(|c| c.get("containerd"))
+    layout(&doc)?;
+    Ok(containerd_table(&doc)
         .and_then(|c| c.get("default_runtime_name"))
         .and_then(Item::as_str)
         .map(str::to_string))

@@ -438,12 +438,13 @@ fn refuse_foreign_drop_in(
     record: Option<&Record>,
     wanted: &RuntimeWanted,
 ) -> Result<(), StepError> {
-    let ours = record.and_then(|r| r.drop_in.as_deref()) == Some(path);
+    if record.and_then(|r| r.drop_in.as_deref()) == Some(path) {
+        return Ok(());
+    }
     let Some(existing) = host.read(path)? else {
         return Ok(());
     };
-    let same = config::version3_drop_in(wanted).is_ok_and(|text| text == existing);
-    if ours || same {
+    if config::version3_drop_in(wanted).is_ok_and(|text| text == existing) {
         return Ok(());
     }
     Err(StepError::Observe(format!(
