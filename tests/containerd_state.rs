@@ -353,3 +353,69 @@ fn a_foreign_file_at_the_default_drop_in_is_not_replaced() {
         original
     );
 }
+
+#[test]
+fn an_import_that_takes_the_runtime_back_fails_the_step_and_is_named() {
+    // A site file in conf.d, loaded after the main config (Talos, and
+    // many fleets, keep their settings there), replaces containerd 1.x's
+    // CRI section with one without the runtime. With a containerd binary
+    // its own dump shows it; without one gpuprov merges the files by the
+    // same rules. Either way the step fails, naming the file that wins.
+    for with_binary in [true, false] {
+        let host = copy_host("a100-preinstalled");
+        let config = host.path().join(CONFIG);
+        let original = fs::read_to_string(&config).unwrap();
+        fs::write(
+            &config,
+            format!("imports = [\"/etc/containerd/conf.d/*.toml\"]\n{original}"),
+        )
+        .unwrap();
+        fs::create_dir_all(host.path().join("etc/containerd/conf.d")).unwrap();
+        fs::write(
+            host.path().join("etc/containerd/conf.d/99-site.toml"),
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"runc\"\n",
+        )
+        .unwrap();
+        if !with_binary {
+            fs::remove_file(host.path().join("usr/bin/containerd")).unwrap();
+        }
+        let (code, report, stderr) = apply_json(host.path(), &[]);
+        let runtime = &steps(&report)["containerd-runtime"];
+        assert_eq!(runtime.1, "failed", "binary {with_binary}: {}", runtime.2);
+        assert_ne!(code, 0, "{stderr}");
+        assert!(
+            runtime.2.contains(
+                "(/etc/containerd/conf.d/99-site.toml wins: containerd loads it after /etc/containerd/config.toml"
+            ),
+            "binary {with_binary}: {}",
+            runtime.2
+        );
+        assert!(
+            runtime.2.contains("containerd.runtimes has no `nvidia`"),
+            "binary {with_binary}: {}",
+            runtime.2
+        );
+        if !with_binary {
+            assert!(
+                runtime.2.contains("merged as containerd 1.x does"),
+                "{}",
+                runtime.2
+            );
+        }
+        assert_eq!(containerd_restarts(host.path()), 0, "not restarted into it");
+        // The restart it owes waits for the view, too.
+        let (_, report, _) = apply_json(host.path(), &[]);
+        assert_eq!(steps(&report)["containerd-runtime"].1, "failed");
+        assert_eq!(containerd_restarts(host.path()), 0, "not restarted into it");
+        if !with_binary {
+            continue;
+        }
+
+        // Taken out of the site file, the runtime is in effect.
+        fs::remove_file(host.path().join("etc/containerd/conf.d/99-site.toml")).unwrap();
+        let (code, report, stderr) = apply_json(host.path(), &[]);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(steps(&report)["containerd-runtime"].1, "configured");
+        assert_eq!(containerd_restarts(host.path()), 1);
+    }
+}

@@ -375,7 +375,7 @@ fn a_legacy_default_runtime_table_no_longer_wins_over_the_nvidia_default() {
     fs::write(&file, private_config(&naive.to_string(), dir.path())).unwrap();
     let why =
         gpuprov::containerd::effective::check(&real_dump(&file), &wanted, "view").unwrap_err();
-    assert!(why.contains("default_runtime has runtime_type"), "{why}");
+    assert!(why.contains("default_runtime.runtime_type is \"io.containerd.runc.v2\": containerd 1.x makes that table the default"), "{why}");
     assert!(cri_config_line(&file).contains("DefaultRuntimeName:default "));
 
     let edited = configure(&original, &wanted, 2).unwrap();
@@ -406,4 +406,156 @@ fn a_legacy_default_runtime_table_no_longer_wins_over_the_nvidia_default() {
     let reverted =
         gpuprov::containerd::config::unconfigure(&changed, "nvidia", Some(&original)).unwrap();
     assert_eq!(reverted, format!("{original}\n# changed by hand\n"));
+}
+
+/// A main config and the files it imports, named relative to one
+/// directory; `imports` entries use `{dir}` for its absolute path.
+struct ImportCase {
+    name: &'static str,
+    main_imports: &'static [&'static str],
+    files: &'static [(&'static str, &'static str)],
+    /// The file a failure names as the one that wins, if it fails.
+    wins: Option<&'static str>,
+}
+
+const IMPORT_CASES: &[ImportCase] = &[
+    ImportCase {
+        name: "a site file's CRI section replaces gpuprov's (containerd 1.x)",
+        main_imports: &["{dir}/conf.d/*.toml"],
+        files: &[
+            (
+                "conf.d/10-debug.toml",
+                "version = 2\n[debug]\nlevel = \"debug\"\n",
+            ),
+            (
+                "conf.d/99-site.toml",
+                "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\ndefault_runtime_name = \"runc\"\n",
+            ),
+        ],
+        wins: Some("conf.d/99-site.toml"),
+    },
+    ImportCase {
+        name: "a relative import of a relative import sets another BinaryName",
+        main_imports: &["site.toml"],
+        files: &[
+            (
+                "site.toml",
+                "version = 2\nimports = [\"conf.d/override.toml\"]\n[debug]\nlevel = \"info\"\n",
+            ),
+            (
+                "conf.d/override.toml",
+                "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\ndefault_runtime_name = \"nvidia\"\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nvidia]\nruntime_type = \"io.containerd.runc.v2\"\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nvidia.options]\nBinaryName = \"/usr/local/bin/other-runtime\"\n",
+            ),
+        ],
+        wins: Some("conf.d/override.toml"),
+    },
+    ImportCase {
+        name: "imports without a CRI section leave the runtime as gpuprov wrote it",
+        main_imports: &["{dir}/conf.d/*.toml", "{dir}/missing-glob-*.toml"],
+        files: &[
+            (
+                "conf.d/10-debug.toml",
+                "version = 2\n[debug]\nlevel = \"debug\"\n",
+            ),
+            (
+                "conf.d/20-metrics.toml",
+                "version = 2\n[metrics]\naddress = \"127.0.0.1:1338\"\n",
+            ),
+        ],
+        wins: None,
+    },
+    ImportCase {
+        name: "a version-2 import of a version-1 config makes containerd 1.x refuse its short plugin ids",
+        main_imports: &["{dir}/conf.d/*.toml"],
+        files: &[(
+            "conf.d/10-debug.toml",
+            "version = 2\n[debug]\nlevel = \"debug\"\n",
+        )],
+        wins: None,
+    },
+];
+
+#[test]
+fn the_merged_view_of_imports_is_what_real_containerd_loads() {
+    // Without a containerd binary gpuprov merges a config and its imports
+    // by containerd's rules. Here real containerd 1.6 dumps the same files:
+    // both must agree on whether the runtime is in effect, and a failure
+    // through the binary names the import that wins.
+    use gpuprov::containerd::effective::{check, check_doc, verify};
+    use gpuprov::containerd::imports::{Major, load, merge};
+    use gpuprov::host::{ExecMode, Host};
+
+    let wanted = RuntimeWanted {
+        class: "nvidia".into(),
+        binary: BINARY.into(),
+        default: DefaultRuntime::Set,
+    };
+    let root = Host::new(Path::new("/"), ExecMode::Prefix, Duration::from_secs(30)).unwrap();
+    for case in IMPORT_CASES {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name).display().to_string();
+        let version1 = case.name.contains("version-1");
+        let original = if version1 {
+            "../shared/realworld/containerd/05-kind-node-image-2019-v1.toml"
+        } else {
+            "fixtures/containerd/v2-systemd-cgroup.toml"
+        };
+        let original = fs::read_to_string(repo().join(original)).unwrap();
+        let edited = configure(&original, &wanted, 2).unwrap();
+        let mut main = parse(&private_config(&edited.text, dir.path())).unwrap();
+        let mut entries = toml_edit::Array::new();
+        for entry in case.main_imports {
+            entries.push(entry.replace("{dir}", &dir.path().display().to_string()));
+        }
+        main["imports"] = toml_edit::value(entries);
+        let config = at("config.toml");
+        fs::write(&config, main.to_string()).unwrap();
+        for (name, text) in case.files {
+            fs::create_dir_all(Path::new(&at(name)).parent().unwrap()).unwrap();
+            fs::write(at(name), text).unwrap();
+        }
+
+        let files = load(&root, &config, &[], Major::One).unwrap();
+        let view = merge(&files, Major::One);
+        let ours = match &view.refused {
+            Some(why) => Err(why.clone()),
+            None => check_doc(&view.doc, &wanted).map_err(|m| m.message),
+        };
+        let output = Command::new("containerd")
+            .args(["--config", &config, "config", "dump"])
+            .output()
+            .unwrap();
+        let real = if output.status.success() {
+            check(&String::from_utf8_lossy(&output.stdout), &wanted, "dump")
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        };
+        assert_eq!(
+            ours.is_ok(),
+            real.is_ok(),
+            "{}: ours {ours:?}, real containerd {real:?}",
+            case.name
+        );
+        let verified = verify(&root, &config, &wanted, &mut Vec::new());
+        match case.wins {
+            None if version1 => {
+                let real = real.unwrap_err();
+                assert!(real.contains("plugin URI \"aufs\""), "{real}");
+                let ours = ours.unwrap_err();
+                assert!(
+                    ours.contains("has disabled_plugins entry \"aufs\""),
+                    "{ours}"
+                );
+            }
+            None => assert!(verified.is_ok(), "{}: {verified:?}", case.name),
+            Some(file) => {
+                let why = verified.unwrap_err();
+                assert!(
+                    why.contains(&format!("({} wins", at(file))),
+                    "{}: {why}",
+                    case.name
+                );
+            }
+        }
+    }
 }

@@ -717,7 +717,7 @@ fn add_import_plain(text: &str, path: &str, fresh_version: i64) -> Result<String
             let covered = imports
                 .iter()
                 .filter_map(Value::as_str)
-                .any(|entry| glob_matches(entry, path));
+                .any(|entry| super::imports::entry_covers(entry, path));
             if !covered {
                 imports.push(path);
             }
@@ -800,48 +800,9 @@ fn section_file(edited: &str, header: &str) -> Result<String, ConfigError> {
     Ok(doc.to_string())
 }
 
-/// containerd's import globs: `*` and `?` in the file name.
-fn glob_matches(pattern: &str, path: &str) -> bool {
-    let (p_dir, p_name) = pattern.rsplit_once('/').unwrap_or(("", pattern));
-    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
-    p_dir == dir && wildcard(p_name.as_bytes(), name.as_bytes())
-}
-
-fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
-    match (pattern.first(), text.first()) {
-        (None, None) => true,
-        (Some(b'*'), _) => {
-            wildcard(&pattern[1..], text) || (!text.is_empty() && wildcard(pattern, &text[1..]))
-        }
-        (Some(b'?'), Some(_)) => wildcard(&pattern[1..], &text[1..]),
-        (Some(p), Some(t)) if p == t => wildcard(&pattern[1..], &text[1..]),
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs_match_like_containerds_imports() {
-        assert!(glob_matches(
-            "/etc/containerd/conf.d/*.toml",
-            "/etc/containerd/conf.d/99-nvidia.toml"
-        ));
-        assert!(!glob_matches(
-            "/etc/containerd/conf.d/*.toml",
-            "/etc/containerd/99-nvidia.toml"
-        ));
-        assert!(glob_matches(
-            "/etc/containerd/conf.d/9?-nvidia.toml",
-            "/etc/containerd/conf.d/99-nvidia.toml"
-        ));
-        assert!(!glob_matches(
-            "/etc/containerd/conf.d/*.conf",
-            "/etc/containerd/conf.d/99-nvidia.toml"
-        ));
-    }
 
     #[test]
     fn imports_are_added_once_and_removed_exactly() {

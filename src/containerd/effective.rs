@@ -12,6 +12,7 @@
 use toml_edit::{DocumentMut, Item};
 
 use super::config::{DefaultRuntime, RuntimeWanted};
+use super::imports::{self, Major};
 use crate::host::{CommandRecord, Host};
 
 /// Remembers, until reboot, the config containerd's view was last checked
@@ -23,18 +24,36 @@ pub const VIEW_CHECKED: &str = "/run/gpuprov/containerd-view.json";
 /// room for containerd's defaults.
 const DUMP_CAP: usize = (crate::host::HOST_FILE_CAP as usize) + (1 << 20);
 
-/// What the check depends on, as the marker's content.
-pub fn view_key(host: &Host, wanted: &RuntimeWanted, files: &[(&str, &str)]) -> String {
+/// What the check depends on, as the marker's content: the wanted
+/// runtime, the binary, and every file containerd loads for `main` (with
+/// `given` as the contents gpuprov writes), so that a changed import is
+/// checked again.
+pub fn view_key(host: &Host, wanted: &RuntimeWanted, main: &str, given: &[(&str, &str)]) -> String {
     let binary = super::containerd_binary(host).and_then(|path| {
         host.stat(&path)
             .ok()
             .flatten()
             .map(|info| format!("{path} {} {}", info.size, info.mtime_ns))
     });
-    let contents: Vec<serde_json::Value> = files
+    let main_text = given
         .iter()
-        .map(|(path, text)| serde_json::json!({"path": path, "sha256": super::sha256_hex(text.as_bytes())}))
-        .collect();
+        .find(|(path, _)| *path == main)
+        .map(|(_, text)| text.to_string())
+        .or_else(|| host.read(main).ok().flatten())
+        .unwrap_or_default();
+    let version = super::config::parse(&main_text)
+        .ok()
+        .and_then(|doc| doc.get("version").and_then(Item::as_integer))
+        .unwrap_or(1);
+    // A file that cannot be loaded is in the key as the error: the check
+    // then fails with it, and no marker is written.
+    let contents: Vec<serde_json::Value> = match imports::load(host, main, given, Major::guess(version)) {
+        Ok(files) => files
+            .iter()
+            .map(|file| serde_json::json!({"path": file.path, "sha256": super::sha256_hex(file.text.as_bytes())}))
+            .collect(),
+        Err(why) => vec![serde_json::json!({"error": why})],
+    };
     format!(
         "{}\n",
         serde_json::json!({
@@ -48,8 +67,9 @@ pub fn view_key(host: &Host, wanted: &RuntimeWanted, files: &[(&str, &str)]) -> 
 }
 
 /// Checks containerd's view of `config`: `containerd --config <config>
-/// config dump` in the host when it has the binary, the file itself
-/// otherwise. The command's record goes to `commands`.
+/// config dump` in the host when it has the binary, the file and its
+/// imports merged by containerd's rules otherwise. A mismatch names the
+/// file whose value wins. The command's record goes to `commands`.
 pub fn verify(
     host: &Host,
     config: &str,
@@ -61,7 +81,27 @@ pub fn verify(
             .read(config)
             .map_err(|e| crate::exec::error_chain(&e))?
             .unwrap_or_default();
-        return check(&text, wanted, config);
+        let version = super::config::parse(&text)
+            .ok()
+            .and_then(|doc| doc.get("version").and_then(Item::as_integer))
+            .unwrap_or(1);
+        let major = Major::guess(version);
+        let files = imports::load(host, config, &[], major)?;
+        let view = imports::merge(&files, major);
+        if let Some(refused) = view.refused {
+            return Err(refused);
+        }
+        return check_doc(&view.doc, wanted).map_err(|m| {
+            let source = if files.len() == 1 {
+                config.to_string()
+            } else {
+                format!(
+                    "{config} and its imports, merged as containerd {} does (no containerd binary in the host to ask)",
+                    if major == Major::Two { "2" } else { "1.x" }
+                )
+            };
+            format!("in {source}, {}{}", m.message, winner(&view, &m, config))
+        });
     };
     let argv: Vec<String> = [binary.as_str(), "--config", config, "config", "dump"]
         .map(String::from)
@@ -91,11 +131,46 @@ pub fn verify(
             binary
         ));
     }
-    check(
-        &dump,
-        wanted,
-        &format!("containerd's view of {config} (config dump)"),
-    )
+    let source = format!("containerd's view of {config} (config dump)");
+    let doc: DocumentMut = dump
+        .parse()
+        .map_err(|e| format!("{source} is not TOML: {e}"))?;
+    check_doc(&doc, wanted).map_err(|m| {
+        // Which file it comes from, by the rules of the containerd that
+        // printed the dump (version 3 is containerd 2's).
+        let version = doc.get("version").and_then(Item::as_integer).unwrap_or(1);
+        let major = Major::guess(version);
+        let from = imports::load(host, config, &[], major)
+            .map(|files| winner(&imports::merge(&files, major), &m, config))
+            .unwrap_or_default();
+        format!("in {source}, {}{from}", m.message)
+    })
+}
+
+/// Names the file whose value is in effect at the mismatched key, when it
+/// is an import rather than `config` itself.
+fn winner(view: &imports::View, mismatch: &Mismatch, config: &str) -> String {
+    match view.source_of(&mismatch.key) {
+        Some(file) if file != config => format!(
+            " ({file} wins: containerd loads it after {config}, and its plugins.\"{}\" section {} the one there; change it there, or drop the import)",
+            mismatch.key.get(1).map_or("", String::as_str),
+            if view.replaces_sections() {
+                "replaces"
+            } else {
+                "overrides keys of"
+            }
+        ),
+        // Nothing sets the key's section: the version decides where
+        // containerd reads it, and another file's version is in effect.
+        None => match view.version_source() {
+            Some(file) if file != config => format!(
+                " ({file}, loaded after {config}, sets the version that is in effect, so containerd reads the CRI plugin at plugins.\"{}\")",
+                mismatch.key.get(1).map_or("", String::as_str)
+            ),
+            _ => String::new(),
+        },
+        _ => String::new(),
+    }
 }
 
 /// The CRI runtime section's plugin id in a dump of each version.
@@ -123,35 +198,79 @@ fn text(item: Option<&Item>) -> Option<String> {
     })
 }
 
-/// Checks `dump` (containerd's config dump, or the file itself) for the
-/// runtime gpuprov wants; `Err` says which key wins and how.
+/// A way containerd's view lacks the runtime: the key that wins, and what
+/// it says (starting with the key).
+#[derive(Debug)]
+pub struct Mismatch {
+    pub key: Vec<String>,
+    pub message: String,
+}
+
+/// A dotted key as TOML writes it: ids with dots are quoted.
+fn dotted(key: &[&str]) -> String {
+    key.iter()
+        .map(|part| {
+            if !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                part.to_string()
+            } else {
+                format!("{part:?}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Checks `dump` (containerd's config dump, or one file) for the runtime
+/// gpuprov wants; `Err` says which key wins and how.
 pub fn check(dump: &str, wanted: &RuntimeWanted, source: &str) -> Result<(), String> {
     let doc: DocumentMut = dump
         .parse()
         .map_err(|e| format!("{source} is not TOML: {e}"))?;
+    check_doc(&doc, wanted).map_err(|m| format!("in {source}, {}", m.message))
+}
+
+/// Checks a parsed view for the runtime gpuprov wants.
+pub fn check_doc(doc: &DocumentMut, wanted: &RuntimeWanted) -> Result<(), Mismatch> {
     let version = doc.get("version").and_then(Item::as_integer).unwrap_or(1);
     let plugin = plugin_for(version);
     let root = doc.as_item();
-    let Some(containerd) = get(root, &["plugins", plugin, "containerd"]) else {
-        return Err(format!(
-            "{source} has no plugins.\"{plugin}\".containerd section: containerd would not load runtime `{}`",
-            wanted.class
+    let base = ["plugins", plugin, "containerd"];
+    let mismatch = |rest: &[&str], says: String| {
+        let key: Vec<&str> = base.iter().chain(rest).copied().collect();
+        Mismatch {
+            key: key.iter().map(|k| k.to_string()).collect(),
+            message: format!("{} {says}", dotted(&key)),
+        }
+    };
+    let Some(containerd) = get(root, &base) else {
+        return Err(mismatch(
+            &[],
+            format!(
+                "does not exist: containerd would not load runtime `{}`",
+                wanted.class
+            ),
         ));
     };
-    let prefix = format!("plugins.\"{plugin}\".containerd");
-    let Some(runtime) = get(containerd, &["runtimes", &wanted.class]) else {
-        return Err(format!(
-            "in {source}, {prefix}.runtimes has no `{}`: containerd ignores where it was written",
-            wanted.class
+    let class = wanted.class.as_str();
+    let Some(runtime) = get(containerd, &["runtimes", class]) else {
+        return Err(mismatch(
+            &["runtimes"],
+            format!("has no `{class}`: containerd ignores where it was written"),
         ));
     };
     let binary = text(get(runtime, &["options", "BinaryName"]));
     if binary.as_deref() != Some(wanted.binary.as_str()) {
-        return Err(format!(
-            "in {source}, {prefix}.runtimes.{}.options.BinaryName is {}, not {}",
-            wanted.class,
-            binary.as_deref().unwrap_or("unset"),
-            wanted.binary
+        return Err(mismatch(
+            &["runtimes", class, "options", "BinaryName"],
+            format!(
+                "is {}, not {}",
+                binary.as_deref().unwrap_or("unset"),
+                wanted.binary
+            ),
         ));
     }
     let cgroup = |runtime: &Item| {
@@ -160,30 +279,37 @@ pub fn check(dump: &str, wanted: &RuntimeWanted, source: &str) -> Result<(), Str
     if let Some(runc) = get(containerd, &["runtimes", "runc"])
         && cgroup(runc) != cgroup(runtime)
     {
-        return Err(format!(
-            "in {source}, {prefix}.runtimes.{}.options.SystemdCgroup is {} but runc's is {}: containers would get another cgroup driver than the kubelet's",
-            wanted.class,
-            cgroup(runtime),
-            cgroup(runc)
+        return Err(mismatch(
+            &["runtimes", class, "options", "SystemdCgroup"],
+            format!(
+                "is {} but runc's is {}: containers would get another cgroup driver than the kubelet's",
+                cgroup(runtime),
+                cgroup(runc)
+            ),
         ));
     }
     if wanted.default == DefaultRuntime::Set {
         // containerd 1.x uses a legacy default_runtime table that has a
-        // runtime_type as the default, whatever default_runtime_name says.
-        let legacy =
-            text(get(containerd, &["default_runtime", "runtime_type"])).filter(|t| !t.is_empty());
+        // runtime_type as the default, whatever default_runtime_name says
+        // (containerd 2 has no such table).
+        let legacy = text(get(containerd, &["default_runtime", "runtime_type"]))
+            .filter(|t| !t.is_empty() && version < 3);
         if let Some(runtime_type) = legacy {
-            return Err(format!(
-                "in {source}, {prefix}.default_runtime has runtime_type = \"{runtime_type}\": containerd 1.x makes that table the default, so default_runtime_name = \"{}\" is ignored",
-                wanted.class
+            return Err(mismatch(
+                &["default_runtime", "runtime_type"],
+                format!(
+                    "is \"{runtime_type}\": containerd 1.x makes that table the default, so default_runtime_name = \"{class}\" is ignored"
+                ),
             ));
         }
         let default = text(containerd.get("default_runtime_name"));
-        if default.as_deref() != Some(wanted.class.as_str()) {
-            return Err(format!(
-                "in {source}, {prefix}.default_runtime_name is {}, not `{}`",
-                default.as_deref().unwrap_or("unset"),
-                wanted.class
+        if default.as_deref() != Some(class) {
+            return Err(mismatch(
+                &["default_runtime_name"],
+                format!(
+                    "is {}, not `{class}`",
+                    default.as_deref().unwrap_or("unset")
+                ),
             ));
         }
     }

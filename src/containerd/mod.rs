@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod effective;
+pub mod imports;
 pub mod restart;
 pub mod revert;
 
@@ -268,7 +269,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         .iter()
         .map(|(path, _, wanted, _)| (path.as_str(), wanted.as_str()))
         .collect();
-    let view_key = effective::view_key(ctx.host, &wanted, &wanted_files);
+    let view_key = effective::view_key(ctx.host, &wanted, &config_path, &wanted_files);
     let view_checked =
         ctx.host.read(effective::VIEW_CHECKED)?.as_deref() == Some(view_key.as_str());
     let check_view = Change::CheckContainerdView {
@@ -380,11 +381,9 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             });
         }
     }
-    // Before the restart: containerd is not restarted into a config whose
-    // view lacks the runtime.
-    if changed {
-        obs.changes.push(check_view);
-    }
+    // Before the restart (an owed one too): containerd is not restarted
+    // into a config whose view lacks the runtime.
+    obs.changes.push(check_view);
     obs.changes.extend(restart_changes(opts));
     if opts.restart_mode == RestartMode::None {
         obs.reason

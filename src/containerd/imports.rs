@@ -1,0 +1,640 @@
+//! The files containerd loads for one config (the file and its `imports`,
+//! in containerd's order) and the view it merges from them, for a host
+//! without a containerd binary to ask, and to name the file whose value
+//! wins when containerd's view lacks the runtime.
+//!
+//! The rules, read in containerd's `LoadConfig` (1.6/1.7 and 2.0/2.1):
+//! * the main file first, then each file's imports breadth-first, a file
+//!   loaded once; an import with a `*` is a glob (matches sorted per
+//!   directory), any other is a path, relative ones beside the file that
+//!   names them (containerd 1.x leaves a relative glob relative to its
+//!   working directory, `/`); a missing import stops containerd;
+//! * containerd 1.x: a later file's `[plugins.<id>]` section replaces the
+//!   earlier one whole; the last non-zero `version` wins, and version 1
+//!   reads the CRI plugin at its short id `cri`;
+//! * containerd 2.x: every version-1 file is migrated on its own (`cri`
+//!   becomes `io.containerd.grpc.v1.cri`, then the file counts as
+//!   version 3), then merged key by key; when the merged version is
+//!   below 3, the CRI plugin's migration copies each key of
+//!   `io.containerd.grpc.v1.cri.containerd` the runtime section lacks.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use toml_edit::{DocumentMut, Item, Table};
+
+use crate::host::Host;
+
+/// The most files gpuprov follows through imports: far more than any
+/// node has, and a bound on a host whose globs match thousands.
+pub const FILES_CAP: usize = 256;
+
+/// Whose rules merge the files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Major {
+    /// containerd 1.x: plugin sections replaced whole.
+    One,
+    /// containerd 2.x: everything merged key by key.
+    Two,
+}
+
+impl Major {
+    /// Without a binary to ask: a version-3 main file is for containerd 2.
+    pub fn guess(main_version: i64) -> Major {
+        if main_version >= 3 {
+            Major::Two
+        } else {
+            Major::One
+        }
+    }
+}
+
+/// One file containerd loads, in load order.
+pub struct Loaded {
+    pub path: String,
+    pub text: String,
+    doc: DocumentMut,
+}
+
+/// The files containerd loads for `main`, main first. `given` holds
+/// contents to use instead of the host's (what gpuprov is about to write).
+pub fn load(
+    host: &Host,
+    main: &str,
+    given: &[(&str, &str)],
+    major: Major,
+) -> Result<Vec<Loaded>, String> {
+    let mut pending = VecDeque::from([(main.to_string(), None::<String>)]);
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    while let Some((path, parent)) = pending.pop_front() {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        if out.len() == FILES_CAP {
+            return Err(format!(
+                "{main} imports more than {FILES_CAP} files (counting imports of imports): gpuprov does not follow that many"
+            ));
+        }
+        let text = match given.iter().find(|(p, _)| *p == path) {
+            Some((_, text)) => Some(text.to_string()),
+            None => host.read(&path).map_err(|e| crate::exec::error_chain(&e))?,
+        };
+        let Some(text) = text else {
+            let by = parent
+                .map(|p| format!(", imported by {p},"))
+                .unwrap_or_default();
+            return Err(format!(
+                "{path}{by} does not exist: containerd does not start with an import it cannot open"
+            ));
+        };
+        let doc =
+            super::config::parse(&text).map_err(|e| format!("{path}:{}", e.located(&text)))?;
+        for entry in import_entries(&doc, &path)? {
+            for file in resolve(host, &path, &entry, major)? {
+                pending.push_back((file, Some(path.clone())));
+            }
+        }
+        out.push(Loaded { path, text, doc });
+    }
+    Ok(out)
+}
+
+fn import_entries(doc: &DocumentMut, path: &str) -> Result<Vec<String>, String> {
+    let Some(item) = doc.get("imports") else {
+        return Ok(Vec::new());
+    };
+    let not_paths = || format!("{path}: `imports` must be a list of file paths");
+    let array = item.as_array().ok_or_else(not_paths)?;
+    array
+        .iter()
+        .map(|v| v.as_str().map(str::to_string).ok_or_else(not_paths))
+        .collect()
+}
+
+/// The files one import entry names, as that containerd resolves it.
+fn resolve(host: &Host, parent: &str, entry: &str, major: Major) -> Result<Vec<String>, String> {
+    let beside = |entry: &str| {
+        if entry.starts_with('/') {
+            clean(entry)
+        } else {
+            let dir = parent.rsplit_once('/').map_or("", |(dir, _)| dir);
+            clean(&format!("{dir}/{entry}"))
+        }
+    };
+    if !entry.contains('*') {
+        return Ok(vec![beside(entry)]);
+    }
+    let pattern = match major {
+        Major::Two => beside(entry),
+        Major::One => clean(&format!("/{entry}")),
+    };
+    glob(host, &pattern).map_err(|e| format!("{parent}: import {entry:?}: {e}"))
+}
+
+/// `path` without `.`, `..` and repeated slashes, as Go's `filepath.Clean`
+/// makes an absolute path.
+fn clean(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// The paths matching `pattern` (absolute, clean), as Go's `filepath.Glob`
+/// finds them: each component with a wildcard matched against the sorted
+/// entries of the directories matched so far.
+fn glob(host: &Host, pattern: &str) -> Result<Vec<String>, String> {
+    let mut found = vec![String::new()];
+    for component in pattern.split('/').filter(|c| !c.is_empty()) {
+        let matcher = Pattern::parse(component)?;
+        let mut next = Vec::new();
+        for dir in &found {
+            match &matcher {
+                None => next.push(format!("{dir}/{component}")),
+                Some(matcher) => {
+                    let shown = if dir.is_empty() { "/" } else { dir };
+                    // Go's Glob skips what it cannot read as a directory.
+                    let Ok(names) = host.list_dir(shown) else {
+                        continue;
+                    };
+                    next.extend(
+                        names
+                            .iter()
+                            .filter(|name| matcher.matches(name))
+                            .map(|name| format!("{dir}/{name}")),
+                    );
+                }
+            }
+            if next.len() > FILES_CAP {
+                return Err(format!("matches more than {FILES_CAP} paths"));
+            }
+        }
+        found = next;
+    }
+    // The last component may have been literal: only what exists counts.
+    let mut out = Vec::new();
+    for path in found {
+        if host
+            .stat(&path)
+            .map_err(|e| crate::exec::error_chain(&e))?
+            .is_some()
+        {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// One of Go's `filepath.Match` pattern elements.
+#[derive(Debug)]
+enum Token {
+    Star,
+    AnyChar,
+    Char(char),
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
+}
+
+impl Token {
+    fn matches(&self, c: char) -> bool {
+        match self {
+            Token::Star => true,
+            Token::AnyChar => true,
+            Token::Char(want) => c == *want,
+            Token::Class { negated, ranges } => {
+                ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&c)) != *negated
+            }
+        }
+    }
+}
+
+/// A file-name pattern with Go's syntax: `*`, `?`, `[a-z]`, `[^a]`, `\x`.
+#[derive(Debug)]
+pub struct Pattern(Vec<Token>);
+
+impl Pattern {
+    /// `None` for a name without wildcards; an error for a malformed one
+    /// (containerd refuses those too).
+    pub fn parse(text: &str) -> Result<Option<Pattern>, String> {
+        if !text.contains(['*', '?', '[', '\\']) {
+            return Ok(None);
+        }
+        let bad = || format!("{text:?} is not a valid glob (Go's filepath.Match syntax)");
+        // A class member: `-` and `]` only escaped, as Go requires.
+        let member = |chars: &mut std::iter::Peekable<std::str::Chars>| match chars.next() {
+            None | Some('-' | ']') => None,
+            Some('\\') => chars.next(),
+            Some(c) => Some(c),
+        };
+        let mut chars = text.chars().peekable();
+        let mut tokens = Vec::new();
+        while let Some(c) = chars.next() {
+            tokens.push(match c {
+                '*' => Token::Star,
+                '?' => Token::AnyChar,
+                '\\' => Token::Char(chars.next().ok_or_else(bad)?),
+                '[' => {
+                    let negated = chars.next_if_eq(&'^').is_some();
+                    let mut ranges = Vec::new();
+                    while ranges.is_empty() || chars.next_if_eq(&']').is_none() {
+                        let lo = member(&mut chars).ok_or_else(bad)?;
+                        let hi = match chars.next_if_eq(&'-') {
+                            Some(_) => member(&mut chars).ok_or_else(bad)?,
+                            None => lo,
+                        };
+                        if lo > hi {
+                            return Err(bad());
+                        }
+                        ranges.push((lo, hi));
+                    }
+                    Token::Class { negated, ranges }
+                }
+                c => Token::Char(c),
+            });
+        }
+        Ok(Some(Pattern(tokens)))
+    }
+
+    /// Whether `name` (one path component) matches. Iterative, with one
+    /// backtrack point per star: linear in practice, never exponential.
+    pub fn matches(&self, name: &str) -> bool {
+        let name: Vec<char> = name.chars().collect();
+        let tokens = &self.0;
+        let (mut t, mut n) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while n < name.len() {
+            match tokens.get(t) {
+                Some(Token::Star) => {
+                    star = Some((t + 1, n));
+                    t += 1;
+                    continue;
+                }
+                Some(token) if token.matches(name[n]) => {
+                    t += 1;
+                    n += 1;
+                    continue;
+                }
+                _ => {}
+            }
+            match star {
+                // The last star takes one more character, and the rest of
+                // the pattern is tried again from there.
+                Some((after, from)) => {
+                    star = Some((after, from + 1));
+                    t = after;
+                    n = from + 1;
+                }
+                None => return false,
+            }
+        }
+        tokens[t..].iter().all(|token| matches!(token, Token::Star))
+    }
+}
+
+/// Whether an `imports` entry names `path`, directly or as a glob.
+pub fn entry_covers(entry: &str, path: &str) -> bool {
+    let entry: Vec<&str> = entry.split('/').collect();
+    let path: Vec<&str> = path.split('/').collect();
+    entry.len() == path.len()
+        && entry
+            .iter()
+            .zip(&path)
+            .all(|(e, p)| match Pattern::parse(e) {
+                Ok(Some(pattern)) => pattern.matches(p),
+                Ok(None) => e == p,
+                Err(_) => false,
+            })
+}
+
+/// The merged config, and which file each key in it came from.
+pub struct View {
+    pub doc: DocumentMut,
+    /// Every table and value's dotted path, with the index of the file in
+    /// `load`'s list that set it last.
+    from: BTreeMap<Vec<String>, usize>,
+    files: Vec<String>,
+    major: Major,
+    /// The file whose `version` is in effect.
+    version_from: Option<usize>,
+    /// Why containerd would not start on these files, when it would not.
+    pub refused: Option<String>,
+}
+
+impl View {
+    /// The file whose value is in effect at `key`, or at its nearest
+    /// ancestor that some file sets.
+    pub fn source_of(&self, key: &[String]) -> Option<&str> {
+        (0..=key.len())
+            .rev()
+            .find_map(|n| self.from.get(&key[..n]))
+            .map(|i| self.files[*i].as_str())
+    }
+
+    /// The file whose `version` line is in effect, when one has it.
+    pub fn version_source(&self) -> Option<&str> {
+        self.version_from.map(|i| self.files[i].as_str())
+    }
+
+    /// Whether a later file's plugin section replaces an earlier one
+    /// (containerd 1.x) rather than overriding its keys (2.x).
+    pub fn replaces_sections(&self) -> bool {
+        self.major == Major::One
+    }
+}
+
+/// containerd's merge of `files` (as `load` returned them).
+pub fn merge(files: &[Loaded], major: Major) -> View {
+    let mut root = Table::new();
+    let mut version = 0;
+    let mut version_from = None;
+    let mut from = BTreeMap::new();
+    for (index, file) in files.iter().enumerate() {
+        let mut doc = plain(file.doc.as_item())
+            .as_table()
+            .cloned()
+            .unwrap_or_default();
+        let mut file_version = doc.get("version").and_then(Item::as_integer).unwrap_or(0);
+        if major == Major::Two && file_version <= 1 {
+            rename_v1_plugins(&mut doc);
+            file_version = 3;
+        }
+        if file_version != 0 {
+            version = file_version;
+            version_from = Some(index);
+        }
+        let Some(plugins) = doc.get("plugins").and_then(Item::as_table) else {
+            continue;
+        };
+        let merged = root
+            .entry("plugins")
+            .or_insert_with(|| Item::Table(Table::new()))
+            .as_table_mut()
+            .expect("plugins is always a table here");
+        for (id, section) in plugins.iter() {
+            let key = vec!["plugins".to_string(), id.to_string()];
+            match (major, merged.get_mut(id)) {
+                (Major::Two, Some(Item::Table(into))) if section.is_table() => {
+                    merge_table(
+                        into,
+                        section.as_table().expect("checked"),
+                        &key,
+                        index,
+                        &mut from,
+                    );
+                }
+                _ => {
+                    // Replaced whole: nothing of an earlier file is left.
+                    from.retain(|k: &Vec<String>, _| !k.starts_with(&key));
+                    merged.insert(id, section.clone());
+                    record(section, &key, index, &mut from);
+                }
+            }
+        }
+    }
+    if version == 0 {
+        version = 1;
+    }
+    // containerd 1.x takes plugin ids in full from version 2 on, and
+    // refuses to start on a short one (`cri`) then.
+    let refused = (major == Major::One && version >= 2)
+        .then(|| short_plugin_id(files, &root, &from, version, version_from))
+        .flatten();
+    if major == Major::Two && version < 3 {
+        migrate_cri_runtime(&mut root, &mut from);
+        version = 3;
+    }
+    root.insert("version", toml_edit::value(version));
+    View {
+        doc: DocumentMut::from(root),
+        from,
+        files: files.iter().map(|f| f.path.clone()).collect(),
+        major,
+        version_from,
+        refused,
+    }
+}
+
+/// Why containerd 1.x refuses a merged config of version 2: a short
+/// plugin id (`cri`, `aufs`) where it takes full ones then.
+fn short_plugin_id(
+    files: &[Loaded],
+    root: &Table,
+    from: &BTreeMap<Vec<String>, usize>,
+    version: i64,
+    version_from: Option<usize>,
+) -> Option<String> {
+    let short = |id: &str| id.split('.').count() < 4;
+    let versioned = version_from.map_or("", |i| files[i].path.as_str());
+    let refused = |file: &str, what: String| {
+        format!(
+            "containerd 1.x would not start: {versioned} makes the merged config version {version}, which needs full plugin ids, and {file} has {what}"
+        )
+    };
+    // Lists are appended across files: any file's short entry counts.
+    for list in ["disabled_plugins", "required_plugins"] {
+        for file in files {
+            let entries = file.doc.get(list).and_then(Item::as_array);
+            if let Some(id) = entries
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .find(|id| short(id))
+            {
+                return Some(refused(
+                    &file.path,
+                    format!(
+                        "{list} entry {id:?} (containerd: \"invalid {} plugin URI\")",
+                        list.trim_end_matches("_plugins")
+                    ),
+                ));
+            }
+        }
+    }
+    let plugins = root.get("plugins").and_then(Item::as_table)?;
+    let (id, _) = plugins.iter().find(|(id, _)| short(id))?;
+    let key = vec!["plugins".to_string(), id.to_string()];
+    let file = from.get(&key).map_or("", |i| files[*i].path.as_str());
+    Some(refused(
+        file,
+        format!("plugins.{id:?} (containerd: \"invalid plugin key URI\")"),
+    ))
+}
+
+/// `item` with every inline table made a table, so that `a = { b = 1 }`
+/// and `[a]` merge alike.
+fn plain(item: &Item) -> Item {
+    match item {
+        Item::Table(table) => {
+            let mut out = Table::new();
+            for (key, value) in table.iter() {
+                out.insert(key, plain(value));
+            }
+            Item::Table(out)
+        }
+        Item::Value(toml_edit::Value::InlineTable(inline)) => {
+            plain(&Item::Table(inline.clone().into_table()))
+        }
+        other => other.clone(),
+    }
+}
+
+fn record(item: &Item, key: &[String], index: usize, from: &mut BTreeMap<Vec<String>, usize>) {
+    from.insert(key.to_vec(), index);
+    if let Some(table) = item.as_table() {
+        for (name, child) in table.iter() {
+            let mut child_key = key.to_vec();
+            child_key.push(name.to_string());
+            record(child, &child_key, index, from);
+        }
+    }
+}
+
+fn merge_table(
+    into: &mut Table,
+    from_table: &Table,
+    key: &[String],
+    index: usize,
+    from: &mut BTreeMap<Vec<String>, usize>,
+) {
+    from.insert(key.to_vec(), index);
+    for (name, value) in from_table.iter() {
+        let mut child_key = key.to_vec();
+        child_key.push(name.to_string());
+        match (into.get_mut(name), value) {
+            (Some(Item::Table(existing)), Item::Table(incoming)) => {
+                merge_table(existing, incoming, &child_key, index, from);
+            }
+            _ => {
+                from.retain(|k: &Vec<String>, _| !k.starts_with(&child_key));
+                into.insert(name, value.clone());
+                record(value, &child_key, index, from);
+            }
+        }
+    }
+}
+
+/// containerd 2's migration of a version-1 file: plugins get their full
+/// ids. Only the CRI plugin matters to the runtime.
+fn rename_v1_plugins(doc: &mut Table) {
+    let Some(plugins) = doc.get_mut("plugins").and_then(Item::as_table_mut) else {
+        return;
+    };
+    if let Some(cri) = plugins.remove("cri") {
+        plugins.insert("io.containerd.grpc.v1.cri", cri);
+    }
+}
+
+const CRI_V2: &str = "io.containerd.grpc.v1.cri";
+const CRI_RUNTIME: &str = "io.containerd.cri.v1.runtime";
+
+/// containerd 2's CRI migration of a version-2 config: each key of the old
+/// `containerd` section that the runtime plugin's lacks is copied (the
+/// snapshotter settings moved to the image plugin).
+fn migrate_cri_runtime(root: &mut Table, from: &mut BTreeMap<Vec<String>, usize>) {
+    let old_key = ["plugins", CRI_V2, "containerd"].map(String::from).to_vec();
+    let new_key = ["plugins", CRI_RUNTIME, "containerd"]
+        .map(String::from)
+        .to_vec();
+    let Some(old) = root
+        .get("plugins")
+        .and_then(|p| p.get(CRI_V2))
+        .and_then(|c| c.get("containerd"))
+        .and_then(Item::as_table)
+        .cloned()
+    else {
+        return;
+    };
+    let plugins = root["plugins"].as_table_mut().expect("has the old section");
+    let runtime = plugins
+        .entry(CRI_RUNTIME)
+        .or_insert_with(|| Item::Table(Table::new()))
+        .as_table_mut();
+    let Some(runtime) = runtime else { return };
+    let containerd = runtime
+        .entry("containerd")
+        .or_insert_with(|| Item::Table(Table::new()))
+        .as_table_mut();
+    let Some(containerd) = containerd else { return };
+    let moved: Vec<(Vec<String>, usize)> = from
+        .iter()
+        .filter(|(k, _)| k.starts_with(&old_key))
+        .map(|(k, i)| (k.clone(), *i))
+        .collect();
+    for (name, value) in old.iter() {
+        if matches!(
+            name,
+            "snapshotter" | "disable_snapshot_annotations" | "discard_unpacked_layers"
+        ) || containerd.contains_key(name)
+        {
+            continue;
+        }
+        containerd.insert(name, value.clone());
+        let mut old_child = old_key.clone();
+        old_child.push(name.to_string());
+        for (k, i) in &moved {
+            if k.starts_with(&old_child) {
+                let mut new = new_key.clone();
+                new.extend_from_slice(&k[old_key.len()..]);
+                from.insert(new, *i);
+            }
+        }
+    }
+    if let Some((_, i)) = moved.iter().find(|(k, _)| *k == old_key) {
+        from.entry(new_key).or_insert(*i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(pattern: &str, name: &str) -> bool {
+        Pattern::parse(pattern).unwrap().unwrap().matches(name)
+    }
+
+    #[test]
+    fn patterns_match_as_gos_filepath_match_does() {
+        assert!(matches("*.toml", "99-nvidia.toml"));
+        assert!(matches("*.toml", ".hidden.toml"));
+        assert!(!matches("*.toml", "99-nvidia.toml.bak"));
+        assert!(matches("9?-*.toml", "99-nvidia.toml"));
+        assert!(matches("[0-9][0-9]-*", "10-site"));
+        assert!(!matches("[^0-9]*", "10-site"));
+        assert!(matches("a\\*b", "a*b"));
+        assert!(!matches("a\\*b", "axb"));
+        assert!(Pattern::parse("[a-").is_err());
+        assert!(Pattern::parse("abc").unwrap().is_none());
+        // Many stars against a long name that fails at the end: a
+        // recursive matcher takes exponential time here.
+        let name = "a".repeat(200);
+        assert!(!matches(&format!("{}b", "*a".repeat(30)), &name));
+    }
+
+    #[test]
+    fn entries_cover_paths_directly_or_as_globs() {
+        let path = "/etc/containerd/conf.d/99-nvidia.toml";
+        assert!(entry_covers("/etc/containerd/conf.d/*.toml", path));
+        assert!(entry_covers(path, path));
+        assert!(!entry_covers("/etc/containerd/*.toml", path));
+        assert!(!entry_covers("/etc/containerd/conf.d/*.conf", path));
+        assert!(entry_covers("/etc/containerd/*/9?-nvidia.toml", path));
+    }
+
+    #[test]
+    fn paths_are_cleaned_as_go_does() {
+        assert_eq!(
+            clean("/etc//containerd/./conf.d/../x.toml"),
+            "/etc/containerd/x.toml"
+        );
+        assert_eq!(clean("/../x"), "/x");
+    }
+}
