@@ -751,7 +751,7 @@ fn remove_import_plain(text: &str, path: &str) -> Result<String, ConfigError> {
 
 /// The drop-in file for drop-in mode: the config version and the whole CRI
 /// runtime plugin section of `edited` (the main config with the runtime
-/// added). containerd before 2.1 merges an imported file's plugin sections
+/// added). containerd 1.x merges an imported file's plugin sections
 /// by key, replacing the main config's section rather than merging into
 /// it, so the drop-in carries the whole section, not just the runtime.
 pub fn drop_in(edited: &str) -> Result<String, ConfigError> {

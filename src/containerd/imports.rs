@@ -630,6 +630,45 @@ mod tests {
     }
 
     #[test]
+    fn a_glob_matching_more_files_than_the_cap_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf_d = dir.path().join("etc/containerd/conf.d");
+        std::fs::create_dir_all(&conf_d).unwrap();
+        for i in 0..=FILES_CAP {
+            std::fs::write(conf_d.join(format!("{i:04}.toml")), "version = 2\n").unwrap();
+        }
+        let host = Host::new(
+            dir.path(),
+            crate::host::ExecMode::Prefix,
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+        let main = "version = 2\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n";
+        let given = [("/etc/containerd/config.toml", main)];
+        let why = load(&host, "/etc/containerd/config.toml", &given, Major::One)
+            .err()
+            .unwrap();
+        assert!(why.contains(&format!("more than {FILES_CAP}")), "{why}");
+        // A cycle loads each file once.
+        std::fs::remove_dir_all(&conf_d).unwrap();
+        std::fs::create_dir_all(&conf_d).unwrap();
+        std::fs::write(
+            conf_d.join("a.toml"),
+            "imports = [\"../config.toml\", \"a.toml\"]\n",
+        )
+        .unwrap();
+        let files = load(&host, "/etc/containerd/config.toml", &given, Major::Two).unwrap();
+        let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/etc/containerd/config.toml",
+                "/etc/containerd/conf.d/a.toml"
+            ]
+        );
+    }
+
+    #[test]
     fn paths_are_cleaned_as_go_does() {
         assert_eq!(
             clean("/etc//containerd/./conf.d/../x.toml"),
