@@ -462,3 +462,29 @@ fn events_that_cannot_be_posted_do_not_fail_the_converge() {
     assert!(stderr.contains("node events not posted"), "{stderr}");
     assert_eq!(fake.labels(NODE)["gpuprov.io/driver"], "preinstalled");
 }
+
+#[test]
+fn no_kubeconfig_and_no_cluster_is_exit_1_with_the_hint_and_the_root_cause() {
+    // A newcomer's laptop, or a bootstrap image: no in-cluster variables,
+    // no KUBECONFIG, no ~/.kube/config. The labels have nowhere to go.
+    let host = copy_host("a100-preinstalled");
+    let home = tempfile::tempdir().unwrap();
+    let out = gpuprov()
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("HOME", home.path())
+        .args(["apply", "--labels-sink", "api", "--node-name", "n1"])
+        .args(["--host-exec", "prefix", "--host-root"])
+        .arg(host.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("give --kubeconfig FILE, or --labels-sink file"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(".kube/config"), "the root cause: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
