@@ -199,3 +199,44 @@ fn file_urls_serve_air_gapped_nodes_from_the_host() {
     let err = fetch(&host, &gone, Duration::from_secs(5), true).unwrap_err();
     assert!(err.to_string().contains("cannot read"), "{err}");
 }
+
+#[test]
+fn a_cache_entry_that_is_a_link_is_refused_never_followed() {
+    // Someone planted a link at the artifact's cache path, to a file that
+    // even has the artifact's bytes (a host binary, say). gpuprov follows
+    // no link in its own directories: it refuses, naming the entry, and
+    // neither the link nor its target changes (no chmod through it).
+    use std::os::unix::fs::PermissionsExt;
+    let server = ArtifactServer::start();
+    let body = b"#!/bin/sh\necho installer\n".to_vec();
+    server.route("/driver.run", Route::Body(body.clone()));
+    let (dir, host) = host();
+    let artifact = artifact(server.url("/driver.run"), &body);
+    let target = dir.path().join("usr/bin/site-tool");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::write(&target, &body).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cache = dir.path().join("var/cache/gpuprov");
+    std::fs::create_dir_all(&cache).unwrap();
+    let entry = cache.join(&artifact.sha256);
+    std::os::unix::fs::symlink("/usr/bin/site-tool", &entry).unwrap();
+
+    let err = fetch(&host, &artifact, Duration::from_secs(10), true).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("/var/cache/gpuprov/{}", artifact.sha256))
+            && message.contains("gpuprov follows no link there"),
+        "{message}"
+    );
+    assert_eq!(server.hits("/driver.run"), 0, "nothing fetched into it");
+    assert_eq!(
+        std::fs::read_link(&entry).unwrap(),
+        std::path::Path::new("/usr/bin/site-tool")
+    );
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the link's target keeps its mode"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), body);
+}
