@@ -446,3 +446,43 @@ fn the_toolkit_artifact_method_unpacks_a_pinned_tarball_atomically() {
         "no temporary or old directory is left"
     );
 }
+
+#[test]
+fn a_toolkit_install_dir_that_is_a_link_is_refused_and_left_alone() {
+    // `installDir` planted as a link to /usr/bin: swapping the directory in
+    // would replace the link (and everything it names would look gone), and
+    // unpacking through it would write into /usr/bin. Refused, naming it.
+    let server = ArtifactServer::start();
+    let tarball = toolkit_tarball("v1");
+    server.route("/toolkit.tar.gz", Route::Body(tarball.clone()));
+    let host = copy_host("rtx-with-audio");
+    fs::create_dir_all(host.path().join("usr/local/nvidia")).unwrap();
+    std::os::unix::fs::symlink("/usr/bin", host.path().join("usr/local/nvidia/toolkit")).unwrap();
+    let spec = write_spec(
+        host.path(),
+        "toolkit.yaml",
+        &format!(
+            "toolkit:\n  method: artifact\n  artifact:\n    url: {}\n    sha256: {}\n    allowInsecureHttp: true\n",
+            server.url("/toolkit.tar.gz"),
+            sha(&tarball)
+        ),
+    );
+    let usr_bin = tree(&host.path().join("usr/bin"));
+    let (code, report, stderr) = apply_config(host.path(), &spec);
+    assert_ne!(code, 0, "{stderr}");
+    let toolkit = &steps(&report)["container-toolkit"];
+    assert_eq!(toolkit.1, "failed", "{}", toolkit.2);
+    assert!(
+        toolkit.2.contains("/usr/local/nvidia/toolkit is a symlink"),
+        "{}",
+        toolkit.2
+    );
+    assert_eq!(
+        fs::read_link(host.path().join("usr/local/nvidia/toolkit")).unwrap(),
+        std::path::Path::new("/usr/bin")
+    );
+    assert!(
+        changed(&usr_bin, &tree(&host.path().join("usr/bin"))).is_empty(),
+        "nothing written into the link's target"
+    );
+}
