@@ -35,20 +35,10 @@ pub fn view_key(host: &Host, wanted: &RuntimeWanted, main: &str, given: &[(&str,
             .flatten()
             .map(|info| format!("{path} {} {}", info.size, info.mtime_ns))
     });
-    let main_text = given
-        .iter()
-        .find(|(path, _)| *path == main)
-        .map(|(_, text)| text.to_string())
-        .or_else(|| host.read(main).ok().flatten())
-        .unwrap_or_default();
-    let version = super::config::parse(&main_text)
-        .ok()
-        .and_then(|doc| doc.get("version").and_then(Item::as_integer))
-        .unwrap_or(1);
     // A file that cannot be loaded is in the key as the error: the check
     // then fails with it, and no marker is written.
-    let contents: Vec<serde_json::Value> = match imports::load(host, main, given, Major::guess(version)) {
-        Ok(files) => files
+    let contents: Vec<serde_json::Value> = match imports::load_guessing(host, main, given) {
+        Ok((files, _)) => files
             .iter()
             .map(|file| serde_json::json!({"path": file.path, "sha256": super::sha256_hex(file.text.as_bytes())}))
             .collect(),
@@ -77,16 +67,7 @@ pub fn verify(
     commands: &mut Vec<CommandRecord>,
 ) -> Result<(), String> {
     let Some(binary) = super::containerd_binary(host) else {
-        let text = host
-            .read(config)
-            .map_err(|e| crate::exec::error_chain(&e))?
-            .unwrap_or_default();
-        let version = super::config::parse(&text)
-            .ok()
-            .and_then(|doc| doc.get("version").and_then(Item::as_integer))
-            .unwrap_or(1);
-        let major = Major::guess(version);
-        let files = imports::load(host, config, &[], major)?;
+        let (files, major) = imports::load_guessing(host, config, &[])?;
         let view = imports::merge(&files, major);
         if let Some(refused) = view.refused {
             return Err(refused);
@@ -150,10 +131,10 @@ pub fn verify(
 /// Names the file whose value is in effect at the mismatched key, when it
 /// is an import rather than `config` itself.
 fn winner(view: &imports::View, mismatch: &Mismatch, config: &str) -> String {
+    let plugin = mismatch.key.get(1).map_or("", String::as_str);
     match view.source_of(&mismatch.key) {
         Some(file) if file != config => format!(
-            " ({file} wins: containerd loads it after {config}, and its plugins.\"{}\" section {} the one there; change it there, or drop the import)",
-            mismatch.key.get(1).map_or("", String::as_str),
+            " ({file} wins: containerd loads it after {config}, and its plugins.\"{plugin}\" section {} the one there; change it there, or drop the import)",
             if view.replaces_sections() {
                 "replaces"
             } else {
@@ -164,8 +145,7 @@ fn winner(view: &imports::View, mismatch: &Mismatch, config: &str) -> String {
         // containerd reads it, and another file's version is in effect.
         None => match view.version_source() {
             Some(file) if file != config => format!(
-                " ({file}, loaded after {config}, sets the version that is in effect, so containerd reads the CRI plugin at plugins.\"{}\")",
-                mismatch.key.get(1).map_or("", String::as_str)
+                " ({file}, loaded after {config}, sets the version that is in effect, so containerd reads the CRI plugin at plugins.\"{plugin}\")"
             ),
             _ => String::new(),
         },

@@ -55,6 +55,31 @@ pub struct Loaded {
     doc: DocumentMut,
 }
 
+/// The files containerd loads for `main` on a host without a binary to
+/// ask, by the rules its main file's version suggests (`Major::guess`).
+pub fn load_guessing(
+    host: &Host,
+    main: &str,
+    given: &[(&str, &str)],
+) -> Result<(Vec<Loaded>, Major), String> {
+    let main_text = match given.iter().find(|(path, _)| *path == main) {
+        Some((_, text)) => Some(text.to_string()),
+        None => host.read(main).map_err(|e| crate::exec::error_chain(&e))?,
+    };
+    let version = main_text
+        .as_deref()
+        .and_then(|text| super::config::parse(text).ok())
+        .and_then(|doc| doc.get("version").and_then(Item::as_integer))
+        .unwrap_or(1);
+    let major = Major::guess(version);
+    // The main file is read once: its text goes along as given.
+    let mut given = given.to_vec();
+    if let Some(text) = &main_text {
+        given.push((main, text));
+    }
+    Ok((load(host, main, &given, major)?, major))
+}
+
 /// The files containerd loads for `main`, main first. `given` holds
 /// contents to use instead of the host's (what gpuprov is about to write).
 pub fn load(
