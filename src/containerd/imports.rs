@@ -28,6 +28,10 @@ use crate::host::Host;
 /// node has, and a bound on a host whose globs match thousands.
 pub const FILES_CAP: usize = 256;
 
+/// The most bytes gpuprov reads across those files: each is capped on its
+/// own, and this keeps 256 of them from adding up to half a GiB.
+pub const TOTAL_BYTES_CAP: usize = 4 * crate::host::HOST_FILE_CAP as usize;
+
 /// Whose rules merge the files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Major {
@@ -91,6 +95,7 @@ pub fn load(
     let mut pending = VecDeque::from([(main.to_string(), None::<String>)]);
     let mut seen = HashSet::new();
     let mut out = Vec::new();
+    let mut read = 0;
     while let Some((path, parent)) = pending.pop_front() {
         if !seen.insert(path.clone()) {
             continue;
@@ -112,6 +117,12 @@ pub fn load(
                 "{path}{by} does not exist: containerd does not start with an import it cannot open"
             ));
         };
+        read += text.len();
+        if read > TOTAL_BYTES_CAP {
+            return Err(format!(
+                "{main} and the files it imports hold more than {TOTAL_BYTES_CAP} bytes (at {path}): gpuprov reads no more"
+            ));
+        }
         let doc =
             super::config::parse(&text).map_err(|e| format!("{path}:{}", e.located(&text)))?;
         for entry in import_entries(&doc, &path)? {
@@ -674,6 +685,20 @@ mod tests {
             .err()
             .unwrap();
         assert!(why.contains(&format!("more than {FILES_CAP}")), "{why}");
+        // Files each under the per-file cap, together over the total one.
+        std::fs::remove_dir_all(&conf_d).unwrap();
+        std::fs::create_dir_all(&conf_d).unwrap();
+        let big = format!("version = 2\n#{}\n", "x".repeat(TOTAL_BYTES_CAP / 5));
+        for i in 0..5 {
+            std::fs::write(conf_d.join(format!("{i}.toml")), &big).unwrap();
+        }
+        let why = load(&host, "/etc/containerd/config.toml", &given, Major::One)
+            .err()
+            .unwrap();
+        assert!(
+            why.contains(&format!("hold more than {TOTAL_BYTES_CAP} bytes")),
+            "{why}"
+        );
         // A cycle loads each file once.
         std::fs::remove_dir_all(&conf_d).unwrap();
         std::fs::create_dir_all(&conf_d).unwrap();
