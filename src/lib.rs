@@ -87,6 +87,10 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Lock(exec::LockError::Timeout { .. }) => exit::LOCKED,
+            Error::Kube(kube::KubeError::Interrupted { .. })
+            | Error::Labels(labels::LabelError::Kube(kube::KubeError::Interrupted { .. })) => {
+                exit::INTERRUPTED
+            }
             _ => exit::ERROR,
         }
     }

@@ -158,3 +158,51 @@ fn run_without_an_api_server_is_an_error() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("gpuprov run needs an API server"));
 }
+
+#[test]
+fn run_stops_on_sigterm_while_the_api_server_hangs() {
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let host = copy_host("a100-preinstalled");
+    let port = free_port();
+    let mut daemon = Daemon::spawn(&fake, NODE, host.path(), "1s", port);
+    eventually("/readyz to say converged", Duration::from_secs(30), || {
+        get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+
+    // The API server goes silent: the open watch yields nothing more and
+    // never closes, and every request is left unanswered. A drift makes
+    // the daemon converge again, so a request of its own hangs too.
+    fake.hang();
+    fake.clear_log();
+    let config = host.path().join("etc/containerd/config.toml");
+    std::fs::copy(repo().join("fixtures/containerd/v2-default.toml"), &config).unwrap();
+    eventually(
+        "a request to the hung API server",
+        Duration::from_secs(15),
+        || !fake.log().is_empty(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "run keeps running while the API server hangs"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run did not stop within 10 s of SIGTERM with the API server hung"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}

@@ -488,3 +488,64 @@ fn no_kubeconfig_and_no_cluster_is_exit_1_with_the_hint_and_the_root_cause() {
     assert!(stderr.contains(".kube/config"), "the root cause: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn sigterm_while_the_api_server_hangs_stops_apply_at_once() {
+    let fake = fake_with_node(&[]);
+    let host = copy_host("a100-preinstalled");
+    let before = support::tree(host.path());
+    // Every request waits an hour: apply is stuck on its first, the
+    // Node's GET, until it is told to stop.
+    fake.hang();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"))
+        .args(["apply", "--host-exec", "prefix", "--node-name", NODE])
+        .arg("--kubeconfig")
+        .arg(fake.kubeconfig())
+        .arg("--host-root")
+        .arg(host.path())
+        .args(["--config", &node_prep_only()])
+        .env_remove("KUBECONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(15);
+    while fake.log().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "apply never asked the API server"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("apply did not stop within 10 s of SIGTERM with the API server hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains(
+            "stopped by SIGTERM or SIGINT while waiting on the API server for GET node gpu-node-1"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        support::changed(&before, &support::tree(host.path())),
+        Vec::<std::path::PathBuf>::new(),
+        "nothing on the host changed"
+    );
+}

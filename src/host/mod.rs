@@ -182,12 +182,52 @@ enum ScopeRoot<'h> {
     Beneath(pathrs::Root),
 }
 
+/// What one scoped `openat2` said.
+enum Lookup {
+    Found(OwnedFd),
+    /// ENOENT or ENOTDIR: it, or a directory on the way, is not there.
+    Absent,
+    /// Anything else (a link refused, a kernel without `openat2`, EAGAIN
+    /// retried out): libpathrs is asked, for its fallback and its error.
+    AskLibpathrs,
+}
+
 impl Scope<'_> {
     fn root(&self) -> &pathrs::Root {
         match &self.root {
             ScopeRoot::Tree(root) => root,
             ScopeRoot::Beneath(root) => root,
         }
+    }
+
+    /// The `openat2` libpathrs makes for this scope (`RESOLVE_IN_ROOT |
+    /// RESOLVE_NO_MAGICLINKS`, and `RESOLVE_NO_SYMLINKS` below an own
+    /// directory), made here so that an absent path costs one system
+    /// call: libpathrs's error for it reads its directory's path back
+    /// through procfs for the message (eight calls), and gpuprov asks
+    /// after absent paths often (toolkit binaries in six directories,
+    /// PCI attributes), where "absent" is the answer, not an error.
+    fn open(&self, flags: OpenFlags) -> Lookup {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let mut resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+        if self.own.is_some() {
+            resolve |= ResolveFlags::NO_SYMLINKS;
+        }
+        let mut flags = OFlags::from_bits_retain(flags.bits() as u32) | OFlags::CLOEXEC;
+        if !flags.contains(OFlags::PATH) {
+            flags |= OFlags::NOCTTY;
+        }
+        // EAGAIN: a rename or mount raced the lookup somewhere on the
+        // system; libpathrs retries as often.
+        for _ in 0..128 {
+            match rustix::fs::openat2(self.root(), &self.rest, flags, Mode::empty(), resolve) {
+                Ok(fd) => return Lookup::Found(fd),
+                Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => return Lookup::Absent,
+                Err(rustix::io::Errno::AGAIN) => continue,
+                Err(_) => return Lookup::AskLibpathrs,
+            }
+        }
+        Lookup::AskLibpathrs
     }
 }
 
@@ -245,7 +285,10 @@ impl Host {
     /// inside the root only (none below gpuprov's own directories);
     /// `Ok(None)` when it, or a directory on the way, does not exist.
     fn handle(&self, host_path: &str) -> Result<Option<pathrs::Handle>, HostError> {
-        self.in_root(host_path, |root, path| root.resolve(path))
+        self.in_root(host_path, OpenFlags::O_PATH, |root, path| {
+            root.resolve(path)
+        })
+        .map(|found| found.map(pathrs::Handle::from_fd))
     }
 
     /// Where `path` (relative) is resolved: the host root, or, below one
@@ -275,19 +318,27 @@ impl Host {
         })
     }
 
-    /// Runs `op` on `host_path` in its scope; `Ok(None)` when it, or a
-    /// directory on the way, does not exist.
-    fn in_root<T>(
+    /// Opens `host_path` with `flags` in its scope; `Ok(None)` when it, or
+    /// a directory on the way, does not exist. The kernel's answer is
+    /// taken when it is "here" or "absent"; anything else is asked again
+    /// of libpathrs (`op`, the same lookup), whose error names the cause.
+    fn in_root<T: Into<OwnedFd>>(
         &self,
         host_path: &str,
+        flags: OpenFlags,
         op: impl FnOnce(&pathrs::Root, &Path) -> Result<T, pathrs::error::Error>,
-    ) -> Result<Option<T>, HostError> {
+    ) -> Result<Option<OwnedFd>, HostError> {
         let scope = match self.scope(&relative(host_path), false) {
             Ok(scope) => scope,
             Err(e) => return self.absent_or(host_path, e),
         };
+        match scope.open(flags) {
+            Lookup::Found(fd) => return Ok(Some(fd)),
+            Lookup::Absent => return Ok(None),
+            Lookup::AskLibpathrs => {}
+        }
         match op(scope.root(), &scope.rest) {
-            Ok(value) => Ok(Some(value)),
+            Ok(value) => Ok(Some(value.into())),
             Err(e) => match (errno(&e), scope.own) {
                 (Some(libc::ELOOP), Some(own)) => Err(HostError::LinkInOwnDir {
                     path: host_path.to_string(),
@@ -460,7 +511,10 @@ impl Host {
     /// Opens `host_path` with `flags`, resolved as `handle` resolves it;
     /// `Ok(None)` when it does not exist.
     fn open_resolved(&self, host_path: &str, flags: OpenFlags) -> Result<Option<File>, HostError> {
-        self.in_root(host_path, |root, path| root.open_subpath(path, flags))
+        self.in_root(host_path, flags, |root, path| {
+            root.open_subpath(path, flags)
+        })
+        .map(|found| found.map(File::from))
     }
 
     /// Reads a file's bytes, at most its cap (`KERNEL_FILE_CAP` under

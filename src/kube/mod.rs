@@ -58,6 +58,8 @@ pub enum KubeError {
     NodeNotFound { node: String, server: String },
     #[error("no node name: set --node-name or NODE_NAME")]
     NoNodeName,
+    #[error("stopped by SIGTERM or SIGINT while waiting on the API server for {what}")]
+    Interrupted { what: String },
 }
 
 /// How to reach the API server.
@@ -139,9 +141,9 @@ impl Cluster {
             http::header::USER_AGENT,
             http::HeaderValue::from_static(concat!("gpuprov/", env!("CARGO_PKG_VERSION"))),
         ));
-        // A server that accepts the connection and never answers must not
-        // hold a converge: every request but the watch (whose own idle
-        // check is in `watch_labels`) answers well within this.
+        // A server that never accepts must not hold a converge; one that
+        // accepts and never answers is `REQUEST_TIMEOUT`'s (and, for the
+        // watch, `watch_labels`'s idle check).
         config
             .connect_timeout
             .get_or_insert(Duration::from_secs(10));
@@ -190,21 +192,21 @@ impl Cluster {
                     tracing::warn!(server = %self.server, %what, attempt, "retrying: {last}");
                 }
                 let backoff = Duration::from_millis(200 << attempt);
-                match self.client.send(request.clone().map(Body::from)).await {
-                    Ok(response) => {
-                        let code = response.status().as_u16();
+                let exchange = tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(&request));
+                let answer = tokio::select! {
+                    answer = exchange => answer,
+                    () = stop_requested() => {
+                        return Err(KubeError::Interrupted { what: what.to_string() });
+                    }
+                };
+                match answer {
+                    Err(_) => {
+                        count(0);
+                        last = format!("no answer within {REQUEST_TIMEOUT:?}");
+                        tokio::time::sleep(backoff).await;
+                    }
+                    Ok(Ok((code, retry_after, body))) => {
                         count(code);
-                        let retry_after = response
-                            .headers()
-                            .get("retry-after")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<u64>().ok());
-                        let body = response
-                            .into_body()
-                            .collect_bytes()
-                            .await
-                            .map(|b| b.to_vec())
-                            .unwrap_or_default();
                         if code == 429 || code >= 500 {
                             last = format!("{code} {}", status_message(&body));
                             let wait =
@@ -214,7 +216,7 @@ impl Cluster {
                         }
                         return Ok((code, body));
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         count(0);
                         last = crate::exec::error_chain(&e);
                         tokio::time::sleep(backoff).await;
@@ -227,6 +229,28 @@ impl Cluster {
                 last,
             })
         })
+    }
+
+    /// One request and its whole answer: status, `Retry-After` seconds
+    /// and body.
+    async fn exchange(
+        &self,
+        request: &http::Request<Vec<u8>>,
+    ) -> Result<(u16, Option<u64>, Vec<u8>), ::kube::Error> {
+        let response = self.client.send(request.clone().map(Body::from)).await?;
+        let code = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let body = response
+            .into_body()
+            .collect_bytes()
+            .await
+            .map(|b| b.to_vec())
+            .unwrap_or_default();
+        Ok((code, retry_after, body))
     }
 
     fn refused(&self, what: &str, code: u16, body: &[u8]) -> KubeError {
@@ -414,6 +438,21 @@ fn without_empty_query(mut request: http::Request<Vec<u8>>) -> http::Request<Vec
         *request.uri_mut() = fixed;
     }
     request
+}
+
+/// How long one request (but the watch) may take, its whole answer read:
+/// a server that accepts the connection and never answers must not hold a
+/// converge. Real requests answer in milliseconds.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Resolves when SIGTERM or SIGINT has been received: a request left
+/// waiting on the API server is dropped then, whatever the server does.
+/// (A label PATCH dropped mid-flight is applied or not; server-side apply
+/// makes the next run's the same either way.)
+async fn stop_requested() {
+    while !crate::interrupt::requested() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// How long a watch request may take to answer.

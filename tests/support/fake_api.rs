@@ -102,6 +102,9 @@ struct Inner {
     version: u64,
     /// Bumped to end every open watch (a dropped connection).
     watch_generation: u64,
+    /// Open watches send nothing more and never close (a server gone
+    /// silent: hung, or the link cut without a reset).
+    watches_silent: bool,
 }
 
 #[derive(Clone, Default)]
@@ -354,6 +357,21 @@ impl FakeApi {
     pub fn drop_watches(&self) {
         self.shared.0.lock().unwrap().watch_generation += 1;
     }
+
+    /// Goes silent: open watches send nothing more and stay open, and
+    /// every new request waits an hour before it is answered.
+    pub fn hang(&self) {
+        self.shared.0.lock().unwrap().watches_silent = true;
+        self.inject(Fault {
+            method: None,
+            path_prefix: "/",
+            status: 0,
+            retry_after: None,
+            times: usize::MAX,
+            delay_ms: 3_600_000,
+            body: None,
+        });
+    }
 }
 
 fn status(code: u16, reason: &str, message: String) -> Response {
@@ -558,23 +576,29 @@ fn async_stream(
                     if inner.watch_generation != generation {
                         return None;
                     }
-                    inner
-                        .nodes
-                        .iter()
-                        .filter(|(name, _)| wanted.as_deref().is_none_or(|w| w == name.as_str()))
-                        .find(|(name, node)| seen.get(*name) != Some(&node.resource_version))
-                        .map(|(name, node)| {
-                            let kind = if seen.contains_key(name) {
-                                "MODIFIED"
-                            } else {
-                                "ADDED"
-                            };
-                            (
-                                name.clone(),
-                                node.resource_version,
-                                json!({"type": kind, "object": node_json(name, node)}),
-                            )
-                        })
+                    if inner.watches_silent {
+                        None
+                    } else {
+                        inner
+                            .nodes
+                            .iter()
+                            .filter(|(name, _)| {
+                                wanted.as_deref().is_none_or(|w| w == name.as_str())
+                            })
+                            .find(|(name, node)| seen.get(*name) != Some(&node.resource_version))
+                            .map(|(name, node)| {
+                                let kind = if seen.contains_key(name) {
+                                    "MODIFIED"
+                                } else {
+                                    "ADDED"
+                                };
+                                (
+                                    name.clone(),
+                                    node.resource_version,
+                                    json!({"type": kind, "object": node_json(name, node)}),
+                                )
+                            })
+                    }
                 };
                 match event {
                     Some((name, version, event)) => {
