@@ -419,3 +419,74 @@ fn an_import_that_takes_the_runtime_back_fails_the_step_and_is_named() {
         assert_eq!(containerd_restarts(host.path()), 1);
     }
 }
+
+#[test]
+fn containerd_2_merges_an_import_key_by_key_so_only_a_key_it_sets_wins() {
+    // containerd 2 merges imported files key by key (checked with 2.1.9):
+    // a site file that sets another key of the CRI runtime plugin leaves
+    // gpuprov's runtime in effect; one that sets the default back wins
+    // that key alone. Asked of the host's containerd and, without one,
+    // merged by gpuprov: the same verdicts.
+    for with_binary in [true, false] {
+        for (site, verdict) in [
+            (
+                "[plugins.\"io.containerd.cri.v1.runtime\"]\n  enable_selinux = false\n",
+                "configured",
+            ),
+            (
+                "[plugins.\"io.containerd.cri.v1.runtime\".containerd]\n  default_runtime_name = \"runc\"\n",
+                "failed",
+            ),
+        ] {
+            let host = copy_host("gh200-preinstalled");
+            let config = host.path().join(CONFIG);
+            let original = fs::read_to_string(&config).unwrap();
+            fs::write(
+                &config,
+                original.replacen(
+                    "version = 3\n",
+                    "version = 3\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n",
+                    1,
+                ),
+            )
+            .unwrap();
+            fs::create_dir_all(host.path().join("etc/containerd/conf.d")).unwrap();
+            fs::write(
+                host.path().join("etc/containerd/conf.d/99-site.toml"),
+                format!("version = 3\n{site}"),
+            )
+            .unwrap();
+            if !with_binary {
+                fs::remove_file(host.path().join("usr/bin/containerd")).unwrap();
+            }
+            // nvidia the default runtime; containerd not restarted (there
+            // is none to restart without the binary).
+            let spec = host.path().join("spec.yaml");
+            fs::write(
+                &spec,
+                "toolkit:\n  env:\n  - name: CONTAINERD_SET_AS_DEFAULT\n    value: \"true\"\ncontainerd:\n  restartMode: none\n",
+            )
+            .unwrap();
+            let (_, report, stderr) =
+                apply_json(host.path(), &["--config", spec.to_str().unwrap()]);
+            let runtime = &steps(&report)["containerd-runtime"];
+            assert_eq!(
+                runtime.1, verdict,
+                "binary {with_binary}, site {site:?}: {} {stderr}",
+                runtime.2
+            );
+            if verdict == "failed" {
+                assert!(
+                    runtime.2.contains("(/etc/containerd/conf.d/99-site.toml wins"),
+                    "binary {with_binary}: {}",
+                    runtime.2
+                );
+                assert!(
+                    runtime.2.contains("default_runtime_name"),
+                    "binary {with_binary}: {}",
+                    runtime.2
+                );
+            }
+        }
+    }
+}
