@@ -12,12 +12,13 @@ use crate::catalog::Catalog;
 use crate::cli::{
     ApplyArgs, ChangeArgs, Cli, Command, NodeArgs, PlanArgs, PlanFormat, ReportFormat, StatesArgs,
 };
-use crate::exec::{Action, ApplyLock, Executor, RunReport};
+use crate::exec::{ApplyLock, Executor};
 use crate::facts::Facts;
 use crate::host::{ExecMode, Host};
 use crate::kube::{Cluster, ClusterOptions};
 use crate::labels::{self, LabelTarget};
 use crate::plan::{Graph, PlanReport, Summary, steps_table};
+use crate::report::{Action, RunReport};
 use crate::spec::Spec;
 use crate::{Error, exit};
 
@@ -180,7 +181,7 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
     if let Some(cluster) = &inputs.cluster
         && let Err(e) = crate::kube::events::publish(cluster, &inputs.host, &steps)
     {
-        tracing::warn!("node events not posted: {}", crate::exec::error_chain(&e));
+        tracing::warn!("node events not posted: {}", crate::step::error_chain(&e));
     }
     let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
     report.label_sink = published.target;
@@ -242,8 +243,12 @@ pub struct RevertReport {
 pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, Error> {
     let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
     sweep_interrupted(&inputs.host)?;
-    let containerd = crate::containerd::revert::revert(&inputs.host, &inputs.spec.containerd)
-        .map_err(Error::Revert)?;
+    let containerd = crate::containerd::revert::revert(
+        &inputs.host,
+        &inputs.spec.containerd,
+        crate::exec::make_changes,
+    )
+    .map_err(Error::Revert)?;
     let static_pods_removed = crate::operands::static_pod::remove_ours(&inputs.host, &inputs.spec)?;
     inputs.host.remove(crate::operands::validate::MARKER)?;
     inputs.host.remove(crate::operands::validate::RUNTIME_RAN)?;
@@ -314,7 +319,7 @@ fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
         let hopeless = match &result {
             Ok(report) => report.cannot_converge_by_waiting(),
             Err(e) if waiting_may_help(e) => None,
-            Err(e) => Some(crate::exec::error_chain(e)),
+            Err(e) => Some(crate::step::error_chain(e)),
         };
         if args.wait
             && !done
@@ -354,7 +359,7 @@ fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
                     blocking.join(", ")
                 );
             }
-            Err(e) => tracing::warn!("{}; trying again in {delay:?}", crate::exec::error_chain(e)),
+            Err(e) => tracing::warn!("{}; trying again in {delay:?}", crate::step::error_chain(e)),
         }
         std::thread::sleep(delay);
         // Waiting on an operand's pod is progress: keep looking every
@@ -565,7 +570,7 @@ pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> 
             serde_json::json!({"loaded": true, "version": driver.version, "openKernelModule": driver.open_kernel_module})
         }
         Ok(None) => serde_json::json!({"loaded": false}),
-        Err(e) => serde_json::json!({"error": crate::exec::error_chain(&e)}),
+        Err(e) => serde_json::json!({"error": crate::step::error_chain(&e)}),
     };
     let nvml = match crate::gpu::nvml::find_library(&host, args.nvml_lib.as_deref())
         .and_then(|lib| crate::gpu::nvml::inventory(&lib))

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::cli::RunArgs;
 use crate::commands::{Inputs, apply};
-use crate::exec::{RunReport, error_chain};
 use crate::kube::RequestCounts;
+use crate::report::RunReport;
+use crate::step::error_chain;
 use crate::{Error, exit};
 
 /// Upper bounds of the converge-duration histogram, in seconds.

@@ -2,7 +2,7 @@
 //! converged) and an `apply` command, both run in the host root through its
 //! shell exactly as written.
 
-use crate::exec::{Change, Observation, Outcome, StepContext, StepError};
+use crate::step::{Change, Observation, Outcome, StepContext, StepError};
 
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let check = ctx

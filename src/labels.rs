@@ -10,9 +10,9 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::exec::StepReport;
 use crate::host::{Host, HostError};
 use crate::plan::Graph;
+use crate::report::StepReport;
 
 /// NFD's local feature file: NFD's worker turns each `key=value` line into a
 /// node label, so bootstrap images without an API server still label nodes.

@@ -25,7 +25,9 @@ pub mod kube;
 pub mod labels;
 pub mod operands;
 pub mod plan;
+pub mod report;
 pub mod spec;
+pub mod step;
 pub mod toolkit;
 
 /// The crate's error: one variant per module that can fail a command.

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use crate::catalog::StateDef;
 use crate::diagnostic::{Diagnostic, Diagnostics, nearest};
-use crate::exec::{Action, StepReport};
 use crate::labels::SinkPreview;
+use crate::report::{Action, StepReport};
 
 pub const PLAN_SCHEMA_VERSION: u32 = 1;
 
@@ -277,7 +277,7 @@ pub fn steps_table(steps: &[StepReport]) -> String {
         );
         for change in &step.changes {
             let _ = writeln!(out, "      {}", change.summary());
-            if let crate::exec::Change::WriteFile {
+            if let crate::step::Change::WriteFile {
                 diff: Some(diff), ..
             } = change
             {

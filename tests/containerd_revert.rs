@@ -45,7 +45,11 @@ fn revert_restores_every_fixture_config_byte_for_byte() {
         fs::write(host.path().join(CONFIG), &original).unwrap();
         // containerd does not start with an import it cannot open: the
         // host has the site file v2-imports.toml names.
-        fs::write(host.path().join("etc/containerd/site.toml"), "version = 2\n").unwrap();
+        fs::write(
+            host.path().join("etc/containerd/site.toml"),
+            "version = 2\n",
+        )
+        .unwrap();
         let (code, _, stderr) = apply_json(host.path(), &[]);
         assert_eq!(code, 0, "{name}: {stderr}");
         let restarted = containerd_restarts(host.path());

@@ -477,7 +477,9 @@ fn containerd_2_merges_an_import_key_by_key_so_only_a_key_it_sets_wins() {
             );
             if verdict == "failed" {
                 assert!(
-                    runtime.2.contains("(/etc/containerd/conf.d/99-site.toml wins"),
+                    runtime
+                        .2
+                        .contains("(/etc/containerd/conf.d/99-site.toml wins"),
                     "binary {with_binary}: {}",
                     runtime.2
                 );

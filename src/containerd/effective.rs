@@ -91,7 +91,7 @@ pub fn verify(
     // the run report keeps its tail, as for any command.
     let mut record = host
         .run_keeping(&argv, DUMP_CAP)
-        .map_err(|e| crate::exec::error_chain(&e))?;
+        .map_err(|e| crate::step::error_chain(&e))?;
     let ok = record.success();
     let summary = record.failure_summary();
     let dump = record.stdout.clone();

@@ -15,9 +15,9 @@ pub mod revert;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::exec::{Change, Observation, Outcome, StepContext, StepError, error_chain};
 use crate::host::Host;
 use crate::spec::{ContainerdOptions, RestartMode};
+use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain};
 use config::{DefaultRuntime, RuntimeWanted};
 
 /// What gpuprov did to containerd's config, for revert.
@@ -371,7 +371,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             if now.as_deref() == Some(wanted.as_str()) {
                 continue;
             }
-            let diff = crate::exec::file_diff(&path, now.as_deref().unwrap_or(""), &wanted);
+            let diff = crate::step::file_diff(&path, now.as_deref().unwrap_or(""), &wanted);
             obs.changes.push(Change::WriteFile {
                 path,
                 content: wanted.into_bytes(),

@@ -5,9 +5,9 @@
 //! changed it since, only gpuprov's runtime (and a default it set) is
 //! removed and their change stays.
 
-use crate::exec::{Change, error_chain, make_changes};
 use crate::host::{CommandRecord, Host};
 use crate::spec::ContainerdOptions;
+use crate::step::{Change, error_chain};
 
 use super::{RECORD, RESTART_PENDING, Record, config, restart_changes, sha256_hex};
 
@@ -143,8 +143,16 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
     Ok((changes, summary, changed))
 }
 
-/// Reverts containerd's config now.
-pub fn revert(host: &Host, opts: &ContainerdOptions) -> Result<Reverted, String> {
+/// The changes an applier makes: the executor's `make_changes`, passed in
+/// so that this capability never imports the executor.
+pub type MakeChanges = fn(&Host, &[Change]) -> Result<Vec<CommandRecord>, String>;
+
+/// Reverts containerd's config now, `make_changes` making the changes.
+pub fn revert(
+    host: &Host,
+    opts: &ContainerdOptions,
+    make_changes: MakeChanges,
+) -> Result<Reverted, String> {
     let (changes, summary, changed) = plan(host, opts)?;
     let commands = make_changes(host, &changes)?;
     let backup_dir = super::backup_path(&opts.config);

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::exec::{Change, Gate, Observation, Outcome, StepContext, StepError, error_chain};
 use crate::host::Host;
 use crate::spec::{DriverInstall, PackageManager, UpgradePolicy};
+use crate::step::{Change, Gate, Observation, Outcome, StepContext, StepError, error_chain};
 
 /// The GPU Operator's label for a node whose driver it must not deploy.
 pub const DEPLOY_DRIVER_LABEL: &str = "nvidia.com/gpu.deploy.driver";

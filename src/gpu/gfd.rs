@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use super::nvml::{Inventory, NvmlDevice};
 use super::pci::PciFunction;
-use crate::exec::{Gate, Observation, Outcome, StepContext, StepError};
 use crate::spec::GfdMode;
+use crate::step::{Gate, Observation, Outcome, StepContext, StepError};
 
 pub const MACHINE_FILE: &str = "/sys/class/dmi/id/product_name";
 

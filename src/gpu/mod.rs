@@ -6,7 +6,7 @@ pub mod pci;
 
 use std::collections::BTreeMap;
 
-use crate::exec::{Gate, Observation, Outcome, StepContext};
+use crate::step::{Gate, Observation, Outcome, StepContext};
 use pci::NvidiaFunction;
 
 pub const GPU_PRESENT_LABEL: &str = "nvidia.com/gpu.present";

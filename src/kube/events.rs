@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 
 use super::{Cluster, KubeError};
-use crate::exec::{Action, StepReport};
 use crate::host::Host;
+use crate::report::{Action, StepReport};
 
 pub const POSTED: &str = "/var/lib/gpuprov/events.json";
 
@@ -19,7 +19,7 @@ pub const POSTED: &str = "/var/lib/gpuprov/events.json";
 pub fn publish(cluster: &Cluster, host: &Host, steps: &[StepReport]) -> Result<(), crate::Error> {
     // `Converged` only when the whole run converged: a step that changed on
     // a node still waiting or failing elsewhere says `Changed`.
-    let converged = crate::exec::is_converged(steps);
+    let converged = crate::report::is_converged(steps);
     let mut posted: BTreeMap<String, String> = host
         .read(POSTED)?
         .and_then(|text| serde_json::from_str(&text).ok())

@@ -218,7 +218,7 @@ impl Cluster {
                     }
                     Ok(Err(e)) => {
                         count(0);
-                        last = crate::exec::error_chain(&e);
+                        last = crate::step::error_chain(&e);
                         tokio::time::sleep(backoff).await;
                     }
                 }
@@ -390,7 +390,7 @@ impl Cluster {
                     let stream = match started.await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
-                            tracing::warn!(%node, "watch failed: {}", crate::exec::error_chain(&e));
+                            tracing::warn!(%node, "watch failed: {}", crate::step::error_chain(&e));
                             tokio::time::sleep(Duration::from_secs(2)).await;
                             continue;
                         }

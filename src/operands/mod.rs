@@ -14,8 +14,8 @@ pub mod static_pod;
 pub mod validate;
 
 use crate::catalog::Handler;
-use crate::exec::{Change, Observation, Outcome, StepContext, StepError, error_chain, file_diff};
 use crate::spec::{OperandDeploy, OperandSpec, Spec};
+use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain, file_diff};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operand {

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::exec::{Change, Observation, Outcome, StepContext, StepError, error_chain};
 use crate::kube::Cluster;
 use crate::kube::pods::describe;
+use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain};
 
 /// Where a pass is remembered until reboot.
 pub const MARKER: &str = "/run/gpuprov/validations/cuda-vectoradd.json";

@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::exec::{Change, Gate, Observation, Outcome, StepContext, StepError};
 use crate::host::{HOST_PATH, Host, HostError};
 use crate::spec::{PackageManager, Spec};
+use crate::step::{Change, Gate, Observation, Outcome, StepContext, StepError};
 
 /// The binaries a working toolkit has.
 pub const BINARIES: [&str; 3] = [

@@ -1,0 +1,320 @@
+//! The step contract: what a capability's handler sees (`StepContext`) and
+//! returns (`Observation`, its `Change`s, `Outcome`, `Gate`, `StepError`).
+//! Below every capability and above none: a handler imports this, never
+//! the executor that walks the plan.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::catalog::StateDef;
+use crate::facts::Facts;
+use crate::host::{CommandRecord, Host, HostError};
+use crate::kube::Cluster;
+use crate::spec::Spec;
+
+/// How a step ended: published as `gpuprov.io/<state>=<outcome>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Ready,
+    Preinstalled,
+    Installed,
+    Configured,
+    Disabled,
+    OptedOut,
+    Blocked,
+    Pending,
+    Failed,
+    RebootRequired,
+    Absent,
+    /// Working, but not wholly: a GPU fell off the bus.
+    Degraded,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ready => "ready",
+            Outcome::Preinstalled => "preinstalled",
+            Outcome::Installed => "installed",
+            Outcome::Configured => "configured",
+            Outcome::Disabled => "disabled",
+            Outcome::OptedOut => "opted-out",
+            Outcome::Blocked => "blocked",
+            Outcome::Pending => "pending",
+            Outcome::Failed => "failed",
+            Outcome::RebootRequired => "reboot-required",
+            Outcome::Absent => "absent",
+            Outcome::Degraded => "degraded",
+        }
+    }
+
+    /// Whether dependents may run after a step that ended this way.
+    pub fn lets_dependents_run(self) -> bool {
+        matches!(
+            self,
+            Outcome::Ready
+                | Outcome::Preinstalled
+                | Outcome::Installed
+                | Outcome::Configured
+                | Outcome::Disabled
+                | Outcome::OptedOut
+        )
+    }
+}
+
+/// What dependents of a finished step do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    Pass,
+    /// Dependents are blocked, with the reason.
+    Block(String),
+    /// Dependents are disabled (and so theirs), with the reason: `no GPU`.
+    Disable(String),
+}
+
+/// One change a step needs, as data: `plan` prints it, `apply` makes it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(
+    tag = "kind",
+    rename_all = "kebab-case",
+    rename_all_fields = "camelCase"
+)]
+pub enum Change {
+    /// Run a command in the host.
+    Run {
+        argv: Vec<String>,
+        /// How a person reads it (a user's own command as written).
+        display: String,
+    },
+    /// Write a file atomically.
+    WriteFile {
+        path: String,
+        #[serde(skip)]
+        content: Vec<u8>,
+        #[serde(skip)]
+        mode: u32,
+        /// Why, in a few words (`backup of the original`).
+        purpose: String,
+        /// Unified diff from the current content, where a person wants to
+        /// read it (a config file; not a backup).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        diff: Option<String>,
+    },
+    /// Remove a file gpuprov wrote (a marker); a missing file is fine.
+    RemoveFile { path: String, purpose: String },
+    /// Stop the process serving a unix socket (found by the socket's peer
+    /// credentials) so its service manager starts it again, then wait for a
+    /// new process to answer.
+    SignalSocketOwner {
+        socket: String,
+        timeout_seconds: u64,
+    },
+    /// Check containerd's own view of its config (`containerd config dump`
+    /// in the host) for the runtime: it must exist, run `binary`, carry
+    /// runc's SystemdCgroup, and be the default when `set_as_default`.
+    CheckContainerdView {
+        config: String,
+        class: String,
+        binary: String,
+        set_as_default: bool,
+    },
+    /// Wait until something answers on a unix socket.
+    WaitSocket {
+        socket: String,
+        timeout_seconds: u64,
+    },
+    /// Run the validation pod on this node and wait for it to succeed; it is
+    /// deleted afterwards, whatever happened.
+    ValidationPod {
+        namespace: String,
+        name: String,
+        image: String,
+        runtime_class: Option<String>,
+        timeout_seconds: u64,
+        #[serde(skip)]
+        manifest: serde_json::Value,
+    },
+    /// Unpack a cached `.tar.gz` into a directory, atomically.
+    Unpack { archive: String, into: String },
+    /// Put a pinned artifact into the cache (a no-op when it is there).
+    Fetch {
+        #[serde(flatten)]
+        artifact: crate::download::Artifact,
+        /// Where it is kept, a host path.
+        path: String,
+        /// Whether the cache already has it (no network then).
+        cached: bool,
+        /// Its size, when known (cached).
+        size: Option<u64>,
+        timeout_seconds: u64,
+        executable: bool,
+    },
+}
+
+impl Change {
+    /// Fetch `artifact` into its cache path, saying whether the cache
+    /// already holds it (and how big it is) so a plan shows whether the
+    /// network is needed.
+    pub fn fetch(
+        host: &Host,
+        artifact: &crate::download::Artifact,
+        timeout_seconds: u64,
+        executable: bool,
+    ) -> Result<Change, StepError> {
+        let path = artifact.cache_path();
+        let cached = crate::download::cached(host, artifact)
+            .map_err(|e| StepError::Observe(error_chain(&e)))?;
+        let size = if cached {
+            host.stat(&path)?.map(|info| info.size)
+        } else {
+            None
+        };
+        Ok(Change::Fetch {
+            artifact: artifact.clone(),
+            path,
+            cached,
+            size,
+            timeout_seconds,
+            executable,
+        })
+    }
+
+    pub fn summary(&self) -> String {
+        match self {
+            Change::Run { display, .. } => format!("run: {display}"),
+            Change::WriteFile { path, purpose, .. } => format!("write {path} ({purpose})"),
+            Change::RemoveFile { path, purpose } => format!("remove {path} ({purpose})"),
+            Change::SignalSocketOwner { socket, .. } => {
+                format!(
+                    "SIGTERM the process serving {socket}, wait for its service manager to start it again"
+                )
+            }
+            Change::WaitSocket {
+                socket,
+                timeout_seconds,
+            } => {
+                format!("wait up to {timeout_seconds}s for {socket} to answer")
+            }
+            Change::CheckContainerdView { config, class, .. } => {
+                format!(
+                    "check runtime `{class}` in containerd's own view of {config} (containerd config dump)"
+                )
+            }
+            Change::Unpack { archive, into } => {
+                format!("unpack {archive} into {into} (atomically)")
+            }
+            Change::ValidationPod {
+                namespace,
+                name,
+                image,
+                runtime_class,
+                timeout_seconds,
+                ..
+            } => {
+                let class = runtime_class
+                    .as_deref()
+                    .map(|c| format!(", runtime class {c}"))
+                    .unwrap_or_default();
+                format!(
+                    "run pod {namespace}/{name} ({image}{class}, 1 nvidia.com/gpu) on this node, wait up to {timeout_seconds}s for it to succeed, delete it"
+                )
+            }
+            Change::Fetch {
+                artifact,
+                path,
+                cached,
+                size,
+                ..
+            } => {
+                let size = size
+                    .map(|s| format!(", {:.1} MiB", s as f64 / 1048576.0))
+                    .unwrap_or_default();
+                let how = if *cached {
+                    "cache hit, no download"
+                } else {
+                    "download"
+                };
+                format!(
+                    "fetch {} (sha256 {}{size}) → {path} ({how})",
+                    artifact.url, artifact.sha256
+                )
+            }
+        }
+    }
+}
+
+/// What a handler saw on the node.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    /// The outcome when nothing needs to change.
+    pub outcome: Outcome,
+    /// The outcome expected once `changes` are made (what `plan` shows);
+    /// `apply` reports what it observes afterwards.
+    pub on_change: Outcome,
+    pub reason: String,
+    pub changes: Vec<Change>,
+    /// Labels the step publishes besides its outcome label (GPU Operator
+    /// compatibility labels).
+    pub labels: BTreeMap<String, String>,
+    /// Overrides the gate the outcome implies.
+    pub gate: Option<Gate>,
+    /// Commands run while observing (an exec state's check).
+    pub commands: Vec<CommandRecord>,
+    pub details: serde_json::Value,
+}
+
+impl Observation {
+    pub fn new(outcome: Outcome, reason: impl Into<String>) -> Observation {
+        Observation {
+            outcome,
+            on_change: outcome,
+            reason: reason.into(),
+            changes: Vec::new(),
+            labels: BTreeMap::new(),
+            gate: None,
+            commands: Vec::new(),
+            details: serde_json::Value::Null,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("{0}")]
+    Observe(String),
+}
+
+/// Everything a handler may look at.
+pub struct StepContext<'a> {
+    pub host: &'a Host,
+    pub spec: &'a Spec,
+    pub facts: &'a Facts,
+    pub state: &'a StateDef,
+    /// The API server, when there is one.
+    pub cluster: Option<&'a Cluster>,
+}
+
+/// A unified diff of a file's content, for a `WriteFile` change.
+pub fn file_diff(path: &str, now: &str, wanted: &str) -> String {
+    similar::TextDiff::from_lines(now, wanted)
+        .unified_diff()
+        .context_radius(3)
+        .header(path, path)
+        .to_string()
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
