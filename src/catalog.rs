@@ -223,6 +223,7 @@ impl Catalog {
         let mut states = self.states.clone();
         let mut errors = Vec::new();
         for user in &spec.states {
+            let user = StateDef::from_user(user.clone(), Handler::Exec, spec.states_source.clone());
             if let Some(existing) = states.iter().find(|s| s.name == user.name) {
                 errors.push(Diagnostic::at_location(
                     &user.origin,
@@ -233,7 +234,7 @@ impl Catalog {
                     ),
                 ));
             } else {
-                states.push(user.clone());
+                states.push(user);
             }
         }
         if errors.is_empty() {
@@ -340,7 +341,7 @@ pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
         _ => {}
     }
     if let Some(label) = &raw.label {
-        crate::labels::check_label_key(&label.value)
+        crate::label_syntax::check_label_key(&label.value)
             .map_err(|why| invalid(at(label.referenced, why)))?;
     }
     Ok(StateDef {

@@ -526,7 +526,7 @@ fn node_labels(flag: &[String], file: Option<&Path>) -> Result<BTreeMap<String, 
 fn split_label(item: &str) -> Result<(String, String), String> {
     match item.split_once('=') {
         Some((k, v)) if !k.is_empty() => {
-            crate::labels::check_label(k, v).map_err(|why| format!("`{item}`: {why}"))?;
+            crate::label_syntax::check_label(k, v).map_err(|why| format!("`{item}`: {why}"))?;
             Ok((k.to_string(), v.to_string()))
         }
         _ => Err(format!("`{item}` is not key=value")),

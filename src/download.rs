@@ -180,7 +180,7 @@ fn download_to(
         let mut response = match client.get(url).send() {
             Ok(response) => response,
             Err(e) => {
-                last = crate::step::error_chain(&e);
+                last = crate::error_chain::error_chain(&e);
                 continue;
             }
         };
@@ -271,7 +271,7 @@ fn copy_hashing(
 /// `into` moves aside and is removed). Entries cannot escape the directory,
 /// and a symlink at `into` is refused, never followed or replaced.
 pub fn unpack(host: &Host, archive: &str, into: &str) -> Result<(), String> {
-    let chain = |e: HostError| crate::step::error_chain(&e);
+    let chain = |e: HostError| crate::error_chain::error_chain(&e);
     let file = host
         .open_regular(archive)
         .map_err(chain)?

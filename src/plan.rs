@@ -8,8 +8,7 @@ use serde::Serialize;
 
 use crate::catalog::StateDef;
 use crate::diagnostic::{Diagnostic, Diagnostics, nearest};
-use crate::labels::SinkPreview;
-use crate::report::{Action, StepReport};
+use crate::report::{Action, SinkPreview, StepReport};
 
 pub const PLAN_SCHEMA_VERSION: u32 = 1;
 

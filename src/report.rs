@@ -221,3 +221,18 @@ pub fn is_converged(steps: &[StepReport]) -> bool {
             && s.outcome != Outcome::RebootRequired
     })
 }
+
+/// What writing the labels would do (`plan`) or did (`apply`).
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SinkPreview {
+    /// Where labels go: the node on an API server, a file under the host
+    /// root, `stdout` or `none`.
+    pub target: String,
+    pub changes: bool,
+    /// Unified diff of the labels (the feature file, or the node's labels).
+    pub diff: Option<String>,
+    /// Labels gpuprov wants but leaves alone, and why (another manager set them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
-use crate::catalog::{Handler, StateDef};
 use crate::diagnostic::{Diagnostic, Diagnostics, Source, nearest};
 
 /// Where `toolkit.method: artifact` unpacks the toolkit by default.
@@ -230,7 +229,7 @@ pub fn strict_yaml() -> serde_saphyr::Options {
 }
 
 /// A user's own state: an `exec` state with a check and an apply command.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawUserState {
     pub name: Spanned<String>,
@@ -259,9 +258,13 @@ pub struct Spec {
     pub gfd_mode: GfdMode,
     pub validator: ValidatorSpec,
     pub operands: OperandsSpec,
-    /// The user's own states, in document order.
+    /// The user's own states, in document order, checked (the catalogue
+    /// makes them states: `Catalog::with_user_states`).
     #[serde(skip)]
-    pub states: Vec<StateDef>,
+    pub states: Vec<RawUserState>,
+    /// The document they were written in, for their diagnostics.
+    #[serde(skip)]
+    pub states_source: Arc<Source>,
 }
 
 /// One operand: whether it runs, and the container it runs as.
@@ -671,11 +674,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
                 errors.push(Diagnostic::at_location(source, label.referenced, why));
             }
         }
-        states.push(StateDef::from_user(
-            user,
-            Handler::Exec,
-            shared_source.clone(),
-        ));
+        states.push(user);
     }
 
     if !errors.is_empty() {
@@ -700,6 +699,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         validator,
         operands,
         states,
+        states_source: shared_source,
     })
 }
 
@@ -1260,7 +1260,7 @@ fn check_dns_label(value: &str) -> Result<(), String> {
 /// node carries exactly that label.
 pub fn check_label_selector(selector: &str) -> Result<(), String> {
     match selector.split_once('=') {
-        Some((key, value)) if !key.is_empty() => crate::labels::check_label(key, value)
+        Some((key, value)) if !key.is_empty() => crate::label_syntax::check_label(key, value)
             .map_err(|why| format!("opt-out label `{selector}`: {why}")),
         _ => Err(format!(
             "opt-out label `{selector}` must be written key=value"

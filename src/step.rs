@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+pub use crate::error_chain::error_chain;
+
 use crate::catalog::StateDef;
 use crate::facts::Facts;
 use crate::host::{CommandRecord, Host, HostError};
@@ -305,16 +307,4 @@ pub fn file_diff(path: &str, now: &str, wanted: &str) -> String {
         .context_radius(3)
         .header(path, path)
         .to_string()
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

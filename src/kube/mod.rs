@@ -8,7 +8,6 @@
 
 pub mod events;
 pub mod pods;
-pub mod sink;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -218,7 +217,7 @@ impl Cluster {
                     }
                     Ok(Err(e)) => {
                         count(0);
-                        last = crate::step::error_chain(&e);
+                        last = crate::error_chain::error_chain(&e);
                         tokio::time::sleep(backoff).await;
                     }
                 }
@@ -390,7 +389,7 @@ impl Cluster {
                     let stream = match started.await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
-                            tracing::warn!(%node, "watch failed: {}", crate::step::error_chain(&e));
+                            tracing::warn!(%node, "watch failed: {}", crate::error_chain::error_chain(&e));
                             tokio::time::sleep(Duration::from_secs(2)).await;
                             continue;
                         }

@@ -8,8 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{Cluster, NodeLabels};
-use crate::labels::{LabelError, LabelSink, SinkPreview};
+use super::{LabelError, LabelSink};
+use crate::kube::{Cluster, NodeLabels};
+use crate::report::SinkPreview;
 
 pub struct ApiLabelSink<'a> {
     pub cluster: &'a Cluster,
@@ -116,7 +117,7 @@ impl LabelSink for ApiLabelSink<'_> {
             return Ok(self.preview_of(&node, plan));
         }
         match self.cluster.apply_labels(&plan.apply) {
-            Err(super::KubeError::Api { code: 409, .. }) => {
+            Err(crate::kube::KubeError::Api { code: 409, .. }) => {
                 tracing::warn!("a label conflict: reading the node again");
                 let (node, plan) = self.plan(wanted)?;
                 if plan.needed {
