@@ -15,7 +15,7 @@ use common::measure;
 
 use gpuprov::catalog::Catalog;
 use gpuprov::cli::NodeArgs;
-use gpuprov::commands::{Inputs, apply, plan};
+use gpuprov::converge::{Inputs, apply, plan};
 use gpuprov::diagnostic::Source;
 use gpuprov::host::ExecMode;
 use gpuprov::labels::LabelTarget;

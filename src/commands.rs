@@ -1,217 +1,24 @@
-//! The CLI's commands, on top of the library: load and validate every input
-//! before the host is touched, then plan or apply.
+//! The CLI's subcommands: each runs the converge pipeline
+//! (`converge.rs`) and prints what it returns, as text or JSON, with the
+//! exit code the README documents.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::catalog::Catalog;
 use crate::cli::{
-    ApplyArgs, ChangeArgs, Cli, Command, NodeArgs, PlanArgs, PlanFormat, ReportFormat, StatesArgs,
+    ApplyArgs, ChangeArgs, Cli, Command, PlanArgs, PlanFormat, ReportFormat, StatesArgs,
 };
-use crate::exec::{ApplyLock, Executor};
+use crate::converge::{Inputs, apply, compile, node_labels, plan, revert, waiting_may_help};
 use crate::facts::Facts;
 use crate::host::{ExecMode, Host};
-use crate::kube::{Cluster, ClusterOptions};
-use crate::labels::{self, LabelTarget};
-use crate::plan::{Graph, PlanReport, Summary, steps_table};
+use crate::labels::LabelTarget;
+use crate::plan::{Summary, steps_table};
 use crate::report::{Action, RunReport};
 use crate::spec::Spec;
 use crate::{Error, exit};
-
-/// Validated inputs of `plan` and `apply`: nothing here has read the host
-/// beyond checking that its root is a directory.
-pub struct Inputs {
-    pub host: Host,
-    pub spec: Spec,
-    pub graph: Graph,
-    /// Labels given on the command line; they win over the node's own.
-    pub node_labels: BTreeMap<String, String>,
-    /// Where labels go, `Auto` resolved.
-    pub labels_sink: LabelTarget,
-    /// The API server, when one is configured (or asked for).
-    pub cluster: Option<Cluster>,
-    pub nvml_lib: Option<std::path::PathBuf>,
-}
-
-impl Inputs {
-    pub fn load(args: &NodeArgs) -> Result<Inputs, Error> {
-        let spec = match &args.config {
-            Some(path) => Spec::load(path)?,
-            None => Spec::default_spec(),
-        };
-        let graph = compile(&spec, args.states_dir.as_deref())?;
-        let node_labels = node_labels(&args.node_labels, args.node_labels_file.as_deref())?;
-        let mode = args
-            .host_exec
-            .unwrap_or_else(|| ExecMode::default_for(&args.host_root));
-        let host = Host::new(&args.host_root, mode, args.command_timeout)?;
-        let options = ClusterOptions {
-            kubeconfig: args.kubeconfig.clone(),
-            node_name: args.node_name.clone(),
-        };
-        // An API server is used when asked for, or (auto) when one is
-        // configured; `auto` without one uses the feature file and says so.
-        let wants_api = match args.labels_sink {
-            LabelTarget::Api => true,
-            LabelTarget::Auto => options.configured(),
-            _ => options.kubeconfig.is_some(),
-        };
-        let cluster = if wants_api {
-            Some(Cluster::connect(&options)?)
-        } else {
-            None
-        };
-        let labels_sink = match (args.labels_sink, &cluster) {
-            (LabelTarget::Auto, Some(_)) => LabelTarget::Api,
-            (LabelTarget::Auto, None) => {
-                tracing::info!("no API server is configured: labels go to NFD's feature file");
-                LabelTarget::File
-            }
-            (target, _) => target,
-        };
-        Ok(Inputs {
-            host,
-            spec,
-            graph,
-            node_labels,
-            labels_sink,
-            cluster,
-            nvml_lib: args.nvml_lib.clone(),
-        })
-    }
-
-    /// Observes the host; the node's labels come from the API server when
-    /// there is one, with `--node-labels` on top.
-    fn facts(&self) -> Result<Facts, Error> {
-        let node = match &self.cluster {
-            Some(cluster) => cluster.node_labels()?,
-            None => Default::default(),
-        };
-        let mut node_labels = node.labels;
-        node_labels.extend(self.node_labels.clone());
-        let mut facts = Facts::gather(&self.host, node_labels).map_err(|source| Error::Facts {
-            root: self.host.root().display().to_string(),
-            source,
-        })?;
-        facts.own_labels = node.ours;
-        facts.node_allocatable = node.allocatable;
-        facts.nvml_lib = self.nvml_lib.clone();
-        Ok(facts)
-    }
-
-    fn sink(&self) -> Box<dyn labels::LabelSink + '_> {
-        labels::sink_for(self.labels_sink, &self.host, self.cluster.as_ref())
-    }
-
-    fn executor<'a>(&'a self, facts: &'a Facts) -> Executor<'a> {
-        Executor {
-            host: &self.host,
-            spec: &self.spec,
-            facts,
-            graph: &self.graph,
-            cluster: self.cluster.as_ref(),
-        }
-    }
-}
-
-fn compile(spec: &Spec, states_dir: Option<&Path>) -> Result<Graph, Error> {
-    let catalog = Catalog::load(states_dir)?;
-    let states = catalog.with_user_states(spec).map_err(Error::Graph)?;
-    Graph::compile(states).map_err(Error::Graph)
-}
-
-/// Observes the node and lists what `apply` would change. Writes nothing.
-pub fn plan(inputs: &Inputs) -> Result<PlanReport, Error> {
-    let facts = inputs.facts()?;
-    let steps = inputs.executor(&facts).plan();
-    let labels = labels::compute(&steps, &inputs.graph, &facts);
-    let label_sink = inputs.sink().preview(&labels)?;
-    Ok(PlanReport {
-        schema_version: crate::plan::PLAN_SCHEMA_VERSION,
-        host_root: inputs.host.root().display().to_string(),
-        spec: inputs.spec.source.clone(),
-        os: facts.os.clone(),
-        kernel: facts.kernel.clone(),
-        summary: Summary::of(&steps),
-        steps,
-        labels,
-        label_sink,
-    })
-}
-
-/// Converges the node once, under the host's apply lock, then publishes
-/// labels and records the run in `last-run.json`.
-pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error> {
-    let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
-    sweep_interrupted(&inputs.host)?;
-    let started = SystemTime::now();
-    let facts = inputs.facts()?;
-    let steps = inputs.executor(&facts).apply();
-    let labels = labels::compute(&steps, &inputs.graph, &facts);
-    if crate::interrupt::requested() {
-        // A partial run's outcomes are not the node's: its labels stay as
-        // they were until a run completes.
-        let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
-        report.converged = false;
-        report.interrupted = true;
-        report.label_sink = "not published: interrupted".to_string();
-        report.record(&inputs.host);
-        return Ok(report);
-    }
-    // A failure to publish (the disk full under the feature file, the API
-    // server refusing) ends the run as an error; the steps' own failures,
-    // the root cause where a disk is full, are logged first so that they
-    // are not hidden behind it. The node keeps the last run's labels and
-    // `last-run.json` the last run's report.
-    let published = match inputs.sink().publish(&labels) {
-        Ok(published) => published,
-        Err(e) => {
-            for step in steps.iter().filter(|s| s.action == Action::Fail) {
-                tracing::error!(step = %step.name, "{}", step.reason);
-            }
-            return Err(e.into());
-        }
-    };
-    // Events tell people what happened; a failure to post them (RBAC, a
-    // flaky server) is logged and does not undo a converge.
-    if let Some(cluster) = &inputs.cluster
-        && let Err(e) = crate::kube::events::publish(cluster, &inputs.host, &steps)
-    {
-        tracing::warn!("node events not posted: {}", crate::step::error_chain(&e));
-    }
-    let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
-    report.label_sink = published.target;
-    report.labels_changed = published.changes;
-    report.label_notes = published.notes;
-    report.record(&inputs.host);
-    Ok(report)
-}
-
-/// Whether an error of one try may be gone at the next: the API server
-/// unreachable or answering 5xx, another run holding the lock. Invalid
-/// input and a host that cannot be read stay as they are.
-fn waiting_may_help(error: &Error) -> bool {
-    matches!(error, Error::Kube(_) | Error::Lock(_) | Error::Labels(_))
-}
-
-/// gpuprov's own directories, where a killed run may have left a
-/// temporary that no later write of the same file would sweep.
-const OWN_DIRS: [&str; 3] = [
-    "/var/lib/gpuprov",
-    crate::download::CACHE_DIR,
-    "/run/gpuprov",
-];
-
-fn sweep_interrupted(host: &Host) -> Result<(), Error> {
-    for dir in OWN_DIRS {
-        host.sweep_interrupted(dir)?;
-    }
-    Ok(())
-}
 
 /// Runs a parsed command line; returns the exit code.
 pub fn run(cli: Cli) -> Result<i32, Error> {
@@ -223,44 +30,6 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Run(args) => crate::daemon::run(&args),
         Command::Facts(args) => run_facts(&args),
     }
-}
-
-/// What `revert` did.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RevertReport {
-    pub containerd: crate::containerd::revert::Reverted,
-    /// The operands' static pod manifests removed.
-    pub static_pods_removed: Vec<String>,
-    pub labels_removed: bool,
-}
-
-/// Removes what gpuprov added, under the host's lock: containerd's runtime
-/// (restarting containerd only if its config changed), the operands' static
-/// pods, the validation's pass and the labels (with an API server, the
-/// deploy labels going stops the operands' DaemonSet pods). Installed
-/// packages stay.
-pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, Error> {
-    let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
-    sweep_interrupted(&inputs.host)?;
-    let containerd = crate::containerd::revert::revert(
-        &inputs.host,
-        &inputs.spec.containerd,
-        crate::exec::make_changes,
-    )
-    .map_err(Error::Revert)?;
-    let static_pods_removed = crate::operands::static_pod::remove_ours(&inputs.host, &inputs.spec)?;
-    inputs.host.remove(crate::operands::validate::MARKER)?;
-    inputs.host.remove(crate::operands::validate::RUNTIME_RAN)?;
-    inputs
-        .host
-        .remove(crate::containerd::effective::VIEW_CHECKED)?;
-    let labels_removed = inputs.sink().withdraw()?;
-    Ok(RevertReport {
-        containerd,
-        static_pods_removed,
-        labels_removed,
-    })
 }
 
 fn run_revert(args: &ChangeArgs) -> Result<i32, Error> {
@@ -487,52 +256,6 @@ fn run_states(args: &StatesArgs) -> Result<i32, Error> {
 }
 
 /// `--node-labels` and `--node-labels-file`, merged (the flag wins).
-fn node_labels(flag: &[String], file: Option<&Path>) -> Result<BTreeMap<String, String>, Error> {
-    let mut labels = BTreeMap::new();
-    if let Some(path) = file {
-        let origin = path.display().to_string();
-        let text = crate::host::read_user_file(path, crate::host::USER_FILE_CAP).map_err(|e| {
-            Error::NodeLabels {
-                origin: format!("in --node-labels-file {origin}"),
-                problem: if e.kind() == std::io::ErrorKind::NotFound {
-                    "no such file (it holds the node's labels, one key=value a line)".to_string()
-                } else {
-                    e.to_string()
-                },
-            }
-        })?;
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (k, v) = split_label(line).map_err(|problem| Error::NodeLabels {
-                origin: format!("{origin}:{}", i + 1),
-                problem,
-            })?;
-            labels.insert(k, v);
-        }
-    }
-    for item in flag.iter().filter(|i| !i.trim().is_empty()) {
-        let (k, v) = split_label(item.trim()).map_err(|problem| Error::NodeLabels {
-            origin: "in --node-labels".to_string(),
-            problem,
-        })?;
-        labels.insert(k, v);
-    }
-    Ok(labels)
-}
-
-fn split_label(item: &str) -> Result<(String, String), String> {
-    match item.split_once('=') {
-        Some((k, v)) if !k.is_empty() => {
-            crate::label_syntax::check_label(k, v).map_err(|why| format!("`{item}`: {why}"))?;
-            Ok((k.to_string(), v.to_string()))
-        }
-        _ => Err(format!("`{item}` is not key=value")),
-    }
-}
-
 fn print(text: &str) -> Result<(), Error> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cli::RunArgs;
-use crate::commands::{Inputs, apply};
+use crate::converge::{Inputs, apply};
 use crate::kube::RequestCounts;
 use crate::report::RunReport;
 use crate::step::error_chain;

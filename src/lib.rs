@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod cli;
 pub mod commands;
 pub mod containerd;
+pub mod converge;
 pub mod daemon;
 pub mod diagnostic;
 pub mod download;

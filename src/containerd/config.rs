@@ -717,7 +717,7 @@ fn add_import_plain(text: &str, path: &str, fresh_version: i64) -> Result<String
             let covered = imports
                 .iter()
                 .filter_map(Value::as_str)
-                .any(|entry| super::imports::entry_covers(entry, path));
+                .any(|entry| super::pattern::entry_covers(entry, path));
             if !covered {
                 imports.push(path);
             }

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod effective;
 pub mod imports;
+pub mod pattern;
 pub mod restart;
 pub mod revert;
 
