@@ -13,38 +13,15 @@ use crate::catalog::{Handler, StateDef};
 use crate::facts::Facts;
 use crate::host::{CommandRecord, Host, HostError};
 use crate::kube::Cluster;
+use crate::operands;
 use crate::plan::Graph;
+use crate::registry::capability;
 use crate::report::{Action, StepReport};
 use crate::spec::Spec;
 use crate::step::{Change, Gate, Observation, Outcome, StepContext, StepError, error_chain};
-use crate::{containerd, driver, exec_state, gpu, operands, toolkit};
 
 /// A node carrying this label gets no operand at all, as with the GPU Operator.
 pub const OPERANDS_OPT_OUT: &str = "nvidia.com/gpu.deploy.operands=false";
-
-fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
-    match ctx.state.handler {
-        Handler::DetectGpu => Ok(gpu::observe(ctx)),
-        Handler::Driver => driver::observe(ctx),
-        Handler::ContainerToolkit => toolkit::observe(ctx),
-        Handler::ContainerdRuntime => containerd::observe(ctx),
-        Handler::GpuHealth => gpu::gfd::observe_health(ctx),
-        Handler::GpuFeatureDiscovery => gpu::gfd::observe(ctx),
-        Handler::DevicePlugin => operands::observe(ctx, operands::Operand::DevicePlugin),
-        Handler::DcgmExporter => operands::observe(ctx, operands::Operand::DcgmExporter),
-        Handler::Validator => operands::validate::observe(ctx),
-        Handler::Exec => exec_state::observe(ctx),
-    }
-}
-
-/// What a disabled or opted-out step takes away from the node (an
-/// operand's static pod); most states leave things as they are.
-fn withdraw(ctx: &StepContext) -> Result<Vec<Change>, StepError> {
-    match operands::Operand::of(ctx.state.handler) {
-        Some(operand) => operands::withdraw(ctx, operand),
-        None => Ok(Vec::new()),
-    }
-}
 
 /// Everything needed to walk a plan on one host.
 pub struct Executor<'a> {
@@ -195,7 +172,7 @@ impl Executor<'_> {
         reason: &str,
         gate: &Gate,
     ) -> Result<Observation, StepError> {
-        let changes = withdraw(&self.context(state))?;
+        let changes = (capability(state.handler).withdraw)(&self.context(state))?;
         let mut obs = Observation::new(outcome, reason);
         obs.gate = Some(gate.clone());
         obs.changes = changes;
@@ -288,7 +265,7 @@ impl Executor<'_> {
                     }
                 }
                 None => {
-                    let again = || observe(&self.context(state));
+                    let again = || (capability(state.handler).observe)(&self.context(state));
                     let report = match again() {
                         Ok(obs) => act(state, obs, &again, changing_upstream.as_deref()),
                         Err(e) => failed_report(state, &e),

@@ -28,6 +28,7 @@ pub mod label_syntax;
 pub mod labels;
 pub mod operands;
 pub mod plan;
+pub mod registry;
 pub mod report;
 pub mod spec;
 pub mod step;

@@ -13,7 +13,6 @@
 pub mod static_pod;
 pub mod validate;
 
-use crate::catalog::Handler;
 use crate::spec::{OperandDeploy, OperandSpec, Spec};
 use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain, file_diff};
 
@@ -37,16 +36,6 @@ impl Operand {
         Operand::DcgmExporter,
         Operand::GpuFeatureDiscovery,
     ];
-
-    /// The operand a state's handler runs, if it runs one.
-    pub fn of(handler: Handler) -> Option<Operand> {
-        match handler {
-            Handler::DevicePlugin => Some(Operand::DevicePlugin),
-            Handler::DcgmExporter => Some(Operand::DcgmExporter),
-            Handler::GpuFeatureDiscovery => Some(Operand::GpuFeatureDiscovery),
-            _ => None,
-        }
-    }
 
     /// The GPU Operator's name for it, in its deploy label.
     pub fn name(self) -> &'static str {
