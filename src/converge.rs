@@ -2,7 +2,7 @@
 //! validate every input before the host is touched, then observe (`plan`),
 //! converge once under the host's lock (`apply`, publishing labels, posting
 //! events and recording `last-run.json`), or take gpuprov's changes back
-//! (`revert`). The subcommands in `commands.rs` print what these return;
+//! (`revert`). The subcommands in `cmd/` print what these return;
 //! the daemon calls them in its loop.
 
 use std::collections::BTreeMap;

@@ -9,7 +9,7 @@
 
 pub mod catalog;
 pub mod cli;
-pub mod commands;
+pub mod cmd;
 pub mod containerd;
 pub mod converge;
 pub mod daemon;

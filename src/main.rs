@@ -21,7 +21,7 @@ fn main() {
         }
     };
     init_logging(cli.log_format, &cli.log_level);
-    let code = match gpuprov::commands::run(cli) {
+    let code = match gpuprov::cmd::run(cli) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err}");

@@ -172,7 +172,7 @@ fn no_source_file_is_in_an_import_circle() {
 fn no_capability_imports_the_executor_or_the_pipeline() {
     // Above the capabilities: the executor, the pipeline, and the
     // subcommands and the daemon that drive them.
-    let above = ["exec", "converge", "commands", "daemon"];
+    let above = ["exec", "converge", "cmd", "daemon"];
     let graph = graph();
     let mut wrong = Vec::new();
     for (module, uses) in &graph {

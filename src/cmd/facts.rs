@@ -1,0 +1,160 @@
+//! `gpuprov facts`: what gpuprov observes on the host, nothing changed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cli::ReportFormat;
+use crate::converge::node_labels;
+use crate::facts::Facts;
+use crate::host::{ExecMode, Host};
+use crate::{Error, exit};
+
+use super::print;
+
+/// Everything `gpuprov facts` shows.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FactsReport {
+    pub host_root: String,
+    pub os: Option<String>,
+    pub kernel: Option<String>,
+    pub pci: Vec<crate::gpu::pci::PciFunction>,
+    pub driver: serde_json::Value,
+    pub nvml: serde_json::Value,
+    pub node_labels: BTreeMap<String, String>,
+}
+
+/// Observes the node and reports what it saw; changes nothing.
+pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> {
+    let host = Host::new(
+        &args.host_root,
+        ExecMode::default_for(&args.host_root),
+        Duration::from_secs(30),
+    )?;
+    let node_labels = node_labels(&args.node_labels, None)?;
+    let facts = Facts::gather(&host, node_labels).map_err(|source| Error::Facts {
+        root: host.root().display().to_string(),
+        source,
+    })?;
+    let driver = match crate::driver::detect::detect(&host) {
+        Ok(Some(driver)) => {
+            serde_json::json!({"loaded": true, "version": driver.version, "openKernelModule": driver.open_kernel_module})
+        }
+        Ok(None) => serde_json::json!({"loaded": false}),
+        Err(e) => serde_json::json!({"error": crate::step::error_chain(&e)}),
+    };
+    let nvml = match crate::gpu::nvml::find_library(&host, args.nvml_lib.as_deref())
+        .and_then(|lib| crate::gpu::nvml::inventory(&lib))
+    {
+        Ok(inventory) => serde_json::to_value(inventory).expect("serializes"),
+        Err(problem) => serde_json::json!({"unavailable": problem.to_string(), "reason": problem}),
+    };
+    Ok(FactsReport {
+        host_root: host.root().display().to_string(),
+        os: facts.os,
+        kernel: facts.kernel,
+        pci: facts.pci,
+        driver,
+        nvml,
+        node_labels: facts.node_labels,
+    })
+}
+
+pub fn run_facts(args: &crate::cli::FactsArgs) -> Result<i32, Error> {
+    let report = facts_report(args)?;
+    print(&match args.output {
+        ReportFormat::Json => serde_json::to_string_pretty(&report).expect("serializes") + "\n",
+        ReportFormat::Text => facts_text(&report),
+    })?;
+    Ok(exit::OK)
+}
+
+fn facts_text(report: &FactsReport) -> String {
+    let mut out = format!("host: {}", report.host_root);
+    let about: Vec<String> = report
+        .os
+        .iter()
+        .cloned()
+        .chain(report.kernel.iter().map(|k| format!("kernel {k}")))
+        .collect();
+    if !about.is_empty() {
+        out.push_str(&format!(" ({})", about.join(", ")));
+    }
+    out.push('\n');
+    let nvidia: Vec<_> = report
+        .pci
+        .iter()
+        .filter(|f| f.nvidia_kind().is_some())
+        .collect();
+    out.push_str(&format!(
+        "PCI: {} functions, {} of them NVIDIA's\n",
+        report.pci.len(),
+        nvidia.len()
+    ));
+    for f in nvidia {
+        let kind = f.nvidia_kind().expect("filtered").describe();
+        let driver = f.driver.as_deref().unwrap_or("no driver");
+        out.push_str(&format!(
+            "  {}  10de:{:04x}  class 0x{:06x}  {driver}  {kind}\n",
+            f.address, f.device, f.class
+        ));
+    }
+    out.push_str(&match (
+        report.driver["loaded"].as_bool(),
+        report.driver["version"].as_str(),
+    ) {
+        (Some(true), Some(version)) => format!("driver: NVIDIA {version} loaded\n"),
+        (Some(false), _) => "driver: no NVIDIA kernel driver loaded\n".to_string(),
+        _ => format!(
+            "driver: {}\n",
+            report.driver["error"].as_str().unwrap_or("unknown")
+        ),
+    });
+    match report.nvml["unavailable"].as_str() {
+        Some(problem) => out.push_str(&format!("NVML: {problem}\n")),
+        None => {
+            let devices = report.nvml["devices"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "NVML ({}): driver {}, CUDA {}, {} GPU(s)\n",
+                report.nvml["library"].as_str().unwrap_or(""),
+                report.nvml["driverVersion"].as_str().unwrap_or(""),
+                report.nvml["cudaDriverVersion"].as_str().unwrap_or(""),
+                devices.len()
+            ));
+            for d in devices {
+                let mig = match (d["migCapable"].as_bool(), d["migEnabled"].as_bool()) {
+                    (Some(true), Some(true)) => "MIG on",
+                    (Some(true), _) => "MIG off",
+                    _ => "no MIG",
+                };
+                out.push_str(&format!(
+                    "  {}  {}  {}  {}  {} MiB  compute {}.{}  {mig}  persistence {}\n",
+                    d["index"],
+                    d["name"].as_str().unwrap_or(""),
+                    d["uuid"].as_str().unwrap_or(""),
+                    d["pciBusId"].as_str().unwrap_or(""),
+                    d["memoryTotalMib"],
+                    d["computeCapability"][0],
+                    d["computeCapability"][1],
+                    if d["persistenceMode"].as_bool() == Some(true) {
+                        "on"
+                    } else {
+                        "off"
+                    },
+                ));
+            }
+        }
+    }
+    if !report.node_labels.is_empty() {
+        out.push_str("node labels:\n");
+        for (k, v) in &report.node_labels {
+            out.push_str(&format!("  {k}={v}\n"));
+        }
+    }
+    out
+}
