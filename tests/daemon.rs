@@ -8,7 +8,7 @@ use support::containerd_restarts;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::daemon::{Daemon, eventually, free_port};
 use support::fake_api::FakeApi;
@@ -131,19 +131,8 @@ fn run_keeps_the_node_converged_and_stops_on_sigterm() {
         "drift checks of an unchanged file restart nothing"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = daemon.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "run did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = support::sigterm_and_wait(&mut daemon.0, Duration::from_secs(10))
+        .expect("run stops within 10 s of SIGTERM");
     assert_eq!(status.code(), Some(0));
 }
 
@@ -188,21 +177,7 @@ fn run_stops_on_sigterm_while_the_api_server_hangs() {
         "run keeps running while the API server hangs"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = daemon.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "run did not stop within 10 s of SIGTERM with the API server hung"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = support::sigterm_and_wait(&mut daemon.0, Duration::from_secs(10))
+        .expect("run stops within 10 s of SIGTERM with the API server hung");
     assert_eq!(status.code(), Some(0));
 }

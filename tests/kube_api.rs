@@ -518,21 +518,10 @@ fn sigterm_while_the_api_server_hangs_stops_apply_at_once() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("apply did not stop within 10 s of SIGTERM with the API server hung");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let Some(status) = support::sigterm_and_wait(&mut child, std::time::Duration::from_secs(10))
+    else {
+        let _ = child.kill();
+        panic!("apply did not stop within 10 s of SIGTERM with the API server hung");
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();

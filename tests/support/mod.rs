@@ -207,3 +207,24 @@ pub fn fake_nvml_library() -> PathBuf {
     );
     path
 }
+
+/// Sends SIGTERM to `child` and waits for it to exit, at most `within`:
+/// its exit status, or `None` when it is still running then.
+pub fn sigterm_and_wait(
+    child: &mut std::process::Child,
+    within: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    None
+}
