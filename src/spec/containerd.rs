@@ -1,0 +1,208 @@
+//! The `containerd:` section and its `toolkit.env` twins: the config, the
+//! runtime class, the default runtime and how containerd restarts.
+
+use super::*;
+
+/// Values are read as text (`setAsDefault: true` and `"true"` are one) and
+/// checked by the same code as their `toolkit.env` twins.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawContainerd {
+    // Read as text, as their `toolkit.env` twins are: `setAsDefault: true`.
+    pub(super) config: Option<Spanned<EnvValue>>,
+    pub(super) socket: Option<Spanned<EnvValue>>,
+    pub(super) runtime_class: Option<Spanned<EnvValue>>,
+    pub(super) set_as_default: Option<Spanned<EnvValue>>,
+    pub(super) drop_in_config: Option<Spanned<EnvValue>>,
+    pub(super) restart_mode: Option<Spanned<EnvValue>>,
+    pub(super) restart_timeout_seconds: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerdOptions {
+    pub config: String,
+    pub socket: String,
+    pub runtime_class: String,
+    pub set_as_default: bool,
+    /// Write the runtime to this drop-in file (imported from the main
+    /// config) instead of editing the main config.
+    pub drop_in_config: Option<String>,
+    pub restart_mode: RestartMode,
+    pub restart_timeout_seconds: u64,
+}
+
+/// How containerd picks up a changed config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartMode {
+    /// `systemctl restart containerd` in the host.
+    Systemd,
+    /// SIGHUP to the process serving the socket; containerd exits and its
+    /// service manager starts it again.
+    Signal,
+    /// Never restart; the change waits for someone else's restart.
+    None,
+}
+
+/// One place a containerd setting is given: `containerd.<key>` or its
+/// `toolkit.env` twin.
+pub(super) struct Given<'a> {
+    pub(super) key: &'static str,
+    pub(super) text: &'a str,
+    pub(super) referenced: serde_saphyr::Location,
+    pub(super) origin: String,
+}
+
+/// The `containerd:` section and the `toolkit.env` names that say the same
+/// things. A setting given both ways must agree; the error names both.
+pub(super) fn resolve_containerd(
+    raw: &RawContainerd,
+    env: &[RawEnvVar],
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> ContainerdOptions {
+    let mut options = ContainerdOptions {
+        config: "/etc/containerd/config.toml".to_string(),
+        socket: "/run/containerd/containerd.sock".to_string(),
+        runtime_class: "nvidia".to_string(),
+        set_as_default: false,
+        drop_in_config: None,
+        restart_mode: RestartMode::Systemd,
+        restart_timeout_seconds: 60,
+    };
+    let mut given: Vec<Given> = [
+        ("config", &raw.config),
+        ("socket", &raw.socket),
+        ("runtimeClass", &raw.runtime_class),
+        ("setAsDefault", &raw.set_as_default),
+        ("dropInConfig", &raw.drop_in_config),
+        ("restartMode", &raw.restart_mode),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| {
+        value.as_ref().map(|value| Given {
+            key,
+            text: &value.value.0,
+            referenced: value.referenced,
+            origin: format!("containerd.{key}"),
+        })
+    })
+    .collect();
+
+    let mut seen_env = BTreeSet::new();
+    for var in env {
+        let name = var.name.value.as_str();
+        if !seen_env.insert(name) {
+            errors.push(Diagnostic::at_location(
+                source,
+                var.name.referenced,
+                format!("toolkit.env `{name}` is set twice"),
+            ));
+            continue;
+        }
+        match TOOLKIT_ENV.iter().find(|(env_name, _)| *env_name == name) {
+            Some((_, key)) => given.push(Given {
+                key,
+                text: &var.value.value.0,
+                referenced: var.value.referenced,
+                origin: format!("toolkit.env {name}"),
+            }),
+            None => {
+                let names: Vec<&str> = TOOLKIT_ENV.iter().map(|(n, _)| *n).collect();
+                let diagnostic = Diagnostic::at_location(
+                    source,
+                    var.name.referenced,
+                    format!("unknown toolkit.env name `{name}`"),
+                );
+                let help = match nearest(name, names.iter().copied()) {
+                    Some(near) => {
+                        format!("did you mean `{near}`? known names: {}", names.join(", "))
+                    }
+                    None => format!("known names: {}", names.join(", ")),
+                };
+                errors.push(diagnostic.with_help(help));
+            }
+        }
+    }
+
+    let mut settled: Vec<(&'static str, String, &Given)> = Vec::new();
+    for g in &given {
+        let value = g.text.trim();
+        let bad = |message: String| Diagnostic::at_location(source, g.referenced, message);
+        let normalised = match g.key {
+            "config" | "socket" | "dropInConfig" => check_host_path(value)
+                .map(|()| value.to_string())
+                .map_err(|why| bad(format!("{} {why}", g.origin))),
+            "runtimeClass" => check_dns_label(value)
+                .map(|()| value.to_string())
+                .map_err(|why| bad(format!("{} `{value}` {why}", g.origin))),
+            "setAsDefault" => match value.to_ascii_lowercase().as_str() {
+                v @ ("true" | "false") => Ok(v.to_string()),
+                _ => Err(
+                    bad(format!("{} must be true or false, not `{value}`", g.origin))
+                        .with_help("write `true` or `\"false\"`"),
+                ),
+            },
+            "restartMode" => match value {
+                "systemd" | "signal" | "none" => Ok(value.to_string()),
+                _ => Err(bad(format!(
+                    "{} must be systemd, signal or none, not `{value}`",
+                    g.origin
+                ))),
+            },
+            _ => unreachable!("every key is listed above"),
+        };
+        let normalised = match normalised {
+            Ok(v) => v,
+            Err(d) => {
+                errors.push(d);
+                continue;
+            }
+        };
+        match settled.iter().find(|(key, _, _)| *key == g.key) {
+            Some((_, earlier, first)) if *earlier != normalised => {
+                errors.push(
+                    Diagnostic::at_location(
+                        source,
+                        g.referenced,
+                        format!(
+                            "{} `{normalised}` disagrees with {} `{earlier}` (line {})",
+                            g.origin,
+                            first.origin,
+                            first.referenced.line()
+                        ),
+                    )
+                    .with_help("give the setting once, or the same value in both places"),
+                );
+            }
+            Some(_) => {}
+            None => settled.push((g.key, normalised, g)),
+        }
+    }
+    for (key, value, _) in settled {
+        match key {
+            "config" => options.config = value,
+            "socket" => options.socket = value,
+            "runtimeClass" => options.runtime_class = value,
+            "setAsDefault" => options.set_as_default = value == "true",
+            "dropInConfig" => options.drop_in_config = Some(value),
+            "restartMode" => {
+                options.restart_mode = match value.as_str() {
+                    "signal" => RestartMode::Signal,
+                    "none" => RestartMode::None,
+                    _ => RestartMode::Systemd,
+                }
+            }
+            _ => unreachable!("every key is listed above"),
+        }
+    }
+    options.restart_timeout_seconds = seconds(
+        &raw.restart_timeout_seconds,
+        "containerd.restartTimeoutSeconds",
+        options.restart_timeout_seconds,
+        source,
+        errors,
+    );
+    options
+}

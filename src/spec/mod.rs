@@ -1,0 +1,370 @@
+//! The desired state of a node (`node.yaml`).
+//!
+//! Two stages: serde reads the raw document (unknown keys and wrong types are
+//! errors with their place), then `resolve` checks values and fills defaults
+//! into a `Spec`. Nothing downstream validates again.
+//!
+//! Key names follow the GPU Operator's Helm values where the concept is the
+//! same, so `driver.enabled: false` means what it means there.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::diagnostic::{Diagnostic, Diagnostics, Source, nearest};
+
+mod containerd;
+mod driver;
+mod operands;
+mod states;
+mod toolkit;
+
+pub use containerd::*;
+pub use driver::*;
+pub use operands::*;
+pub use states::*;
+pub use toolkit::*;
+
+/// The spec used when `--config` is not given.
+pub const DEFAULT_SPEC: &str = include_str!("../../fixtures/specs/default.yaml");
+
+pub const DEFAULT_SPEC_NAME: &str = "<embedded default spec>";
+
+/// Spec switches a catalogue state may name in `enabledBy`.
+pub const SWITCHES: &[&str] = &[
+    "driver.enabled",
+    "toolkit.enabled",
+    "devicePlugin.enabled",
+    "dcgmExporter.enabled",
+    "gfd.enabled",
+    "validator.enabled",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read spec {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid spec\n{0}")]
+    Invalid(Diagnostics),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSpec {
+    #[serde(default)]
+    driver: RawDriver,
+    #[serde(default)]
+    toolkit: RawToolkit,
+    #[serde(default)]
+    containerd: RawContainerd,
+    #[serde(default)]
+    device_plugin: RawOperand,
+    #[serde(default)]
+    dcgm_exporter: RawOperand,
+    #[serde(default)]
+    gfd: RawOperand,
+    #[serde(default)]
+    validator: RawValidator,
+    #[serde(default)]
+    operands: RawOperands,
+    #[serde(default)]
+    states: Vec<RawUserState>,
+}
+
+/// `value` is read as text, so `value: true` and `value: "true"` are one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnvVar {
+    name: Spanned<String>,
+    value: Spanned<EnvValue>,
+}
+
+/// A `toolkit.env` value: a string, or a YAML boolean or number taken as
+/// its text (the GPU Operator's values write `value: true`).
+#[derive(Debug)]
+struct EnvValue(String);
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = EnvValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a boolean")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<EnvValue, E> {
+                Ok(EnvValue(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// How specs and state files are read: a string field must be written as
+/// a string when its text would read as a number or a boolean
+/// (`version: 3.10` is refused with the quoted form to write; as a
+/// number it would be 3.1), and booleans are YAML 1.2's `true`/`false`.
+pub fn strict_yaml() -> serde_saphyr::Options {
+    serde_saphyr::options! { no_schema: true, strict_booleans: true }
+}
+
+/// The validated desired state.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spec {
+    /// Where it came from: a file path or the embedded default.
+    pub source: String,
+    pub driver: DriverSpec,
+    pub toolkit: ToolkitSpec,
+    pub containerd: ContainerdOptions,
+    pub device_plugin: OperandSpec,
+    pub dcgm_exporter: OperandSpec,
+    pub gfd: OperandSpec,
+    pub gfd_mode: GfdMode,
+    pub validator: ValidatorSpec,
+    pub operands: OperandsSpec,
+    /// The user's own states, in document order, checked (the catalogue
+    /// makes them states: `Catalog::with_user_states`).
+    #[serde(skip)]
+    pub states: Vec<RawUserState>,
+    /// The document they were written in, for their diagnostics.
+    #[serde(skip)]
+    pub states_source: Arc<Source>,
+}
+
+impl Spec {
+    /// The embedded default spec.
+    pub fn default_spec() -> Spec {
+        Spec::parse(&Source {
+            name: DEFAULT_SPEC_NAME.to_string(),
+            text: DEFAULT_SPEC.to_string(),
+        })
+        .expect("the embedded default spec is valid")
+    }
+
+    pub fn load(path: &Path) -> Result<Spec, SpecError> {
+        let text =
+            crate::host::read_user_file(path, crate::host::USER_FILE_CAP).map_err(|source| {
+                SpecError::Read {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+        Spec::parse(&Source {
+            name: path.display().to_string(),
+            text,
+        })
+    }
+
+    pub fn parse(source: &Source) -> Result<Spec, SpecError> {
+        let raw: RawSpec = if source.text.trim().is_empty() {
+            // An empty file asks for every default.
+            serde_saphyr::from_str("{}").expect("empty mapping")
+        } else {
+            serde_saphyr::from_str_with_options(&source.text, strict_yaml())
+                .map_err(|e| SpecError::Invalid(Diagnostic::from_yaml(source, &e).into()))?
+        };
+        resolve(raw, source).map_err(SpecError::Invalid)
+    }
+
+    /// The value of a switch named in `SWITCHES`.
+    pub fn switch(&self, name: &str) -> Option<bool> {
+        Some(match name {
+            "driver.enabled" => self.driver.enabled,
+            "toolkit.enabled" => self.toolkit.enabled,
+            "devicePlugin.enabled" => self.device_plugin.enabled,
+            "dcgmExporter.enabled" => self.dcgm_exporter.enabled,
+            "gfd.enabled" => self.gfd.enabled,
+            "validator.enabled" => self.validator.enabled,
+            _ => return None,
+        })
+    }
+}
+
+fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
+    let mut errors = Vec::new();
+
+    let driver = resolve_driver(&raw.driver, source, &mut errors);
+
+    let gfd_mode = match raw.gfd.mode.as_ref() {
+        None => GfdMode::Daemonset,
+        Some(mode) => match mode.value.as_str() {
+            "builtin" => GfdMode::Builtin,
+            "daemonset" => GfdMode::Daemonset,
+            other => {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    mode.referenced,
+                    format!("gfd.mode must be builtin or daemonset, not `{other}`"),
+                ));
+                GfdMode::Daemonset
+            }
+        },
+    };
+    for (section, raw_operand) in [
+        ("devicePlugin", &raw.device_plugin),
+        ("dcgmExporter", &raw.dcgm_exporter),
+    ] {
+        if let Some(mode) = &raw_operand.mode {
+            errors.push(
+                Diagnostic::at_location(
+                    source,
+                    mode.referenced,
+                    format!("{section}.mode is not a setting"),
+                )
+                .with_help("only gfd has a mode (builtin or daemonset)"),
+            );
+        }
+    }
+    let device_plugin = resolve_operand(
+        "devicePlugin",
+        &raw.device_plugin,
+        DEVICE_PLUGIN_IMAGE,
+        source,
+        &mut errors,
+    );
+    let dcgm_exporter = resolve_operand(
+        "dcgmExporter",
+        &raw.dcgm_exporter,
+        DCGM_EXPORTER_IMAGE,
+        source,
+        &mut errors,
+    );
+    let gfd = resolve_operand("gfd", &raw.gfd, GFD_IMAGE, source, &mut errors);
+    let validator = resolve_validator(&raw.validator, source, &mut errors);
+    let operands = resolve_operands(&raw.operands, source, &mut errors);
+    let containerd = resolve_containerd(&raw.containerd, &raw.toolkit.env, source, &mut errors);
+    let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
+
+    let states = resolve_states(raw.states, source, &mut errors);
+    let shared_source = Arc::new(source.clone());
+
+    if !errors.is_empty() {
+        return Err(Diagnostics(errors));
+    }
+    Ok(Spec {
+        source: source.name.clone(),
+        driver,
+        toolkit,
+        containerd,
+        device_plugin,
+        dcgm_exporter,
+        gfd,
+        gfd_mode,
+        validator,
+        operands,
+        states,
+        states_source: shared_source,
+    })
+}
+
+/// The longest wait a spec or a flag may ask for: a year. Longer ones are
+/// mistakes, and past a few hundred years a deadline overflows the clock.
+pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
+
+/// A number of seconds from the spec: at least 1 and at most `MAX_SECONDS`,
+/// `default` when it is not given.
+fn seconds(
+    value: &Option<Spanned<u64>>,
+    key: &str,
+    default: u64,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> u64 {
+    match value {
+        None => default,
+        Some(t) if t.value == 0 => {
+            errors.push(Diagnostic::at_location(
+                source,
+                t.referenced,
+                format!("{key} must be at least 1"),
+            ));
+            default
+        }
+        Some(t) if t.value > MAX_SECONDS => {
+            errors.push(Diagnostic::at_location(
+                source,
+                t.referenced,
+                format!("{key} must be at most {MAX_SECONDS} (a year)"),
+            ));
+            default
+        }
+        Some(t) => t.value,
+    }
+}
+
+/// Host paths in the spec are absolute and never climb with `..`.
+fn check_host_path(value: &str) -> Result<(), String> {
+    if value.starts_with('/') && !value.split('/').any(|p| p == "..") {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be an absolute path on the host without `..`, not `{value}`"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Spec, SpecError> {
+        Spec::parse(&Source {
+            name: "node.yaml".into(),
+            text: text.into(),
+        })
+    }
+
+    #[test]
+    fn defaults_follow_the_gpu_operator() {
+        let spec = parse("").unwrap();
+        assert!(
+            spec.driver.enabled
+                && spec.toolkit.enabled
+                && spec.device_plugin.enabled
+                && spec.gfd.enabled
+        );
+        assert_eq!(
+            spec.device_plugin.image,
+            "nvcr.io/nvidia/k8s-device-plugin:v0.17.0"
+        );
+        assert_eq!(spec.containerd.config, "/etc/containerd/config.toml");
+        assert_eq!(spec.containerd.runtime_class, "nvidia");
+    }
+
+    #[test]
+    fn env_values_may_be_booleans_or_strings() {
+        for value in ["true", "\"true\"", "\"True\""] {
+            let spec = parse(&format!(
+                "toolkit:\n  env:\n  - name: CONTAINERD_SET_AS_DEFAULT\n    value: {value}\n"
+            ))
+            .unwrap();
+            assert!(spec.containerd.set_as_default, "{value}");
+        }
+    }
+
+    #[test]
+    fn driver_versions_are_checked() {
+        assert!(is_driver_version("535.161.08"));
+        assert!(is_driver_version("550.54"));
+        assert!(!is_driver_version("latest"));
+        assert!(!is_driver_version("535..1"));
+        assert!(!is_driver_version("535"));
+    }
+}

@@ -1,0 +1,314 @@
+//! The operands' sections (`devicePlugin`, `dcgmExporter`, `gfd`), the
+//! `validator` and `operands` (how they are deployed).
+
+use super::*;
+
+/// An operand's section (`devicePlugin`, `dcgmExporter`, `gfd`), with the
+/// GPU Operator's key names. `mode` belongs to `gfd` alone; `resolve` says
+/// so when another section has it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawOperand {
+    pub(super) enabled: Option<bool>,
+    pub(super) mode: Option<Spanned<String>>,
+    pub(super) repository: Option<Spanned<String>>,
+    pub(super) image: Option<Spanned<String>>,
+    pub(super) version: Option<Spanned<String>>,
+    pub(super) image_pull_policy: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) args: Vec<String>,
+    #[serde(default)]
+    pub(super) env: Vec<RawEnvVar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawValidator {
+    pub(super) enabled: Option<bool>,
+    pub(super) repository: Option<Spanned<String>>,
+    pub(super) image: Option<Spanned<String>>,
+    pub(super) version: Option<Spanned<String>>,
+    pub(super) image_pull_policy: Option<Spanned<String>>,
+    pub(super) timeout_seconds: Option<Spanned<u64>>,
+    pub(super) namespace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawOperands {
+    pub(super) deploy: Option<Spanned<String>>,
+    pub(super) static_pod_dir: Option<Spanned<String>>,
+}
+
+/// One operand: whether it runs, and the container it runs as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperandSpec {
+    pub enabled: bool,
+    /// `repository/image:version` (`@version` for a `sha256:` digest).
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    /// Added after the template's own arguments.
+    pub args: Vec<String>,
+    /// Set in the container, replacing a template variable of the same name.
+    pub env: Vec<(String, String)>,
+}
+
+/// The vectorAdd validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidatorSpec {
+    pub enabled: bool,
+    /// The CUDA sample the validation pod runs.
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    /// How long the pod may take to succeed (pull, schedule, run).
+    pub timeout_seconds: u64,
+    /// Where the validation pod is created.
+    pub namespace: String,
+}
+
+/// How operands are started on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperandsSpec {
+    pub deploy: OperandDeploy,
+    /// The kubelet's static pod directory (`staticPodPath`).
+    pub static_pod_dir: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OperandDeploy {
+    /// Node labels with an API server, static pods without one.
+    Auto,
+    /// `nvidia.com/gpu.deploy.<operand>=true` for the operands' DaemonSets.
+    Labels,
+    /// Manifests in the kubelet's static pod directory.
+    StaticPods,
+}
+
+/// Each operand's default image: the versions `deploy/operands` runs.
+pub const DEVICE_PLUGIN_IMAGE: (&str, &str, &str) =
+    ("nvcr.io/nvidia", "k8s-device-plugin", "v0.17.0");
+pub const DCGM_EXPORTER_IMAGE: (&str, &str, &str) = (
+    "nvcr.io/nvidia/k8s",
+    "dcgm-exporter",
+    "3.3.9-3.6.1-ubuntu22.04",
+);
+
+/// GFD ships in the device plugin's image.
+pub const GFD_IMAGE: (&str, &str, &str) = DEVICE_PLUGIN_IMAGE;
+
+/// The seed's validation sample.
+pub const VALIDATOR_IMAGE: (&str, &str, &str) = (
+    "nvcr.io/nvidia/k8s",
+    "cuda-sample",
+    "vectoradd-cuda11.7.1-ubuntu20.04",
+);
+
+pub const DEFAULT_STATIC_POD_DIR: &str = "/etc/kubernetes/manifests";
+
+/// Who publishes GPU Feature Discovery's labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GfdMode {
+    /// gpuprov itself, from NVML (the `gpu-feature-discovery` state).
+    Builtin,
+    /// NVIDIA's GFD DaemonSet.
+    Daemonset,
+}
+
+/// `repository/image:version` from the three keys (defaults for those not
+/// given); a `sha256:` version is a digest (`@sha256:…`).
+pub(super) fn resolve_image(
+    section: &str,
+    parts: [&Option<Spanned<String>>; 3],
+    default: (&str, &str, &str),
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> String {
+    let defaults = [default.0, default.1, default.2];
+    let mut values = [String::new(), String::new(), String::new()];
+    for (i, (key, part)) in ["repository", "image", "version"]
+        .iter()
+        .zip(parts)
+        .enumerate()
+    {
+        values[i] = match part {
+            None => defaults[i].to_string(),
+            Some(given) => {
+                let value = given.value.trim();
+                let bad_char =
+                    |c: char| c.is_whitespace() || (*key != "repository" && c == '/') || c == '@';
+                if value.is_empty() || value.chars().any(bad_char) {
+                    errors.push(Diagnostic::at_location(
+                        source,
+                        given.referenced,
+                        format!("{section}.{key} `{}` is not an image {key}", given.value),
+                    ));
+                }
+                value.trim_end_matches('/').to_string()
+            }
+        };
+    }
+    let [repository, image, version] = values;
+    let separator = if version.starts_with("sha256:") {
+        '@'
+    } else {
+        ':'
+    };
+    format!("{repository}/{image}{separator}{version}")
+}
+
+pub(super) fn resolve_pull_policy(
+    section: &str,
+    policy: &Option<Spanned<String>>,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<String> {
+    let policy = policy.as_ref()?;
+    match policy.value.as_str() {
+        "Always" | "IfNotPresent" | "Never" => Some(policy.value.clone()),
+        other => {
+            errors.push(Diagnostic::at_location(
+                source,
+                policy.referenced,
+                format!(
+                    "{section}.imagePullPolicy must be Always, IfNotPresent or Never, not `{other}`"
+                ),
+            ));
+            None
+        }
+    }
+}
+
+pub(super) fn resolve_operand(
+    section: &str,
+    raw: &RawOperand,
+    default_image: (&str, &str, &str),
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> OperandSpec {
+    let image = resolve_image(
+        section,
+        [&raw.repository, &raw.image, &raw.version],
+        default_image,
+        source,
+        errors,
+    );
+    let mut env: Vec<(String, String)> = Vec::new();
+    for var in &raw.env {
+        let name = var.name.value.as_str();
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid {
+            errors.push(Diagnostic::at_location(
+                source,
+                var.name.referenced,
+                format!("{section}.env name `{name}` is not an environment variable name"),
+            ));
+        } else if env.iter().any(|(n, _)| n == name) {
+            errors.push(Diagnostic::at_location(
+                source,
+                var.name.referenced,
+                format!("{section}.env `{name}` is set twice"),
+            ));
+        } else {
+            env.push((name.to_string(), var.value.value.0.clone()));
+        }
+    }
+    OperandSpec {
+        enabled: raw.enabled.unwrap_or(true),
+        image,
+        image_pull_policy: resolve_pull_policy(section, &raw.image_pull_policy, source, errors),
+        args: raw.args.clone(),
+        env,
+    }
+}
+
+pub(super) fn resolve_validator(
+    raw: &RawValidator,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> ValidatorSpec {
+    let image = resolve_image(
+        "validator",
+        [&raw.repository, &raw.image, &raw.version],
+        VALIDATOR_IMAGE,
+        source,
+        errors,
+    );
+    let timeout_seconds = seconds(
+        &raw.timeout_seconds,
+        "validator.timeoutSeconds",
+        300,
+        source,
+        errors,
+    );
+    let namespace = match &raw.namespace {
+        Some(ns) => {
+            if let Err(why) = check_dns_label(&ns.value) {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    ns.referenced,
+                    format!("validator.namespace `{}` {why}", ns.value),
+                ));
+            }
+            ns.value.clone()
+        }
+        None => "gpuprov".to_string(),
+    };
+    ValidatorSpec {
+        enabled: raw.enabled.unwrap_or(true),
+        image,
+        image_pull_policy: resolve_pull_policy("validator", &raw.image_pull_policy, source, errors),
+        timeout_seconds,
+        namespace,
+    }
+}
+
+pub(super) fn resolve_operands(
+    raw: &RawOperands,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> OperandsSpec {
+    let deploy = match raw.deploy.as_ref() {
+        None => OperandDeploy::Auto,
+        Some(d) => match d.value.as_str() {
+            "auto" => OperandDeploy::Auto,
+            "labels" => OperandDeploy::Labels,
+            "staticPods" => OperandDeploy::StaticPods,
+            other => {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    d.referenced,
+                    format!("operands.deploy must be auto, labels or staticPods, not `{other}`"),
+                ));
+                OperandDeploy::Auto
+            }
+        },
+    };
+    let static_pod_dir = match &raw.static_pod_dir {
+        Some(dir) => {
+            if let Err(why) = check_host_path(&dir.value) {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    dir.referenced,
+                    format!("operands.staticPodDir {why}"),
+                ));
+            }
+            dir.value.clone()
+        }
+        None => DEFAULT_STATIC_POD_DIR.to_string(),
+    };
+    OperandsSpec {
+        deploy,
+        static_pod_dir,
+    }
+}
