@@ -31,20 +31,26 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-#[test]
-fn run_keeps_the_node_converged_and_stops_on_sigterm() {
+/// `gpuprov run` on the A100 fixture against a working loopback cluster
+/// (the operands' DaemonSets follow the labels, the validation pod
+/// passes), once `/readyz` says converged: the first converge labels the
+/// node for its operands and waits; the next (a pending interval later)
+/// finds them running and validates.
+fn converged_daemon() -> (FakeApi, tempfile::TempDir, u16, Daemon) {
     let fake = FakeApi::with_node(NODE, &[]);
-    // The operands' DaemonSets follow the labels; the validation pod passes.
     fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
     let host = copy_host("a100-preinstalled");
     let port = free_port();
-    let mut daemon = Daemon::spawn(&fake, NODE, host.path(), "1s", port);
-
-    // The first converge labels the node for its operands and waits; the
-    // next (a pending interval later) finds them running and validates.
+    let daemon = Daemon::spawn(&fake, NODE, host.path(), "1s", port);
     eventually("/readyz to say converged", Duration::from_secs(30), || {
         get(port, "/readyz").is_some_and(|(code, _)| code == 200)
     });
+    (fake, host, port, daemon)
+}
+
+#[test]
+fn run_keeps_the_node_converged_and_stops_on_sigterm() {
+    let (fake, host, port, mut daemon) = converged_daemon();
     assert_eq!(get(port, "/healthz").unwrap().0, 200);
     let (_, metrics) = get(port, "/metrics").unwrap();
     for line in [
@@ -150,14 +156,7 @@ fn run_without_an_api_server_is_an_error() {
 
 #[test]
 fn run_stops_on_sigterm_while_the_api_server_hangs() {
-    let fake = FakeApi::with_node(NODE, &[]);
-    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
-    let host = copy_host("a100-preinstalled");
-    let port = free_port();
-    let mut daemon = Daemon::spawn(&fake, NODE, host.path(), "1s", port);
-    eventually("/readyz to say converged", Duration::from_secs(30), || {
-        get(port, "/readyz").is_some_and(|(code, _)| code == 200)
-    });
+    let (fake, host, _, mut daemon) = converged_daemon();
 
     // The API server goes silent: the open watch yields nothing more and
     // never closes, and every request is left unanswered. A drift makes
