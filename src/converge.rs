@@ -195,7 +195,7 @@ pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error
 /// Whether an error of one try may be gone at the next: the API server
 /// unreachable or answering 5xx, another run holding the lock. Invalid
 /// input and a host that cannot be read stay as they are.
-pub fn waiting_may_help(error: &Error) -> bool {
+fn waiting_may_help(error: &Error) -> bool {
     matches!(error, Error::Kube(_) | Error::Lock(_) | Error::Labels(_))
 }
 
@@ -298,5 +298,83 @@ fn split_label(item: &str) -> Result<(String, String), String> {
             Ok((k.to_string(), v.to_string()))
         }
         _ => Err(format!("`{item}` is not key=value")),
+    }
+}
+
+/// `apply` again until the node converges, for at most `timeout`
+/// (`apply --wait`): a run that is only waiting (operands starting) is
+/// looked at again every 2 s, an error that may pass (the API server, the
+/// lock) after a backoff; a node that cannot converge by waiting, SIGTERM,
+/// or the timeout ends it with the last run's report.
+pub fn apply_until_converged(
+    inputs: &Inputs,
+    lock_timeout: Duration,
+    timeout: Duration,
+) -> Result<RunReport, Error> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut delay = Duration::from_secs(1);
+    loop {
+        // A run that errors (the API server away, the lock held) is one
+        // more try, not the end.
+        let result = apply(inputs, lock_timeout);
+        let done = match &result {
+            Ok(report) => report.converged,
+            Err(_) => false,
+        };
+        let out_of_time = std::time::Instant::now() + delay > deadline;
+        // Waiting helps only with what changes by itself: operands
+        // starting, an API server coming back, another run's lock.
+        let hopeless = match &result {
+            Ok(report) => report.cannot_converge_by_waiting(),
+            Err(e) if waiting_may_help(e) => None,
+            Err(e) => Some(crate::step::error_chain(e)),
+        };
+        if !done
+            && !out_of_time
+            && let Some(why) = &hopeless
+        {
+            tracing::error!("not waiting: the node cannot converge by waiting: {why}");
+        }
+        if done || out_of_time || hopeless.is_some() || crate::interrupt::requested() {
+            let report = result?;
+            if !report.converged && !report.interrupted && hopeless.is_none() {
+                let waiting: Vec<String> = report
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s.action, Action::Fail | Action::Block | Action::Wait))
+                    .map(|s| format!("{} is {}: {}", s.name, s.outcome.as_str(), s.reason))
+                    .collect();
+                tracing::error!(
+                    "not converged after {}: {}",
+                    humantime::format_duration(timeout),
+                    waiting.join("; ")
+                );
+            }
+            return Ok(report);
+        }
+        match &result {
+            Ok(report) => {
+                let blocking: Vec<&str> = report
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s.action, Action::Fail | Action::Block | Action::Wait))
+                    .map(|s| s.name.as_str())
+                    .collect();
+                tracing::warn!(
+                    "not converged yet ({}); trying again in {delay:?}",
+                    blocking.join(", ")
+                );
+            }
+            Err(e) => tracing::warn!("{}; trying again in {delay:?}", crate::step::error_chain(e)),
+        }
+        std::thread::sleep(delay);
+        // Waiting on an operand's pod is progress: keep looking every
+        // couple of seconds rather than backing off.
+        let waiting = matches!(&result, Ok(report) if report.only_waiting());
+        delay = if waiting {
+            Duration::from_secs(2)
+        } else {
+            (delay * 2).min(Duration::from_secs(30))
+        };
     }
 }
