@@ -232,12 +232,17 @@ pub struct RevertReport {
 pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, Error> {
     let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
     sweep_interrupted(&inputs.host)?;
-    let containerd = crate::containerd::revert::revert(
-        &inputs.host,
-        &inputs.spec.containerd,
-        crate::exec::make_changes,
-    )
-    .map_err(Error::Revert)?;
+    // containerd's revert is planned as changes, made as a step's are.
+    let options = &inputs.spec.containerd;
+    let (changes, summary, changed) =
+        crate::containerd::revert::plan(&inputs.host, options).map_err(Error::Revert)?;
+    let commands = crate::exec::make_changes(&inputs.host, &changes).map_err(Error::Revert)?;
+    crate::containerd::revert::tidy_backups(&inputs.host, options).map_err(Error::Revert)?;
+    let containerd = crate::containerd::revert::Reverted {
+        summary,
+        changed,
+        commands,
+    };
     let static_pods_removed = crate::operands::static_pod::remove_ours(&inputs.host, &inputs.spec)?;
     inputs.host.remove(crate::operands::validate::MARKER)?;
     inputs.host.remove(crate::operands::validate::RUNTIME_RAN)?;

@@ -143,29 +143,14 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
     Ok((changes, summary, changed))
 }
 
-/// The changes an applier makes: the executor's `make_changes`, passed in
-/// so that this capability never imports the executor.
-pub type MakeChanges = fn(&Host, &[Change]) -> Result<Vec<CommandRecord>, String>;
-
-/// Reverts containerd's config now, `make_changes` making the changes.
-pub fn revert(
-    host: &Host,
-    opts: &ContainerdOptions,
-    make_changes: MakeChanges,
-) -> Result<Reverted, String> {
-    let (changes, summary, changed) = plan(host, opts)?;
-    let commands = make_changes(host, &changes)?;
+/// After `plan`'s changes are made: the backup directories left empty go.
+pub fn tidy_backups(host: &Host, opts: &ContainerdOptions) -> Result<(), String> {
     let backup_dir = super::backup_path(&opts.config);
     let backup_dir = backup_dir
         .rsplit_once('/')
         .map_or(super::BACKUP_DIR, |(dir, _)| dir);
     host.remove_empty_dirs(backup_dir, super::BACKUP_DIR)
-        .map_err(|e| error_chain(&e))?;
-    Ok(Reverted {
-        summary,
-        changed,
-        commands,
-    })
+        .map_err(|e| error_chain(&e))
 }
 
 fn write(path: &str, content: String, purpose: &str) -> Change {
