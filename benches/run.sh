@@ -17,6 +17,9 @@ trap 'rm -f "$out"' EXIT
         echo "== cargo bench --bench $bench"
         cargo bench --locked --bench "$bench" 2>/dev/null | grep -v '^$'
     done
+    echo
+    echo "== benches/syscalls.sh"
+    benches/syscalls.sh
 } | tee "$out"
 echo
 echo "== targets"
