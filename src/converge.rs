@@ -148,6 +148,16 @@ pub fn plan(inputs: &Inputs) -> Result<PlanReport, Error> {
 /// labels and records the run in `last-run.json`.
 pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error> {
     let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
+    let converged = apply_locked(inputs);
+    // What the run changed is on disk before the lock goes (see
+    // `Host::write_files`); a run that changed nothing syncs nothing.
+    let durable = inputs.host.make_durable();
+    let report = converged?;
+    durable?;
+    Ok(report)
+}
+
+fn apply_locked(inputs: &Inputs) -> Result<RunReport, Error> {
     sweep_interrupted(&inputs.host)?;
     let started = SystemTime::now();
     let facts = inputs.facts()?;
@@ -231,6 +241,14 @@ pub struct RevertReport {
 /// packages stay.
 pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, Error> {
     let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
+    let reverted = revert_locked(inputs);
+    let durable = inputs.host.make_durable();
+    let report = reverted?;
+    durable?;
+    Ok(report)
+}
+
+fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
     sweep_interrupted(&inputs.host)?;
     // containerd's revert is planned as changes, made as a step's are.
     let options = &inputs.spec.containerd;

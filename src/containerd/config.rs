@@ -223,8 +223,45 @@ impl Encoding {
 }
 
 pub fn parse(text: &str) -> Result<DocumentMut, ConfigError> {
+    Ok(read(text)?.into_mut())
+}
+
+/// `parse`, for a document that is only read, shared: one observation
+/// loads the same few files several times over (the view before and after
+/// the edit, the view's key), and each parse costs more than the rest of
+/// the load.
+pub fn parse_shared(text: &str) -> Result<std::rc::Rc<DocumentMut>, ConfigError> {
+    use std::rc::Rc;
+    thread_local! {
+        static PARSED: std::cell::RefCell<Vec<(String, Rc<DocumentMut>)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    const KEPT: usize = 4;
+    let kept = PARSED.with_borrow(|parsed| {
+        parsed
+            .iter()
+            .find(|(kept, _)| kept == text)
+            .map(|(_, doc)| doc.clone())
+    });
+    if let Some(doc) = kept {
+        return Ok(doc);
+    }
+    let doc = Rc::new(parse(text)?);
+    PARSED.with_borrow_mut(|parsed| {
+        if parsed.len() == KEPT {
+            parsed.remove(0);
+        }
+        parsed.push((text.to_string(), doc.clone()));
+    });
+    Ok(doc)
+}
+
+/// A config parsed for reading only: its values, not an editable copy of
+/// every piece of its text (`parse`'s despanning is most of its cost, and
+/// an observation reads the same config several times).
+pub fn read(text: &str) -> Result<toml_edit::Document<&str>, ConfigError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    text.parse::<DocumentMut>().map_err(|e| {
+    toml_edit::Document::parse(text).map_err(|e| {
         let (line, column) = e
             .span()
             .map(|span| line_column(text, span.start))
@@ -249,7 +286,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 /// runtimes live. containerd 2 reads a version-2 file whose tables already
 /// use its own plugin ids (AKS writes these), so existing tables win over
 /// the header for version 2.
-pub fn layout(doc: &DocumentMut) -> Result<(i64, Layout), ConfigError> {
+pub fn layout(doc: &Table) -> Result<(i64, Layout), ConfigError> {
     let version = match doc.get("version") {
         None => 1,
         Some(item) => item
@@ -273,7 +310,7 @@ pub fn layout(doc: &DocumentMut) -> Result<(i64, Layout), ConfigError> {
 
 /// containerd's `default_runtime_name`, if the config sets one.
 pub fn default_runtime_name(text: &str) -> Result<Option<String>, ConfigError> {
-    let doc = parse(text)?;
+    let doc = parse_shared(text)?;
     layout(&doc)?;
     Ok(containerd_table(&doc)
         .and_then(|c| c.get("default_runtime_name"))
@@ -468,7 +505,7 @@ pub fn unconfigure(text: &str, class: &str, original: Option<&str>) -> Result<St
 }
 
 /// The `containerd` table of the CRI plugin, in the document's layout.
-fn containerd_table(doc: &DocumentMut) -> Option<&dyn TableLike> {
+fn containerd_table(doc: &Table) -> Option<&dyn TableLike> {
     let (_, layout) = layout(doc).ok()?;
     doc.get("plugins")?
         .get(layout.plugin())?
@@ -484,7 +521,7 @@ fn unconfigure_plain(
     let original_layout = original.and_then(|o| layout(o).ok()).map(|(_, l)| l);
     let mut doc = parse(text)?;
     let (_, layout) = layout(&doc)?;
-    let original_containerd = original.and_then(containerd_table);
+    let original_containerd = original.and_then(|o| containerd_table(o));
     let original_default = original_containerd
         .and_then(|c| c.get("default_runtime_name"))
         .and_then(Item::as_str);
@@ -781,6 +818,7 @@ pub fn version3_drop_in(wanted: &RuntimeWanted) -> Result<String, ConfigError> {
 /// A file with the config version and the CRI runtime plugin section of
 /// `edited`, under `header`.
 fn section_file(edited: &str, header: &str) -> Result<String, ConfigError> {
+    // Parsed whole, not only read: its items are copied with their text.
     let source = parse(edited)?;
     let (version, layout) = layout(&source)?;
     let mut doc = DocumentMut::new();

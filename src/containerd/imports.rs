@@ -57,7 +57,7 @@ impl Major {
 pub struct Loaded {
     pub path: String,
     pub text: String,
-    doc: DocumentMut,
+    doc: std::rc::Rc<DocumentMut>,
 }
 
 /// The files containerd loads for `main` on a host without a binary to
@@ -73,7 +73,7 @@ pub fn load_guessing(
     };
     let version = main_text
         .as_deref()
-        .and_then(|text| super::config::parse(text).ok())
+        .and_then(|text| super::config::parse_shared(text).ok())
         .and_then(|doc| doc.get("version").and_then(Item::as_integer))
         .unwrap_or(1);
     let major = Major::guess(version);
@@ -124,8 +124,8 @@ pub fn load(
                 "{main} and the files it imports hold more than {TOTAL_BYTES_CAP} bytes (at {path}): gpuprov reads no more"
             ));
         }
-        let doc =
-            super::config::parse(&text).map_err(|e| format!("{path}:{}", e.located(&text)))?;
+        let doc = super::config::parse_shared(&text)
+            .map_err(|e| format!("{path}:{}", e.located(&text)))?;
         for entry in import_entries(&doc, &path)? {
             for file in resolve(host, &path, &entry, major)? {
                 pending.push_back((file, Some(path.clone())));
@@ -136,7 +136,7 @@ pub fn load(
     Ok(out)
 }
 
-fn import_entries(doc: &DocumentMut, path: &str) -> Result<Vec<String>, String> {
+fn import_entries(doc: &Table, path: &str) -> Result<Vec<String>, String> {
     let Some(item) = doc.get("imports") else {
         return Ok(Vec::new());
     };

@@ -175,7 +175,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let file_version = if text.trim().is_empty() {
         None
     } else {
-        let doc = config::parse(text).map_err(in_file(text))?;
+        let doc = config::parse_shared(text).map_err(in_file(text))?;
         Some(config::layout(&doc).map_err(in_file(text))?.0)
     };
     // containerd 2 ignores a version-1 file's CRI tables: the runtime goes

@@ -74,7 +74,7 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
         },
         (Some(now), _) => {
             if let Some(text) = &original {
-                config::parse(text)
+                config::read(text)
                     .and_then(|doc| config::layout(&doc))
                     .map_err(|e| format!("{}:{}", record.backup, e.located(text)))?;
             }

@@ -69,32 +69,73 @@ impl NewFile {
     /// Gives the file its mode and the target's owner, syncs it (when
     /// `durable`), renames it over the target and syncs the directory.
     pub fn commit(mut self, new_mode: u32, durable: bool) -> Result<(), HostError> {
+        self.set_mode(new_mode)?;
+        if durable {
+            self.sync_data()?;
+        }
+        self.rename()?;
+        if durable {
+            sync_dir(&self.dir).map_err(|source| HostError::Write {
+                path: self.shown.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Gives the file the target's mode and owner (a new target: `new_mode`).
+    pub(super) fn set_mode(&mut self, new_mode: u32) -> Result<(), HostError> {
         let shown = self.shown.clone();
         let write_err = |source: std::io::Error| HostError::Write {
             path: shown.clone(),
             source,
         };
-        let file = self.file.take().expect("present until commit");
         let mode = self
             .existing
             .as_ref()
             .map_or(new_mode, |stat| stat.st_mode & 0o7777);
-        rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).map_err(|e| write_err(e.into()))?;
+        let file = self.file.as_ref().expect("present until renamed");
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode)).map_err(|e| write_err(e.into()))?;
         if let Some(stat) = &self.existing {
-            let now = rustix::fs::fstat(&file).map_err(|e| write_err(e.into()))?;
+            let now = rustix::fs::fstat(file).map_err(|e| write_err(e.into()))?;
             if now.st_uid != stat.st_uid || now.st_gid != stat.st_gid {
                 rustix::fs::fchown(
-                    &file,
+                    file,
                     Some(rustix::fs::Uid::from_raw(stat.st_uid)),
                     Some(rustix::fs::Gid::from_raw(stat.st_gid)),
                 )
                 .map_err(|e| write_err(e.into()))?;
             }
         }
-        if durable {
-            file.sync_all().map_err(write_err)?;
-        }
-        drop(file);
+        Ok(())
+    }
+
+    /// Puts the temporary's bytes on disk.
+    pub(super) fn sync_data(&mut self) -> Result<(), HostError> {
+        let shown = self.shown.clone();
+        self.file().sync_all().map_err(|source| HostError::Write {
+            path: shown,
+            source,
+        })
+    }
+
+    /// The target's directory, as a host path, and a handle on it.
+    pub(super) fn host_dir(&self) -> String {
+        super::parent_of(&self.host_path)
+    }
+
+    pub(super) fn dir(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+
+    /// Renames the temporary over the target (no sync: see
+    /// `Host::write_files`).
+    pub(super) fn rename(&mut self) -> Result<(), HostError> {
+        let write_err = |source: std::io::Error| HostError::Write {
+            path: self.shown.clone(),
+            source,
+        };
+        drop(self.file.take());
         // The target may have become a link since it was looked at: a
         // rename replaces the link itself, never what it points at, but
         // gpuprov does not replace what it did not make.
@@ -112,9 +153,6 @@ impl NewFile {
         )
         .map_err(|e| write_err(e.into()))?;
         self.temp.clear();
-        if durable {
-            sync_dir(&self.dir).map_err(write_err)?;
-        }
         Ok(())
     }
 }
@@ -313,7 +351,7 @@ fn with_suffix(name: &OsStr, suffix: &str) -> OsString {
     temp
 }
 
-fn sync_dir(dir: &impl AsFd) -> std::io::Result<()> {
+pub(super) fn sync_dir(dir: &impl AsFd) -> std::io::Result<()> {
     let fd = rustix::fs::openat(
         dir,
         ".",

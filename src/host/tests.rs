@@ -299,3 +299,64 @@ fn containerds_config_link_is_followed_to_its_target_inside_the_root() {
         Err(HostError::SymlinkLoop { .. })
     ));
 }
+
+#[test]
+fn a_batch_writes_in_order_and_a_refused_target_leaves_no_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = host(dir.path());
+    fs::create_dir_all(dir.path().join("etc")).unwrap();
+    fs::write(dir.path().join("etc/same"), "same").unwrap();
+    let write = |path, content: &'static [u8]| FileWrite {
+        path,
+        content,
+        mode: 0o644,
+    };
+    let written = h
+        .write_files(&[
+            write("/var/lib/gpuprov/backup/etc/config", b"original"),
+            write("/etc/same", b"same"),
+            write("/etc/config", b"edited"),
+        ])
+        .unwrap();
+    assert_eq!(
+        written,
+        [true, false, true],
+        "identical content is not rewritten"
+    );
+    assert_eq!(
+        fs::read_to_string(dir.path().join("var/lib/gpuprov/backup/etc/config")).unwrap(),
+        "original"
+    );
+    assert_eq!(
+        fs::read_to_string(dir.path().join("etc/config")).unwrap(),
+        "edited"
+    );
+    h.make_durable().unwrap();
+
+    // A link planted at the last target: the batch is refused before any
+    // of it lands, and no temporary is left anywhere.
+    symlink("/etc/shadow", dir.path().join("etc/link")).unwrap();
+    let err = h
+        .write_files(&[write("/etc/first", b"1"), write("/etc/link", b"2")])
+        .unwrap_err();
+    assert!(err.to_string().contains("etc/link"), "{err}");
+    assert!(
+        !dir.path().join("etc/first").exists(),
+        "nothing of a refused batch lands"
+    );
+    let names: Vec<String> = fs::read_dir(dir.path().join("etc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.contains(".gpuprov-")),
+        "no temporary left: {names:?}"
+    );
+    assert!(
+        fs::symlink_metadata(dir.path().join("etc/link"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    h.make_durable().unwrap();
+}
