@@ -237,6 +237,12 @@ pub fn parse_shared(text: &str) -> Result<std::rc::Rc<DocumentMut>, ConfigError>
             const { std::cell::RefCell::new(Vec::new()) };
     }
     const KEPT: usize = 4;
+    // Real configs are a few KiB; a huge one (up to the 2 MiB cap) is not
+    // kept, so that it costs no more memory than before.
+    const KEPT_BYTES: usize = 64 * 1024;
+    if text.len() > KEPT_BYTES {
+        return parse(text).map(Rc::new);
+    }
     let kept = PARSED.with_borrow(|parsed| {
         parsed
             .iter()
