@@ -147,14 +147,23 @@ pub fn plan(inputs: &Inputs) -> Result<PlanReport, Error> {
 /// Converges the node once, under the host's apply lock, then publishes
 /// labels and records the run in `last-run.json`.
 pub fn apply(inputs: &Inputs, lock_timeout: Duration) -> Result<RunReport, Error> {
+    under_lock(inputs, lock_timeout, apply_locked)
+}
+
+/// Runs `work` under the host's apply lock. What it changed is on disk
+/// before the lock goes (see `Host::write_files`); a run that changed
+/// nothing syncs nothing.
+fn under_lock<T>(
+    inputs: &Inputs,
+    lock_timeout: Duration,
+    work: impl FnOnce(&Inputs) -> Result<T, Error>,
+) -> Result<T, Error> {
     let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
-    let converged = apply_locked(inputs);
-    // What the run changed is on disk before the lock goes (see
-    // `Host::write_files`); a run that changed nothing syncs nothing.
+    let done = work(inputs);
     let durable = inputs.host.make_durable();
-    let report = converged?;
+    let value = done?;
     durable?;
-    Ok(report)
+    Ok(value)
 }
 
 fn apply_locked(inputs: &Inputs) -> Result<RunReport, Error> {
@@ -240,12 +249,7 @@ pub struct RevertReport {
 /// deploy labels going stops the operands' DaemonSet pods). Installed
 /// packages stay.
 pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, Error> {
-    let _lock = ApplyLock::acquire(&inputs.host, lock_timeout)?;
-    let reverted = revert_locked(inputs);
-    let durable = inputs.host.make_durable();
-    let report = reverted?;
-    durable?;
-    Ok(report)
+    under_lock(inputs, lock_timeout, revert_locked)
 }
 
 fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
