@@ -180,3 +180,57 @@ fn run_stops_on_sigterm_while_the_api_server_hangs() {
         .expect("run stops within 10 s of SIGTERM with the API server hung");
     assert_eq!(status.code(), Some(0));
 }
+
+/// A ConfigMap volume as the kubelet writes it: the file is a link through
+/// `..data`, a link to a timestamped directory, and an update swaps `..data`
+/// in one rename. The daemon converges with the new spec at once, without
+/// waiting for its drift interval (an hour here).
+#[test]
+fn run_follows_a_configmap_update_of_its_config() {
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let host = copy_host("a100-preinstalled");
+    let volume = tempfile::tempdir().unwrap();
+    let version = |name: &str, spec: &str| {
+        std::fs::create_dir(volume.path().join(name)).unwrap();
+        std::fs::write(volume.path().join(name).join("config.yaml"), spec).unwrap();
+    };
+    version(
+        "..2026_12_01_00_00_00.1",
+        "dcgmExporter:\n  enabled: true\n",
+    );
+    std::os::unix::fs::symlink("..2026_12_01_00_00_00.1", volume.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/config.yaml", volume.path().join("config.yaml")).unwrap();
+    let config = volume.path().join("config.yaml");
+    let port = free_port();
+    let _daemon = Daemon::spawn_with(
+        &fake,
+        NODE,
+        host.path(),
+        "1h",
+        port,
+        &["--config".as_ref(), config.as_os_str()],
+    );
+    eventually("/readyz to say converged", Duration::from_secs(30), || {
+        get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    assert_eq!(fake.labels(NODE)["gpuprov.io/dcgm-exporter"], "ready");
+
+    version(
+        "..2026_12_01_00_05_00.2",
+        "dcgmExporter:\n  enabled: false\n",
+    );
+    std::os::unix::fs::symlink("..2026_12_01_00_05_00.2", volume.path().join("..data_tmp"))
+        .unwrap();
+    std::fs::rename(
+        volume.path().join("..data_tmp"),
+        volume.path().join("..data"),
+    )
+    .unwrap();
+    eventually("the new spec's labels", Duration::from_secs(10), || {
+        fake.labels(NODE)
+            .get("gpuprov.io/dcgm-exporter")
+            .map(String::as_str)
+            == Some("disabled")
+    });
+}

@@ -11,8 +11,8 @@ pub mod pods;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::kube::api::{PatchParams, PostParams};
@@ -93,12 +93,26 @@ pub struct NodeLabels {
 }
 
 /// API requests by verb and status code (0: no answer), for `/metrics`.
-pub type RequestCounts = Arc<Mutex<BTreeMap<(String, u16), u64>>>;
+pub type RequestCounts = prometheus_client::metrics::family::Family<
+    ApiRequest,
+    prometheus_client::metrics::counter::Counter,
+>;
+
+/// One kind of API request, as `gpuprov_api_requests_total` counts it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ApiRequest {
+    pub verb: String,
+    /// The status code; 0: no answer.
+    pub code: String,
+}
 
 /// A connection to the API server, for one node.
 pub struct Cluster {
     runtime: tokio::runtime::Runtime,
     client: ::kube::Client,
+    /// For the watch's own client, on its own thread's runtime: a client's
+    /// connections run on the runtime it was made on.
+    config: ::kube::Config,
     pub node: String,
     pub server: String,
     pub requests: RequestCounts,
@@ -141,15 +155,18 @@ impl Cluster {
             http::HeaderValue::from_static(concat!("gpuprov/", env!("CARGO_PKG_VERSION"))),
         ));
         // A server that never accepts must not hold a converge; one that
-        // accepts and never answers is `REQUEST_TIMEOUT`'s (and, for the
-        // watch, `watch_labels`'s idle check).
+        // accepts and never answers is `REQUEST_TIMEOUT`'s. The watch's
+        // requests have no such bound: nothing read for `WATCH_READ_TIMEOUT`
+        // ends a list or a watch that hangs (the server ends a healthy
+        // watch sooner, after its 290 s timeout).
         config
             .connect_timeout
             .get_or_insert(Duration::from_secs(10));
+        config.read_timeout.get_or_insert(WATCH_READ_TIMEOUT);
         let server = config.cluster_url.to_string();
         let client = {
             let _guard = runtime.enter();
-            ::kube::Client::try_from(config).map_err(|e| KubeError::Config(Box::new(e)))?
+            ::kube::Client::try_from(config.clone()).map_err(|e| KubeError::Config(Box::new(e)))?
         };
         let node = match &options.node_name {
             Some(name) => name.clone(),
@@ -165,6 +182,7 @@ impl Cluster {
         Ok(Cluster {
             runtime,
             client,
+            config,
             node,
             server,
             requests: RequestCounts::default(),
@@ -181,8 +199,11 @@ impl Cluster {
         let request = without_empty_query(request);
         let verb = request.method().to_string();
         let count = |code: u16| {
-            let mut requests = self.requests.lock().expect("not poisoned");
-            *requests.entry((verb.clone(), code)).or_default() += 1;
+            let request = ApiRequest {
+                verb: verb.clone(),
+                code: code.to_string(),
+            };
+            self.requests.get_or_create(&request).inc();
         };
         self.runtime.block_on(async {
             let mut last = String::new();
@@ -356,19 +377,24 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Watches this Node's labels (a field-selected watch) on a thread until
-    /// `stop`; `changed` gets every new set. A watch that fails, goes silent past its server-side
-    /// timeout or ends is started again. The thread never needs joining:
-    /// it checks `stop` every 250 ms and holds nothing that must be closed.
+    /// Watches this Node's labels on a thread until `stop`; `changed` gets
+    /// every new set. kube-runtime's `watcher` does the watching: a
+    /// field-selected list, then a watch from its resourceVersion with
+    /// bookmarks; a dropped or timed-out watch resumes from the last
+    /// resourceVersion seen (an event's or a bookmark's), a 410 Gone lists
+    /// again, and failures back off exponentially (`default_backoff`). The
+    /// thread never needs joining: it checks `stop` every 250 ms and holds
+    /// nothing that must be closed.
     pub fn watch_labels(
         &self,
         stop: Arc<AtomicBool>,
         changed: impl Fn(BTreeMap<String, String>) + Send + 'static,
     ) -> std::thread::JoinHandle<()> {
-        use ::kube::api::{Api, WatchEvent, WatchParams};
+        use ::kube::api::Api;
+        use ::kube::runtime::{WatchStreamExt, watcher};
         use futures::StreamExt;
 
-        let client = self.client.clone();
+        let config = self.config.clone();
         let node = self.node.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -376,50 +402,40 @@ impl Cluster {
                 .build()
                 .expect("a tokio runtime starts");
             runtime.block_on(async move {
+                let client = match ::kube::Client::try_from(config) {
+                    Ok(client) => client,
+                    Err(e) => {
+                        let why = crate::error_chain::error_chain(&e);
+                        tracing::error!(%node, "no Node watch: {why}");
+                        return;
+                    }
+                };
                 let api: Api<Node> = Api::all(client);
+                let config = watcher::Config::default()
+                    .fields(&format!("metadata.name={node}"))
+                    .timeout(290);
+                let events = watcher(api, config).default_backoff();
+                let mut events = std::pin::pin!(events);
                 let mut last: Option<BTreeMap<String, String>> = None;
                 while !stop.load(Ordering::Relaxed) {
-                    let params = WatchParams::default()
-                        .fields(&format!("metadata.name={node}"))
-                        .timeout(290);
-                    // Neither the request nor the stream may hang: an API
-                    // server that went away mid-watch (a restart, a cut
-                    // link) sends nothing more, not even a close.
-                    let started = tokio::time::timeout(WATCH_START_TIMEOUT, api.watch(&params, "0"));
-                    let stream = match started.await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::warn!(%node, "watch failed: {}", crate::error_chain::error_chain(&e));
-                            tokio::time::sleep(Duration::from_secs(2)).await;
+                    let next = tokio::time::timeout(Duration::from_millis(250), events.next());
+                    let object = match next.await {
+                        Err(_) => continue,
+                        Ok(None) => break,
+                        Ok(Some(Err(e))) => {
+                            tracing::warn!(%node, "watch: {}", crate::error_chain::error_chain(&e));
                             continue;
                         }
-                        Err(_) => {
-                            tracing::warn!(%node, "watch not answered within {WATCH_START_TIMEOUT:?}; trying again");
-                            continue;
-                        }
+                        Ok(Some(Ok(
+                            watcher::Event::Apply(object) | watcher::Event::InitApply(object),
+                        ))) => object,
+                        Ok(Some(Ok(_))) => continue,
                     };
-                    let mut stream = std::pin::pin!(stream);
-                    let mut heard = std::time::Instant::now();
-                    while !stop.load(Ordering::Relaxed) {
-                        let next = tokio::time::timeout(Duration::from_millis(250), stream.next());
-                        let event = match next.await {
-                            Err(_) if heard.elapsed() > WATCH_STALL => {
-                                tracing::warn!(%node, "the watch went silent past its own timeout; watching again");
-                                break;
-                            }
-                            Err(_) => continue,
-                            Ok(None) | Ok(Some(Err(_))) => break,
-                            Ok(Some(Ok(event))) => event,
-                        };
-                        heard = std::time::Instant::now();
-                        if let WatchEvent::Added(object) | WatchEvent::Modified(object) = event {
-                            let labels = read_labels(&object).labels;
-                            if last.as_ref() != Some(&labels) {
-                                changed(labels.clone());
-                            }
-                            last = Some(labels);
-                        }
+                    let labels = read_labels(&object).labels;
+                    if last.as_ref() != Some(&labels) {
+                        changed(labels.clone());
                     }
+                    last = Some(labels);
                 }
             });
         })
@@ -454,11 +470,9 @@ async fn stop_requested() {
     }
 }
 
-/// How long a watch request may take to answer.
-const WATCH_START_TIMEOUT: Duration = Duration::from_secs(30);
-/// The server ends each watch after 290 s; a stream silent for longer is
-/// stalled.
-const WATCH_STALL: Duration = Duration::from_secs(300);
+/// How long a list or watch may go without a byte read: longer than the
+/// 290 s after which the server ends a healthy watch.
+const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Labels, the keys gpuprov's apply owns, and who set the others.
 pub fn read_labels(node: &Node) -> NodeLabels {

@@ -39,8 +39,21 @@ impl Daemon {
         drift_interval: &str,
         port: u16,
     ) -> Daemon {
+        Daemon::spawn_with(fake, node, host_root, drift_interval, port, &[])
+    }
+
+    /// `spawn`, with more arguments (`--config <file>`).
+    pub fn spawn_with(
+        fake: &FakeApi,
+        node: &str,
+        host_root: &Path,
+        drift_interval: &str,
+        port: u16,
+        more: &[&std::ffi::OsStr],
+    ) -> Daemon {
         let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"))
             .args(["run", "--host-exec", "prefix", "--node-name", node])
+            .args(more)
             .args(["--drift-interval", drift_interval])
             // Operands starting are checked on again every second.
             .args(["--pending-interval", "1s"])

@@ -105,6 +105,9 @@ struct Inner {
     /// Open watches send nothing more and never close (a server gone
     /// silent: hung, or the link cut without a reset).
     watches_silent: bool,
+    /// Watches from a resourceVersion older than this are answered
+    /// 410 Gone (the server compacted its history).
+    compacted: u64,
 }
 
 #[derive(Clone, Default)]
@@ -358,6 +361,30 @@ impl FakeApi {
         self.shared.0.lock().unwrap().watch_generation += 1;
     }
 
+    /// Moves the store on, forgets the history before that (as etcd's
+    /// compaction does) and drops every open watch, at once: a watch that
+    /// resumes from what it had seen gets a 410 Gone ERROR event.
+    pub fn compact_and_drop_watches(&self) {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner.version += 1;
+        inner.compacted = inner.version;
+        inner.watch_generation += 1;
+    }
+
+    /// Changes something that is not a watched Node (another object), so
+    /// that the store's resourceVersion moves on: only a bookmark tells a
+    /// watcher of it.
+    pub fn bump_version(&self) -> u64 {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner.version += 1;
+        inner.version
+    }
+
+    /// The store's resourceVersion now.
+    pub fn version(&self) -> u64 {
+        self.shared.0.lock().unwrap().version
+    }
+
     /// Goes silent: open watches send nothing more and stay open, and
     /// every new request waits an hour before it is answered.
     pub fn hang(&self) {
@@ -538,10 +565,20 @@ async fn list_nodes(
         .map(str::to_string);
     let matches = |name: &str| wanted.as_deref().is_none_or(|w| w == name);
     if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        // A watch: the current nodes as ADDED, then changes as MODIFIED,
-        // polled from the store, until the client goes away.
+        // A watch: from resourceVersion "0" (or none) the current nodes as
+        // ADDED, from a later one only what changed after it; then changes
+        // as MODIFIED, polled from the store, until the client goes away.
+        // With bookmarks allowed, a BOOKMARK when the store moved on but no
+        // watched node did.
+        let from = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let bookmarks = query
+            .get("allowWatchBookmarks")
+            .is_some_and(|b| b == "true");
         let shared = shared.clone();
-        let stream = async_stream(shared, wanted);
+        let stream = async_stream(shared, wanted, from, bookmarks);
         return Response::builder()
             .header("content-type", "application/json")
             .body(Body::from_stream(stream))
@@ -564,12 +601,47 @@ async fn list_nodes(
 fn async_stream(
     shared: Shared,
     wanted: Option<String>,
+    from: u64,
+    bookmarks: bool,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    let seen: BTreeMap<String, u64> = BTreeMap::new();
-    let generation = shared.0.lock().unwrap().watch_generation;
+    let (generation, seen, gone) = {
+        let inner = shared.0.lock().unwrap();
+        // What the client has seen: every watched node as of `from`.
+        let seen: BTreeMap<String, u64> = inner
+            .nodes
+            .iter()
+            .filter(|(_, node)| from > 0 && node.resource_version <= from)
+            .map(|(name, node)| (name.clone(), node.resource_version))
+            .collect();
+        (
+            inner.watch_generation,
+            seen,
+            from > 0 && from < inner.compacted,
+        )
+    };
+    // The resourceVersion the client knows: the last event's or bookmark's.
+    let bookmarked = from;
     futures::stream::unfold(
-        (shared, wanted, seen),
-        move |(shared, wanted, mut seen)| async move {
+        (shared, wanted, seen, bookmarked, gone),
+        move |(shared, wanted, mut seen, mut bookmarked, gone)| async move {
+            if gone {
+                // One ERROR event, then the watch ends (`ended` below).
+                let status = json!({
+                    "type": "ERROR",
+                    "object": {
+                        "kind": "Status", "apiVersion": "v1", "metadata": {},
+                        "status": "Failure", "reason": "Expired", "code": 410,
+                        "message": format!("too old resource version: {from}"),
+                    },
+                });
+                let line = format!("{status}\n");
+                let ended = u64::MAX;
+                return Some((Ok(Bytes::from(line)), (shared, wanted, seen, ended, false)));
+            }
+            if bookmarked == u64::MAX {
+                return None;
+            }
+            let mut idle = 0;
             loop {
                 let event = {
                     let inner = shared.0.lock().unwrap();
@@ -579,7 +651,7 @@ fn async_stream(
                     if inner.watches_silent {
                         None
                     } else {
-                        inner
+                        let changed = inner
                             .nodes
                             .iter()
                             .filter(|(name, _)| {
@@ -593,21 +665,42 @@ fn async_stream(
                                     "ADDED"
                                 };
                                 (
-                                    name.clone(),
-                                    node.resource_version,
+                                    Some((name.clone(), node.resource_version)),
                                     json!({"type": kind, "object": node_json(name, node)}),
                                 )
+                            });
+                        // A bookmark after a quiet half second in which the
+                        // store moved on.
+                        changed.or_else(|| {
+                            (bookmarks && idle >= 25 && inner.version > bookmarked).then(|| {
+                                bookmarked = inner.version;
+                                (
+                                    None,
+                                    json!({"type": "BOOKMARK", "object": {
+                                        "kind": "Node", "apiVersion": "v1",
+                                        "metadata": {"resourceVersion": inner.version.to_string()},
+                                    }}),
+                                )
                             })
+                        })
                     }
                 };
                 match event {
-                    Some((name, version, event)) => {
-                        seen.insert(name, version);
-                        let mut line = event.to_string();
-                        line.push('\n');
-                        return Some((Ok(Bytes::from(line)), (shared, wanted, seen)));
+                    Some((node, event)) => {
+                        if let Some((name, version)) = node {
+                            bookmarked = bookmarked.max(version);
+                            seen.insert(name, version);
+                        }
+                        let line = format!("{event}\n");
+                        return Some((
+                            Ok(Bytes::from(line)),
+                            (shared, wanted, seen, bookmarked, gone),
+                        ));
                     }
-                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                    None => {
+                        idle += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
                 }
             }
         },

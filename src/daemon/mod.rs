@@ -1,0 +1,167 @@
+//! `gpuprov run`: the DaemonSet mode. Converges, then converges again when
+//! the node's labels change (a watch on its own Node), when the config file
+//! changes, and on a drift interval (another tool rewrote containerd's
+//! config: the runtime is put back, and containerd restarts only because the
+//! file changed). Failures back off exponentially with jitter. Serves
+//! `/healthz`, `/readyz` and `/metrics` (`server`). SIGTERM or SIGINT lets
+//! the change in progress finish, then exits 0 (see `interrupt`).
+
+mod config_watch;
+mod server;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::cli::RunArgs;
+use crate::converge::{Inputs, apply};
+use crate::step::error_chain;
+use crate::{Error, exit};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Why the loop converges again.
+#[derive(Debug)]
+enum Trigger {
+    NodeLabels(BTreeMap<String, String>),
+    ConfigChanged,
+}
+
+pub fn run(args: &RunArgs) -> Result<i32, Error> {
+    let node_args = &args.node;
+    let mut inputs = Inputs::load(node_args)?;
+    let Some(cluster) = &inputs.cluster else {
+        return Err(Error::NeedsApiServer);
+    };
+    let requests = cluster.requests.clone();
+    crate::interrupt::install();
+
+    let metrics = Arc::new(server::Metrics::new(&requests));
+    let listener = TcpListener::bind(args.listen).map_err(|source| Error::Listen {
+        addr: args.listen,
+        source,
+    })?;
+    tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /healthz, /readyz, /metrics");
+    server::spawn(listener, metrics.clone()).map_err(|source| Error::Listen {
+        addr: args.listen,
+        source,
+    })?;
+
+    let (triggers, events) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let node_watch = {
+        let triggers = triggers.clone();
+        cluster.watch_labels(stop.clone(), move |labels| {
+            let _ = triggers.send(Trigger::NodeLabels(labels));
+        })
+    };
+    // The sender is shared with notify's thread, which needs `Sync`.
+    let triggers = Mutex::new(triggers);
+    let _config_watch = node_args.config.as_deref().map(|config| {
+        config_watch::watch(config, move || {
+            let _ = triggers
+                .lock()
+                .expect("not poisoned")
+                .send(Trigger::ConfigChanged);
+        })
+    });
+
+    let mut backoff = Duration::from_secs(1);
+    let mut foreign: Option<BTreeMap<String, String>> = None;
+    let mut last_labels: BTreeMap<String, String> = BTreeMap::new();
+    while !crate::interrupt::requested() {
+        let started = Instant::now();
+        let result = apply(&inputs, args.lock_timeout);
+        let elapsed = started.elapsed();
+        let next = match &result {
+            Ok(report) if report.converged => {
+                backoff = Duration::from_secs(1);
+                args.drift_interval
+            }
+            // Waiting on an operand is progress, not failure: look again soon.
+            Ok(report) if report.only_waiting() => {
+                backoff = Duration::from_secs(1);
+                args.pending_interval
+            }
+            _ => {
+                let wait = with_jitter(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait
+            }
+        };
+        if let Ok(report) = &result {
+            last_labels = report.labels.clone();
+        }
+        metrics.record(&result, elapsed);
+        match &result {
+            Ok(report) => tracing::info!(
+                converged = report.converged,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "converge done; next in {next:?} unless something changes"
+            ),
+            Err(e) => tracing::error!("converge failed: {}; next try in {next:?}", error_chain(e)),
+        }
+
+        // Wait for a reason to converge again.
+        let due = Instant::now() + next;
+        loop {
+            if crate::interrupt::requested() {
+                break;
+            }
+            match events.recv_timeout(Duration::from_millis(200)) {
+                Ok(Trigger::NodeLabels(labels)) => {
+                    // gpuprov's own label writes come back through the watch;
+                    // only someone else's change is a reason to converge.
+                    let theirs: BTreeMap<String, String> = labels
+                        .into_iter()
+                        .filter(|(k, _)| !last_labels.contains_key(k))
+                        .collect();
+                    if foreign.as_ref() != Some(&theirs) {
+                        let first = foreign.is_none();
+                        foreign = Some(theirs);
+                        if !first {
+                            tracing::info!("the node's labels changed");
+                            break;
+                        }
+                    }
+                }
+                Ok(Trigger::ConfigChanged) => match Inputs::load(node_args) {
+                    Ok(reloaded) => {
+                        tracing::info!("the config changed");
+                        inputs = reloaded;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!("the changed config is not used: {}", error_chain(&e))
+                    }
+                },
+                Err(RecvTimeoutError::Timeout) if Instant::now() >= due => break,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+            }
+        }
+    }
+    tracing::info!("stopping");
+    stop.store(true, Ordering::SeqCst);
+    // The watch notices `stop` within 250 ms, unless it is inside a request
+    // the server never answers: shutdown does not wait for that one.
+    let waited = Instant::now();
+    while !node_watch.is_finished() && waited.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(exit::OK)
+}
+
+/// Up to a fifth more than `base`, so that a fleet does not retry in step.
+fn with_jitter(base: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    base + base.mul_f64(f64::from(nanos % 1000) / 5000.0)
+}

@@ -1,0 +1,209 @@
+//! The health and metrics server of `gpuprov run`: `/healthz`, `/readyz`
+//! and `/metrics` on axum (hyper), the metrics in the OpenMetrics text
+//! format through `prometheus-client`. It runs on its own thread and
+//! runtime, so a slow scrape never delays a converge.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::kube::RequestCounts;
+use crate::report::RunReport;
+
+/// Upper bounds of the converge-duration histogram, in seconds.
+const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateOutcome {
+    state: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConvergeResult {
+    result: String,
+}
+
+/// What `/readyz` and `/metrics` report, updated after every converge.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    converged: AtomicBool,
+    outcomes: Family<StateOutcome, Gauge>,
+    converged_gauge: Gauge,
+    converges: Family<ConvergeResult, Counter>,
+    duration: Histogram,
+    /// Registered at the first success: before it there is no such time.
+    last_success: Mutex<Option<Gauge<f64, AtomicU64>>>,
+}
+
+impl Metrics {
+    pub fn new(requests: &RequestCounts) -> Metrics {
+        let mut registry = Registry::default();
+        let outcomes = Family::<StateOutcome, Gauge>::default();
+        registry.register(
+            "gpuprov_state_outcome",
+            "The outcome of each state in the last converge",
+            outcomes.clone(),
+        );
+        let converged_gauge = Gauge::default();
+        registry.register(
+            "gpuprov_converged",
+            "Whether the last converge left the node converged",
+            converged_gauge.clone(),
+        );
+        let converges = Family::<ConvergeResult, Counter>::default();
+        registry.register(
+            "gpuprov_converges",
+            "Converges by result",
+            converges.clone(),
+        );
+        let duration = Histogram::new(BUCKETS.iter().copied());
+        registry.register(
+            "gpuprov_converge_duration_seconds",
+            "How long a converge took",
+            duration.clone(),
+        );
+        registry.register(
+            "gpuprov_api_requests",
+            "API server requests by verb and status code (0: no answer)",
+            requests.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            converged: AtomicBool::new(false),
+            outcomes,
+            converged_gauge,
+            converges,
+            duration,
+            last_success: Mutex::new(None),
+        }
+    }
+
+    /// Records one converge's result.
+    pub fn record(&self, result: &Result<RunReport, crate::Error>, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+        let kind = match result {
+            Ok(report) => {
+                // Only this converge's outcomes: a state's old one goes.
+                self.outcomes.clear();
+                for step in &report.steps {
+                    let labels = StateOutcome {
+                        state: step.name.clone(),
+                        outcome: step.outcome.as_str().to_string(),
+                    };
+                    self.outcomes.get_or_create(&labels).set(1);
+                }
+                if report.converged {
+                    self.succeeded();
+                    "converged"
+                } else {
+                    "not_converged"
+                }
+            }
+            Err(_) => "error",
+        };
+        let converged = matches!(result, Ok(report) if report.converged);
+        self.converged.store(converged, Ordering::SeqCst);
+        self.converged_gauge.set(i64::from(converged));
+        let result = ConvergeResult {
+            result: kind.to_string(),
+        };
+        self.converges.get_or_create(&result).inc();
+    }
+
+    fn succeeded(&self) {
+        let seconds = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let mut last = self.last_success.lock().expect("not poisoned");
+        let gauge = last.get_or_insert_with(|| {
+            let gauge = Gauge::<f64, AtomicU64>::default();
+            self.registry.lock().expect("not poisoned").register(
+                "gpuprov_last_success_timestamp_seconds",
+                "When the node was last converged",
+                gauge.clone(),
+            );
+            gauge
+        });
+        gauge.set(seconds);
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("not poisoned");
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves on `listener` from a thread of its own until the process ends.
+pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime starts");
+        runtime.block_on(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(e) => return tracing::error!("the health and metrics server stopped: {e}"),
+            };
+            let app = Router::new()
+                .route("/healthz", get(|| async { "ok\n" }))
+                .route("/readyz", get(readyz))
+                .route("/metrics", get(exposition))
+                .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+                .layer(axum::middleware::map_response(one_per_connection))
+                .with_state(metrics);
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("the health and metrics server stopped: {e}");
+            }
+        });
+    });
+    Ok(())
+}
+
+/// One response per connection, as the kubelet's probes ask: no idle
+/// connection is held open, whoever connects.
+async fn one_per_connection(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+async fn readyz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    if metrics.converged.load(Ordering::SeqCst) {
+        (StatusCode::OK, "converged\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not converged\n")
+    }
+}
+
+async fn exposition(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+}
