@@ -234,3 +234,38 @@ fn run_follows_a_configmap_update_of_its_config() {
             == Some("disabled")
     });
 }
+
+/// Clients that connect and never finish a request (a port scan, a stuck
+/// scraper, a slowloris) are dropped after the header-read timeout, and
+/// the server goes on answering.
+#[test]
+fn a_client_that_never_sends_its_request_is_dropped() {
+    let fake = FakeApi::with_node(NODE, &[]);
+    let host = copy_host("a100-preinstalled");
+    let port = free_port();
+    let _daemon = Daemon::spawn(&fake, NODE, host.path(), "1h", port);
+    eventually("/healthz to answer", Duration::from_secs(30), || {
+        get(port, "/healthz").is_some_and(|(code, _)| code == 200)
+    });
+    let mut idle: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    idle[0].write_all(b"GET /metr").unwrap();
+    let started = std::time::Instant::now();
+    for stream in &mut idle {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        // The server closes it (after a 408, or without a word).
+        stream
+            .read_to_end(&mut answer)
+            .expect("closed by the server, not left open");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "dropped after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(get(port, "/healthz").unwrap().0, 200);
+}

@@ -1,5 +1,5 @@
 //! The health and metrics server of `gpuprov run`: `/healthz`, `/readyz`
-//! and `/metrics` on axum (hyper), the metrics in the OpenMetrics text
+//! and `/metrics`, routed by axum and served by hyper, the metrics in the OpenMetrics text
 //! format through `prometheus-client`. It runs on its own thread and
 //! runtime, so a slow scrape never delays a converge.
 
@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -153,7 +153,13 @@ impl Metrics {
     }
 }
 
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Serves on `listener` from a thread of its own until the process ends.
+/// One response per connection, as the kubelet's probes ask, and a client
+/// that does not send its request within `HEADER_READ_TIMEOUT` is
+/// dropped: no connection is held open, whoever connects.
 pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     std::thread::spawn(move || {
@@ -171,23 +177,30 @@ pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()
                 .route("/readyz", get(readyz))
                 .route("/metrics", get(exposition))
                 .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-                .layer(axum::middleware::map_response(one_per_connection))
                 .with_state(metrics);
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("the health and metrics server stopped: {e}");
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of descriptors, say: wait rather than spin.
+                        tracing::warn!("the health and metrics server cannot accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
             }
         });
     });
     Ok(())
-}
-
-/// One response per connection, as the kubelet's probes ask: no idle
-/// connection is held open, whoever connects.
-async fn one_per_connection(mut response: Response) -> Response {
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
 }
 
 async fn readyz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
