@@ -7,6 +7,7 @@
 //! converges its part; `labels` publishes the
 //! outcome. `commands` ties these together for the CLI.
 
+pub mod background;
 pub mod catalog;
 pub mod cli;
 pub mod cmd;

@@ -162,43 +162,37 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// dropped: no connection is held open, whoever connects.
 pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a tokio runtime starts");
-        runtime.block_on(async move {
-            let listener = match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => listener,
-                Err(e) => return tracing::error!("the health and metrics server stopped: {e}"),
+    crate::background::spawn("the health and metrics server", move || async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(e) => return tracing::error!("the health and metrics server stopped: {e}"),
+        };
+        let app = Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(exposition))
+            .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+            .with_state(metrics);
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, say: wait rather than spin.
+                    tracing::warn!("the health and metrics server cannot accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
-            let app = Router::new()
-                .route("/healthz", get(|| async { "ok\n" }))
-                .route("/readyz", get(readyz))
-                .route("/metrics", get(exposition))
-                .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-                .with_state(metrics);
-            loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of descriptors, say: wait rather than spin.
-                        tracing::warn!("the health and metrics server cannot accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let service = hyper_util::service::TowerToHyperService::new(app.clone());
-                tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT)
-                        .keep_alive(false)
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .keep_alive(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
     });
     Ok(())
 }

@@ -396,48 +396,42 @@ impl Cluster {
 
         let config = self.config.clone();
         let node = self.node.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a tokio runtime starts");
-            runtime.block_on(async move {
-                let client = match ::kube::Client::try_from(config) {
-                    Ok(client) => client,
-                    Err(e) => {
-                        let why = crate::error_chain::error_chain(&e);
-                        tracing::error!(%node, "no Node watch: {why}");
-                        return;
-                    }
-                };
-                let api: Api<Node> = Api::all(client);
-                let config = watcher::Config::default()
-                    .fields(&format!("metadata.name={node}"))
-                    .timeout(290);
-                let events = watcher(api, config).default_backoff();
-                let mut events = std::pin::pin!(events);
-                let mut last: Option<BTreeMap<String, String>> = None;
-                while !stop.load(Ordering::Relaxed) {
-                    let next = tokio::time::timeout(Duration::from_millis(250), events.next());
-                    let object = match next.await {
-                        Err(_) => continue,
-                        Ok(None) => break,
-                        Ok(Some(Err(e))) => {
-                            tracing::warn!(%node, "watch: {}", crate::error_chain::error_chain(&e));
-                            continue;
-                        }
-                        Ok(Some(Ok(
-                            watcher::Event::Apply(object) | watcher::Event::InitApply(object),
-                        ))) => object,
-                        Ok(Some(Ok(_))) => continue,
-                    };
-                    let labels = read_labels(&object).labels;
-                    if last.as_ref() != Some(&labels) {
-                        changed(labels.clone());
-                    }
-                    last = Some(labels);
+        crate::background::spawn("the Node watch", move || async move {
+            let client = match ::kube::Client::try_from(config) {
+                Ok(client) => client,
+                Err(e) => {
+                    let why = crate::error_chain::error_chain(&e);
+                    tracing::error!(%node, "no Node watch: {why}");
+                    return;
                 }
-            });
+            };
+            let api: Api<Node> = Api::all(client);
+            let config = watcher::Config::default()
+                .fields(&format!("metadata.name={node}"))
+                .timeout(290);
+            let events = watcher(api, config).default_backoff();
+            let mut events = std::pin::pin!(events);
+            let mut last: Option<BTreeMap<String, String>> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let next = tokio::time::timeout(Duration::from_millis(250), events.next());
+                let object = match next.await {
+                    Err(_) => continue,
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!(%node, "watch: {}", crate::error_chain::error_chain(&e));
+                        continue;
+                    }
+                    Ok(Some(Ok(
+                        watcher::Event::Apply(object) | watcher::Event::InitApply(object),
+                    ))) => object,
+                    Ok(Some(Ok(_))) => continue,
+                };
+                let labels = read_labels(&object).labels;
+                if last.as_ref() != Some(&labels) {
+                    changed(labels.clone());
+                }
+                last = Some(labels);
+            }
         })
     }
 }
