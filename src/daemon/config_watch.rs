@@ -6,7 +6,7 @@
 //! replaces a file by renaming a new one over it. Where the path is a link,
 //! the directory of what it points at is watched too (a hostPath link to
 //! elsewhere). Any event there makes the file be read again, and only
-//! different bytes count as a change. Where inotify is unavailable (the
+//! different contents count as a change. Where inotify is unavailable (the
 //! node's `max_user_instances` or `max_user_watches` used up, a common limit
 //! on busy nodes), notify's poller compares the file every two seconds.
 
@@ -61,8 +61,11 @@ pub fn watch(path: &Path, changed: impl Fn() + Send + Sync + 'static) -> ConfigW
     ConfigWatch { _watcher: watcher }
 }
 
-fn read(path: &Path) -> Option<Vec<u8>> {
-    std::fs::read(path).ok()
+/// The file's text, read as the spec is (a regular file, capped: a FIFO or
+/// a huge file there is not read whole); an unreadable file is `None`, and
+/// reloading it then reports why.
+fn read(path: &Path) -> Option<String> {
+    crate::host::read_user_file(path, crate::host::USER_FILE_CAP).ok()
 }
 
 /// The file's directory and, for a link, the directory of its target.
