@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # System calls of one no-op `apply` on the converged 8-GPU fixture, counted
 # with `strace -f -c` (release build): what each path lookup costs shows
-# here first. Prints nothing but a note when strace is not installed.
+# here first. Then the fsyncs of a fresh containerd edit (the process
+# bench's: only containerd-runtime, restartMode none, Debian's default
+# config from ../shared, no containerd binary), on the bare fixture and
+# where gpuprov's directories already exist. Prints nothing but a note when
+# strace is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v strace >/dev/null; then
@@ -21,3 +25,29 @@ run  # converge it once
 run strace -f -c -o "$report"
 calls=$(awk '$NF == "total" {print $4}' "$report")
 echo "no-op apply, converged 8-GPU host: $calls system calls (strace -f -c)"
+
+spec=$(mktemp)
+trap 'rm -rf "$host" "$report" "$spec"' EXIT
+printf '%s\n' 'driver: {enabled: false}' 'toolkit: {enabled: false}' \
+    'containerd: {restartMode: none}' 'devicePlugin: {enabled: false}' \
+    'dcgmExporter: {enabled: false}' 'gfd: {enabled: false}' 'validator: {enabled: false}' >"$spec"
+fresh() {
+    rm -rf "$host" && mkdir "$host"
+    cp -a fixtures/hosts/a100-preinstalled/. "$host"
+    rm "$host/usr/bin/containerd"
+    cp ../shared/realworld/containerd/12-debian12-containerd-1.6-default-systemd-v2.toml \
+        "$host/etc/containerd/config.toml"
+}
+fsyncs() {
+    env -u KUBECONFIG -u KUBERNETES_SERVICE_HOST HOME=/nonexistent \
+        strace -f -c -e trace=fsync -o "$report" \
+        target/release/gpuprov apply --host-exec prefix --host-root "$host" --config "$spec" >/dev/null 2>&1
+    awk '$NF == "fsync" {print $4}' "$report"
+}
+fresh
+bare=$(fsyncs)
+fresh
+mkdir -p "$host/var/lib/gpuprov/backup/etc/containerd" "$host/run/gpuprov" \
+    "$host/etc/kubernetes/node-feature-discovery/features.d"
+present=$(fsyncs)
+echo "fresh containerd edit: $bare fsyncs on the bare fixture, $present where gpuprov's directories exist (strace -f -c -e trace=fsync)"

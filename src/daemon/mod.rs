@@ -11,9 +11,9 @@ mod server;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cli::RunArgs;
@@ -58,14 +58,9 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = triggers.send(Trigger::NodeLabels(labels));
         })
     };
-    // The sender is shared with notify's thread, which needs `Sync`.
-    let triggers = Mutex::new(triggers);
     let _config_watch = node_args.config.as_deref().map(|config| {
         config_watch::watch(config, move || {
-            let _ = triggers
-                .lock()
-                .expect("not poisoned")
-                .send(Trigger::ConfigChanged);
+            let _ = triggers.send(Trigger::ConfigChanged);
         })
     });
 

@@ -4,7 +4,7 @@
 //! runtime, so a slow scrape never delays a converge.
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -42,9 +42,8 @@ struct ConvergeResult {
 /// What `/readyz` and `/metrics` report, updated after every converge.
 pub struct Metrics {
     registry: Mutex<Registry>,
-    converged: AtomicBool,
     outcomes: Family<StateOutcome, Gauge>,
-    converged_gauge: Gauge,
+    converged: Gauge,
     converges: Family<ConvergeResult, Counter>,
     duration: Histogram,
     /// Registered at the first success: before it there is no such time.
@@ -60,11 +59,11 @@ impl Metrics {
             "The outcome of each state in the last converge",
             outcomes.clone(),
         );
-        let converged_gauge = Gauge::default();
+        let converged = Gauge::default();
         registry.register(
             "gpuprov_converged",
             "Whether the last converge left the node converged",
-            converged_gauge.clone(),
+            converged.clone(),
         );
         let converges = Family::<ConvergeResult, Counter>::default();
         registry.register(
@@ -85,9 +84,8 @@ impl Metrics {
         );
         Metrics {
             registry: Mutex::new(registry),
-            converged: AtomicBool::new(false),
             outcomes,
-            converged_gauge,
+            converged,
             converges,
             duration,
             last_success: Mutex::new(None),
@@ -97,29 +95,27 @@ impl Metrics {
     /// Records one converge's result.
     pub fn record(&self, result: &Result<RunReport, crate::Error>, elapsed: Duration) {
         self.duration.observe(elapsed.as_secs_f64());
-        let kind = match result {
-            Ok(report) => {
-                // Only this converge's outcomes: a state's old one goes.
-                self.outcomes.clear();
-                for step in &report.steps {
-                    let labels = StateOutcome {
-                        state: step.name.clone(),
-                        outcome: step.outcome.as_str().to_string(),
-                    };
-                    self.outcomes.get_or_create(&labels).set(1);
-                }
-                if report.converged {
-                    self.succeeded();
-                    "converged"
-                } else {
-                    "not_converged"
-                }
+        let converged = matches!(result, Ok(report) if report.converged);
+        if let Ok(report) = result {
+            // Only this converge's outcomes: a state's old one goes.
+            self.outcomes.clear();
+            for step in &report.steps {
+                let labels = StateOutcome {
+                    state: step.name.clone(),
+                    outcome: step.outcome.as_str().to_string(),
+                };
+                self.outcomes.get_or_create(&labels).set(1);
             }
+        }
+        if converged {
+            self.succeeded();
+        }
+        self.converged.set(i64::from(converged));
+        let kind = match result {
+            Ok(_) if converged => "converged",
+            Ok(_) => "not_converged",
             Err(_) => "error",
         };
-        let converged = matches!(result, Ok(report) if report.converged);
-        self.converged.store(converged, Ordering::SeqCst);
-        self.converged_gauge.set(i64::from(converged));
         let result = ConvergeResult {
             result: kind.to_string(),
         };
@@ -198,7 +194,7 @@ pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()
 }
 
 async fn readyz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.converged.load(Ordering::SeqCst) {
+    if metrics.converged.get() == 1 {
         (StatusCode::OK, "converged\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not converged\n")

@@ -416,7 +416,10 @@ impl Cluster {
                 let next = tokio::time::timeout(Duration::from_millis(250), events.next());
                 let object = match next.await {
                     Err(_) => continue,
-                    Ok(None) => break,
+                    Ok(None) => {
+                        tracing::error!(%node, "the Node watch ended; label changes are seen at the next drift check");
+                        break;
+                    }
                     Ok(Some(Err(e))) => {
                         tracing::warn!(%node, "watch: {}", crate::error_chain::error_chain(&e));
                         continue;

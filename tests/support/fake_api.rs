@@ -619,28 +619,24 @@ fn async_stream(
             from > 0 && from < inner.compacted,
         )
     };
+    if gone {
+        // One ERROR event, then the watch ends.
+        let status = json!({
+            "type": "ERROR",
+            "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "reason": "Expired", "code": 410,
+                "message": format!("too old resource version: {from}"),
+            },
+        });
+        let line = Bytes::from(format!("{status}\n"));
+        return futures::StreamExt::left_stream(futures::stream::once(async move { Ok(line) }));
+    }
     // The resourceVersion the client knows: the last event's or bookmark's.
     let bookmarked = from;
-    futures::stream::unfold(
-        (shared, wanted, seen, bookmarked, gone),
-        move |(shared, wanted, mut seen, mut bookmarked, gone)| async move {
-            if gone {
-                // One ERROR event, then the watch ends (`ended` below).
-                let status = json!({
-                    "type": "ERROR",
-                    "object": {
-                        "kind": "Status", "apiVersion": "v1", "metadata": {},
-                        "status": "Failure", "reason": "Expired", "code": 410,
-                        "message": format!("too old resource version: {from}"),
-                    },
-                });
-                let line = format!("{status}\n");
-                let ended = u64::MAX;
-                return Some((Ok(Bytes::from(line)), (shared, wanted, seen, ended, false)));
-            }
-            if bookmarked == u64::MAX {
-                return None;
-            }
+    let changes = futures::stream::unfold(
+        (shared, wanted, seen, bookmarked),
+        move |(shared, wanted, mut seen, mut bookmarked)| async move {
             let mut idle = 0;
             loop {
                 let event = {
@@ -692,10 +688,7 @@ fn async_stream(
                             seen.insert(name, version);
                         }
                         let line = format!("{event}\n");
-                        return Some((
-                            Ok(Bytes::from(line)),
-                            (shared, wanted, seen, bookmarked, gone),
-                        ));
+                        return Some((Ok(Bytes::from(line)), (shared, wanted, seen, bookmarked)));
                     }
                     None => {
                         idle += 1;
@@ -704,7 +697,8 @@ fn async_stream(
                 }
             }
         },
-    )
+    );
+    futures::StreamExt::right_stream(changes)
 }
 
 async fn patch_node(
