@@ -111,10 +111,10 @@ impl NewFile {
     }
 
     /// Puts the temporary's bytes on disk.
-    pub(super) fn sync_data(&mut self) -> Result<(), HostError> {
-        let shown = self.shown.clone();
-        self.file().sync_all().map_err(|source| HostError::Write {
-            path: shown,
+    pub(super) fn sync_data(&self) -> Result<(), HostError> {
+        let file = self.file.as_ref().expect("present until renamed");
+        file.sync_all().map_err(|source| HostError::Write {
+            path: self.shown.clone(),
             source,
         })
     }
@@ -349,6 +349,45 @@ fn with_suffix(name: &OsStr, suffix: &str) -> OsString {
     temp.push(name);
     temp.push(format!(".gpuprov-{}.{suffix}", std::process::id()));
     temp
+}
+
+/// Runs `sync` on every item at once, each but the first on a thread of
+/// its own, and returns the first error in the items' order. A sync waits
+/// for the disk: in turn, a fresh edit's 17 syncs waited 17 times (about
+/// 0.2 to 1 ms each, most of a fresh edit's time); at once, the kernel
+/// and the device overlap them, and a journaling filesystem (ext4, xfs)
+/// commits one journal transaction for all. A thread that cannot start
+/// leaves its item to this one.
+pub(super) fn concurrently<T: Sync, E: Send>(
+    items: &[T],
+    sync: impl Fn(&T) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let Some((first, rest)) = items.split_first() else {
+        return Ok(());
+    };
+    let sync = &sync;
+    std::thread::scope(|scope| {
+        let started: Vec<_> = rest
+            .iter()
+            .map(|item| {
+                std::thread::Builder::new()
+                    .name("gpuprov-sync".into())
+                    .spawn_scoped(scope, move || sync(item))
+                    .map_err(|_| item)
+            })
+            .collect();
+        let mut outcome = sync(first);
+        for thread in started {
+            let synced = match thread {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(item) => sync(item),
+            };
+            outcome = outcome.and(synced);
+        }
+        outcome
+    })
 }
 
 pub(super) fn sync_dir(dir: &impl AsFd) -> std::io::Result<()> {

@@ -687,7 +687,9 @@ impl Host {
     /// backup and the record before containerd's config, a drop-in before
     /// the import naming it) is never lost while the last is there; the
     /// last's when the next batch needs it or when the pipeline calls
-    /// `make_durable` at the end of a converge. (`syncfs`, one call for all,
+    /// `make_durable` at the end of a converge. The syncs of one round (the
+    /// temporaries; the directories) run at once (`files::concurrently`).
+    /// (`syncfs`, one call for all,
     /// was measured slower: it also writes out every other process's dirty
     /// data on the filesystem.)
     pub fn write_files(&self, writes: &[FileWrite<'_>]) -> Result<Vec<bool>, HostError> {
@@ -698,14 +700,14 @@ impl Host {
             written.push(file.is_some());
             staged.extend(file);
         }
+        let durable: Vec<&NewFile> = staged
+            .iter()
+            .filter(|file| !volatile(&file.host_dir()))
+            .collect();
+        files::concurrently(&durable, |file| file.sync_data())?;
         let Some((last, before)) = staged.split_last_mut() else {
             return Ok(written);
         };
-        for file in before.iter_mut().chain(std::iter::once(&mut *last)) {
-            if !volatile(&file.host_dir()) {
-                file.sync_data()?;
-            }
-        }
         for file in before.iter_mut() {
             self.renamed(file)?;
         }
@@ -741,14 +743,16 @@ impl Host {
     /// Syncs every directory whose entries changed since the last call. A
     /// converge that changed nothing syncs nothing.
     pub fn make_durable(&self) -> Result<(), HostError> {
-        let owed = std::mem::take(&mut *self.unsynced.lock().expect("not poisoned"));
-        for (host_path, dir) in &owed {
+        let owed: Vec<(String, OwnedFd)> =
+            std::mem::take(&mut *self.unsynced.lock().expect("not poisoned"))
+                .into_iter()
+                .collect();
+        files::concurrently(&owed, |(host_path, dir)| {
             files::sync_dir(dir).map_err(|source| HostError::Write {
                 path: self.shown(host_path),
                 source,
-            })?;
-        }
-        Ok(())
+            })
+        })
     }
 
     /// A temporary holding `write.content`, not yet renamed; None when the

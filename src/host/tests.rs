@@ -360,3 +360,22 @@ fn a_batch_writes_in_order_and_a_refused_target_leaves_no_temporary() {
     );
     h.make_durable().unwrap();
 }
+
+#[test]
+fn concurrent_syncs_run_every_item_and_report_the_first_failure_in_order() {
+    let attempted = std::sync::Mutex::new(Vec::new());
+    let items = [0, 1, 2, 3, 4];
+    let outcome = files::concurrently(&items, |item| {
+        attempted.lock().unwrap().push(*item);
+        if *item >= 2 {
+            Err(format!("item {item} failed"))
+        } else {
+            Ok(())
+        }
+    });
+    assert_eq!(outcome, Err("item 2 failed".to_string()));
+    let mut attempted = attempted.into_inner().unwrap();
+    attempted.sort();
+    assert_eq!(attempted, items, "a failure stops no other sync");
+    assert_eq!(files::concurrently(&[] as &[u8], |_| Err(())), Ok(()));
+}
