@@ -354,10 +354,9 @@ fn with_suffix(name: &OsStr, suffix: &str) -> OsString {
 /// Runs `sync` on every item at once, each but the first on a thread of
 /// its own, and returns the first error in the items' order. A sync waits
 /// for the disk: in turn, a fresh edit's 17 syncs waited 17 times (about
-/// 0.2 to 1 ms each, most of a fresh edit's time); at once, the kernel
-/// and the device overlap them, and a journaling filesystem (ext4, xfs)
-/// commits one journal transaction for all. A thread that cannot start
-/// leaves its item to this one.
+/// 0.2 to 1 ms each); at once, the kernel and the device overlap them, and
+/// a journaling filesystem (ext4, xfs) can commit them in one transaction.
+/// A thread that cannot start leaves its item to this one.
 pub(super) fn concurrently<T: Sync, E: Send>(
     items: &[T],
     sync: impl Fn(&T) -> Result<(), E> + Sync,

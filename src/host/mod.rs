@@ -689,9 +689,8 @@ impl Host {
     /// last's when the next batch needs it or when the pipeline calls
     /// `make_durable` at the end of a converge. The syncs of one round (the
     /// temporaries; the directories) run at once (`files::concurrently`).
-    /// (`syncfs`, one call for all,
-    /// was measured slower: it also writes out every other process's dirty
-    /// data on the filesystem.)
+    /// (`syncfs`, one call for all, was measured slower: it also writes out
+    /// every other process's dirty data on the filesystem.)
     pub fn write_files(&self, writes: &[FileWrite<'_>]) -> Result<Vec<bool>, HostError> {
         let mut staged = Vec::new();
         let mut written = Vec::with_capacity(writes.len());
