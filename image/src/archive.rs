@@ -7,9 +7,8 @@ use std::io::Write;
 use std::path::Path;
 
 use oci_spec::image::{
-    Arch, ConfigBuilder, Descriptor, DescriptorBuilder, HistoryBuilder,
-    ImageConfigurationBuilder, ImageIndexBuilder, ImageManifestBuilder, MediaType, Os,
-    RootFsBuilder, Sha256Digest,
+    Arch, ConfigBuilder, Descriptor, DescriptorBuilder, HistoryBuilder, ImageConfigurationBuilder,
+    ImageIndexBuilder, ImageManifestBuilder, MediaType, Os, RootFsBuilder, Sha256Digest,
 };
 use serde_json::Value;
 
@@ -227,7 +226,8 @@ fn archive_of(files: &[(String, &[u8])], mtime: u64) -> Result<Vec<u8>, String> 
         )
         .map_err(|e| format!("archiving {path}: {e}"))?;
     }
-    tar.into_inner().map_err(|e| format!("finishing the archive: {e}"))
+    tar.into_inner()
+        .map_err(|e| format!("finishing the archive: {e}"))
 }
 
 fn write_atomically(out: &Path, bytes: &[u8]) -> Result<(), String> {

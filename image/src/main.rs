@@ -21,16 +21,16 @@ struct Args {
     #[arg(long, default_value = "target/image/gpuprov-oci.tar")]
     out: PathBuf,
     /// The image's full reference (containerd names it so on import).
-    #[arg(long)]
-    reference: String,
-    #[arg(long)]
-    version: String,
+    #[arg(long, required_unless_present = "rootfs")]
+    reference: Option<String>,
+    #[arg(long, required_unless_present = "rootfs")]
+    version: Option<String>,
     /// The source revision, for the image's labels.
     #[arg(long, default_value = "unknown")]
     revision: String,
     /// Every timestamp in the image (seconds since the epoch).
-    #[arg(long, env = "SOURCE_DATE_EPOCH")]
-    source_date_epoch: u64,
+    #[arg(long, env = "SOURCE_DATE_EPOCH", required_unless_present = "rootfs")]
+    source_date_epoch: Option<u64>,
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
     ca_bundle: PathBuf,
     /// Write the image's files into this new directory instead of an
@@ -54,16 +54,22 @@ fn build(args: &Args) -> Result<(), String> {
     if let Some(dir) = &args.rootfs {
         return rootfs::write_into(&tree, dir);
     }
-    let layer = layer::build(&tree, args.source_date_epoch)?;
+    // clap requires these without --rootfs.
+    let (Some(reference), Some(version), Some(source_date_epoch)) =
+        (&args.reference, &args.version, args.source_date_epoch)
+    else {
+        return Err("--reference, --version and --source-date-epoch are needed".into());
+    };
+    let layer = layer::build(&tree, source_date_epoch)?;
     let identity = archive::Identity {
-        reference: args.reference.clone(),
-        version: args.version.clone(),
+        reference: reference.clone(),
+        version: version.clone(),
         revision: args.revision.clone(),
-        source_date_epoch: args.source_date_epoch,
+        source_date_epoch,
     };
     let built = archive::write(&layer, &identity, &args.out)?;
     println!("{}", args.out.display());
-    println!("reference  {}", args.reference);
+    println!("reference  {reference}");
     println!("digest     {}", built.digest);
     println!(
         "compressed {} bytes ({:.1} MiB)",

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod artifact_server;
+pub mod containerd;
 pub mod daemon;
 pub mod fake_api;
 
