@@ -133,6 +133,8 @@ struct RawStateFile {
     label: Option<Spanned<String>>,
     check: Option<Spanned<String>>,
     apply: Option<Spanned<String>>,
+    #[serde(default)]
+    optional: bool,
 }
 
 /// One state of the catalogue, wherever it was defined.
@@ -148,6 +150,10 @@ pub struct StateDef {
     pub opt_out_labels: Vec<String>,
     /// The node label that publishes its outcome.
     pub label: String,
+    /// Waiting on something outside gpuprov, it does not hold `gpuprov
+    /// run`'s readiness (a metrics exporter, GFD's DaemonSet): `/readyz`
+    /// and a Node event say what it waits for instead.
+    pub optional: bool,
     pub check: Option<String>,
     pub apply: Option<String>,
     /// Where it was defined, for error messages.
@@ -164,6 +170,7 @@ impl StateDef {
             handler,
             after: user.after,
             enabled_by: None,
+            optional: false,
             opt_out_labels: user.opt_out_labels.into_iter().map(|l| l.value).collect(),
             check: Some(user.check.value),
             apply: user.apply.map(|a| a.value),
@@ -353,6 +360,7 @@ pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
         handler,
         after: raw.after,
         enabled_by: raw.enabled_by.map(|s| s.value),
+        optional: raw.optional,
         opt_out_labels: raw.opt_out_labels.into_iter().map(|l| l.value).collect(),
         check: raw.check.map(|c| c.value),
         apply: raw.apply.map(|a| a.value),

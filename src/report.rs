@@ -52,6 +52,9 @@ pub struct StepReport {
     pub details: serde_json::Value,
     #[serde(skip)]
     pub(crate) gate: Gate,
+    /// Its state's `optional`: waiting, it does not hold readiness.
+    #[serde(skip)]
+    pub optional: bool,
 }
 
 impl StepReport {
@@ -74,6 +77,7 @@ impl StepReport {
             labels: BTreeMap::new(),
             details: serde_json::Value::Null,
             gate,
+            optional: state.optional,
         }
     }
 
@@ -211,6 +215,57 @@ impl RunReport {
                 .steps
                 .iter()
                 .all(|s| s.action != Action::Fail && s.outcome != Outcome::RebootRequired)
+    }
+}
+
+/// What `gpuprov run`'s `/readyz` answers after a converge: what a
+/// DaemonSet rollout needs to know, with the reason for each step that
+/// holds it (or that it no longer waits for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// One line per step that is not converged: `state: outcome: reason`.
+    pub lines: Vec<String>,
+}
+
+impl Readiness {
+    /// Ready when every step is converged, disabled or opted out, or waits
+    /// only as an optional state (an operand gpuprov started whose pod
+    /// needs something outside gpuprov). A failure, a block, a reboot owed
+    /// or a required step's wait holds it.
+    pub fn of(steps: &[StepReport]) -> Readiness {
+        let mut ready = true;
+        let mut lines = Vec::new();
+        for step in steps {
+            let line = format!("{}: {}: {}", step.name, step.outcome.as_str(), step.reason);
+            let holds = match step.action {
+                Action::Unchanged | Action::Change | Action::Skip => {
+                    if step.outcome != Outcome::RebootRequired {
+                        continue;
+                    }
+                    true
+                }
+                Action::Wait => !step.optional,
+                Action::Block | Action::Fail => true,
+            };
+            ready &= !holds;
+            lines.push(if holds {
+                line
+            } else {
+                format!("{line} (optional: not waited for)")
+            });
+        }
+        Readiness { ready, lines }
+    }
+
+    /// The body of `/readyz`: `ready` or `not ready`, then the lines.
+    pub fn body(&self) -> String {
+        let mut body = String::from(if self.ready { "ready\n" } else { "not ready\n" });
+        for line in &self.lines {
+            body.push_str(line);
+            body.push('\n');
+        }
+        body
     }
 }
 

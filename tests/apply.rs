@@ -84,7 +84,7 @@ fn apply_converges_site_states_and_publishes_labels_for_nfd() {
          gpuprov.io/device-plugin=configured\n\
          gpuprov.io/driver=preinstalled\n\
          gpuprov.io/gpu-clocks-report=configured\n\
-         gpuprov.io/gpu-feature-discovery=configured\n\
+         gpuprov.io/gpu-feature-discovery=absent\n\
          gpuprov.io/gpu-health=absent\n\
          gpuprov.io/persistence-mode=configured\n\
          gpuprov.io/validator=ready\n\
@@ -406,7 +406,7 @@ fn labels_sink_stdout_prints_labels_and_writes_no_feature_file() {
          gpuprov.io/detect-gpu=ready\n\
          gpuprov.io/device-plugin=configured\n\
          gpuprov.io/driver=preinstalled\n\
-         gpuprov.io/gpu-feature-discovery=configured\n\
+         gpuprov.io/gpu-feature-discovery=absent\n\
          gpuprov.io/gpu-health=absent\n\
          gpuprov.io/validator=ready\n\
          nvidia.com/gpu.deploy.driver=pre-installed\n\

@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use support::daemon::{Daemon, eventually, free_port};
-use support::fake_api::FakeApi;
+use support::fake_api::{FakeApi, Kubelet, Operands};
 use support::{copy_host, repo};
 
 const NODE: &str = "gpu-node-1";
@@ -268,4 +268,90 @@ fn a_client_that_never_sends_its_request_is_dropped() {
         started.elapsed()
     );
     assert_eq!(get(port, "/healthz").unwrap().0, 200);
+}
+
+/// A cluster with nothing but gpuprov (no NFD) whose DCGM exporter pod
+/// never becomes Ready (its image cannot be pulled, say): the default spec
+/// (GFD's labels built in) converges the rest, and `/readyz` answers ready
+/// and says what it does not wait for; a Node event says it once.
+#[test]
+fn an_optional_operand_that_never_starts_does_not_hold_readiness_and_says_why() {
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_operands(Operands {
+        gpus: 1,
+        product: "set-by-gfd-which-is-not-deployed".into(),
+        exporter_ready: false,
+    });
+    fake.kubelet(Kubelet::Runs {
+        phase: "Succeeded",
+        after_ms: 0,
+        log: "Test PASSED\n".into(),
+        exit_code: 0,
+    });
+    let host = copy_host("a100-preinstalled");
+    let port = free_port();
+    let nvml = support::fake_nvml_library();
+    let _daemon = Daemon::spawn_with(
+        &fake,
+        NODE,
+        host.path(),
+        "1s",
+        port,
+        &["--nvml-lib".as_ref(), nvml.as_os_str()],
+    );
+    eventually("/readyz to say ready", Duration::from_secs(30), || {
+        get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    let (_, body) = get(port, "/readyz").unwrap();
+    assert!(body.starts_with("ready\n"), "{body}");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("dcgm-exporter: pending: "))
+        .unwrap_or_else(|| panic!("/readyz does not say what it does not wait for:\n{body}"));
+    assert!(line.ends_with("(optional: not waited for)"), "{line}");
+    let labels = fake.labels(NODE);
+    assert_eq!(labels["gpuprov.io/validator"], "ready");
+    assert_eq!(labels["gpuprov.io/gpu-feature-discovery"], "ready");
+    assert_eq!(labels["nvidia.com/gpu.product"], "NVIDIA-A100-SXM4-40GB");
+    assert!(
+        !labels.contains_key("nvidia.com/gpu.deploy.gpu-feature-discovery"),
+        "no GFD DaemonSet is asked for: {labels:?}"
+    );
+    let (_, metrics) = get(port, "/metrics").unwrap();
+    assert!(metrics.contains("gpuprov_ready 1"), "{metrics}");
+    assert!(metrics.contains("gpuprov_converged 0"), "{metrics}");
+    // Converges go on every pending interval; the event is posted once for
+    // the whole wait.
+    std::thread::sleep(Duration::from_secs(3));
+    let waiting: Vec<_> = fake
+        .events()
+        .into_iter()
+        .filter(|e| e["reason"] == "Waiting")
+        .collect();
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    let note = waiting[0]["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("dcgm-exporter: ") && note.contains("gpuprov is ready without it"),
+        "{note}"
+    );
+}
+
+/// A required step that waits (the validation pod is never scheduled)
+/// holds `/readyz`, whose body names it and why.
+#[test]
+fn a_required_wait_holds_readiness_and_names_the_step() {
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    fake.kubelet(Kubelet::NeverSchedules);
+    let host = copy_host("a100-preinstalled");
+    let port = free_port();
+    let _daemon = Daemon::spawn(&fake, NODE, host.path(), "1s", port);
+    eventually("a converge to finish", Duration::from_secs(30), || {
+        get(port, "/readyz").is_some_and(|(_, body)| body.contains("validator: "))
+    });
+    let (code, body) = get(port, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.starts_with("not ready\n"), "{body}");
+    let line = body.lines().find(|l| l.starts_with("validator: ")).unwrap();
+    assert!(!line.contains("optional"), "{line}");
 }

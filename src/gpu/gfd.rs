@@ -141,6 +141,17 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let withdrawn = operands::withdraw(ctx, Operand::GpuFeatureDiscovery)?;
     let inventory = match ctx.facts.nvml(ctx.host) {
         Ok(inventory) => inventory,
+        // As gpu-health: a host without the library (a fixture, a node
+        // whose driver is not installed yet) has nothing to label.
+        Err(super::nvml::NvmlProblem::LibraryNotFound) => {
+            let mut obs = Observation::new(
+                Outcome::Absent,
+                "no NVML library in the host: no GPU feature labels",
+            );
+            obs.gate = Some(Gate::Pass);
+            obs.changes = withdrawn;
+            return Ok(obs);
+        }
         Err(problem) => {
             return Err(StepError::Observe(format!(
                 "no GPU features without NVML: {problem}"

@@ -202,8 +202,10 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
 
     let driver = resolve_driver(&raw.driver, source, &mut errors);
 
+    // Built in by default: GFD's DaemonSet needs NFD to publish its labels,
+    // which a bare cluster does not have.
     let gfd_mode = match raw.gfd.mode.as_ref() {
-        None => GfdMode::Daemonset,
+        None => GfdMode::Builtin,
         Some(mode) => match mode.value.as_str() {
             "builtin" => GfdMode::Builtin,
             "daemonset" => GfdMode::Daemonset,

@@ -51,7 +51,14 @@ impl Daemon {
         port: u16,
         more: &[&std::ffi::OsStr],
     ) -> Daemon {
-        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"))
+        let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
+        // The fake NVML, where `more` names it (--nvml-lib), answers from
+        // this fixture.
+        command.env(
+            "GPUPROV_FAKE_NVML",
+            super::repo().join("fixtures/nvml/a100-mig.yaml"),
+        );
+        let child = command
             .args(["run", "--host-exec", "prefix", "--node-name", node])
             .args(more)
             .args(["--drift-interval", drift_interval])

@@ -69,6 +69,9 @@ struct NodeState {
 pub struct Operands {
     pub gpus: usize,
     pub product: String,
+    /// False: the DCGM exporter's pod is scheduled but never Ready (its
+    /// image cannot be pulled, say).
+    pub exporter_ready: bool,
 }
 
 /// What the kubelet does with a validation pod (a pod whose name starts
@@ -302,6 +305,7 @@ impl FakeApi {
         self.run_operands(Operands {
             gpus,
             product: product.to_string(),
+            exporter_ready: true,
         });
         self.kubelet(Kubelet::Runs {
             phase: "Succeeded",
@@ -870,7 +874,7 @@ fn simulate_operands(inner: &mut Inner, name: &str) {
     );
     if exporter {
         let labels = BTreeMap::from([("app", "nvidia-dcgm-exporter")]);
-        let pod = running_pod(&key.0, &key.1, name, &labels, true);
+        let pod = running_pod(&key.0, &key.1, name, &labels, operands.exporter_ready);
         inner.pods.entry(key).or_insert(pod);
     } else {
         inner.pods.remove(&key);
