@@ -7,7 +7,10 @@
 //!   requests, requests per node, and the p50/p99 time until the node is
 //!   ready (operands verified, vectorAdd passed);
 //! * `gpuprov run` on a converged node: resident memory and CPU over a
-//!   minute, and the API requests it makes.
+//!   minute, and the API requests it makes;
+//! * `gpuprov run` on a node without a GPU (what the DaemonSet costs on
+//!   every other node): time to its first converge, memory, CPU, and API
+//!   requests per hour at the default drift interval.
 //!
 //! Run with `cargo bench --bench fleet` (`cargo test` runs a small version).
 
@@ -194,12 +197,60 @@ fn steady_state(seconds: u64) {
     );
 }
 
+/// `gpuprov run` with the DaemonSet's defaults on the no-GPU fixture:
+/// every state after `detect-gpu` is disabled at once.
+fn without_a_gpu(seconds: u64) {
+    let node = "cpu-node-1";
+    let fake = FakeApi::with_node(node, &[]);
+    let host = support::copy_host("no-gpu");
+    let started = Instant::now();
+    let daemon = Daemon::spawn(&fake, node, host.path(), "5m", free_port());
+    eventually("run to converge", Duration::from_secs(30), || {
+        fake.labels(node).contains_key("gpuprov.io/detect-gpu")
+    });
+    let first = started.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    fake.clear_log();
+    let (_, cpu_before) = usage(daemon.0.id());
+    let mut samples = Vec::new();
+    for _ in 0..seconds {
+        std::thread::sleep(Duration::from_secs(1));
+        samples.push(usage(daemon.0.id()).0);
+    }
+    let (_, cpu_after) = usage(daemon.0.id());
+    let idle_requests = fake.log().len();
+    drop(daemon);
+    samples.sort();
+    let median_mib = samples[samples.len() / 2] as f64 / 1024.0;
+    let peak_mib = samples[samples.len() - 1] as f64 / 1024.0;
+
+    // One drift converge's requests: the same node, converging every second.
+    let drift = 5;
+    let daemon = Daemon::spawn(&fake, node, host.path(), "1s", free_port());
+    std::thread::sleep(Duration::from_secs(2));
+    fake.clear_log();
+    std::thread::sleep(Duration::from_secs(drift));
+    let per_converge = fake.log().len() as f64 / drift as f64;
+    drop(daemon);
+    let per_hour = idle_requests as f64 * 3600.0 / seconds as f64 + per_converge * 12.0;
+    println!(
+        "`gpuprov run` without a GPU: first converge {:.0} ms after start; {seconds}s: RSS median {median_mib:.1} MiB, \
+         peak {peak_mib:.1} MiB; CPU {:.3}s ({:.3}% of a core); API requests {idle_requests} in {seconds}s, \
+         ~{per_converge:.1} per drift converge, ~{per_hour:.0} per hour at --drift-interval 5m",
+        first.as_secs_f64() * 1000.0,
+        cpu_after - cpu_before,
+        (cpu_after - cpu_before) / seconds as f64 * 100.0,
+    );
+}
+
 fn main() {
     if common::runs(2) == 2 {
         simulate(500, 25);
         steady_state(60);
+        without_a_gpu(60);
     } else {
         simulate(4, 2);
         steady_state(2);
+        without_a_gpu(2);
     }
 }

@@ -100,6 +100,8 @@ impl Inputs {
         })?;
         facts.own_labels = node.ours;
         facts.node_allocatable = node.allocatable;
+        facts.node_gpu_ready = node.gpu_ready;
+        facts.node_taints = node.taints;
         facts.nvml_lib = self.nvml_lib.clone();
         Ok(facts)
     }
@@ -202,6 +204,15 @@ fn apply_locked(inputs: &Inputs) -> Result<RunReport, Error> {
         && let Err(e) = crate::kube::events::publish(cluster, &inputs.host, &steps)
     {
         tracing::warn!("node events not posted: {}", crate::step::error_chain(&e));
+    }
+    // The readiness gate likewise: the next converge tries again.
+    if let Some(cluster) = &inputs.cluster
+        && let Err(e) = crate::readiness::publish(cluster, &inputs.spec.readiness, &facts, &steps)
+    {
+        tracing::error!(
+            "the GPU readiness gate (condition, startup taint) is not updated: {}",
+            crate::step::error_chain(&e)
+        );
     }
     let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
     report.label_sink = published.target;

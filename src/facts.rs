@@ -31,6 +31,12 @@ pub struct Facts {
     /// The node's allocatable resources (known with an API server).
     #[serde(skip)]
     pub node_allocatable: BTreeMap<String, String>,
+    /// The Node's `nvidia.com/GPUReady` condition and its taints (known
+    /// with an API server), for the readiness gate.
+    #[serde(skip)]
+    pub node_gpu_ready: Option<crate::kube::node_status::Condition>,
+    #[serde(skip)]
+    pub node_taints: Vec<k8s_openapi::api::core::v1::Taint>,
     /// `PRETTY_NAME` from `/etc/os-release`, if there is one.
     pub os: Option<String>,
     /// `ID` then each of `ID_LIKE` from `/etc/os-release` (`ubuntu`, `debian`).
@@ -98,6 +104,8 @@ impl Facts {
             node_labels,
             own_labels: Default::default(),
             node_allocatable: BTreeMap::new(),
+            node_gpu_ready: None,
+            node_taints: Vec::new(),
             os,
             os_ids,
             kernel,

@@ -29,6 +29,7 @@ pub mod label_syntax;
 pub mod labels;
 pub mod operands;
 pub mod plan;
+pub mod readiness;
 pub mod registry;
 pub mod report;
 pub mod spec;

@@ -160,6 +160,18 @@ fn the_daemonset_variant_matches_the_binary() {
         !nodes.verbs.contains(&"update".to_string())
             && !nodes.verbs.contains(&"delete".to_string())
     );
+    // The GPUReady condition goes through the status subresource: patch,
+    // and nothing more.
+    let status = rules
+        .iter()
+        .find(|r| {
+            r.resources
+                .as_ref()
+                .unwrap()
+                .contains(&"nodes/status".to_string())
+        })
+        .expect("a rule for nodes/status");
+    assert_eq!(status.verbs, vec!["patch".to_string()]);
     let events = rules
         .iter()
         .find(|r| {

@@ -7,6 +7,7 @@
 //! unreachable is an error, never a silent fallback to another sink.
 
 pub mod events;
+pub mod node_status;
 pub mod pods;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -81,7 +82,7 @@ impl ClusterOptions {
 }
 
 /// The node's labels and which of them gpuprov's field manager owns.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeLabels {
     pub labels: BTreeMap<String, String>,
     /// Keys gpuprov applied (its server-side-apply field set).
@@ -90,6 +91,9 @@ pub struct NodeLabels {
     pub others: BTreeMap<String, String>,
     /// The node's allocatable resources (`nvidia.com/gpu` → `8`).
     pub allocatable: BTreeMap<String, String>,
+    /// Its `nvidia.com/GPUReady` condition, when it has one.
+    pub gpu_ready: Option<node_status::Condition>,
+    pub taints: Vec<k8s_openapi::api::core::v1::Taint>,
 }
 
 /// API requests by verb and status code (0: no answer), for `/metrics`.
@@ -294,23 +298,7 @@ impl Cluster {
 
     /// The node's labels and who set them.
     pub fn node_labels(&self) -> Result<NodeLabels, KubeError> {
-        let what = format!("GET node {}", self.node);
-        let request = Request::new("/api/v1/nodes")
-            .get(&self.node, &Default::default())
-            .expect("a valid request");
-        let (code, body) = self.send(&what, request)?;
-        if code == 404 {
-            return Err(KubeError::NodeNotFound {
-                node: self.node.clone(),
-                server: self.server.clone(),
-            });
-        }
-        if code != 200 {
-            return Err(self.refused(&what, code, &body));
-        }
-        let node: Node =
-            serde_json::from_slice(&body).map_err(|e| self.not_a(&what, code, "Node", &e))?;
-        Ok(read_labels(&node))
+        Ok(read_labels(&self.node()?))
     }
 
     /// Applies exactly `labels` as gpuprov's label set (server-side apply,
@@ -516,6 +504,8 @@ pub fn read_labels(node: &Node) -> NodeLabels {
         ours,
         others,
         allocatable,
+        gpu_ready: node_status::gpu_ready_of(node),
+        taints: node_status::taints_of(node),
     }
 }
 

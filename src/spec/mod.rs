@@ -19,12 +19,14 @@ use crate::diagnostic::{Diagnostic, Diagnostics, Source, nearest};
 mod containerd;
 mod driver;
 mod operands;
+mod readiness;
 mod states;
 mod toolkit;
 
 pub use containerd::*;
 pub use driver::*;
 pub use operands::*;
+pub use readiness::*;
 pub use states::*;
 pub use toolkit::*;
 
@@ -74,6 +76,8 @@ struct RawSpec {
     validator: RawValidator,
     #[serde(default)]
     operands: RawOperands,
+    #[serde(default)]
+    readiness: readiness::RawReadiness,
     #[serde(default)]
     states: Vec<RawUserState>,
 }
@@ -139,6 +143,7 @@ pub struct Spec {
     pub gfd_mode: GfdMode,
     pub validator: ValidatorSpec,
     pub operands: OperandsSpec,
+    pub readiness: ReadinessSpec,
     /// The user's own states, in document order, checked (the catalogue
     /// makes them states: `Catalog::with_user_states`).
     #[serde(skip)]
@@ -253,6 +258,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
     let operands = resolve_operands(&raw.operands, source, &mut errors);
     let containerd = resolve_containerd(&raw.containerd, &raw.toolkit.env, source, &mut errors);
     let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
+    let readiness = readiness::resolve_readiness(&raw.readiness, source, &mut errors);
 
     let states = resolve_states(raw.states, source, &mut errors);
     let shared_source = Arc::new(source.clone());
@@ -271,6 +277,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         gfd_mode,
         validator,
         operands,
+        readiness,
         states,
         states_source: shared_source,
     })

@@ -14,7 +14,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{OriginalUri, Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use serde_json::{Value, json};
 
 /// One request as the server saw it.
@@ -59,6 +59,10 @@ struct NodeState {
     owners: BTreeMap<String, BTreeMap<String, String>>,
     /// `status.allocatable`, as the kubelet reports it.
     allocatable: BTreeMap<String, String>,
+    /// `spec.taints`, replaced whole by a merge patch.
+    taints: Vec<Value>,
+    /// `status.conditions`, merged by type through the status subresource.
+    conditions: Vec<Value>,
     resource_version: u64,
 }
 
@@ -135,6 +139,7 @@ impl FakeApi {
         let app = Router::new()
             .route("/api/v1/nodes", get(list_nodes))
             .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
+            .route("/api/v1/nodes/{name}/status", patch(patch_node_status))
             .route(
                 "/apis/events.k8s.io/v1/namespaces/{ns}/events",
                 post(create_event),
@@ -202,6 +207,44 @@ impl FakeApi {
                 .insert(manager.to_string(), "Update".to_string());
         }
         inner.nodes.insert(name.to_string(), node);
+    }
+
+    /// Sets the node's taints, as its registration (`--register-with-taints`)
+    /// or a node pool would.
+    pub fn set_taints(&self, node: &str, taints: &[(&str, &str)]) {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner.version += 1;
+        let version = inner.version;
+        let node = inner.nodes.get_mut(node).unwrap();
+        node.taints = taints
+            .iter()
+            .map(|(key, effect)| json!({"key": key, "effect": effect}))
+            .collect();
+        node.resource_version = version;
+    }
+
+    /// The node's taints, as `key:effect`.
+    pub fn taints(&self, node: &str) -> Vec<String> {
+        self.shared.0.lock().unwrap().nodes[node]
+            .taints
+            .iter()
+            .map(|t| {
+                format!(
+                    "{}:{}",
+                    t["key"].as_str().unwrap(),
+                    t["effect"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    /// The node's condition of this type.
+    pub fn condition(&self, node: &str, kind: &str) -> Option<Value> {
+        self.shared.0.lock().unwrap().nodes[node]
+            .conditions
+            .iter()
+            .find(|c| c["type"] == kind)
+            .cloned()
     }
 
     /// Sets a label as `manager` would with `kubectl label --overwrite`.
@@ -547,7 +590,8 @@ fn node_json(name: &str, node: &NodeState) -> Value {
             "resourceVersion": node.resource_version.to_string(),
             "labels": node.labels, "managedFields": managed,
         },
-        "spec": {}, "status": {"allocatable": node.allocatable},
+        "spec": {"taints": node.taints},
+        "status": {"allocatable": node.allocatable, "conditions": node.conditions},
     })
 }
 
@@ -731,6 +775,21 @@ async fn patch_node(
     let Some(node) = inner.nodes.get_mut(&name) else {
         return status(404, "NotFound", format!("nodes \"{name}\" not found"));
     };
+    // A resourceVersion in the patch is a precondition, as on a real server.
+    if let Some(wanted) = patch["metadata"]["resourceVersion"].as_str()
+        && wanted != node.resource_version.to_string()
+    {
+        return status(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on nodes \"{name}\": the object has been modified"
+            ),
+        );
+    }
+    if let Some(taints) = patch["spec"]["taints"].as_array() {
+        node.taints = taints.clone();
+    }
     let labels: BTreeMap<String, Option<String>> = patch["metadata"]["labels"]
         .as_object()
         .map(|m| {
@@ -804,6 +863,52 @@ async fn patch_node(
     }
     node.resource_version = version;
     simulate_operands(&mut inner, &name);
+    axum::Json(node_json(&name, &inner.nodes[&name])).into_response()
+}
+
+/// The status subresource: a strategic merge patch of `conditions`, merged
+/// by `type` (the kubelet's own conditions stay).
+async fn patch_node_status(
+    State(shared): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type.starts_with("application/strategic-merge-patch+json") {
+        return status(415, "UnsupportedMediaType", content_type.to_string());
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "patch body is not JSON".to_string());
+    };
+    let mut inner = shared.0.lock().unwrap();
+    inner.version += 1;
+    let version = inner.version;
+    let Some(node) = inner.nodes.get_mut(&name) else {
+        return status(404, "NotFound", format!("nodes \"{name}\" not found"));
+    };
+    for condition in patch["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        match node
+            .conditions
+            .iter_mut()
+            .find(|c| c["type"] == condition["type"])
+        {
+            Some(existing) => {
+                for (k, v) in condition.as_object().unwrap() {
+                    existing[k] = v.clone();
+                }
+            }
+            None => node.conditions.push(condition.clone()),
+        }
+    }
+    node.resource_version = version;
     axum::Json(node_json(&name, &inner.nodes[&name])).into_response()
 }
 
