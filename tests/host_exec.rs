@@ -4,33 +4,8 @@
 mod support;
 
 use std::fs;
-use std::path::Path;
-use std::process::Command;
 
-use support::{apply_config, steps, write_spec};
-
-/// Copies `/bin/sh` and the libraries it links into `root`.
-fn install_shell(root: &Path) {
-    let shell = fs::canonicalize("/bin/sh").unwrap();
-    let mut files = vec![shell.clone()];
-    let ldd = Command::new("ldd")
-        .arg(&shell)
-        .output()
-        .expect("ldd is installed");
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let path = line.split_whitespace().find(|w| w.starts_with('/'));
-        files.extend(path.map(Into::into));
-    }
-    for file in files {
-        let target = root.join(file.strip_prefix("/").unwrap());
-        fs::create_dir_all(target.parent().unwrap()).unwrap();
-        fs::copy(&file, &target).unwrap();
-    }
-    fs::create_dir_all(root.join("bin")).unwrap();
-    if !root.join("bin/sh").exists() {
-        std::os::unix::fs::symlink(&shell, root.join("bin/sh")).unwrap();
-    }
-}
+use support::{apply_config, install_shell, steps, write_spec};
 
 #[test]
 fn chroot_mode_runs_exec_states_inside_the_host_root() {

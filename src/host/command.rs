@@ -205,7 +205,19 @@ fn spawn_hint(mode: ExecMode, root: &std::path::Path, error: &std::io::Error) ->
                 "chroot or exec failed"
             }
         ),
-        ExecMode::Nsenter | ExecMode::Prefix => String::new(),
+        // setns fails in the child, where nothing may allocate: which
+        // namespace is not known, so the hint names them all.
+        ExecMode::Nsenter => match error.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EINVAL) => format!(
+                " (joining PID 1's namespaces, {} through /proc/1/ns, failed: gpuprov must be privileged (CAP_SYS_ADMIN) in a pod with hostPID)",
+                NAMESPACES.map(|(name, _)| name).join(", ")
+            ),
+            Some(libc::ENOENT) => {
+                " (not found in the host's PATH, in PID 1's mount namespace)".to_string()
+            }
+            _ => String::new(),
+        },
+        ExecMode::Prefix => String::new(),
     }
 }
 
@@ -335,20 +347,22 @@ fn watch(
     (status, timed_out, stdout, stderr)
 }
 
+/// The namespaces a host command joins, PID 1's.
+const NAMESPACES: [(&str, nix::sched::CloneFlags); 4] = [
+    ("mnt", nix::sched::CloneFlags::CLONE_NEWNS),
+    ("uts", nix::sched::CloneFlags::CLONE_NEWUTS),
+    ("ipc", nix::sched::CloneFlags::CLONE_NEWIPC),
+    ("net", nix::sched::CloneFlags::CLONE_NEWNET),
+];
+
 fn open_pid1_namespaces() -> Result<Vec<(File, nix::sched::CloneFlags)>, HostError> {
-    use nix::sched::CloneFlags;
-    [
-        ("mnt", CloneFlags::CLONE_NEWNS),
-        ("uts", CloneFlags::CLONE_NEWUTS),
-        ("ipc", CloneFlags::CLONE_NEWIPC),
-        ("net", CloneFlags::CLONE_NEWNET),
-    ]
-    .into_iter()
-    .map(|(name, flag)| {
-        let path = PathBuf::from(format!("/proc/1/ns/{name}"));
-        File::open(&path)
-            .map(|file| (file, flag))
-            .map_err(|source| HostError::Namespace { path, source })
-    })
-    .collect()
+    NAMESPACES
+        .into_iter()
+        .map(|(name, flag)| {
+            let path = PathBuf::from(format!("/proc/1/ns/{name}"));
+            File::open(&path)
+                .map(|file| (file, flag))
+                .map_err(|source| HostError::Namespace { path, source })
+        })
+        .collect()
 }

@@ -229,3 +229,26 @@ pub fn sigterm_and_wait(
     }
     None
 }
+
+/// Copies `/bin/sh` and the libraries it links into `root`.
+pub fn install_shell(root: &Path) {
+    let shell = fs::canonicalize("/bin/sh").unwrap();
+    let mut files = vec![shell.clone()];
+    let ldd = std::process::Command::new("ldd")
+        .arg(&shell)
+        .output()
+        .expect("ldd is installed");
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line.split_whitespace().find(|w| w.starts_with('/'));
+        files.extend(path.map(Into::into));
+    }
+    for file in files {
+        let target = root.join(file.strip_prefix("/").unwrap());
+        fs::create_dir_all(target.parent().unwrap()).unwrap();
+        fs::copy(&file, &target).unwrap();
+    }
+    fs::create_dir_all(root.join("bin")).unwrap();
+    if !root.join("bin/sh").exists() {
+        std::os::unix::fs::symlink(&shell, root.join("bin/sh")).unwrap();
+    }
+}
