@@ -161,6 +161,7 @@ mod tests {
             ours: ["gpuprov.io/driver".to_string()].into(),
             others: BTreeMap::new(),
             allocatable: BTreeMap::new(),
+            ..Default::default()
         };
         assert!(!plan_apply(&node, &wanted).needed);
         // A label gpuprov applied before and no longer wants: an apply removes it.
@@ -183,6 +184,7 @@ mod tests {
             )]
             .into(),
             allocatable: BTreeMap::new(),
+            ..Default::default()
         };
         let plan = plan_apply(&node, &wanted);
         assert_eq!(plan.apply, labels(&[("gpuprov.io/driver", "preinstalled")]));

@@ -35,9 +35,8 @@ const MESSAGE_CAP: usize = 1024;
 
 /// The verdict of a walk, or `None` on a node without a GPU.
 pub fn verdict(steps: &[StepReport], facts: &Facts) -> Option<Verdict> {
-    if facts.gpus().next().is_none() {
-        return None;
-    }
+    // No GPU: nothing to say.
+    facts.gpus().next()?;
     let holding = steps.iter().find(|step| {
         let waits = step.action == Action::Wait && !step.optional;
         waits
@@ -230,9 +229,12 @@ mod tests {
             taints_after(&node, &ours, false, true),
             Some(vec![other.clone()])
         );
-        assert_eq!(taints_after(&[other.clone()], &ours, false, true), None);
+        assert_eq!(
+            taints_after(std::slice::from_ref(&other), &ours, false, true),
+            None
+        );
         // Put back only when wanted, and once.
-        let back = taints_after(&[other.clone()], &ours, true, false).unwrap();
+        let back = taints_after(std::slice::from_ref(&other), &ours, true, false).unwrap();
         assert_eq!(back.len(), 2);
         assert_eq!(taints_after(&back, &ours, true, false), None);
     }
