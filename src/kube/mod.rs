@@ -286,6 +286,15 @@ impl Cluster {
         }
     }
 
+    /// A 200, or the server's refusal as an error.
+    fn ok_or_refused(&self, what: &str, code: u16, body: &[u8]) -> Result<(), KubeError> {
+        if code == 200 {
+            Ok(())
+        } else {
+            Err(self.refused(what, code, body))
+        }
+    }
+
     /// An answer that does not parse as the `kind` asked for.
     fn not_a(&self, what: &str, code: u16, kind: &str, e: &serde_json::Error) -> KubeError {
         KubeError::Api {
@@ -315,11 +324,7 @@ impl Cluster {
             .patch(&self.node, &params, &::kube::api::Patch::Apply(&patch))
             .expect("a valid request");
         let (code, body) = self.send(&what, request)?;
-        if code == 200 {
-            Ok(())
-        } else {
-            Err(self.refused(&what, code, &body))
-        }
+        self.ok_or_refused(&what, code, &body)
     }
 
     /// Posts a node event (events.k8s.io/v1) in the `default` namespace.

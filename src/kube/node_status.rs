@@ -71,11 +71,7 @@ impl Cluster {
             )
             .expect("a valid request");
         let (code, body) = self.send(&what, request)?;
-        if code == 200 {
-            Ok(())
-        } else {
-            Err(self.refused(&what, code, &body))
-        }
+        self.ok_or_refused(&what, code, &body)
     }
 
     /// The Node as it is now (its taints and resourceVersion).
@@ -114,10 +110,6 @@ impl Cluster {
             .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
             .expect("a valid request");
         let (code, body) = self.send(&what, request)?;
-        if code == 200 {
-            Ok(())
-        } else {
-            Err(self.refused(&what, code, &body))
-        }
+        self.ok_or_refused(&what, code, &body)
     }
 }
