@@ -102,6 +102,20 @@ impl StepReport {
     }
 }
 
+impl StepReport {
+    /// Whether this step keeps the node from being ready: it failed, is
+    /// blocked, owes a reboot, or waits as a required (not optional) step.
+    pub fn holds_readiness(&self) -> bool {
+        match self.action {
+            Action::Unchanged | Action::Change | Action::Skip => {
+                self.outcome == Outcome::RebootRequired
+            }
+            Action::Wait => !self.optional,
+            Action::Block | Action::Fail => true,
+        }
+    }
+}
+
 fn default_gate(name: &str, outcome: Outcome, reason: &str) -> Gate {
     if outcome.lets_dependents_run() {
         Gate::Pass
@@ -238,16 +252,10 @@ impl Readiness {
         let mut lines = Vec::new();
         for step in steps {
             let line = format!("{}: {}: {}", step.name, step.outcome.as_str(), step.reason);
-            let holds = match step.action {
-                Action::Unchanged | Action::Change | Action::Skip => {
-                    if step.outcome != Outcome::RebootRequired {
-                        continue;
-                    }
-                    true
-                }
-                Action::Wait => !step.optional,
-                Action::Block | Action::Fail => true,
-            };
+            let holds = step.holds_readiness();
+            if !holds && step.action != Action::Wait {
+                continue;
+            }
             ready &= !holds;
             lines.push(if holds {
                 line

@@ -92,8 +92,9 @@ fn standin_root() -> tempfile::TempDir {
 }
 
 /// `gpuprov <args>` in the stand-in's PID namespace with a /proc of its
-/// own (so /proc/1 is the stand-in), in the machine's mount namespace.
-fn gpuprov_beside(standin: &StandIn, args: &[&str]) -> std::process::Output {
+/// own (so /proc/1 is the stand-in), in the machine's mount namespace,
+/// started through `wrapper` (`setpriv …`) when given.
+fn gpuprov_beside(standin: &StandIn, wrapper: &[&str], args: &[&str]) -> std::process::Output {
     Command::new("nsenter")
         .arg("--target")
         .arg(standin.pid().to_string())
@@ -107,6 +108,7 @@ fn gpuprov_beside(standin: &StandIn, args: &[&str]) -> std::process::Output {
             "--mount-proc",
             "--",
         ])
+        .args(wrapper)
         .arg(assert_cmd::cargo::cargo_bin("gpuprov"))
         .args(args)
         .env(
@@ -137,6 +139,7 @@ fn host_commands_run_in_pid_1s_namespaces_and_root() {
     let nvml = fake_nvml_library();
     let output = gpuprov_beside(
         &standin,
+        &[],
         &[
             "apply",
             "--output",
@@ -198,33 +201,25 @@ fn a_failure_to_join_names_the_namespace_and_the_cause() {
         "states:\n  - name: kubelet-unit\n    check: systemctl is-active kubelet\n",
     );
     // gpuprov without privilege: PID 1's namespaces cannot be opened.
-    let output = Command::new("nsenter")
-        .arg("--target")
-        .arg(standin.pid().to_string())
-        .args([
-            "--pid",
-            "--",
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--mount-proc",
-            "--",
-        ])
-        .args([
+    let output = gpuprov_beside(
+        &standin,
+        &[
             "setpriv",
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "--",
-        ])
-        .arg(assert_cmd::cargo::cargo_bin("gpuprov"))
-        .args(["plan", "--host-exec", "nsenter", "--host-root"])
-        .arg(host.path())
-        .arg("--config")
-        .arg(&spec)
-        .output()
-        .unwrap();
+        ],
+        &[
+            "plan",
+            "--host-exec",
+            "nsenter",
+            "--host-root",
+            host.path().to_str().unwrap(),
+            "--config",
+            spec.to_str().unwrap(),
+        ],
+    );
     let all = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),

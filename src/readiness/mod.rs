@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Taint;
 use crate::facts::Facts;
 use crate::kube::node_status::Condition;
 use crate::kube::{Cluster, KubeError};
-use crate::report::{Action, StepReport};
+use crate::report::StepReport;
 use crate::spec::{ReadinessSpec, StartupTaint};
 use crate::step::Outcome;
 
@@ -37,12 +37,10 @@ const MESSAGE_CAP: usize = 1024;
 pub fn verdict(steps: &[StepReport], facts: &Facts) -> Option<Verdict> {
     // No GPU: nothing to say.
     facts.gpus().next()?;
-    let holding = steps.iter().find(|step| {
-        let waits = step.action == Action::Wait && !step.optional;
-        waits
-            || matches!(step.action, Action::Fail | Action::Block)
-            || matches!(step.outcome, Outcome::RebootRequired | Outcome::Degraded)
-    });
+    // What holds `/readyz`, and a GPU whose health is degraded.
+    let holding = steps
+        .iter()
+        .find(|step| step.holds_readiness() || step.outcome == Outcome::Degraded);
     Some(match holding {
         Some(step) => Verdict {
             condition: Condition {
