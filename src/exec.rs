@@ -427,6 +427,7 @@ fn make_change(
                 Duration::from_secs(*timeout_seconds),
             )
         }
+        Change::CriValidation(validation) => operands::validate::cri::run(host, validation),
         Change::Fetch {
             artifact,
             timeout_seconds,

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cmd;
 pub mod containerd;
 pub mod converge;
+pub mod cri;
 pub mod daemon;
 pub mod diagnostic;
 pub mod download;

@@ -138,6 +138,9 @@ pub enum Change {
         #[serde(skip)]
         manifest: serde_json::Value,
     },
+    /// Run a container through containerd's CRI with the runtime handler
+    /// and remember the pass (`validator.mode: cri`, or no API server).
+    CriValidation(CriValidation),
     /// Unpack a cached `.tar.gz` into a directory, atomically.
     Unpack { archive: String, into: String },
     /// Put a pinned artifact into the cache (a no-op when it is there).
@@ -223,6 +226,17 @@ impl Change {
                     "run pod {namespace}/{name} ({image}{class}, 1 nvidia.com/gpu) on this node, wait up to {timeout_seconds}s for it to succeed, delete it"
                 )
             }
+            Change::CriValidation(v) => {
+                format!(
+                    "run `{}` in {} through containerd's CRI ({}) with runtime handler {} on the node's network, wait up to {}s for it to exit 0, remove its sandbox, remember the pass in {} until reboot",
+                    v.command.join(" "),
+                    v.image,
+                    v.socket,
+                    v.runtime_handler,
+                    v.timeout_seconds,
+                    v.marker,
+                )
+            }
             Change::Fetch {
                 artifact,
                 path,
@@ -245,6 +259,25 @@ impl Change {
             }
         }
     }
+}
+
+/// What one CRI validation runs (a `Change::CriValidation`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CriValidation {
+    pub socket: String,
+    pub runtime_handler: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub image_pull_policy: Option<String>,
+    pub namespace: String,
+    pub timeout_seconds: u64,
+    /// Where a pass is remembered until reboot.
+    pub marker: String,
+    /// What is validated, kept in the marker: another value means another
+    /// validation.
+    #[serde(skip)]
+    pub validated: serde_json::Value,
 }
 
 /// What a handler saw on the node.

@@ -426,6 +426,12 @@ impl Host {
         Ok(self.handle(&dir_str)?.map(|dir| Parent { dir, name }))
     }
 
+    /// Makes a directory (and its missing parents) inside the root, for
+    /// something else to write into (containerd's logs of a validation).
+    pub fn make_dir(&self, host_dir: &str) -> Result<(), HostError> {
+        self.make_dirs(host_dir)
+    }
+
     /// Makes a directory and its missing parents inside the root.
     fn make_dirs(&self, host_dir: &str) -> Result<(), HostError> {
         let perm = std::os::unix::fs::PermissionsExt::from_mode(0o755);

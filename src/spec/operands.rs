@@ -31,6 +31,8 @@ pub(super) struct RawValidator {
     pub(super) image_pull_policy: Option<Spanned<String>>,
     pub(super) timeout_seconds: Option<Spanned<u64>>,
     pub(super) namespace: Option<Spanned<String>>,
+    pub(super) mode: Option<Spanned<String>>,
+    pub(super) command: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,7 +68,31 @@ pub struct ValidatorSpec {
     pub timeout_seconds: u64,
     /// Where the validation pod is created.
     pub namespace: String,
+    pub mode: ValidatorMode,
+    /// What the container runs instead of the image's own command; through
+    /// the CRI, `nvidia-smi -L` when not given.
+    pub command: Option<Vec<String>>,
 }
+
+/// How the validator runs its container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValidatorMode {
+    /// A pod with an API server; without one, a container through
+    /// containerd's CRI when its socket is there, else host checks.
+    Auto,
+    /// A pod through the API server (none: the validator fails).
+    Pod,
+    /// A container through containerd's CRI socket, with or without an
+    /// API server.
+    Cri,
+    /// Host checks only: NVML, device nodes, the runtime binary runs.
+    Host,
+}
+
+/// What the CRI validation runs when `validator.command` is not given:
+/// the NVIDIA runtime mounts `nvidia-smi` into the container.
+pub const CRI_DEFAULT_COMMAND: [&str; 2] = ["nvidia-smi", "-L"];
 
 /// How operands are started on the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -264,12 +290,42 @@ pub(super) fn resolve_validator(
         }
         None => "gpuprov".to_string(),
     };
+    let mode = match raw.mode.as_ref() {
+        None => ValidatorMode::Auto,
+        Some(mode) => match mode.value.as_str() {
+            "auto" => ValidatorMode::Auto,
+            "pod" => ValidatorMode::Pod,
+            "cri" => ValidatorMode::Cri,
+            "host" => ValidatorMode::Host,
+            other => {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    mode.referenced,
+                    format!("validator.mode must be auto, pod, cri or host, not `{other}`"),
+                ));
+                ValidatorMode::Auto
+            }
+        },
+    };
+    let command = raw.command.as_ref().map(|command| {
+        if command.value.is_empty() || command.value.iter().any(|arg| arg.contains('\0')) {
+            errors.push(Diagnostic::at_location(
+                source,
+                command.referenced,
+                "validator.command must be a non-empty list of arguments without NUL bytes"
+                    .to_string(),
+            ));
+        }
+        command.value.clone()
+    });
     ValidatorSpec {
         enabled: raw.enabled.unwrap_or(true),
         image,
         image_pull_policy: resolve_pull_policy("validator", &raw.image_pull_policy, source, errors),
         timeout_seconds,
         namespace,
+        mode,
+        command,
     }
 }
 

@@ -3,8 +3,10 @@
 
 pub mod artifact_server;
 pub mod containerd;
+pub mod cri_node;
 pub mod daemon;
 pub mod fake_api;
+pub mod oci;
 
 use std::collections::BTreeMap;
 use std::fs;

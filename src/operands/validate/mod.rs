@@ -8,9 +8,14 @@
 //! converged node does not run the pod again until it reboots or the
 //! driver, runtime class, image or GPU count changes.
 //!
-//! Without one: host checks only (NVML sees every GPU on the nvidia
-//! driver, the device nodes exist, the runtime binary runs). A host with no
-//! NVML library at all is noted rather than failed, as gpu-health does.
+//! Without one (or with `validator.mode: cri`): a container through
+//! containerd's CRI with the runtime handler (`cri`). Without an API
+//! server and without containerd's socket, or with `validator.mode: host`:
+//! host checks only (NVML sees every GPU on the nvidia driver, the device
+//! nodes exist, the runtime binary runs). A host with no NVML library at
+//! all is noted rather than failed, as gpu-health does.
+
+pub mod cri;
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +23,7 @@ use serde_json::json;
 
 use crate::kube::Cluster;
 use crate::kube::pods::describe;
+use crate::spec::ValidatorMode;
 use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain};
 
 /// Where a pass is remembered until reboot.
@@ -28,10 +34,49 @@ pub const RUNTIME_RAN: &str = "/run/gpuprov/validations/runtime-binary.json";
 const LOG_LINES: i64 = 20;
 
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
-    match ctx.cluster {
-        Some(cluster) => observe_pod(ctx, cluster),
-        None => host_checks(ctx),
+    let socket = &ctx.spec.containerd.socket;
+    match (ctx.spec.validator.mode, ctx.cluster) {
+        (ValidatorMode::Auto | ValidatorMode::Pod, Some(cluster)) => observe_pod(ctx, cluster),
+        (ValidatorMode::Pod, None) => Ok(Observation::new(
+            Outcome::Failed,
+            "validator.mode is pod, but gpuprov runs without an API server (give it a kubeconfig, or use validator.mode cri)"
+                .to_string(),
+        )),
+        (ValidatorMode::Cri, _) => cri_or_host(ctx, false),
+        // auto probes: a containerd that serves no CRI gets host checks.
+        (ValidatorMode::Auto, None) if ctx.host.exists(socket)? => cri_or_host(ctx, true),
+        (ValidatorMode::Auto, None) => host_checks(
+            ctx,
+            &format!("no API server, and no containerd socket at {socket} for a container"),
+        ),
+        (ValidatorMode::Host, _) => host_checks(ctx, "validator.mode host"),
     }
+}
+
+fn cri_or_host(ctx: &StepContext, probe: bool) -> Result<Observation, StepError> {
+    match cri::observe(ctx, validated(ctx)?, probe)? {
+        Some(obs) => Ok(obs),
+        None => host_checks(
+            ctx,
+            &format!(
+                "no API server, and containerd at {} serves no CRI",
+                ctx.spec.containerd.socket
+            ),
+        ),
+    }
+}
+
+/// What a pass validated: another value means validating again.
+fn validated(ctx: &StepContext) -> Result<serde_json::Value, StepError> {
+    let validator = &ctx.spec.validator;
+    let driver = crate::driver::detect::detect(ctx.host)
+        .map_err(|e| StepError::Observe(error_chain(&e)))?
+        .map(|d| d.version);
+    Ok(json!({
+        "image": validator.image,
+        "gpus": super::gpu_count(ctx),
+        "driver": driver,
+    }))
 }
 
 /// The runtime class the validation pod names: none when nvidia is the default.
@@ -49,15 +94,13 @@ fn pod_name(node: &str) -> String {
 
 fn observe_pod(ctx: &StepContext, cluster: &Cluster) -> Result<Observation, StepError> {
     let validator = &ctx.spec.validator;
-    let driver = crate::driver::detect::detect(ctx.host)
-        .map_err(|e| StepError::Observe(error_chain(&e)))?
-        .map(|d| d.version);
+    let common = validated(ctx)?;
     let validated = json!({
         "node": cluster.node,
-        "image": validator.image,
+        "image": common["image"],
         "runtimeClass": runtime_class(ctx),
-        "gpus": super::gpu_count(ctx),
-        "driver": driver,
+        "gpus": common["gpus"],
+        "driver": common["driver"],
     });
     let record = serde_json::to_string_pretty(&validated).expect("serializes") + "\n";
     let previous = ctx.host.read(MARKER)?;
@@ -235,7 +278,7 @@ fn last_lines(cluster: &Cluster, namespace: &str, name: &str) -> String {
 }
 
 /// Without an API server: what can be checked on the host itself.
-fn host_checks(ctx: &StepContext) -> Result<Observation, StepError> {
+fn host_checks(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
     let mut problems = Vec::new();
     let mut passed = Vec::new();
     let on_nvidia = ctx
@@ -318,10 +361,7 @@ fn host_checks(ctx: &StepContext) -> Result<Observation, StepError> {
     let mut obs = if problems.is_empty() {
         Observation::new(
             Outcome::Ready,
-            format!(
-                "host checks pass (no API server for the vectorAdd pod): {}",
-                passed.join(", ")
-            ),
+            format!("host checks pass ({why}): {}", passed.join(", ")),
         )
     } else {
         Observation::new(

@@ -1,0 +1,111 @@
+//! The validator without an API server: a real container through Debian's
+//! real containerd's CRI, with the runtime handler gpuprov configured (the
+//! node: tests/support/cri_node.rs).
+
+mod support;
+
+use support::cri_node::Node;
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
+    false
+}
+
+#[test]
+fn validator_runs_a_container_through_the_runtime_handler_without_an_api_server() {
+    if !is_root() {
+        return;
+    }
+    let node = Node::start(true);
+    let (code, report, stderr) = node.apply(
+        "  command: [\"/bin/sh\", \"-c\", \"echo GPU 0: visible=$NVIDIA_VISIBLE_DEVICES caps=$NVIDIA_DRIVER_CAPABILITIES\"]\n",
+    );
+    let steps = support::steps(&report);
+    assert_eq!(code, 0, "{stderr}\n{report:#}\n{}", node.containerd_log());
+    assert_eq!(steps["containerd-runtime"].0, "change", "{report:#}");
+    let (action, outcome, reason) = &steps["validator"];
+    assert_eq!(
+        (action.as_str(), outcome.as_str()),
+        ("change", "ready"),
+        "{reason}\n{stderr}"
+    );
+    // containerd's own record of the sandbox names the runtime's binary.
+    assert!(
+        reason.contains(
+            "through containerd's CRI with runtime handler nvidia (io.containerd.runc.v2, /usr/local/nvidia/toolkit/nvidia-container-runtime)"
+        ),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("GPU 0: visible=all caps=compute,utility"),
+        "{reason}"
+    );
+
+    // The runtime class was used: containerd ran the sandbox and the
+    // container through the nvidia runtime's binary.
+    let calls = node.runtime_calls();
+    let creates = calls
+        .iter()
+        .filter(|c| c.contains("create") && c.contains("--bundle"));
+    assert_eq!(
+        creates.count(),
+        2,
+        "the sandbox and the container: {calls:#?}"
+    );
+    // Its sandbox is gone.
+    assert_eq!(node.containers(), "", "nothing left in containerd");
+    assert!(
+        !node
+            .root()
+            .join("run/gpuprov/validations/cri-logs")
+            .exists(),
+        "the container's log folder is removed"
+    );
+
+    // Remembered until reboot: a converged node runs nothing.
+    let (code, report, stderr) = node.apply(
+        "  command: [\"/bin/sh\", \"-c\", \"echo GPU 0: visible=$NVIDIA_VISIBLE_DEVICES caps=$NVIDIA_DRIVER_CAPABILITIES\"]\n",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let (action, outcome, reason) = &support::steps(&report)["validator"];
+    assert_eq!(
+        (action.as_str(), outcome.as_str()),
+        ("unchanged", "ready"),
+        "{reason}"
+    );
+    assert!(reason.contains("since boot"), "{reason}");
+    assert_eq!(node.runtime_calls(), calls, "no container ran again");
+
+    // Another command is another validation; a failing one says its exit
+    // code and its output, and leaves nothing behind.
+    let (code, report, _) =
+        node.apply("  command: [\"/bin/sh\", \"-c\", \"echo no GPU here >&2; exit 3\"]\n");
+    assert_ne!(code, 0);
+    let (_, outcome, reason) = &support::steps(&report)["validator"];
+    assert_eq!(outcome, "failed", "{reason}");
+    assert!(reason.contains("exited 3"), "{reason}");
+    assert!(reason.contains("no GPU here"), "{reason}");
+    assert_eq!(node.containers(), "", "nothing left in containerd");
+}
+
+#[test]
+fn a_runtime_binary_containerd_cannot_find_fails_with_containerds_error() {
+    if !is_root() {
+        return;
+    }
+    let node = Node::start(false);
+    let (code, report, _) = node.apply("  mode: cri\n");
+    assert_ne!(code, 0);
+    let (_, outcome, reason) = &support::steps(&report)["validator"];
+    assert_eq!(outcome, "failed", "{reason}");
+    assert!(
+        reason.contains("RunPodSandbox failed")
+            && reason.contains("/usr/local/nvidia/toolkit/nvidia-container-runtime"),
+        "containerd's own words, naming the binary: {reason}"
+    );
+    assert!(node.runtime_calls().is_empty());
+    assert_eq!(node.containers(), "", "nothing left in containerd");
+}
