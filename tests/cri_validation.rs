@@ -89,6 +89,54 @@ fn validator_runs_a_container_through_the_runtime_handler_without_an_api_server(
     assert!(reason.contains("exited 3"), "{reason}");
     assert!(reason.contains("no GPU here"), "{reason}");
     assert_eq!(node.containers(), "", "nothing left in containerd");
+
+    // Still running when validator.timeoutSeconds runs out: failed, and
+    // its sandbox is removed all the same.
+    let (code, report, _) =
+        node.apply("  timeoutSeconds: 2\n  command: [\"/bin/sleep\", \"600\"]\n");
+    assert_ne!(code, 0);
+    let (_, outcome, reason) = &support::steps(&report)["validator"];
+    assert_eq!(outcome, "failed", "{reason}");
+    assert!(reason.contains("did not finish within 2s"), "{reason}");
+    assert_eq!(node.containers(), "", "nothing left in containerd");
+}
+
+#[test]
+fn a_sandbox_left_by_a_killed_run_is_removed_by_the_next() {
+    if !is_root() {
+        return;
+    }
+    let node = Node::start(true);
+    let spec = node.spec("  command: [\"/bin/sleep\", \"600\"]\n");
+    let mut killed = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"))
+        .args(["apply", "--host-exec", "prefix", "--host-root"])
+        .arg(node.root())
+        .arg("--config")
+        .arg(&spec)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The sandbox and its container are up: gpuprov dies without cleaning.
+    support::daemon::eventually(
+        "the validation container to run",
+        std::time::Duration::from_secs(60),
+        || node.containers().lines().count() == 2,
+    );
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(node.containers().lines().count(), 2, "left behind");
+
+    let (code, report, stderr) = node.apply("  command: [\"/bin/true\"]\n");
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(support::steps(&report)["validator"].1, "ready");
+    assert_eq!(node.containers(), "", "the leftover sandbox is gone too");
+    assert!(
+        !node.root().join("run/gpuprov/validations/cri-logs").exists(),
+        "and its log folder"
+    );
 }
 
 #[test]
@@ -108,4 +156,14 @@ fn a_runtime_binary_containerd_cannot_find_fails_with_containerds_error() {
     );
     assert!(node.runtime_calls().is_empty());
     assert_eq!(node.containers(), "", "nothing left in containerd");
+
+    // An image containerd lacks, with imagePullPolicy Never, is named.
+    let (code, report, _) = node.apply("  mode: cri\n  image: absent\n  version: \"1\"\n");
+    assert_ne!(code, 0);
+    let (_, outcome, reason) = &support::steps(&report)["validator"];
+    assert_eq!(outcome, "failed", "{reason}");
+    assert!(
+        reason.contains("containerd does not have the image gpuprov.test/absent:1"),
+        "{reason}"
+    );
 }

@@ -119,7 +119,7 @@ impl Node {
         super::oci::write_image(
             &image,
             IMAGE,
-            &["/bin/sh", "/bin/sleep"],
+            &["/bin/sh", "/bin/sleep", "/bin/true"],
             &["/bin/sleep", "infinity"],
         );
         let import = node.ctr(&[
@@ -171,17 +171,33 @@ impl Node {
         String::from_utf8_lossy(&listed.stdout).trim().to_string()
     }
 
+    /// `gpuprov apply` with `validator` (its keys, indented) added to the
+    /// node's spec; the local image and a 60 s timeout unless it sets them.
+    /// `gpuprov apply` with `validator` (its keys, indented) added to the
+    /// node's spec; the local image and a 60 s timeout unless it sets them.
     pub fn apply(&self, validator: &str) -> (i32, serde_json::Value, String) {
-        let spec = super::write_spec(
+        let spec = self.spec(validator);
+        super::apply_config(self.root(), &spec)
+    }
+
+    /// The node's spec with `validator` added, as `apply` runs it.
+    pub fn spec(&self, validator: &str) -> PathBuf {
+        let mut keys = "  repository: gpuprov.test\n  imagePullPolicy: Never\n".to_string();
+        if !validator.contains("image:") {
+            keys.push_str("  image: busy\n  version: \"1\"\n");
+        }
+        if !validator.contains("timeoutSeconds:") {
+            keys.push_str("  timeoutSeconds: 60\n");
+        }
+        super::write_spec(
             self.private.path(),
             "node.yaml",
             &format!(
                 "containerd:\n  restartMode: signal\n  restartTimeoutSeconds: 30\n\
                  toolkit:\n  installDir: /{TOOLKIT}\n\
-                 validator:\n  repository: gpuprov.test\n  image: busy\n  version: \"1\"\n  imagePullPolicy: Never\n  timeoutSeconds: 60\n{validator}"
+                 validator:\n{keys}{validator}"
             ),
-        );
-        super::apply_config(self.root(), &spec)
+        )
     }
 }
 

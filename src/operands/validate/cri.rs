@@ -215,8 +215,13 @@ pub fn run(host: &Host, validation: &CriValidation) -> Result<(), String> {
         }
     });
     let output = log_tail(host, &log_file);
-    let _ = host.remove(&log_file);
-    let _ = host.remove_empty_dirs(&log_dir, LOG_DIR);
+    // This run's log, and those of runs killed before they cleaned up
+    // (their sandboxes were removed at this run's start).
+    for run in host.list_dir(LOG_DIR).unwrap_or_default() {
+        let dir = format!("{LOG_DIR}/{run}");
+        let _ = host.remove(&format!("{dir}/{LOG_FILE}"));
+        let _ = host.remove_empty_dirs(&dir, LOG_DIR);
+    }
     let ran = result.map_err(|e| match output.is_empty() {
         true => e,
         false => format!("{e}; its last output lines:\n{}", output.join("\n")),
@@ -456,22 +461,70 @@ fn log_tail(host: &Host, log_file: &str) -> Vec<String> {
     {
         return Vec::new();
     }
-    let text = String::from_utf8_lossy(&bytes);
-    let mut lines: Vec<String> = text
-        .lines()
-        // A line cut by the tail's start has no prefix to strip.
-        .skip(usize::from(start > 0))
-        .map(|line| match line.splitn(4, ' ').collect::<Vec<_>>()[..] {
-            [_, "stdout" | "stderr", _, text] => text.to_string(),
-            _ => line.to_string(),
-        })
+    // A line cut by the tail's start has no prefix to strip.
+    let skip = usize::from(start > 0);
+    let mut lines = output_lines(&String::from_utf8_lossy(&bytes), skip);
+    let cut = lines.len().saturating_sub(OUTPUT_LINES);
+    lines.drain(..cut);
+    lines
+}
+
+/// The text of CRI log lines, a partial line (`P`) joined to the rest of it
+/// (`F`), blank lines dropped, each cut at `LINE_CHARS`; the first `skip`
+/// lines are left out.
+fn output_lines(log: &str, skip: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut partial = String::new();
+    for line in log.lines().skip(skip) {
+        match line.splitn(4, ' ').collect::<Vec<_>>()[..] {
+            [_, "stdout" | "stderr", "P", text] => partial.push_str(text),
+            [_, "stdout" | "stderr", _, text] => {
+                partial.push_str(text);
+                lines.push(std::mem::take(&mut partial));
+            }
+            _ => lines.push(line.to_string()),
+        }
+    }
+    if !partial.is_empty() {
+        lines.push(partial);
+    }
+    lines
+        .into_iter()
         .filter(|line| !line.trim().is_empty())
         .map(|line| match line.char_indices().nth(LINE_CHARS) {
             Some((cut, _)) => format!("{}…", &line[..cut]),
             None => line,
         })
-        .collect();
-    let cut = lines.len().saturating_sub(OUTPUT_LINES);
-    lines.drain(..cut);
-    lines
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_log_lines_are_joined_and_stripped_of_their_prefix() {
+        let log = "2026-12-04T18:42:21.1Z stdout F GPU 0: NVIDIA H200 (UUID: GPU-1)\n\
+                   2026-12-04T18:42:21.2Z stderr P half \n\
+                   2026-12-04T18:42:21.3Z stderr F and the rest\n\
+                   2026-12-04T18:42:21.4Z stdout F \n\
+                   not a CRI line\n";
+        assert_eq!(
+            output_lines(log, 0),
+            [
+                "GPU 0: NVIDIA H200 (UUID: GPU-1)",
+                "half and the rest",
+                "not a CRI line"
+            ]
+        );
+        assert_eq!(output_lines(log, 1)[0], "half and the rest");
+    }
+
+    #[test]
+    fn a_long_line_is_cut() {
+        let long = format!("t stdout F {}", "é".repeat(LINE_CHARS + 10));
+        let lines = output_lines(&long, 0);
+        assert_eq!(lines[0].chars().count(), LINE_CHARS + 1);
+        assert!(lines[0].ends_with('…'));
+    }
 }
