@@ -134,7 +134,10 @@ fn a_sandbox_left_by_a_killed_run_is_removed_by_the_next() {
     assert_eq!(support::steps(&report)["validator"].1, "ready");
     assert_eq!(node.containers(), "", "the leftover sandbox is gone too");
     assert!(
-        !node.root().join("run/gpuprov/validations/cri-logs").exists(),
+        !node
+            .root()
+            .join("run/gpuprov/validations/cri-logs")
+            .exists(),
         "and its log folder"
     );
 }

@@ -102,18 +102,17 @@ pub(super) fn resolve_driver(
         }
     });
 
-    let upgrade_policy = match raw.upgrade_policy.as_ref().map(|p| (p.value.as_str(), p)) {
-        None | Some(("never", _)) => UpgradePolicy::Never,
-        Some(("ifDifferent", _)) => UpgradePolicy::IfDifferent,
-        Some((other, p)) => {
-            errors.push(Diagnostic::at_location(
-                source,
-                p.referenced,
-                format!("driver.upgradePolicy must be never or ifDifferent, not `{other}`"),
-            ));
-            UpgradePolicy::Never
-        }
-    };
+    let upgrade_policy = choose(
+        "driver.upgradePolicy",
+        &raw.upgrade_policy,
+        &[
+            ("never", UpgradePolicy::Never),
+            ("ifDifferent", UpgradePolicy::IfDifferent),
+        ],
+        UpgradePolicy::Never,
+        source,
+        errors,
+    );
     let install = raw.install.as_ref().and_then(|install| {
         let at = |location, message: String| Diagnostic::at_location(source, location, message);
         let spec = &install.value;

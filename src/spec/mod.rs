@@ -209,21 +209,17 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
 
     // Built in by default: GFD's DaemonSet needs NFD to publish its labels,
     // which a bare cluster does not have.
-    let gfd_mode = match raw.gfd.mode.as_ref() {
-        None => GfdMode::Builtin,
-        Some(mode) => match mode.value.as_str() {
-            "builtin" => GfdMode::Builtin,
-            "daemonset" => GfdMode::Daemonset,
-            other => {
-                errors.push(Diagnostic::at_location(
-                    source,
-                    mode.referenced,
-                    format!("gfd.mode must be builtin or daemonset, not `{other}`"),
-                ));
-                GfdMode::Daemonset
-            }
-        },
-    };
+    let gfd_mode = choose(
+        "gfd.mode",
+        &raw.gfd.mode,
+        &[
+            ("builtin", GfdMode::Builtin),
+            ("daemonset", GfdMode::Daemonset),
+        ],
+        GfdMode::Builtin,
+        source,
+        &mut errors,
+    );
     for (section, raw_operand) in [
         ("devicePlugin", &raw.device_plugin),
         ("dcgmExporter", &raw.dcgm_exporter),
@@ -289,6 +285,38 @@ pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
 
 /// A number of seconds from the spec: at least 1 and at most `MAX_SECONDS`,
 /// `default` when it is not given.
+/// One of `choices` by its spec name; `default` when not given. Another
+/// word is an error naming the key and every choice (`gfd.mode must be
+/// builtin or daemonset, not `x``).
+fn choose<T: Copy>(
+    key: &str,
+    given: &Option<Spanned<String>>,
+    choices: &[(&str, T)],
+    default: T,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> T {
+    let Some(given) = given else {
+        return default;
+    };
+    if let Some((_, value)) = choices.iter().find(|(name, _)| *name == given.value) {
+        return *value;
+    }
+    let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+    let (last, rest) = names.split_last().expect("choices are given");
+    let listed = if rest.is_empty() {
+        last.to_string()
+    } else {
+        format!("{} or {last}", rest.join(", "))
+    };
+    errors.push(Diagnostic::at_location(
+        source,
+        given.referenced,
+        format!("{key} must be {listed}, not `{}`", given.value),
+    ));
+    default
+}
+
 fn seconds(
     value: &Option<Spanned<u64>>,
     key: &str,

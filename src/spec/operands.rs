@@ -290,23 +290,19 @@ pub(super) fn resolve_validator(
         }
         None => "gpuprov".to_string(),
     };
-    let mode = match raw.mode.as_ref() {
-        None => ValidatorMode::Auto,
-        Some(mode) => match mode.value.as_str() {
-            "auto" => ValidatorMode::Auto,
-            "pod" => ValidatorMode::Pod,
-            "cri" => ValidatorMode::Cri,
-            "host" => ValidatorMode::Host,
-            other => {
-                errors.push(Diagnostic::at_location(
-                    source,
-                    mode.referenced,
-                    format!("validator.mode must be auto, pod, cri or host, not `{other}`"),
-                ));
-                ValidatorMode::Auto
-            }
-        },
-    };
+    let mode = choose(
+        "validator.mode",
+        &raw.mode,
+        &[
+            ("auto", ValidatorMode::Auto),
+            ("pod", ValidatorMode::Pod),
+            ("cri", ValidatorMode::Cri),
+            ("host", ValidatorMode::Host),
+        ],
+        ValidatorMode::Auto,
+        source,
+        errors,
+    );
     let command = raw.command.as_ref().map(|command| {
         if command.value.is_empty() || command.value.iter().any(|arg| arg.contains('\0')) {
             errors.push(Diagnostic::at_location(
@@ -334,22 +330,18 @@ pub(super) fn resolve_operands(
     source: &Source,
     errors: &mut Vec<Diagnostic>,
 ) -> OperandsSpec {
-    let deploy = match raw.deploy.as_ref() {
-        None => OperandDeploy::Auto,
-        Some(d) => match d.value.as_str() {
-            "auto" => OperandDeploy::Auto,
-            "labels" => OperandDeploy::Labels,
-            "staticPods" => OperandDeploy::StaticPods,
-            other => {
-                errors.push(Diagnostic::at_location(
-                    source,
-                    d.referenced,
-                    format!("operands.deploy must be auto, labels or staticPods, not `{other}`"),
-                ));
-                OperandDeploy::Auto
-            }
-        },
-    };
+    let deploy = choose(
+        "operands.deploy",
+        &raw.deploy,
+        &[
+            ("auto", OperandDeploy::Auto),
+            ("labels", OperandDeploy::Labels),
+            ("staticPods", OperandDeploy::StaticPods),
+        ],
+        OperandDeploy::Auto,
+        source,
+        errors,
+    );
     let static_pod_dir = match &raw.static_pod_dir {
         Some(dir) => {
             if let Err(why) = check_host_path(&dir.value) {
