@@ -279,6 +279,7 @@ fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
     let static_pods_removed = crate::operands::static_pod::remove_ours(&inputs.host, &inputs.spec)?;
     inputs.host.remove(crate::operands::validate::MARKER)?;
     inputs.host.remove(crate::operands::validate::RUNTIME_RAN)?;
+    inputs.host.remove(crate::operands::validate::cri::MARKER)?;
     inputs
         .host
         .remove(crate::containerd::effective::VIEW_CHECKED)?;

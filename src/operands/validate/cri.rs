@@ -184,29 +184,33 @@ pub fn run(host: &Host, validation: &CriValidation) -> Result<(), String> {
         .map_err(|e| format!("cannot start the CRI client's runtime: {e}"))?;
     let timeout = Duration::from_secs(validation.timeout_seconds);
     let started = Instant::now();
+    let timed_out = || {
+        format!(
+            "the validation through containerd's CRI did not finish within {}s (validator.timeoutSeconds)",
+            timeout.as_secs()
+        )
+    };
     let result = runtime.block_on(async {
-        let mut cri = Cri::connect(socket, &validation.socket)
+        // A containerd that accepts but never answers is bounded too.
+        let mut cri = tokio::time::timeout(timeout, Cri::connect(socket, &validation.socket))
             .await
+            .map_err(|_| timed_out())?
             .map_err(|e| error_chain(&e))?;
-        let ran = tokio::time::timeout(
-            timeout,
-            validate(&mut cri, validation, &run_id, &log_dir),
+        let left = timeout.saturating_sub(started.elapsed());
+        let ran = tokio::time::timeout(left, validate(&mut cri, validation, &run_id, &log_dir))
+            .await
+            .unwrap_or_else(|_| Err(timed_out()));
+        let cleaned = tokio::time::timeout(
+            CLEANUP_TIMEOUT,
+            remove_sandboxes(&mut cri, RUN_LABEL, &run_id),
         )
         .await
         .unwrap_or_else(|_| {
             Err(format!(
-                "the validation through containerd's CRI did not finish within {}s (validator.timeoutSeconds)",
-                timeout.as_secs()
+                "removing the validation sandbox did not finish within {}s",
+                CLEANUP_TIMEOUT.as_secs()
             ))
         });
-        let cleaned = tokio::time::timeout(CLEANUP_TIMEOUT, remove_sandboxes(&mut cri, RUN_LABEL, &run_id))
-            .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "removing the validation sandbox did not finish within {}s",
-                    CLEANUP_TIMEOUT.as_secs()
-                ))
-            });
         match (ran, cleaned) {
             (Ok(ran), Ok(())) => Ok(ran),
             (Err(e), Ok(())) => Err(e),
