@@ -46,6 +46,8 @@ fn gfd_labels(labels: &BTreeMap<String, String>) -> String {
                 && !k.contains("deploy")
                 || k.starts_with("nvidia.com/cuda.")
                 || k.starts_with("nvidia.com/mig.")
+                || k.starts_with("nvidia.com/mps.")
+                || k.starts_with("nvidia.com/vgpu.")
         })
         .map(|(k, v)| format!("{k}={v}\n"))
         .collect()
@@ -65,6 +67,38 @@ fn builtin_gfd_labels_for_each_fixture() {
         assert_eq!(steps(&report)["gpu-feature-discovery"].1, "ready");
         insta::assert_snapshot!(format!("gfd-{host_name}-{fixture}"), gfd_labels(&labels));
     }
+}
+
+#[test]
+fn a_vgpu_guest_is_labelled_with_its_host_driver() {
+    let host = copy_host("a100-preinstalled");
+    // The GPU's PCI config space as a VM sees a vGPU: a capability list
+    // (status bit 4, first capability at 0x60) holding NVIDIA's
+    // vendor-specific capability, "VF", then the host driver record.
+    let mut config = vec![0u8; 256];
+    config[0x06] = 0x10;
+    config[0x34] = 0x60;
+    let capability: Vec<u8> = [0x09, 0x00, 32, b'V', b'F', 0x00, 0x00]
+        .into_iter()
+        .chain(*b"550.54.15\0r550_00\0\0\0")
+        .collect();
+    config[0x60..0x60 + capability.len()].copy_from_slice(&capability);
+    std::fs::write(
+        host.path().join("sys/bus/pci/devices/0000:00:05.0/config"),
+        &config,
+    )
+    .unwrap();
+    let (code, labels, report) = apply(host.path(), "a100-mig.yaml");
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(labels["nvidia.com/vgpu.present"], "true");
+    assert_eq!(labels["nvidia.com/vgpu.host-driver-version"], "550.54.15");
+    assert_eq!(labels["nvidia.com/vgpu.host-driver-branch"], "r550_00");
+
+    // A bare-metal GPU: no such capability.
+    let host = copy_host("a100-preinstalled");
+    let (_, labels, _) = apply(host.path(), "a100-mig.yaml");
+    assert_eq!(labels["nvidia.com/vgpu.present"], "false");
+    assert!(!labels.contains_key("nvidia.com/vgpu.host-driver-version"));
 }
 
 #[test]

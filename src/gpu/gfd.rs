@@ -91,21 +91,48 @@ pub fn labels(
         put("gpu.compute.major", major.to_string());
         put("gpu.compute.minor", minor.to_string());
     }
+    // GFD's version labels, each in its long and its short form; a
+    // version without a third part has an empty revision.
     let driver: Vec<&str> = inventory.driver_version.split('.').collect();
+    let part = |parts: &[&str], i: usize| label_value(parts.get(i).copied().unwrap_or(""));
     put(
         "cuda.driver-version.full",
         label_value(&inventory.driver_version),
     );
-    for (key, part) in ["major", "minor", "revision"].iter().zip(&driver) {
-        put(&format!("cuda.driver-version.{key}"), label_value(part));
+    for (i, (long, short)) in [("major", "major"), ("minor", "minor"), ("revision", "rev")]
+        .into_iter()
+        .enumerate()
+    {
+        put(&format!("cuda.driver-version.{long}"), part(&driver, i));
+        put(&format!("cuda.driver.{short}"), part(&driver, i));
     }
     let cuda: Vec<&str> = inventory.cuda_driver_version.split('.').collect();
     put(
         "cuda.runtime-version.full",
         label_value(&inventory.cuda_driver_version),
     );
-    for (key, part) in ["major", "minor"].iter().zip(&cuda) {
-        put(&format!("cuda.runtime-version.{key}"), label_value(part));
+    for (i, key) in ["major", "minor"].into_iter().enumerate() {
+        put(&format!("cuda.runtime-version.{key}"), part(&cuda, i));
+        put(&format!("cuda.runtime.{key}"), part(&cuda, i));
+    }
+    // No sharing configured: one replica per GPU, as GFD labels a device
+    // plugin config without time-slicing or MPS.
+    if !inventory.devices.is_empty() {
+        put("gpu.replicas", "1".to_string());
+        put("gpu.sharing-strategy", "none".to_string());
+    }
+    put("mps.capable", "false".to_string());
+    let vgpus: Vec<&super::pci::VgpuInfo> = pci.iter().filter_map(|f| f.vgpu.as_ref()).collect();
+    put("vgpu.present", (!vgpus.is_empty()).to_string());
+    if let Some(vgpu) = vgpus.last() {
+        put(
+            "vgpu.host-driver-version",
+            label_value(&vgpu.host_driver_version),
+        );
+        put(
+            "vgpu.host-driver-branch",
+            label_value(&vgpu.host_driver_branch),
+        );
     }
     if let Some(machine) = machine.map(label_value).filter(|m| !m.is_empty()) {
         put("gpu.machine", machine);
