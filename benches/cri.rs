@@ -16,8 +16,7 @@ use support::cri_node::Node;
 const COMMAND: &str = "  command: [\"/bin/sh\", \"-c\", \"echo GPU 0: benchmark\"]\n";
 
 fn main() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("cri: skipped, containerd needs root");
+    if !support::as_root("containerd needs root") {
         return;
     }
     let node = Node::start(true);

@@ -20,6 +20,9 @@ trap 'rm -f "$out"' EXIT
     echo
     echo "== benches/syscalls.sh"
     benches/syscalls.sh
+    echo
+    echo "== benches/image_memory.sh"
+    cargo build --locked --release --quiet && scripts/image >/dev/null && benches/image_memory.sh
 } | tee "$out"
 echo
 echo "== targets"

@@ -100,9 +100,7 @@ impl StepReport {
             ..StepReport::without_observation(state, action, outcome, String::new(), gate)
         }
     }
-}
 
-impl StepReport {
     /// Whether this step keeps the node from being ready: it failed, is
     /// blocked, owes a reboot, or waits as a required (not optional) step.
     pub fn holds_readiness(&self) -> bool {

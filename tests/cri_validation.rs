@@ -6,17 +6,9 @@ mod support;
 
 use support::cri_node::Node;
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
-    false
-}
-
 #[test]
 fn validator_runs_a_container_through_the_runtime_handler_without_an_api_server() {
-    if !is_root() {
+    if !support::as_root("containerd needs root") {
         return;
     }
     let node = Node::start(true);
@@ -103,7 +95,7 @@ fn validator_runs_a_container_through_the_runtime_handler_without_an_api_server(
 
 #[test]
 fn a_sandbox_left_by_a_killed_run_is_removed_by_the_next() {
-    if !is_root() {
+    if !support::as_root("containerd needs root") {
         return;
     }
     let node = Node::start(true);
@@ -144,7 +136,7 @@ fn a_sandbox_left_by_a_killed_run_is_removed_by_the_next() {
 
 #[test]
 fn a_runtime_binary_containerd_cannot_find_fails_with_containerds_error() {
-    if !is_root() {
+    if !support::as_root("containerd needs root") {
         return;
     }
     let node = Node::start(false);

@@ -9,8 +9,7 @@ use support::{apply_config, install_shell, steps, write_spec};
 
 #[test]
 fn chroot_mode_runs_exec_states_inside_the_host_root() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: chroot needs root (CI and scripts/test run as root)");
+    if !support::as_root("chroot needs root") {
         return;
     }
     let host = tempfile::tempdir().unwrap();

@@ -354,8 +354,7 @@ fn runc_run(image: &Image, args: &[&str]) -> String {
 
 #[test]
 fn runc_runs_the_images_plan_on_a_fixture_host_at_host() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: runc needs root (CI and scripts/test run as root)");
+    if !support::as_root("runc needs root") {
         return;
     }
     let image = Image::read(&built().0.path);
@@ -388,8 +387,7 @@ fn runc_runs_the_images_plan_on_a_fixture_host_at_host() {
 
 #[test]
 fn containerd_imports_the_archive_and_runs_it() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
+    if !support::as_root("containerd needs root") {
         return;
     }
     let built = &built().0;

@@ -121,8 +121,7 @@ fn gpuprov_beside(standin: &StandIn, wrapper: &[&str], args: &[&str]) -> std::pr
 
 #[test]
 fn host_commands_run_in_pid_1s_namespaces_and_root() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: namespaces need root (CI and scripts/test run as root)");
+    if !support::as_root("namespaces need root") {
         return;
     }
     let host = standin_root();
@@ -189,8 +188,7 @@ fn host_commands_run_in_pid_1s_namespaces_and_root() {
 
 #[test]
 fn a_failure_to_join_names_the_namespace_and_the_cause() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: namespaces need root (CI and scripts/test run as root)");
+    if !support::as_root("namespaces need root") {
         return;
     }
     let host = standin_root();

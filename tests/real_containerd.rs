@@ -113,8 +113,7 @@ fn runtime_entry<'a>(line: &'a str, name: &str) -> &'a str {
 
 #[test]
 fn real_containerd_loads_every_edited_version_2_config() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
+    if !support::as_root("containerd needs root") {
         return;
     }
     let files = v2_configs();
@@ -174,8 +173,7 @@ fn real_containerd_loads_every_edited_version_2_config() {
 fn signal_mode_restarts_a_real_containerd_under_its_supervisor() {
     use gpuprov::containerd::restart::{socket_owner, wait_for_socket};
 
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
+    if !support::as_root("containerd needs root") {
         return;
     }
     let host = support::copy_host("a100-preinstalled");
@@ -245,8 +243,7 @@ fn signal_mode_restarts_a_real_containerd_under_its_supervisor() {
 fn real_containerd_loads_the_runtime_from_a_drop_in() {
     use gpuprov::containerd::config::{add_import, drop_in};
 
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
+    if !support::as_root("containerd needs root") {
         return;
     }
     for name in [
@@ -350,8 +347,7 @@ fn a_legacy_default_runtime_table_no_longer_wins_over_the_nvidia_default() {
     // table with a runtime_type the default, whatever default_runtime_name
     // says. The check catches the unedited table; gpuprov's edit empties
     // the type, and real containerd then runs pods on nvidia.
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: containerd needs root (CI and scripts/test run as root)");
+    if !support::as_root("containerd needs root") {
         return;
     }
     let original = fs::read_to_string(

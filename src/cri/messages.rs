@@ -19,14 +19,10 @@ pub struct VersionRequest {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct VersionResponse {
-    #[prost(string, tag = "1")]
-    pub version: String,
     #[prost(string, tag = "2")]
     pub runtime_name: String,
     #[prost(string, tag = "3")]
     pub runtime_version: String,
-    #[prost(string, tag = "4")]
-    pub runtime_api_version: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -69,8 +65,6 @@ pub struct LinuxSandboxSecurityContext {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LinuxPodSandboxConfig {
-    #[prost(string, tag = "1")]
-    pub cgroup_parent: String,
     #[prost(message, optional, tag = "2")]
     pub security_context: Option<LinuxSandboxSecurityContext>,
 }
@@ -79,14 +73,10 @@ pub struct LinuxPodSandboxConfig {
 pub struct PodSandboxConfig {
     #[prost(message, optional, tag = "1")]
     pub metadata: Option<PodSandboxMetadata>,
-    #[prost(string, tag = "2")]
-    pub hostname: String,
     #[prost(string, tag = "3")]
     pub log_directory: String,
     #[prost(map = "string, string", tag = "6")]
     pub labels: HashMap<String, String>,
-    #[prost(map = "string, string", tag = "7")]
-    pub annotations: HashMap<String, String>,
     #[prost(message, optional, tag = "8")]
     pub linux: Option<LinuxPodSandboxConfig>,
 }
@@ -112,7 +102,8 @@ pub struct PodSandboxIdRequest {
     pub pod_sandbox_id: String,
 }
 
-/// StopPodSandbox and RemovePodSandbox answer nothing.
+/// An answer gpuprov does not read (StopPodSandbox, RemovePodSandbox and
+/// StartContainer send none; PullImage's reference is skipped).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Empty {}
 
@@ -126,10 +117,6 @@ pub struct PodSandboxStatusRequest {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PodSandboxStatus {
-    #[prost(string, tag = "1")]
-    pub id: String,
-    #[prost(enumeration = "PodSandboxState", tag = "3")]
-    pub state: i32,
     #[prost(string, tag = "9")]
     pub runtime_handler: String,
 }
@@ -144,17 +131,8 @@ pub struct PodSandboxStatusResponse {
     pub info: HashMap<String, String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-#[repr(i32)]
-pub enum PodSandboxState {
-    SandboxReady = 0,
-    SandboxNotready = 1,
-}
-
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PodSandboxFilter {
-    #[prost(string, tag = "1")]
-    pub id: String,
     #[prost(map = "string, string", tag = "3")]
     pub label_selector: HashMap<String, String>,
 }
@@ -169,8 +147,6 @@ pub struct ListPodSandboxRequest {
 pub struct PodSandbox {
     #[prost(string, tag = "1")]
     pub id: String,
-    #[prost(map = "string, string", tag = "5")]
-    pub labels: HashMap<String, String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -209,8 +185,6 @@ pub struct ContainerConfig {
     pub image: Option<ImageSpec>,
     #[prost(string, repeated, tag = "3")]
     pub command: Vec<String>,
-    #[prost(string, repeated, tag = "4")]
-    pub args: Vec<String>,
     #[prost(message, repeated, tag = "6")]
     pub envs: Vec<KeyValue>,
     #[prost(map = "string, string", tag = "9")]
@@ -253,14 +227,8 @@ pub enum ContainerState {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ContainerStatus {
-    #[prost(string, tag = "1")]
-    pub id: String,
     #[prost(enumeration = "ContainerState", tag = "3")]
     pub state: i32,
-    #[prost(int64, tag = "5")]
-    pub started_at: i64,
-    #[prost(int64, tag = "6")]
-    pub finished_at: i64,
     #[prost(int32, tag = "7")]
     pub exit_code: i32,
     #[prost(string, tag = "10")]
@@ -300,10 +268,4 @@ pub struct PullImageRequest {
     pub image: Option<ImageSpec>,
     #[prost(message, optional, tag = "3")]
     pub sandbox_config: Option<PodSandboxConfig>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PullImageResponse {
-    #[prost(string, tag = "1")]
-    pub image_ref: String,
 }

@@ -138,7 +138,6 @@ impl Cri {
     ) -> Result<Vec<PodSandbox>, CriError> {
         let request = ListPodSandboxRequest {
             filter: Some(PodSandboxFilter {
-                id: String::new(),
                 label_selector: labels
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -210,19 +209,21 @@ impl Cri {
         Ok(response.image.is_some_and(|image| !image.id.is_empty()))
     }
 
+    /// Pulls the image into containerd (its `k8s.io` namespace).
     pub async fn pull_image(
         &mut self,
         image: &str,
         sandbox_config: PodSandboxConfig,
-    ) -> Result<String, CriError> {
+    ) -> Result<(), CriError> {
         let request = PullImageRequest {
             image: Some(ImageSpec {
                 image: image.to_string(),
             }),
             sandbox_config: Some(sandbox_config),
         };
-        let response: PullImageResponse = self.call(IMAGES, "PullImage", request).await?;
-        Ok(response.image_ref)
+        // Its answer, the image's reference, is not needed.
+        let _: Empty = self.call(IMAGES, "PullImage", request).await?;
+        Ok(())
     }
 }
 

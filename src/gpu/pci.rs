@@ -188,9 +188,9 @@ pub fn scan(host: &Host) -> Result<Vec<PciFunction>, PciError> {
             0xff_ffff,
             "a 24-bit hex class like 0x030200",
         )? as u32;
-        // Only NVIDIA's functions can be vGPUs; a config space that cannot
-        // be read (not root, not there) is not one.
-        let vgpu = if vendor == NVIDIA_VENDOR {
+        // Only NVIDIA's display functions can be vGPUs; a config space
+        // that cannot be read (not root, not there) is not one.
+        let vgpu = if vendor == NVIDIA_VENDOR && class >> 16 == 0x03 {
             host.read_bytes(&format!("{dir}/config"))
                 .ok()
                 .flatten()

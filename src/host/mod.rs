@@ -426,14 +426,9 @@ impl Host {
         Ok(self.handle(&dir_str)?.map(|dir| Parent { dir, name }))
     }
 
-    /// Makes a directory (and its missing parents) inside the root, for
-    /// something else to write into (containerd's logs of a validation).
-    pub fn make_dir(&self, host_dir: &str) -> Result<(), HostError> {
-        self.make_dirs(host_dir)
-    }
-
-    /// Makes a directory and its missing parents inside the root.
-    fn make_dirs(&self, host_dir: &str) -> Result<(), HostError> {
+    /// Makes a directory and its missing parents inside the root (also
+    /// for something else to write into: containerd's validation logs).
+    pub fn make_dirs(&self, host_dir: &str) -> Result<(), HostError> {
         let perm = std::os::unix::fs::PermissionsExt::from_mode(0o755);
         let path = relative(host_dir);
         let own = own_dir_split(&path).map(|(_, _, own)| own);

@@ -59,11 +59,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The CRI validation's observation; with `probe` (`validator.mode:
 /// auto`), `None` when containerd answers that it serves no CRI (its CRI
 /// plugin disabled, as in Docker's containerd): the host is checked then.
-pub fn observe(
-    ctx: &StepContext,
-    validated: serde_json::Value,
-    probe: bool,
-) -> Result<Option<Observation>, StepError> {
+pub fn observe(ctx: &StepContext, probe: bool) -> Result<Option<Observation>, StepError> {
     let validator = &ctx.spec.validator;
     let runtime_handler = ctx.spec.containerd.runtime_class.clone();
     let command = validator.command.clone().unwrap_or_else(|| {
@@ -72,10 +68,15 @@ pub fn observe(
             .map(|s| s.to_string())
             .collect()
     });
-    let mut validated = validated;
-    validated["socket"] = json!(ctx.spec.containerd.socket);
-    validated["runtimeHandler"] = json!(runtime_handler);
-    validated["command"] = json!(command);
+    // What a pass validated: another value means validating again.
+    let validated = json!({
+        "image": validator.image,
+        "gpus": super::super::gpu_count(ctx),
+        "driver": super::driver_version(ctx)?,
+        "socket": ctx.spec.containerd.socket,
+        "runtimeHandler": runtime_handler,
+        "command": command,
+    });
     let previous = ctx.host.read(MARKER)?;
     let passed = previous
         .as_deref()
@@ -177,7 +178,7 @@ pub fn run(host: &Host, validation: &CriValidation) -> Result<(), String> {
     );
     let log_dir = format!("{LOG_DIR}/{run_id}");
     let log_file = format!("{log_dir}/{LOG_FILE}");
-    host.make_dir(&log_dir).map_err(|e| error_chain(&e))?;
+    host.make_dirs(&log_dir).map_err(|e| error_chain(&e))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -260,12 +261,10 @@ fn sandbox_config(validation: &CriValidation, run_id: &str, log_dir: &str) -> Po
             namespace: validation.namespace.clone(),
             attempt: 0,
         }),
-        hostname: String::new(),
         log_directory: log_dir.to_string(),
         labels,
-        annotations: Default::default(),
+        // No cgroup parent: containerd's default.
         linux: Some(LinuxPodSandboxConfig {
-            cgroup_parent: String::new(),
             // The node's network: no CNI is needed, and none may be there
             // yet in a bootstrap image.
             security_context: Some(LinuxSandboxSecurityContext {
@@ -334,7 +333,6 @@ async fn validate(
             image: validation.image.clone(),
         }),
         command: validation.command.clone(),
-        args: Vec::new(),
         // What the device plugin would hand a pod asking for every GPU;
         // `utility` brings nvidia-smi.
         envs: [

@@ -54,7 +54,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
 }
 
 fn cri_or_host(ctx: &StepContext, probe: bool) -> Result<Observation, StepError> {
-    match cri::observe(ctx, validated(ctx)?, probe)? {
+    match cri::observe(ctx, probe)? {
         Some(obs) => Ok(obs),
         None => host_checks(
             ctx,
@@ -66,17 +66,11 @@ fn cri_or_host(ctx: &StepContext, probe: bool) -> Result<Observation, StepError>
     }
 }
 
-/// What a pass validated: another value means validating again.
-fn validated(ctx: &StepContext) -> Result<serde_json::Value, StepError> {
-    let validator = &ctx.spec.validator;
-    let driver = crate::driver::detect::detect(ctx.host)
+/// The loaded driver's version, part of what a pass validated.
+fn driver_version(ctx: &StepContext) -> Result<Option<String>, StepError> {
+    Ok(crate::driver::detect::detect(ctx.host)
         .map_err(|e| StepError::Observe(error_chain(&e)))?
-        .map(|d| d.version);
-    Ok(json!({
-        "image": validator.image,
-        "gpus": super::gpu_count(ctx),
-        "driver": driver,
-    }))
+        .map(|d| d.version))
 }
 
 /// The runtime class the validation pod names: none when nvidia is the default.
@@ -94,13 +88,12 @@ fn pod_name(node: &str) -> String {
 
 fn observe_pod(ctx: &StepContext, cluster: &Cluster) -> Result<Observation, StepError> {
     let validator = &ctx.spec.validator;
-    let common = validated(ctx)?;
     let validated = json!({
         "node": cluster.node,
-        "image": common["image"],
+        "image": validator.image,
         "runtimeClass": runtime_class(ctx),
-        "gpus": common["gpus"],
-        "driver": common["driver"],
+        "gpus": super::gpu_count(ctx),
+        "driver": driver_version(ctx)?,
     });
     let record = serde_json::to_string_pretty(&validated).expect("serializes") + "\n";
     let previous = ctx.host.read(MARKER)?;
