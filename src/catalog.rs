@@ -33,6 +33,7 @@ pub const BUILTIN_STATES: &[(&str, &str)] = &[
         "states/40-gpu-health.yaml",
         include_str!("../states/40-gpu-health.yaml"),
     ),
+    ("states/45-mig.yaml", include_str!("../states/45-mig.yaml")),
     (
         "states/50-gpu-feature-discovery.yaml",
         include_str!("../states/50-gpu-feature-discovery.yaml"),
@@ -76,6 +77,7 @@ pub enum Handler {
     ContainerToolkit,
     ContainerdRuntime,
     GpuHealth,
+    Mig,
     GpuFeatureDiscovery,
     DevicePlugin,
     DcgmExporter,
@@ -90,6 +92,7 @@ impl Handler {
         ("container-toolkit", Handler::ContainerToolkit),
         ("containerd-runtime", Handler::ContainerdRuntime),
         ("gpu-health", Handler::GpuHealth),
+        ("mig", Handler::Mig),
         ("gpu-feature-discovery", Handler::GpuFeatureDiscovery),
         ("device-plugin", Handler::DevicePlugin),
         ("dcgm-exporter", Handler::DcgmExporter),

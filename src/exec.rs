@@ -106,6 +106,10 @@ impl Executor<'_> {
                     let mut failed = Observation::new(Outcome::Failed, reason);
                     failed.commands = commands;
                     failed.changes = obs.changes.clone();
+                    if let Some(on_failure) = &obs.on_failure {
+                        failed.labels = on_failure.labels.clone();
+                        failed.gate = Some(on_failure.gate.clone());
+                    }
                     return StepReport::from_observation(
                         state,
                         Action::Fail,
@@ -128,7 +132,11 @@ impl Executor<'_> {
             Ok(after) if after.changes.is_empty() && after.outcome == Outcome::Pending => {
                 (Action::Wait, Outcome::Pending, after)
             }
-            Ok(after) => {
+            Ok(mut after) => {
+                if let Some(on_failure) = after.on_failure.clone().or(obs.on_failure.clone()) {
+                    after.labels = on_failure.labels;
+                    after.gate = Some(on_failure.gate);
+                }
                 let still: Vec<String> = after.changes.iter().map(Change::summary).collect();
                 let reason = if still.is_empty() {
                     after.reason.clone()
@@ -428,6 +436,7 @@ fn make_change(
             )
         }
         Change::CriValidation(validation) => operands::validate::cri::run(host, validation),
+        Change::MigLayout(layout) => crate::mig::apply::run(cluster, layout),
         Change::Fetch {
             artifact,
             timeout_seconds,

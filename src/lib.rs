@@ -28,6 +28,7 @@ pub mod interrupt;
 pub mod kube;
 pub mod label_syntax;
 pub mod labels;
+pub mod mig;
 pub mod operands;
 pub mod plan;
 pub mod readiness;

@@ -6,7 +6,7 @@
 
 use crate::catalog::Handler;
 use crate::step::{Change, Observation, StepContext, StepError};
-use crate::{containerd, driver, exec_state, gpu, operands, toolkit};
+use crate::{containerd, driver, exec_state, gpu, mig, operands, toolkit};
 
 type Observe = fn(&StepContext) -> Result<Observation, StepError>;
 type Withdraw = fn(&StepContext) -> Result<Vec<Change>, StepError>;
@@ -33,6 +33,7 @@ pub fn capability(handler: Handler) -> Capability {
         Handler::ContainerToolkit => (toolkit::observe, leave_as_is),
         Handler::ContainerdRuntime => (containerd::observe, leave_as_is),
         Handler::GpuHealth => (gpu::gfd::observe_health, leave_as_is),
+        Handler::Mig => (mig::observe, leave_as_is),
         Handler::GpuFeatureDiscovery => (gpu::gfd::observe, |ctx| {
             operands::withdraw(ctx, Operand::GpuFeatureDiscovery)
         }),

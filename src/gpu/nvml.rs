@@ -101,8 +101,9 @@ pub fn find_library(host: &Host, explicit: Option<&Path>) -> Result<PathBuf, Nvm
         .ok_or(NvmlProblem::LibraryNotFound)
 }
 
-/// Everything NVML reports about the node's GPUs.
-pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
+/// NVML loaded from `library` and initialised: a regular file, and a
+/// library whose loading does not panic nvml-wrapper.
+pub fn open(library: &Path) -> Result<Nvml, NvmlProblem> {
     let shown = library.display().to_string();
     match std::fs::metadata(library) {
         Ok(meta) if meta.is_file() => {}
@@ -121,13 +122,20 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
     }
     // nvml-wrapper loads every symbol lazily and panics when a function the
     // library lacks is called; an older driver's or a broken install's
-    // library is checked here first, and nothing it lacks is called.
-    let nvml = std::panic::catch_unwind(|| init(library)).unwrap_or_else(|_| {
+    // library is checked by the callers first, and nothing it lacks is
+    // called.
+    std::panic::catch_unwind(|| init(library)).unwrap_or_else(|_| {
         Err(NvmlProblem::LibraryUnusable {
             library: shown.clone(),
             reason: "nvml-wrapper panicked while loading it".to_string(),
         })
-    })?;
+    })
+}
+
+/// Everything NVML reports about the node's GPUs.
+pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
+    let shown = library.display().to_string();
+    let nvml = open(library)?;
     let lib = nvml.lib();
     let missing: Vec<&str> = [
         ("nvmlShutdown", lib.nvmlShutdown.is_ok()),
@@ -302,7 +310,7 @@ fn init(library: &Path) -> Result<Nvml, NvmlProblem> {
         })
 }
 
-fn unknown(what: &str, e: NvmlError) -> NvmlProblem {
+pub fn unknown(what: &str, e: NvmlError) -> NvmlProblem {
     NvmlProblem::Unknown {
         what: what.to_string(),
         reason: e.to_string(),

@@ -51,6 +51,22 @@ impl Operand {
         format!("nvidia.com/gpu.deploy.{}", self.name())
     }
 
+    /// Labels its pods carry, ours (`deploy/operands`) and the GPU
+    /// Operator's: any one marks a pod as this operand's.
+    pub fn pod_labels(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Operand::DevicePlugin => &[
+                ("app.kubernetes.io/name", "nvidia-device-plugin"),
+                ("app", "nvidia-device-plugin-daemonset"),
+            ],
+            Operand::DcgmExporter => &[("app", "nvidia-dcgm-exporter")],
+            Operand::GpuFeatureDiscovery => &[
+                ("app.kubernetes.io/name", "gpu-feature-discovery"),
+                ("app", "gpu-feature-discovery"),
+            ],
+        }
+    }
+
     pub fn spec(self, spec: &Spec) -> &OperandSpec {
         match self {
             Operand::DevicePlugin => &spec.device_plugin,

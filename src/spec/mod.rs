@@ -18,6 +18,7 @@ use crate::diagnostic::{Diagnostic, Diagnostics, Source, nearest};
 
 mod containerd;
 mod driver;
+mod mig;
 mod operands;
 mod readiness;
 mod states;
@@ -25,6 +26,7 @@ mod toolkit;
 
 pub use containerd::*;
 pub use driver::*;
+pub use mig::*;
 pub use operands::*;
 pub use readiness::*;
 pub use states::*;
@@ -78,6 +80,8 @@ struct RawSpec {
     operands: RawOperands,
     #[serde(default)]
     readiness: readiness::RawReadiness,
+    #[serde(default)]
+    mig: mig::RawMig,
     #[serde(default)]
     states: Vec<RawUserState>,
 }
@@ -144,6 +148,7 @@ pub struct Spec {
     pub validator: ValidatorSpec,
     pub operands: OperandsSpec,
     pub readiness: ReadinessSpec,
+    pub mig: MigSpec,
     /// The user's own states, in document order, checked (the catalogue
     /// makes them states: `Catalog::with_user_states`).
     #[serde(skip)]
@@ -255,6 +260,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
     let containerd = resolve_containerd(&raw.containerd, &raw.toolkit.env, source, &mut errors);
     let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
     let readiness = readiness::resolve_readiness(&raw.readiness, source, &mut errors);
+    let mig = mig::resolve_mig(&raw.mig, source, &mut errors);
 
     let states = resolve_states(raw.states, source, &mut errors);
     let shared_source = Arc::new(source.clone());
@@ -274,6 +280,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         validator,
         operands,
         readiness,
+        mig,
         states,
         states_source: shared_source,
     })
