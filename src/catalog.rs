@@ -415,6 +415,7 @@ mod tests {
                 "container-toolkit",
                 "containerd-runtime",
                 "gpu-health",
+                "mig",
                 "gpu-feature-discovery",
                 "device-plugin",
                 "dcgm-exporter",

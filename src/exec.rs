@@ -325,7 +325,7 @@ fn failed_report(state: &StateDef, e: &StepError) -> StepReport {
 fn action_for(obs: &Observation) -> Action {
     let harmless = match &obs.gate {
         Some(Gate::Disable(_)) => true,
-        Some(Gate::Pass) => obs.outcome != Outcome::Degraded,
+        Some(Gate::Pass) => !matches!(obs.outcome, Outcome::Degraded | Outcome::Failed),
         _ => false,
     };
     if obs.outcome.lets_dependents_run() || harmless {

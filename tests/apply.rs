@@ -86,6 +86,7 @@ fn apply_converges_site_states_and_publishes_labels_for_nfd() {
          gpuprov.io/gpu-clocks-report=configured\n\
          gpuprov.io/gpu-feature-discovery=absent\n\
          gpuprov.io/gpu-health=absent\n\
+         gpuprov.io/mig=disabled\n\
          gpuprov.io/persistence-mode=configured\n\
          gpuprov.io/validator=ready\n\
          nvidia.com/gpu.deploy.driver=pre-installed\n\
@@ -408,6 +409,7 @@ fn labels_sink_stdout_prints_labels_and_writes_no_feature_file() {
          gpuprov.io/driver=preinstalled\n\
          gpuprov.io/gpu-feature-discovery=absent\n\
          gpuprov.io/gpu-health=absent\n\
+         gpuprov.io/mig=disabled\n\
          gpuprov.io/validator=ready\n\
          nvidia.com/gpu.deploy.driver=pre-installed\n\
          nvidia.com/gpu.present=true\n"
@@ -473,6 +475,7 @@ fn states_dir_overrides_a_builtin_in_place_and_adds_new_states() {
             "container-toolkit",
             "containerd-runtime",
             "gpu-health",
+            "mig",
             "gpu-feature-discovery",
             "device-plugin",
             "dcgm-exporter",
