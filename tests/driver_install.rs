@@ -125,13 +125,7 @@ fn plan_names_the_artifact_the_cache_and_the_command() {
         &sha(&installer()),
         "",
     );
-    let output = support::gpuprov()
-        .args(["plan", "--host-exec", "prefix", "--config"])
-        .arg(&spec)
-        .arg("--host-root")
-        .arg(host.path())
-        .output()
-        .unwrap();
+    let output = support::run_on("plan", host.path(), &spec);
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         text.contains(&format!(

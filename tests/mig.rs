@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use support::fake_api::FakeApi;
-use support::{copy_host, fake_nvml_library, gpuprov_with_fake_nvml, repo, steps, write_spec};
+use support::{copy_host, fake_nvml_library, repo, steps, write_spec};
 
 const NODE: &str = "gpu-node-1";
 
@@ -46,19 +46,26 @@ impl Node {
         self.host.path()
     }
 
-    /// `apply --output json` with `spec`; the exit code and the report.
-    fn apply(&self, spec: &str, fake: Option<&FakeApi>, extra: &[&str]) -> (i32, Value) {
+    /// `gpuprov <command>` on this node, NVML answered by its fake.
+    fn command(&self, command: &str, spec: &str) -> assert_cmd::Command {
         let spec = write_spec(self.path(), "mig-spec.yaml", spec);
-        let mut cmd = gpuprov_with_fake_nvml("h100x8.yaml");
+        let mut cmd = support::gpuprov();
         cmd.env("GPUPROV_FAKE_NVML", &self.fixture)
             .env("GPUPROV_FAKE_NVML_STATE", &self.state)
-            .args(["apply", "--output", "json", "--host-exec", "prefix"])
+            .args([command, "--host-exec", "prefix"])
             .arg("--nvml-lib")
             .arg(fake_nvml_library())
             .arg("--host-root")
             .arg(self.path())
             .arg("--config")
             .arg(&spec);
+        cmd
+    }
+
+    /// `apply --output json` with `spec`; the exit code and the report.
+    fn apply(&self, spec: &str, fake: Option<&FakeApi>, extra: &[&str]) -> (i32, Value) {
+        let mut cmd = self.command("apply", spec);
+        cmd.args(["--output", "json"]);
         match fake {
             Some(fake) => {
                 cmd.args(["--node-name", NODE])
@@ -166,21 +173,9 @@ fn the_plan_shows_per_gpu_what_is_destroyed_and_created() {
         None,
         &["--node-labels", "nvidia.com/mig.config=all-1g.5gb"],
     );
-    let output = gpuprov_with_fake_nvml("a100-mig.yaml")
-        .env("GPUPROV_FAKE_NVML", &node.fixture)
-        .env("GPUPROV_FAKE_NVML_STATE", &node.state)
-        .args(["plan", "--host-exec", "prefix", "--node-labels"])
-        .arg("nvidia.com/mig.config=all-balanced")
-        .arg("--nvml-lib")
-        .arg(fake_nvml_library())
-        .arg("--host-root")
-        .arg(node.path())
-        .arg("--config")
-        .arg(write_spec(
-            node.path(),
-            "s.yaml",
-            &layouts_spec("all-disabled"),
-        ))
+    let output = node
+        .command("plan", &layouts_spec("all-disabled"))
+        .args(["--node-labels", "nvidia.com/mig.config=all-balanced"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
@@ -246,24 +241,13 @@ fn a_failure_mid_apply_ends_failed_with_the_operands_restored() {
         steps["device-plugin"]
     );
     // The next run, without the failure, applies the layout.
-    let node_ok = Node {
-        fixture: {
-            let path = node.path().join("fake-nvml-ok.yaml");
-            let text = fs::read_to_string(&node.fixture).unwrap();
-            fs::write(
-                &path,
-                text.replace(
-                    "    failOnCall: {nvmlDeviceCreateGpuInstanceWithPlacement: [3, 999]}\n",
-                    "",
-                ),
-            )
-            .unwrap();
-            path
-        },
-        state: node.state.clone(),
-        host: node.host,
-    };
-    let (_, report) = node_ok.apply("", Some(&fake), &[]);
+    let fixture = fs::read_to_string(&node.fixture).unwrap();
+    fs::write(
+        &node.fixture,
+        fixture.replace("    failOnCall:", "    # failOnCall:"),
+    )
+    .unwrap();
+    let (_, report) = node.apply("", Some(&fake), &[]);
     let (_, outcome, reason) = mig(&report);
     assert_eq!(outcome, "ready", "{reason}");
     assert_eq!(fake.labels(NODE)["nvidia.com/mig.config.state"], "success");
@@ -378,13 +362,7 @@ fn bad_mig_parted_documents_are_refused_with_their_place() {
         ),
     ] {
         let spec = write_spec(host.path(), "bad.yaml", yaml);
-        let output = support::gpuprov()
-            .args(["plan", "--host-exec", "prefix", "--config"])
-            .arg(&spec)
-            .arg("--host-root")
-            .arg(host.path())
-            .output()
-            .unwrap();
+        let output = support::run_on("plan", host.path(), &spec);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{yaml}\n{stderr}");
         assert!(stderr.contains(wanted), "wanted {wanted:?} in:\n{stderr}");

@@ -455,13 +455,7 @@ fn without_an_api_server_static_pods_are_written_from_the_spec_and_removed_when_
     // Back in, then `gpuprov revert` takes them away again.
     assert_eq!(apply(None, host.path(), Some(&spec), &[]).0, 0);
     assert_eq!(fs::read_dir(host.path().join(dir)).unwrap().count(), 3);
-    let output = support::gpuprov()
-        .args(["revert", "--host-exec", "prefix", "--config"])
-        .arg(&spec)
-        .arg("--host-root")
-        .arg(host.path())
-        .output()
-        .unwrap();
+    let output = support::run_on("revert", host.path(), &spec);
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -566,6 +560,7 @@ fn scenario_default() {
             ("gpuprov.io/driver", "preinstalled"),
             ("gpuprov.io/gpu-feature-discovery", "ready"),
             ("gpuprov.io/gpu-health", "ready"),
+            ("gpuprov.io/mig", "disabled"),
             ("gpuprov.io/validator", "ready"),
             ("nvidia.com/gpu.deploy.dcgm-exporter", "true"),
             ("nvidia.com/gpu.deploy.device-plugin", "true"),

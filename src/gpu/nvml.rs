@@ -124,12 +124,22 @@ pub fn open(library: &Path) -> Result<Nvml, NvmlProblem> {
     // library lacks is called; an older driver's or a broken install's
     // library is checked by the callers first, and nothing it lacks is
     // called.
-    std::panic::catch_unwind(|| init(library)).unwrap_or_else(|_| {
+    let nvml = std::panic::catch_unwind(|| init(library)).unwrap_or_else(|_| {
         Err(NvmlProblem::LibraryUnusable {
             library: shown.clone(),
             reason: "nvml-wrapper panicked while loading it".to_string(),
         })
-    })
+    })?;
+    if nvml.lib().nvmlShutdown.is_err() {
+        // Dropping it would call the missing nvmlShutdown, and panic.
+        std::mem::forget(nvml);
+        return Err(NvmlProblem::LibraryUnusable {
+            library: shown,
+            reason: "it lacks nvmlShutdown (an older driver's library, or a broken install)"
+                .to_string(),
+        });
+    }
+    Ok(nvml)
 }
 
 /// Everything NVML reports about the node's GPUs.
@@ -138,7 +148,6 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
     let nvml = open(library)?;
     let lib = nvml.lib();
     let missing: Vec<&str> = [
-        ("nvmlShutdown", lib.nvmlShutdown.is_ok()),
         (
             "nvmlSystemGetDriverVersion",
             lib.nvmlSystemGetDriverVersion.is_ok(),
@@ -173,11 +182,6 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
     .map(|(name, _)| name)
     .collect();
     if !missing.is_empty() {
-        let shutdown_missing = lib.nvmlShutdown.is_err();
-        if shutdown_missing {
-            // Dropping it would call the missing nvmlShutdown.
-            std::mem::forget(nvml);
-        }
         return Err(NvmlProblem::LibraryUnusable {
             library: shown,
             reason: format!(
@@ -262,7 +266,7 @@ fn cuda_driver_version(nvml: &Nvml) -> Result<i32, NvmlError> {
 
 /// A GPU's total memory in bytes: `_v2` where the library has it, the
 /// first version (drivers before R510) otherwise.
-fn memory_total(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Result<u64, NvmlError> {
+pub fn memory_total(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Result<u64, NvmlError> {
     if nvml.lib().nvmlDeviceGetMemoryInfo_v2.is_ok() {
         return device.memory_info().map(|m| m.total);
     }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::nvml::{self, Session};
+use super::nvml::{Activation, Session};
 use super::{PAUSED, STATE_LABEL};
 use crate::kube::Cluster;
 use crate::operands::Operand;
@@ -124,18 +124,17 @@ fn wait_for_clients(
 /// The layout through NVML, GPU by GPU: instances destroyed, the mode set,
 /// instances created where NVML's placements fit them.
 fn apply_layout(layout: &MigLayout) -> Result<(), String> {
-    let library = Path::new(&layout.library);
-    let session = Session::open(library).map_err(|e| e.to_string())?;
+    let session = Session::open(Path::new(&layout.library)).map_err(|e| e.to_string())?;
     for change in &layout.gpus {
         let index = change.index;
-        let gpu = read_gpu(library, index)?;
         let fail = |what: &str| {
             let what = format!("GPU {index} ({}): {what}", change.name);
             move |e: nvml_wrapper::error::NvmlError| format!("{what}: {e}")
         };
-        if gpu.current && (!gpu.instances.is_empty()) {
+        let gpu = session.gpu(index).map_err(|e| e.to_string())?;
+        if !gpu.instances.is_empty() {
             session
-                .destroy_all(index, &gpu.profiles)
+                .destroy_all(&gpu)
                 .map_err(fail("destroying its MIG devices"))?;
         }
         if let Some(enabled) = change.set_mode {
@@ -144,20 +143,20 @@ fn apply_layout(layout: &MigLayout) -> Result<(), String> {
                 .set_mode(index, enabled)
                 .map_err(fail(&format!("{verb} MIG")))?
             {
-                Ok(()) => {}
+                Activation::Applied => {}
                 // The mode waits for a GPU reset: the state reports
                 // `reboot-required` once it looks again.
-                Err(status) => {
-                    tracing::warn!(gpu = index, "{verb} MIG is pending a GPU reset: {status}");
+                Activation::Pending(why) => {
+                    tracing::warn!(gpu = index, "{verb} MIG is pending a GPU reset: {why}");
                     continue;
                 }
             }
-        }
-        if change.set_mode == Some(false) {
-            continue;
+            if !enabled {
+                continue;
+            }
         }
         // Placed again against what the GPU offers now that MIG is on.
-        let gpu = read_gpu(library, index)?;
+        let gpu = session.gpu(index).map_err(|e| e.to_string())?;
         let create = super::placements(&gpu, &change.wanted)
             .map_err(|why| format!("GPU {index} ({}): {why}", change.name))?;
         for c in &create {
@@ -175,12 +174,4 @@ fn apply_layout(layout: &MigLayout) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-fn read_gpu(library: &Path, index: u32) -> Result<nvml::GpuMig, String> {
-    nvml::read(library)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .find(|g| g.index == index)
-        .ok_or_else(|| format!("GPU {index} is gone from NVML"))
 }

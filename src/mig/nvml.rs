@@ -176,68 +176,157 @@ pub fn memory_gb(memory_mib: u64, total_mib: u64) -> u64 {
     (eighths * total_gb * 2 + 8) / 16
 }
 
-fn lacks(what: &str) -> NvmlError {
-    tracing::debug!("the NVML library lacks {what}");
-    NvmlError::FunctionNotFound
+/// A function of the library, or `FunctionNotFound` when an older
+/// driver's library lacks it (nvml-wrapper would panic on calling it).
+macro_rules! symbol {
+    ($nvml:expr, $name:ident) => {
+        $nvml.lib().$name.as_ref().map_err(|_| {
+            tracing::debug!("the NVML library lacks {}", stringify!($name));
+            NvmlError::FunctionNotFound
+        })?
+    };
 }
 
 /// A GPU's MIG side, read from NVML; an error names the GPU and the call.
 pub fn read(library: &Path) -> Result<Vec<GpuMig>, NvmlProblem> {
-    let nvml = open(library)?;
-    let count = nvml
-        .device_count()
-        .map_err(|e| crate::gpu::nvml::unknown("the device count", e))?;
-    let mut gpus = Vec::new();
-    for index in 0..count {
+    Session::open(library)?.gpus()
+}
+
+/// NVML, open for reading and changing MIG.
+pub struct Session {
+    nvml: Nvml,
+}
+
+/// How a MIG mode change went.
+pub enum Activation {
+    Applied,
+    /// Set, but pending until the GPU is reset; the driver's reason.
+    Pending(NvmlError),
+}
+
+impl Session {
+    pub fn open(library: &Path) -> Result<Session, NvmlProblem> {
+        Ok(Session {
+            nvml: open(library)?,
+        })
+    }
+
+    /// Every GPU's MIG side.
+    pub fn gpus(&self) -> Result<Vec<GpuMig>, NvmlProblem> {
+        let count = self
+            .nvml
+            .device_count()
+            .map_err(|e| crate::gpu::nvml::unknown("the device count", e))?;
+        (0..count).map(|index| self.gpu(index)).collect()
+    }
+
+    /// One GPU's MIG side.
+    pub fn gpu(&self, index: u32) -> Result<GpuMig, NvmlProblem> {
         let fail = |what: &str| {
             let what = format!("GPU {index}: {what}");
             move |e: NvmlError| crate::gpu::nvml::unknown(&what, e)
         };
+        let nvml = &self.nvml;
         let device = nvml.device_by_index(index).map_err(fail("its handle"))?;
         let pci = device.pci_info().map_err(fail("its PCI info"))?;
-        let memory = device.memory_info().map_err(fail("its memory size"))?;
+        let memory =
+            crate::gpu::nvml::memory_total(nvml, &device).map_err(fail("its memory size"))?;
+        // SAFETY: the handle stays valid while NVML is initialised.
         let handle = unsafe { device.handle() };
         let mut gpu = GpuMig {
             index,
             uuid: device.uuid().map_err(fail("its UUID"))?,
             name: device.name().map_err(fail("its name"))?,
             pci_id: pci.pci_device_id,
-            memory_total_mib: memory.total / (1024 * 1024),
+            memory_total_mib: memory / (1024 * 1024),
             capable: false,
             current: false,
             pending: false,
             profiles: Vec::new(),
             instances: Vec::new(),
         };
-        match mode(&nvml, handle) {
+        match mode(nvml, handle) {
             Ok((current, pending)) => {
                 gpu.capable = true;
                 gpu.current = current;
                 gpu.pending = pending;
             }
-            Err(NvmlError::NotSupported | NvmlError::FunctionNotFound) => {
-                gpus.push(gpu);
-                continue;
-            }
+            Err(NvmlError::NotSupported | NvmlError::FunctionNotFound) => return Ok(gpu),
             Err(e) => return Err(fail("its MIG mode")(e)),
         }
         gpu.profiles =
-            profiles(&nvml, handle, gpu.memory_total_mib).map_err(fail("its MIG profiles"))?;
+            profiles(nvml, handle, gpu.memory_total_mib).map_err(fail("its MIG profiles"))?;
         if gpu.current {
             gpu.instances =
-                instances(&nvml, handle, &gpu.profiles).map_err(fail("its MIG instances"))?;
+                instances(nvml, handle, &gpu.profiles).map_err(fail("its MIG instances"))?;
         }
-        gpus.push(gpu);
+        Ok(gpu)
     }
-    Ok(gpus)
+
+    fn device(&self, index: u32) -> Result<nvmlDevice_t, NvmlError> {
+        let device = self.nvml.device_by_index(index)?;
+        // SAFETY: the handle stays valid while NVML is initialised.
+        Ok(unsafe { device.handle() })
+    }
+
+    /// Sets the MIG mode.
+    pub fn set_mode(&self, index: u32, enabled: bool) -> Result<Activation, NvmlError> {
+        let device = self.device(index)?;
+        let set = symbol!(self.nvml, nvmlDeviceSetMigMode);
+        let mut activation = 0;
+        // SAFETY: NVML's signature; the pointer is to a local.
+        nvml_try(unsafe { set(device, c_uint::from(enabled), &mut activation) })?;
+        Ok(match nvml_try(activation) {
+            Ok(()) => Activation::Applied,
+            Err(why) => Activation::Pending(why),
+        })
+    }
+
+    /// Destroys every compute and GPU instance on `gpu`.
+    pub fn destroy_all(&self, gpu: &GpuMig) -> Result<(), NvmlError> {
+        let device = self.device(gpu.index)?;
+        let destroy_ci = symbol!(self.nvml, nvmlComputeInstanceDestroy);
+        let destroy_gi = symbol!(self.nvml, nvmlGpuInstanceDestroy);
+        for profile in &gpu.profiles {
+            for gi in gpu_instance_handles(&self.nvml, device, profile)? {
+                for (ci, _) in compute_instance_handles(&self.nvml, gi)? {
+                    // SAFETY: NVML's own handle.
+                    nvml_try(unsafe { destroy_ci(ci) })?;
+                }
+                // SAFETY: NVML's own handle.
+                nvml_try(unsafe { destroy_gi(gi) })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a GPU instance at a placement and one compute instance in it.
+    pub fn create(
+        &self,
+        index: u32,
+        gi_profile: u32,
+        placement: (u32, u32),
+        ci_profile: u32,
+    ) -> Result<(), NvmlError> {
+        let device = self.device(index)?;
+        let create_gi = symbol!(self.nvml, nvmlDeviceCreateGpuInstanceWithPlacement);
+        let create_ci = symbol!(self.nvml, nvmlGpuInstanceCreateComputeInstance);
+        let at = nvmlGpuInstancePlacement_t {
+            start: placement.0,
+            size: placement.1,
+        };
+        let mut gi: nvmlGpuInstance_t = std::ptr::null_mut();
+        // SAFETY: NVML's signature; pointers to locals.
+        nvml_try(unsafe { create_gi(device, gi_profile, &at, &mut gi) })?;
+        let mut ci: nvmlComputeInstance_t = std::ptr::null_mut();
+        // SAFETY: as above; `gi` was just made by NVML.
+        nvml_try(unsafe { create_ci(gi, ci_profile, &mut ci) })?;
+        Ok(())
+    }
 }
 
 fn mode(nvml: &Nvml, device: nvmlDevice_t) -> Result<(bool, bool), NvmlError> {
-    let get = nvml
-        .lib()
-        .nvmlDeviceGetMigMode
-        .as_ref()
-        .map_err(|_| lacks("nvmlDeviceGetMigMode"))?;
+    let get = symbol!(nvml, nvmlDeviceGetMigMode);
     let (mut current, mut pending) = (0, 0);
     // SAFETY: NVML's signature; the pointers are to locals.
     nvml_try(unsafe { get(device, &mut current, &mut pending) })?;
@@ -249,15 +338,8 @@ fn profiles(
     device: nvmlDevice_t,
     total_mib: u64,
 ) -> Result<Vec<GiProfile>, NvmlError> {
-    let lib = nvml.lib();
-    let info = lib
-        .nvmlDeviceGetGpuInstanceProfileInfo
-        .as_ref()
-        .map_err(|_| lacks("nvmlDeviceGetGpuInstanceProfileInfo"))?;
-    let placements = lib
-        .nvmlDeviceGetGpuInstancePossiblePlacements_v2
-        .as_ref()
-        .map_err(|_| lacks("nvmlDeviceGetGpuInstancePossiblePlacements_v2"))?;
+    let info = symbol!(nvml, nvmlDeviceGetGpuInstanceProfileInfo);
+    let placements = symbol!(nvml, nvmlDeviceGetGpuInstancePossiblePlacements_v2);
     let mut profiles = Vec::new();
     for id in 0..GI_PROFILE_IDS {
         // SAFETY: a zeroed C struct is a valid value for NVML to fill in.
@@ -273,7 +355,7 @@ fn profiles(
         let mut count: c_uint = 0;
         // SAFETY: a null array asks for the count only.
         nvml_try(unsafe { placements(device, id, std::ptr::null_mut(), &mut count) })?;
-        // A count is a handful; NVML's own bound keeps a broken answer small.
+        // A count is a handful; the bound keeps a broken answer small.
         let count = count.min(64);
         let mut found = vec![nvmlGpuInstancePlacement_t { start: 0, size: 0 }; count as usize];
         let mut filled = count;
@@ -302,64 +384,31 @@ fn profiles(
     Ok(profiles)
 }
 
-fn instances(
+/// The GPU instances of one profile on a device.
+fn gpu_instance_handles(
     nvml: &Nvml,
     device: nvmlDevice_t,
-    profiles: &[GiProfile],
-) -> Result<Vec<GpuInstance>, NvmlError> {
-    let lib = nvml.lib();
-    let list = lib
-        .nvmlDeviceGetGpuInstances
-        .as_ref()
-        .map_err(|_| lacks("nvmlDeviceGetGpuInstances"))?;
-    let info = lib
-        .nvmlGpuInstanceGetInfo
-        .as_ref()
-        .map_err(|_| lacks("nvmlGpuInstanceGetInfo"))?;
-    let mut found = Vec::new();
-    for profile in profiles {
-        // NVML writes up to the profile's instance count; the array is
-        // that long.
-        let mut handles: Vec<nvmlGpuInstance_t> =
-            vec![std::ptr::null_mut(); profile.instances.clamp(1, 64) as usize];
-        let mut count: c_uint = 0;
-        // SAFETY: `handles` is as long as NVML writes.
-        nvml_try(unsafe { list(device, profile.id, handles.as_mut_ptr(), &mut count) })?;
-        handles.truncate((count as usize).min(handles.len()));
-        for gi in handles {
-            // SAFETY: zeroed C struct; the handle is NVML's own.
-            let mut i: nvmlGpuInstanceInfo_t = unsafe { std::mem::zeroed() };
-            nvml_try(unsafe { info(gi, &mut i) })?;
-            found.push(GpuInstance {
-                id: i.id,
-                profile_id: i.profileId,
-                start: i.placement.start,
-                size: i.placement.size,
-                compute: compute_instances(nvml, gi)?,
-            });
-        }
-    }
-    found.sort_by_key(|g| (g.start, g.id));
-    Ok(found)
+    profile: &GiProfile,
+) -> Result<Vec<nvmlGpuInstance_t>, NvmlError> {
+    let list = symbol!(nvml, nvmlDeviceGetGpuInstances);
+    // NVML writes up to the profile's instance count; the array is that
+    // long.
+    let mut handles: Vec<nvmlGpuInstance_t> =
+        vec![std::ptr::null_mut(); profile.instances.clamp(1, 64) as usize];
+    let mut count: c_uint = 0;
+    // SAFETY: `handles` is as long as NVML writes.
+    nvml_try(unsafe { list(device, profile.id, handles.as_mut_ptr(), &mut count) })?;
+    handles.truncate((count as usize).min(handles.len()));
+    Ok(handles)
 }
 
-fn compute_instances(
+/// The compute instances in a GPU instance, each with its profile.
+fn compute_instance_handles(
     nvml: &Nvml,
     gi: nvmlGpuInstance_t,
-) -> Result<Vec<ComputeInstance>, NvmlError> {
-    let lib = nvml.lib();
-    let profile_info = lib
-        .nvmlGpuInstanceGetComputeInstanceProfileInfo
-        .as_ref()
-        .map_err(|_| lacks("nvmlGpuInstanceGetComputeInstanceProfileInfo"))?;
-    let list = lib
-        .nvmlGpuInstanceGetComputeInstances
-        .as_ref()
-        .map_err(|_| lacks("nvmlGpuInstanceGetComputeInstances"))?;
-    let info = lib
-        .nvmlComputeInstanceGetInfo_v2
-        .as_ref()
-        .map_err(|_| lacks("nvmlComputeInstanceGetInfo_v2"))?;
+) -> Result<Vec<(nvmlComputeInstance_t, nvmlComputeInstanceProfileInfo_t)>, NvmlError> {
+    let profile_info = symbol!(nvml, nvmlGpuInstanceGetComputeInstanceProfileInfo);
+    let list = symbol!(nvml, nvmlGpuInstanceGetComputeInstances);
     let mut found = Vec::new();
     for id in 0..CI_PROFILE_IDS {
         // SAFETY: zeroed C struct for NVML to fill in.
@@ -375,141 +424,53 @@ fn compute_instances(
         // SAFETY: `handles` is as long as NVML writes.
         nvml_try(unsafe { list(gi, id, handles.as_mut_ptr(), &mut count) })?;
         handles.truncate((count as usize).min(handles.len()));
-        for ci in handles {
-            // SAFETY: zeroed C struct; the handle is NVML's own.
-            let mut i: nvmlComputeInstanceInfo_t = unsafe { std::mem::zeroed() };
-            nvml_try(unsafe { info(ci, &mut i) })?;
-            found.push(ComputeInstance {
-                id: i.id,
-                profile_id: i.profileId,
-                slices: p.sliceCount,
-                multiprocessors: p.multiprocessorCount,
-                shared_copy_engines: p.sharedCopyEngineCount,
-                shared_decoders: p.sharedDecoderCount,
-                shared_encoders: p.sharedEncoderCount,
-                shared_jpegs: p.sharedJpegCount,
-                shared_ofas: p.sharedOfaCount,
-            });
-        }
+        found.extend(handles.into_iter().map(|ci| (ci, p)));
     }
-    found.sort_by_key(|c| c.id);
     Ok(found)
 }
 
-/// One GPU's MIG, open for changes.
-pub struct Session {
-    nvml: Nvml,
-}
-
-impl Session {
-    pub fn open(library: &Path) -> Result<Session, NvmlProblem> {
-        Ok(Session {
-            nvml: open(library)?,
-        })
-    }
-
-    fn device(&self, index: u32) -> Result<nvmlDevice_t, NvmlError> {
-        let device = self.nvml.device_by_index(index)?;
-        // SAFETY: the handle stays valid while NVML is initialised.
-        Ok(unsafe { device.handle() })
-    }
-
-    /// Sets the MIG mode; `Ok(false)` when it stays pending until the GPU
-    /// is reset (the driver's activation status says why).
-    pub fn set_mode(&self, index: u32, enabled: bool) -> Result<Result<(), NvmlError>, NvmlError> {
-        let device = self.device(index)?;
-        let set = self
-            .nvml
-            .lib()
-            .nvmlDeviceSetMigMode
-            .as_ref()
-            .map_err(|_| lacks("nvmlDeviceSetMigMode"))?;
-        let mut activation = 0;
-        // SAFETY: NVML's signature; the pointer is to a local.
-        nvml_try(unsafe { set(device, c_uint::from(enabled), &mut activation) })?;
-        Ok(nvml_try(activation))
-    }
-
-    /// Destroys every compute and GPU instance on the GPU.
-    pub fn destroy_all(&self, index: u32, profiles: &[GiProfile]) -> Result<(), NvmlError> {
-        let device = self.device(index)?;
-        let lib = self.nvml.lib();
-        let list = lib
-            .nvmlDeviceGetGpuInstances
-            .as_ref()
-            .map_err(|_| lacks("nvmlDeviceGetGpuInstances"))?;
-        let list_ci = lib
-            .nvmlGpuInstanceGetComputeInstances
-            .as_ref()
-            .map_err(|_| lacks("nvmlGpuInstanceGetComputeInstances"))?;
-        let destroy_ci = lib
-            .nvmlComputeInstanceDestroy
-            .as_ref()
-            .map_err(|_| lacks("nvmlComputeInstanceDestroy"))?;
-        let destroy_gi = lib
-            .nvmlGpuInstanceDestroy
-            .as_ref()
-            .map_err(|_| lacks("nvmlGpuInstanceDestroy"))?;
-        for profile in profiles {
-            let mut handles: Vec<nvmlGpuInstance_t> =
-                vec![std::ptr::null_mut(); profile.instances.clamp(1, 64) as usize];
-            let mut count: c_uint = 0;
-            // SAFETY: `handles` is as long as NVML writes.
-            nvml_try(unsafe { list(device, profile.id, handles.as_mut_ptr(), &mut count) })?;
-            handles.truncate((count as usize).min(handles.len()));
-            for gi in handles {
-                for ci_profile in 0..CI_PROFILE_IDS {
-                    let mut cis: Vec<nvmlComputeInstance_t> = vec![std::ptr::null_mut(); 8];
-                    let mut n: c_uint = 0;
-                    // SAFETY: a GPU instance holds at most 8 compute instances.
-                    match nvml_try(unsafe { list_ci(gi, ci_profile, cis.as_mut_ptr(), &mut n) }) {
-                        Ok(()) => {}
-                        Err(NvmlError::NotSupported | NvmlError::InvalidArg) => continue,
-                        Err(e) => return Err(e),
-                    }
-                    cis.truncate((n as usize).min(cis.len()));
-                    for ci in cis {
-                        // SAFETY: NVML's own handle.
-                        nvml_try(unsafe { destroy_ci(ci) })?;
-                    }
-                }
-                // SAFETY: NVML's own handle.
-                nvml_try(unsafe { destroy_gi(gi) })?;
+fn instances(
+    nvml: &Nvml,
+    device: nvmlDevice_t,
+    profiles: &[GiProfile],
+) -> Result<Vec<GpuInstance>, NvmlError> {
+    let gi_info = symbol!(nvml, nvmlGpuInstanceGetInfo);
+    let ci_info = symbol!(nvml, nvmlComputeInstanceGetInfo_v2);
+    let mut found = Vec::new();
+    for profile in profiles {
+        for gi in gpu_instance_handles(nvml, device, profile)? {
+            // SAFETY: zeroed C struct; the handle is NVML's own.
+            let mut i: nvmlGpuInstanceInfo_t = unsafe { std::mem::zeroed() };
+            nvml_try(unsafe { gi_info(gi, &mut i) })?;
+            let mut compute = Vec::new();
+            for (ci, p) in compute_instance_handles(nvml, gi)? {
+                // SAFETY: zeroed C struct; the handle is NVML's own.
+                let mut c: nvmlComputeInstanceInfo_t = unsafe { std::mem::zeroed() };
+                nvml_try(unsafe { ci_info(ci, &mut c) })?;
+                compute.push(ComputeInstance {
+                    id: c.id,
+                    profile_id: c.profileId,
+                    slices: p.sliceCount,
+                    multiprocessors: p.multiprocessorCount,
+                    shared_copy_engines: p.sharedCopyEngineCount,
+                    shared_decoders: p.sharedDecoderCount,
+                    shared_encoders: p.sharedEncoderCount,
+                    shared_jpegs: p.sharedJpegCount,
+                    shared_ofas: p.sharedOfaCount,
+                });
             }
+            compute.sort_by_key(|c| c.id);
+            found.push(GpuInstance {
+                id: i.id,
+                profile_id: i.profileId,
+                start: i.placement.start,
+                size: i.placement.size,
+                compute,
+            });
         }
-        Ok(())
     }
-
-    /// Creates a GPU instance at a placement and one compute instance in it.
-    pub fn create(
-        &self,
-        index: u32,
-        gi_profile: u32,
-        placement: (u32, u32),
-        ci_profile: u32,
-    ) -> Result<(), NvmlError> {
-        let device = self.device(index)?;
-        let lib = self.nvml.lib();
-        let create_gi = lib
-            .nvmlDeviceCreateGpuInstanceWithPlacement
-            .as_ref()
-            .map_err(|_| lacks("nvmlDeviceCreateGpuInstanceWithPlacement"))?;
-        let create_ci = lib
-            .nvmlGpuInstanceCreateComputeInstance
-            .as_ref()
-            .map_err(|_| lacks("nvmlGpuInstanceCreateComputeInstance"))?;
-        let at = nvmlGpuInstancePlacement_t {
-            start: placement.0,
-            size: placement.1,
-        };
-        let mut gi: nvmlGpuInstance_t = std::ptr::null_mut();
-        // SAFETY: NVML's signature; pointers to locals.
-        nvml_try(unsafe { create_gi(device, gi_profile, &at, &mut gi) })?;
-        let mut ci: nvmlComputeInstance_t = std::ptr::null_mut();
-        // SAFETY: as above; `gi` was just made by NVML.
-        nvml_try(unsafe { create_ci(gi, ci_profile, &mut ci) })?;
-        Ok(())
-    }
+    found.sort_by_key(|g| (g.start, g.id));
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -36,74 +36,45 @@ struct RawMigParted {
 #[serde(deny_unknown_fields)]
 struct RawMigEntry {
     #[serde(rename = "device-filter")]
-    device_filter: Option<Spanned<OneOrMany>>,
-    devices: Spanned<RawDevices>,
+    device_filter: Option<Spanned<WordOrList<String>>>,
+    devices: Spanned<WordOrList<u32>>,
     #[serde(rename = "mig-enabled")]
     mig_enabled: bool,
     #[serde(rename = "mig-devices")]
     mig_devices: Option<Spanned<BTreeMap<String, Spanned<u32>>>>,
 }
 
-/// `device-filter`: one PCI id or a list of them.
+/// A value mig-parted takes as one word or a list: `device-filter` (one
+/// PCI id or several), `devices` (`all` or GPU indices).
 #[derive(Debug)]
-struct OneOrMany(Vec<String>);
-
-/// `devices`: `all` or a list of GPU indices.
-#[derive(Debug)]
-enum RawDevices {
+enum WordOrList<T> {
     Word(String),
-    Indices(Vec<u32>),
+    List(Vec<T>),
 }
 
-impl<'de> Deserialize<'de> for OneOrMany {
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for WordOrList<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = OneOrMany;
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = WordOrList<T>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a PCI device id (\"0x20B010DE\") or a list of them")
+                f.write_str("a single value or a list")
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
-                Ok(OneOrMany(vec![v.to_string()]))
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<WordOrList<T>, E> {
+                Ok(WordOrList::Word(v.to_string()))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut seq: A,
-            ) -> Result<OneOrMany, A::Error> {
-                let mut ids = Vec::new();
-                while let Some(id) = seq.next_element::<String>()? {
-                    ids.push(id);
+            ) -> Result<WordOrList<T>, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<T>()? {
+                    items.push(item);
                 }
-                Ok(OneOrMany(ids))
+                Ok(WordOrList::List(items))
             }
         }
-        deserializer.deserialize_any(Visitor)
-    }
-}
-
-impl<'de> Deserialize<'de> for RawDevices {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = RawDevices;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("`all` or a list of GPU indices")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDevices, E> {
-                Ok(RawDevices::Word(v.to_string()))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<RawDevices, A::Error> {
-                let mut indices = Vec::new();
-                while let Some(index) = seq.next_element::<u32>()? {
-                    indices.push(index);
-                }
-                Ok(RawDevices::Indices(indices))
-            }
-        }
-        deserializer.deserialize_any(Visitor)
+        deserializer.deserialize_any(Visitor(std::marker::PhantomData))
     }
 }
 
@@ -398,7 +369,11 @@ fn resolve_document(
         for entry in &entries.value {
             let mut device_filter = Vec::new();
             if let Some(filter) = &entry.device_filter {
-                for id in &filter.value.0 {
+                let ids = match &filter.value {
+                    WordOrList::Word(id) => std::slice::from_ref(id),
+                    WordOrList::List(ids) => ids.as_slice(),
+                };
+                for id in ids {
                     match parse_pci_id(id) {
                         Some(id) => device_filter.push(id),
                         None => at(
@@ -411,15 +386,15 @@ fn resolve_document(
                 }
             }
             let devices = match &entry.devices.value {
-                RawDevices::Word(word) if word == "all" => MigDevices::All,
-                RawDevices::Word(word) => {
+                WordOrList::Word(word) if word == "all" => MigDevices::All,
+                WordOrList::Word(word) => {
                     at(
                         entry.devices.referenced,
                         format!("devices must be `all` or a list of GPU indices, not `{word}`"),
                     );
                     MigDevices::All
                 }
-                RawDevices::Indices(indices) => MigDevices::Indices(indices.clone()),
+                WordOrList::List(indices) => MigDevices::Indices(indices.clone()),
             };
             let mut mig_devices = BTreeMap::new();
             match (&entry.mig_devices, entry.mig_enabled) {

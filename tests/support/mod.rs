@@ -145,6 +145,17 @@ pub fn write_spec(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     path
 }
 
+/// `gpuprov <command> --host-exec prefix --config <spec> --host-root <host>`.
+pub fn run_on(command: &str, host: &Path, spec: &Path) -> std::process::Output {
+    gpuprov()
+        .args([command, "--host-exec", "prefix", "--config"])
+        .arg(spec)
+        .arg("--host-root")
+        .arg(host)
+        .output()
+        .unwrap()
+}
+
 /// Runs `apply --output json` and returns the exit code and the report.
 pub fn apply_json(host: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
     let output = gpuprov()
