@@ -300,15 +300,12 @@ pub fn placements(gpu: &GpuMig, wanted: &BTreeMap<String, u32>) -> Result<Vec<Mi
     let mut items: Vec<(&GiProfile, u32, String)> = Vec::new();
     for (name, count) in wanted {
         let (profile, slices) = resolve(gpu, name)?;
-        let n = if *count == 0 {
-            profile.instances
-        } else {
-            *count
-        };
-        if n > profile.instances {
+        // At most one instance per memory slice, whatever a library says.
+        let most = profile.instances.min(8);
+        let n = if *count == 0 { most } else { *count };
+        if n > most {
             return Err(format!(
-                "{n}× {name} asked for, but it holds at most {}",
-                profile.instances
+                "{n}× {name} asked for, but it holds at most {most}"
             ));
         }
         let shown = if slices == profile.slices {
@@ -350,22 +347,39 @@ pub fn placements(gpu: &GpuMig, wanted: &BTreeMap<String, u32>) -> Result<Vec<Mi
         .collect())
 }
 
-/// Backtracking: a placement for each item that overlaps no earlier one.
+/// How many placements a search may try: real GPUs need a few hundred at
+/// most; a broken library's answer must not make it run for ever.
+const PLACEMENT_BUDGET: u32 = 100_000;
+
+/// A placement for each item that overlaps no earlier one, by
+/// backtracking within `PLACEMENT_BUDGET` tries.
 fn fit(items: &[(&GiProfile, u32, String)], chosen: &mut Vec<(u32, u32)>) -> bool {
-    let Some((profile, _, _)) = items.get(chosen.len()) else {
-        return true;
-    };
-    for &(start, size) in &profile.placements {
-        let free = chosen
-            .iter()
-            .all(|&(s, z)| start + size <= s || s + z <= start);
-        if free {
-            chosen.push((start, size));
-            if fit(items, chosen) {
-                return true;
+    fn search(
+        items: &[(&GiProfile, u32, String)],
+        chosen: &mut Vec<(u32, u32)>,
+        budget: &mut u32,
+    ) -> bool {
+        let Some((profile, _, _)) = items.get(chosen.len()) else {
+            return true;
+        };
+        for &(start, size) in &profile.placements {
+            if *budget == 0 {
+                return false;
             }
-            chosen.pop();
+            *budget -= 1;
+            let end = start.saturating_add(size);
+            let free = chosen
+                .iter()
+                .all(|&(s, z)| end <= s || s.saturating_add(z) <= start);
+            if free {
+                chosen.push((start, size));
+                if search(items, chosen, budget) {
+                    return true;
+                }
+                chosen.pop();
+            }
         }
+        false
     }
-    false
+    search(items, chosen, &mut PLACEMENT_BUDGET.clone())
 }

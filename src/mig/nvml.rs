@@ -28,6 +28,10 @@ use crate::gpu::nvml::{NvmlProblem, open};
 const GI_PROFILE_IDS: c_uint = 18;
 /// Likewise for compute instance profiles.
 const CI_PROFILE_IDS: c_uint = 9;
+/// The array NVML fills with a profile's instances must hold its
+/// instance count (7 at most on real GPUs); this bounds what a broken
+/// library's count can make gpuprov allocate.
+const MAX_INSTANCES: u32 = 64;
 /// `NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED`.
 const ENGINE_SHARED: c_uint = 0;
 
@@ -170,10 +174,16 @@ pub fn memory_gb(memory_mib: u64, total_mib: u64) -> u64 {
     if total_mib == 0 {
         return 0;
     }
-    let eighths = (memory_mib * 8).div_ceil(total_mib);
+    // Saturating: the figures are the library's, and a broken one's must
+    // not overflow.
+    let eighths = memory_mib.saturating_mul(8).div_ceil(total_mib);
     let total_gb = total_mib.div_ceil(1024);
     // round(eighths / 8 * total_gb), halves away from zero.
-    (eighths * total_gb * 2 + 8) / 16
+    eighths
+        .saturating_mul(total_gb)
+        .saturating_mul(2)
+        .saturating_add(8)
+        / 16
 }
 
 /// A function of the library, or `FunctionNotFound` when an older
@@ -394,7 +404,7 @@ fn gpu_instance_handles(
     // NVML writes up to the profile's instance count; the array is that
     // long.
     let mut handles: Vec<nvmlGpuInstance_t> =
-        vec![std::ptr::null_mut(); profile.instances.clamp(1, 64) as usize];
+        vec![std::ptr::null_mut(); profile.instances.clamp(1, MAX_INSTANCES) as usize];
     let mut count: c_uint = 0;
     // SAFETY: `handles` is as long as NVML writes.
     nvml_try(unsafe { list(device, profile.id, handles.as_mut_ptr(), &mut count) })?;
@@ -419,7 +429,7 @@ fn compute_instance_handles(
             Err(e) => return Err(e),
         }
         let mut handles: Vec<nvmlComputeInstance_t> =
-            vec![std::ptr::null_mut(); p.instanceCount.clamp(1, 64) as usize];
+            vec![std::ptr::null_mut(); p.instanceCount.clamp(1, MAX_INSTANCES) as usize];
         let mut count: c_uint = 0;
         // SAFETY: `handles` is as long as NVML writes.
         nvml_try(unsafe { list(gi, id, handles.as_mut_ptr(), &mut count) })?;
