@@ -437,6 +437,21 @@ fn make_change(
         }
         Change::CriValidation(validation) => operands::validate::cri::run(host, validation),
         Change::MigLayout(layout) => crate::mig::apply::run(cluster, layout),
+        Change::ApplyConfigMap {
+            namespace,
+            name,
+            data,
+            ..
+        } => {
+            let cluster = cluster.ok_or("a ConfigMap needs an API server")?;
+            let labels = BTreeMap::from([(
+                crate::operands::static_pod::MANAGED_BY.0.to_string(),
+                crate::operands::static_pod::MANAGED_BY.1.to_string(),
+            )]);
+            cluster
+                .apply_config_map(namespace, name, &labels, data)
+                .map_err(|e| error_chain(&e))
+        }
         Change::Fetch {
             artifact,
             timeout_seconds,

@@ -143,6 +143,16 @@ pub enum Change {
     CriValidation(CriValidation),
     /// Apply a MIG layout through NVML, pausing the GPU clients first.
     MigLayout(MigLayout),
+    /// Write a ConfigMap gpuprov owns, whole (server-side apply).
+    ApplyConfigMap {
+        namespace: String,
+        name: String,
+        /// Keys added, changed or removed, for the plan.
+        keys: Vec<String>,
+        purpose: String,
+        #[serde(skip)]
+        data: BTreeMap<String, String>,
+    },
     /// Unpack a cached `.tar.gz` into a directory, atomically.
     Unpack { archive: String, into: String },
     /// Put a pinned artifact into the cache (a no-op when it is there).
@@ -240,6 +250,16 @@ impl Change {
                 )
             }
             Change::MigLayout(layout) => layout.summary(),
+            Change::ApplyConfigMap {
+                namespace,
+                name,
+                keys,
+                purpose,
+                ..
+            } => format!(
+                "apply configmap {namespace}/{name} ({purpose}): {}",
+                keys.join(", ")
+            ),
             Change::Fetch {
                 artifact,
                 path,

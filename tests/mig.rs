@@ -213,7 +213,7 @@ fn a_failure_mid_apply_ends_failed_with_the_operands_restored() {
     // The third GPU instance NVML is asked for fails.
     let node = Node::new(
         "a100-preinstalled",
-        "a100-mig.yaml",
+        "a100.yaml",
         "    failOnCall: {nvmlDeviceCreateGpuInstanceWithPlacement: [3, 999]}\n",
     );
     let fake = running_cluster(&node);
@@ -255,7 +255,7 @@ fn a_failure_mid_apply_ends_failed_with_the_operands_restored() {
 
 #[test]
 fn gpu_client_pods_that_never_leave_end_failed_at_the_timeout() {
-    let node = Node::new("a100-preinstalled", "a100-mig.yaml", "");
+    let node = Node::new("a100-preinstalled", "a100.yaml", "");
     let fake = running_cluster(&node);
     // A device plugin pod (the GPU Operator's label) that stays.
     fake.add_pod(

@@ -31,7 +31,7 @@ fn working_cluster(labels: &[(&str, &str)]) -> FakeApi {
     fake
 }
 
-/// `apply --output json` on `host` (NVML answering from a100-mig.yaml),
+/// `apply --output json` on `host` (NVML answering from a100.yaml),
 /// against `fake` when given; the exit code, the report and stderr.
 fn apply(
     fake: Option<&FakeApi>,
@@ -39,7 +39,7 @@ fn apply(
     spec: Option<&Path>,
     extra: &[&str],
 ) -> (i32, Value, String) {
-    let mut cmd = gpuprov_with_fake_nvml("a100-mig.yaml");
+    let mut cmd = gpuprov_with_fake_nvml("a100.yaml");
     cmd.args(["apply", "--output", "json", "--host-exec", "prefix"])
         .arg("--nvml-lib")
         .arg(fake_nvml_library())
@@ -134,7 +134,7 @@ fn the_device_plugin_is_pending_until_the_node_offers_every_gpu() {
     let (_, state, reason) = outcome(&report, "device-plugin");
     assert_eq!(state, "pending");
     assert!(
-        reason.contains("allocatable nvidia.com/gpu is none, the node has 1 GPUs"),
+        reason.contains("allocatable nvidia.com/gpu is none, want 1"),
         "{reason}"
     );
 
@@ -557,6 +557,7 @@ fn scenario_default() {
             ("gpuprov.io/dcgm-exporter", "ready"),
             ("gpuprov.io/detect-gpu", "ready"),
             ("gpuprov.io/device-plugin", "ready"),
+            ("gpuprov.io/device-plugin.config", "default"),
             ("gpuprov.io/driver", "preinstalled"),
             ("gpuprov.io/gpu-feature-discovery", "ready"),
             ("gpuprov.io/gpu-health", "ready"),

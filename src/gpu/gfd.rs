@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 
 use super::nvml::{Inventory, NvmlDevice};
 use super::pci::PciFunction;
-use crate::spec::GfdMode;
+use crate::mig::nvml::MigDevice;
+use crate::operands::device_plugin::GpuView;
+use crate::spec::{GfdMode, MigStrategy, Sharing, SharingStrategy};
 use crate::step::{Gate, Observation, Outcome, StepContext, StepError};
 
 pub const MACHINE_FILE: &str = "/sys/class/dmi/id/product_name";
@@ -72,25 +74,128 @@ pub fn chosen_model(devices: &[NvmlDevice]) -> Option<&NvmlDevice> {
         .min_by_key(|d| d.index)
 }
 
+/// What GFD reads besides NVML's inventory: the GPUs with their MIG
+/// devices now, and the device plugin config in force.
+pub struct PluginView<'a> {
+    pub gpus: &'a [GpuView],
+    pub mig_strategy: MigStrategy,
+    pub sharing: Option<&'a Sharing>,
+}
+
+/// GFD's labels for one resource (`nvidia.com/gpu`, `nvidia.com/mig-1g.10gb`):
+/// its product, count, replicas and sharing strategy, as its resource
+/// labeler writes them. `shareable`: false for MIG-enabled GPUs, which GFD
+/// labels without the sharing config (replicas 0).
+fn resource_labels(
+    labels: &mut BTreeMap<String, String>,
+    resource: &str,
+    product: &[&str],
+    count: usize,
+    sharing: Option<&Sharing>,
+    shareable: bool,
+) {
+    let replicas = match (shareable, sharing) {
+        (false, _) => 0,
+        (true, Some(sharing)) => sharing.replicas(resource),
+        (true, None) => 1,
+    };
+    let shared = replicas > 1;
+    let mut parts: Vec<String> = product
+        .iter()
+        .map(|p| label_value(p))
+        .filter(|p| !p.is_empty())
+        .collect();
+    if shared && !sharing.is_some_and(|s| s.rename_by_default) {
+        parts.push("SHARED".to_string());
+    }
+    let strategy = match sharing {
+        Some(sharing) if shared => sharing.strategy.as_str(),
+        _ => "none",
+    };
+    for (key, value) in [
+        ("product", parts.join("-")),
+        ("count", count.to_string()),
+        ("replicas", replicas.to_string()),
+        ("sharing-strategy", strategy.to_string()),
+    ] {
+        labels.insert(format!("{resource}.{key}"), value);
+    }
+}
+
+/// A MIG device's attribute labels (`memory`, `multiprocessors`,
+/// `slices.gi`, `slices.ci`, `engines.*`).
+fn mig_attribute_labels(labels: &mut BTreeMap<String, String>, resource: &str, device: &MigDevice) {
+    for (key, value) in [
+        ("memory", device.memory_mib.to_string()),
+        ("multiprocessors", device.multiprocessors.to_string()),
+        ("slices.gi", device.slices_gi.to_string()),
+        ("slices.ci", device.slices_ci.to_string()),
+        ("engines.copy", device.copy_engines.to_string()),
+        ("engines.decoder", device.decoders.to_string()),
+        ("engines.encoder", device.encoders.to_string()),
+        ("engines.jpeg", device.jpegs.to_string()),
+        ("engines.ofa", device.ofas.to_string()),
+    ] {
+        labels.insert(format!("{resource}.{key}"), value);
+    }
+}
+
+/// Why GFD labels a node `<model>-MIG-INVALID` under mig-strategy single.
+fn single_strategy_problem(gpus: &[GpuView]) -> Option<&'static str> {
+    let enabled: Vec<&GpuView> = gpus.iter().filter(|g| g.mig_enabled).collect();
+    if enabled.iter().any(|g| g.mig.is_empty()) {
+        return Some("at least one MIG device is enabled but empty");
+    }
+    if enabled.len() != gpus.len() {
+        return Some("devices with MIG enabled and disabled");
+    }
+    let profiles: std::collections::BTreeSet<&str> = enabled
+        .iter()
+        .flat_map(|g| g.mig.iter().map(|m| m.name.as_str()))
+        .collect();
+    (profiles.len() > 1).then_some("more than one MIG device type")
+}
+
 /// GFD's labels for this node.
 pub fn labels(
     inventory: &Inventory,
     pci: &[PciFunction],
     machine: Option<&str>,
+    plugin: &PluginView,
 ) -> BTreeMap<String, String> {
+    let gpu = crate::operands::GPU_RESOURCE;
     let mut labels = BTreeMap::new();
+    if let Some(model) = chosen_model(&inventory.devices) {
+        let (major, minor) = model.compute_capability;
+        let of_model: Vec<&GpuView> = plugin
+            .gpus
+            .iter()
+            .filter(|g| g.name == model.name)
+            .collect();
+        // GFD labels MIG-enabled GPUs without the sharing config, then the
+        // others with it; the latter win for a model that has both.
+        let shareable = of_model.is_empty() || of_model.iter().any(|g| !g.mig_enabled);
+        resource_labels(
+            &mut labels,
+            gpu,
+            &[&model.name],
+            inventory
+                .devices
+                .iter()
+                .filter(|d| d.name == model.name)
+                .count(),
+            plugin.sharing,
+            shareable,
+        );
+        let mut put = |key: &str, value: String| labels.insert(format!("{gpu}.{key}"), value);
+        put("memory", model.memory_total_mib.to_string());
+        put("family", family(major, minor).to_string());
+        put("compute.major", major.to_string());
+        put("compute.minor", minor.to_string());
+    }
     let mut put = |key: &str, value: String| {
         labels.insert(format!("nvidia.com/{key}"), value);
     };
-    put("gpu.count", inventory.devices.len().to_string());
-    if let Some(model) = chosen_model(&inventory.devices) {
-        let (major, minor) = model.compute_capability;
-        put("gpu.product", label_value(&model.name));
-        put("gpu.memory", model.memory_total_mib.to_string());
-        put("gpu.family", family(major, minor).to_string());
-        put("gpu.compute.major", major.to_string());
-        put("gpu.compute.minor", minor.to_string());
-    }
     // GFD's version labels, each in its long and its short form; a
     // version without a third part has an empty revision.
     let driver: Vec<&str> = inventory.driver_version.split('.').collect();
@@ -115,13 +220,12 @@ pub fn labels(
         put(&format!("cuda.runtime-version.{key}"), part(&cuda, i));
         put(&format!("cuda.runtime.{key}"), part(&cuda, i));
     }
-    // No sharing configured: one replica per GPU, as GFD labels a device
-    // plugin config without time-slicing or MPS.
-    if !inventory.devices.is_empty() {
-        put("gpu.replicas", "1".to_string());
-        put("gpu.sharing-strategy", "none".to_string());
-    }
-    put("mps.capable", "false".to_string());
+    // MPS needs whole GPUs: GFD says so only for an MPS config.
+    let mps = plugin
+        .sharing
+        .is_some_and(|s| s.strategy == SharingStrategy::Mps)
+        && !plugin.gpus.iter().any(|g| g.mig_enabled);
+    put("mps.capable", mps.to_string());
     let vgpus: Vec<&super::pci::VgpuInfo> = pci.iter().filter_map(|f| f.vgpu.as_ref()).collect();
     put("vgpu.present", (!vgpus.is_empty()).to_string());
     if let Some(vgpu) = vgpus.last() {
@@ -155,7 +259,73 @@ pub fn labels(
     put("gpu.mode", mode.to_string());
     let mig_capable = inventory.devices.iter().any(|d| d.mig_capable);
     put("mig.capable", mig_capable.to_string());
+    if plugin.mig_strategy != MigStrategy::None && !plugin.gpus.is_empty() {
+        put("mig.strategy", plugin.mig_strategy.as_str().to_string());
+        mig_labels(&mut labels, plugin);
+    }
     labels
+}
+
+/// The MIG labels of strategy `single` (on `nvidia.com/gpu.*`) or `mixed`
+/// (`nvidia.com/mig-<profile>.*`), each profile described by the first
+/// GPU (lowest index) holding it.
+fn mig_labels(labels: &mut BTreeMap<String, String>, plugin: &PluginView) {
+    let gpu = crate::operands::GPU_RESOURCE;
+    let Some(first_enabled) = plugin.gpus.iter().find(|g| g.mig_enabled) else {
+        return;
+    };
+    let mut profiles: BTreeMap<String, (&GpuView, &MigDevice, usize)> = BTreeMap::new();
+    for view in plugin.gpus.iter().filter(|g| g.mig_enabled) {
+        for device in &view.mig {
+            profiles
+                .entry(device.resource_profile())
+                .or_insert((view, device, 0))
+                .2 += 1;
+        }
+    }
+    match plugin.mig_strategy {
+        MigStrategy::Single => {
+            if single_strategy_problem(plugin.gpus).is_some() {
+                let product = format!("{}-MIG-INVALID", label_value(&first_enabled.name));
+                for (key, value) in [
+                    ("product", product.as_str()),
+                    ("count", "0"),
+                    ("replicas", "0"),
+                    ("sharing-strategy", ""),
+                    ("memory", "0"),
+                ] {
+                    labels.insert(format!("{gpu}.{key}"), value.to_string());
+                }
+                return;
+            }
+            if let Some((profile, (parent, device, count))) = profiles.iter().next() {
+                resource_labels(
+                    labels,
+                    gpu,
+                    &[&parent.name, "MIG", profile],
+                    *count,
+                    plugin.sharing,
+                    true,
+                );
+                mig_attribute_labels(labels, gpu, device);
+            }
+        }
+        MigStrategy::Mixed => {
+            for (profile, (parent, device, count)) in &profiles {
+                let resource = format!("nvidia.com/mig-{profile}");
+                resource_labels(
+                    labels,
+                    &resource,
+                    &[&parent.name, "MIG", profile],
+                    *count,
+                    plugin.sharing,
+                    true,
+                );
+                mig_attribute_labels(labels, &resource, device);
+            }
+        }
+        MigStrategy::None => {}
+    }
 }
 
 /// The `gpu-feature-discovery` handler: in daemonset mode an operand; in
@@ -186,7 +356,17 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         }
     };
     let machine = ctx.host.read(MACHINE_FILE)?;
-    let labels = labels(inventory, &ctx.facts.pci, machine.as_deref());
+    let chosen = crate::operands::device_plugin::chosen(ctx.spec, &ctx.facts.node_labels)
+        .map_err(StepError::Observe)?;
+    let gpus = crate::operands::device_plugin::gpus(ctx)
+        .map_err(StepError::Observe)?
+        .unwrap_or_default();
+    let view = PluginView {
+        gpus: &gpus,
+        mig_strategy: chosen.mig_strategy,
+        sharing: chosen.sharing(),
+    };
+    let labels = labels(inventory, &ctx.facts.pci, machine.as_deref(), &view);
     let product = labels
         .get("nvidia.com/gpu.product")
         .cloned()

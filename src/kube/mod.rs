@@ -6,6 +6,7 @@
 //! errors are retried with backoff; a configured API server that stays
 //! unreachable is an error, never a silent fallback to another sink.
 
+pub mod config_maps;
 pub mod events;
 pub mod node_status;
 pub mod pods;

@@ -35,6 +35,30 @@ const MAX_INSTANCES: u32 = 64;
 /// `NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED`.
 const ENGINE_SHARED: c_uint = 0;
 
+/// A MIG device as the device plugin and GFD see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigDevice {
+    /// Its profile as nvidia-smi writes it (`1g.10gb`, `1c.3g.40gb`,
+    /// `1g.10gb+me`).
+    pub name: String,
+    pub memory_mib: u64,
+    pub multiprocessors: u32,
+    pub slices_gi: u32,
+    pub slices_ci: u32,
+    pub copy_engines: u32,
+    pub decoders: u32,
+    pub encoders: u32,
+    pub jpegs: u32,
+    pub ofas: u32,
+}
+
+impl MigDevice {
+    /// The name in resources and labels: `+` becomes `.` (`1g.10gb.me`).
+    pub fn resource_profile(&self) -> String {
+        self.name.replace('+', ".")
+    }
+}
+
 /// A GPU's MIG side.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -114,6 +138,30 @@ impl GpuMig {
         } else {
             format!("{}c.{}", ci.slices, profile.name)
         }
+    }
+
+    /// Its MIG devices (a compute instance in a GPU instance), with the
+    /// attributes GFD labels them by.
+    pub fn devices(&self) -> Vec<MigDevice> {
+        let mut devices = Vec::new();
+        for gi in &self.instances {
+            let profile = self.profile(gi.profile_id);
+            for ci in &gi.compute {
+                devices.push(MigDevice {
+                    name: self.device_name(gi, ci),
+                    memory_mib: profile.map_or(0, |p| p.memory_mib),
+                    multiprocessors: ci.multiprocessors,
+                    slices_gi: profile.map_or(gi.size, |p| p.slices),
+                    slices_ci: ci.slices,
+                    copy_engines: ci.shared_copy_engines,
+                    decoders: ci.shared_decoders,
+                    encoders: ci.shared_encoders,
+                    jpegs: ci.shared_jpegs,
+                    ofas: ci.shared_ofas,
+                });
+            }
+        }
+        devices
     }
 
     /// Its MIG devices by profile name, counted.

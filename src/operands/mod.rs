@@ -10,8 +10,11 @@
 //! bootstrap image), the operand's static pod goes into the kubelet's static
 //! pod directory instead, and is removed when the state is disabled.
 
+pub mod device_plugin;
 pub mod static_pod;
 pub mod validate;
+
+use std::collections::BTreeMap;
 
 use crate::spec::{OperandDeploy, OperandSpec, Spec};
 use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain, file_diff};
@@ -93,8 +96,24 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
     let mut changes = Vec::new();
     let mut labels = std::collections::BTreeMap::new();
     let static_pods = as_static_pods(ctx);
+    // The device plugin's config, which GFD (daemonset mode) reads too.
+    let uses_config = operand == Operand::DevicePlugin
+        || (operand == Operand::GpuFeatureDiscovery && ctx.spec.device_plugin.enabled);
+    let chosen = if uses_config {
+        Some(device_plugin::chosen(ctx.spec, &ctx.facts.node_labels).map_err(StepError::Observe)?)
+    } else {
+        None
+    };
+    if operand == Operand::DevicePlugin
+        && let Some(chosen) = &chosen
+    {
+        let (handed, chosen_labels) = device_plugin::hand_over(ctx, chosen, static_pods)?;
+        changes.extend(handed);
+        labels.extend(chosen_labels);
+    }
     if static_pods {
-        let wanted = static_pod::render(ctx.spec, operand).map_err(StepError::Observe)?;
+        let wanted =
+            static_pod::render(ctx.spec, operand, chosen.as_ref()).map_err(StepError::Observe)?;
         match &current {
             Some(text) if !static_pod::is_ours(text) => {
                 return Err(StepError::Observe(format!(
@@ -122,7 +141,7 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
         }
         labels.insert(operand.deploy_label(), "true".to_string());
     }
-    let (outcome, reason) = verify(ctx, operand, static_pods, &path)?;
+    let (outcome, reason) = verify(ctx, operand, static_pods, &path, chosen.as_ref())?;
     let mut obs = Observation::new(outcome, reason);
     if !changes.is_empty() {
         // Once the manifest is in place the kubelet starts the pod; with an
@@ -147,6 +166,7 @@ fn verify(
     operand: Operand,
     static_pods: bool,
     path: &str,
+    chosen: Option<&device_plugin::Chosen>,
 ) -> Result<(Outcome, String), StepError> {
     let image = &operand.spec(ctx.spec).image;
     let Some(cluster) = ctx.cluster else {
@@ -171,26 +191,8 @@ fn verify(
     }
     Ok(match operand {
         Operand::DevicePlugin => {
-            let want = gpu_count(ctx);
-            let have = ctx
-                .facts
-                .node_allocatable
-                .get(GPU_RESOURCE)
-                .cloned()
-                .unwrap_or_else(|| "none".to_string());
-            if have == want.to_string() {
-                (
-                    Outcome::Ready,
-                    format!("the node offers all {want} GPUs as {GPU_RESOURCE}"),
-                )
-            } else {
-                (
-                    Outcome::Pending,
-                    format!(
-                        "waiting for the device plugin to register: allocatable {GPU_RESOURCE} is {have}, the node has {want} GPUs"
-                    ),
-                )
-            }
+            let chosen = chosen.expect("the device plugin has a config");
+            verify_device_plugin(ctx, chosen)?
         }
         Operand::DcgmExporter => {
             let pods = cluster
@@ -235,17 +237,72 @@ fn verify(
     })
 }
 
-/// The GPUs the device plugin can offer: those NVML sees, or without NVML
-/// the PCI GPUs bound to the nvidia driver.
-pub fn gpu_count(ctx: &StepContext) -> usize {
-    match ctx.facts.nvml(ctx.host) {
-        Ok(inventory) => inventory.devices.len(),
-        Err(_) => ctx
-            .facts
-            .gpus()
-            .filter(|g| g.driver.as_deref() == Some("nvidia"))
-            .count(),
+/// Ready once the node's allocatable holds every resource the device
+/// plugin offers with its config; a config the plugin refuses for these
+/// GPUs fails the step with the reason.
+fn verify_device_plugin(
+    ctx: &StepContext,
+    chosen: &device_plugin::Chosen,
+) -> Result<(Outcome, String), StepError> {
+    let gpus = device_plugin::gpus(ctx).map_err(StepError::Observe)?;
+    let expected = match &gpus {
+        Some(gpus) => device_plugin::expected(gpus, chosen.mig_strategy, chosen.sharing()),
+        // Without NVML: the PCI GPUs bound to the nvidia driver, whole.
+        None => {
+            let count = ctx
+                .facts
+                .gpus()
+                .filter(|g| g.driver.as_deref() == Some("nvidia"))
+                .count() as u64;
+            let whole = BTreeMap::from([(GPU_RESOURCE.to_string(), count)]);
+            Ok(match chosen.sharing() {
+                Some(sharing) => whole
+                    .into_iter()
+                    .map(|(name, n)| (sharing.offered_name(&name), n * sharing.replicas(&name)))
+                    .collect(),
+                None => whole,
+            })
+        }
     }
+    .map_err(|why| {
+        StepError::Observe(format!("config {} ({}): {why}", chosen.name, chosen.whence))
+    })?;
+    let config = format!(
+        "config {} ({}{})",
+        chosen.name,
+        chosen.whence,
+        chosen
+            .sharing()
+            .map(|s| format!(", {}", s.strategy.as_str()))
+            .unwrap_or_default()
+    );
+    let missing: Vec<String> = expected
+        .iter()
+        .filter(|(name, count)| ctx.facts.node_allocatable.get(*name) != Some(&count.to_string()))
+        .map(|(name, count)| {
+            let have = ctx
+                .facts
+                .node_allocatable
+                .get(name)
+                .map_or("none", String::as_str);
+            format!("{name} is {have}, want {count}")
+        })
+        .collect();
+    let offered = device_plugin::describe(&expected, chosen.sharing());
+    Ok(if missing.is_empty() {
+        (
+            Outcome::Ready,
+            format!("the node offers {offered}; {config}"),
+        )
+    } else {
+        (
+            Outcome::Pending,
+            format!(
+                "waiting for the device plugin to register: allocatable {}; {config}",
+                missing.join(", ")
+            ),
+        )
+    })
 }
 
 /// What a disabled or opted-out operand takes away: its static pod. (Its
@@ -259,4 +316,17 @@ pub fn withdraw(ctx: &StepContext, operand: Operand) -> Result<Vec<Change>, Step
         }],
         _ => Vec::new(),
     })
+}
+
+/// The GPUs on the node: those NVML sees, or without NVML the PCI GPUs
+/// bound to the nvidia driver.
+pub fn gpu_count(ctx: &StepContext) -> usize {
+    match ctx.facts.nvml(ctx.host) {
+        Ok(inventory) => inventory.devices.len(),
+        Err(_) => ctx
+            .facts
+            .gpus()
+            .filter(|g| g.driver.as_deref() == Some("nvidia"))
+            .count(),
+    }
 }

@@ -5,6 +5,7 @@
 use serde_json::{Value, json};
 
 use super::Operand;
+use super::device_plugin::{CONFIG_ANNOTATION, Chosen, HOST_CONFIG_DIR, POD_CONFIG_DIR};
 use crate::catalog::OPERAND_TEMPLATES;
 use crate::spec::Spec;
 
@@ -26,13 +27,30 @@ fn template(operand: Operand) -> (&'static str, &'static str) {
         .expect("every operand has a template")
 }
 
-/// The operand's manifest as gpuprov writes it.
-pub fn render(spec: &Spec, operand: Operand) -> Result<String, String> {
+/// The operand's manifest as gpuprov writes it; with the device plugin's
+/// config, the pod reads it from the host file gpuprov writes, and carries
+/// its digest so that a new config restarts the pod.
+pub fn render(spec: &Spec, operand: Operand, config: Option<&Chosen>) -> Result<String, String> {
     let (name, text) = template(operand);
     let mut pod: Value =
         serde_saphyr::from_str(text).map_err(|e| format!("template {name}: {e}"))?;
     let wanted = operand.spec(spec);
     pod["metadata"]["labels"][MANAGED_BY.0] = json!(MANAGED_BY.1);
+    if let Some(config) = config {
+        pod["metadata"]["annotations"][CONFIG_ANNOTATION] = json!(config.annotation());
+        let volumes = pod["spec"]["volumes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        pod["spec"]["volumes"] = json!(volumes);
+        pod["spec"]["volumes"]
+            .as_array_mut()
+            .expect("an array")
+            .push(json!({
+                "name": "device-plugin-config",
+                "hostPath": {"path": HOST_CONFIG_DIR, "type": "DirectoryOrCreate"},
+            }));
+    }
     if !spec.containerd.set_as_default {
         put_first(
             &mut pod["spec"],
@@ -56,9 +74,27 @@ pub fn render(spec: &Spec, operand: Operand) -> Result<String, String> {
         args.extend(wanted.args.iter().map(|a| json!(a)));
         container["args"] = json!(args);
     }
-    if !wanted.env.is_empty() {
+    let mut env_vars = wanted.env.clone();
+    if config.is_some() {
+        let mut mounts = container["volumeMounts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        mounts.push(
+            json!({"name": "device-plugin-config", "mountPath": POD_CONFIG_DIR, "readOnly": true}),
+        );
+        container["volumeMounts"] = json!(mounts);
+        env_vars.insert(
+            0,
+            (
+                "CONFIG_FILE".to_string(),
+                format!("{POD_CONFIG_DIR}/config.yaml"),
+            ),
+        );
+    }
+    if !env_vars.is_empty() {
         let mut env = container["env"].as_array().cloned().unwrap_or_default();
-        for (key, value) in &wanted.env {
+        for (key, value) in &env_vars {
             let var = json!({"name": key, "value": value});
             match env.iter_mut().find(|v| v["name"] == json!(key)) {
                 Some(existing) => *existing = var,
@@ -123,7 +159,7 @@ mod tests {
     fn every_template_renders_and_is_recognised_as_ours() {
         let spec = Spec::default_spec();
         for operand in Operand::ALL {
-            let text = render(&spec, operand).unwrap();
+            let text = render(&spec, operand, None).unwrap();
             assert!(is_ours(&text), "{text}");
             let pod: Value = serde_saphyr::from_str(&text).unwrap();
             assert_eq!(pod["kind"], "Pod");

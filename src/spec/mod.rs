@@ -17,6 +17,7 @@ use serde_saphyr::Spanned;
 use crate::diagnostic::{Diagnostic, Diagnostics, Source, nearest};
 
 mod containerd;
+mod device_plugin;
 mod driver;
 mod mig;
 mod operands;
@@ -25,6 +26,7 @@ mod states;
 mod toolkit;
 
 pub use containerd::*;
+pub use device_plugin::*;
 pub use driver::*;
 pub use mig::*;
 pub use operands::*;
@@ -142,6 +144,8 @@ pub struct Spec {
     pub toolkit: ToolkitSpec,
     pub containerd: ContainerdOptions,
     pub device_plugin: OperandSpec,
+    /// `devicePlugin.config`: the device plugin's configs by name.
+    pub device_plugin_config: PluginConfigs,
     pub dcgm_exporter: OperandSpec,
     pub gfd: OperandSpec,
     pub gfd_mode: GfdMode,
@@ -225,6 +229,18 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         source,
         &mut errors,
     );
+    for (section, raw_operand) in [("dcgmExporter", &raw.dcgm_exporter), ("gfd", &raw.gfd)] {
+        if let Some(config) = &raw_operand.config {
+            errors.push(
+                Diagnostic::at_location(
+                    source,
+                    config.referenced,
+                    format!("{section}.config is not a setting"),
+                )
+                .with_help("devicePlugin.config holds the device plugin's (and GFD's) configs"),
+            );
+        }
+    }
     for (section, raw_operand) in [
         ("devicePlugin", &raw.device_plugin),
         ("dcgmExporter", &raw.dcgm_exporter),
@@ -244,6 +260,11 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         "devicePlugin",
         &raw.device_plugin,
         DEVICE_PLUGIN_IMAGE,
+        source,
+        &mut errors,
+    );
+    let device_plugin_config = device_plugin::resolve_plugin_configs(
+        raw.device_plugin.config.as_ref(),
         source,
         &mut errors,
     );
@@ -274,6 +295,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         toolkit,
         containerd,
         device_plugin,
+        device_plugin_config,
         dcgm_exporter,
         gfd,
         gfd_mode,

@@ -11,6 +11,8 @@ use super::*;
 pub(super) struct RawOperand {
     pub(super) enabled: Option<bool>,
     pub(super) mode: Option<Spanned<String>>,
+    /// `devicePlugin.config` alone; `resolve` says so for another section.
+    pub(super) config: Option<Spanned<device_plugin::RawPluginConfigs>>,
     pub(super) repository: Option<Spanned<String>>,
     pub(super) image: Option<Spanned<String>>,
     pub(super) version: Option<Spanned<String>>,
@@ -39,6 +41,7 @@ pub(super) struct RawValidator {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawOperands {
     pub(super) deploy: Option<Spanned<String>>,
+    pub(super) namespace: Option<Spanned<String>>,
     pub(super) static_pod_dir: Option<Spanned<String>>,
 }
 
@@ -99,6 +102,9 @@ pub const CRI_DEFAULT_COMMAND: [&str; 2] = ["nvidia-smi", "-L"];
 #[serde(rename_all = "camelCase")]
 pub struct OperandsSpec {
     pub deploy: OperandDeploy,
+    /// Where the operands' DaemonSets run (`deploy/operands`): the device
+    /// plugin's configs go into a ConfigMap there.
+    pub namespace: String,
     /// The kubelet's static pod directory (`staticPodPath`).
     pub static_pod_dir: String,
 }
@@ -132,6 +138,9 @@ pub const VALIDATOR_IMAGE: (&str, &str, &str) = (
     "cuda-sample",
     "vectoradd-cuda11.7.1-ubuntu20.04",
 );
+
+/// `deploy/operands`' namespace.
+pub const DEFAULT_OPERANDS_NAMESPACE: &str = "gpuprov";
 
 pub const DEFAULT_STATIC_POD_DIR: &str = "/etc/kubernetes/manifests";
 
@@ -355,8 +364,33 @@ pub(super) fn resolve_operands(
         }
         None => DEFAULT_STATIC_POD_DIR.to_string(),
     };
+    let namespace = match &raw.namespace {
+        Some(ns) => {
+            let valid = !ns.value.is_empty()
+                && ns.value.len() <= 63
+                && ns
+                    .value
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !ns.value.starts_with('-')
+                && !ns.value.ends_with('-');
+            if !valid {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    ns.referenced,
+                    format!(
+                        "operands.namespace `{}` is not a namespace name (lower-case letters, digits and `-`, at most 63)",
+                        ns.value
+                    ),
+                ));
+            }
+            ns.value.clone()
+        }
+        None => DEFAULT_OPERANDS_NAMESPACE.to_string(),
+    };
     OperandsSpec {
         deploy,
+        namespace,
         static_pod_dir,
     }
 }

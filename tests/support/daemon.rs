@@ -56,7 +56,7 @@ impl Daemon {
         // this fixture.
         command.env(
             "GPUPROV_FAKE_NVML",
-            super::repo().join("fixtures/nvml/a100-mig.yaml"),
+            super::repo().join("fixtures/nvml/a100.yaml"),
         );
         let child = command
             .args(["run", "--host-exec", "prefix", "--node-name", node])

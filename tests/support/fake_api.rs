@@ -100,6 +100,8 @@ struct Inner {
     events: Vec<Value>,
     /// (namespace, name) → pod.
     pods: BTreeMap<(String, String), Value>,
+    /// (namespace, name) → ConfigMap.
+    config_maps: BTreeMap<(String, String), Value>,
     /// (namespace, name) → its log.
     pod_logs: BTreeMap<(String, String), String>,
     operands: Option<Operands>,
@@ -154,6 +156,10 @@ impl FakeApi {
             )
             .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
             .route("/api/v1/pods", get(list_all_pods))
+            .route(
+                "/api/v1/namespaces/{ns}/configmaps/{name}",
+                get(get_config_map).patch(apply_config_map),
+            )
             .fallback(not_found)
             .layer(axum::middleware::from_fn_with_state(
                 shared.clone(),
@@ -318,6 +324,15 @@ impl FakeApi {
             .get_mut(&(namespace.to_string(), name.to_string()))
             .unwrap();
         pod["status"]["phase"] = json!(phase);
+    }
+
+    /// A ConfigMap's data, if it exists.
+    pub fn config_map(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, String>> {
+        let inner = self.shared.0.lock().unwrap();
+        let map = inner
+            .config_maps
+            .get(&(namespace.to_string(), name.to_string()))?;
+        serde_json::from_value(map["data"].clone()).ok()
     }
 
     pub fn pods(&self) -> Vec<Value> {
@@ -936,7 +951,9 @@ fn simulate_operands(inner: &mut Inner, name: &str) {
     };
     inner.version += 1;
     let version = inner.version;
-    let node = inner.nodes.get_mut(name).unwrap();
+    let Some(node) = inner.nodes.get_mut(name) else {
+        return;
+    };
     let on = |key: &str| {
         node.labels
             .get(&format!("nvidia.com/gpu.deploy.{key}"))
@@ -948,11 +965,11 @@ fn simulate_operands(inner: &mut Inner, name: &str) {
         on("gpu-feature-discovery"),
     );
     let before = (node.allocatable.clone(), node.labels.clone());
+    node.allocatable
+        .retain(|k, _| !k.starts_with("nvidia.com/gpu"));
     if plugin {
-        node.allocatable
-            .insert("nvidia.com/gpu".into(), operands.gpus.to_string());
-    } else {
-        node.allocatable.remove("nvidia.com/gpu");
+        let (resource, count) = offered(&inner.config_maps, &node.labels, operands.gpus);
+        node.allocatable.insert(resource, count.to_string());
     }
     let product = "nvidia.com/gpu.product".to_string();
     if gfd {
@@ -984,6 +1001,107 @@ fn simulate_operands(inner: &mut Inner, name: &str) {
     } else {
         inner.pods.remove(&key);
     }
+}
+
+/// What the device plugin offers with the config its sidecar follows (the
+/// node label `gpuprov.io/device-plugin.config`, a key of the ConfigMap
+/// gpuprov/gpuprov-device-plugin-configs): whole GPUs, times the replicas
+/// of a shared `nvidia.com/gpu`, renamed `.shared` by `renameByDefault`.
+fn offered(
+    config_maps: &BTreeMap<(String, String), Value>,
+    labels: &BTreeMap<String, String>,
+    gpus: usize,
+) -> (String, usize) {
+    let plain = ("nvidia.com/gpu".to_string(), gpus);
+    let Some(name) = labels.get("gpuprov.io/device-plugin.config") else {
+        return plain;
+    };
+    let key = (
+        "gpuprov".to_string(),
+        "gpuprov-device-plugin-configs".to_string(),
+    );
+    let Some(text) = config_maps
+        .get(&key)
+        .and_then(|map| map["data"][name].as_str())
+    else {
+        return plain;
+    };
+    let config: Value = serde_saphyr::from_str(text).expect("gpuprov hands over YAML");
+    let sharing = &config["sharing"];
+    let replicated = if sharing["mps"].is_object() {
+        &sharing["mps"]
+    } else {
+        &sharing["timeSlicing"]
+    };
+    let shared = replicated["resources"].as_array().and_then(|resources| {
+        resources
+            .iter()
+            .find(|r| r["name"] == "nvidia.com/gpu" || r["name"] == "gpu")
+    });
+    match shared {
+        Some(resource) => {
+            let replicas = resource["replicas"].as_u64().unwrap() as usize;
+            let name = if replicated["renameByDefault"] == true {
+                "nvidia.com/gpu.shared"
+            } else {
+                "nvidia.com/gpu"
+            };
+            (name.to_string(), gpus * replicas)
+        }
+        None => plain,
+    }
+}
+
+async fn get_config_map(
+    State(shared): State<Shared>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> Response {
+    match shared
+        .0
+        .lock()
+        .unwrap()
+        .config_maps
+        .get(&(ns, name.clone()))
+    {
+        Some(map) => axum::Json(map.clone()).into_response(),
+        None => status(404, "NotFound", format!("configmaps \"{name}\" not found")),
+    }
+}
+
+/// Server-side apply by one manager: the applied data replaces the old.
+async fn apply_config_map(
+    State(shared): State<Shared>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if content_type != "application/apply-patch+yaml" {
+        return status(415, "UnsupportedMediaType", content_type.to_string());
+    }
+    let Ok(applied) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "configmap is not JSON".to_string());
+    };
+    let mut inner = shared.0.lock().unwrap();
+    inner.version += 1;
+    let map = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {
+            "name": name, "namespace": ns,
+            "labels": applied["metadata"]["labels"],
+            "resourceVersion": inner.version.to_string(),
+        },
+        "data": applied["data"],
+    });
+    inner.config_maps.insert((ns, name), map.clone());
+    let names: Vec<String> = inner.nodes.keys().cloned().collect();
+    for node in names {
+        simulate_operands(&mut inner, &node);
+    }
+    axum::Json(map).into_response()
 }
 
 async fn create_event(
