@@ -194,6 +194,7 @@ fn the_daemonset_variant_matches_the_binary() {
     for (resource, verbs) in [
         ("pods", &["create", "get", "delete"][..]),
         ("pods/log", &["get"]),
+        ("configmaps", &["get", "patch"]),
     ] {
         let rule = rules
             .iter()
@@ -208,6 +209,14 @@ fn the_daemonset_variant_matches_the_binary() {
             assert!(rule.verbs.contains(&verb.to_string()), "{resource} {verb}");
         }
     }
+    // Creating the device plugin's ConfigMap the first time.
+    assert!(rules.iter().any(|r| {
+        r.resources
+            .as_ref()
+            .unwrap()
+            .contains(&"configmaps".to_string())
+            && r.verbs.contains(&"create".to_string())
+    }));
     let runtime_class: Vec<k8s_openapi::api::node::v1::RuntimeClass> =
         of_kind(&docs, "RuntimeClass");
     assert_eq!(runtime_class[0].handler, "nvidia");
@@ -412,6 +421,10 @@ fn the_operands_follow_the_deploy_labels() {
         let selector = pod.node_selector.clone().unwrap();
         let (key, value) = selector.iter().next().unwrap();
         assert_eq!(value, "true");
+        if key == "nvidia.com/mps.capable" {
+            // MPS's control daemon: where GFD's labels say MPS is in use.
+            continue;
+        }
         let operand = key
             .strip_prefix("nvidia.com/gpu.deploy.")
             .expect("a GPU Operator deploy label");
@@ -468,4 +481,68 @@ fn the_operands_follow_the_deploy_labels() {
         labels["app"], "nvidia-dcgm-exporter",
         "the label gpuprov will look for"
     );
+}
+
+/// The device plugin, GFD and MPS's control daemon follow the config gpuprov
+/// names: NVIDIA's config-manager watches gpuprov's label and reads
+/// gpuprov's ConfigMap, and signals the process its pod shares.
+#[test]
+fn the_config_readers_follow_gpuprovs_label_and_configmap() {
+    use gpuprov::operands::device_plugin::{CHOSEN_LABEL, CONFIG_MAP};
+    let docs = render(&repo().join("deploy/operands"));
+    let daemonsets: Vec<DaemonSet> = of_kind(&docs, "DaemonSet");
+    let readers: Vec<&DaemonSet> = daemonsets
+        .iter()
+        .filter(|d| d.metadata.name.as_deref() != Some("nvidia-dcgm-exporter"))
+        .collect();
+    assert_eq!(readers.len(), 3);
+    for daemonset in readers {
+        let name = daemonset.metadata.name.clone().unwrap();
+        let pod = daemonset.spec.template.spec.clone().unwrap();
+        assert_eq!(pod.share_process_namespace, Some(true), "{name}");
+        let volumes = pod.volumes.clone().unwrap();
+        let configs = volumes
+            .iter()
+            .find(|v| v.name == "available-configs")
+            .unwrap_or_else(|| panic!("{name}: no available-configs"));
+        assert_eq!(configs.config_map.as_ref().unwrap().name, CONFIG_MAP);
+        let managers: Vec<&Container> = pod
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&pod.containers)
+            .filter(|c| c.command.as_deref() == Some(&["config-manager".to_string()][..]))
+            .collect();
+        assert_eq!(managers.len(), 2, "{name}: once, then as a sidecar");
+        for manager in managers {
+            let env: std::collections::BTreeMap<String, String> = manager
+                .env
+                .iter()
+                .flatten()
+                .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+                .collect();
+            assert_eq!(env["NODE_LABEL"], CHOSEN_LABEL, "{name}");
+            assert_eq!(env["CONFIG_FILE_DST"], "/config/config.yaml", "{name}");
+        }
+        let reader = pod
+            .containers
+            .iter()
+            .find(|c| c.command.as_deref() != Some(&["config-manager".to_string()][..]))
+            .unwrap();
+        assert!(
+            reader
+                .env
+                .iter()
+                .flatten()
+                .any(|e| e.name == "CONFIG_FILE"
+                    && e.value.as_deref() == Some("/config/config.yaml")),
+            "{name}"
+        );
+    }
+    // The config-manager's service account may read nodes.
+    let roles: Vec<ClusterRole> = of_kind(&docs, "ClusterRole");
+    assert!(roles.iter().any(|r| r.rules.iter().flatten().any(|rule| {
+        rule.resources.iter().flatten().any(|res| res == "nodes")
+            && rule.verbs.contains(&"watch".to_string())
+    })));
 }

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -368,4 +369,198 @@ fn bad_mig_parted_documents_are_refused_with_their_place() {
         assert!(stderr.contains(wanted), "wanted {wanted:?} in:\n{stderr}");
         assert!(stderr.contains("bad.yaml:"), "{stderr}");
     }
+}
+
+impl Node {
+    /// The labels `apply --labels-sink stdout` publishes with `spec`.
+    fn labels(&self, spec: &str) -> BTreeMap<String, String> {
+        let output = self
+            .command("apply", spec)
+            .args(["--labels-sink", "stdout"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.code() == Some(0) || output.status.code() == Some(3),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
+/// GFD's labels on the node: what its v0.17 labelers publish.
+fn gfd_only(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .filter(|(k, _)| {
+            (k.starts_with("nvidia.com/") && !k.contains(".deploy.") && !k.contains("mig.config"))
+                && !k.starts_with("nvidia.com/gpu.present")
+        })
+        .map(|(k, v)| format!("{k}={v}\n"))
+        .collect()
+}
+
+/// The keys GFD's documentation lists for a MIG device type
+/// (docs/gpu-feature-discovery/README.md, "MIG 'single' strategy" and
+/// "MIG 'mixed' strategy"), under `prefix`.
+fn gfd_mig_keys(prefix: &str) -> Vec<String> {
+    [
+        "count",
+        "memory",
+        "multiprocessors",
+        "slices.gi",
+        "slices.ci",
+        "engines.copy",
+        "engines.decoder",
+        "engines.encoder",
+        "engines.jpeg",
+        "engines.ofa",
+        "product",
+        "replicas",
+        "sharing-strategy",
+    ]
+    .iter()
+    .map(|k| format!("{prefix}.{k}"))
+    .collect()
+}
+
+#[test]
+fn gfd_labels_follow_the_mig_strategy_and_the_layout() {
+    let node = Node::new("a100-preinstalled", "a100.yaml", "");
+    let spec = |strategy: &str, layout: &str| {
+        format!(
+            "mig:\n  strategy: {strategy}\n  default: {layout}\n  configs:\n    version: v1\n    mig-configs:\n      mixed:\n        - devices: all\n          mig-enabled: true\n          mig-devices:\n            \"3g.20gb\": 1\n            \"2g.10gb\": 1\n            \"1g.5gb\": 2\n"
+        )
+    };
+
+    // No MIG: the whole GPU, and no MIG keys at all.
+    let none = node.labels(&spec("none", "all-disabled"));
+    assert_eq!(none["nvidia.com/gpu.product"], "NVIDIA-A100-SXM4-40GB");
+    assert!(
+        !none
+            .keys()
+            .any(|k| k.starts_with("nvidia.com/mig.strategy"))
+    );
+    insta::assert_snapshot!("gfd-mig-none", gfd_only(&none));
+
+    // single: nvidia.com/gpu describes the MIG devices, as GFD's table.
+    let single = node.labels(&spec("single", "all-1g.5gb"));
+    for (key, value) in [
+        ("nvidia.com/mig.strategy", "single"),
+        ("nvidia.com/gpu.product", "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb"),
+        ("nvidia.com/gpu.count", "7"),
+        ("nvidia.com/gpu.memory", "4864"),
+        ("nvidia.com/gpu.multiprocessors", "14"),
+        ("nvidia.com/gpu.slices.gi", "1"),
+        ("nvidia.com/gpu.slices.ci", "1"),
+        ("nvidia.com/gpu.engines.copy", "1"),
+        ("nvidia.com/gpu.engines.decoder", "0"),
+        ("nvidia.com/gpu.replicas", "1"),
+        ("nvidia.com/gpu.sharing-strategy", "none"),
+    ] {
+        assert_eq!(single.get(key).map(String::as_str), Some(value), "{key}");
+    }
+    for key in gfd_mig_keys("nvidia.com/gpu") {
+        assert!(single.contains_key(&key), "single lacks {key}");
+    }
+    insta::assert_snapshot!("gfd-mig-single", gfd_only(&single));
+
+    // mixed: one set per profile; the GPU itself is MIG-enabled, so GFD
+    // labels it without replicas. The single keys are gone.
+    let mixed = node.labels(&spec("mixed", "mixed"));
+    assert_eq!(mixed["nvidia.com/mig.strategy"], "mixed");
+    for (profile, count, memory, sms) in [
+        ("3g.20gb", "1", "19968", "42"),
+        ("2g.10gb", "1", "9856", "28"),
+        ("1g.5gb", "2", "4864", "14"),
+    ] {
+        let prefix = format!("nvidia.com/mig-{profile}");
+        for key in gfd_mig_keys(&prefix) {
+            assert!(mixed.contains_key(&key), "mixed lacks {key}");
+        }
+        assert_eq!(mixed[&format!("{prefix}.count")], count);
+        assert_eq!(mixed[&format!("{prefix}.memory")], memory);
+        assert_eq!(mixed[&format!("{prefix}.multiprocessors")], sms);
+        assert_eq!(
+            mixed[&format!("{prefix}.product")],
+            format!("NVIDIA-A100-SXM4-40GB-MIG-{profile}")
+        );
+    }
+    assert_eq!(mixed["nvidia.com/gpu.replicas"], "0");
+    assert_eq!(mixed["nvidia.com/gpu.product"], "NVIDIA-A100-SXM4-40GB");
+    assert!(!mixed.contains_key("nvidia.com/gpu.multiprocessors"));
+    insta::assert_snapshot!("gfd-mig-mixed", gfd_only(&mixed));
+
+    // The same layout under single is not one GFD accepts: INVALID.
+    let invalid = node.labels(&spec("single", "mixed"));
+    assert_eq!(
+        invalid["nvidia.com/gpu.product"],
+        "NVIDIA-A100-SXM4-40GB-MIG-INVALID"
+    );
+    assert_eq!(invalid["nvidia.com/gpu.count"], "0");
+    assert!(!invalid.keys().any(|k| k.starts_with("nvidia.com/mig-")));
+}
+
+#[test]
+fn the_device_plugin_expects_the_mig_resources_of_the_strategy_and_stale_labels_go() {
+    let node = Node::new("a100-preinstalled", "a100.yaml", "");
+    let fake = running_cluster(&node);
+    let spec = |strategy: &str| {
+        format!(
+            "mig:\n  strategy: {strategy}\n  default: mixed\n  configs:\n    version: v1\n    mig-configs:\n      mixed:\n        - devices: all\n          mig-enabled: true\n          mig-devices:\n            \"3g.20gb\": 1\n            \"1g.5gb\": 2\n"
+        )
+    };
+    // The layout applies; the plugin (still offering the whole GPU) is not
+    // what mixed asks for.
+    let (code, report) = node.apply(&spec("mixed"), Some(&fake), &[]);
+    assert_eq!(code, 3, "{report}");
+    let (code, report) = node.apply(&spec("mixed"), Some(&fake), &[]);
+    assert_eq!(code, 3);
+    let (_, state, reason) = steps(&report).remove("device-plugin").unwrap();
+    assert_eq!(state, "pending");
+    assert!(
+        reason.contains("nvidia.com/mig-1g.5gb is none, want 2")
+            && reason.contains("nvidia.com/mig-3g.20gb is none, want 1"),
+        "{reason}"
+    );
+    // The plugin registers the MIG devices, as the kubelet reports them.
+    fake.set_allocatable(NODE, "nvidia.com/mig-1g.5gb", "2");
+    fake.set_allocatable(NODE, "nvidia.com/mig-3g.20gb", "1");
+    let (code, report) = node.apply(&spec("mixed"), Some(&fake), &[]);
+    let (_, state, reason) = steps(&report).remove("device-plugin").unwrap();
+    assert_eq!((code, state.as_str()), (0, "ready"), "{reason}");
+    assert!(
+        reason.contains("nvidia.com/mig-1g.5gb: 2, nvidia.com/mig-3g.20gb: 1"),
+        "{reason}"
+    );
+    let labels = fake.labels(NODE);
+    assert_eq!(labels["nvidia.com/mig-1g.5gb.count"], "2");
+    assert_eq!(labels["nvidia.com/mig.strategy"], "mixed");
+
+    // Under single the same layout is refused by the plugin: the step says
+    // why, and GFD's labels turn INVALID; the mixed labels leave the node.
+    let (code, report) = node.apply(&spec("single"), Some(&fake), &[]);
+    assert_ne!(code, 0);
+    let (_, state, reason) = steps(&report).remove("device-plugin").unwrap();
+    assert_eq!(state, "failed");
+    assert!(
+        reason.contains(
+            "mig-strategy single needs one MIG profile on the node, but it has 1g.5gb, 3g.20gb"
+        ),
+        "{reason}"
+    );
+    let labels = fake.labels(NODE);
+    assert_eq!(
+        labels["nvidia.com/gpu.product"],
+        "NVIDIA-A100-SXM4-40GB-MIG-INVALID"
+    );
+    assert!(
+        !labels.keys().any(|k| k.starts_with("nvidia.com/mig-")),
+        "{labels:?}"
+    );
+    assert_eq!(labels["nvidia.com/mig.strategy"], "single");
 }

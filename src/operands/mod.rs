@@ -309,13 +309,21 @@ fn verify_device_plugin(
 /// deploy label goes by itself: the run no longer publishes it.)
 pub fn withdraw(ctx: &StepContext, operand: Operand) -> Result<Vec<Change>, StepError> {
     let path = static_pod::path(ctx.spec, operand);
-    Ok(match ctx.host.read(&path)? {
+    let mut changes = match ctx.host.read(&path)? {
         Some(text) if static_pod::is_ours(&text) => vec![Change::RemoveFile {
             path,
             purpose: format!("{} static pod: disabled", operand.name()),
         }],
         _ => Vec::new(),
-    })
+    };
+    if operand == Operand::DevicePlugin && ctx.host.read(device_plugin::HOST_CONFIG_FILE)?.is_some()
+    {
+        changes.push(Change::RemoveFile {
+            path: device_plugin::HOST_CONFIG_FILE.to_string(),
+            purpose: "the device plugin's config: disabled".to_string(),
+        });
+    }
+    Ok(changes)
 }
 
 /// The GPUs on the node: those NVML sees, or without NVML the PCI GPUs

@@ -5,7 +5,9 @@
 use serde_json::{Value, json};
 
 use super::Operand;
-use super::device_plugin::{CONFIG_ANNOTATION, Chosen, HOST_CONFIG_DIR, POD_CONFIG_DIR};
+use super::device_plugin::{
+    CONFIG_ANNOTATION, Chosen, HOST_CONFIG_DIR, HOST_CONFIG_FILE, POD_CONFIG_DIR,
+};
 use crate::catalog::OPERAND_TEMPLATES;
 use crate::spec::Spec;
 
@@ -127,8 +129,8 @@ fn put_first(object: &mut Value, entries: &[(&str, Value)]) {
     *object = Value::Object(map);
 }
 
-/// Removes every operand manifest gpuprov wrote (`gpuprov revert`);
-/// returns their paths.
+/// Removes every operand manifest gpuprov wrote (`gpuprov revert`), and
+/// the device plugin config they read; returns their paths.
 pub fn remove_ours(
     host: &crate::host::Host,
     spec: &Spec,
@@ -140,6 +142,11 @@ pub fn remove_ours(
             host.remove(&path)?;
             removed.push(path);
         }
+    }
+    // Under gpuprov's own directory: only gpuprov writes it.
+    if host.read(HOST_CONFIG_FILE)?.is_some() {
+        host.remove(HOST_CONFIG_FILE)?;
+        removed.push(HOST_CONFIG_FILE.to_string());
     }
     Ok(removed)
 }

@@ -326,6 +326,13 @@ impl FakeApi {
         pod["status"]["phase"] = json!(phase);
     }
 
+    /// A node's allocatable resources.
+    pub fn node_allocatable(&self, node: &str) -> BTreeMap<String, String> {
+        self.shared.0.lock().unwrap().nodes[node]
+            .allocatable
+            .clone()
+    }
+
     /// A ConfigMap's data, if it exists.
     pub fn config_map(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, String>> {
         let inner = self.shared.0.lock().unwrap();
