@@ -356,8 +356,14 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         }
     };
     let machine = ctx.host.read(MACHINE_FILE)?;
-    let chosen = crate::operands::device_plugin::chosen(ctx.spec, &ctx.facts.node_labels)
-        .map_err(StepError::Observe)?;
+    // The config in force (a label naming no config changes nothing; the
+    // device-plugin step reports it).
+    let (chosen, _) = crate::operands::device_plugin::in_force(ctx.spec, &ctx.facts.node_labels);
+    let chosen = match chosen {
+        Some(chosen) => chosen,
+        None => crate::operands::device_plugin::chosen(ctx.spec, &BTreeMap::new())
+            .map_err(StepError::Observe)?,
+    };
     let gpus = crate::operands::device_plugin::gpus(ctx)
         .map_err(StepError::Observe)?
         .unwrap_or_default();

@@ -80,6 +80,36 @@ pub fn chosen<'a>(
     })
 }
 
+/// The config in force: the one the labels choose; when the
+/// `nvidia.com/device-plugin.config` label names no config, the one handed
+/// over before (gpuprov's label on the node) stays, with the problem to
+/// report. `None` with a problem: nothing was handed over yet.
+pub fn in_force<'a>(
+    spec: &'a Spec,
+    node_labels: &BTreeMap<String, String>,
+) -> (Option<Chosen<'a>>, Option<String>) {
+    match chosen(spec, node_labels) {
+        Ok(chosen) => (Some(chosen), None),
+        Err(problem) => {
+            let before = node_labels
+                .get(CHOSEN_LABEL)
+                .and_then(|name| spec.device_plugin_config.configs.get_key_value(name));
+            match before {
+                Some((name, config)) => (
+                    Some(Chosen {
+                        name,
+                        config,
+                        whence: format!("kept: {CHOSEN_LABEL}={name}"),
+                        mig_strategy: config.mig_strategy.unwrap_or(spec.mig.strategy),
+                    }),
+                    Some(format!("{problem}; config {name} stays in force")),
+                ),
+                None => (None, Some(problem)),
+            }
+        }
+    }
+}
+
 /// Every config's file, by name: the ConfigMap's data.
 pub fn config_map_data(spec: &Spec) -> BTreeMap<String, String> {
     spec.device_plugin_config

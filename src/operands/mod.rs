@@ -99,11 +99,30 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
     // The device plugin's config, which GFD (daemonset mode) reads too.
     let uses_config = operand == Operand::DevicePlugin
         || (operand == Operand::GpuFeatureDiscovery && ctx.spec.device_plugin.enabled);
-    let chosen = if uses_config {
-        Some(device_plugin::chosen(ctx.spec, &ctx.facts.node_labels).map_err(StepError::Observe)?)
+    let (chosen, problem) = if uses_config {
+        device_plugin::in_force(ctx.spec, &ctx.facts.node_labels)
     } else {
-        None
+        (None, None)
     };
+    if operand == Operand::DevicePlugin
+        && let Some(problem) = problem
+    {
+        // A label naming no config changes nothing: what was handed over
+        // stays, and the step says why it is not what was asked.
+        let mut obs = Observation::new(Outcome::Failed, problem);
+        if !static_pods {
+            obs.labels
+                .insert(operand.deploy_label(), "true".to_string());
+            if let Some(chosen) = &chosen {
+                obs.labels.insert(
+                    device_plugin::CHOSEN_LABEL.to_string(),
+                    chosen.name.to_string(),
+                );
+            }
+        }
+        obs.gate = Some(crate::step::Gate::Pass);
+        return Ok(obs);
+    }
     if operand == Operand::DevicePlugin
         && let Some(chosen) = &chosen
     {
@@ -191,7 +210,7 @@ fn verify(
     }
     Ok(match operand {
         Operand::DevicePlugin => {
-            let chosen = chosen.expect("the device plugin has a config");
+            let chosen = chosen.expect("the device plugin has a config in force");
             verify_device_plugin(ctx, chosen)?
         }
         Operand::DcgmExporter => {
