@@ -216,3 +216,53 @@ fn nvml_failures_are_reported_on_the_states_that_need_it() {
             .contains("no GPU features without NVML: driver not loaded")
     );
 }
+
+/// GPUs on one NVLink fabric clique, with an IMEX peer list on the host:
+/// GFD's `gpu.clique` and `gpu.imex-domain`. The fake NVML answers
+/// `nvmlDeviceGetGpuFabricInfo` from each device's `fabric`.
+#[test]
+fn gpus_on_one_nvlink_clique_are_labelled_with_it_and_their_imex_domain() {
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let fixture = host.path().join("fabric.yaml");
+    let text = std::fs::read_to_string(support::repo().join("fixtures/nvml/h100x8.yaml"))
+        .unwrap()
+        .replace(
+            "    persistenceMode: true\n",
+            "    persistenceMode: true\n    fabric: {clusterUuid: 6e1e0d9a-5b1f-4a7c-9d2e-3f4a5b6c7d8e, cliqueId: 32766}\n",
+        );
+    std::fs::write(&fixture, text).unwrap();
+    // Without the peer list: no IMEX labels.
+    let (_, labels, _) = apply(host.path(), fixture.to_str().unwrap());
+    assert!(!labels.contains_key("nvidia.com/gpu.clique"), "{labels:?}");
+
+    let imex = host.path().join("etc/nvidia-imex");
+    std::fs::create_dir_all(&imex).unwrap();
+    std::fs::write(
+        imex.join("nodes_config.cfg"),
+        "192.168.0.12\n192.168.0.11\n",
+    )
+    .unwrap();
+    let (code, labels, _) = apply(host.path(), fixture.to_str().unwrap());
+    assert_eq!(code, 0);
+    assert_eq!(
+        labels["nvidia.com/gpu.clique"],
+        "6e1e0d9a-5b1f-4a7c-9d2e-3f4a5b6c7d8e.32766"
+    );
+    // uuid.uuid5(uuid.UUID(int=0), "192.168.0.11\n192.168.0.12"): GFD's
+    // uuid.NewSHA1 of the sorted peers.
+    assert_eq!(
+        labels["nvidia.com/gpu.imex-domain"],
+        "97752ca8-08fb-5f83-90f8-ee63c6179fd7.32766"
+    );
+
+    // A peer list GFD would refuse: no IMEX labels, and the step says why.
+    std::fs::write(imex.join("nodes_config.cfg"), "192.168.0.11\nnode-b\n").unwrap();
+    let (code, labels, report) = apply(host.path(), fixture.to_str().unwrap());
+    assert_eq!(code, 0);
+    assert!(!labels.contains_key("nvidia.com/gpu.imex-domain"));
+    let reason = &steps(&report)["gpu-feature-discovery"].2;
+    assert!(
+        reason.contains("/etc/nvidia-imex/nodes_config.cfg:2: `node-b` is not an IP address"),
+        "{reason}"
+    );
+}

@@ -18,6 +18,58 @@ use crate::spec::{GfdMode, MigStrategy, Sharing, SharingStrategy};
 use crate::step::{Gate, Observation, Outcome, StepContext, StepError};
 
 pub const MACHINE_FILE: &str = "/sys/class/dmi/id/product_name";
+/// The IMEX daemon's peer list: with it, GFD labels the node's NVLink
+/// clique and IMEX domain.
+pub const IMEX_NODES_FILE: &str = "/etc/nvidia-imex/nodes_config.cfg";
+
+/// GFD's `gpu.clique` and `gpu.imex-domain`, for a node whose GPUs are on
+/// one NVLink fabric clique and whose IMEX peer list is `imex_nodes`: the
+/// clique as `<cluster uuid>.<clique id>`, the domain as a name-based UUID
+/// of the sorted peer addresses, then `.<clique id>`. None when the GPUs
+/// are on no fabric, or on several cliques; an address that is not one is
+/// an error naming its line.
+pub fn imex_labels(
+    devices: &[NvmlDevice],
+    imex_nodes: &str,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut peers = Vec::new();
+    for (i, line) in imex_nodes.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.parse::<std::net::IpAddr>().is_err() {
+            return Err(format!(
+                "{IMEX_NODES_FILE}:{}: `{line}` is not an IP address",
+                i + 1
+            ));
+        }
+        peers.push(line.to_string());
+    }
+    let fabrics: std::collections::BTreeSet<(&str, u32)> = devices
+        .iter()
+        .filter_map(|d| d.fabric.as_ref())
+        .map(|f| (f.cluster_uuid.as_str(), f.clique_id))
+        .collect();
+    let mut labels = BTreeMap::new();
+    let [(cluster, clique)] = fabrics.into_iter().collect::<Vec<_>>()[..] else {
+        return Ok(labels);
+    };
+    if peers.is_empty() {
+        return Ok(labels);
+    }
+    peers.sort();
+    let domain = uuid::Uuid::new_v5(&uuid::Uuid::nil(), peers.join("\n").as_bytes());
+    labels.insert(
+        "nvidia.com/gpu.clique".to_string(),
+        format!("{cluster}.{clique}"),
+    );
+    labels.insert(
+        "nvidia.com/gpu.imex-domain".to_string(),
+        format!("{domain}.{clique}"),
+    );
+    Ok(labels)
+}
 
 /// GFD's architecture family for a compute capability.
 pub fn family(major: i32, minor: i32) -> &'static str {
@@ -372,7 +424,14 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         mig_strategy: chosen.mig_strategy,
         sharing: chosen.sharing(),
     };
-    let labels = labels(inventory, &ctx.facts.pci, machine.as_deref(), &view);
+    let mut labels = labels(inventory, &ctx.facts.pci, machine.as_deref(), &view);
+    let mut notes = String::new();
+    if let Some(peers) = ctx.host.read(IMEX_NODES_FILE)? {
+        match imex_labels(&inventory.devices, &peers) {
+            Ok(imex) => labels.extend(imex),
+            Err(why) => notes = format!("; no IMEX labels: {why}"),
+        }
+    }
     let product = labels
         .get("nvidia.com/gpu.product")
         .cloned()
@@ -380,7 +439,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let mut obs = Observation::new(
         Outcome::Ready,
         format!(
-            "{} GPU labels: {}× {product}",
+            "{} GPU labels: {}× {product}{notes}",
             labels.len(),
             inventory.devices.len()
         ),
@@ -465,7 +524,44 @@ mod tests {
             mig_enabled: false,
             mig_pending: false,
             persistence_mode: false,
+            fabric: None,
         }
+    }
+
+    #[test]
+    fn the_imex_labels_need_one_clique_and_a_peer_list() {
+        let on = |index, clique| NvmlDevice {
+            fabric: Some(super::super::nvml::Fabric {
+                cluster_uuid: "0d1ac7e1-2b3c-4d5e-8f60-000000000001".into(),
+                clique_id: clique,
+            }),
+            ..device(index, "NVIDIA GB200")
+        };
+        let peers = "10.0.0.2\n10.0.0.1\n\n";
+        let labels = imex_labels(&[on(0, 7), on(1, 7)], peers).unwrap();
+        assert_eq!(
+            labels["nvidia.com/gpu.clique"],
+            "0d1ac7e1-2b3c-4d5e-8f60-000000000001.7"
+        );
+        // GFD's uuid.NewSHA1(uuid.Nil, "10.0.0.1\n10.0.0.2"), the peers
+        // sorted (computed apart, with Python's uuid.uuid5).
+        assert_eq!(
+            labels["nvidia.com/gpu.imex-domain"],
+            "d11d919c-29bc-5ad5-ab2d-4a1ca7895fec.7"
+        );
+        assert!(
+            imex_labels(&[on(0, 7), on(1, 8)], peers)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            imex_labels(&[device(0, "NVIDIA H100")], peers)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(imex_labels(&[on(0, 7)], "").unwrap().is_empty());
+        let err = imex_labels(&[on(0, 7)], "10.0.0.1\nnode-b\n").unwrap_err();
+        assert!(err.ends_with(":2: `node-b` is not an IP address"), "{err}");
     }
 
     #[test]

@@ -53,6 +53,18 @@ pub struct NvmlDevice {
     pub mig_enabled: bool,
     pub mig_pending: bool,
     pub persistence_mode: bool,
+    /// Its NVLink fabric membership, once the fabric manager has
+    /// registered it (GB200 NVL and the like); GFD's `gpu.clique`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fabric: Option<Fabric>,
+}
+
+/// A GPU's place in an NVLink fabric.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fabric {
+    pub cluster_uuid: String,
+    pub clique_id: u32,
 }
 
 impl NvmlDevice {
@@ -238,6 +250,7 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
             mig_enabled,
             mig_pending,
             persistence_mode,
+            fabric: fabric(&nvml, &device),
         });
     }
     Ok(Inventory {
@@ -282,6 +295,38 @@ pub fn memory_total(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Result<u6
     // is initialised.
     nvml_result(unsafe { function(device.handle(), &mut memory) })?;
     Ok(memory.total)
+}
+
+/// The GPU's fabric registration, as go-nvlib's `IsFabricAttached` takes
+/// it: present only when registration completed and succeeded. A library
+/// without the function, a GPU that does not support it, or an error is
+/// no fabric (an error is logged): the clique label is all it feeds.
+fn fabric(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Option<Fabric> {
+    use nvml_wrapper_sys::bindings::{NVML_GPU_FABRIC_STATE_COMPLETED, nvmlGpuFabricInfo_t};
+    let function = nvml.lib().nvmlDeviceGetGpuFabricInfo.as_ref().ok()?;
+    let mut info = nvmlGpuFabricInfo_t {
+        clusterUuid: [0; 16],
+        status: 0,
+        cliqueId: 0,
+        state: 0,
+    };
+    // SAFETY: NVML's symbol with nvml.h's signature; the handle is the
+    // device's own and the pointer is to a local that outlives the call.
+    match nvml_result(unsafe { function(device.handle(), &mut info) }) {
+        Ok(()) => {}
+        Err(NvmlError::NotSupported) => return None,
+        Err(e) => {
+            tracing::warn!("NVML could not say whether a GPU is on an NVLink fabric: {e}");
+            return None;
+        }
+    }
+    if u32::from(info.state) != NVML_GPU_FABRIC_STATE_COMPLETED || info.status != 0 {
+        return None;
+    }
+    Some(Fabric {
+        cluster_uuid: uuid::Uuid::from_bytes(info.clusterUuid).to_string(),
+        clique_id: info.cliqueId,
+    })
 }
 
 fn nvml_result(code: nvml_wrapper_sys::bindings::nvmlReturn_t) -> Result<(), NvmlError> {
