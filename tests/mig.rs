@@ -67,16 +67,7 @@ impl Node {
     fn apply(&self, spec: &str, fake: Option<&FakeApi>, extra: &[&str]) -> (i32, Value) {
         let mut cmd = self.command("apply", spec);
         cmd.args(["--output", "json"]);
-        match fake {
-            Some(fake) => {
-                cmd.args(["--node-name", NODE])
-                    .arg("--kubeconfig")
-                    .arg(fake.kubeconfig());
-            }
-            None => {
-                cmd.args(["--labels-sink", "none"]);
-            }
-        }
+        support::against(&mut cmd, fake, NODE);
         let output = cmd.args(extra).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         let report = serde_json::from_slice(&output.stdout)

@@ -59,16 +59,7 @@ fn apply(fake: Option<&FakeApi>, host: &Path, spec: &Path) -> (i32, Value) {
         .arg(host)
         .arg("--config")
         .arg(spec);
-    match fake {
-        Some(fake) => {
-            cmd.args(["--node-name", NODE])
-                .arg("--kubeconfig")
-                .arg(fake.kubeconfig());
-        }
-        None => {
-            cmd.args(["--labels-sink", "none"]);
-        }
-    }
+    support::against(&mut cmd, fake, NODE);
     let output = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let report = serde_json::from_slice(&output.stdout)

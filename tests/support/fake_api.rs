@@ -538,11 +538,7 @@ fn log_and_match(
     inner.log.push(Logged {
         method: method.to_string(),
         uri: uri.to_string(),
-        content_type: headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string(),
+        content_type: header(headers, "content-type"),
         user_agent: headers
             .get("user-agent")
             .and_then(|v| v.to_str().ok())
@@ -778,11 +774,7 @@ async fn patch_node(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let content_type = header(&headers, "content-type");
     let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
         return status(400, "BadRequest", "patch body is not JSON".to_string());
     };
@@ -896,10 +888,7 @@ async fn patch_node_status(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let content_type = header(&headers, "content-type");
     if !content_type.starts_with("application/strategic-merge-patch+json") {
         return status(415, "UnsupportedMediaType", content_type.to_string());
     }
@@ -1059,6 +1048,15 @@ fn offered(
     }
 }
 
+/// A header's value as text; empty when absent or not text.
+fn header(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
 async fn get_config_map(
     State(shared): State<Shared>,
     UrlPath((ns, name)): UrlPath<(String, String)>,
@@ -1082,10 +1080,7 @@ async fn apply_config_map(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+    let content_type = header(&headers, "content-type");
     if content_type != "application/apply-patch+yaml" {
         return status(415, "UnsupportedMediaType", content_type.to_string());
     }

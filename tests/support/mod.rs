@@ -138,6 +138,21 @@ pub fn changed(
     paths
 }
 
+/// Points `cmd` at `fake` as node `node`; without a fake, no API server
+/// and no labels published.
+pub fn against(cmd: &mut assert_cmd::Command, fake: Option<&fake_api::FakeApi>, node: &str) {
+    match fake {
+        Some(fake) => {
+            cmd.args(["--node-name", node])
+                .arg("--kubeconfig")
+                .arg(fake.kubeconfig());
+        }
+        None => {
+            cmd.args(["--labels-sink", "none"]);
+        }
+    }
+}
+
 /// Writes a spec into `dir` and returns its path.
 pub fn write_spec(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = dir.join(name);
