@@ -285,7 +285,8 @@ impl PluginConfigs {
     }
 }
 
-/// Where a key of a resource is reported.
+/// A resource name in full, as the device plugin completes it: `gpu` is
+/// `nvidia.com/gpu`.
 fn resource_name(written: &str) -> String {
     if written.contains('/') {
         written.to_string()
