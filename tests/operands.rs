@@ -440,12 +440,6 @@ fn without_an_api_server_static_pods_are_written_from_the_spec_and_removed_when_
     assert_eq!((action.as_str(), state.as_str()), ("change", "disabled"));
     assert!(manifest(host.path(), dir, "device-plugin").is_none());
     assert!(manifest(host.path(), dir, "dcgm-exporter").is_some());
-    assert!(
-        !host
-            .path()
-            .join("var/lib/gpuprov/device-plugin/config.yaml")
-            .exists()
-    );
 
     // Opted out by the node's label: every static pod goes.
     let (code, report, _) = apply(

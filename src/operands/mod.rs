@@ -96,17 +96,15 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
     let mut changes = Vec::new();
     let mut labels = std::collections::BTreeMap::new();
     let static_pods = as_static_pods(ctx);
-    // The device plugin's config, which GFD (daemonset mode) reads too.
-    let uses_config = operand == Operand::DevicePlugin
-        || (operand == Operand::GpuFeatureDiscovery && ctx.spec.device_plugin.enabled);
+    // The device plugin's config, which GFD (daemonset mode) reads too:
+    // whichever of the two runs first hands it over, the other finds it.
+    let uses_config = operand != Operand::DcgmExporter;
     let (chosen, problem) = if uses_config {
         device_plugin::in_force(ctx.spec, &ctx.facts.node_labels)
     } else {
         (None, None)
     };
-    if operand == Operand::DevicePlugin
-        && let Some(problem) = problem
-    {
+    if let Some(problem) = problem {
         // A label naming no config changes nothing: what was handed over
         // stays, and the step says why it is not what was asked.
         let mut obs = Observation::new(Outcome::Failed, problem);
@@ -123,9 +121,7 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
         obs.gate = Some(crate::step::Gate::Pass);
         return Ok(obs);
     }
-    if operand == Operand::DevicePlugin
-        && let Some(chosen) = &chosen
-    {
+    if let Some(chosen) = &chosen {
         let (handed, chosen_labels) = device_plugin::hand_over(ctx, chosen, static_pods)?;
         changes.extend(handed);
         labels.extend(chosen_labels);
@@ -328,21 +324,15 @@ fn verify_device_plugin(
 /// deploy label goes by itself: the run no longer publishes it.)
 pub fn withdraw(ctx: &StepContext, operand: Operand) -> Result<Vec<Change>, StepError> {
     let path = static_pod::path(ctx.spec, operand);
-    let mut changes = match ctx.host.read(&path)? {
+    // The device plugin's config file stays (GFD may read it); `revert`
+    // removes it.
+    Ok(match ctx.host.read(&path)? {
         Some(text) if static_pod::is_ours(&text) => vec![Change::RemoveFile {
             path,
             purpose: format!("{} static pod: disabled", operand.name()),
         }],
         _ => Vec::new(),
-    };
-    if operand == Operand::DevicePlugin && ctx.host.read(device_plugin::HOST_CONFIG_FILE)?.is_some()
-    {
-        changes.push(Change::RemoveFile {
-            path: device_plugin::HOST_CONFIG_FILE.to_string(),
-            purpose: "the device plugin's config: disabled".to_string(),
-        });
-    }
-    Ok(changes)
+    })
 }
 
 /// The GPUs on the node: those NVML sees, or without NVML the PCI GPUs
