@@ -7,6 +7,9 @@
 //! The change's time includes the fake NVML's own bookkeeping: it rewrites
 //! its state file after every instance it makes or destroys.
 //!
+//! Then GPU sharing: the API writes a device plugin config change costs
+//! (time-slicing ×4 back to whole GPUs) until the node is converged again.
+//!
 //! Run with `cargo bench --bench mig` (`cargo test` runs a small version).
 
 mod common;
@@ -96,14 +99,14 @@ fn main() {
     let report = apply(host.path(), &state, "all-1g.10gb", Some(&fake));
     assert_eq!(mig_action(&report), "change");
     let writes = fake.writes();
-    let label_patches = writes
-        .iter()
-        .filter(|w| w.method == "PATCH" && w.uri.contains("/nodes/") && !w.uri.contains("/status"))
-        .count();
-    let events = writes.iter().filter(|w| w.uri.contains("/events")).count();
+    let count =
+        |f: &dyn Fn(&support::fake_api::Logged) -> bool| writes.iter().filter(|w| f(w)).count();
     println!(
-        "API writes for one layout change: {} ({label_patches} label PATCHes: the pause and the restore, after which the run's own labels match and are not sent again; {events} node events)",
-        writes.len()
+        "API writes for one layout change: {} ({} label PATCHes: the pause, the restore, and the run's own labels, GFD's MIG labels now describing 1g.10gb devices; {} GPUReady condition PATCHes, False while the device plugin has yet to offer the 56 MIG devices; {} node events)",
+        writes.len(),
+        count(&|w| w.uri.contains("/nodes/") && !w.uri.contains("/status")),
+        count(&|w| w.uri.contains("/status")),
+        count(&|w| w.uri.contains("/events")),
     );
     fake.clear_log();
     let report = apply(host.path(), &state, "all-1g.10gb", Some(&fake));
@@ -111,5 +114,49 @@ fn main() {
     println!(
         "API writes once the layout is applied: {}",
         fake.writes().len()
+    );
+
+    sharing_change_writes();
+}
+
+/// A converged A100 node on time-slicing ×4 is switched back to whole GPUs
+/// by its `nvidia.com/device-plugin.config` label; the API writes until it
+/// has converged again, by kind.
+fn sharing_change_writes() {
+    let host = support::copy_host("a100-preinstalled");
+    let spec = support::write_spec(
+        host.path(),
+        "node.yaml",
+        "devicePlugin:\n  config:\n    default: whole\n    configs:\n      whole:\n        version: v1\n      ts4:\n        version: v1\n        sharing:\n          timeSlicing:\n            resources:\n              - name: nvidia.com/gpu\n                replicas: 4\n",
+    );
+    let fake = FakeApi::with_node(NODE, &[("nvidia.com/device-plugin.config", "ts4")]);
+    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let apply = || {
+        let mut cmd = support::gpuprov_with_fake_nvml("a100.yaml");
+        cmd.args(["apply", "--output", "json", "--host-exec", "prefix"])
+            .arg("--nvml-lib")
+            .arg(support::fake_nvml_library())
+            .arg("--host-root")
+            .arg(host.path())
+            .arg("--config")
+            .arg(&spec);
+        support::against(&mut cmd, Some(&fake), NODE);
+        cmd.output().unwrap().status.code()
+    };
+    let converge = || (0..4).any(|_| apply() == Some(0));
+    assert!(converge(), "the node converges on ts4");
+    fake.set_label(NODE, "nvidia.com/device-plugin.config", "whole", "kubectl");
+    fake.clear_log();
+    assert!(converge(), "the node converges on whole GPUs");
+    let writes = fake.writes();
+    let count =
+        |f: &dyn Fn(&support::fake_api::Logged) -> bool| writes.iter().filter(|w| f(w)).count();
+    println!(
+        "API writes for a device plugin config change (time-slicing x4 → whole GPUs), until converged again: {} ({} label PATCHes, {} GPUReady condition PATCHes, {} ConfigMap writes, {} node events)",
+        writes.len(),
+        count(&|w| w.uri.contains("/nodes/") && !w.uri.contains("/status")),
+        count(&|w| w.uri.contains("/status")),
+        count(&|w| w.uri.contains("/configmaps/")),
+        count(&|w| w.uri.contains("/events")),
     );
 }
