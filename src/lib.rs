@@ -36,6 +36,7 @@ pub mod registry;
 pub mod report;
 pub mod spec;
 pub mod step;
+pub mod telemetry;
 pub mod toolkit;
 
 /// The crate's error: one variant per module that can fail a command.

@@ -5,8 +5,9 @@
 //! YAML, its spec section, its `Handler` and one entry here.
 
 use crate::catalog::Handler;
+use crate::spec::ExporterMode;
 use crate::step::{Change, Observation, StepContext, StepError};
-use crate::{containerd, driver, exec_state, gpu, mig, operands, toolkit};
+use crate::{containerd, driver, exec_state, gpu, mig, operands, telemetry, toolkit};
 
 type Observe = fn(&StepContext) -> Result<Observation, StepError>;
 type Withdraw = fn(&StepContext) -> Result<Vec<Change>, StepError>;
@@ -42,7 +43,10 @@ pub fn capability(handler: Handler) -> Capability {
             |ctx| operands::withdraw(ctx, Operand::DevicePlugin),
         ),
         Handler::DcgmExporter => (
-            |ctx| operands::observe(ctx, Operand::DcgmExporter),
+            |ctx| match ctx.spec.dcgm_exporter_mode {
+                ExporterMode::Operand => operands::observe(ctx, Operand::DcgmExporter),
+                ExporterMode::Builtin => telemetry::observe_builtin(ctx),
+            },
             |ctx| operands::withdraw(ctx, Operand::DcgmExporter),
         ),
         Handler::Validator => (operands::validate::observe, leave_as_is),

@@ -10,26 +10,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::daemon::{Daemon, eventually, free_port};
+use support::daemon::{Daemon, eventually, free_port, get};
 use support::fake_api::{FakeApi, Kubelet, Operands};
 use support::{copy_host, repo};
 
 const NODE: &str = "gpu-node-1";
-
-/// GET a path; the status code and body, or None while nothing listens.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
-}
 
 /// `gpuprov run` on the A100 fixture against a working loopback cluster
 /// (the operands' DaemonSets follow the labels, the validation pod

@@ -40,6 +40,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     crate::interrupt::install();
 
     let metrics = Arc::new(server::Metrics::new(&requests));
+    metrics.set_exporter(exporter(&inputs));
     let listener = TcpListener::bind(args.listen).map_err(|source| Error::Listen {
         addr: args.listen,
         source,
@@ -127,6 +128,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                     Ok(reloaded) => {
                         tracing::info!("the config changed");
                         inputs = reloaded;
+                        metrics.set_exporter(exporter(&inputs));
                         break;
                     }
                     Err(e) => {
@@ -150,6 +152,25 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(exit::OK)
+}
+
+/// The built-in DCGM exporter when the spec asks for it; its series are
+/// labelled with the node's name, as dcgm-exporter's pod labels them.
+fn exporter(inputs: &Inputs) -> Option<crate::telemetry::Exporter> {
+    if inputs.spec.dcgm_exporter_mode != crate::spec::ExporterMode::Builtin {
+        return None;
+    }
+    let node = inputs
+        .cluster
+        .as_ref()
+        .map(|c| c.node.clone())
+        .unwrap_or_default();
+    Some(crate::telemetry::Exporter::new(
+        inputs.host.clone(),
+        inputs.nvml_lib.clone(),
+        node,
+        inputs.spec.dcgm_exporter_interval.map(Duration::from_secs),
+    ))
 }
 
 /// Up to a fifth more than `base`, so that a fleet does not retry in step.

@@ -51,6 +51,8 @@ pub struct Metrics {
     duration: Histogram,
     /// Registered at the first success: before it there is no such time.
     last_success: Mutex<Option<Gauge<f64, AtomicU64>>>,
+    /// `dcgmExporter.mode: builtin`: the GPUs' metrics, sampled per scrape.
+    exporter: Mutex<Option<crate::telemetry::Exporter>>,
 }
 
 impl Metrics {
@@ -100,7 +102,13 @@ impl Metrics {
             converges,
             duration,
             last_success: Mutex::new(None),
+            exporter: Mutex::new(None),
         }
+    }
+
+    /// Serves the DCGM exporter's metrics from now on, or stops (`None`).
+    pub fn set_exporter(&self, exporter: Option<crate::telemetry::Exporter>) {
+        *self.exporter.lock().expect("not poisoned") = exporter;
     }
 
     /// Records one converge's result.
@@ -166,11 +174,19 @@ impl Metrics {
         gauge.set(seconds);
     }
 
+    /// Prometheus' text format (0.0.4): gpuprov's own metrics, then the
+    /// GPUs' when the built-in exporter is on.
     fn encode(&self) -> String {
-        let mut out = String::new();
-        let registry = self.registry.lock().expect("not poisoned");
-        prometheus_client::encoding::text::encode(&mut out, &registry)
-            .expect("writing to a String cannot fail");
+        let mut openmetrics = String::new();
+        {
+            let registry = self.registry.lock().expect("not poisoned");
+            prometheus_client::encoding::text::encode(&mut openmetrics, &registry)
+                .expect("writing to a String cannot fail");
+        }
+        let mut out = text_format(&openmetrics);
+        if let Some(exporter) = self.exporter.lock().expect("not poisoned").as_mut() {
+            exporter.render(&mut out);
+        }
         out
     }
 }
@@ -232,11 +248,63 @@ async fn readyz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 async fn exposition(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    // Sampling NVML blocks: off the runtime's async threads.
+    let body = tokio::task::spawn_blocking(move || metrics.encode())
+        .await
+        .unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            "text/plain; version=0.0.4; charset=utf-8",
         )],
-        metrics.encode(),
+        body,
     )
+}
+
+/// prometheus-client's OpenMetrics as Prometheus' text format, which is
+/// what dcgm-exporter serves and what lets its counters keep their names:
+/// no `# EOF`, no `# UNIT`, and a counter's `# HELP`/`# TYPE` named like
+/// its samples (`gpuprov_converges_total`).
+fn text_format(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let lines: Vec<&str> = openmetrics.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if *line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let counter_named = |text: &str| {
+            text.strip_prefix("# TYPE ")
+                .and_then(|rest| rest.strip_suffix(" counter"))
+                .map(str::to_string)
+        };
+        let renamed = if let Some(name) = counter_named(line) {
+            Some(format!("# TYPE {name}_total counter"))
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap_or_default();
+            let next_is_counter = lines
+                .get(i + 1)
+                .and_then(|next| counter_named(next))
+                .is_some_and(|counter| counter == name);
+            next_is_counter.then(|| format!("# HELP {name}_total{}", &rest[name.len()..]))
+        } else {
+            None
+        };
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_becomes_prometheus_text() {
+        let openmetrics = "# HELP a_runs Runs.\n# TYPE a_runs counter\na_runs_total{r=\"x\"} 2\n# HELP b Ready.\n# TYPE b gauge\nb 1\n# EOF\n";
+        assert_eq!(
+            text_format(openmetrics),
+            "# HELP a_runs_total Runs.\n# TYPE a_runs_total counter\na_runs_total{r=\"x\"} 2\n# HELP b Ready.\n# TYPE b gauge\nb 1\n"
+        );
+    }
 }

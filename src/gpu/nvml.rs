@@ -277,11 +277,31 @@ fn cuda_driver_version(nvml: &Nvml) -> Result<i32, NvmlError> {
     Ok(version)
 }
 
-/// A GPU's total memory in bytes: `_v2` where the library has it, the
-/// first version (drivers before R510) otherwise.
+/// A GPU's total memory in bytes.
 pub fn memory_total(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Result<u64, NvmlError> {
+    memory_usage(nvml, device).map(|m| m.total)
+}
+
+/// A GPU's memory, in bytes: total, free and used.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryUsage {
+    pub total: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// A GPU's memory: `_v2` where the library has it, the first version
+/// (drivers before R510) otherwise.
+pub fn memory_usage(
+    nvml: &Nvml,
+    device: &nvml_wrapper::Device<'_>,
+) -> Result<MemoryUsage, NvmlError> {
     if nvml.lib().nvmlDeviceGetMemoryInfo_v2.is_ok() {
-        return device.memory_info().map(|m| m.total);
+        return device.memory_info().map(|m| MemoryUsage {
+            total: m.total,
+            free: m.free,
+            used: m.used,
+        });
     }
     let Ok(function) = nvml.lib().nvmlDeviceGetMemoryInfo.as_ref() else {
         return Err(NvmlError::FunctionNotFound);
@@ -294,7 +314,11 @@ pub fn memory_total(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Result<u6
     // SAFETY: as above; the handle is the device's own, valid while `nvml`
     // is initialised.
     nvml_result(unsafe { function(device.handle(), &mut memory) })?;
-    Ok(memory.total)
+    Ok(MemoryUsage {
+        total: memory.total,
+        free: memory.free,
+        used: memory.used,
+    })
 }
 
 /// The GPU's fabric registration, as go-nvlib's `IsFabricAttached` takes

@@ -147,6 +147,10 @@ pub struct Spec {
     /// `devicePlugin.config`: the device plugin's configs by name.
     pub device_plugin_config: PluginConfigs,
     pub dcgm_exporter: OperandSpec,
+    /// Who serves the DCGM exporter's metrics.
+    pub dcgm_exporter_mode: ExporterMode,
+    /// Builtin: read NVML at most this often (seconds); none: every scrape.
+    pub dcgm_exporter_interval: Option<u64>,
     pub gfd: OperandSpec,
     pub gfd_mode: GfdMode,
     pub validator: ValidatorSpec,
@@ -241,21 +245,50 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
             );
         }
     }
-    for (section, raw_operand) in [
-        ("devicePlugin", &raw.device_plugin),
-        ("dcgmExporter", &raw.dcgm_exporter),
-    ] {
-        if let Some(mode) = &raw_operand.mode {
+    if let Some(mode) = &raw.device_plugin.mode {
+        errors.push(
+            Diagnostic::at_location(
+                source,
+                mode.referenced,
+                "devicePlugin.mode is not a setting",
+            )
+            .with_help(
+                "gfd has a mode (builtin or daemonset), and dcgmExporter (operand or builtin)",
+            ),
+        );
+    }
+    for (section, raw_operand) in [("devicePlugin", &raw.device_plugin), ("gfd", &raw.gfd)] {
+        if let Some(interval) = &raw_operand.sample_interval_seconds {
             errors.push(
                 Diagnostic::at_location(
                     source,
-                    mode.referenced,
-                    format!("{section}.mode is not a setting"),
+                    interval.referenced,
+                    format!("{section}.sampleIntervalSeconds is not a setting"),
                 )
-                .with_help("only gfd has a mode (builtin or daemonset)"),
+                .with_help("dcgmExporter.sampleIntervalSeconds sets how often the built-in exporter reads NVML"),
             );
         }
     }
+    let dcgm_exporter_mode = choose(
+        "dcgmExporter.mode",
+        &raw.dcgm_exporter.mode,
+        &[
+            ("operand", ExporterMode::Operand),
+            ("builtin", ExporterMode::Builtin),
+        ],
+        ExporterMode::Operand,
+        source,
+        &mut errors,
+    );
+    let dcgm_exporter_interval = raw.dcgm_exporter.sample_interval_seconds.as_ref().map(|_| {
+        seconds(
+            &raw.dcgm_exporter.sample_interval_seconds,
+            "dcgmExporter.sampleIntervalSeconds",
+            1,
+            source,
+            &mut errors,
+        )
+    });
     let device_plugin = resolve_operand(
         "devicePlugin",
         &raw.device_plugin,
@@ -297,6 +330,8 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         device_plugin,
         device_plugin_config,
         dcgm_exporter,
+        dcgm_exporter_mode,
+        dcgm_exporter_interval,
         gfd,
         gfd_mode,
         validator,

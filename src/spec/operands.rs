@@ -11,6 +11,8 @@ use super::*;
 pub(super) struct RawOperand {
     pub(super) enabled: Option<bool>,
     pub(super) mode: Option<Spanned<String>>,
+    /// `dcgmExporter.sampleIntervalSeconds` alone.
+    pub(super) sample_interval_seconds: Option<Spanned<u64>>,
     /// `devicePlugin.config` alone; `resolve` says so for another section.
     pub(super) config: Option<Spanned<device_plugin::RawPluginConfigs>>,
     pub(super) repository: Option<Spanned<String>>,
@@ -143,6 +145,16 @@ pub const VALIDATOR_IMAGE: (&str, &str, &str) = (
 pub const DEFAULT_OPERANDS_NAMESPACE: &str = "gpuprov";
 
 pub const DEFAULT_STATIC_POD_DIR: &str = "/etc/kubernetes/manifests";
+
+/// Who serves the DCGM exporter's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExporterMode {
+    /// NVIDIA's dcgm-exporter, an operand like the device plugin.
+    Operand,
+    /// `gpuprov run` itself, from NVML, on its metrics port.
+    Builtin,
+}
 
 /// Who publishes GPU Feature Discovery's labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -16,6 +16,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `GET path` on the daemon's port: the status code and the body.
+pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
 /// Waits up to `timeout` for `check` to hold; fails the test naming `what`.
 pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -51,13 +67,23 @@ impl Daemon {
         port: u16,
         more: &[&std::ffi::OsStr],
     ) -> Daemon {
+        let fixture = super::repo().join("fixtures/nvml/a100.yaml");
+        Daemon::spawn_nvml(fake, node, host_root, drift_interval, port, more, &fixture)
+    }
+
+    /// `spawn_with`, the fake NVML (where `more` names it with
+    /// `--nvml-lib`) answering from `fixture`.
+    pub fn spawn_nvml(
+        fake: &FakeApi,
+        node: &str,
+        host_root: &Path,
+        drift_interval: &str,
+        port: u16,
+        more: &[&std::ffi::OsStr],
+        fixture: &Path,
+    ) -> Daemon {
         let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
-        // The fake NVML, where `more` names it (--nvml-lib), answers from
-        // this fixture.
-        command.env(
-            "GPUPROV_FAKE_NVML",
-            super::repo().join("fixtures/nvml/a100.yaml"),
-        );
+        command.env("GPUPROV_FAKE_NVML", fixture);
         let child = command
             .args(["run", "--host-exec", "prefix", "--node-name", node])
             .args(more)

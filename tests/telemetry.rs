@@ -1,0 +1,254 @@
+//! The built-in DCGM exporter (`dcgmExporter.mode: builtin`): a running
+//! `gpuprov run` is scraped, and its series are compared, name by name,
+//! label by label and value by value, with what the fake NVML answers
+//! (each GPU's `telemetry` in the fixture) and with dcgm-exporter's
+//! exposition (names, HELP and TYPE lines, labels).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use support::daemon::{Daemon, eventually, free_port, get};
+use support::fake_api::FakeApi;
+use support::{copy_host, repo, write_spec};
+
+const NODE: &str = "gpu-node-1";
+const H100: &str = "NVIDIA H100 80GB HBM3";
+
+/// The 8× H100 fixture, each GPU given readings that depend on its index;
+/// GPU 7 has no encoder, decoder or energy counter (they answer "not
+/// supported"), as a GPU without them.
+fn fixture(dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(repo().join("fixtures/nvml/h100x8.yaml")).unwrap();
+    let mut out = String::new();
+    let mut index = 0;
+    for line in text.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line == "    persistenceMode: true" {
+            let optional = if index == 7 {
+                String::new()
+            } else {
+                format!(
+                    ", encUtil: {}, decUtil: {}, energyMj: {}",
+                    index,
+                    2 * index,
+                    1_000_000_000u64 + index
+                )
+            };
+            out.push_str(&format!(
+                "    telemetry: {{gpuUtil: {}, memUtil: {}, memoryUsedMiB: {}, gpuTemp: {}, powerMw: {}, smClock: 1980, memClock: 2619, pcieReplays: {}{optional}}}\n",
+                10 + index,
+                20 + index,
+                1024 * (index + 1),
+                40 + index,
+                300_000 + 125 * index,
+                index,
+            ));
+            index += 1;
+        }
+    }
+    assert_eq!(index, 8);
+    let path = dir.join("telemetry.yaml");
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+/// Series of one metric: its labels → its value.
+fn series(body: &str, name: &str) -> BTreeMap<String, String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|l| l.split_once("} "))
+        .map(|(labels, value)| (labels.to_string(), value.to_string()))
+        .collect()
+}
+
+#[test]
+fn gpuprov_run_serves_dcgm_exporters_metrics_from_nvml() {
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let fixture = fixture(host.path());
+    let spec = write_spec(host.path(), "node.yaml", "dcgmExporter:\n  mode: builtin\n");
+    let port = free_port();
+    let nvml = support::fake_nvml_library();
+    let _daemon = Daemon::spawn_nvml(
+        &fake,
+        NODE,
+        host.path(),
+        "1s",
+        port,
+        &[
+            "--nvml-lib".as_ref(),
+            nvml.as_os_str(),
+            "--config".as_ref(),
+            spec.as_os_str(),
+        ],
+        &fixture,
+    );
+    eventually(
+        "a scrape with GPU metrics after a converge",
+        Duration::from_secs(30),
+        || {
+            get(port, "/metrics").is_some_and(|(_, body)| {
+                body.contains("DCGM_FI_DEV_GPU_UTIL{") && body.contains("gpuprov_converges_total{")
+            })
+        },
+    );
+    let (code, body) = get(port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+
+    // dcgm-exporter's HELP and TYPE lines; counters keep their names.
+    for (name, kind, help) in [
+        ("DCGM_FI_DEV_GPU_UTIL", "gauge", "GPU utilization (in %)."),
+        (
+            "DCGM_FI_DEV_MEM_COPY_UTIL",
+            "gauge",
+            "Memory utilization (in %).",
+        ),
+        (
+            "DCGM_FI_DEV_FB_USED",
+            "gauge",
+            "Frame buffer memory used (in MB).",
+        ),
+        (
+            "DCGM_FI_DEV_FB_FREE",
+            "gauge",
+            "Frame buffer memory free (in MB).",
+        ),
+        ("DCGM_FI_DEV_GPU_TEMP", "gauge", "GPU temperature (in C)."),
+        ("DCGM_FI_DEV_POWER_USAGE", "gauge", "Power draw (in W)."),
+        (
+            "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+            "counter",
+            "Total energy consumption since boot (in mJ).",
+        ),
+        (
+            "DCGM_FI_DEV_SM_CLOCK",
+            "gauge",
+            "SM clock frequency (in MHz).",
+        ),
+        (
+            "DCGM_FI_DEV_MEM_CLOCK",
+            "gauge",
+            "Memory clock frequency (in MHz).",
+        ),
+        (
+            "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+            "counter",
+            "Total number of PCIe retries.",
+        ),
+        (
+            "DCGM_FI_DEV_ENC_UTIL",
+            "gauge",
+            "Encoder utilization (in %).",
+        ),
+        (
+            "DCGM_FI_DEV_DEC_UTIL",
+            "gauge",
+            "Decoder utilization (in %).",
+        ),
+    ] {
+        assert!(
+            body.contains(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n")),
+            "{name}:\n{body}"
+        );
+    }
+
+    // Every GPU's series, labelled as dcgm-exporter labels them, with the
+    // fixture's values in DCGM's units.
+    let facts: Vec<(String, String)> = {
+        let text = std::fs::read_to_string(&fixture).unwrap();
+        let field = |key: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix(key))
+                .map(|v| v.trim().trim_matches('"').to_string())
+                .collect()
+        };
+        field("uuid:").into_iter().zip(field("pciBusId:")).collect()
+    };
+    let labels = |i: usize| {
+        format!(
+            "gpu=\"{i}\",UUID=\"{}\",pci_bus_id=\"{}\",device=\"nvidia{i}\",modelName=\"{H100}\",Hostname=\"{NODE}\",DCGM_FI_DRIVER_VERSION=\"550.54.15\"",
+            facts[i].0, facts[i].1
+        )
+    };
+    for i in 0..8usize {
+        let want = |name: &str, value: String| {
+            assert_eq!(
+                series(&body, name).get(&labels(i)),
+                Some(&value),
+                "{name} of GPU {i}:\n{body}"
+            );
+        };
+        want("DCGM_FI_DEV_GPU_UTIL", (10 + i).to_string());
+        want("DCGM_FI_DEV_MEM_COPY_UTIL", (20 + i).to_string());
+        want("DCGM_FI_DEV_FB_USED", (1024 * (i + 1)).to_string());
+        want("DCGM_FI_DEV_FB_FREE", (81559 - 1024 * (i + 1)).to_string());
+        want("DCGM_FI_DEV_GPU_TEMP", (40 + i).to_string());
+        // Milliwatts to watts.
+        want(
+            "DCGM_FI_DEV_POWER_USAGE",
+            ((300_000 + 125 * i) as f64 / 1000.0).to_string(),
+        );
+        want("DCGM_FI_DEV_SM_CLOCK", "1980".to_string());
+        want("DCGM_FI_DEV_MEM_CLOCK", "2619".to_string());
+        want("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", i.to_string());
+    }
+    // GPU 7 cannot say: no series for it, the others have theirs.
+    for name in [
+        "DCGM_FI_DEV_ENC_UTIL",
+        "DCGM_FI_DEV_DEC_UTIL",
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+    ] {
+        let found = series(&body, name);
+        assert_eq!(found.len(), 7, "{name}: {found:?}");
+        assert!(!found.contains_key(&labels(7)));
+    }
+    assert_eq!(
+        series(&body, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION")[&labels(3)],
+        "1000000003"
+    );
+    // gpuprov's own metrics are there too, in the same text format.
+    assert!(
+        body.contains("# TYPE gpuprov_converges_total counter\n"),
+        "{body}"
+    );
+    assert!(!body.contains("# EOF"));
+
+    // The state says who serves the metrics, and no exporter pod is asked for.
+    let labels = fake.labels(NODE);
+    assert_eq!(labels["gpuprov.io/dcgm-exporter"], "ready");
+    assert!(!labels.contains_key("nvidia.com/gpu.deploy.dcgm-exporter"));
+}
+
+#[test]
+fn a_bad_exporter_mode_is_refused_with_its_place() {
+    let host = copy_host("a100-preinstalled");
+    for (yaml, wanted) in [
+        (
+            "dcgmExporter:\n  mode: sidecar\n",
+            ":2:9: dcgmExporter.mode must be operand or builtin, not `sidecar`",
+        ),
+        (
+            "dcgmExporter:\n  mode: builtin\n  sampleIntervalSeconds: 0\n",
+            "dcgmExporter.sampleIntervalSeconds must be at least 1",
+        ),
+        (
+            "gfd:\n  sampleIntervalSeconds: 5\n",
+            "gfd.sampleIntervalSeconds is not a setting",
+        ),
+        (
+            "devicePlugin:\n  mode: builtin\n",
+            "devicePlugin.mode is not a setting",
+        ),
+    ] {
+        let spec = write_spec(host.path(), "bad.yaml", yaml);
+        let output = support::run_on("plan", host.path(), &spec);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{yaml}\n{stderr}");
+        assert!(stderr.contains(wanted), "wanted {wanted:?} in:\n{stderr}");
+    }
+}
