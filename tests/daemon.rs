@@ -50,6 +50,16 @@ fn run_keeps_the_node_converged_and_stops_on_sigterm() {
         "gpuprov_api_requests_total{verb=\"POST\",code=\"201\"}",
         "gpuprov_converge_duration_seconds_count",
         "gpuprov_last_success_timestamp_seconds",
+        // The GPU Operator's node-status-exporter names, from the states.
+        "\ngpu_operator_node_driver_ready 1\n",
+        "\ngpu_operator_node_toolkit_ready 1\n",
+        "\ngpu_operator_node_plugin_ready 1\n",
+        "\ngpu_operator_node_cuda_ready 1\n",
+        // No NVML library given: the driver is not validated.
+        "\ngpu_operator_node_driver_validation 0\n",
+        "\ngpu_operator_node_device_plugin_devices_total 1\n",
+        "# TYPE gpu_operator_node_device_plugin_devices_total gauge\n",
+        "\ngpu_operator_node_metrics_ready_ts_seconds 1",
     ] {
         assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
     }

@@ -217,6 +217,11 @@ fn gpuprov_run_serves_dcgm_exporters_metrics_from_nvml() {
         "{body}"
     );
     assert!(!body.contains("# EOF"));
+    // NVML answers: the node-status metric for the driver's validation.
+    assert!(
+        body.contains("\ngpu_operator_node_driver_validation 1\n"),
+        "{body}"
+    );
 
     // The state says who serves the metrics, and no exporter pod is asked for.
     let labels = fake.labels(NODE);

@@ -22,6 +22,7 @@ use prometheus_client::registry::Registry;
 
 use crate::kube::RequestCounts;
 use crate::report::RunReport;
+use crate::step::Outcome;
 
 /// Upper bounds of the converge-duration histogram, in seconds.
 const BUCKETS: &[f64] = &[
@@ -53,6 +54,104 @@ pub struct Metrics {
     last_success: Mutex<Option<Gauge<f64, AtomicU64>>>,
     /// `dcgmExporter.mode: builtin`: the GPUs' metrics, sampled per scrape.
     exporter: Mutex<Option<crate::telemetry::Exporter>>,
+    node_status: NodeStatus,
+}
+
+/// The GPU Operator's node-status-exporter metrics, with its names and
+/// help texts, derived from gpuprov's states, so its alerts work.
+struct NodeStatus {
+    driver_ready: Gauge,
+    toolkit_ready: Gauge,
+    plugin_ready: Gauge,
+    cuda_ready: Gauge,
+    driver_validation: Gauge,
+    driver_validation_last_success: Gauge,
+    plugin_devices: Gauge,
+    plugin_validation_last_success: Gauge,
+}
+
+impl NodeStatus {
+    fn register(registry: &mut Registry) -> NodeStatus {
+        let mut gauge = |name: &str, help: &str| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        let started = gauge(
+            "gpu_operator_node_metrics_ready_ts_seconds",
+            "timestamp (in seconds) of the launch time of the GPU Operator node metrics Pod",
+        );
+        started.set(now_seconds());
+        NodeStatus {
+            driver_ready: gauge(
+                "gpu_operator_node_driver_ready",
+                "1 if the driver synchronization barrier of the the local node is open, 0 otherwise",
+            ),
+            toolkit_ready: gauge(
+                "gpu_operator_node_toolkit_ready",
+                "1 if the container-toolkit synchronization barrier on the local node is open, 0 otherwise",
+            ),
+            plugin_ready: gauge(
+                "gpu_operator_node_plugin_ready",
+                "1 if the device plugin synchronization barrier on the local is open, 0 otherwise",
+            ),
+            cuda_ready: gauge(
+                "gpu_operator_node_cuda_ready",
+                "1 if cuda synchronization barrier on the local node is open, 0 otherwise",
+            ),
+            driver_validation: gauge(
+                "gpu_operator_node_driver_validation",
+                "1 if the driver validation test passed on the local node, 0 otherwise",
+            ),
+            driver_validation_last_success: gauge(
+                "gpu_operator_node_driver_validation_last_success_ts_seconds",
+                "timestamp (in seconds) of the last successful driver test validation",
+            ),
+            plugin_devices: gauge(
+                "gpu_operator_node_device_plugin_devices_total",
+                "number of GPU devices exposed by the DevicePlugin on the local node. -1 if failing to inspect the node spec.",
+            ),
+            plugin_validation_last_success: gauge(
+                "gpu_operator_node_device_plugin_validation_last_success_ts_seconds",
+                "timestamp (in seconds) of the last time GPU devices were found on the local node spec",
+            ),
+        }
+    }
+
+    /// From a converge's states: the driver is loaded or installed, the
+    /// toolkit and containerd's runtime are in place, the device plugin is
+    /// ready, the CUDA validation passed; NVML answering is the driver's
+    /// validation.
+    fn record(&self, report: &RunReport) {
+        let step = |name: &str| report.steps.iter().find(|s| s.name == name);
+        let fine = |name: &str| step(name).is_some_and(|s| s.outcome.lets_dependents_run());
+        let ready = |name: &str| step(name).is_some_and(|s| s.outcome == Outcome::Ready);
+        self.driver_ready.set(i64::from(fine("driver")));
+        self.toolkit_ready.set(i64::from(
+            fine("container-toolkit") && fine("containerd-runtime"),
+        ));
+        self.plugin_ready.set(i64::from(ready("device-plugin")));
+        self.cuda_ready.set(i64::from(ready("validator")));
+        let validated = ready("gpu-health");
+        self.driver_validation.set(i64::from(validated));
+        if validated {
+            self.driver_validation_last_success.set(now_seconds());
+        }
+        let devices = step("device-plugin")
+            .and_then(|s| s.details["devices"].as_i64())
+            .unwrap_or(-1);
+        self.plugin_devices.set(devices);
+        if devices > 0 {
+            self.plugin_validation_last_success.set(now_seconds());
+        }
+    }
+}
+
+fn now_seconds() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
 }
 
 impl Metrics {
@@ -93,6 +192,7 @@ impl Metrics {
             "API server requests by verb and status code (0: no answer)",
             requests.clone(),
         );
+        let node_status = NodeStatus::register(&mut registry);
         Metrics {
             registry: Mutex::new(registry),
             outcomes,
@@ -103,6 +203,7 @@ impl Metrics {
             duration,
             last_success: Mutex::new(None),
             exporter: Mutex::new(None),
+            node_status,
         }
     }
 
@@ -131,6 +232,7 @@ impl Metrics {
         self.ready.set(i64::from(ready));
         *self.readiness.lock().expect("not poisoned") = body;
         if let Ok(report) = result {
+            self.node_status.record(report);
             // Only this converge's outcomes: a state's old one goes.
             self.outcomes.clear();
             for step in &report.steps {

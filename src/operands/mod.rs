@@ -158,6 +158,20 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
     }
     let (outcome, reason) = verify(ctx, operand, static_pods, &path, chosen.as_ref())?;
     let mut obs = Observation::new(outcome, reason);
+    if operand == Operand::DevicePlugin && ctx.cluster.is_some() {
+        // What the plugin registered on the node, whole GPUs, shared or
+        // MIG devices: the node status metrics' device count.
+        let devices: u64 = ctx
+            .facts
+            .node_allocatable
+            .iter()
+            .filter(|(name, _)| {
+                name.starts_with("nvidia.com/gpu") || name.starts_with("nvidia.com/mig-")
+            })
+            .filter_map(|(_, count)| count.parse::<u64>().ok())
+            .sum();
+        obs.details = serde_json::json!({ "devices": devices });
+    }
     if !changes.is_empty() {
         // Once the manifest is in place the kubelet starts the pod; with an
         // API server a later converge sees it running.
