@@ -87,6 +87,7 @@ fn gpuprov_run_serves_dcgm_exporters_metrics_from_nvml() {
             spec.as_os_str(),
         ],
         &fixture,
+        &[],
     );
     eventually(
         "a scrape with GPU metrics after a converge",
@@ -256,4 +257,75 @@ fn a_bad_exporter_mode_is_refused_with_its_place() {
         assert_eq!(output.status.code(), Some(1), "{yaml}\n{stderr}");
         assert!(stderr.contains(wanted), "wanted {wanted:?} in:\n{stderr}");
     }
+}
+
+/// XID 79 on GPU 3, injected into the fake NVML's event set while
+/// `gpuprov run` waits on it: `gpu-health` turns `degraded` naming the XID
+/// and its meaning, a Node event says so, dcgm-exporter's
+/// `DCGM_FI_DEV_XID_ERRORS` reads 79; after `health.recoverAfterSeconds`
+/// without another, the GPU is healthy again. An application's XID (13)
+/// changes nothing.
+#[test]
+fn a_critical_xid_degrades_the_gpu_then_it_recovers() {
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let fixture = fixture(host.path());
+    let events = host.path().join("nvml-events");
+    std::fs::write(&events, "").unwrap();
+    let spec = write_spec(
+        host.path(),
+        "node.yaml",
+        "dcgmExporter:\n  mode: builtin\nhealth:\n  recoverAfterSeconds: 3\n",
+    );
+    let port = free_port();
+    let nvml = support::fake_nvml_library();
+    let _daemon = Daemon::spawn_nvml(
+        &fake,
+        NODE,
+        host.path(),
+        "1s",
+        port,
+        &[
+            "--nvml-lib".as_ref(),
+            nvml.as_os_str(),
+            "--config".as_ref(),
+            spec.as_os_str(),
+        ],
+        &fixture,
+        &[("GPUPROV_FAKE_NVML_EVENTS", &events)],
+    );
+    let health = |fake: &FakeApi| fake.labels(NODE).get("gpuprov.io/gpu-health").cloned();
+    eventually("gpu-health ready", Duration::from_secs(30), || {
+        health(&fake).as_deref() == Some("ready")
+    });
+
+    // An application's error: ignored by default, as the device plugin does.
+    std::fs::write(&events, "2 xid 13\n").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(health(&fake).as_deref(), Some("ready"));
+
+    std::fs::write(&events, "2 xid 13\n3 xid 79\n").unwrap();
+    eventually("gpu-health degraded", Duration::from_secs(30), || {
+        health(&fake).as_deref() == Some("degraded")
+    });
+    let said: Vec<String> = fake
+        .events()
+        .iter()
+        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        said.iter().any(|n| n.contains(
+            "GPU 3 (GPU-5f1c4e2a-0d3b-4c7e-9a10-00000000005D): XID 79 (GPU has fallen off the bus)"
+        )),
+        "{said:#?}"
+    );
+    let (_, body) = get(port, "/metrics").unwrap();
+    let xids = series(&body, "DCGM_FI_DEV_XID_ERRORS");
+    let values: Vec<&str> = xids.values().map(String::as_str).collect();
+    assert_eq!(values, ["0", "0", "0", "79", "0", "0", "0", "0"], "{body}");
+
+    eventually("gpu-health ready again", Duration::from_secs(60), || {
+        health(&fake).as_deref() == Some("ready")
+    });
 }

@@ -28,6 +28,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 enum Trigger {
     NodeLabels(BTreeMap<String, String>),
     ConfigChanged,
+    /// The driver reported a critical GPU error.
+    GpuError,
 }
 
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
@@ -59,6 +61,20 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             let _ = triggers.send(Trigger::NodeLabels(labels));
         })
     };
+    // The spec read at start decides; a config change that turns XIDs on
+    // or off takes effect at the next start.
+    let _gpu_errors = inputs.spec.health.xids.then(|| {
+        let triggers = triggers.clone();
+        crate::gpu::xid::watch(
+            inputs.host.clone(),
+            inputs.nvml_lib.clone(),
+            inputs.spec.health.ignored_xids.clone(),
+            stop.clone(),
+            move || {
+                let _ = triggers.send(Trigger::GpuError);
+            },
+        )
+    });
     let _config_watch = node_args.config.as_deref().map(|config| {
         config_watch::watch(config, move || {
             let _ = triggers.send(Trigger::ConfigChanged);
@@ -123,6 +139,10 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                             break;
                         }
                     }
+                }
+                Ok(Trigger::GpuError) => {
+                    tracing::info!("a GPU reported a critical error");
+                    break;
                 }
                 Ok(Trigger::ConfigChanged) => match Inputs::load(node_args) {
                     Ok(reloaded) => {

@@ -494,6 +494,8 @@ pub fn observe_health(ctx: &StepContext) -> Result<Observation, StepError> {
                 missing.join(", ")
             ),
         )
+    } else if let Some(errors) = gpu_errors(ctx) {
+        Observation::new(Outcome::Degraded, errors)
     } else {
         Observation::new(
             Outcome::Ready,
@@ -506,6 +508,46 @@ pub fn observe_health(ctx: &StepContext) -> Result<Observation, StepError> {
     // A degraded node still runs its other GPUs: dependents go on.
     obs.gate = Some(Gate::Pass);
     Ok(obs)
+}
+
+/// The GPUs with a critical error (XID, double-bit ECC) in the last
+/// `health.recoverAfterSeconds`, as `gpuprov run` recorded them; `None`
+/// when there are none (or XIDs are not watched).
+fn gpu_errors(ctx: &StepContext) -> Option<String> {
+    let health = &ctx.spec.health;
+    if !health.xids {
+        return None;
+    }
+    let recent = super::xid::recent(ctx.host, health.recover_after_seconds);
+    // The newest error of each GPU.
+    let mut newest: BTreeMap<u32, &super::xid::GpuError> = BTreeMap::new();
+    for error in recent
+        .iter()
+        .filter(|e| !health.ignored_xids.contains(&e.xid))
+    {
+        newest.insert(error.gpu, error);
+    }
+    if newest.is_empty() {
+        return None;
+    }
+    let said: Vec<String> = newest
+        .values()
+        .map(|e| {
+            format!(
+                "GPU {} ({}): XID {} ({}) {} s ago",
+                e.gpu,
+                e.uuid,
+                e.xid,
+                super::xid::meaning(e.xid),
+                super::xid::age(e)
+            )
+        })
+        .collect();
+    Some(format!(
+        "{}; healthy again after {} s without a new error",
+        said.join("; "),
+        health.recover_after_seconds
+    ))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod gfd;
 pub mod nvml;
 pub mod pci;
+pub mod xid;
 
 use std::collections::BTreeMap;
 

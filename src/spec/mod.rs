@@ -19,6 +19,7 @@ use crate::diagnostic::{Diagnostic, Diagnostics, Source, nearest};
 mod containerd;
 mod device_plugin;
 mod driver;
+mod health;
 mod mig;
 mod operands;
 mod readiness;
@@ -28,6 +29,7 @@ mod toolkit;
 pub use containerd::*;
 pub use device_plugin::*;
 pub use driver::*;
+pub use health::*;
 pub use mig::*;
 pub use operands::*;
 pub use readiness::*;
@@ -84,6 +86,8 @@ struct RawSpec {
     readiness: readiness::RawReadiness,
     #[serde(default)]
     mig: mig::RawMig,
+    #[serde(default)]
+    health: health::RawHealth,
     #[serde(default)]
     states: Vec<RawUserState>,
 }
@@ -157,6 +161,7 @@ pub struct Spec {
     pub operands: OperandsSpec,
     pub readiness: ReadinessSpec,
     pub mig: MigSpec,
+    pub health: HealthSpec,
     /// The user's own states, in document order, checked (the catalogue
     /// makes them states: `Catalog::with_user_states`).
     #[serde(skip)]
@@ -315,6 +320,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
     let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
     let readiness = readiness::resolve_readiness(&raw.readiness, source, &mut errors);
     let mig = mig::resolve_mig(&raw.mig, source, &mut errors);
+    let health = health::resolve_health(&raw.health, source, &mut errors);
 
     let states = resolve_states(raw.states, source, &mut errors);
     let shared_source = Arc::new(source.clone());
@@ -338,6 +344,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         operands,
         readiness,
         mig,
+        health,
         states,
         states_source: shared_source,
     })

@@ -42,10 +42,11 @@ pub enum Id {
     DecUtil,
     FbFree,
     FbUsed,
+    XidErrors,
 }
 
 /// How many fields a sample holds.
-pub const COUNT: usize = 12;
+pub const COUNT: usize = 13;
 
 /// Indexed by `Id`.
 pub const FIELDS: [Field; COUNT] = [
@@ -108,5 +109,10 @@ pub const FIELDS: [Field; COUNT] = [
         name: "DCGM_FI_DEV_FB_USED",
         kind: Kind::Gauge,
         help: "Frame buffer memory used (in MB).",
+    },
+    Field {
+        name: "DCGM_FI_DEV_XID_ERRORS",
+        kind: Kind::Gauge,
+        help: "Value of the last XID error encountered.",
     },
 ];

@@ -83,6 +83,13 @@ impl Exporter {
         };
         if !fresh {
             sampler.sample(&mut self.values);
+            // The last XID `gpuprov run` recorded for each GPU, 0 for none,
+            // as DCGM reports it.
+            let errors = crate::gpu::xid::recorded(&self.host);
+            for (gpu, values) in sampler.gpus.iter().zip(self.values.iter_mut()) {
+                let last = errors.iter().rev().find(|e| e.gpu == gpu.index);
+                values[fields::Id::XidErrors as usize] = Some(last.map_or(0, |e| e.xid) as f64);
+            }
             self.sampled = Some(Instant::now());
         }
         render::render(

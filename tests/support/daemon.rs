@@ -68,11 +68,21 @@ impl Daemon {
         more: &[&std::ffi::OsStr],
     ) -> Daemon {
         let fixture = super::repo().join("fixtures/nvml/a100.yaml");
-        Daemon::spawn_nvml(fake, node, host_root, drift_interval, port, more, &fixture)
+        Daemon::spawn_nvml(
+            fake,
+            node,
+            host_root,
+            drift_interval,
+            port,
+            more,
+            &fixture,
+            &[],
+        )
     }
 
     /// `spawn_with`, the fake NVML (where `more` names it with
-    /// `--nvml-lib`) answering from `fixture`.
+    /// `--nvml-lib`) answering from `fixture`, with `env` set.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn_nvml(
         fake: &FakeApi,
         node: &str,
@@ -81,9 +91,13 @@ impl Daemon {
         port: u16,
         more: &[&std::ffi::OsStr],
         fixture: &Path,
+        env: &[(&str, &Path)],
     ) -> Daemon {
         let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
         command.env("GPUPROV_FAKE_NVML", fixture);
+        for (key, value) in env {
+            command.env(key, value);
+        }
         let child = command
             .args(["run", "--host-exec", "prefix", "--node-name", node])
             .args(more)

@@ -1,0 +1,195 @@
+//! The driver's GPU error events: `gpuprov run` waits on an NVML event set
+//! for critical XIDs and double-bit ECC errors, and keeps the recent ones
+//! in a file of its own (`/run/gpuprov/gpu-errors.json`, gone at reboot);
+//! `gpu-health` reads it, so a GPU with a recent critical error is
+//! `degraded` until `health.recoverAfterSeconds` have passed without a
+//! new one, and is `ready` again after.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::error::NvmlError;
+use serde::{Deserialize, Serialize};
+
+use crate::host::Host;
+
+/// The recent errors, a host path gpuprov owns.
+pub const ERRORS_FILE: &str = "/run/gpuprov/gpu-errors.json";
+/// At most this many are kept: the newest.
+const KEPT: usize = 64;
+
+/// One error the driver reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuError {
+    pub gpu: u32,
+    pub uuid: String,
+    /// The XID; 48 for a double-bit ECC error event (the XID the driver
+    /// logs for one).
+    pub xid: u64,
+    /// Seconds since the epoch.
+    pub at: u64,
+}
+
+/// What NVIDIA's XID catalog says an XID means, for the ones a node sees;
+/// others are named by number alone.
+pub fn meaning(xid: u64) -> &'static str {
+    match xid {
+        13 => "graphics engine exception",
+        31 => "GPU memory page fault",
+        32 => "invalid or corrupted push buffer stream",
+        43 => "GPU stopped processing",
+        45 => "preemptive cleanup, due to a previous error",
+        48 => "double-bit ECC error",
+        61 => "internal micro-controller breakpoint or warning",
+        62 => "internal micro-controller halt",
+        63 => "ECC page retirement or row remapping recording event",
+        64 => "ECC page retirement or row remapper recording failure",
+        68 => "video processor exception",
+        69 => "graphics engine class error",
+        74 => "NVLink error",
+        79 => "GPU has fallen off the bus",
+        92 => "high single-bit ECC error rate",
+        94 => "contained ECC error",
+        95 => "uncontained ECC error",
+        109 => "context switch timeout",
+        119 => "GSP RPC timeout",
+        120 => "GSP error",
+        121 => "C2C link corrected error",
+        140 => "unrecovered ECC error",
+        _ => "see NVIDIA's XID catalog",
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// The errors recorded so far; an unreadable or malformed file is none
+/// (it is gpuprov's own, rewritten whole at the next error).
+pub fn recorded(host: &Host) -> Vec<GpuError> {
+    host.read(ERRORS_FILE)
+        .ok()
+        .flatten()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
+}
+
+fn record(host: &Host, error: GpuError) -> Result<(), String> {
+    let mut errors = recorded(host);
+    errors.push(error);
+    let drop = errors.len().saturating_sub(KEPT);
+    errors.drain(..drop);
+    let text = serde_json::to_vec_pretty(&errors).map_err(|e| e.to_string())?;
+    host.make_dirs("/run/gpuprov")
+        .and_then(|()| host.write_atomic(ERRORS_FILE, &text, 0o644).map(|_| ()))
+        .map_err(|e| crate::error_chain::error_chain(&e))
+}
+
+/// The critical errors of the last `recover_after` seconds, newest last.
+pub fn recent(host: &Host, recover_after: u64) -> Vec<GpuError> {
+    let since = now().saturating_sub(recover_after);
+    recorded(host)
+        .into_iter()
+        .filter(|e| e.at >= since)
+        .collect()
+}
+
+/// How long ago, for a reason.
+pub fn age(error: &GpuError) -> u64 {
+    now().saturating_sub(error.at)
+}
+
+/// Waits on the driver's events until `stop`, from a thread of its own:
+/// each critical XID not in `ignored`, and each double-bit ECC error, is
+/// recorded, then `reported` is called (the daemon converges again). A
+/// library without events, or GPUs that support none, end the watch with
+/// a warning: health is then what NVML and the PCI bus say.
+pub fn watch(
+    host: Host,
+    library: Option<PathBuf>,
+    ignored: Vec<u64>,
+    stop: Arc<AtomicBool>,
+    reported: impl Fn() + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let library = match super::nvml::find_library(&host, library.as_deref()) {
+            Ok(library) => library,
+            Err(problem) => {
+                tracing::warn!("no GPU error events: {problem}");
+                return;
+            }
+        };
+        if let Err(why) = wait_for_errors(&host, &library, &ignored, &stop, &reported) {
+            tracing::warn!("no GPU error events: {why}");
+        }
+    })
+}
+
+fn wait_for_errors(
+    host: &Host,
+    library: &Path,
+    ignored: &[u64],
+    stop: &AtomicBool,
+    reported: &impl Fn(),
+) -> Result<(), String> {
+    let nvml = super::nvml::open(library).map_err(|p| p.to_string())?;
+    let watched = EventTypes::CRITICAL_XID_ERROR | EventTypes::DOUBLE_BIT_ECC_ERROR;
+    let mut set = nvml.create_event_set().map_err(|e| e.to_string())?;
+    let count = nvml.device_count().map_err(|e| e.to_string())?;
+    let mut uuids = Vec::new();
+    for index in 0..count {
+        let device = nvml.device_by_index(index).map_err(|e| e.to_string())?;
+        uuids.push(device.uuid().unwrap_or_default());
+        let supported = device
+            .supported_event_types()
+            .unwrap_or(EventTypes::empty());
+        let wanted = supported & watched;
+        if wanted.is_empty() {
+            continue;
+        }
+        set = device
+            .register_events(wanted, set)
+            .map_err(|e| format!("GPU {index}: {}", e.error))?;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let event = match set.wait(500) {
+            Ok(event) => event,
+            Err(NvmlError::Timeout) => continue,
+            Err(e) => return Err(format!("waiting for events: {e}")),
+        };
+        let xid = if event.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
+            match event.event_data {
+                Some(XidError::Value(xid)) => xid,
+                // The driver could not say which: counted as critical.
+                Some(XidError::Unknown) | None => 999,
+            }
+        } else {
+            48
+        };
+        if ignored.contains(&xid) {
+            continue;
+        }
+        let gpu = event.device.index().unwrap_or(u32::MAX);
+        let uuid = uuids.get(gpu as usize).cloned().unwrap_or_default();
+        tracing::warn!(gpu, xid, "GPU error: XID {xid} ({})", meaning(xid));
+        record(
+            host,
+            GpuError {
+                gpu,
+                uuid,
+                xid,
+                at: now(),
+            },
+        )?;
+        reported();
+    }
+    Ok(())
+}
