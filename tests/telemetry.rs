@@ -18,8 +18,9 @@ const NODE: &str = "gpu-node-1";
 const H100: &str = "NVIDIA H100 80GB HBM3";
 
 /// The 8× H100 fixture, each GPU given readings that depend on its index;
-/// GPU 7 has no encoder, decoder or energy counter (they answer "not
-/// supported"), as a GPU without them.
+/// GPU 7 has no encoder, decoder, energy, memory temperature, ECC, retired
+/// page or remapped row readings (they answer "not supported"), as a GPU
+/// without them.
 fn fixture(dir: &Path) -> std::path::PathBuf {
     let text = std::fs::read_to_string(repo().join("fixtures/nvml/h100x8.yaml")).unwrap();
     let mut out = String::new();
@@ -32,10 +33,11 @@ fn fixture(dir: &Path) -> std::path::PathBuf {
                 String::new()
             } else {
                 format!(
-                    ", encUtil: {}, decUtil: {}, energyMj: {}",
-                    index,
+                    ", encUtil: {index}, decUtil: {}, energyMj: {}, memoryTemp: {}, ecc: {{sbeVolatile: {index}, dbeVolatile: 0, sbeAggregate: {}, dbeAggregate: 1}}, retiredPages: {{sbe: {index}, dbe: 1, pending: true}}, remappedRows: {{correctable: {index}, uncorrectable: 2, pending: false, failure: false}}",
                     2 * index,
-                    1_000_000_000u64 + index
+                    1_000_000_000u64 + index,
+                    50 + index,
+                    10 * index,
                 )
             };
             out.push_str(&format!(
@@ -198,11 +200,36 @@ fn gpuprov_run_serves_dcgm_exporters_metrics_from_nvml() {
         want("DCGM_FI_DEV_MEM_CLOCK", "2619".to_string());
         want("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", i.to_string());
     }
+    // The error counters, as the fixture's GPU 3 has them.
+    for (name, kind, value) in [
+        ("DCGM_FI_DEV_MEMORY_TEMP", "gauge", "53"),
+        ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "counter", "3"),
+        ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "counter", "0"),
+        ("DCGM_FI_DEV_ECC_SBE_AGG_TOTAL", "counter", "30"),
+        ("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", "counter", "1"),
+        ("DCGM_FI_DEV_RETIRED_SBE", "counter", "3"),
+        ("DCGM_FI_DEV_RETIRED_DBE", "counter", "1"),
+        ("DCGM_FI_DEV_RETIRED_PENDING", "counter", "1"),
+        ("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "counter", "3"),
+        ("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "counter", "2"),
+        ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "gauge", "0"),
+    ] {
+        assert!(body.contains(&format!("# TYPE {name} {kind}\n")), "{name}");
+        assert_eq!(
+            series(&body, name).get(&labels(3)).map(String::as_str),
+            Some(value),
+            "{name}"
+        );
+    }
     // GPU 7 cannot say: no series for it, the others have theirs.
     for name in [
         "DCGM_FI_DEV_ENC_UTIL",
         "DCGM_FI_DEV_DEC_UTIL",
         "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "DCGM_FI_DEV_MEMORY_TEMP",
+        "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+        "DCGM_FI_DEV_RETIRED_SBE",
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
     ] {
         let found = series(&body, name);
         assert_eq!(found.len(), 7, "{name}: {found:?}");

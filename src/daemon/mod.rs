@@ -104,6 +104,20 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 wait
             }
         };
+        // A GPU degraded by a recent error is looked at again when it may
+        // have recovered, not only when the backoff says.
+        let next = match &result {
+            Ok(report)
+                if report.steps.iter().any(|s| {
+                    s.name == "gpu-health" && s.outcome == crate::step::Outcome::Degraded
+                }) =>
+            {
+                next.min(Duration::from_secs(
+                    inputs.spec.health.recover_after_seconds + 1,
+                ))
+            }
+            _ => next,
+        };
         if let Ok(report) = &result {
             last_labels = report.labels.clone();
         }

@@ -43,10 +43,21 @@ pub enum Id {
     FbFree,
     FbUsed,
     XidErrors,
+    MemoryTemp,
+    EccSbeVolatile,
+    EccDbeVolatile,
+    EccSbeAggregate,
+    EccDbeAggregate,
+    RetiredSbe,
+    RetiredDbe,
+    RetiredPending,
+    UncorrectableRemappedRows,
+    CorrectableRemappedRows,
+    RowRemapFailure,
 }
 
 /// How many fields a sample holds.
-pub const COUNT: usize = 13;
+pub const COUNT: usize = 24;
 
 /// Indexed by `Id`.
 pub const FIELDS: [Field; COUNT] = [
@@ -114,5 +125,62 @@ pub const FIELDS: [Field; COUNT] = [
         name: "DCGM_FI_DEV_XID_ERRORS",
         kind: Kind::Gauge,
         help: "Value of the last XID error encountered.",
+    },
+    // In dcgm-exporter's file but commented out by default; served here
+    // because fleets alert on them (issue 16 asks for them).
+    Field {
+        name: "DCGM_FI_DEV_MEMORY_TEMP",
+        kind: Kind::Gauge,
+        help: "Memory temperature (in C).",
+    },
+    Field {
+        name: "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+        kind: Kind::Counter,
+        help: "Total number of single-bit volatile ECC errors.",
+    },
+    Field {
+        name: "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+        kind: Kind::Counter,
+        help: "Total number of double-bit volatile ECC errors.",
+    },
+    Field {
+        name: "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL",
+        kind: Kind::Counter,
+        help: "Total number of single-bit persistent ECC errors.",
+    },
+    Field {
+        name: "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL",
+        kind: Kind::Counter,
+        help: "Total number of double-bit persistent ECC errors.",
+    },
+    Field {
+        name: "DCGM_FI_DEV_RETIRED_SBE",
+        kind: Kind::Counter,
+        help: "Total number of retired pages due to single-bit errors.",
+    },
+    Field {
+        name: "DCGM_FI_DEV_RETIRED_DBE",
+        kind: Kind::Counter,
+        help: "Total number of retired pages due to double-bit errors.",
+    },
+    Field {
+        name: "DCGM_FI_DEV_RETIRED_PENDING",
+        kind: Kind::Counter,
+        help: "Total number of pages pending retirement.",
+    },
+    Field {
+        name: "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+        kind: Kind::Counter,
+        help: "Number of remapped rows for uncorrectable errors",
+    },
+    Field {
+        name: "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        kind: Kind::Counter,
+        help: "Number of remapped rows for correctable errors",
+    },
+    Field {
+        name: "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+        kind: Kind::Gauge,
+        help: "Whether remapping of rows has failed",
     },
 ];

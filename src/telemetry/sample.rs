@@ -4,7 +4,12 @@
 use std::path::Path;
 
 use nvml_wrapper::Nvml;
-use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+use nvml_wrapper::enum_wrappers::device::{
+    Clock, EccCounter, MemoryError, RetirementCause, TemperatureSensor,
+};
+use nvml_wrapper::enums::device::SampleValue;
+use nvml_wrapper::structs::device::FieldId;
+use nvml_wrapper_sys::bindings::field_id::NVML_FI_DEV_MEMORY_TEMP;
 
 use super::fields::{COUNT, Id};
 use crate::gpu::nvml::{NvmlProblem, open, unknown};
@@ -118,6 +123,77 @@ impl Sampler {
                     .ok()
                     .map(|u| f64::from(u.utilization)),
             );
+            let field = device.field_values_for(&[FieldId(NVML_FI_DEV_MEMORY_TEMP)]);
+            let memory_temp = field
+                .ok()
+                .and_then(|mut samples| samples.pop())
+                .and_then(|sample| sample.ok())
+                .and_then(|sample| sample.value.ok())
+                .and_then(|value| match value {
+                    SampleValue::U32(v) => Some(f64::from(v)),
+                    SampleValue::U64(v) => Some(v as f64),
+                    SampleValue::I64(v) => Some(v as f64),
+                    SampleValue::F64(v) => Some(v),
+                });
+            put(Id::MemoryTemp, memory_temp);
+            for (id, error, counter) in [
+                (
+                    Id::EccSbeVolatile,
+                    MemoryError::Corrected,
+                    EccCounter::Volatile,
+                ),
+                (
+                    Id::EccDbeVolatile,
+                    MemoryError::Uncorrected,
+                    EccCounter::Volatile,
+                ),
+                (
+                    Id::EccSbeAggregate,
+                    MemoryError::Corrected,
+                    EccCounter::Aggregate,
+                ),
+                (
+                    Id::EccDbeAggregate,
+                    MemoryError::Uncorrected,
+                    EccCounter::Aggregate,
+                ),
+            ] {
+                put(
+                    id,
+                    device
+                        .total_ecc_errors(error, counter)
+                        .ok()
+                        .map(|n| n as f64),
+                );
+            }
+            for (id, cause) in [
+                (Id::RetiredSbe, RetirementCause::MultipleSingleBitEccErrors),
+                (Id::RetiredDbe, RetirementCause::DoubleBitEccError),
+            ] {
+                put(
+                    id,
+                    device
+                        .retired_pages(cause)
+                        .ok()
+                        .map(|pages| pages.len() as f64),
+                );
+            }
+            put(
+                Id::RetiredPending,
+                device
+                    .are_pages_pending_retired()
+                    .ok()
+                    .map(|p| f64::from(u8::from(p))),
+            );
+            if let Some((correctable, uncorrectable, failure)) = remapped_rows(&self.nvml, &device)
+            {
+                put(Id::CorrectableRemappedRows, Some(f64::from(correctable)));
+                put(
+                    Id::UncorrectableRemappedRows,
+                    Some(f64::from(uncorrectable)),
+                );
+                put(Id::RowRemapFailure, Some(f64::from(u8::from(failure))));
+            }
             // The first version where the library lacks the second.
             if let Ok(memory) = crate::gpu::nvml::memory_usage(&self.nvml, &device) {
                 let mib = |bytes: u64| (bytes / (1024 * 1024)) as f64;
@@ -126,4 +202,23 @@ impl Sampler {
             }
         }
     }
+}
+
+/// Rows remapped for correctable and uncorrectable errors, and whether a
+/// remapping failed (Ampere and later); nvml-wrapper has no call for it.
+fn remapped_rows(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Option<(u32, u32, bool)> {
+    let function = nvml.lib().nvmlDeviceGetRemappedRows.as_ref().ok()?;
+    let (mut correctable, mut uncorrectable, mut pending, mut failure) = (0, 0, 0, 0);
+    // SAFETY: NVML's symbol with nvml.h's signature; the handle is the
+    // device's own and the pointers are to locals that outlive the call.
+    let code = unsafe {
+        function(
+            device.handle(),
+            &mut correctable,
+            &mut uncorrectable,
+            &mut pending,
+            &mut failure,
+        )
+    };
+    (code == 0).then_some((correctable, uncorrectable, failure != 0))
 }
