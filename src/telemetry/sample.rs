@@ -129,11 +129,11 @@ impl Sampler {
                 .and_then(|mut samples| samples.pop())
                 .and_then(|sample| sample.ok())
                 .and_then(|sample| sample.value.ok())
-                .and_then(|value| match value {
-                    SampleValue::U32(v) => Some(f64::from(v)),
-                    SampleValue::U64(v) => Some(v as f64),
-                    SampleValue::I64(v) => Some(v as f64),
-                    SampleValue::F64(v) => Some(v),
+                .map(|value| match value {
+                    SampleValue::U32(v) => f64::from(v),
+                    SampleValue::U64(v) => v as f64,
+                    SampleValue::I64(v) => v as f64,
+                    SampleValue::F64(v) => v,
                 });
             put(Id::MemoryTemp, memory_temp);
             for (id, error, counter) in [
