@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use support::daemon::{Daemon, eventually, free_port, get};
 use support::fake_api::FakeApi;
+use support::pod_resources::{Container, Pod, PodResources};
 use support::{copy_host, repo, write_spec};
 
 const NODE: &str = "gpu-node-1";
@@ -74,6 +75,48 @@ fn gpuprov_run_serves_dcgm_exporters_metrics_from_nvml() {
     let host = copy_host("h100x8-nvswitch-preinstalled");
     let fixture = fixture(host.path());
     let spec = write_spec(host.path(), "node.yaml", "dcgmExporter:\n  mode: builtin\n");
+    // The kubelet's pod resources: GPU 0 whole to ml/trainer-0, a
+    // time-sliced replica of GPU 1 to ml/infer-1, GPU 2's UUID under a
+    // resource that is not NVIDIA's (ignored).
+    let uuid = |i: usize| {
+        let text = std::fs::read_to_string(&fixture).unwrap();
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix("uuid: "))
+            .nth(i)
+            .unwrap()
+            .to_string()
+    };
+    let _kubelet = PodResources::serve(
+        &host
+            .path()
+            .join("var/lib/kubelet/pod-resources/kubelet.sock"),
+        vec![
+            Pod {
+                namespace: "ml",
+                name: "trainer-0",
+                containers: vec![Container {
+                    name: "main",
+                    devices: vec![("nvidia.com/gpu", vec![uuid(0)])],
+                }],
+            },
+            Pod {
+                namespace: "ml",
+                name: "infer-1",
+                containers: vec![Container {
+                    name: "server",
+                    devices: vec![("nvidia.com/gpu", vec![format!("{}::2", uuid(1))])],
+                }],
+            },
+            Pod {
+                namespace: "other",
+                name: "x",
+                containers: vec![Container {
+                    name: "c",
+                    devices: vec![("example.com/dev", vec![uuid(2)])],
+                }],
+            },
+        ],
+    );
     let port = free_port();
     let nvml = support::fake_nvml_library();
     let _daemon = Daemon::spawn_nvml(
@@ -172,9 +215,15 @@ fn gpuprov_run_serves_dcgm_exporters_metrics_from_nvml() {
         };
         field("uuid:").into_iter().zip(field("pciBusId:")).collect()
     };
+    // dcgm-exporter's labels, then its pod attributes for a GPU in use.
     let labels = |i: usize| {
+        let pod = match i {
+            0 => ",container=\"main\",namespace=\"ml\",pod=\"trainer-0\"",
+            1 => ",container=\"server\",namespace=\"ml\",pod=\"infer-1\"",
+            _ => "",
+        };
         format!(
-            "gpu=\"{i}\",UUID=\"{}\",pci_bus_id=\"{}\",device=\"nvidia{i}\",modelName=\"{H100}\",Hostname=\"{NODE}\",DCGM_FI_DRIVER_VERSION=\"550.54.15\"",
+            "gpu=\"{i}\",UUID=\"{}\",pci_bus_id=\"{}\",device=\"nvidia{i}\",modelName=\"{H100}\",Hostname=\"{NODE}\",DCGM_FI_DRIVER_VERSION=\"550.54.15\"{pod}",
             facts[i].0, facts[i].1
         )
     };

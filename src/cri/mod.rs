@@ -39,6 +39,22 @@ impl CriError {
     }
 }
 
+/// A gRPC channel to the unix socket at `real` (containerd's CRI, the
+/// kubelet's pod resources).
+pub async fn unix_channel(real: PathBuf) -> Result<Channel, tonic::transport::Error> {
+    // The URI is required by the API and never used: the connector dials
+    // the socket.
+    Endpoint::from_static("http://unix.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let real = real.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(real).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+}
+
 pub struct Cri {
     grpc: tonic::client::Grpc<Channel>,
 }
@@ -50,16 +66,7 @@ impl Cri {
     /// Connects to the socket at `real` (a path on this machine; `shown`
     /// is the host path the user knows).
     pub async fn connect(real: PathBuf, shown: &str) -> Result<Cri, CriError> {
-        // The URI is required by the API and never used: the connector
-        // dials the socket.
-        let channel = Endpoint::from_static("http://containerd.invalid")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let real = real.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(real).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
+        let channel = unix_channel(real)
             .await
             .map_err(|source| CriError::Connect {
                 socket: shown.to_string(),

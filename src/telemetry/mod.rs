@@ -8,6 +8,7 @@
 //! `dcgm-exporter` state in builtin mode.
 
 pub mod fields;
+pub mod pods;
 pub mod render;
 pub mod sample;
 
@@ -34,6 +35,10 @@ pub struct Exporter {
     sampled: Option<Instant>,
     /// Why NVML cannot be read, said once.
     problem: Option<String>,
+    /// Each GPU's container, from the kubelet's pod resources.
+    users: std::collections::BTreeMap<String, pods::User>,
+    /// Why the kubelet's pod resources cannot be read, said once.
+    pods_problem: Option<String>,
 }
 
 impl Exporter {
@@ -52,6 +57,8 @@ impl Exporter {
             values: Vec::new(),
             sampled: None,
             problem: None,
+            users: Default::default(),
+            pods_problem: None,
         }
     }
 
@@ -90,12 +97,26 @@ impl Exporter {
                 let last = errors.iter().rev().find(|e| e.gpu == gpu.index);
                 values[fields::Id::XidErrors as usize] = Some(last.map_or(0, |e| e.xid) as f64);
             }
+            match pods::users(&self.host) {
+                Ok(users) => {
+                    self.users = users;
+                    self.pods_problem = None;
+                }
+                Err(problem) => {
+                    if self.pods_problem.as_ref() != Some(&problem) {
+                        tracing::warn!("GPU metrics without their pods: {problem}");
+                        self.pods_problem = Some(problem);
+                    }
+                    self.users.clear();
+                }
+            }
             self.sampled = Some(Instant::now());
         }
         render::render(
             out,
             &sampler.gpus,
             &self.values,
+            &self.users,
             &self.hostname,
             &sampler.driver_version,
         );

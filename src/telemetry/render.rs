@@ -6,14 +6,20 @@
 
 use std::fmt::Write;
 
+use std::collections::BTreeMap;
+
 use super::fields::FIELDS;
+use super::pods::User;
 use super::sample::{Identity, Values};
 
-/// Appends the series of every field NVML gave for at least one GPU.
+/// Appends the series of every field NVML gave for at least one GPU; a
+/// GPU a container uses carries its `container`, `namespace` and `pod`
+/// (dcgm-exporter's attributes, after its labels, in that order).
 pub fn render(
     out: &mut String,
     gpus: &[Identity],
     values: &[Values],
+    users: &BTreeMap<String, User>,
     hostname: &str,
     driver_version: &str,
 ) {
@@ -37,6 +43,14 @@ pub fn render(
             escaped(out, hostname);
             out.push_str("\",DCGM_FI_DRIVER_VERSION=\"");
             escaped(out, driver_version);
+            if let Some(user) = users.get(&gpu.uuid) {
+                out.push_str("\",container=\"");
+                escaped(out, &user.container);
+                out.push_str("\",namespace=\"");
+                escaped(out, &user.namespace);
+                out.push_str("\",pod=\"");
+                escaped(out, &user.pod);
+            }
             let _ = writeln!(out, "\"}} {value}");
         }
     }
@@ -73,7 +87,14 @@ mod tests {
         values[Id::PowerUsage as usize] = Some(312.45);
         values[Id::TotalEnergy as usize] = Some(123456789.0);
         let mut out = String::new();
-        render(&mut out, &[gpu], &[values], "node-1", "550.54.15");
+        render(
+            &mut out,
+            &[gpu],
+            &[values],
+            &BTreeMap::new(),
+            "node-1",
+            "550.54.15",
+        );
         let labels = "gpu=\"0\",UUID=\"GPU-1\",pci_bus_id=\"00000000:18:00.0\",device=\"nvidia0\",modelName=\"NVIDIA \\\"H100\\\"\",Hostname=\"node-1\",DCGM_FI_DRIVER_VERSION=\"550.54.15\"";
         assert_eq!(
             out,

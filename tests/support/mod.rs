@@ -7,6 +7,7 @@ pub mod cri_node;
 pub mod daemon;
 pub mod fake_api;
 pub mod oci;
+pub mod pod_resources;
 
 use std::collections::BTreeMap;
 use std::fs;
