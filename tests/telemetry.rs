@@ -7,57 +7,15 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use support::daemon::{Daemon, eventually, free_port, get};
 use support::fake_api::FakeApi;
 use support::pod_resources::{Container, Pod, PodResources};
-use support::{copy_host, repo, write_spec};
+use support::{copy_host, write_spec};
 
 const NODE: &str = "gpu-node-1";
 const H100: &str = "NVIDIA H100 80GB HBM3";
-
-/// The 8× H100 fixture, each GPU given readings that depend on its index;
-/// GPU 7 has no encoder, decoder, energy, memory temperature, ECC, retired
-/// page or remapped row readings (they answer "not supported"), as a GPU
-/// without them.
-fn fixture(dir: &Path) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(repo().join("fixtures/nvml/h100x8.yaml")).unwrap();
-    let mut out = String::new();
-    let mut index = 0;
-    for line in text.lines() {
-        out.push_str(line);
-        out.push('\n');
-        if line == "    persistenceMode: true" {
-            let optional = if index == 7 {
-                String::new()
-            } else {
-                format!(
-                    ", encUtil: {index}, decUtil: {}, energyMj: {}, memoryTemp: {}, ecc: {{sbeVolatile: {index}, dbeVolatile: 0, sbeAggregate: {}, dbeAggregate: 1}}, retiredPages: {{sbe: {index}, dbe: 1, pending: true}}, remappedRows: {{correctable: {index}, uncorrectable: 2, pending: false, failure: false}}",
-                    2 * index,
-                    1_000_000_000u64 + index,
-                    50 + index,
-                    10 * index,
-                )
-            };
-            out.push_str(&format!(
-                "    telemetry: {{gpuUtil: {}, memUtil: {}, memoryUsedMiB: {}, gpuTemp: {}, powerMw: {}, smClock: 1980, memClock: 2619, pcieReplays: {}{optional}}}\n",
-                10 + index,
-                20 + index,
-                1024 * (index + 1),
-                40 + index,
-                300_000 + 125 * index,
-                index,
-            ));
-            index += 1;
-        }
-    }
-    assert_eq!(index, 8);
-    let path = dir.join("telemetry.yaml");
-    std::fs::write(&path, out).unwrap();
-    path
-}
 
 /// Series of one metric: its labels → its value.
 fn series(body: &str, name: &str) -> BTreeMap<String, String> {
@@ -73,7 +31,7 @@ fn gpuprov_run_serves_dcgm_exporters_metrics_from_nvml() {
     let fake = FakeApi::with_node(NODE, &[]);
     fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
     let host = copy_host("h100x8-nvswitch-preinstalled");
-    let fixture = fixture(host.path());
+    let fixture = support::telemetry_fixture(host.path());
     let spec = write_spec(host.path(), "node.yaml", "dcgmExporter:\n  mode: builtin\n");
     // The kubelet's pod resources: GPU 0 whole to ml/trainer-0, a
     // time-sliced replica of GPU 1 to ml/infer-1, GPU 2's UUID under a
@@ -346,7 +304,7 @@ fn a_critical_xid_degrades_the_gpu_then_it_recovers() {
     let fake = FakeApi::with_node(NODE, &[]);
     fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
     let host = copy_host("h100x8-nvswitch-preinstalled");
-    let fixture = fixture(host.path());
+    let fixture = support::telemetry_fixture(host.path());
     let events = host.path().join("nvml-events");
     std::fs::write(&events, "").unwrap();
     let spec = write_spec(

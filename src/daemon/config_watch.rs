@@ -31,7 +31,13 @@ pub fn watch(path: &Path, changed: impl Fn() + Send + Sync + 'static) -> ConfigW
     let last = Arc::new(Mutex::new(read(path)));
     let on_event = {
         let path = path.to_path_buf();
-        move |_: notify::Result<notify::Event>| {
+        move |event: notify::Result<notify::Event>| {
+            // notify's inotify watch reports opens and reads too, and
+            // reading the file here opens it: acting on those would read
+            // it again for ever, a core spent on nothing.
+            if event.is_ok_and(|e| matches!(e.kind, notify::EventKind::Access(_))) {
+                return;
+            }
             let now = read(&path);
             let mut last = last.lock().expect("not poisoned");
             if *last != now {

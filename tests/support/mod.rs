@@ -291,3 +291,44 @@ pub fn install_shell(root: &Path) {
         std::os::unix::fs::symlink(&shell, root.join("bin/sh")).unwrap();
     }
 }
+
+/// The 8× H100 fixture, each GPU given readings that depend on its index;
+/// GPU 7 has no encoder, decoder, energy, memory temperature, ECC, retired
+/// page or remapped row readings (they answer "not supported"), as a GPU
+/// without them.
+pub fn telemetry_fixture(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("fixtures/nvml/h100x8.yaml")).unwrap();
+    let mut out = String::new();
+    let mut index = 0;
+    for line in text.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line == "    persistenceMode: true" {
+            let optional = if index == 7 {
+                String::new()
+            } else {
+                format!(
+                    ", encUtil: {index}, decUtil: {}, energyMj: {}, memoryTemp: {}, ecc: {{sbeVolatile: {index}, dbeVolatile: 0, sbeAggregate: {}, dbeAggregate: 1}}, retiredPages: {{sbe: {index}, dbe: 1, pending: true}}, remappedRows: {{correctable: {index}, uncorrectable: 2, pending: false, failure: false}}",
+                    2 * index,
+                    1_000_000_000u64 + index,
+                    50 + index,
+                    10 * index,
+                )
+            };
+            out.push_str(&format!(
+                "    telemetry: {{gpuUtil: {}, memUtil: {}, memoryUsedMiB: {}, gpuTemp: {}, powerMw: {}, smClock: 1980, memClock: 2619, pcieReplays: {}{optional}}}\n",
+                10 + index,
+                20 + index,
+                1024 * (index + 1),
+                40 + index,
+                300_000 + 125 * index,
+                index,
+            ));
+            index += 1;
+        }
+    }
+    assert_eq!(index, 8);
+    let path = dir.join("telemetry.yaml");
+    std::fs::write(&path, out).unwrap();
+    path
+}
