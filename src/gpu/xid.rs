@@ -21,6 +21,8 @@ use crate::host::Host;
 pub const ERRORS_FILE: &str = "/run/gpuprov/gpu-errors.json";
 /// At most this many are kept: the newest.
 const KEPT: usize = 64;
+/// How often the watch tries again when the events cannot be read yet.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One error the driver reported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,9 +111,10 @@ pub fn age(error: &GpuError) -> u64 {
 
 /// Waits on the driver's events until `stop`, from a thread of its own:
 /// each critical XID not in `ignored`, and each double-bit ECC error, is
-/// recorded, then `reported` is called (the daemon converges again). A
-/// library without events, or GPUs that support none, end the watch with
-/// a warning: health is then what NVML and the PCI bus say.
+/// recorded, then `reported` is called (the daemon converges again). No
+/// library yet, a library without events or GPUs that support none: a
+/// warning (once per reason), health is what NVML and the PCI bus say, and
+/// the watch tries again every 30 s.
 pub fn watch(
     host: Host,
     library: Option<PathBuf>,
@@ -120,15 +123,23 @@ pub fn watch(
     reported: impl Fn() + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let library = match super::nvml::find_library(&host, library.as_deref()) {
-            Ok(library) => library,
-            Err(problem) => {
-                tracing::warn!("no GPU error events: {problem}");
-                return;
+        // The driver may come after `gpuprov run` starts (a fresh node
+        // installing it): until the events can be read, try again.
+        let mut said = String::new();
+        while !stop.load(Ordering::Relaxed) {
+            let watched = super::nvml::find_library(&host, library.as_deref())
+                .map_err(|problem| problem.to_string())
+                .and_then(|found| wait_for_errors(&host, &found, &ignored, &stop, &reported));
+            if let Err(why) = watched {
+                if why != said {
+                    tracing::warn!("no GPU error events yet: {why}; trying again every {RETRY:?}");
+                    said = why;
+                }
+                let until = std::time::Instant::now() + RETRY;
+                while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
             }
-        };
-        if let Err(why) = wait_for_errors(&host, &library, &ignored, &stop, &reported) {
-            tracing::warn!("no GPU error events: {why}");
         }
     })
 }
