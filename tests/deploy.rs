@@ -217,6 +217,18 @@ fn the_daemonset_variant_matches_the_binary() {
             .contains(&"configmaps".to_string())
             && r.verbs.contains(&"create".to_string())
     }));
+    // Prometheus finds every node's metrics port through the Service.
+    let services: Vec<k8s_openapi::api::core::v1::Service> = of_kind(&docs, "Service");
+    let service = services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("gpuprov-metrics"))
+        .expect("the metrics Service");
+    let service_spec = service.spec.clone().unwrap();
+    assert_eq!(
+        service_spec.selector.unwrap()["app.kubernetes.io/name"],
+        "gpuprov"
+    );
+    assert_eq!(service_spec.ports.unwrap()[0].port, i32::from(port));
     let runtime_class: Vec<k8s_openapi::api::node::v1::RuntimeClass> =
         of_kind(&docs, "RuntimeClass");
     assert_eq!(runtime_class[0].handler, "nvidia");
