@@ -67,22 +67,7 @@ fn scrape(mode: &str, seconds: u64) {
         &format!("dcgmExporter:\n  mode: {mode}\n"),
     );
     let port = free_port();
-    let nvml = support::fake_nvml_library();
-    let daemon = Daemon::spawn_nvml(
-        &fake,
-        NODE,
-        host.path(),
-        "5m",
-        port,
-        &[
-            "--nvml-lib".as_ref(),
-            nvml.as_os_str(),
-            "--config".as_ref(),
-            spec.as_os_str(),
-        ],
-        &fixture,
-        &[],
-    );
+    let daemon = Daemon::spawn_nvml(&fake, NODE, host.path(), port, &spec, &fixture, &[]);
     let pid = daemon.0.id();
     // Converged first, so the figures are the exporter's, not a converge's.
     eventually("a converged node", Duration::from_secs(60), || {

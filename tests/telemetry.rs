@@ -76,22 +76,7 @@ fn gpuprov_run_serves_dcgm_exporters_metrics_from_nvml() {
         ],
     );
     let port = free_port();
-    let nvml = support::fake_nvml_library();
-    let _daemon = Daemon::spawn_nvml(
-        &fake,
-        NODE,
-        host.path(),
-        "1s",
-        port,
-        &[
-            "--nvml-lib".as_ref(),
-            nvml.as_os_str(),
-            "--config".as_ref(),
-            spec.as_os_str(),
-        ],
-        &fixture,
-        &[],
-    );
+    let _daemon = Daemon::spawn_nvml(&fake, NODE, host.path(), port, &spec, &fixture, &[]);
     eventually(
         "a scrape with GPU metrics after a converge",
         Duration::from_secs(30),
@@ -313,19 +298,12 @@ fn a_critical_xid_degrades_the_gpu_then_it_recovers() {
         "dcgmExporter:\n  mode: builtin\nhealth:\n  recoverAfterSeconds: 3\n",
     );
     let port = free_port();
-    let nvml = support::fake_nvml_library();
     let _daemon = Daemon::spawn_nvml(
         &fake,
         NODE,
         host.path(),
-        "1s",
         port,
-        &[
-            "--nvml-lib".as_ref(),
-            nvml.as_os_str(),
-            "--config".as_ref(),
-            spec.as_os_str(),
-        ],
+        &spec,
         &fixture,
         &[("GPUPROV_FAKE_NVML_EVENTS", &events)],
     );

@@ -68,7 +68,7 @@ impl Daemon {
         more: &[&std::ffi::OsStr],
     ) -> Daemon {
         let fixture = super::repo().join("fixtures/nvml/a100.yaml");
-        Daemon::spawn_nvml(
+        Daemon::spawn_raw(
             fake,
             node,
             host_root,
@@ -80,10 +80,30 @@ impl Daemon {
         )
     }
 
-    /// `spawn_with`, the fake NVML (where `more` names it with
-    /// `--nvml-lib`) answering from `fixture`, with `env` set.
-    #[allow(clippy::too_many_arguments)]
+    /// `gpuprov run --config spec`, NVML answered by the fake library from
+    /// `fixture`, with `env` set; drift checked every 5 minutes, so a
+    /// converged node is left alone.
     pub fn spawn_nvml(
+        fake: &FakeApi,
+        node: &str,
+        host_root: &Path,
+        port: u16,
+        spec: &Path,
+        fixture: &Path,
+        env: &[(&str, &Path)],
+    ) -> Daemon {
+        let nvml = super::fake_nvml_library();
+        let more = [
+            "--nvml-lib".as_ref(),
+            nvml.as_os_str(),
+            "--config".as_ref(),
+            spec.as_os_str(),
+        ];
+        Daemon::spawn_raw(fake, node, host_root, "5m", port, &more, fixture, env)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_raw(
         fake: &FakeApi,
         node: &str,
         host_root: &Path,
