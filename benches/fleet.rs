@@ -36,30 +36,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Resident set size and CPU seconds (user + system) of a process.
-fn usage(pid: u32) -> (u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|u| u.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    (rss_kib, ticks / 100.0)
-}
-
 /// The cluster's side, instant: the operands' DaemonSets start on the
 /// labels, and the vectorAdd pod succeeds.
 fn instant_cluster(fake: &FakeApi, gpus: usize) {
@@ -167,16 +143,16 @@ fn steady_state(seconds: u64) {
     });
     std::thread::sleep(Duration::from_secs(1));
     fake.clear_log();
-    let (_, cpu_before) = usage(daemon.0.id());
+    let (_, cpu_before) = common::usage(daemon.0.id());
     let mut peak = 0;
     let mut samples = Vec::new();
     for _ in 0..seconds {
         std::thread::sleep(Duration::from_secs(1));
-        let (rss, _) = usage(daemon.0.id());
+        let (rss, _) = common::usage(daemon.0.id());
         peak = peak.max(rss);
         samples.push(rss);
     }
-    let (_, cpu_after) = usage(daemon.0.id());
+    let (_, cpu_after) = common::usage(daemon.0.id());
     let log = fake.log();
     drop(daemon);
     samples.sort();
@@ -247,13 +223,13 @@ fn without_a_gpu(seconds: u64) {
     let first = started.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     fake.clear_log();
-    let (_, cpu_before) = usage(daemon.0.id());
+    let (_, cpu_before) = common::usage(daemon.0.id());
     let mut samples = Vec::new();
     for _ in 0..seconds {
         std::thread::sleep(Duration::from_secs(1));
-        samples.push(usage(daemon.0.id()).0);
+        samples.push(common::usage(daemon.0.id()).0);
     }
-    let (_, cpu_after) = usage(daemon.0.id());
+    let (_, cpu_after) = common::usage(daemon.0.id());
     let idle_requests = fake.log().len();
     drop(daemon);
     samples.sort();

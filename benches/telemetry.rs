@@ -19,27 +19,6 @@ use support::fake_api::FakeApi;
 
 const NODE: &str = "gpu-node-1";
 
-/// Resident set size (KiB) and CPU seconds (user + system) of a process.
-fn usage(pid: u32) -> (u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<f64> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .map(|f| f.parse().unwrap_or(0.0))
-                .collect()
-        })
-        .unwrap_or_default();
-    let ticks = fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0);
-    (rss, ticks / 100.0)
-}
-
 fn main() {
     let seconds: u64 = if common::runs(2) > 1 {
         std::env::var("GPUPROV_BENCH_SECONDS")
@@ -73,7 +52,7 @@ fn scrape(mode: &str, seconds: u64) {
     eventually("a converged node", Duration::from_secs(60), || {
         get(port, "/metrics").is_some_and(|(_, b)| b.contains("\ngpuprov_converged 1\n"))
     });
-    let (_, cpu_before) = usage(pid);
+    let (_, cpu_before) = common::usage(pid);
     let mut latencies = Vec::new();
     let mut rss = Vec::new();
     let mut bytes = 0;
@@ -85,11 +64,11 @@ fn scrape(mode: &str, seconds: u64) {
         latencies.push(at.elapsed());
         assert_eq!(code, 200);
         bytes = body.len();
-        rss.push(usage(pid).0);
+        rss.push(common::usage(pid).0);
         next += Duration::from_secs(1);
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
-    let (_, cpu_after) = usage(pid);
+    let (_, cpu_after) = common::usage(pid);
     let scrapes = latencies.len();
     latencies.sort();
     let at = |p: f64| latencies[((scrapes as f64 - 1.0) * p).round() as usize];

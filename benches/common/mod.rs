@@ -25,3 +25,26 @@ pub fn measure(runs: usize, mut f: impl FnMut()) -> (Duration, Duration) {
     times.sort();
     (times[runs / 2], times[runs * 9 / 10])
 }
+
+/// Resident set size (KiB) and CPU seconds (user + system) of a process,
+/// from /proc.
+pub fn usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (rss_kib, (ticks(11) + ticks(12)) / 100.0)
+}

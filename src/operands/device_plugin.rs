@@ -189,6 +189,20 @@ pub struct GpuView {
     pub mig: Vec<MigDevice>,
 }
 
+impl GpuView {
+    /// A GPU known only from the PCI bus (no NVML): whole, no MIG.
+    pub fn whole(index: u32) -> GpuView {
+        GpuView {
+            index,
+            name: String::new(),
+            memory_mib: 0,
+            compute_capability: (0, 0),
+            mig_enabled: false,
+            mig: Vec::new(),
+        }
+    }
+}
+
 /// The node's GPUs with their MIG devices, read now (a layout applied
 /// earlier in this run shows); `None` without NVML.
 pub fn gpus(ctx: &StepContext) -> Result<Option<Vec<GpuView>>, String> {

@@ -14,8 +14,6 @@ pub mod device_plugin;
 pub mod static_pod;
 pub mod validate;
 
-use std::collections::BTreeMap;
-
 use crate::spec::{OperandDeploy, OperandSpec, Spec};
 use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain, file_diff};
 
@@ -220,7 +218,9 @@ fn verify(
     }
     Ok(match operand {
         Operand::DevicePlugin => {
-            let chosen = chosen.expect("the device plugin has a config in force");
+            let chosen = chosen.ok_or_else(|| {
+                StepError::Observe("the device plugin has no config in force".to_string())
+            })?;
             verify_device_plugin(ctx, chosen)?
         }
         Operand::DcgmExporter => {
@@ -278,19 +278,10 @@ fn verify_device_plugin(
         Some(gpus) => device_plugin::expected(gpus, chosen.mig_strategy, chosen.sharing()),
         // Without NVML: the PCI GPUs bound to the nvidia driver, whole.
         None => {
-            let count = ctx
-                .facts
-                .gpus()
-                .filter(|g| g.driver.as_deref() == Some("nvidia"))
-                .count() as u64;
-            let whole = BTreeMap::from([(GPU_RESOURCE.to_string(), count)]);
-            Ok(match chosen.sharing() {
-                Some(sharing) => whole
-                    .into_iter()
-                    .map(|(name, n)| (sharing.offered_name(&name), n * sharing.replicas(&name)))
-                    .collect(),
-                None => whole,
-            })
+            let whole: Vec<device_plugin::GpuView> = (0..gpu_count(ctx) as u32)
+                .map(device_plugin::GpuView::whole)
+                .collect();
+            device_plugin::expected(&whole, chosen.mig_strategy, chosen.sharing())
         }
     }
     .map_err(|why| {

@@ -213,17 +213,15 @@ impl PluginConfig {
     pub fn file_text(&self, mig_strategy: MigStrategy) -> String {
         let mut document = self.document.clone();
         let strategy = self.mig_strategy.unwrap_or(mig_strategy);
-        let flags = document
-            .as_object_mut()
-            .expect("a config document is an object")
-            .entry("flags")
-            .or_insert_with(|| json!({}));
-        let mut ordered = serde_json::Map::new();
-        ordered.insert("migStrategy".into(), json!(strategy.as_str()));
-        if let Value::Object(rest) = flags.take() {
-            ordered.extend(rest);
+        if let Value::Object(map) = &mut document {
+            let flags = map.entry("flags").or_insert_with(|| json!({}));
+            let mut ordered = serde_json::Map::new();
+            ordered.insert("migStrategy".into(), json!(strategy.as_str()));
+            if let Value::Object(rest) = flags.take() {
+                ordered.extend(rest);
+            }
+            *flags = Value::Object(ordered);
         }
-        *flags = Value::Object(ordered);
         serde_saphyr::to_string(&document).unwrap_or_default()
     }
 }
@@ -273,14 +271,22 @@ impl PluginConfigs {
                         .join(", ")
                 )),
             },
-            None => {
-                let config = &self.configs[&self.default];
-                Ok((
-                    &self.default,
-                    config,
-                    "devicePlugin.config.default".to_string(),
-                ))
-            }
+            None => self
+                .configs
+                .get(&self.default)
+                .map(|config| {
+                    (
+                        self.default.as_str(),
+                        config,
+                        "devicePlugin.config.default".to_string(),
+                    )
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "devicePlugin.config.default `{}` names no config",
+                        self.default
+                    )
+                }),
         }
     }
 }

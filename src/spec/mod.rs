@@ -238,39 +238,49 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         source,
         &mut errors,
     );
-    for (section, raw_operand) in [("dcgmExporter", &raw.dcgm_exporter), ("gfd", &raw.gfd)] {
-        if let Some(config) = &raw_operand.config {
+    // The operands' sections share one raw type; a key that belongs to
+    // one of them is refused in the others.
+    let config_help = "devicePlugin.config holds the device plugin's (and GFD's) configs";
+    let interval_help =
+        "dcgmExporter.sampleIntervalSeconds sets how often the built-in exporter reads NVML";
+    let misplaced = [
+        (
+            "dcgmExporter.config",
+            raw.dcgm_exporter.config.as_ref().map(|c| c.referenced),
+            config_help,
+        ),
+        (
+            "gfd.config",
+            raw.gfd.config.as_ref().map(|c| c.referenced),
+            config_help,
+        ),
+        (
+            "devicePlugin.mode",
+            raw.device_plugin.mode.as_ref().map(|m| m.referenced),
+            "gfd has a mode (builtin or daemonset), and dcgmExporter (operand or builtin)",
+        ),
+        (
+            "devicePlugin.sampleIntervalSeconds",
+            raw.device_plugin
+                .sample_interval_seconds
+                .as_ref()
+                .map(|i| i.referenced),
+            interval_help,
+        ),
+        (
+            "gfd.sampleIntervalSeconds",
+            raw.gfd
+                .sample_interval_seconds
+                .as_ref()
+                .map(|i| i.referenced),
+            interval_help,
+        ),
+    ];
+    for (key, location, help) in misplaced {
+        if let Some(location) = location {
             errors.push(
-                Diagnostic::at_location(
-                    source,
-                    config.referenced,
-                    format!("{section}.config is not a setting"),
-                )
-                .with_help("devicePlugin.config holds the device plugin's (and GFD's) configs"),
-            );
-        }
-    }
-    if let Some(mode) = &raw.device_plugin.mode {
-        errors.push(
-            Diagnostic::at_location(
-                source,
-                mode.referenced,
-                "devicePlugin.mode is not a setting",
-            )
-            .with_help(
-                "gfd has a mode (builtin or daemonset), and dcgmExporter (operand or builtin)",
-            ),
-        );
-    }
-    for (section, raw_operand) in [("devicePlugin", &raw.device_plugin), ("gfd", &raw.gfd)] {
-        if let Some(interval) = &raw_operand.sample_interval_seconds {
-            errors.push(
-                Diagnostic::at_location(
-                    source,
-                    interval.referenced,
-                    format!("{section}.sampleIntervalSeconds is not a setting"),
-                )
-                .with_help("dcgmExporter.sampleIntervalSeconds sets how often the built-in exporter reads NVML"),
+                Diagnostic::at_location(source, location, format!("{key} is not a setting"))
+                    .with_help(help),
             );
         }
     }
@@ -285,15 +295,19 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         source,
         &mut errors,
     );
-    let dcgm_exporter_interval = raw.dcgm_exporter.sample_interval_seconds.as_ref().map(|_| {
-        seconds(
-            &raw.dcgm_exporter.sample_interval_seconds,
-            "dcgmExporter.sampleIntervalSeconds",
-            1,
-            source,
-            &mut errors,
-        )
-    });
+    let dcgm_exporter_interval = raw
+        .dcgm_exporter
+        .sample_interval_seconds
+        .is_some()
+        .then(|| {
+            seconds(
+                &raw.dcgm_exporter.sample_interval_seconds,
+                "dcgmExporter.sampleIntervalSeconds",
+                1,
+                source,
+                &mut errors,
+            )
+        });
     let device_plugin = resolve_operand(
         "devicePlugin",
         &raw.device_plugin,

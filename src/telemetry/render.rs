@@ -31,27 +31,29 @@ pub fn render(
         let _ = writeln!(out, "# TYPE {} {}", field.name, field.kind.as_str());
         for (gpu, value) in gpus.iter().zip(values) {
             let Some(value) = value[i] else { continue };
-            let _ = write!(out, "{}{{gpu=\"{}\",UUID=\"", field.name, gpu.index);
-            escaped(out, &gpu.uuid);
-            out.push_str("\",pci_bus_id=\"");
-            escaped(out, &gpu.pci_bus_id);
-            out.push_str("\",device=\"");
-            escaped(out, &gpu.device);
-            out.push_str("\",modelName=\"");
-            escaped(out, &gpu.model);
-            out.push_str("\",Hostname=\"");
-            escaped(out, hostname);
-            out.push_str("\",DCGM_FI_DRIVER_VERSION=\"");
-            escaped(out, driver_version);
-            if let Some(user) = users.get(&gpu.uuid) {
-                out.push_str("\",container=\"");
-                escaped(out, &user.container);
-                out.push_str("\",namespace=\"");
-                escaped(out, &user.namespace);
-                out.push_str("\",pod=\"");
-                escaped(out, &user.pod);
+            let _ = write!(out, "{}{{gpu=\"{}\"", field.name, gpu.index);
+            let user = users.get(&gpu.uuid);
+            let labels = [
+                ("UUID", gpu.uuid.as_str()),
+                ("pci_bus_id", &gpu.pci_bus_id),
+                ("device", &gpu.device),
+                ("modelName", &gpu.model),
+                ("Hostname", hostname),
+                ("DCGM_FI_DRIVER_VERSION", driver_version),
+            ];
+            let attributes = user.map(|u| {
+                [
+                    ("container", u.container.as_str()),
+                    ("namespace", &u.namespace),
+                    ("pod", &u.pod),
+                ]
+            });
+            for (key, value) in labels.iter().chain(attributes.iter().flatten()) {
+                let _ = write!(out, ",{key}=\"");
+                escaped(out, value);
+                out.push('"');
             }
-            let _ = writeln!(out, "\"}} {value}");
+            let _ = writeln!(out, "}} {value}");
         }
     }
 }
