@@ -255,6 +255,18 @@ fn gpus_on_one_nvlink_clique_are_labelled_with_it_and_their_imex_domain() {
         "97752ca8-08fb-5f83-90f8-ee63c6179fd7.32766"
     );
 
+    // A peer list that is not a file: no IMEX labels, the others stay, and
+    // the step says why.
+    std::fs::remove_file(imex.join("nodes_config.cfg")).unwrap();
+    std::fs::create_dir(imex.join("nodes_config.cfg")).unwrap();
+    let (code, labels, report) = apply(host.path(), fixture.to_str().unwrap());
+    assert_eq!(code, 0);
+    assert!(!labels.contains_key("nvidia.com/gpu.clique"));
+    assert_eq!(labels["nvidia.com/gpu.product"], "NVIDIA-H100-80GB-HBM3");
+    let reason = &steps(&report)["gpu-feature-discovery"].2;
+    assert!(reason.contains("no IMEX labels: "), "{reason}");
+    std::fs::remove_dir(imex.join("nodes_config.cfg")).unwrap();
+
     // A peer list GFD would refuse: no IMEX labels, and the step says why.
     std::fs::write(imex.join("nodes_config.cfg"), "192.168.0.11\nnode-b\n").unwrap();
     let (code, labels, report) = apply(host.path(), fixture.to_str().unwrap());

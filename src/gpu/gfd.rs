@@ -15,7 +15,7 @@ use super::pci::PciFunction;
 use crate::mig::nvml::MigDevice;
 use crate::operands::device_plugin::GpuView;
 use crate::spec::{GfdMode, MigStrategy, Sharing, SharingStrategy};
-use crate::step::{Gate, Observation, Outcome, StepContext, StepError};
+use crate::step::{Gate, Observation, Outcome, StepContext, StepError, error_chain};
 
 pub const MACHINE_FILE: &str = "/sys/class/dmi/id/product_name";
 /// The IMEX daemon's peer list: with it, GFD labels the node's NVLink
@@ -426,11 +426,15 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     };
     let mut labels = labels(inventory, &ctx.facts.pci, machine.as_deref(), &view);
     let mut notes = String::new();
-    if let Some(peers) = ctx.host.read(IMEX_NODES_FILE)? {
-        match imex_labels(&inventory.devices, &peers) {
+    // An optional file: one that cannot be read (not a regular file, not
+    // UTF-8, too big) costs the two IMEX labels, never the others.
+    match ctx.host.read(IMEX_NODES_FILE) {
+        Ok(None) => {}
+        Ok(Some(peers)) => match imex_labels(&inventory.devices, &peers) {
             Ok(imex) => labels.extend(imex),
             Err(why) => notes = format!("; no IMEX labels: {why}"),
-        }
+        },
+        Err(e) => notes = format!("; no IMEX labels: {}", error_chain(&e)),
     }
     let product = labels
         .get("nvidia.com/gpu.product")
