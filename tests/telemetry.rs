@@ -205,6 +205,8 @@ fn gpuprov_run_serves_dcgm_exporters_metrics_from_nvml() {
         ("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "counter", "3"),
         ("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "counter", "2"),
         ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "gauge", "0"),
+        // Its 18 NVLinks' data counters, both ways, KiB: 3·18·1000 + 2·153.
+        ("DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL", "counter", "162306"),
     ] {
         assert!(body.contains(&format!("# TYPE {name} {kind}\n")), "{name}");
         assert_eq!(
@@ -222,6 +224,7 @@ fn gpuprov_run_serves_dcgm_exporters_metrics_from_nvml() {
         "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
         "DCGM_FI_DEV_RETIRED_SBE",
         "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL",
     ] {
         let found = series(&body, name);
         assert_eq!(found.len(), 7, "{name}: {found:?}");
@@ -340,4 +343,111 @@ fn a_critical_xid_degrades_the_gpu_then_it_recovers() {
     eventually("gpu-health ready again", Duration::from_secs(60), || {
         health(&fake).as_deref() == Some("ready")
     });
+}
+
+/// GPU 0 with MIG on, a 1g.10gb and a 3g.40gb GPU instance: as
+/// dcgm-exporter's default (flex) mode has it, GPU 0 has no series of its
+/// own but one per GPU instance, labelled `GPU_I_PROFILE` and `GPU_I_ID`,
+/// with the instance's own frame buffer, the GPU's temperature and no
+/// utilization; a pod holding a MIG device (by its UUID, or GKE's
+/// `nvidia0/gi1`) is on its instance's series.
+#[test]
+fn mig_instances_get_their_own_series() {
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let fixture = support::telemetry_fixture(host.path());
+    let text = std::fs::read_to_string(&fixture).unwrap();
+    let text = text
+        .replacen(
+            "    migMode: [0, 0]\n",
+            "    migMode: [1, 1]\n    migProfiles: h100-80gb\n    migInstances: [{profile: 0, start: 0}, {profile: 2, start: 4}]\n",
+            1,
+        )
+        .replacen(
+            "telemetry: {gpuUtil: 10,",
+            "telemetry: {migMemoryUsedMiB: {1: 512, 2: 4096}, gpuUtil: 10,",
+            1,
+        );
+    std::fs::write(&fixture, text).unwrap();
+    let spec = write_spec(host.path(), "node.yaml", "dcgmExporter:\n  mode: builtin\n");
+    // The fake's MIG device UUIDs: the GPU's, its fourth group the GPU and
+    // compute instance ids.
+    let gpu0 = "GPU-5f1c4e2a-0d3b-4c7e-9a10-000000000018";
+    let _kubelet = PodResources::serve(
+        &host
+            .path()
+            .join("var/lib/kubelet/pod-resources/kubelet.sock"),
+        vec![
+            Pod {
+                namespace: "ml",
+                name: "mig-pod",
+                containers: vec![Container {
+                    name: "main",
+                    devices: vec![(
+                        "nvidia.com/mig-3g.40gb",
+                        vec!["MIG-5f1c4e2a-0d3b-4c7e-0200-000000000018".to_string()],
+                    )],
+                }],
+            },
+            Pod {
+                namespace: "gke",
+                name: "small",
+                containers: vec![Container {
+                    name: "c",
+                    devices: vec![("nvidia.com/gpu", vec!["nvidia0/gi1".to_string()])],
+                }],
+            },
+        ],
+    );
+    let port = free_port();
+    let _daemon = Daemon::spawn_nvml(&fake, NODE, host.path(), port, &spec, &fixture, &[]);
+    eventually("a scrape with MIG series", Duration::from_secs(30), || {
+        get(port, "/metrics").is_some_and(|(_, body)| body.contains("GPU_I_ID="))
+    });
+    let (_, body) = get(port, "/metrics").unwrap();
+    let instance = |profile: &str, id: u32, pod: &str| {
+        format!(
+            "gpu=\"0\",UUID=\"{gpu0}\",pci_bus_id=\"00000000:18:00.0\",device=\"nvidia0\",modelName=\"{H100}\",GPU_I_PROFILE=\"{profile}\",GPU_I_ID=\"{id}\",Hostname=\"{NODE}\",DCGM_FI_DRIVER_VERSION=\"550.54.15\"{pod}"
+        )
+    };
+    let small = instance(
+        "1g.10gb",
+        1,
+        ",container=\"c\",namespace=\"gke\",pod=\"small\"",
+    );
+    let large = instance(
+        "3g.40gb",
+        2,
+        ",container=\"main\",namespace=\"ml\",pod=\"mig-pod\"",
+    );
+    for (name, wanted) in [
+        ("DCGM_FI_DEV_FB_USED", [("512", &small), ("4096", &large)]),
+        // 1g.10gb: 9984 MiB, 3g.40gb: 40448 MiB.
+        ("DCGM_FI_DEV_FB_FREE", [("9472", &small), ("36352", &large)]),
+        ("DCGM_FI_DEV_GPU_TEMP", [("40", &small), ("40", &large)]),
+        ("DCGM_FI_DEV_XID_ERRORS", [("0", &small), ("0", &large)]),
+    ] {
+        let found = series(&body, name);
+        for (value, labels) in wanted {
+            assert_eq!(
+                found.get(labels.as_str()).map(String::as_str),
+                Some(value),
+                "{name}:\n{body}"
+            );
+        }
+        // Two instances and seven whole GPUs; GPU 0 has no series of its own.
+        assert_eq!(found.len(), 9, "{name}: {found:#?}");
+        assert!(
+            found
+                .keys()
+                .filter(|l| l.starts_with("gpu=\"0\""))
+                .all(|l| l.contains("GPU_I_ID")),
+            "{name}: {found:#?}"
+        );
+    }
+    // No utilization for a MIG instance, as NVML and DCGM give none.
+    let util = series(&body, "DCGM_FI_DEV_GPU_UTIL");
+    assert_eq!(util.len(), 7, "{util:#?}");
+    assert!(util.keys().all(|l| !l.starts_with("gpu=\"0\"")));
 }

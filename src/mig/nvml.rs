@@ -391,7 +391,7 @@ fn mode(nvml: &Nvml, device: nvmlDevice_t) -> Result<(bool, bool), NvmlError> {
     Ok((current == 1, pending == 1))
 }
 
-fn profiles(
+pub(crate) fn profiles(
     nvml: &Nvml,
     device: nvmlDevice_t,
     total_mib: u64,

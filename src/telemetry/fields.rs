@@ -51,13 +51,14 @@ pub enum Id {
     RetiredSbe,
     RetiredDbe,
     RetiredPending,
+    NvlinkBandwidthTotal,
     UncorrectableRemappedRows,
     CorrectableRemappedRows,
     RowRemapFailure,
 }
 
 /// How many fields a sample holds.
-pub const COUNT: usize = 24;
+pub const COUNT: usize = 25;
 
 /// Indexed by `Id`.
 pub const FIELDS: [Field; COUNT] = [
@@ -167,6 +168,12 @@ pub const FIELDS: [Field; COUNT] = [
         name: "DCGM_FI_DEV_RETIRED_PENDING",
         kind: Kind::Counter,
         help: "Total number of pages pending retirement.",
+    },
+    // In the default set; a GPU without NVLink has no series.
+    Field {
+        name: "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL",
+        kind: Kind::Counter,
+        help: "Total number of NVLink bandwidth counters for all lanes",
     },
     Field {
         name: "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",

@@ -15,7 +15,7 @@ pub mod sample;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use sample::{Sampler, Values};
+use sample::{Sample, Sampler};
 
 use crate::host::Host;
 use crate::operands::{self, Operand};
@@ -31,7 +31,7 @@ pub struct Exporter {
     hostname: String,
     interval: Option<Duration>,
     sampler: Option<Sampler>,
-    values: Vec<Values>,
+    sample: Sample,
     sampled: Option<Instant>,
     /// Why NVML cannot be read, said once.
     problem: Option<String>,
@@ -54,7 +54,7 @@ impl Exporter {
             hostname,
             interval,
             sampler: None,
-            values: Vec::new(),
+            sample: Sample::default(),
             sampled: None,
             problem: None,
             users: Default::default(),
@@ -83,17 +83,19 @@ impl Exporter {
                 }
             }
         }
-        let Some(sampler) = &self.sampler else { return };
+        let Some(sampler) = &mut self.sampler else {
+            return;
+        };
         let fresh = match (self.sampled, self.interval) {
             (Some(at), Some(interval)) => at.elapsed() < interval,
             _ => false,
         };
         if !fresh {
-            sampler.sample(&mut self.values);
+            sampler.sample(&mut self.sample);
             // The last XID `gpuprov run` recorded for each GPU, 0 for none,
             // as DCGM reports it.
             let errors = crate::gpu::xid::recorded(&self.host);
-            for (gpu, values) in sampler.gpus.iter().zip(self.values.iter_mut()) {
+            for (gpu, values) in sampler.gpus.iter().zip(self.sample.gpus.iter_mut()) {
                 let last = errors.iter().rev().find(|e| e.gpu == gpu.index);
                 values[fields::Id::XidErrors as usize] = Some(last.map_or(0, |e| e.xid) as f64);
             }
@@ -115,7 +117,7 @@ impl Exporter {
         render::render(
             out,
             &sampler.gpus,
-            &self.values,
+            &self.sample,
             &self.users,
             &self.hostname,
             &sampler.driver_version,

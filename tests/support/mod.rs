@@ -307,12 +307,17 @@ pub fn telemetry_fixture(dir: &Path) -> PathBuf {
             let optional = if index == 7 {
                 String::new()
             } else {
+                // 18 NVLinks, link l: 1000·i + l KiB sent, 2000·i + l received.
+                let links: Vec<String> = (0..18)
+                    .map(|l| format!("[{}, {}]", 1000 * index + l, 2000 * index + l))
+                    .collect();
                 format!(
-                    ", encUtil: {index}, decUtil: {}, energyMj: {}, memoryTemp: {}, ecc: {{sbeVolatile: {index}, dbeVolatile: 0, sbeAggregate: {}, dbeAggregate: 1}}, retiredPages: {{sbe: {index}, dbe: 1, pending: true}}, remappedRows: {{correctable: {index}, uncorrectable: 2, pending: false, failure: false}}",
+                    ", encUtil: {index}, decUtil: {}, energyMj: {}, memoryTemp: {}, ecc: {{sbeVolatile: {index}, dbeVolatile: 0, sbeAggregate: {}, dbeAggregate: 1}}, retiredPages: {{sbe: {index}, dbe: 1, pending: true}}, remappedRows: {{correctable: {index}, uncorrectable: 2, pending: false, failure: false}}, nvlinkDataKiB: [{}]",
                     2 * index,
                     1_000_000_000u64 + index,
                     50 + index,
                     10 * index,
+                    links.join(", "),
                 )
             };
             out.push_str(&format!(
