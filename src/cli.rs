@@ -133,6 +133,12 @@ pub struct RunArgs {
     /// backoff.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub pending_interval: Duration,
+    /// How long the API server keeps each of gpuprov's watches (its Node,
+    /// the operand pods on it) open before gpuprov opens it again, from
+    /// where it left off: one request per watch per period on a
+    /// converged node.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub watch_timeout: Duration,
     /// How long to wait for another run's lock on this host (`30s`, `2m`).
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub lock_timeout: Duration,

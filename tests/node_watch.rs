@@ -40,7 +40,7 @@ fn watch(fake: &FakeApi) -> Watch {
     .unwrap();
     let (send, labels) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
-    cluster.watch_labels(stop.clone(), move |labels| {
+    cluster.watch(Duration::from_secs(3600), stop.clone(), move |labels| {
         let _ = send.send(labels);
     });
     Watch {

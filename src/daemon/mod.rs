@@ -57,7 +57,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let stop = Arc::new(AtomicBool::new(false));
     let node_watch = {
         let triggers = triggers.clone();
-        cluster.watch_labels(stop.clone(), move |labels| {
+        cluster.watch(args.watch_timeout, stop.clone(), move |labels| {
             let _ = triggers.send(Trigger::NodeLabels(labels));
         })
     };

@@ -10,11 +10,12 @@ pub mod config_maps;
 pub mod events;
 pub mod node_status;
 pub mod pods;
+pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use ::kube::api::{PatchParams, PostParams};
@@ -121,6 +122,11 @@ pub struct Cluster {
     pub node: String,
     pub server: String,
     pub requests: RequestCounts,
+    /// The Node and its pods as `gpuprov run`'s watches see them.
+    pub view: Arc<view::View>,
+    /// ConfigMaps' data as gpuprov last read or wrote them, by namespace
+    /// and name: under the watches a converge does not read them again.
+    config_maps: std::sync::Mutex<BTreeMap<(String, String), BTreeMap<String, String>>>,
 }
 
 impl Cluster {
@@ -153,11 +159,26 @@ impl Cluster {
                     .map_err(|e| KubeError::NotFound(Box::new(e))),
             }
         })?;
+        let node = match &options.node_name {
+            Some(name) => name.clone(),
+            None => match std::env::var("NODE_NAME") {
+                Ok(name) if !name.is_empty() => name,
+                _ => nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .filter(|h| !h.is_empty())
+                    .ok_or(KubeError::NoNodeName)?,
+            },
+        };
         let mut config = config;
-        // Who is asking, in the API server's audit log and metrics.
+        // Who is asking, in the API server's audit log and metrics: which
+        // node's agent, so that one node's requests can be told apart.
+        let agent = format!("gpuprov/{} (node {node})", env!("CARGO_PKG_VERSION"));
         config.headers.push((
             http::header::USER_AGENT,
-            http::HeaderValue::from_static(concat!("gpuprov/", env!("CARGO_PKG_VERSION"))),
+            http::HeaderValue::from_str(&agent).unwrap_or_else(|_| {
+                http::HeaderValue::from_static(concat!("gpuprov/", env!("CARGO_PKG_VERSION")))
+            }),
         ));
         // A server that never accepts must not hold a converge; one that
         // accepts and never answers is `REQUEST_TIMEOUT`'s. The watch's
@@ -173,17 +194,6 @@ impl Cluster {
             let _guard = runtime.enter();
             ::kube::Client::try_from(config.clone()).map_err(|e| KubeError::Config(Box::new(e)))?
         };
-        let node = match &options.node_name {
-            Some(name) => name.clone(),
-            None => match std::env::var("NODE_NAME") {
-                Ok(name) if !name.is_empty() => name,
-                _ => nix::unistd::gethostname()
-                    .ok()
-                    .and_then(|h| h.into_string().ok())
-                    .filter(|h| !h.is_empty())
-                    .ok_or(KubeError::NoNodeName)?,
-            },
-        };
         Ok(Cluster {
             runtime,
             client,
@@ -191,6 +201,8 @@ impl Cluster {
             node,
             server,
             requests: RequestCounts::default(),
+            view: Default::default(),
+            config_maps: Default::default(),
         })
     }
 
@@ -306,9 +318,20 @@ impl Cluster {
         }
     }
 
-    /// The node's labels and who set them.
+    /// The node's labels and who set them: as the Node watch last saw
+    /// them, else read now.
     pub fn node_labels(&self) -> Result<NodeLabels, KubeError> {
-        Ok(read_labels(&self.node()?))
+        match self.view.node() {
+            Some(node) => Ok(read_labels(&node)),
+            None => Ok(read_labels(&self.node()?)),
+        }
+    }
+
+    /// A write's answer: the Node as it now is, for the view.
+    fn written_node(&self, body: &[u8]) {
+        if let Ok(node) = serde_json::from_slice::<Node>(body) {
+            self.view.offer_node(node);
+        }
     }
 
     /// Applies exactly `labels` as gpuprov's label set (server-side apply,
@@ -325,7 +348,9 @@ impl Cluster {
             .patch(&self.node, &params, &::kube::api::Patch::Apply(&patch))
             .expect("a valid request");
         let (code, body) = self.send(&what, request)?;
-        self.ok_or_refused(&what, code, &body)
+        self.ok_or_refused(&what, code, &body)?;
+        self.written_node(&body);
+        Ok(())
     }
 
     /// Posts a node event (events.k8s.io/v1) in the `default` namespace.
@@ -371,65 +396,29 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Watches this Node's labels on a thread until `stop`; `changed` gets
-    /// every new set. kube-runtime's `watcher` does the watching: a
-    /// field-selected list, then a watch from its resourceVersion with
-    /// bookmarks; a dropped or timed-out watch resumes from the last
-    /// resourceVersion seen (an event's or a bookmark's), a 410 Gone lists
-    /// again, and failures back off exponentially (`default_backoff`). The
-    /// thread never needs joining: it checks `stop` every 250 ms and holds
-    /// nothing that must be closed.
-    pub fn watch_labels(
+    /// Watches this Node and the pods on it that gpuprov reads, on a
+    /// thread until `stop` (see `view`); `changed` gets every new set of
+    /// the Node's labels.
+    pub fn watch(
         &self,
+        timeout: Duration,
         stop: Arc<AtomicBool>,
         changed: impl Fn(BTreeMap<String, String>) + Send + 'static,
     ) -> std::thread::JoinHandle<()> {
-        use ::kube::api::Api;
-        use ::kube::runtime::{WatchStreamExt, watcher};
-        use futures::StreamExt;
-
-        let config = self.config.clone();
-        let node = self.node.clone();
-        crate::background::spawn("the Node watch", move || async move {
-            let client = match ::kube::Client::try_from(config) {
-                Ok(client) => client,
-                Err(e) => {
-                    let why = crate::error_chain::error_chain(&e);
-                    tracing::error!(%node, "no Node watch: {why}");
-                    return;
-                }
-            };
-            let api: Api<Node> = Api::all(client);
-            let config = watcher::Config::default()
-                .fields(&format!("metadata.name={node}"))
-                .timeout(290);
-            let events = watcher(api, config).default_backoff();
-            let mut events = std::pin::pin!(events);
-            let mut last: Option<BTreeMap<String, String>> = None;
-            while !stop.load(Ordering::Relaxed) {
-                let next = tokio::time::timeout(Duration::from_millis(250), events.next());
-                let object = match next.await {
-                    Err(_) => continue,
-                    Ok(None) => {
-                        tracing::error!(%node, "the Node watch ended; label changes are seen at the next drift check");
-                        break;
-                    }
-                    Ok(Some(Err(e))) => {
-                        tracing::warn!(%node, "watch: {}", crate::error_chain::error_chain(&e));
-                        continue;
-                    }
-                    Ok(Some(Ok(
-                        watcher::Event::Apply(object) | watcher::Event::InitApply(object),
-                    ))) => object,
-                    Ok(Some(Ok(_))) => continue,
-                };
-                let labels = read_labels(&object).labels;
+        let mut last: Option<BTreeMap<String, String>> = None;
+        self.view.watch(
+            self.config.clone(),
+            self.node.clone(),
+            timeout,
+            stop,
+            move |node| {
+                let labels = read_labels(node).labels;
                 if last.as_ref() != Some(&labels) {
                     changed(labels.clone());
                 }
                 last = Some(labels);
-            }
-        })
+            },
+        )
     }
 }
 

@@ -71,7 +71,9 @@ impl Cluster {
             )
             .expect("a valid request");
         let (code, body) = self.send(&what, request)?;
-        self.ok_or_refused(&what, code, &body)
+        self.ok_or_refused(&what, code, &body)?;
+        self.written_node(&body);
+        Ok(())
     }
 
     /// The Node as it is now (its taints and resourceVersion).
@@ -110,6 +112,8 @@ impl Cluster {
             .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
             .expect("a valid request");
         let (code, body) = self.send(&what, request)?;
-        self.ok_or_refused(&what, code, &body)
+        self.ok_or_refused(&what, code, &body)?;
+        self.written_node(&body);
+        Ok(())
     }
 }

@@ -10,7 +10,13 @@ use super::{Cluster, KubeError};
 impl Cluster {
     /// Pods on this node carrying `label_selector`, in every namespace
     /// (the GPU Operator runs its operands in its own namespace, we in ours).
+    /// Under `gpuprov run`, the pods its watch follows come from the watch.
     pub fn pods_on_node(&self, label_selector: &str) -> Result<Vec<Pod>, KubeError> {
+        if label_selector == super::view::WATCHED_PODS
+            && let Some(pods) = self.view.pods()
+        {
+            return Ok(pods);
+        }
         let what = format!("GET pods on node {} ({label_selector})", self.node);
         let params = ListParams::default()
             .fields(&format!("spec.nodeName={}", self.node))

@@ -119,6 +119,7 @@ impl LabelSink for ApiLabelSink<'_> {
         match self.cluster.apply_labels(&plan.apply) {
             Err(crate::kube::KubeError::Api { code: 409, .. }) => {
                 tracing::warn!("a label conflict: reading the node again");
+                self.cluster.view.forget_node();
                 let (node, plan) = self.plan(wanted)?;
                 if plan.needed {
                     self.cluster.apply_labels(&plan.apply)?;

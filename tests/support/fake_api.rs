@@ -98,8 +98,12 @@ pub enum Kubelet {
 struct Inner {
     nodes: BTreeMap<String, NodeState>,
     events: Vec<Value>,
-    /// (namespace, name) → pod.
+    /// (namespace, name) → pod; each carries the resourceVersion of its
+    /// last change (`put_pod`).
     pods: BTreeMap<(String, String), Value>,
+    /// Pods deleted, with the resourceVersion of their deletion, so that a
+    /// watch resumed from before it sees the DELETED event.
+    deleted_pods: BTreeMap<(String, String), (u64, Value)>,
     /// (namespace, name) → ConfigMap.
     config_maps: BTreeMap<(String, String), Value>,
     /// (namespace, name) → its log.
@@ -121,6 +125,33 @@ struct Inner {
 
 #[derive(Clone, Default)]
 struct Shared(Arc<Mutex<Inner>>);
+
+impl Inner {
+    /// Stores a pod as changed now: the store's resourceVersion moves on and
+    /// the pod carries it.
+    fn put_pod(&mut self, key: (String, String), mut pod: Value) {
+        self.version += 1;
+        pod["metadata"]["resourceVersion"] = json!(self.version.to_string());
+        self.deleted_pods.remove(&key);
+        self.pods.insert(key, pod);
+    }
+
+    /// Changes a pod in place, as `put_pod`.
+    fn change_pod(&mut self, key: &(String, String), change: impl FnOnce(&mut Value)) {
+        if let Some(mut pod) = self.pods.get(key).cloned() {
+            change(&mut pod);
+            self.put_pod(key.clone(), pod);
+        }
+    }
+
+    fn remove_pod(&mut self, key: &(String, String)) -> Option<Value> {
+        let pod = self.pods.remove(key)?;
+        self.version += 1;
+        self.deleted_pods
+            .insert(key.clone(), (self.version, pod.clone()));
+        Some(pod)
+    }
+}
 
 pub struct FakeApi {
     pub addr: SocketAddr,
@@ -319,11 +350,30 @@ impl FakeApi {
     /// Sets a pod's `status.phase`, as the kubelet would.
     pub fn set_pod_phase(&self, namespace: &str, name: &str, phase: &str) {
         let mut inner = self.shared.0.lock().unwrap();
-        let pod = inner
-            .pods
-            .get_mut(&(namespace.to_string(), name.to_string()))
-            .unwrap();
-        pod["status"]["phase"] = json!(phase);
+        let key = (namespace.to_string(), name.to_string());
+        assert!(inner.pods.contains_key(&key), "no pod {namespace}/{name}");
+        inner.change_pod(&key, |pod| pod["status"]["phase"] = json!(phase));
+    }
+
+    /// Turns a pod's Ready condition on or off (its container crashed, say).
+    pub fn set_pod_ready(&self, namespace: &str, name: &str, ready: bool) {
+        let mut inner = self.shared.0.lock().unwrap();
+        let key = (namespace.to_string(), name.to_string());
+        assert!(inner.pods.contains_key(&key), "no pod {namespace}/{name}");
+        let status = if ready { "True" } else { "False" };
+        inner.change_pod(&key, |pod| {
+            pod["status"]["conditions"] = json!([{"type": "Ready", "status": status}]);
+        });
+    }
+
+    /// The requests one node's agent made: gpuprov names its node in its
+    /// User-Agent (`gpuprov/0.1.0 (node gpu-node-1)`).
+    pub fn log_of(&self, node: &str) -> Vec<Logged> {
+        let agent = format!("(node {node})");
+        self.log()
+            .into_iter()
+            .filter(|l| l.user_agent.ends_with(&agent))
+            .collect()
     }
 
     /// A node's allocatable resources.
@@ -421,8 +471,7 @@ impl FakeApi {
             .0
             .lock()
             .unwrap()
-            .pods
-            .insert((namespace.to_string(), name.to_string()), pod);
+            .put_pod((namespace.to_string(), name.to_string()), pod);
     }
 
     /// Ends every open watch, as a dropped connection would.
@@ -625,37 +674,23 @@ async fn list_nodes(
     State(shared): State<Shared>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Response {
-    let wanted = query
-        .get("fieldSelector")
-        .and_then(|s| s.strip_prefix("metadata.name="))
-        .map(str::to_string);
-    let matches = |name: &str| wanted.as_deref().is_none_or(|w| w == name);
-    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        // A watch: from resourceVersion "0" (or none) the current nodes as
-        // ADDED, from a later one only what changed after it; then changes
-        // as MODIFIED, polled from the store, until the client goes away.
-        // With bookmarks allowed, a BOOKMARK when the store moved on but no
-        // watched node did.
-        let from = query
-            .get("resourceVersion")
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        let bookmarks = query
-            .get("allowWatchBookmarks")
-            .is_some_and(|b| b == "true");
-        let shared = shared.clone();
-        let stream = async_stream(shared, wanted, from, bookmarks);
-        return Response::builder()
-            .header("content-type", "application/json")
-            .body(Body::from_stream(stream))
-            .unwrap();
+    let watched = Watched {
+        kind: "Node",
+        name: query
+            .get("fieldSelector")
+            .and_then(|s| s.strip_prefix("metadata.name="))
+            .map(str::to_string),
+        node: None,
+        label: None,
+    };
+    if let Some(watch) = watch_of(&shared, &query, &watched) {
+        return watch;
     }
     let inner = shared.0.lock().unwrap();
-    let items: Vec<Value> = inner
-        .nodes
-        .iter()
-        .filter(|(name, _)| matches(name))
-        .map(|(name, node)| node_json(name, node))
+    let items: Vec<Value> = watched
+        .objects(&inner)
+        .into_values()
+        .map(|(_, o)| o)
         .collect();
     axum::Json(json!({
         "apiVersion": "v1", "kind": "NodeList",
@@ -664,21 +699,127 @@ async fn list_nodes(
     .into_response()
 }
 
+/// What a list or watch selects: Nodes by name, or Pods by node and one
+/// `key=value` label.
+#[derive(Clone)]
+struct Watched {
+    kind: &'static str,
+    name: Option<String>,
+    node: Option<String>,
+    label: Option<(String, String)>,
+}
+
+impl Watched {
+    /// The selected objects now: key → (resourceVersion, object).
+    fn objects(&self, inner: &Inner) -> BTreeMap<String, (u64, Value)> {
+        if self.kind == "Node" {
+            return inner
+                .nodes
+                .iter()
+                .filter(|(name, _)| self.name.as_deref().is_none_or(|w| w == name.as_str()))
+                .map(|(name, node)| (name.clone(), (node.resource_version, node_json(name, node))))
+                .collect();
+        }
+        inner
+            .pods
+            .iter()
+            .filter(|(_, pod)| self.selects(pod))
+            .map(|((ns, name), pod)| (format!("{ns}/{name}"), (version_of(pod), pod.clone())))
+            .collect()
+    }
+
+    /// Selected pods deleted: key → (the deletion's resourceVersion, the
+    /// pod as it last was).
+    fn deleted(&self, inner: &Inner) -> BTreeMap<String, (u64, Value)> {
+        inner
+            .deleted_pods
+            .iter()
+            .filter(|(_, (_, pod))| self.kind == "Pod" && self.selects(pod))
+            .map(|((ns, name), gone)| (format!("{ns}/{name}"), gone.clone()))
+            .collect()
+    }
+
+    fn selects(&self, pod: &Value) -> bool {
+        self.node
+            .as_ref()
+            .is_none_or(|n| pod["spec"]["nodeName"] == json!(n))
+            && self
+                .label
+                .as_ref()
+                .is_none_or(|(k, v)| pod["metadata"]["labels"][k] == json!(v))
+    }
+}
+
+fn version_of(object: &Value) -> u64 {
+    object["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A watch, when the query asks for one: from resourceVersion "0" (or
+/// none) the selected objects as ADDED, from a later one only what changed
+/// after it; then changes (ADDED, MODIFIED, DELETED), polled from the
+/// store, until the client goes away or `timeoutSeconds` pass. With
+/// bookmarks allowed, a BOOKMARK when the store moved on but nothing
+/// watched did, and at least every `BOOKMARK_EVERY`, as a real API server.
+fn watch_of(
+    shared: &Shared,
+    query: &BTreeMap<String, String>,
+    watched: &Watched,
+) -> Option<Response> {
+    if !query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        return None;
+    }
+    let from = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let stream = async_stream(shared.clone(), watched.clone(), from, bookmarks, timeout);
+    Some(
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(Body::from_stream(stream))
+            .unwrap(),
+    )
+}
+
+/// How often a quiet watch gets a bookmark (a real API server's cacher
+/// sends one every minute).
+const BOOKMARK_EVERY: Duration = Duration::from_secs(60);
+
 fn async_stream(
     shared: Shared,
-    wanted: Option<String>,
+    watched: Watched,
     from: u64,
     bookmarks: bool,
+    timeout: Option<Duration>,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let (generation, seen, gone) = {
         let inner = shared.0.lock().unwrap();
-        // What the client has seen: every watched node as of `from`.
-        let seen: BTreeMap<String, u64> = inner
-            .nodes
-            .iter()
-            .filter(|(_, node)| from > 0 && node.resource_version <= from)
-            .map(|(name, node)| (name.clone(), node.resource_version))
-            .collect();
+        // What the client has seen: every watched object as of `from`,
+        // those deleted since included.
+        let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+        if from > 0 {
+            for (key, (version, _)) in watched.objects(&inner) {
+                if version <= from {
+                    seen.insert(key, version);
+                }
+            }
+            for (key, (deleted_at, pod)) in watched.deleted(&inner) {
+                if version_of(&pod) <= from && deleted_at > from {
+                    seen.insert(key, version_of(&pod));
+                }
+            }
+        }
         (
             inner.watch_generation,
             seen,
@@ -701,64 +842,92 @@ fn async_stream(
     // The resourceVersion the client knows: the last event's or bookmark's.
     let bookmarked = from;
     let changes = futures::stream::unfold(
-        (shared, wanted, seen, bookmarked),
-        move |(shared, wanted, mut seen, mut bookmarked)| async move {
-            let mut idle = 0;
-            loop {
-                let event = {
-                    let inner = shared.0.lock().unwrap();
-                    if inner.watch_generation != generation {
+        (shared, seen, bookmarked, tokio::time::Instant::now()),
+        move |(shared, mut seen, mut bookmarked, mut last_bookmark)| {
+            let watched = watched.clone();
+            async move {
+                let mut idle = 0;
+                loop {
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                         return None;
                     }
-                    if inner.watches_silent {
-                        None
-                    } else {
-                        let changed = inner
-                            .nodes
-                            .iter()
-                            .filter(|(name, _)| {
-                                wanted.as_deref().is_none_or(|w| w == name.as_str())
-                            })
-                            .find(|(name, node)| seen.get(*name) != Some(&node.resource_version))
-                            .map(|(name, node)| {
-                                let kind = if seen.contains_key(name) {
-                                    "MODIFIED"
-                                } else {
-                                    "ADDED"
-                                };
-                                (
-                                    Some((name.clone(), node.resource_version)),
-                                    json!({"type": kind, "object": node_json(name, node)}),
-                                )
-                            });
-                        // A bookmark after a quiet half second in which the
-                        // store moved on.
-                        changed.or_else(|| {
-                            (bookmarks && idle >= 25 && inner.version > bookmarked).then(|| {
-                                bookmarked = inner.version;
-                                (
-                                    None,
-                                    json!({"type": "BOOKMARK", "object": {
-                                        "kind": "Node", "apiVersion": "v1",
-                                        "metadata": {"resourceVersion": inner.version.to_string()},
-                                    }}),
-                                )
-                            })
-                        })
-                    }
-                };
-                match event {
-                    Some((node, event)) => {
-                        if let Some((name, version)) = node {
-                            bookmarked = bookmarked.max(version);
-                            seen.insert(name, version);
+                    let event = {
+                        let inner = shared.0.lock().unwrap();
+                        if inner.watch_generation != generation {
+                            return None;
                         }
-                        let line = format!("{event}\n");
-                        return Some((Ok(Bytes::from(line)), (shared, wanted, seen, bookmarked)));
-                    }
-                    None => {
-                        idle += 1;
-                        tokio::time::sleep(Duration::from_millis(20)).await
+                        if inner.watches_silent {
+                            None
+                        } else {
+                            let objects = watched.objects(&inner);
+                            let changed = objects
+                                .iter()
+                                .find(|(key, (version, _))| seen.get(*key) != Some(version))
+                                .map(|(key, (version, object))| {
+                                    let kind = if seen.contains_key(key) {
+                                        "MODIFIED"
+                                    } else {
+                                        "ADDED"
+                                    };
+                                    (
+                                        Some((key.clone(), Some(*version))),
+                                        json!({"type": kind, "object": object}),
+                                    )
+                                });
+                            let deleted = || {
+                                let key = seen.keys().find(|k| !objects.contains_key(*k))?;
+                                let (at, object) = watched
+                                    .deleted(&inner)
+                                    .remove(key)
+                                    .unwrap_or((inner.version, json!({"metadata": {}})));
+                                let mut object = object;
+                                object["metadata"]["resourceVersion"] = json!(at.to_string());
+                                Some((
+                                    Some((key.clone(), None)),
+                                    json!({"type": "DELETED", "object": object}),
+                                ))
+                            };
+                            // A bookmark after a quiet half second in which the
+                            // store moved on, or a quiet minute.
+                            changed.or_else(deleted).or_else(|| {
+                                let due = inner.version > bookmarked
+                                    || last_bookmark.elapsed() >= BOOKMARK_EVERY;
+                                (bookmarks && idle >= 25 && due).then(|| {
+                                    bookmarked = inner.version;
+                                    last_bookmark = tokio::time::Instant::now();
+                                    (
+                                        None,
+                                        json!({"type": "BOOKMARK", "object": {
+                                            "kind": watched.kind, "apiVersion": "v1",
+                                            "metadata": {"resourceVersion": inner.version.to_string()},
+                                        }}),
+                                    )
+                                })
+                            })
+                        }
+                    };
+                    match event {
+                        Some((object, event)) => {
+                            match object {
+                                Some((key, Some(version))) => {
+                                    bookmarked = bookmarked.max(version);
+                                    seen.insert(key, version);
+                                }
+                                Some((key, None)) => {
+                                    seen.remove(&key);
+                                }
+                                None => {}
+                            }
+                            let line = format!("{event}\n");
+                            return Some((
+                                Ok(Bytes::from(line)),
+                                (shared, seen, bookmarked, last_bookmark),
+                            ));
+                        }
+                        None => {
+                            idle += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
                     }
                 }
             }
@@ -993,9 +1162,11 @@ fn simulate_operands(inner: &mut Inner, name: &str) {
     if exporter {
         let labels = BTreeMap::from([("app", "nvidia-dcgm-exporter")]);
         let pod = running_pod(&key.0, &key.1, name, &labels, operands.exporter_ready);
-        inner.pods.entry(key).or_insert(pod);
+        if !inner.pods.contains_key(&key) {
+            inner.put_pod(key, pod);
+        }
     } else {
-        inner.pods.remove(&key);
+        inner.remove_pod(&key);
     }
 }
 
@@ -1164,21 +1335,19 @@ async fn create_pod(
                 tokio::time::sleep(Duration::from_millis(after_ms)).await;
                 let mut inner = shared.0.lock().unwrap();
                 inner.pod_logs.insert(key.clone(), log);
-                if let Some(pod) = inner.pods.get_mut(&key) {
-                    pod["status"] = json!({
+                inner.change_pod(&key, |pod| pod["status"] = json!({
                         "phase": phase,
                         "containerStatuses": [{
                             "name": "cuda-vectoradd", "image": "", "imageID": "", "ready": false, "restartCount": 0,
                             "state": {"terminated": {"exitCode": exit_code, "reason": if exit_code == 0 { "Completed" } else { "Error" }}},
                         }],
-                    });
-                }
+                    }));
             });
         }
         None => {}
     }
-    inner.pods.insert(key, pod.clone());
-    (StatusCode::CREATED, axum::Json(pod)).into_response()
+    inner.put_pod(key.clone(), pod);
+    (StatusCode::CREATED, axum::Json(inner.pods[&key].clone())).into_response()
 }
 
 async fn pod_log(
@@ -1210,31 +1379,32 @@ async fn list_all_pods(
     State(shared): State<Shared>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Response {
-    let node = query
-        .get("fieldSelector")
-        .and_then(|s| s.strip_prefix("spec.nodeName="))
-        .map(str::to_string);
-    let label = query
-        .get("labelSelector")
-        .and_then(|s| s.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()));
+    let watched = Watched {
+        kind: "Pod",
+        name: None,
+        node: query
+            .get("fieldSelector")
+            .and_then(|s| s.strip_prefix("spec.nodeName="))
+            .map(str::to_string),
+        label: query
+            .get("labelSelector")
+            .and_then(|s| s.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    };
+    if let Some(watch) = watch_of(&shared, &query, &watched) {
+        return watch;
+    }
     let inner = shared.0.lock().unwrap();
-    let items: Vec<Value> = inner
-        .pods
-        .values()
-        .filter(|p| {
-            node.as_ref()
-                .is_none_or(|n| p["spec"]["nodeName"] == json!(n))
-        })
-        .filter(|p| {
-            label
-                .as_ref()
-                .is_none_or(|(k, v)| p["metadata"]["labels"][k] == json!(v))
-        })
-        .cloned()
+    let items: Vec<Value> = watched
+        .objects(&inner)
+        .into_values()
+        .map(|(_, o)| o)
         .collect();
-    axum::Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}))
-        .into_response()
+    axum::Json(json!({
+        "apiVersion": "v1", "kind": "PodList",
+        "metadata": {"resourceVersion": inner.version.to_string()}, "items": items,
+    }))
+    .into_response()
 }
 
 async fn get_pod(
@@ -1263,7 +1433,7 @@ async fn delete_pod(
     State(shared): State<Shared>,
     UrlPath((ns, name)): UrlPath<(String, String)>,
 ) -> Response {
-    match shared.0.lock().unwrap().pods.remove(&(ns, name.clone())) {
+    match shared.0.lock().unwrap().remove_pod(&(ns, name.clone())) {
         Some(pod) => axum::Json(pod).into_response(),
         None => status(404, "NotFound", format!("pods \"{name}\" not found")),
     }
