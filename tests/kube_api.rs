@@ -108,12 +108,12 @@ fn labels_go_to_the_node_by_server_side_apply() {
             .exists(),
         "with an API server the feature file is not written"
     );
-    // Every request says who sends it, and no query string is left empty
-    // or starts with `&`.
+    // Every request says who sends it, for which node, and no query
+    // string is left empty or starts with `&`.
     for request in fake.log() {
         assert_eq!(
             request.user_agent,
-            concat!("gpuprov/", env!("CARGO_PKG_VERSION")),
+            format!("gpuprov/{} (node {NODE})", env!("CARGO_PKG_VERSION")),
             "{request:?}"
         );
         assert!(
