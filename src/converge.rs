@@ -88,6 +88,7 @@ impl Inputs {
     /// Observes the host; the node's labels come from the API server when
     /// there is one, with `--node-labels` on top.
     fn facts(&self) -> Result<Facts, Error> {
+        crate::upgrade::forget_published();
         let node = match &self.cluster {
             Some(cluster) => cluster.node_labels()?,
             None => Default::default(),

@@ -103,6 +103,21 @@ impl Executor<'_> {
             match make_next(self.host, self.cluster, &obs.changes[done..], &mut commands) {
                 Ok(made) => done += made,
                 Err(reason) => {
+                    let mut reason = reason;
+                    if let Some(on_failure) = &obs.on_failure
+                        && done > 0
+                    {
+                        // Best effort: the failure itself is what is reported.
+                        for change in &on_failure.changes {
+                            let mut more = Vec::new();
+                            if let Err(also) =
+                                make_change(self.host, self.cluster, change, &mut more)
+                            {
+                                reason.push_str(&format!("; then {}: {also}", change.summary()));
+                            }
+                            commands.append(&mut more);
+                        }
+                    }
                     let mut failed = Observation::new(Outcome::Failed, reason);
                     failed.commands = commands;
                     failed.changes = obs.changes.clone();
@@ -437,6 +452,7 @@ fn make_change(
         }
         Change::CriValidation(validation) => operands::validate::cri::run(host, validation),
         Change::MigLayout(layout) => crate::mig::apply::run(cluster, layout),
+        Change::Upgrade(action) => crate::upgrade::run::make(cluster, action),
         Change::ApplyConfigMap {
             namespace,
             name,

@@ -38,6 +38,7 @@ pub mod spec;
 pub mod step;
 pub mod telemetry;
 pub mod toolkit;
+pub mod upgrade;
 
 /// The crate's error: one variant per module that can fail a command.
 #[derive(Debug, thiserror::Error)]

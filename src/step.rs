@@ -143,6 +143,8 @@ pub enum Change {
     CriValidation(CriValidation),
     /// Apply a MIG layout through NVML, pausing the GPU clients first.
     MigLayout(MigLayout),
+    /// A step of a rolling driver upgrade (`upgrade::Action`).
+    Upgrade(crate::upgrade::Action),
     /// Write a ConfigMap gpuprov owns, whole (server-side apply).
     ApplyConfigMap {
         namespace: String,
@@ -201,6 +203,7 @@ impl Change {
     pub fn summary(&self) -> String {
         match self {
             Change::Run { display, .. } => format!("run: {display}"),
+            Change::Upgrade(action) => action.summary(),
             Change::WriteFile { path, purpose, .. } => format!("write {path} ({purpose})"),
             Change::RemoveFile { path, purpose } => format!("remove {path} ({purpose})"),
             Change::SignalSocketOwner { socket, .. } => {
@@ -406,6 +409,9 @@ impl MigLayout {
 pub struct OnFailure {
     pub labels: BTreeMap<String, String>,
     pub gate: Gate,
+    /// Made, as far as they go, when a change fails after the first
+    /// change was made (a rolling upgrade says it failed).
+    pub changes: Vec<Change>,
 }
 
 /// What a handler saw on the node.

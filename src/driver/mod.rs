@@ -139,6 +139,29 @@ fn observe_loaded(
             ),
         ));
     }
+    let outcome = if ours {
+        Outcome::Installed
+    } else {
+        Outcome::Preinstalled
+    };
+    if spec.upgrade_policy == UpgradePolicy::Rolling
+        && spec.enabled
+        && let (Some(wanted), Some(install)) = (&spec.version, &spec.install)
+        && let Some(mut obs) = crate::upgrade::observe(ctx, &driver, wanted, install, outcome)?
+    {
+        if obs.outcome == Outcome::Preinstalled {
+            obs.labels
+                .insert(DEPLOY_DRIVER_LABEL.to_string(), "pre-installed".to_string());
+        }
+        let upgrade = std::mem::take(&mut obs.details);
+        obs.details = serde_json::to_value(&driver).expect("serializes");
+        if let (Some(details), serde_json::Value::Object(more)) =
+            (obs.details.as_object_mut(), upgrade)
+        {
+            details.extend(more);
+        }
+        return Ok(obs);
+    }
     let mut reason = format!("NVIDIA {} ({kind} kernel module) is loaded", driver.version);
     let mut changes = Vec::new();
     if let Some(wanted) = &spec.version
@@ -157,10 +180,7 @@ fn observe_loaded(
                         ),
                     ));
                 }
-                for module in MODULES.iter().rev() {
-                    changes.push(run(&["modprobe", "-r", module]));
-                }
-                changes.extend(install_changes(ctx, install)?);
+                changes.extend(replace_changes(ctx, install)?);
                 reason.push_str(&format!(
                     "; driver.upgradePolicy ifDifferent replaces it with {wanted}"
                 ));
@@ -188,11 +208,6 @@ fn observe_loaded(
             elsewhere.join(", ")
         ));
     }
-    let outcome = if ours {
-        Outcome::Installed
-    } else {
-        Outcome::Preinstalled
-    };
     let mut obs = Observation::new(outcome, reason);
     if !changes.is_empty() {
         obs.on_change = Outcome::Installed;
@@ -277,6 +292,20 @@ fn initramfs_command(os_ids: &[String]) -> Option<Vec<&'static str>> {
         | "opensuse" => Some(vec!["dracut", "--force"]),
         _ => None,
     })
+}
+
+/// Unload the loaded driver's modules, then install and load the wanted one.
+pub fn replace_changes(
+    ctx: &StepContext,
+    install: &DriverInstall,
+) -> Result<Vec<Change>, StepError> {
+    let mut changes: Vec<Change> = MODULES
+        .iter()
+        .rev()
+        .map(|module| run(&["modprobe", "-r", module]))
+        .collect();
+    changes.extend(install_changes(ctx, install)?);
+    Ok(changes)
 }
 
 /// Download, install, load the modules, create the device nodes, record.

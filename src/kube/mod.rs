@@ -10,6 +10,7 @@ pub mod config_maps;
 pub mod events;
 pub mod node_status;
 pub mod pods;
+pub mod upgrade;
 pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -122,6 +123,9 @@ pub struct Cluster {
     pub node: String,
     pub server: String,
     pub requests: RequestCounts,
+    /// How it was reached, for a second connection (the upgrade slot's
+    /// renewing thread).
+    pub options: ClusterOptions,
     /// The Node and its pods as `gpuprov run`'s watches see them.
     pub view: Arc<view::View>,
     /// ConfigMaps' data as gpuprov last read or wrote them, by namespace
@@ -189,6 +193,11 @@ impl Cluster {
             .connect_timeout
             .get_or_insert(Duration::from_secs(10));
         config.read_timeout.get_or_insert(WATCH_READ_TIMEOUT);
+        // `send` retries 429 and 5xx itself (with Retry-After, five tries,
+        // each within REQUEST_TIMEOUT) and hands an eviction's 429 to its
+        // caller; kube's own retry layer (15 tries, up to 1000 s apart)
+        // would hold a request past that and hide the 429.
+        config.default_retry = false;
         let server = config.cluster_url.to_string();
         let client = {
             let _guard = runtime.enter();
@@ -198,9 +207,13 @@ impl Cluster {
             runtime,
             client,
             config,
-            node,
+            node: node.clone(),
             server,
             requests: RequestCounts::default(),
+            options: ClusterOptions {
+                kubeconfig: options.kubeconfig.clone(),
+                node_name: Some(node.clone()),
+            },
             view: Default::default(),
             config_maps: Default::default(),
         })
@@ -212,6 +225,25 @@ impl Cluster {
         &self,
         what: &str,
         request: http::Request<Vec<u8>>,
+    ) -> Result<(u16, Vec<u8>), KubeError> {
+        self.send_retrying(what, request, true)
+    }
+
+    /// `send`, but a 429 is the answer (an eviction a PodDisruptionBudget
+    /// refuses says so, and its caller decides when to ask again).
+    fn send_answering_429(
+        &self,
+        what: &str,
+        request: http::Request<Vec<u8>>,
+    ) -> Result<(u16, Vec<u8>), KubeError> {
+        self.send_retrying(what, request, false)
+    }
+
+    fn send_retrying(
+        &self,
+        what: &str,
+        request: http::Request<Vec<u8>>,
+        retry_429: bool,
     ) -> Result<(u16, Vec<u8>), KubeError> {
         let request = without_empty_query(request);
         let verb = request.method().to_string();
@@ -244,7 +276,7 @@ impl Cluster {
                     }
                     Ok(Ok((code, retry_after, body))) => {
                         count(code);
-                        if code == 429 || code >= 500 {
+                        if (code == 429 && retry_429) || code >= 500 {
                             last = format!("{code} {}", status_message(&body));
                             let wait =
                                 retry_after.map_or(backoff, |s| Duration::from_secs(s.min(30)));
@@ -338,17 +370,37 @@ impl Cluster {
     /// never forced): keys gpuprov owned before and no longer wants go away.
     pub fn apply_labels(&self, labels: &BTreeMap<String, String>) -> Result<(), KubeError> {
         let what = format!("PATCH (apply) node {}", self.node);
+        self.apply_labels_with(&what, PatchParams::apply(FIELD_MANAGER), labels)
+    }
+
+    /// Applies `labels` as `manager`'s whole label set, taking them from
+    /// whoever set them before (the driver upgrade's state label, which a
+    /// person may set by hand to retry).
+    pub fn apply_labels_forced(
+        &self,
+        manager: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), KubeError> {
+        let what = format!("PATCH (apply) node {} as {manager}", self.node);
+        self.apply_labels_with(&what, PatchParams::apply(manager).force(), labels)
+    }
+
+    fn apply_labels_with(
+        &self,
+        what: &str,
+        params: PatchParams,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), KubeError> {
         let patch = json!({
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": self.node, "labels": labels},
         });
-        let params = PatchParams::apply(FIELD_MANAGER);
         let request = Request::new("/api/v1/nodes")
             .patch(&self.node, &params, &::kube::api::Patch::Apply(&patch))
             .expect("a valid request");
-        let (code, body) = self.send(&what, request)?;
-        self.ok_or_refused(&what, code, &body)?;
+        let (code, body) = self.send(what, request)?;
+        self.ok_or_refused(what, code, &body)?;
         self.written_node(&body);
         Ok(())
     }

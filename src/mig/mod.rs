@@ -142,6 +142,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     obs.on_failure = Some(OnFailure {
         labels: state_labels("failed"),
         gate: Gate::Pass,
+        changes: Vec::new(),
     });
     obs.changes = vec![Change::MigLayout(MigLayout {
         layout: name.clone(),

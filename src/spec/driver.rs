@@ -15,6 +15,47 @@ pub(super) struct RawDriver {
     #[serde(default)]
     pub(super) blacklist_nouveau: bool,
     pub(super) install: Option<Spanned<RawDriverInstall>>,
+    pub(super) upgrade: Option<Spanned<RawUpgrade>>,
+}
+
+/// `driver.upgrade`: how `rolling` coordinates (k8s-operator-libs' keys).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawUpgrade {
+    pub(super) max_unavailable: Option<Spanned<IntOrPercent>>,
+    pub(super) lease_duration_seconds: Option<Spanned<u64>>,
+    pub(super) failure_policy: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) drain: RawDrain,
+    #[serde(default)]
+    pub(super) wait_for_jobs: RawWaitForJobs,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum IntOrPercent {
+    Int(u64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawDrain {
+    #[serde(default)]
+    pub(super) enable: bool,
+    pub(super) pod_selector: Option<Spanned<String>>,
+    pub(super) timeout_seconds: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub(super) delete_empty_dir: bool,
+    #[serde(default)]
+    pub(super) force: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawWaitForJobs {
+    pub(super) pod_selector: Option<Spanned<String>>,
+    pub(super) timeout_seconds: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +87,8 @@ pub struct DriverSpec {
     /// Blacklist nouveau when it holds the GPU (then a reboot is needed).
     pub blacklist_nouveau: bool,
     pub install: Option<DriverInstall>,
+    /// How `rolling` coordinates with the fleet.
+    pub upgrade: UpgradeSpec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -55,6 +98,81 @@ pub enum UpgradePolicy {
     Never,
     /// A loaded driver of another version is replaced.
     IfDifferent,
+    /// Replaced one slot at a time across the fleet: cordon, wait for GPU
+    /// jobs, delete GPU pods, drain, install, validate, uncordon.
+    Rolling,
+}
+
+/// How many GPU nodes may upgrade at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MaxUnavailable {
+    Count(u64),
+    /// Of the fleet's GPU nodes, rounded up (at least one).
+    Percent(u64),
+}
+
+impl MaxUnavailable {
+    /// The number of upgrade slots for a fleet of `nodes` GPU nodes.
+    pub fn slots(self, nodes: u64) -> u64 {
+        match self {
+            MaxUnavailable::Count(n) => n,
+            MaxUnavailable::Percent(p) => (nodes * p).div_ceil(100).max(1),
+        }
+    }
+}
+
+impl std::fmt::Display for MaxUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MaxUnavailable::Count(n) => write!(f, "{n}"),
+            MaxUnavailable::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// What happens to the upgrade slot of a node whose upgrade failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FailurePolicy {
+    /// The node keeps it: the fleet stops there until someone looks.
+    HoldSlot,
+    /// The node gives it back: the next node goes on.
+    ReleaseSlot,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeSpec {
+    pub max_unavailable: MaxUnavailable,
+    /// A slot's Lease expires this long after its last renewal.
+    pub lease_duration_seconds: u64,
+    pub failure_policy: FailurePolicy,
+    pub drain: DrainSpec,
+    pub wait_for_jobs: WaitForJobsSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSpec {
+    pub enable: bool,
+    /// Which pods to evict (a label selector; empty: every pod but
+    /// DaemonSets' and mirror pods).
+    pub pod_selector: String,
+    pub timeout_seconds: u64,
+    /// Evict pods with emptyDir volumes (their data is lost).
+    pub delete_empty_dir: bool,
+    /// Evict pods no controller would recreate.
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitForJobsSpec {
+    /// The pods to wait for (a label selector); empty: no waiting.
+    pub pod_selector: String,
+    /// Then go on regardless; 0: wait as long as it takes.
+    pub timeout_seconds: u64,
 }
 
 /// How gpuprov installs the driver.
@@ -108,6 +226,7 @@ pub(super) fn resolve_driver(
         &[
             ("never", UpgradePolicy::Never),
             ("ifDifferent", UpgradePolicy::IfDifferent),
+            ("rolling", UpgradePolicy::Rolling),
         ],
         UpgradePolicy::Never,
         source,
@@ -185,6 +304,17 @@ pub(super) fn resolve_driver(
             "driver.install needs driver.version: the version to verify once installed",
         ));
     }
+    let upgrade = resolve_upgrade(raw.upgrade.as_ref(), source, errors);
+    if let (Some(at), false) = (&raw.upgrade, upgrade_policy == UpgradePolicy::Rolling) {
+        errors.push(
+            Diagnostic::at_location(
+                source,
+                at.referenced,
+                "driver.upgrade is read only with driver.upgradePolicy: rolling".to_string(),
+            )
+            .with_help("set driver.upgradePolicy: rolling, or remove driver.upgrade"),
+        );
+    }
     DriverSpec {
         enabled: raw.enabled.unwrap_or(true),
         version,
@@ -192,5 +322,138 @@ pub(super) fn resolve_driver(
         force: raw.force,
         blacklist_nouveau: raw.blacklist_nouveau,
         install,
+        upgrade,
     }
+}
+
+/// `driver.upgrade` checked, with k8s-operator-libs' defaults.
+fn resolve_upgrade(
+    raw: Option<&Spanned<RawUpgrade>>,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> UpgradeSpec {
+    let default = RawUpgrade::default();
+    let raw = raw.map_or(&default, |r| &r.value);
+    let max_unavailable = match &raw.max_unavailable {
+        None => MaxUnavailable::Count(1),
+        Some(given) => match &given.value {
+            IntOrPercent::Int(n) if *n >= 1 => MaxUnavailable::Count(*n),
+            IntOrPercent::Text(text)
+                if text
+                    .strip_suffix('%')
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .is_some_and(|p| (1..=100).contains(&p)) =>
+            {
+                MaxUnavailable::Percent(text.trim_end_matches('%').parse().unwrap_or(1))
+            }
+            other => {
+                let shown = match other {
+                    IntOrPercent::Int(n) => n.to_string(),
+                    IntOrPercent::Text(t) => t.clone(),
+                };
+                errors.push(
+                    Diagnostic::at_location(
+                        source,
+                        given.referenced,
+                        format!("driver.upgrade.maxUnavailable must be a count of at least 1 or a percentage from 1% to 100%, not `{shown}`"),
+                    )
+                    .with_help("for example 2, or \"10%\" (quoted in YAML)"),
+                );
+                MaxUnavailable::Count(1)
+            }
+        },
+    };
+    let failure_policy = choose(
+        "driver.upgrade.failurePolicy",
+        &raw.failure_policy,
+        &[
+            ("holdSlot", FailurePolicy::HoldSlot),
+            ("releaseSlot", FailurePolicy::ReleaseSlot),
+        ],
+        FailurePolicy::HoldSlot,
+        source,
+        errors,
+    );
+    let selector = |given: &Option<Spanned<String>>, key: &str, errors: &mut Vec<Diagnostic>| {
+        let Some(given) = given else {
+            return String::new();
+        };
+        if let Err(why) = check_pod_selector(&given.value) {
+            errors.push(Diagnostic::at_location(
+                source,
+                given.referenced,
+                format!("{key} `{}`: {why}", given.value),
+            ));
+        }
+        given.value.clone()
+    };
+    let wait_timeout = match &raw.wait_for_jobs.timeout_seconds {
+        // 0 is allowed here: wait as long as it takes.
+        Some(t) if t.value == 0 => 0,
+        other => seconds(
+            other,
+            "driver.upgrade.waitForJobs.timeoutSeconds",
+            0,
+            source,
+            errors,
+        ),
+    };
+    UpgradeSpec {
+        max_unavailable,
+        lease_duration_seconds: seconds(
+            &raw.lease_duration_seconds,
+            "driver.upgrade.leaseDurationSeconds",
+            60,
+            source,
+            errors,
+        ),
+        failure_policy,
+        drain: DrainSpec {
+            enable: raw.drain.enable,
+            pod_selector: selector(
+                &raw.drain.pod_selector,
+                "driver.upgrade.drain.podSelector",
+                errors,
+            ),
+            timeout_seconds: seconds(
+                &raw.drain.timeout_seconds,
+                "driver.upgrade.drain.timeoutSeconds",
+                300,
+                source,
+                errors,
+            ),
+            delete_empty_dir: raw.drain.delete_empty_dir,
+            force: raw.drain.force,
+        },
+        wait_for_jobs: WaitForJobsSpec {
+            pod_selector: selector(
+                &raw.wait_for_jobs.pod_selector,
+                "driver.upgrade.waitForJobs.podSelector",
+                errors,
+            ),
+            timeout_seconds: wait_timeout,
+        },
+    }
+}
+
+/// An equality-based label selector as the API server takes it:
+/// comma-separated `key=value`, `key!=value`, `key` or `!key`.
+pub fn check_pod_selector(selector: &str) -> Result<(), String> {
+    for term in selector.split(',').map(str::trim) {
+        if term.is_empty() {
+            return Err("an empty term".to_string());
+        }
+        let (key, value) = if let Some((k, v)) = term.split_once("!=") {
+            (k, Some(v))
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            (k, Some(v))
+        } else {
+            (term.strip_prefix('!').unwrap_or(term), None)
+        };
+        match value {
+            Some(value) => crate::label_syntax::check_label(key.trim(), value.trim())?,
+            None => crate::label_syntax::check_label_key(key.trim())?,
+        }
+    }
+    Ok(())
 }

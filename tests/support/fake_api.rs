@@ -63,6 +63,9 @@ struct NodeState {
     taints: Vec<Value>,
     /// `status.conditions`, merged by type through the status subresource.
     conditions: Vec<Value>,
+    /// `spec.unschedulable`: cordoned.
+    unschedulable: bool,
+    annotations: BTreeMap<String, String>,
     resource_version: u64,
 }
 
@@ -106,6 +109,11 @@ struct Inner {
     deleted_pods: BTreeMap<(String, String), (u64, Value)>,
     /// (namespace, name) → ConfigMap.
     config_maps: BTreeMap<(String, String), Value>,
+    /// (namespace, name) → Lease, with its resourceVersion.
+    leases: BTreeMap<(String, String), Value>,
+    /// Pods (by namespace and name prefix) whose eviction a
+    /// PodDisruptionBudget refuses with 429.
+    protected: Vec<(String, String)>,
     /// (namespace, name) → its log.
     pod_logs: BTreeMap<(String, String), String>,
     operands: Option<Operands>,
@@ -187,6 +195,18 @@ impl FakeApi {
             )
             .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(pod_log))
             .route("/api/v1/pods", get(list_all_pods))
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}/eviction",
+                post(evict_pod),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+                get(list_leases).post(create_lease),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
+                get(get_lease).put(replace_lease).delete(delete_lease),
+            )
             .route(
                 "/api/v1/namespaces/{ns}/configmaps/{name}",
                 get(get_config_map).patch(apply_config_map),
@@ -353,6 +373,56 @@ impl FakeApi {
         let key = (namespace.to_string(), name.to_string());
         assert!(inner.pods.contains_key(&key), "no pod {namespace}/{name}");
         inner.change_pod(&key, |pod| pod["status"]["phase"] = json!(phase));
+    }
+
+    /// Whether the node is cordoned (`spec.unschedulable`).
+    pub fn unschedulable(&self, node: &str) -> bool {
+        self.shared.0.lock().unwrap().nodes[node].unschedulable
+    }
+
+    /// The Leases in a namespace: name → holder (empty: none).
+    pub fn leases(&self, namespace: &str) -> BTreeMap<String, String> {
+        let inner = self.shared.0.lock().unwrap();
+        inner
+            .leases
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|((_, name), lease)| {
+                let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default();
+                (name.clone(), holder.to_string())
+            })
+            .collect()
+    }
+
+    /// A PodDisruptionBudget that allows no disruption of the pods in
+    /// `namespace` whose names start with `prefix`: their evictions get 429.
+    pub fn protect_pods(&self, namespace: &str, prefix: &str) {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner
+            .protected
+            .push((namespace.to_string(), prefix.to_string()));
+    }
+
+    /// Adds a pod bound to `node` that holds `gpus` nvidia.com/gpu (none:
+    /// an ordinary pod), owned by a ReplicaSet (so a drain may evict it).
+    pub fn add_gpu_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        labels: &[(&str, &str)],
+        gpus: u32,
+    ) {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let mut pod = running_pod(namespace, name, node, &labels, true);
+        pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{name}-rs"), "uid": format!("uid-{name}-rs")}]);
+        pod["spec"]["containers"][0]["resources"] =
+            json!({"limits": {"nvidia.com/gpu": gpus.to_string()}});
+        self.shared
+            .0
+            .lock()
+            .unwrap()
+            .put_pod((namespace.to_string(), name.to_string()), pod);
     }
 
     /// Turns a pod's Ready condition on or off (its container crashed, say).
@@ -656,8 +726,9 @@ fn node_json(name: &str, node: &NodeState) -> Value {
             "name": name, "uid": format!("uid-{name}"),
             "resourceVersion": node.resource_version.to_string(),
             "labels": node.labels, "managedFields": managed,
+            "annotations": node.annotations,
         },
-        "spec": {"taints": node.taints},
+        "spec": {"taints": node.taints, "unschedulable": node.unschedulable},
         "status": {"allocatable": node.allocatable, "conditions": node.conditions},
     })
 }
@@ -681,7 +752,10 @@ async fn list_nodes(
             .and_then(|s| s.strip_prefix("metadata.name="))
             .map(str::to_string),
         node: None,
-        label: None,
+        label: query
+            .get("labelSelector")
+            .and_then(|s| s.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string())),
     };
     if let Some(watch) = watch_of(&shared, &query, &watched) {
         return watch;
@@ -717,6 +791,11 @@ impl Watched {
                 .nodes
                 .iter()
                 .filter(|(name, _)| self.name.as_deref().is_none_or(|w| w == name.as_str()))
+                .filter(|(_, node)| {
+                    self.label
+                        .as_ref()
+                        .is_none_or(|(k, v)| node.labels.get(k) == Some(v))
+                })
                 .map(|(name, node)| (name.clone(), (node.resource_version, node_json(name, node))))
                 .collect();
         }
@@ -972,6 +1051,19 @@ async fn patch_node(
     }
     if let Some(taints) = patch["spec"]["taints"].as_array() {
         node.taints = taints.clone();
+    }
+    match &patch["spec"]["unschedulable"] {
+        Value::Bool(cordoned) => node.unschedulable = *cordoned,
+        Value::Null if patch["spec"].get("unschedulable").is_some() => node.unschedulable = false,
+        _ => {}
+    }
+    if let Some(annotations) = patch["metadata"]["annotations"].as_object() {
+        for (key, value) in annotations {
+            match value.as_str() {
+                Some(value) => node.annotations.insert(key.clone(), value.to_string()),
+                None => node.annotations.remove(key),
+            };
+        }
     }
     let labels: BTreeMap<String, Option<String>> = patch["metadata"]["labels"]
         .as_object()
@@ -1445,4 +1537,160 @@ async fn not_found(method: Method, OriginalUri(uri): OriginalUri) -> Response {
         "NotFound",
         format!("the fake API server has no {method} {uri}"),
     )
+}
+
+/// The Eviction API: the pod goes, unless a PodDisruptionBudget (see
+/// `protect_pods`) allows no disruption: 429, as a real server answers.
+async fn evict_pod(
+    State(shared): State<Shared>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> Response {
+    let mut inner = shared.0.lock().unwrap();
+    if inner
+        .protected
+        .iter()
+        .any(|(n, prefix)| *n == ns && name.starts_with(prefix.as_str()))
+    {
+        return status(
+            429,
+            "TooManyRequests",
+            "Cannot evict pod as it would violate the pod's disruption budget.".to_string(),
+        );
+    }
+    match inner.remove_pod(&(ns, name.clone())) {
+        Some(_) => (
+            StatusCode::CREATED,
+            axum::Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
+        )
+            .into_response(),
+        None => status(404, "NotFound", format!("pods \"{name}\" not found")),
+    }
+}
+
+async fn list_leases(
+    State(shared): State<Shared>,
+    UrlPath(ns): UrlPath<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    let inner = shared.0.lock().unwrap();
+    let label = query.get("labelSelector").cloned().unwrap_or_default();
+    let items: Vec<Value> = inner
+        .leases
+        .iter()
+        .filter(|((n, _), _)| *n == ns)
+        .filter(|(_, l)| label.is_empty() || l["metadata"]["labels"].get(&label).is_some())
+        .map(|(_, l)| l.clone())
+        .collect();
+    axum::Json(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
+        "metadata": {"resourceVersion": inner.version.to_string()}, "items": items,
+    }))
+    .into_response()
+}
+
+async fn get_lease(
+    State(shared): State<Shared>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> Response {
+    match shared.0.lock().unwrap().leases.get(&(ns, name.clone())) {
+        Some(lease) => axum::Json(lease.clone()).into_response(),
+        None => status(
+            404,
+            "NotFound",
+            format!("leases.coordination.k8s.io \"{name}\" not found"),
+        ),
+    }
+}
+
+/// Creates a Lease: 409 AlreadyExists when one of that name is there.
+async fn create_lease(
+    State(shared): State<Shared>,
+    UrlPath(ns): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    let Ok(mut lease) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "not JSON".to_string());
+    };
+    let name = lease["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut inner = shared.0.lock().unwrap();
+    let key = (ns.clone(), name.clone());
+    if inner.leases.contains_key(&key) {
+        return status(
+            409,
+            "AlreadyExists",
+            format!("leases.coordination.k8s.io \"{name}\" already exists"),
+        );
+    }
+    inner.version += 1;
+    lease["metadata"]["resourceVersion"] = json!(inner.version.to_string());
+    lease["metadata"]["namespace"] = json!(ns);
+    inner.leases.insert(key, lease.clone());
+    (StatusCode::CREATED, axum::Json(lease)).into_response()
+}
+
+/// Replaces a Lease if the resourceVersion given is its own: else 409,
+/// the optimistic concurrency slots rely on.
+async fn replace_lease(
+    State(shared): State<Shared>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let Ok(mut lease) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "not JSON".to_string());
+    };
+    let mut inner = shared.0.lock().unwrap();
+    let key = (ns, name.clone());
+    let Some(current) = inner.leases.get(&key) else {
+        return status(
+            404,
+            "NotFound",
+            format!("leases.coordination.k8s.io \"{name}\" not found"),
+        );
+    };
+    if lease["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+        return status(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified"
+            ),
+        );
+    }
+    inner.version += 1;
+    lease["metadata"]["resourceVersion"] = json!(inner.version.to_string());
+    inner.leases.insert(key, lease.clone());
+    axum::Json(lease).into_response()
+}
+
+/// Deletes a Lease, with a resourceVersion precondition when one is given.
+async fn delete_lease(
+    State(shared): State<Shared>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let options: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut inner = shared.0.lock().unwrap();
+    let key = (ns, name.clone());
+    let Some(current) = inner.leases.get(&key) else {
+        return status(
+            404,
+            "NotFound",
+            format!("leases.coordination.k8s.io \"{name}\" not found"),
+        );
+    };
+    if let Some(wanted) = options["preconditions"]["resourceVersion"].as_str()
+        && current["metadata"]["resourceVersion"].as_str() != Some(wanted)
+    {
+        return status(
+            409,
+            "Conflict",
+            format!("Precondition failed: ResourceVersion in precondition: {wanted}"),
+        );
+    }
+    inner.version += 1;
+    let lease = inner.leases.remove(&key).unwrap();
+    axum::Json(lease).into_response()
 }

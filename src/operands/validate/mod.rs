@@ -33,7 +33,33 @@ pub const RUNTIME_RAN: &str = "/run/gpuprov/validations/runtime-binary.json";
 /// How many log lines a failure quotes.
 const LOG_LINES: i64 = 20;
 
+/// Whether vectorAdd passed since boot with this driver version loaded
+/// (its remembered pass names the driver).
+pub fn passed_with_driver(host: &crate::host::Host, version: &str) -> Result<bool, StepError> {
+    let Some(text) = host.read(MARKER)? else {
+        return Ok(false);
+    };
+    let record: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    Ok(record["driver"].as_str() == Some(version))
+}
+
+/// The validator, and a rolling driver upgrade waiting on it: once it
+/// passes, the same converge uncordons the node and ends the upgrade.
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+    let mut obs = validate(ctx)?;
+    let finish = crate::upgrade::finishing_changes(ctx);
+    if !finish.is_empty() {
+        if obs.changes.is_empty() && obs.outcome == Outcome::Ready {
+            obs.on_change = Outcome::Ready;
+            obs.changes = finish;
+        } else if obs.on_change == Outcome::Ready {
+            obs.changes.extend(finish);
+        }
+    }
+    Ok(obs)
+}
+
+fn validate(ctx: &StepContext) -> Result<Observation, StepError> {
     let socket = &ctx.spec.containerd.socket;
     match (ctx.spec.validator.mode, ctx.cluster) {
         (ValidatorMode::Auto | ValidatorMode::Pod, Some(cluster)) => observe_pod(ctx, cluster),

@@ -1,0 +1,231 @@
+//! What a rolling driver upgrade asks of the API server: the fleet's
+//! upgrade slots (coordination.k8s.io Leases, taken and given back with
+//! optimistic concurrency), the fleet's size, cordoning the Node, the pods
+//! on it, and evictions (which a PodDisruptionBudget may refuse).
+
+use ::kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
+use ::kube::core::Request;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::json;
+
+use super::{Cluster, KubeError};
+
+/// The label every slot Lease carries, to list them in one request.
+pub const SLOT_LABEL: &str = "gpuprov.io/driver-upgrade-slot";
+/// The annotation that remembers a Node was unschedulable before gpuprov
+/// cordoned it, so that the upgrade leaves it so.
+pub const WAS_UNSCHEDULABLE: &str = "gpuprov.io/driver-upgrade.was-unschedulable";
+
+/// How an eviction went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// Accepted (or the pod is gone already).
+    Done,
+    /// Refused for now (429: a PodDisruptionBudget allows no disruption),
+    /// with the server's message.
+    Refused(String),
+}
+
+fn leases(namespace: &str) -> Request {
+    Request::new(format!(
+        "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    ))
+}
+
+impl Cluster {
+    /// The fleet's slot Leases in `namespace`, in one list.
+    pub fn slot_leases(&self, namespace: &str) -> Result<Vec<Lease>, KubeError> {
+        let what = format!("GET leases in {namespace} ({SLOT_LABEL})");
+        let request = leases(namespace)
+            .list(&ListParams::default().labels(SLOT_LABEL))
+            .expect("a valid request");
+        let (code, body) = self.send(&what, request)?;
+        if code != 200 {
+            return Err(self.refused(&what, code, &body));
+        }
+        let list: k8s_openapi::List<Lease> =
+            serde_json::from_slice(&body).map_err(|e| self.not_a(&what, code, "LeaseList", &e))?;
+        Ok(list.items)
+    }
+
+    /// Creates a Lease; `Ok(false)` when one of that name exists (someone
+    /// else was first).
+    pub fn create_lease(&self, namespace: &str, lease: &Lease) -> Result<bool, KubeError> {
+        let name = lease.metadata.name.as_deref().unwrap_or_default();
+        let what = format!("POST lease {namespace}/{name}");
+        let request = leases(namespace)
+            .create(
+                &PostParams::default(),
+                serde_json::to_vec(lease).expect("serializes"),
+            )
+            .expect("a valid request");
+        match self.send(&what, request)? {
+            (200..=202, _) => Ok(true),
+            (409, _) => Ok(false),
+            (code, body) => Err(self.refused(&what, code, &body)),
+        }
+    }
+
+    /// Replaces a Lease if it is still at the resourceVersion `lease`
+    /// carries; `Ok(false)` when it changed meanwhile (409) or is gone.
+    pub fn replace_lease(&self, namespace: &str, lease: &Lease) -> Result<bool, KubeError> {
+        let name = lease.metadata.name.as_deref().unwrap_or_default();
+        let what = format!("PUT lease {namespace}/{name}");
+        let request = leases(namespace)
+            .replace(
+                name,
+                &PostParams::default(),
+                serde_json::to_vec(lease).expect("serializes"),
+            )
+            .expect("a valid request");
+        match self.send(&what, request)? {
+            (200 | 201, _) => Ok(true),
+            (404 | 409, _) => Ok(false),
+            (code, body) => Err(self.refused(&what, code, &body)),
+        }
+    }
+
+    /// Deletes a Lease if it is still at `resource_version`; a Lease gone
+    /// or changed meanwhile is left as it is.
+    pub fn delete_lease(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+    ) -> Result<(), KubeError> {
+        let what = format!("DELETE lease {namespace}/{name}");
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: Some(resource_version.to_string()),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        let request = leases(namespace)
+            .delete(name, &params)
+            .expect("a valid request");
+        match self.send(&what, request)? {
+            (200 | 202 | 404 | 409, _) => Ok(()),
+            (code, body) => Err(self.refused(&what, code, &body)),
+        }
+    }
+
+    /// How many Nodes carry `label_selector` (metadata only, in pages).
+    pub fn count_nodes(&self, label_selector: &str) -> Result<u64, KubeError> {
+        let what = format!("GET nodes ({label_selector})");
+        let mut count = 0;
+        let mut next: Option<String> = None;
+        loop {
+            let mut params = ListParams::default().labels(label_selector).limit(500);
+            if let Some(token) = &next {
+                params = params.continue_token(token);
+            }
+            let request = Request::new("/api/v1/nodes")
+                .list_metadata(&params)
+                .expect("a valid request");
+            let (code, body) = self.send(&what, request)?;
+            if code != 200 {
+                return Err(self.refused(&what, code, &body));
+            }
+            let page: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| self.not_a(&what, code, "list", &e))?;
+            count += page["items"]
+                .as_array()
+                .map_or(0, |items| items.len() as u64);
+            next = page["metadata"]["continue"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            if next.is_none() {
+                return Ok(count);
+            }
+        }
+    }
+
+    /// Cordons the Node (remembering whether it was unschedulable
+    /// already), or uncordons it unless it was so before gpuprov came.
+    pub fn set_unschedulable(&self, cordon: bool) -> Result<(), KubeError> {
+        let node = self.node()?;
+        let annotations = node.metadata.annotations.clone().unwrap_or_default();
+        let now = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        let patch = if cordon {
+            if now {
+                // Cordoned already: by gpuprov (a resumed upgrade, the
+                // annotation says so) or by someone else (say so).
+                if annotations.contains_key(WAS_UNSCHEDULABLE) {
+                    return Ok(());
+                }
+                json!({"metadata": {"annotations": {WAS_UNSCHEDULABLE: "true"}}})
+            } else {
+                json!({"spec": {"unschedulable": true},
+                       "metadata": {"annotations": {WAS_UNSCHEDULABLE: "false"}}})
+            }
+        } else {
+            let before = annotations.get(WAS_UNSCHEDULABLE).map(String::as_str);
+            match before {
+                None => return Ok(()),
+                Some("true") => json!({"metadata": {"annotations": {WAS_UNSCHEDULABLE: null}}}),
+                Some(_) => json!({"spec": {"unschedulable": null},
+                                  "metadata": {"annotations": {WAS_UNSCHEDULABLE: null}}}),
+            }
+        };
+        let what = format!(
+            "PATCH node {} ({})",
+            self.node,
+            if cordon { "cordon" } else { "uncordon" }
+        );
+        let request = Request::new("/api/v1/nodes")
+            .patch(
+                &self.node,
+                &Default::default(),
+                &::kube::api::Patch::Merge(&patch),
+            )
+            .expect("a valid request");
+        let (code, body) = self.send(&what, request)?;
+        self.ok_or_refused(&what, code, &body)?;
+        self.written_node(&body);
+        Ok(())
+    }
+
+    /// Every pod bound to this node, from the API server.
+    pub fn all_pods_on_node(&self) -> Result<Vec<Pod>, KubeError> {
+        let what = format!("GET pods on node {}", self.node);
+        let params = ListParams::default().fields(&format!("spec.nodeName={}", self.node));
+        let request = Request::new("/api/v1/pods")
+            .list(&params)
+            .expect("a valid request");
+        let (code, body) = self.send(&what, request)?;
+        if code != 200 {
+            return Err(self.refused(&what, code, &body));
+        }
+        let list: k8s_openapi::List<Pod> =
+            serde_json::from_slice(&body).map_err(|e| self.not_a(&what, code, "PodList", &e))?;
+        Ok(list.items)
+    }
+
+    /// Asks the Eviction API to evict a pod (PodDisruptionBudgets honoured).
+    pub fn evict(&self, namespace: &str, name: &str) -> Result<Eviction, KubeError> {
+        let what = format!("POST eviction of pod {namespace}/{name}");
+        let eviction = json!({
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+        });
+        let request = http::Request::post(format!(
+            "/api/v1/namespaces/{namespace}/pods/{name}/eviction"
+        ))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&eviction).expect("serializes"))
+        .expect("a valid request");
+        match self.send_answering_429(&what, request)? {
+            (200..=202 | 404, _) => Ok(Eviction::Done),
+            (429, body) => Ok(Eviction::Refused(super::status_message(&body))),
+            (code, body) => Err(self.refused(&what, code, &body)),
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! Rolling driver upgrades (`driver.upgradePolicy: rolling`), coordinated
+//! through the API server with no controller: a node whose driver must
+//! change takes one of the fleet's upgrade slots (`slots.rs`: Leases,
+//! `maxUnavailable` of them), then walks k8s-operator-libs' states,
+//! publishing each in `nvidia.com/gpu-driver-upgrade-state` before it acts
+//! (`run.rs`), so that dashboards and runbooks written for the GPU
+//! Operator work, and a crash resumes from the published state.
+
+pub mod run;
+pub mod slots;
+
+use std::sync::{Mutex, PoisonError};
+
+use serde::Serialize;
+
+use crate::driver::detect::LoadedDriver;
+use crate::spec::{DriverInstall, FailurePolicy};
+use crate::step::{Change, Observation, OnFailure, Outcome, StepContext, StepError};
+
+/// The GPU Operator's label for where a node is in its driver upgrade.
+pub const STATE_LABEL: &str = "nvidia.com/gpu-driver-upgrade-state";
+/// `true` on a node keeps its driver as it is.
+pub const SKIP_LABEL: &str = "nvidia.com/gpu-driver-upgrade.skip";
+
+/// k8s-operator-libs' upgrade states, in the order a node walks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    UpgradeRequired,
+    CordonRequired,
+    WaitForJobsRequired,
+    PodDeletionRequired,
+    DrainRequired,
+    PodRestartRequired,
+    ValidationRequired,
+    UncordonRequired,
+    UpgradeDone,
+    UpgradeFailed,
+}
+
+impl State {
+    pub const ALL: [State; 10] = [
+        State::UpgradeRequired,
+        State::CordonRequired,
+        State::WaitForJobsRequired,
+        State::PodDeletionRequired,
+        State::DrainRequired,
+        State::PodRestartRequired,
+        State::ValidationRequired,
+        State::UncordonRequired,
+        State::UpgradeDone,
+        State::UpgradeFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::UpgradeRequired => "upgrade-required",
+            State::CordonRequired => "cordon-required",
+            State::WaitForJobsRequired => "wait-for-jobs-required",
+            State::PodDeletionRequired => "pod-deletion-required",
+            State::DrainRequired => "drain-required",
+            State::PodRestartRequired => "pod-restart-required",
+            State::ValidationRequired => "validation-required",
+            State::UncordonRequired => "uncordon-required",
+            State::UpgradeDone => "upgrade-done",
+            State::UpgradeFailed => "upgrade-failed",
+        }
+    }
+
+    fn parse(text: &str) -> Option<State> {
+        State::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Between cordon and uncordon: the node is out of the fleet's service
+    /// and must hold a slot.
+    pub fn in_progress(self) -> bool {
+        (State::CordonRequired..=State::UncordonRequired).contains(&self)
+    }
+}
+
+/// What a rolling upgrade does next; each is one `Change`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "do", rename_all = "camelCase")]
+pub enum Action {
+    /// Take (or keep, renewing it while this process runs) an upgrade slot.
+    TakeSlot {
+        namespace: String,
+        slots: u64,
+        lease_seconds: u64,
+    },
+    /// Give the slot back.
+    ReleaseSlot {
+        namespace: String,
+    },
+    /// Publish the state in `STATE_LABEL`.
+    Publish {
+        state: State,
+    },
+    Cordon,
+    Uncordon,
+    /// Wait for the pods `selector` names on this node to finish.
+    WaitForJobs {
+        selector: String,
+        timeout_seconds: u64,
+    },
+    /// Delete the pods on this node that hold NVIDIA devices (the
+    /// operands' DaemonSet pods excepted).
+    DeleteGpuPods,
+    /// Evict pods through the Eviction API, PodDisruptionBudgets honoured.
+    Drain {
+        selector: String,
+        timeout_seconds: u64,
+        delete_empty_dir: bool,
+        force: bool,
+    },
+}
+
+impl Action {
+    pub fn summary(&self) -> String {
+        match self {
+            Action::TakeSlot {
+                namespace,
+                slots,
+                lease_seconds,
+            } => format!(
+                "take an upgrade slot (one of {slots} Leases {namespace}/{}-N), renewed every {}s while the upgrade runs",
+                slots::PREFIX,
+                (lease_seconds / 3).max(1)
+            ),
+            Action::ReleaseSlot { namespace } => {
+                format!("give the upgrade slot back (delete its Lease in {namespace})")
+            }
+            Action::Publish { state } => format!("label the node {STATE_LABEL}={}", state.as_str()),
+            Action::Cordon => "cordon the node (spec.unschedulable)".to_string(),
+            Action::Uncordon => {
+                "uncordon the node (unless it was unschedulable before the upgrade)".to_string()
+            }
+            Action::WaitForJobs {
+                selector,
+                timeout_seconds,
+            } => {
+                let limit = if *timeout_seconds == 0 {
+                    "as long as it takes".to_string()
+                } else {
+                    format!("up to {timeout_seconds}s")
+                };
+                format!("wait {limit} for the pods `{selector}` on this node to finish")
+            }
+            Action::DeleteGpuPods => {
+                "delete the pods on this node that use NVIDIA GPUs (not the operands')".to_string()
+            }
+            Action::Drain {
+                selector,
+                timeout_seconds,
+                ..
+            } => {
+                let which = if selector.is_empty() {
+                    "every pod but DaemonSets' and mirror pods".to_string()
+                } else {
+                    format!("the pods `{selector}`")
+                };
+                format!(
+                    "drain: evict {which} through the Eviction API (PodDisruptionBudgets honoured), up to {timeout_seconds}s"
+                )
+            }
+        }
+    }
+}
+
+fn upgrade(action: Action) -> Change {
+    Change::Upgrade(action)
+}
+
+/// The state this process published since the node's labels were read:
+/// newer than the facts for the rest of the converge.
+static PUBLISHED: Mutex<Option<State>> = Mutex::new(None);
+
+/// A converge starts from the node's labels as read now.
+pub fn forget_published() {
+    *PUBLISHED.lock().unwrap_or_else(PoisonError::into_inner) = None;
+}
+
+pub(crate) fn published(state: State) {
+    *PUBLISHED.lock().unwrap_or_else(PoisonError::into_inner) = Some(state);
+}
+
+/// The node's upgrade state: as this converge published it, else its label.
+pub fn current_state(ctx: &StepContext) -> Option<State> {
+    let published = *PUBLISHED.lock().unwrap_or_else(PoisonError::into_inner);
+    published.or_else(|| {
+        ctx.facts
+            .node_labels
+            .get(STATE_LABEL)
+            .and_then(|s| State::parse(s))
+    })
+}
+
+/// What ends an upgrade whose driver is in and validated: uncordon, give
+/// the slot back, then say `upgrade-done` (so a node that says it is done
+/// holds no slot, and no read is needed to know). Nothing unless this
+/// node's upgrade waits on validation.
+pub fn finishing_changes(ctx: &StepContext) -> Vec<Change> {
+    let driver = &ctx.spec.driver;
+    if driver.upgrade_policy != crate::spec::UpgradePolicy::Rolling || ctx.cluster.is_none() {
+        return Vec::new();
+    }
+    let namespace = ctx.spec.operands.namespace.clone();
+    let mut changes = match current_state(ctx) {
+        Some(State::ValidationRequired) => vec![upgrade(Action::Publish {
+            state: State::UncordonRequired,
+        })],
+        Some(State::UncordonRequired) => Vec::new(),
+        _ => return Vec::new(),
+    };
+    changes.extend([
+        upgrade(Action::Uncordon),
+        upgrade(Action::ReleaseSlot { namespace }),
+        upgrade(Action::Publish {
+            state: State::UpgradeDone,
+        }),
+    ]);
+    changes
+}
+
+/// The `driver` step under `rolling`, for a loaded driver: `None` when
+/// there is nothing to coordinate (the version wanted is loaded and no
+/// upgrade is under way), else what the upgrade does next.
+pub fn observe(
+    ctx: &StepContext,
+    loaded: &LoadedDriver,
+    wanted: &str,
+    install: &DriverInstall,
+    outcome: Outcome,
+) -> Result<Option<Observation>, StepError> {
+    let spec = &ctx.spec.driver.upgrade;
+    let state = current_state(ctx);
+    let Some(cluster) = ctx.cluster else {
+        return Ok(Some(Observation::new(
+            Outcome::Failed,
+            format!(
+                "driver.upgradePolicy rolling takes an upgrade slot through the API server, and there is none; {} is loaded, {wanted} wanted (use ifDifferent on a node without one)",
+                loaded.version
+            ),
+        )));
+    };
+    let namespace = ctx.spec.operands.namespace.clone();
+    let publish = |state: State| upgrade(Action::Publish { state });
+    let details = |obs: &mut Observation, state: Option<State>| {
+        obs.details = serde_json::json!({"upgradeState": state.map(State::as_str)});
+    };
+
+    if loaded.version == wanted {
+        let mut obs = Observation::new(
+            outcome,
+            format!(
+                "NVIDIA {} is loaded, as driver.version asks",
+                loaded.version
+            ),
+        );
+        match state {
+            Some(State::ValidationRequired | State::UncordonRequired) => {
+                if ctx.spec.validator.enabled {
+                    // The validator, after this step, ends the upgrade
+                    // once it passes (`finishing_changes`).
+                    obs.reason = format!(
+                        "upgraded to {wanted}; the node stays cordoned until the validator passes with it"
+                    );
+                } else {
+                    obs.reason = format!("upgraded to {wanted} (no validator): uncordoning");
+                    obs.changes = finishing_changes(ctx);
+                }
+            }
+            Some(State::UpgradeRequired) => obs.changes = vec![publish(State::UpgradeDone)],
+            Some(s) if s < State::ValidationRequired => {
+                // Installed, then stopped before saying so.
+                obs.changes = vec![publish(State::ValidationRequired)];
+            }
+            Some(State::UpgradeFailed) => {
+                obs.reason.push_str(&format!(
+                    "; its upgrade failed earlier and the node stays cordoned: set {STATE_LABEL}=upgrade-done once it is checked"
+                ));
+            }
+            _ => return Ok(None),
+        }
+        details(&mut obs, state);
+        return Ok(Some(obs));
+    }
+
+    if ctx.facts.node_labels.get(SKIP_LABEL).map(String::as_str) == Some("true") {
+        let mut obs = Observation::new(
+            outcome,
+            format!(
+                "NVIDIA {} is loaded; {SKIP_LABEL}=true keeps it (driver.version asks {wanted})",
+                loaded.version
+            ),
+        );
+        details(&mut obs, state);
+        return Ok(Some(obs));
+    }
+    if state == Some(State::UpgradeFailed) {
+        let mut obs = Observation::new(
+            Outcome::Failed,
+            format!(
+                "the upgrade from {} to {wanted} failed (the node's events say why); the node stays cordoned: set {STATE_LABEL}=upgrade-required to try again",
+                loaded.version
+            ),
+        );
+        details(&mut obs, state);
+        return Ok(Some(obs));
+    }
+
+    let fleet = slots::Fleet::read(cluster, &namespace, spec)?;
+    let ours = fleet.ours(&cluster.node);
+    if ours.is_none() && fleet.free().is_none() {
+        let mut obs = Observation::new(
+            outcome,
+            format!(
+                "NVIDIA {} is loaded; {wanted} waits for an upgrade slot: {}",
+                loaded.version,
+                fleet.describe()
+            ),
+        );
+        if state != Some(State::UpgradeRequired) && !state.is_some_and(State::in_progress) {
+            obs.changes = vec![publish(State::UpgradeRequired)];
+        }
+        details(&mut obs, Some(State::UpgradeRequired));
+        return Ok(Some(obs));
+    }
+
+    // From the state published last: a resumed upgrade redoes only its
+    // current stage (each is safe to do twice).
+    let from = state
+        .filter(|s| State::CordonRequired <= *s && *s <= State::PodRestartRequired)
+        .unwrap_or(State::CordonRequired);
+    let mut changes = vec![upgrade(Action::TakeSlot {
+        namespace: namespace.clone(),
+        slots: fleet.slots,
+        lease_seconds: spec.lease_duration_seconds,
+    })];
+    for stage in [
+        State::CordonRequired,
+        State::WaitForJobsRequired,
+        State::PodDeletionRequired,
+        State::DrainRequired,
+        State::PodRestartRequired,
+    ] {
+        if stage < from {
+            continue;
+        }
+        changes.push(publish(stage));
+        match stage {
+            State::CordonRequired => changes.push(upgrade(Action::Cordon)),
+            State::WaitForJobsRequired if !spec.wait_for_jobs.pod_selector.is_empty() => changes
+                .push(upgrade(Action::WaitForJobs {
+                    selector: spec.wait_for_jobs.pod_selector.clone(),
+                    timeout_seconds: spec.wait_for_jobs.timeout_seconds,
+                })),
+            State::PodDeletionRequired => changes.push(upgrade(Action::DeleteGpuPods)),
+            State::DrainRequired if spec.drain.enable => changes.push(upgrade(Action::Drain {
+                selector: spec.drain.pod_selector.clone(),
+                timeout_seconds: spec.drain.timeout_seconds,
+                delete_empty_dir: spec.drain.delete_empty_dir,
+                force: spec.drain.force,
+            })),
+            State::PodRestartRequired => {
+                changes.extend(crate::driver::replace_changes(ctx, install)?)
+            }
+            _ => {}
+        }
+    }
+    changes.push(publish(State::ValidationRequired));
+    let mut obs = Observation::new(
+        outcome,
+        format!(
+            "NVIDIA {} is loaded; driver.upgradePolicy rolling replaces it with {wanted} in upgrade slot {} of {}",
+            loaded.version,
+            ours.or(fleet.free()).map_or(0, |i| i + 1),
+            fleet.slots,
+        ),
+    );
+    obs.on_change = Outcome::Installed;
+    obs.changes = changes;
+    let mut failed = vec![publish(State::UpgradeFailed)];
+    if spec.failure_policy == FailurePolicy::ReleaseSlot {
+        failed.push(upgrade(Action::ReleaseSlot { namespace }));
+    }
+    obs.on_failure = Some(OnFailure {
+        labels: Default::default(),
+        gate: crate::step::Gate::Block("the driver upgrade failed".to_string()),
+        changes: failed,
+    });
+    details(&mut obs, Some(from));
+    Ok(Some(obs))
+}

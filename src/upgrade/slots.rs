@@ -1,0 +1,336 @@
+//! The fleet's upgrade slots: `maxUnavailable` Leases named
+//! `gpuprov-driver-upgrade-<n>` in gpuprov's namespace. A node takes a
+//! free one (absent, or expired: its holder stopped renewing it) with
+//! optimistic concurrency: creating it fails if another node created it
+//! first, and replacing an expired one fails if it changed since it was
+//! read. So however the nodes' timing falls, no more than `maxUnavailable`
+//! hold one. The holder renews it every third of its duration from a
+//! thread of `gpuprov run` (long waits and installs included); a node that
+//! dies stops renewing, and once its Lease expires another node may take
+//! the slot.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+
+use crate::kube::upgrade::SLOT_LABEL;
+use crate::kube::{Cluster, ClusterOptions};
+use crate::spec::{MaxUnavailable, UpgradeSpec};
+use crate::step::{StepError, error_chain};
+
+/// Slot Leases are `<PREFIX>-0`, `<PREFIX>-1`, …
+pub const PREFIX: &str = "gpuprov-driver-upgrade";
+/// The fleet's GPU nodes, for a percentage: gpuprov labels each.
+const GPU_NODES: &str = "nvidia.com/gpu.present=true";
+/// A fleet's size is read again after this long.
+const FLEET_SIZE_KEPT: Duration = Duration::from_secs(600);
+
+fn observe_error(e: crate::kube::KubeError) -> StepError {
+    StepError::Observe(error_chain(&e))
+}
+
+fn slot_index(lease: &Lease) -> Option<u64> {
+    lease
+        .metadata
+        .name
+        .as_deref()?
+        .strip_prefix(PREFIX)?
+        .strip_prefix('-')?
+        .parse()
+        .ok()
+}
+
+fn holder(lease: &Lease) -> Option<&str> {
+    lease
+        .spec
+        .as_ref()?
+        .holder_identity
+        .as_deref()
+        .filter(|h| !h.is_empty())
+}
+
+/// Whether a Lease's holder stopped renewing it (by this node's clock).
+fn expired(lease: &Lease, now: SystemTime) -> bool {
+    let Some(spec) = &lease.spec else { return true };
+    let Some(renewed) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
+        return true;
+    };
+    let renewed = SystemTime::from(renewed.0);
+    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
+    renewed + duration < now
+}
+
+/// The slots as listed now.
+pub struct Fleet {
+    /// How many slots there are (`maxUnavailable`, scaled for a percentage).
+    pub slots: u64,
+    leases: Vec<Lease>,
+    now: SystemTime,
+}
+
+impl Fleet {
+    pub fn read(
+        cluster: &Cluster,
+        namespace: &str,
+        spec: &UpgradeSpec,
+    ) -> Result<Fleet, StepError> {
+        let slots = match spec.max_unavailable {
+            MaxUnavailable::Count(n) => n,
+            percent => percent.slots(fleet_size(cluster)?),
+        };
+        Ok(Fleet {
+            slots,
+            leases: cluster.slot_leases(namespace).map_err(observe_error)?,
+            now: SystemTime::now(),
+        })
+    }
+
+    fn lease(&self, index: u64) -> Option<&Lease> {
+        self.leases.iter().find(|l| slot_index(l) == Some(index))
+    }
+
+    /// The slot this node holds (even past `slots`, if the fleet shrank).
+    pub fn ours(&self, node: &str) -> Option<u64> {
+        self.leases
+            .iter()
+            .filter(|l| holder(l) == Some(node))
+            .find_map(slot_index)
+    }
+
+    /// The first slot nobody holds: no Lease, no holder, or expired.
+    pub fn free(&self) -> Option<u64> {
+        (0..self.slots).find(|i| {
+            self.lease(*i)
+                .is_none_or(|l| holder(l).is_none() || expired(l, self.now))
+        })
+    }
+
+    /// Who holds the slots, for a reason: `2 of 2 held (node-3, node-5)`.
+    pub fn describe(&self) -> String {
+        let holders: Vec<&str> = (0..self.slots)
+            .filter_map(|i| self.lease(i))
+            .filter_map(holder)
+            .collect();
+        format!(
+            "{} of {} held ({})",
+            holders.len(),
+            self.slots,
+            holders.join(", ")
+        )
+    }
+}
+
+/// How many GPU nodes the fleet has, read at most every 10 minutes.
+fn fleet_size(cluster: &Cluster) -> Result<u64, StepError> {
+    static KNOWN: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let mut known = KNOWN.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((at, size)) = *known
+        && at.elapsed() < FLEET_SIZE_KEPT
+    {
+        return Ok(size);
+    }
+    let size = cluster.count_nodes(GPU_NODES).map_err(observe_error)?;
+    *known = Some((Instant::now(), size));
+    Ok(size)
+}
+
+/// The slot Lease this node holds, if any.
+pub fn held_by(cluster: &Cluster, namespace: &str) -> Result<Option<Lease>, StepError> {
+    Ok(cluster
+        .slot_leases(namespace)
+        .map_err(observe_error)?
+        .into_iter()
+        .find(|l| holder(l) == Some(cluster.node.as_str())))
+}
+
+fn now() -> MicroTime {
+    use k8s_openapi::jiff::{Timestamp, Unit};
+    MicroTime(
+        Timestamp::now()
+            .round(Unit::Microsecond)
+            .unwrap_or_else(|_| Timestamp::now()),
+    )
+}
+
+/// Takes a free slot, or keeps the one this node holds, and renews it from
+/// then on; an error when every slot was taken meanwhile.
+pub fn take(
+    cluster: &Cluster,
+    namespace: &str,
+    slots: u64,
+    lease_seconds: u64,
+) -> Result<(), String> {
+    let api = |e: crate::kube::KubeError| error_chain(&e);
+    let leases = cluster.slot_leases(namespace).map_err(api)?;
+    let fleet = Fleet {
+        slots,
+        leases,
+        now: SystemTime::now(),
+    };
+    if let Some(index) = fleet.ours(&cluster.node) {
+        let lease = fleet.lease(index).cloned().expect("listed");
+        return keep_renewing(cluster, namespace, lease, lease_seconds);
+    }
+    let Some(index) = fleet.free() else {
+        return Err(format!(
+            "every upgrade slot was taken meanwhile ({}); trying again at the next converge",
+            fleet.describe()
+        ));
+    };
+    let name = format!("{PREFIX}-{index}");
+    let spec = |transitions: i32| LeaseSpec {
+        holder_identity: Some(cluster.node.clone()),
+        lease_duration_seconds: Some(lease_seconds.min(i32::MAX as u64) as i32),
+        acquire_time: Some(now()),
+        renew_time: Some(now()),
+        lease_transitions: Some(transitions),
+        ..LeaseSpec::default()
+    };
+    let taken = match fleet.lease(index) {
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(namespace.to_string()),
+                    labels: Some([(SLOT_LABEL.to_string(), "true".to_string())].into()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(spec(0)),
+            };
+            cluster.create_lease(namespace, &lease).map_err(api)?
+        }
+        Some(old) => {
+            let transitions = old
+                .spec
+                .as_ref()
+                .and_then(|s| s.lease_transitions)
+                .unwrap_or(0);
+            let mut lease = old.clone();
+            lease.spec = Some(spec(transitions.saturating_add(1)));
+            cluster.replace_lease(namespace, &lease).map_err(api)?
+        }
+    };
+    if !taken {
+        return Err(format!(
+            "upgrade slot {name} was taken by another node meanwhile; trying again at the next converge"
+        ));
+    }
+    let lease = held_by(cluster, namespace)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("upgrade slot {name} is not held after taking it"))?;
+    tracing::info!(slot = %name, "took an upgrade slot");
+    keep_renewing(cluster, namespace, lease, lease_seconds)
+}
+
+/// The renewing thread of this process, while it holds a slot.
+struct Renewer {
+    lease: Arc<Mutex<Lease>>,
+    stop: Arc<AtomicBool>,
+}
+
+fn renewer() -> &'static Mutex<Option<Renewer>> {
+    static RENEWER: Mutex<Option<Renewer>> = Mutex::new(None);
+    &RENEWER
+}
+
+fn keep_renewing(
+    cluster: &Cluster,
+    namespace: &str,
+    lease: Lease,
+    lease_seconds: u64,
+) -> Result<(), String> {
+    let mut current = renewer().lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(running) = current.as_ref()
+        && !running.stop.load(Ordering::Relaxed)
+    {
+        let same = running
+            .lease
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .metadata
+            .name
+            == lease.metadata.name;
+        if same {
+            return Ok(());
+        }
+        running.stop.store(true, Ordering::Relaxed);
+    }
+    let shared = Arc::new(Mutex::new(lease));
+    let stop = Arc::new(AtomicBool::new(false));
+    let options: ClusterOptions = cluster.options.clone();
+    let (lease, halt, namespace) = (shared.clone(), stop.clone(), namespace.to_string());
+    let every = Duration::from_secs((lease_seconds / 3).max(1));
+    std::thread::spawn(move || renew_loop(options, namespace, lease, halt, every));
+    *current = Some(Renewer {
+        lease: shared,
+        stop,
+    });
+    Ok(())
+}
+
+fn renew_loop(
+    options: ClusterOptions,
+    namespace: String,
+    lease: Arc<Mutex<Lease>>,
+    stop: Arc<AtomicBool>,
+    every: Duration,
+) {
+    let cluster = match Cluster::connect(&options) {
+        Ok(cluster) => cluster,
+        Err(e) => {
+            tracing::error!("the upgrade slot cannot be renewed: {}", error_chain(&e));
+            return;
+        }
+    };
+    let mut next = Instant::now() + every;
+    while !stop.load(Ordering::Relaxed) {
+        if Instant::now() < next {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        next = Instant::now() + every;
+        let mut renewed = lease.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(spec) = renewed.spec.as_mut() {
+            spec.renew_time = Some(now());
+        }
+        match cluster.replace_lease(&namespace, &renewed) {
+            Ok(true) => {
+                if let Ok(Some(fresh)) = held_by(&cluster, &namespace) {
+                    *lease.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+                }
+            }
+            Ok(false) => {
+                tracing::error!(
+                    "the upgrade slot {} was lost (another node took it after it expired)",
+                    renewed.metadata.name.as_deref().unwrap_or_default()
+                );
+                stop.store(true, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("the upgrade slot was not renewed: {}", error_chain(&e)),
+        }
+    }
+}
+
+/// Stops renewing and gives this node's slot back.
+pub fn release(cluster: &Cluster, namespace: &str) -> Result<(), String> {
+    if let Some(running) = renewer()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    {
+        running.stop.store(true, Ordering::Relaxed);
+    }
+    let Some(lease) = held_by(cluster, namespace).map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    let name = lease.metadata.name.clone().unwrap_or_default();
+    let version = lease.metadata.resource_version.clone().unwrap_or_default();
+    cluster
+        .delete_lease(namespace, &name, &version)
+        .map_err(|e| error_chain(&e))?;
+    tracing::info!(slot = %name, "gave the upgrade slot back");
+    Ok(())
+}
