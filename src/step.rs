@@ -144,7 +144,7 @@ pub enum Change {
     /// Apply a MIG layout through NVML, pausing the GPU clients first.
     MigLayout(MigLayout),
     /// A step of a rolling driver upgrade (`upgrade::Action`).
-    Upgrade(crate::upgrade::Action),
+    Upgrade(crate::upgrade::action::Action),
     /// Write a ConfigMap gpuprov owns, whole (server-side apply).
     ApplyConfigMap {
         namespace: String,

@@ -188,6 +188,20 @@ fn the_daemonset_variant_matches_the_binary() {
         r.resources.as_ref().unwrap().contains(&"pods".to_string())
             && r.verbs.contains(&"list".to_string())
     }));
+    // A rolling driver upgrade deletes and evicts the pods on its node,
+    // whatever their namespace.
+    for (resource, verb) in [("pods", "delete"), ("pods/eviction", "create")] {
+        assert!(
+            rules.iter().any(|r| {
+                r.resources
+                    .as_ref()
+                    .unwrap()
+                    .contains(&resource.to_string())
+                    && r.verbs.contains(&verb.to_string())
+            }),
+            "{resource} {verb}"
+        );
+    }
     let role = of_kind::<k8s_openapi::api::rbac::v1::Role>(&docs, "Role").remove(0);
     assert_eq!(role.metadata.namespace.as_deref(), Some("gpuprov"));
     let rules = role.rules.unwrap();
@@ -195,6 +209,8 @@ fn the_daemonset_variant_matches_the_binary() {
         ("pods", &["create", "get", "delete"][..]),
         ("pods/log", &["get"]),
         ("configmaps", &["get", "patch"]),
+        // The fleet's upgrade slots.
+        ("leases", &["get", "list", "create", "update", "delete"]),
     ] {
         let rule = rules
             .iter()

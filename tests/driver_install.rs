@@ -8,34 +8,17 @@ mod support;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use support::artifact_server::{ArtifactServer, Route};
 use support::{apply_config, apply_json, changed, copy_host, steps, tree, write_spec};
 
 const VERSION: &str = "550.54.15";
 
-/// A stand-in for NVIDIA's .run installer: records its flags, puts a
-/// module of `VERSION` in place and brings nvidia-modprobe along.
 fn installer() -> Vec<u8> {
-    format!(
-        r#"#!/bin/sh
-root="$GPUPROV_HOST_ROOT"
-mkdir -p "$root/var/log"
-echo "$*" >> "$root/var/log/fake-installer.log"
-kernel=$(cat "$root/proc/sys/kernel/osrelease")
-mkdir -p "$root/lib/modules/$kernel/kernel/drivers/video"
-echo "{VERSION}" > "$root/lib/modules/$kernel/kernel/drivers/video/nvidia.ko"
-cp "$root/usr/local/lib/fixture/nvidia-modprobe" "$root/usr/bin/nvidia-modprobe"
-"#
-    )
-    .into_bytes()
+    support::fake_driver_installer(VERSION)
 }
 
 fn sha(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    support::sha256_hex(bytes)
 }
 
 fn runfile_spec(host: &Path, url: &str, sha256: &str, extra: &str) -> PathBuf {

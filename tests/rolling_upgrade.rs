@@ -9,7 +9,6 @@ mod support;
 
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
 use support::artifact_server::{ArtifactServer, Route};
 use support::fake_api::FakeApi;
 use support::{copy_host, steps, write_spec};
@@ -19,23 +18,11 @@ const VERSION: &str = "550.54.15";
 const STATE: &str = "nvidia.com/gpu-driver-upgrade-state";
 
 fn installer() -> Vec<u8> {
-    format!(
-        r#"#!/bin/sh
-root="$GPUPROV_HOST_ROOT"
-kernel=$(cat "$root/proc/sys/kernel/osrelease")
-mkdir -p "$root/lib/modules/$kernel/kernel/drivers/video"
-echo "{VERSION}" > "$root/lib/modules/$kernel/kernel/drivers/video/nvidia.ko"
-cp "$root/usr/local/lib/fixture/nvidia-modprobe" "$root/usr/bin/nvidia-modprobe"
-"#
-    )
-    .into_bytes()
+    support::fake_driver_installer(VERSION)
 }
 
 fn sha(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    support::sha256_hex(bytes)
 }
 
 fn spec(host: &Path, server: &ArtifactServer, upgrade: &str) -> std::path::PathBuf {

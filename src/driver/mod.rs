@@ -147,7 +147,13 @@ fn observe_loaded(
     if spec.upgrade_policy == UpgradePolicy::Rolling
         && spec.enabled
         && let (Some(wanted), Some(install)) = (&spec.version, &spec.install)
-        && let Some(mut obs) = crate::upgrade::observe(ctx, &driver, wanted, install, outcome)?
+        && let Some(mut obs) = crate::upgrade::observe(
+            ctx,
+            &driver.version,
+            wanted,
+            replace_changes(ctx, install)?,
+            outcome,
+        )?
     {
         if obs.outcome == Outcome::Preinstalled {
             obs.labels

@@ -17,10 +17,21 @@ impl Cluster {
         {
             return Ok(pods);
         }
-        let what = format!("GET pods on node {} ({label_selector})", self.node);
-        let params = ListParams::default()
-            .fields(&format!("spec.nodeName={}", self.node))
-            .labels(label_selector);
+        self.list_pods_on_node(label_selector)
+    }
+
+    /// Pods bound to this node carrying `label_selector` (empty: all),
+    /// from the API server.
+    pub fn list_pods_on_node(&self, label_selector: &str) -> Result<Vec<Pod>, KubeError> {
+        let what = if label_selector.is_empty() {
+            format!("GET pods on node {}", self.node)
+        } else {
+            format!("GET pods on node {} ({label_selector})", self.node)
+        };
+        let mut params = ListParams::default().fields(&format!("spec.nodeName={}", self.node));
+        if !label_selector.is_empty() {
+            params = params.labels(label_selector);
+        }
         let request = Request::new("/api/v1/pods")
             .list(&params)
             .expect("a valid request");

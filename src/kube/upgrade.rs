@@ -6,7 +6,6 @@
 use ::kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
 use ::kube::core::Request;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 
 use super::{Cluster, KubeError};
@@ -190,22 +189,6 @@ impl Cluster {
         self.ok_or_refused(&what, code, &body)?;
         self.written_node(&body);
         Ok(())
-    }
-
-    /// Every pod bound to this node, from the API server.
-    pub fn all_pods_on_node(&self) -> Result<Vec<Pod>, KubeError> {
-        let what = format!("GET pods on node {}", self.node);
-        let params = ListParams::default().fields(&format!("spec.nodeName={}", self.node));
-        let request = Request::new("/api/v1/pods")
-            .list(&params)
-            .expect("a valid request");
-        let (code, body) = self.send(&what, request)?;
-        if code != 200 {
-            return Err(self.refused(&what, code, &body));
-        }
-        let list: k8s_openapi::List<Pod> =
-            serde_json::from_slice(&body).map_err(|e| self.not_a(&what, code, "PodList", &e))?;
-        Ok(list.items)
     }
 
     /// Asks the Eviction API to evict a pod (PodDisruptionBudgets honoured).

@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 /// The pods a converge reads on every pass: the DCGM exporter's, to see
 /// that it runs. Other reads of pods (the validation pod, the pods a MIG
 /// change must stop) are rare and go to the API server.
-pub const WATCHED_PODS: &str = crate::operands::DCGM_EXPORTER_SELECTOR;
+pub const WATCHED_PODS: &str = "app=nvidia-dcgm-exporter";
 
 /// The Node and the watched pods, as the watches last saw them.
 #[derive(Default)]

@@ -27,7 +27,7 @@ pub enum Operand {
 /// The allocatable resource the device plugin registers.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// The label the DCGM exporter's pods carry (ours and the GPU Operator's).
-pub const DCGM_EXPORTER_SELECTOR: &str = "app=nvidia-dcgm-exporter";
+pub const DCGM_EXPORTER_SELECTOR: &str = crate::kube::view::WATCHED_PODS;
 /// The label GFD publishes that shows it ran on the node.
 pub const GFD_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 

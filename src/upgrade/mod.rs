@@ -6,166 +6,19 @@
 //! (`run.rs`), so that dashboards and runbooks written for the GPU
 //! Operator work, and a crash resumes from the published state.
 
+pub mod action;
 pub mod run;
 pub mod slots;
 
+pub use action::{Action, STATE_LABEL, State};
+
 use std::sync::{Mutex, PoisonError};
 
-use serde::Serialize;
-
-use crate::driver::detect::LoadedDriver;
-use crate::spec::{DriverInstall, FailurePolicy};
+use crate::spec::FailurePolicy;
 use crate::step::{Change, Observation, OnFailure, Outcome, StepContext, StepError};
 
-/// The GPU Operator's label for where a node is in its driver upgrade.
-pub const STATE_LABEL: &str = "nvidia.com/gpu-driver-upgrade-state";
 /// `true` on a node keeps its driver as it is.
 pub const SKIP_LABEL: &str = "nvidia.com/gpu-driver-upgrade.skip";
-
-/// k8s-operator-libs' upgrade states, in the order a node walks them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum State {
-    UpgradeRequired,
-    CordonRequired,
-    WaitForJobsRequired,
-    PodDeletionRequired,
-    DrainRequired,
-    PodRestartRequired,
-    ValidationRequired,
-    UncordonRequired,
-    UpgradeDone,
-    UpgradeFailed,
-}
-
-impl State {
-    pub const ALL: [State; 10] = [
-        State::UpgradeRequired,
-        State::CordonRequired,
-        State::WaitForJobsRequired,
-        State::PodDeletionRequired,
-        State::DrainRequired,
-        State::PodRestartRequired,
-        State::ValidationRequired,
-        State::UncordonRequired,
-        State::UpgradeDone,
-        State::UpgradeFailed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::UpgradeRequired => "upgrade-required",
-            State::CordonRequired => "cordon-required",
-            State::WaitForJobsRequired => "wait-for-jobs-required",
-            State::PodDeletionRequired => "pod-deletion-required",
-            State::DrainRequired => "drain-required",
-            State::PodRestartRequired => "pod-restart-required",
-            State::ValidationRequired => "validation-required",
-            State::UncordonRequired => "uncordon-required",
-            State::UpgradeDone => "upgrade-done",
-            State::UpgradeFailed => "upgrade-failed",
-        }
-    }
-
-    fn parse(text: &str) -> Option<State> {
-        State::ALL.into_iter().find(|s| s.as_str() == text)
-    }
-
-    /// Between cordon and uncordon: the node is out of the fleet's service
-    /// and must hold a slot.
-    pub fn in_progress(self) -> bool {
-        (State::CordonRequired..=State::UncordonRequired).contains(&self)
-    }
-}
-
-/// What a rolling upgrade does next; each is one `Change`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "do", rename_all = "camelCase")]
-pub enum Action {
-    /// Take (or keep, renewing it while this process runs) an upgrade slot.
-    TakeSlot {
-        namespace: String,
-        slots: u64,
-        lease_seconds: u64,
-    },
-    /// Give the slot back.
-    ReleaseSlot {
-        namespace: String,
-    },
-    /// Publish the state in `STATE_LABEL`.
-    Publish {
-        state: State,
-    },
-    Cordon,
-    Uncordon,
-    /// Wait for the pods `selector` names on this node to finish.
-    WaitForJobs {
-        selector: String,
-        timeout_seconds: u64,
-    },
-    /// Delete the pods on this node that hold NVIDIA devices (the
-    /// operands' DaemonSet pods excepted).
-    DeleteGpuPods,
-    /// Evict pods through the Eviction API, PodDisruptionBudgets honoured.
-    Drain {
-        selector: String,
-        timeout_seconds: u64,
-        delete_empty_dir: bool,
-        force: bool,
-    },
-}
-
-impl Action {
-    pub fn summary(&self) -> String {
-        match self {
-            Action::TakeSlot {
-                namespace,
-                slots,
-                lease_seconds,
-            } => format!(
-                "take an upgrade slot (one of {slots} Leases {namespace}/{}-N), renewed every {}s while the upgrade runs",
-                slots::PREFIX,
-                (lease_seconds / 3).max(1)
-            ),
-            Action::ReleaseSlot { namespace } => {
-                format!("give the upgrade slot back (delete its Lease in {namespace})")
-            }
-            Action::Publish { state } => format!("label the node {STATE_LABEL}={}", state.as_str()),
-            Action::Cordon => "cordon the node (spec.unschedulable)".to_string(),
-            Action::Uncordon => {
-                "uncordon the node (unless it was unschedulable before the upgrade)".to_string()
-            }
-            Action::WaitForJobs {
-                selector,
-                timeout_seconds,
-            } => {
-                let limit = if *timeout_seconds == 0 {
-                    "as long as it takes".to_string()
-                } else {
-                    format!("up to {timeout_seconds}s")
-                };
-                format!("wait {limit} for the pods `{selector}` on this node to finish")
-            }
-            Action::DeleteGpuPods => {
-                "delete the pods on this node that use NVIDIA GPUs (not the operands')".to_string()
-            }
-            Action::Drain {
-                selector,
-                timeout_seconds,
-                ..
-            } => {
-                let which = if selector.is_empty() {
-                    "every pod but DaemonSets' and mirror pods".to_string()
-                } else {
-                    format!("the pods `{selector}`")
-                };
-                format!(
-                    "drain: evict {which} through the Eviction API (PodDisruptionBudgets honoured), up to {timeout_seconds}s"
-                )
-            }
-        }
-    }
-}
 
 fn upgrade(action: Action) -> Change {
     Change::Upgrade(action)
@@ -227,9 +80,9 @@ pub fn finishing_changes(ctx: &StepContext) -> Vec<Change> {
 /// upgrade is under way), else what the upgrade does next.
 pub fn observe(
     ctx: &StepContext,
-    loaded: &LoadedDriver,
+    loaded: &str,
     wanted: &str,
-    install: &DriverInstall,
+    replace: Vec<Change>,
     outcome: Outcome,
 ) -> Result<Option<Observation>, StepError> {
     let spec = &ctx.spec.driver.upgrade;
@@ -239,7 +92,7 @@ pub fn observe(
             Outcome::Failed,
             format!(
                 "driver.upgradePolicy rolling takes an upgrade slot through the API server, and there is none; {} is loaded, {wanted} wanted (use ifDifferent on a node without one)",
-                loaded.version
+                loaded
             ),
         )));
     };
@@ -249,13 +102,10 @@ pub fn observe(
         obs.details = serde_json::json!({"upgradeState": state.map(State::as_str)});
     };
 
-    if loaded.version == wanted {
+    if loaded == wanted {
         let mut obs = Observation::new(
             outcome,
-            format!(
-                "NVIDIA {} is loaded, as driver.version asks",
-                loaded.version
-            ),
+            format!("NVIDIA {} is loaded, as driver.version asks", loaded),
         );
         match state {
             Some(State::ValidationRequired | State::UncordonRequired) => {
@@ -291,7 +141,7 @@ pub fn observe(
             outcome,
             format!(
                 "NVIDIA {} is loaded; {SKIP_LABEL}=true keeps it (driver.version asks {wanted})",
-                loaded.version
+                loaded
             ),
         );
         details(&mut obs, state);
@@ -302,7 +152,7 @@ pub fn observe(
             Outcome::Failed,
             format!(
                 "the upgrade from {} to {wanted} failed (the node's events say why); the node stays cordoned: set {STATE_LABEL}=upgrade-required to try again",
-                loaded.version
+                loaded
             ),
         );
         details(&mut obs, state);
@@ -316,7 +166,7 @@ pub fn observe(
             outcome,
             format!(
                 "NVIDIA {} is loaded; {wanted} waits for an upgrade slot: {}",
-                loaded.version,
+                loaded,
                 fleet.describe()
             ),
         );
@@ -362,9 +212,7 @@ pub fn observe(
                 delete_empty_dir: spec.drain.delete_empty_dir,
                 force: spec.drain.force,
             })),
-            State::PodRestartRequired => {
-                changes.extend(crate::driver::replace_changes(ctx, install)?)
-            }
+            State::PodRestartRequired => changes.extend(replace.clone()),
             _ => {}
         }
     }
@@ -373,7 +221,7 @@ pub fn observe(
         outcome,
         format!(
             "NVIDIA {} is loaded; driver.upgradePolicy rolling replaces it with {wanted} in upgrade slot {} of {}",
-            loaded.version,
+            loaded,
             ours.or(fleet.free()).map_or(0, |i| i + 1),
             fleet.slots,
         ),

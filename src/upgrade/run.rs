@@ -47,7 +47,7 @@ pub fn make(cluster: Option<&Cluster>, action: &Action) -> Result<(), String> {
             timeout_seconds,
         } => wait_for_jobs(cluster, selector, *timeout_seconds),
         Action::DeleteGpuPods => {
-            for pod in cluster.all_pods_on_node().map_err(api)? {
+            for pod in cluster.list_pods_on_node("").map_err(api)? {
                 if uses_gpus(&pod) && !is_operand(&pod) && !finished(&pod) {
                     let (namespace, name) = key(&pod);
                     cluster.delete_pod(&namespace, &name).map_err(api)?;
@@ -159,7 +159,7 @@ fn wait_for_jobs(cluster: &Cluster, selector: &str, timeout_seconds: u64) -> Res
         (timeout_seconds > 0).then(|| Instant::now() + Duration::from_secs(timeout_seconds));
     loop {
         let running: Vec<String> = cluster
-            .all_pods_on_node()
+            .list_pods_on_node("")
             .map_err(api)?
             .iter()
             .filter(|p| selects(selector, p) && !finished(p))
@@ -199,7 +199,7 @@ fn drain(
     let deadline = Instant::now() + timeout;
     loop {
         let pods: Vec<Pod> = cluster
-            .all_pods_on_node()
+            .list_pods_on_node("")
             .map_err(api)?
             .into_iter()
             .filter(|p| !owned_by_daemon_set(p) && !is_mirror(p) && !finished(p))

@@ -21,8 +21,7 @@ use crate::kube::{Cluster, ClusterOptions};
 use crate::spec::{MaxUnavailable, UpgradeSpec};
 use crate::step::{StepError, error_chain};
 
-/// Slot Leases are `<PREFIX>-0`, `<PREFIX>-1`, …
-pub const PREFIX: &str = "gpuprov-driver-upgrade";
+use super::action::SLOT_PREFIX as PREFIX;
 /// The fleet's GPU nodes, for a percentage: gpuprov labels each.
 const GPU_NODES: &str = "nvidia.com/gpu.present=true";
 /// A fleet's size is read again after this long.

@@ -337,3 +337,30 @@ pub fn telemetry_fixture(dir: &Path) -> PathBuf {
     std::fs::write(&path, out).unwrap();
     path
 }
+
+/// A stand-in for NVIDIA's .run installer: records its flags, puts a
+/// module of `version` in place (the fixture's modprobe loads it) and
+/// brings nvidia-modprobe along.
+pub fn fake_driver_installer(version: &str) -> Vec<u8> {
+    format!(
+        r#"#!/bin/sh
+root="$GPUPROV_HOST_ROOT"
+mkdir -p "$root/var/log"
+echo "$*" >> "$root/var/log/fake-installer.log"
+kernel=$(cat "$root/proc/sys/kernel/osrelease")
+mkdir -p "$root/lib/modules/$kernel/kernel/drivers/video"
+echo "{version}" > "$root/lib/modules/$kernel/kernel/drivers/video/nvidia.ko"
+cp "$root/usr/local/lib/fixture/nvidia-modprobe" "$root/usr/bin/nvidia-modprobe"
+"#
+    )
+    .into_bytes()
+}
+
+/// A sha256 in lower-case hex, as specs pin artifacts.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
