@@ -55,22 +55,17 @@ fn apply_until_settled(
 }
 
 fn apply(fake: &FakeApi, host: &Path, spec: &Path) -> (i32, serde_json::Value, String) {
-    let mut command = support::gpuprov();
-    command.args([
-        "apply",
-        "--output",
-        "json",
-        "--host-exec",
-        "prefix",
-        "--host-root",
-    ]);
-    command.arg(host).arg("--config").arg(spec);
-    support::against(&mut command, Some(fake), NODE);
-    let output = command.output().unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        serde_json::from_slice(&output.stdout).unwrap_or_default(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+    let kubeconfig = fake.kubeconfig();
+    support::apply_json(
+        host,
+        &[
+            "--config",
+            spec.to_str().unwrap(),
+            "--node-name",
+            NODE,
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
     )
 }
 

@@ -340,6 +340,21 @@ impl Cluster {
         }
     }
 
+    /// A request formed from names the API server gave (a pod's): a name
+    /// no URI can carry is an error, not a panic.
+    fn formed<E: std::fmt::Display>(
+        &self,
+        what: &str,
+        request: Result<http::Request<Vec<u8>>, E>,
+    ) -> Result<http::Request<Vec<u8>>, KubeError> {
+        request.map_err(|e| KubeError::Api {
+            server: self.server.clone(),
+            what: what.to_string(),
+            code: 0,
+            message: format!("cannot form the request: {e}"),
+        })
+    }
+
     /// An answer that does not parse as the `kind` asked for.
     fn not_a(&self, what: &str, code: u16, kind: &str, e: &serde_json::Error) -> KubeError {
         KubeError::Api {

@@ -78,14 +78,25 @@ impl Cluster {
 
     /// Deletes the pod at once (no grace period); a missing pod is fine.
     pub fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), KubeError> {
+        self.delete_pod_within(namespace, name, Some(0))
+    }
+
+    /// Deletes a pod with `grace` seconds to stop (`None`: its own
+    /// `terminationGracePeriodSeconds`, as a workload's should get).
+    pub fn delete_pod_within(
+        &self,
+        namespace: &str,
+        name: &str,
+        grace: Option<u32>,
+    ) -> Result<(), KubeError> {
         let what = format!("DELETE pod {namespace}/{name}");
         let params = DeleteParams {
-            grace_period_seconds: Some(0),
+            grace_period_seconds: grace,
             ..DeleteParams::default()
         };
-        let request = Request::new(format!("/api/v1/namespaces/{namespace}/pods"))
-            .delete(name, &params)
-            .expect("a valid request");
+        let request =
+            Request::new(format!("/api/v1/namespaces/{namespace}/pods")).delete(name, &params);
+        let request = self.formed(&what, request)?;
         match self.send(&what, request)? {
             (200 | 202 | 404, _) => Ok(()),
             (code, body) => Err(self.refused(&what, code, &body)),

@@ -203,8 +203,8 @@ impl Cluster {
             "/api/v1/namespaces/{namespace}/pods/{name}/eviction"
         ))
         .header(http::header::CONTENT_TYPE, "application/json")
-        .body(serde_json::to_vec(&eviction).expect("serializes"))
-        .expect("a valid request");
+        .body(serde_json::to_vec(&eviction).unwrap_or_default());
+        let request = self.formed(&what, request)?;
         match self.send_answering_429(&what, request)? {
             (200..=202 | 404, _) => Ok(Eviction::Done),
             (429, body) => Ok(Eviction::Refused(super::status_message(&body))),

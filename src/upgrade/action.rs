@@ -90,8 +90,10 @@ pub enum Action {
         timeout_seconds: u64,
     },
     /// Delete the pods on this node that hold NVIDIA devices (the
-    /// operands' DaemonSet pods excepted).
-    DeleteGpuPods,
+    /// operands' own, in `operands_namespace`, excepted).
+    DeleteGpuPods {
+        operands_namespace: String,
+    },
     /// Evict pods through the Eviction API, PodDisruptionBudgets honoured.
     Drain {
         selector: String,
@@ -132,7 +134,7 @@ impl Action {
                 };
                 format!("wait {limit} for the pods `{selector}` on this node to finish")
             }
-            Action::DeleteGpuPods => {
+            Action::DeleteGpuPods { .. } => {
                 "delete the pods on this node that use NVIDIA GPUs (not the operands')".to_string()
             }
             Action::Drain {

@@ -205,7 +205,9 @@ pub fn observe(
                     selector: spec.wait_for_jobs.pod_selector.clone(),
                     timeout_seconds: spec.wait_for_jobs.timeout_seconds,
                 })),
-            State::PodDeletionRequired => changes.push(upgrade(Action::DeleteGpuPods)),
+            State::PodDeletionRequired => changes.push(upgrade(Action::DeleteGpuPods {
+                operands_namespace: namespace.clone(),
+            })),
             State::DrainRequired if spec.drain.enable => changes.push(upgrade(Action::Drain {
                 selector: spec.drain.pod_selector.clone(),
                 timeout_seconds: spec.drain.timeout_seconds,

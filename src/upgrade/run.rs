@@ -46,11 +46,14 @@ pub fn make(cluster: Option<&Cluster>, action: &Action) -> Result<(), String> {
             selector,
             timeout_seconds,
         } => wait_for_jobs(cluster, selector, *timeout_seconds),
-        Action::DeleteGpuPods => {
+        Action::DeleteGpuPods { operands_namespace } => {
             for pod in cluster.list_pods_on_node("").map_err(api)? {
-                if uses_gpus(&pod) && !is_operand(&pod) && !finished(&pod) {
+                if uses_gpus(&pod) && !is_operand(&pod, operands_namespace) && !finished(&pod) {
                     let (namespace, name) = key(&pod);
-                    cluster.delete_pod(&namespace, &name).map_err(api)?;
+                    // With its own grace period: a job gets its SIGTERM.
+                    cluster
+                        .delete_pod_within(&namespace, &name, None)
+                        .map_err(api)?;
                     tracing::info!("deleted GPU pod {namespace}/{name}");
                 }
             }
@@ -94,8 +97,8 @@ fn uses_gpus(pod: &Pod) -> bool {
 
 /// The operands' own pods (the device plugin, GFD, the exporter…): they
 /// follow the driver and are not the workload.
-fn is_operand(pod: &Pod) -> bool {
-    pod.metadata.namespace.as_deref() == Some("gpuprov")
+fn is_operand(pod: &Pod, operands_namespace: &str) -> bool {
+    pod.metadata.namespace.as_deref() == Some(operands_namespace)
         || pod
             .metadata
             .labels

@@ -169,9 +169,8 @@ pub fn take(
         leases,
         now: SystemTime::now(),
     };
-    if let Some(index) = fleet.ours(&cluster.node) {
-        let lease = fleet.lease(index).cloned().expect("listed");
-        return keep_renewing(cluster, namespace, lease, lease_seconds);
+    if let Some(lease) = fleet.ours(&cluster.node).and_then(|i| fleet.lease(i)) {
+        return keep_renewing(cluster, namespace, lease.clone(), lease_seconds);
     }
     let Some(index) = fleet.free() else {
         return Err(format!(
@@ -262,7 +261,10 @@ fn keep_renewing(
     let options: ClusterOptions = cluster.options.clone();
     let (lease, halt, namespace) = (shared.clone(), stop.clone(), namespace.to_string());
     let every = Duration::from_secs((lease_seconds / 3).max(1));
-    std::thread::spawn(move || renew_loop(options, namespace, lease, halt, every));
+    std::thread::Builder::new()
+        .name("upgrade slot".to_string())
+        .spawn(move || renew_loop(options, namespace, lease, halt, every))
+        .map_err(|e| format!("the upgrade slot's renewing thread cannot start: {e}"))?;
     *current = Some(Renewer {
         lease: shared,
         stop,

@@ -1567,6 +1567,14 @@ async fn evict_pod(
     }
 }
 
+fn lease_not_found(name: &str) -> Response {
+    status(
+        404,
+        "NotFound",
+        format!("leases.coordination.k8s.io \"{name}\" not found"),
+    )
+}
+
 async fn list_leases(
     State(shared): State<Shared>,
     UrlPath(ns): UrlPath<String>,
@@ -1594,11 +1602,7 @@ async fn get_lease(
 ) -> Response {
     match shared.0.lock().unwrap().leases.get(&(ns, name.clone())) {
         Some(lease) => axum::Json(lease.clone()).into_response(),
-        None => status(
-            404,
-            "NotFound",
-            format!("leases.coordination.k8s.io \"{name}\" not found"),
-        ),
+        None => lease_not_found(&name),
     }
 }
 
@@ -1644,11 +1648,7 @@ async fn replace_lease(
     let mut inner = shared.0.lock().unwrap();
     let key = (ns, name.clone());
     let Some(current) = inner.leases.get(&key) else {
-        return status(
-            404,
-            "NotFound",
-            format!("leases.coordination.k8s.io \"{name}\" not found"),
-        );
+        return lease_not_found(&name);
     };
     if lease["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
         return status(
@@ -1675,11 +1675,7 @@ async fn delete_lease(
     let mut inner = shared.0.lock().unwrap();
     let key = (ns, name.clone());
     let Some(current) = inner.leases.get(&key) else {
-        return status(
-            404,
-            "NotFound",
-            format!("leases.coordination.k8s.io \"{name}\" not found"),
-        );
+        return lease_not_found(&name);
     };
     if let Some(wanted) = options["preconditions"]["resourceVersion"].as_str()
         && current["metadata"]["resourceVersion"].as_str() != Some(wanted)
