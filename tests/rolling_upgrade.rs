@@ -279,3 +279,33 @@ fn a_pdb_that_blocks_the_drain_fails_the_upgrade() {
         steps(&report)["driver"]
     );
 }
+
+/// `maxUnavailable` as a percentage is of the fleet's GPU nodes (those
+/// labelled `nvidia.com/gpu.present=true`), rounded up: 40% of 5 is 2 (of all 6 nodes it would be 3).
+#[test]
+fn a_percentage_counts_the_gpu_nodes() {
+    let server = ArtifactServer::start();
+    server.route("/driver.run", Route::Body(installer()));
+    let fake = FakeApi::with_node(NODE, &[("nvidia.com/gpu.present", "true")]);
+    for i in 2..=5 {
+        fake.add_node(
+            &format!("gpu-node-{i}"),
+            &[("nvidia.com/gpu.present", "true")],
+            "kubelet",
+        );
+    }
+    fake.add_node("cpu-node-1", &[], "kubelet");
+    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let host = copy_host("a100-preinstalled");
+    let spec = spec(
+        host.path(),
+        &server,
+        "  upgrade:\n    maxUnavailable: \"40%\"\n",
+    );
+    let mut command = support::gpuprov();
+    command.args(["plan", "--host-exec", "prefix", "--host-root"]);
+    command.arg(host.path()).arg("--config").arg(&spec);
+    support::against(&mut command, Some(&fake), NODE);
+    let text = String::from_utf8_lossy(&command.output().unwrap().stdout).into_owned();
+    assert!(text.contains("in upgrade slot 1 of 2"), "{text}");
+}

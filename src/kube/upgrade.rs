@@ -113,9 +113,12 @@ impl Cluster {
     /// How many Nodes carry `label_selector` (metadata only, in pages).
     pub fn count_nodes(&self, label_selector: &str) -> Result<u64, KubeError> {
         let what = format!("GET nodes ({label_selector})");
+        // 500 a page: 200 pages is a 100,000-node fleet; a server whose
+        // continue tokens never end is refused, not followed for ever.
+        const MAX_PAGES: usize = 200;
         let mut count = 0;
         let mut next: Option<String> = None;
-        loop {
+        for _ in 0..MAX_PAGES {
             let mut params = ListParams::default().labels(label_selector).limit(500);
             if let Some(token) = &next {
                 params = params.continue_token(token);
@@ -140,6 +143,12 @@ impl Cluster {
                 return Ok(count);
             }
         }
+        Err(KubeError::Api {
+            server: self.server.clone(),
+            what,
+            code: 200,
+            message: format!("still more nodes after {MAX_PAGES} pages of 500"),
+        })
     }
 
     /// Cordons the Node (remembering whether it was unschedulable
