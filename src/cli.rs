@@ -133,6 +133,11 @@ pub struct RunArgs {
     /// backoff.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub pending_interval: Duration,
+    /// How often a node whose driver waits for a rolling upgrade's slot
+    /// looks for a free one (one list of the slot Leases each time),
+    /// with up to a fifth more at random so that a fleet spreads out.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub slot_wait_interval: Duration,
     /// How long the API server keeps each of gpuprov's watches (its Node,
     /// the operand pods on it) open before gpuprov opens it again, from
     /// where it left off: one request per watch per period on a

@@ -105,7 +105,7 @@ impl Executor<'_> {
                 Err(reason) => {
                     let mut reason = reason;
                     if let Some(on_failure) = &obs.on_failure
-                        && done > 0
+                        && done >= on_failure.changes_after
                     {
                         // Best effort: the failure itself is what is reported.
                         for change in &on_failure.changes {

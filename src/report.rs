@@ -220,6 +220,15 @@ impl RunReport {
 
     /// Not converged only because steps wait on something outside gpuprov
     /// (and what they wait for may arrive any moment): nothing failed.
+    /// Whether the driver waits for a rolling upgrade's slot.
+    pub fn waits_for_upgrade_slot(&self) -> bool {
+        self.steps.iter().any(|s| {
+            s.name == "driver"
+                && s.outcome != Outcome::Failed
+                && s.details["upgradeState"] == crate::upgrade::State::UpgradeRequired.as_str()
+        })
+    }
+
     pub fn only_waiting(&self) -> bool {
         !self.converged
             && self.steps.iter().any(|s| s.action == Action::Wait)

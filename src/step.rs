@@ -410,8 +410,10 @@ pub struct OnFailure {
     pub labels: BTreeMap<String, String>,
     pub gate: Gate,
     /// Made, as far as they go, when a change fails after the first
-    /// change was made (a rolling upgrade says it failed).
+    /// `changes_after` changes were made (a rolling upgrade says it failed
+    /// once it held a slot).
     pub changes: Vec<Change>,
+    pub changes_after: usize,
 }
 
 /// What a handler saw on the node.

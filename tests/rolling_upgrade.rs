@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use support::artifact_server::{ArtifactServer, Route};
@@ -308,4 +309,250 @@ fn a_percentage_counts_the_gpu_nodes() {
     support::against(&mut command, Some(&fake), NODE);
     let text = String::from_utf8_lossy(&command.output().unwrap().stdout).into_owned();
     assert!(text.contains("in upgrade slot 1 of 2"), "{text}");
+}
+
+/// `gpuprov run` for `node` with the rolling spec, looking for a free slot
+/// every second; its log goes to `<host>/gpuprov.log`.
+fn agent(fake: &FakeApi, node: &str, host: &Path, spec: &Path) -> support::daemon::Daemon {
+    let log = std::fs::File::create(host.join("gpuprov.log")).unwrap();
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"))
+        .env(
+            "GPUPROV_FAKE_NVML",
+            support::repo().join("fixtures/nvml/a100.yaml"),
+        )
+        .args(["run", "--host-exec", "prefix", "--node-name", node])
+        .arg("--config")
+        .arg(spec)
+        .args(["--drift-interval", "1h", "--pending-interval", "1s"])
+        .args(["--slot-wait-interval", "1s"])
+        .arg("--kubeconfig")
+        .arg(fake.kubeconfig())
+        .arg("--host-root")
+        .arg(host)
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("KUBECONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    support::daemon::Daemon(child)
+}
+
+/// Each node's published upgrade states in the order the API server got
+/// them, and the most nodes between `cordon-required` and
+/// `uncordon-required` at any moment.
+fn walk_of_the_fleet(fake: &FakeApi) -> (BTreeMap<String, Vec<String>>, usize) {
+    let mut walks: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut now: BTreeMap<String, String> = BTreeMap::new();
+    let mut most = 0;
+    for l in fake.log() {
+        if l.method != "PATCH" || !l.uri.contains("fieldManager=gpuprov-driver-upgrade") {
+            continue;
+        }
+        let node = l.uri["/api/v1/nodes/".len()..]
+            .split('?')
+            .next()
+            .unwrap()
+            .to_string();
+        let body: serde_json::Value = serde_json::from_str(&l.body).unwrap();
+        let state = body["metadata"]["labels"][STATE]
+            .as_str()
+            .unwrap()
+            .to_string();
+        walks.entry(node.clone()).or_default().push(state.clone());
+        now.insert(node, state);
+        let in_progress = now
+            .values()
+            .filter(|s| {
+                !matches!(
+                    s.as_str(),
+                    "upgrade-required" | "upgrade-done" | "upgrade-failed"
+                )
+            })
+            .count();
+        most = most.max(in_progress);
+    }
+    (walks, most)
+}
+
+/// Ten node agents (`gpuprov run`, one process each) and a version change
+/// under `maxUnavailable: 2`: the API server's log proves no more than two
+/// nodes were ever past `cordon-required` at once, and all ten end
+/// `upgrade-done` on the new driver, uncordoned, holding no slot.
+#[test]
+fn ten_agents_upgrade_no_more_than_two_at_a_time() {
+    let server = ArtifactServer::start();
+    server.route("/driver.run", Route::Body(installer()));
+    let nodes: Vec<String> = (1..=10).map(|i| format!("gpu-node-{i}")).collect();
+    let fake = FakeApi::with_node(&nodes[0], &[]);
+    for node in &nodes[1..] {
+        fake.add_node(node, &[], "kubelet");
+    }
+    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), &server, "  upgrade:\n    maxUnavailable: 2\n");
+    let hosts: Vec<tempfile::TempDir> = nodes
+        .iter()
+        .map(|_| copy_host("a100-preinstalled"))
+        .collect();
+    let _agents: Vec<support::daemon::Daemon> = nodes
+        .iter()
+        .zip(&hosts)
+        .map(|(node, host)| agent(&fake, node, host.path(), &spec))
+        .collect();
+
+    let done = |fake: &FakeApi| {
+        nodes
+            .iter()
+            .all(|n| fake.labels(n).get(STATE).map(String::as_str) == Some("upgrade-done"))
+    };
+    let started = std::time::Instant::now();
+    while !done(&fake) && started.elapsed() < std::time::Duration::from_secs(180) {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let (walks, most) = walk_of_the_fleet(&fake);
+    let logs: Vec<String> = hosts
+        .iter()
+        .map(|h| std::fs::read_to_string(h.path().join("gpuprov.log")).unwrap_or_default())
+        .collect();
+    assert!(
+        done(&fake),
+        "not all upgrade-done: {walks:#?}\n{}",
+        logs.join("\n----\n")
+    );
+    assert!(
+        most <= 2,
+        "{most} nodes past cordon-required at once: {walks:#?}"
+    );
+    assert!(most >= 1);
+    for (node, host) in nodes.iter().zip(&hosts) {
+        assert!(loaded(host.path()).contains(VERSION), "{node}");
+        assert!(!fake.unschedulable(node), "{node} is still cordoned");
+        assert_eq!(walks[node].last().unwrap(), "upgrade-done", "{node}");
+    }
+    let holders: Vec<String> = fake
+        .leases("gpuprov")
+        .into_iter()
+        .map(|(slot, holder)| format!("{slot}={holder}"))
+        .collect();
+    assert!(holders.is_empty(), "slots still held: {holders:?}");
+}
+
+/// A node killed mid-upgrade (waiting for a job) stops renewing its slot;
+/// once its Lease expires another node takes the slot and upgrades; the
+/// killed node, restarted after its job ended, waits for the slot, then
+/// resumes from the state it published (not from the start) and finishes.
+#[test]
+fn a_node_killed_mid_upgrade_resumes_after_its_lease_expired() {
+    let server = ArtifactServer::start();
+    server.route("/driver.run", Route::Body(installer()));
+    let (first, second) = ("gpu-node-1", "gpu-node-2");
+    let fake = FakeApi::with_node(first, &[]);
+    fake.add_node(second, &[], "kubelet");
+    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    fake.add_gpu_pod("ml", "train-0", first, &[("app", "train")], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(
+        dir.path(),
+        &server,
+        "  upgrade:\n    leaseDurationSeconds: 3\n    waitForJobs:\n      podSelector: app=train\n",
+    );
+    let (host1, host2) = (
+        copy_host("a100-preinstalled"),
+        copy_host("a100-preinstalled"),
+    );
+    let state = |node: &str| fake.labels(node).get(STATE).cloned().unwrap_or_default();
+
+    let mut killed = agent(&fake, first, host1.path(), &spec);
+    support::daemon::eventually(
+        "the first node waits for its job",
+        std::time::Duration::from_secs(60),
+        || state(first) == "wait-for-jobs-required",
+    );
+    killed.0.kill().unwrap();
+    killed.0.wait().unwrap();
+    assert_eq!(fake.leases("gpuprov")["gpuprov-driver-upgrade-0"], first);
+
+    let _second = agent(&fake, second, host2.path(), &spec);
+    support::daemon::eventually(
+        "the second node upgrades in the expired slot",
+        std::time::Duration::from_secs(90),
+        || state(second) == "upgrade-done",
+    );
+    assert!(fake.unschedulable(first), "the killed node stays cordoned");
+    assert_eq!(state(first), "wait-for-jobs-required");
+
+    fake.set_pod_phase("ml", "train-0", "Succeeded");
+    let _restarted = agent(&fake, first, host1.path(), &spec);
+    support::daemon::eventually(
+        "the killed node finishes",
+        std::time::Duration::from_secs(90),
+        || state(first) == "upgrade-done",
+    );
+    let (walks, most) = walk_of_the_fleet(&fake);
+    assert_eq!(
+        walks[first],
+        [
+            "cordon-required",
+            "wait-for-jobs-required",
+            // Restarted: from the state it published.
+            "wait-for-jobs-required",
+            "pod-deletion-required",
+            "drain-required",
+            "pod-restart-required",
+            "validation-required",
+            "uncordon-required",
+            "upgrade-done",
+        ],
+        "{walks:#?}"
+    );
+    // Two in progress once only: the dead node's and the one that took
+    // its expired slot.
+    assert!(most <= 2, "{walks:#?}");
+    assert!(loaded(host1.path()).contains(VERSION));
+    assert!(!fake.unschedulable(first));
+    assert!(fake.leases("gpuprov").is_empty());
+}
+
+/// The validation pod fails with the new driver: the upgrade failed, the
+/// node stays cordoned, and the Node's event says why.
+#[test]
+fn a_failed_validation_fails_the_upgrade() {
+    let server = ArtifactServer::start();
+    server.route("/driver.run", Route::Body(installer()));
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    fake.kubelet(support::fake_api::Kubelet::Runs {
+        phase: "Failed",
+        after_ms: 0,
+        log: "CUDA error: no CUDA-capable device is detected\n".to_string(),
+        exit_code: 1,
+    });
+    let host = copy_host("a100-preinstalled");
+    let spec = spec(host.path(), &server, "");
+    let (code, report, _) = apply_until_settled(&fake, host.path(), &spec);
+    assert_ne!(code, 0);
+    assert_eq!(
+        steps(&report)["validator"].1,
+        "failed",
+        "{:#?}",
+        steps(&report)
+    );
+    assert!(loaded(host.path()).contains(VERSION));
+    assert_eq!(fake.labels(NODE)[STATE], "upgrade-failed");
+    assert!(fake.unschedulable(NODE));
+    assert_eq!(
+        fake.leases("gpuprov").len(),
+        1,
+        "holdSlot (the default) keeps the slot: the fleet stops here"
+    );
+    let notes: Vec<String> = fake
+        .events()
+        .iter()
+        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        notes.iter().any(|n| n.contains("no CUDA-capable device")),
+        "{notes:#?}"
+    );
 }

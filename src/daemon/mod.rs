@@ -118,6 +118,14 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             }
             _ => next,
         };
+        // A driver waiting for an upgrade slot looks again for a free one
+        // (converged otherwise: the old driver works meanwhile).
+        let next = match &result {
+            Ok(report) if report.waits_for_upgrade_slot() => {
+                next.min(with_jitter(args.slot_wait_interval))
+            }
+            _ => next,
+        };
         if let Ok(report) = &result {
             last_labels = report.labels.clone();
         }

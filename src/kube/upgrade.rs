@@ -48,9 +48,9 @@ impl Cluster {
         Ok(list.items)
     }
 
-    /// Creates a Lease; `Ok(false)` when one of that name exists (someone
-    /// else was first).
-    pub fn create_lease(&self, namespace: &str, lease: &Lease) -> Result<bool, KubeError> {
+    /// Creates a Lease and answers it as created; `Ok(None)` when one of
+    /// that name exists (someone else was first).
+    pub fn create_lease(&self, namespace: &str, lease: &Lease) -> Result<Option<Lease>, KubeError> {
         let name = lease.metadata.name.as_deref().unwrap_or_default();
         let what = format!("POST lease {namespace}/{name}");
         let request = leases(namespace)
@@ -60,15 +60,24 @@ impl Cluster {
             )
             .expect("a valid request");
         match self.send(&what, request)? {
-            (200..=202, _) => Ok(true),
-            (409, _) => Ok(false),
+            (code @ 200..=202, body) => self.lease_answered(&what, code, &body).map(Some),
+            (409, _) => Ok(None),
             (code, body) => Err(self.refused(&what, code, &body)),
         }
     }
 
+    fn lease_answered(&self, what: &str, code: u16, body: &[u8]) -> Result<Lease, KubeError> {
+        serde_json::from_slice(body).map_err(|e| self.not_a(what, code, "Lease", &e))
+    }
+
     /// Replaces a Lease if it is still at the resourceVersion `lease`
-    /// carries; `Ok(false)` when it changed meanwhile (409) or is gone.
-    pub fn replace_lease(&self, namespace: &str, lease: &Lease) -> Result<bool, KubeError> {
+    /// carries, and answers it as replaced; `Ok(None)` when it changed
+    /// meanwhile (409) or is gone.
+    pub fn replace_lease(
+        &self,
+        namespace: &str,
+        lease: &Lease,
+    ) -> Result<Option<Lease>, KubeError> {
         let name = lease.metadata.name.as_deref().unwrap_or_default();
         let what = format!("PUT lease {namespace}/{name}");
         let request = leases(namespace)
@@ -79,8 +88,8 @@ impl Cluster {
             )
             .expect("a valid request");
         match self.send(&what, request)? {
-            (200 | 201, _) => Ok(true),
-            (404 | 409, _) => Ok(false),
+            (code @ (200 | 201), body) => self.lease_answered(&what, code, &body).map(Some),
+            (404 | 409, _) => Ok(None),
             (code, body) => Err(self.refused(&what, code, &body)),
         }
     }

@@ -143,6 +143,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         labels: state_labels("failed"),
         gate: Gate::Pass,
         changes: Vec::new(),
+        changes_after: 0,
     });
     obs.changes = vec![Change::MigLayout(MigLayout {
         layout: name.clone(),

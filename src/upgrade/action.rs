@@ -62,6 +62,12 @@ impl State {
     pub fn in_progress(self) -> bool {
         (State::CordonRequired..=State::UncordonRequired).contains(&self)
     }
+
+    /// The stages that take the node's work away or its driver out: each
+    /// starts only while the node holds its slot.
+    pub fn disrupts(self) -> bool {
+        (State::CordonRequired..=State::PodRestartRequired).contains(&self)
+    }
 }
 
 /// What a rolling upgrade does next; each is one `Change`.

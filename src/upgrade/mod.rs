@@ -48,9 +48,10 @@ pub fn current_state(ctx: &StepContext) -> Option<State> {
     })
 }
 
-/// What ends an upgrade whose driver is in and validated: uncordon, give
-/// the slot back, then say `upgrade-done` (so a node that says it is done
-/// holds no slot, and no read is needed to know). Nothing unless this
+/// What ends an upgrade whose driver is in and validated: uncordon, say
+/// `upgrade-done`, then give the slot back (so that no more nodes than
+/// there are slots ever say they are past `cordon-required`; a crash
+/// between the last two leaves a Lease that expires). Nothing unless this
 /// node's upgrade waits on validation.
 pub fn finishing_changes(ctx: &StepContext) -> Vec<Change> {
     let driver = &ctx.spec.driver;
@@ -67,12 +68,32 @@ pub fn finishing_changes(ctx: &StepContext) -> Vec<Change> {
     };
     changes.extend([
         upgrade(Action::Uncordon),
-        upgrade(Action::ReleaseSlot { namespace }),
         upgrade(Action::Publish {
             state: State::UpgradeDone,
         }),
+        upgrade(Action::ReleaseSlot { namespace }),
     ]);
     changes
+}
+
+/// What a failure under way does: the node says `upgrade-failed` (and
+/// stays cordoned), and gives its slot back if `failurePolicy` says so;
+/// once `changes_after` changes were made.
+pub fn failure(ctx: &StepContext, changes_after: usize) -> OnFailure {
+    let mut changes = vec![upgrade(Action::Publish {
+        state: State::UpgradeFailed,
+    })];
+    if ctx.spec.driver.upgrade.failure_policy == FailurePolicy::ReleaseSlot {
+        changes.push(upgrade(Action::ReleaseSlot {
+            namespace: ctx.spec.operands.namespace.clone(),
+        }));
+    }
+    OnFailure {
+        labels: Default::default(),
+        gate: crate::step::Gate::Block("the driver upgrade failed".to_string()),
+        changes,
+        changes_after,
+    }
 }
 
 /// The `driver` step under `rolling`, for a loaded driver: `None` when
@@ -230,15 +251,8 @@ pub fn observe(
     );
     obs.on_change = Outcome::Installed;
     obs.changes = changes;
-    let mut failed = vec![publish(State::UpgradeFailed)];
-    if spec.failure_policy == FailurePolicy::ReleaseSlot {
-        failed.push(upgrade(Action::ReleaseSlot { namespace }));
-    }
-    obs.on_failure = Some(OnFailure {
-        labels: Default::default(),
-        gate: crate::step::Gate::Block("the driver upgrade failed".to_string()),
-        changes: failed,
-    });
+    // Failing to take the slot (another node was first) is no failure.
+    obs.on_failure = Some(failure(ctx, 1));
     details(&mut obs, Some(from));
     Ok(Some(obs))
 }

@@ -32,6 +32,15 @@ pub fn make(cluster: Option<&Cluster>, action: &Action) -> Result<(), String> {
         } => slots::take(cluster, namespace, *slots, *lease_seconds),
         Action::ReleaseSlot { namespace } => slots::release(cluster, namespace),
         Action::Publish { state } => {
+            // Each stage that disrupts the node starts only while its slot
+            // is held: one lost (the API server unreachable for longer than
+            // the Lease) may be another node's by now.
+            if state.disrupts() && !slots::renewing(&cluster.node) {
+                return Err(format!(
+                    "the upgrade slot was lost before {}: another node may hold it now; stopping here",
+                    state.as_str()
+                ));
+            }
             let labels = BTreeMap::from([(STATE_LABEL.to_string(), state.as_str().to_string())]);
             cluster
                 .apply_labels_forced(STATE_MANAGER, &labels)

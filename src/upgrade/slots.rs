@@ -9,6 +9,7 @@
 //! dies stops renewing, and once its Lease expires another node may take
 //! the slot.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -163,14 +164,40 @@ pub fn take(
     lease_seconds: u64,
 ) -> Result<(), String> {
     let api = |e: crate::kube::KubeError| error_chain(&e);
+    if renewing(&cluster.node) {
+        return Ok(());
+    }
     let leases = cluster.slot_leases(namespace).map_err(api)?;
     let fleet = Fleet {
         slots,
         leases,
         now: SystemTime::now(),
     };
-    if let Some(lease) = fleet.ours(&cluster.node).and_then(|i| fleet.lease(i)) {
-        return keep_renewing(cluster, namespace, lease.clone(), lease_seconds);
+    let spec = |acquired: Option<MicroTime>, transitions: i32| LeaseSpec {
+        holder_identity: Some(cluster.node.clone()),
+        lease_duration_seconds: Some(lease_seconds.min(i32::MAX as u64) as i32),
+        acquire_time: Some(acquired.unwrap_or_else(now)),
+        renew_time: Some(now()),
+        lease_transitions: Some(transitions),
+        ..LeaseSpec::default()
+    };
+    if let Some(old) = fleet.ours(&cluster.node).and_then(|i| fleet.lease(i)) {
+        // Held before this process (a restart): renewed now, not a third
+        // of its duration from now, for it may have expired meanwhile, and
+        // then another node that took it wins.
+        let name = old.metadata.name.clone().unwrap_or_default();
+        let mut lease = old.clone();
+        let held = lease.spec.as_ref();
+        lease.spec = Some(spec(
+            held.and_then(|s| s.acquire_time.clone()),
+            held.and_then(|s| s.lease_transitions).unwrap_or(0),
+        ));
+        return match cluster.replace_lease(namespace, &lease).map_err(api)? {
+            Some(renewed) => keep_renewing(cluster, namespace, renewed, lease_seconds),
+            None => Err(format!(
+                "upgrade slot {name} was taken by another node after it expired; trying again at the next converge"
+            )),
+        };
     }
     let Some(index) = fleet.free() else {
         return Err(format!(
@@ -179,14 +206,6 @@ pub fn take(
         ));
     };
     let name = format!("{PREFIX}-{index}");
-    let spec = |transitions: i32| LeaseSpec {
-        holder_identity: Some(cluster.node.clone()),
-        lease_duration_seconds: Some(lease_seconds.min(i32::MAX as u64) as i32),
-        acquire_time: Some(now()),
-        renew_time: Some(now()),
-        lease_transitions: Some(transitions),
-        ..LeaseSpec::default()
-    };
     let taken = match fleet.lease(index) {
         None => {
             let lease = Lease {
@@ -196,7 +215,7 @@ pub fn take(
                     labels: Some([(SLOT_LABEL.to_string(), "true".to_string())].into()),
                     ..ObjectMeta::default()
                 },
-                spec: Some(spec(0)),
+                spec: Some(spec(None, 0)),
             };
             cluster.create_lease(namespace, &lease).map_err(api)?
         }
@@ -207,31 +226,38 @@ pub fn take(
                 .and_then(|s| s.lease_transitions)
                 .unwrap_or(0);
             let mut lease = old.clone();
-            lease.spec = Some(spec(transitions.saturating_add(1)));
+            lease.spec = Some(spec(None, transitions.saturating_add(1)));
             cluster.replace_lease(namespace, &lease).map_err(api)?
         }
     };
-    if !taken {
+    let Some(lease) = taken else {
         return Err(format!(
             "upgrade slot {name} was taken by another node meanwhile; trying again at the next converge"
         ));
-    }
-    let lease = held_by(cluster, namespace)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("upgrade slot {name} is not held after taking it"))?;
+    };
     tracing::info!(slot = %name, "took an upgrade slot");
     keep_renewing(cluster, namespace, lease, lease_seconds)
 }
 
-/// The renewing thread of this process, while it holds a slot.
+/// A renewing thread, while its node holds a slot.
 struct Renewer {
-    lease: Arc<Mutex<Lease>>,
     stop: Arc<AtomicBool>,
 }
 
-fn renewer() -> &'static Mutex<Option<Renewer>> {
-    static RENEWER: Mutex<Option<Renewer>> = Mutex::new(None);
-    &RENEWER
+/// The renewing threads of this process, by node (one in `gpuprov run`;
+/// many where one process simulates a fleet).
+fn renewers() -> &'static Mutex<BTreeMap<String, Renewer>> {
+    static RENEWERS: Mutex<BTreeMap<String, Renewer>> = Mutex::new(BTreeMap::new());
+    &RENEWERS
+}
+
+/// Whether this process renews a slot for `node` (and has not lost it).
+pub fn renewing(node: &str) -> bool {
+    renewers()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(node)
+        .is_some_and(|r| !r.stop.load(Ordering::Relaxed))
 }
 
 fn keep_renewing(
@@ -240,42 +266,26 @@ fn keep_renewing(
     lease: Lease,
     lease_seconds: u64,
 ) -> Result<(), String> {
-    let mut current = renewer().lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(running) = current.as_ref()
-        && !running.stop.load(Ordering::Relaxed)
-    {
-        let same = running
-            .lease
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .metadata
-            .name
-            == lease.metadata.name;
-        if same {
-            return Ok(());
-        }
-        running.stop.store(true, Ordering::Relaxed);
+    let mut running = renewers().lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(old) = running.remove(&cluster.node) {
+        old.stop.store(true, Ordering::Relaxed);
     }
-    let shared = Arc::new(Mutex::new(lease));
     let stop = Arc::new(AtomicBool::new(false));
     let options: ClusterOptions = cluster.options.clone();
-    let (lease, halt, namespace) = (shared.clone(), stop.clone(), namespace.to_string());
+    let (halt, namespace) = (stop.clone(), namespace.to_string());
     let every = Duration::from_secs((lease_seconds / 3).max(1));
     std::thread::Builder::new()
         .name("upgrade slot".to_string())
         .spawn(move || renew_loop(options, namespace, lease, halt, every))
         .map_err(|e| format!("the upgrade slot's renewing thread cannot start: {e}"))?;
-    *current = Some(Renewer {
-        lease: shared,
-        stop,
-    });
+    running.insert(cluster.node.clone(), Renewer { stop });
     Ok(())
 }
 
 fn renew_loop(
     options: ClusterOptions,
     namespace: String,
-    lease: Arc<Mutex<Lease>>,
+    mut lease: Lease,
     stop: Arc<AtomicBool>,
     every: Duration,
 ) {
@@ -283,6 +293,7 @@ fn renew_loop(
         Ok(cluster) => cluster,
         Err(e) => {
             tracing::error!("the upgrade slot cannot be renewed: {}", error_chain(&e));
+            stop.store(true, Ordering::Relaxed);
             return;
         }
     };
@@ -293,17 +304,13 @@ fn renew_loop(
             continue;
         }
         next = Instant::now() + every;
-        let mut renewed = lease.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let mut renewed = lease.clone();
         if let Some(spec) = renewed.spec.as_mut() {
             spec.renew_time = Some(now());
         }
         match cluster.replace_lease(&namespace, &renewed) {
-            Ok(true) => {
-                if let Ok(Some(fresh)) = held_by(&cluster, &namespace) {
-                    *lease.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
-                }
-            }
-            Ok(false) => {
+            Ok(Some(fresh)) => lease = fresh,
+            Ok(None) => {
                 tracing::error!(
                     "the upgrade slot {} was lost (another node took it after it expired)",
                     renewed.metadata.name.as_deref().unwrap_or_default()
@@ -317,10 +324,10 @@ fn renew_loop(
 
 /// Stops renewing and gives this node's slot back.
 pub fn release(cluster: &Cluster, namespace: &str) -> Result<(), String> {
-    if let Some(running) = renewer()
+    if let Some(running) = renewers()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .take()
+        .remove(&cluster.node)
     {
         running.stop.store(true, Ordering::Relaxed);
     }

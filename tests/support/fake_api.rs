@@ -235,8 +235,13 @@ impl FakeApi {
     /// A kubeconfig file naming this server.
     pub fn kubeconfig(&self) -> PathBuf {
         let path = self.dir.path().join("kubeconfig");
+        if path.exists() {
+            // Written once: agents that start meanwhile read it whole.
+            return path;
+        }
+        let partial = self.dir.path().join("kubeconfig.partial");
         std::fs::write(
-            &path,
+            &partial,
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
                  contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n\
@@ -245,6 +250,7 @@ impl FakeApi {
             ),
         )
         .unwrap();
+        std::fs::rename(&partial, &path).unwrap();
         path
     }
 

@@ -44,11 +44,15 @@ pub fn passed_with_driver(host: &crate::host::Host, version: &str) -> Result<boo
 }
 
 /// The validator, and a rolling driver upgrade waiting on it: once it
-/// passes, the same converge uncordons the node and ends the upgrade.
+/// passes, the same converge uncordons the node and ends the upgrade; if
+/// it fails (or times out), the upgrade failed.
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let mut obs = validate(ctx)?;
     let finish = crate::upgrade::finishing_changes(ctx);
     if !finish.is_empty() {
+        if !obs.changes.is_empty() {
+            obs.on_failure = Some(crate::upgrade::failure(ctx, 0));
+        }
         if obs.changes.is_empty() && obs.outcome == Outcome::Ready {
             obs.on_change = Outcome::Ready;
             obs.changes = finish;
