@@ -2,6 +2,7 @@
 //! pinned package), load its modules, and deal with nouveau.
 
 pub mod detect;
+pub mod kernel;
 
 use std::collections::BTreeMap;
 
@@ -38,6 +39,10 @@ pub struct Record {
     pub method: String,
     /// The runfile's sha256, or the package and its version.
     pub source: String,
+    /// The kernel release its modules were built for (absent in records
+    /// written before gpuprov noted it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
 }
 
 fn load_record(host: &Host, path: &str) -> Result<Option<Record>, StepError> {
@@ -64,7 +69,6 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let loaded = detect::detect(ctx.host).map_err(|e| StepError::Observe(error_chain(&e)))?;
     let mut record = load_record(ctx.host, RECORD)?;
     let installing = load_record(ctx.host, INSTALLING)?;
-    let spec = &ctx.spec.driver;
     // An install a killed run left behind: once its driver is loaded, it
     // is gpuprov's. The run may have stopped between modules, so the
     // loading steps (each a no-op when done) run again, then the record.
@@ -99,19 +103,28 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             Ok(obs)
         }
         None if nouveau_holds_the_gpu(ctx)? => observe_nouveau(ctx),
-        None if !spec.enabled => Ok(absent(ctx, "driver.enabled is false, so gpuprov will not install one".to_string())),
-        None => match &spec.install {
-            None => Ok(absent(
-                ctx,
-                "no driver.install is configured: pre-install the driver or configure a runfile or package".to_string(),
-            )),
-            Some(install) => {
-                let mut obs = Observation::new(Outcome::Absent, "no NVIDIA kernel driver is loaded");
-                obs.on_change = Outcome::Installed;
-                obs.changes = install_changes(ctx, install)?;
-                Ok(obs)
-            }
+        None => match kernel::observe_unloaded(ctx, record.as_ref())? {
+            Some(obs) => Ok(obs),
+            None => not_loaded(ctx),
         },
+    }
+}
+
+/// No driver loaded, none on disk to load: install the one configured.
+fn not_loaded(ctx: &StepContext) -> Result<Observation, StepError> {
+    let spec = &ctx.spec.driver;
+    match &spec.install {
+        _ if !spec.enabled => Ok(absent(ctx, "driver.enabled is false, so gpuprov will not install one".to_string())),
+        None => Ok(absent(
+            ctx,
+            "no driver.install is configured: pre-install the driver or configure a runfile or package".to_string(),
+        )),
+        Some(install) => {
+            let mut obs = Observation::new(Outcome::Absent, "no NVIDIA kernel driver is loaded");
+            obs.on_change = Outcome::Installed;
+            obs.changes = install_changes(ctx, install)?;
+            Ok(obs)
+        }
     }
 }
 
@@ -339,34 +352,15 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
             });
             ("runfile", artifact.sha256.clone())
         }
-        DriverInstall::Package { package, version } => {
-            let manager =
-                crate::toolkit::package_manager_for(&ctx.facts.os_ids).ok_or_else(|| {
-                    StepError::Observe(format!(
-                        "no package manager is known for this OS ({})",
-                        ctx.facts.os_ids.join(" ")
-                    ))
-                })?;
+        DriverInstall::Package {
+            package, version, ..
+        } => {
+            let manager = package_manager(ctx)?;
             let pinned = match manager {
                 PackageManager::Dnf | PackageManager::Yum => format!("{package}-{version}"),
                 PackageManager::Apt | PackageManager::Zypper => format!("{package}={version}"),
             };
-            let argv: Vec<&str> = match manager {
-                PackageManager::Apt => vec![
-                    "env",
-                    "DEBIAN_FRONTEND=noninteractive",
-                    "apt-get",
-                    "install",
-                    "-y",
-                    "-q",
-                    "--no-install-recommends",
-                    &pinned,
-                ],
-                PackageManager::Dnf => vec!["dnf", "install", "-y", &pinned],
-                PackageManager::Yum => vec!["yum", "install", "-y", &pinned],
-                PackageManager::Zypper => vec!["zypper", "--non-interactive", "install", &pinned],
-            };
-            install_steps.push(run(&argv));
+            install_steps.push(run(&kernel::package_install(manager, &pinned)));
             ("package", pinned.clone())
         }
     };
@@ -374,6 +368,7 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
         version: ctx.spec.driver.version.clone().unwrap_or_default(),
         method: method.to_string(),
         source,
+        kernel: ctx.facts.kernel.clone(),
     };
     // The intent goes after the download and before the installer runs: a
     // run killed from there on is finished by the next.
@@ -395,6 +390,15 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
         purpose: "the install is done".to_string(),
     });
     Ok(changes)
+}
+
+fn package_manager(ctx: &StepContext) -> Result<PackageManager, StepError> {
+    crate::toolkit::package_manager_for(&ctx.facts.os_ids).ok_or_else(|| {
+        StepError::Observe(format!(
+            "no package manager is known for this OS ({})",
+            ctx.facts.os_ids.join(" ")
+        ))
+    })
 }
 
 /// Load the modules and create the device nodes.

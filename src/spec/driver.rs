@@ -70,6 +70,7 @@ pub(super) struct RawDriverInstall {
     pub(super) allow_insecure_http: bool,
     pub(super) package: Option<Spanned<String>>,
     pub(super) package_version: Option<Spanned<String>>,
+    pub(super) kernel_module_package: Option<Spanned<String>>,
     pub(super) download_timeout_seconds: Option<Spanned<u64>>,
 }
 
@@ -186,7 +187,15 @@ pub enum DriverInstall {
         download_timeout_seconds: u64,
     },
     /// The host's package manager, with the package pinned to a version.
-    Package { package: String, version: String },
+    Package {
+        package: String,
+        version: String,
+        /// The package with the modules for one kernel, `{kernel}` standing
+        /// for it (`linux-modules-nvidia-550-server-{kernel}`): installed
+        /// when the node boots a kernel the driver has no modules for and
+        /// DKMS cannot build them.
+        kernel_module_package: Option<String>,
+    },
 }
 
 /// NVIDIA driver versions are two or three dot-separated numbers.
@@ -237,6 +246,13 @@ pub(super) fn resolve_driver(
         let spec = &install.value;
         match spec.method.value.as_str() {
             "runfile" => {
+                if let Some(template) = &spec.kernel_module_package {
+                    errors.push(at(
+                        template.referenced,
+                        "driver.install.kernelModulePackage is for method package; a runfile rebuilds its modules for a new kernel itself".to_string(),
+                    ));
+                    return None;
+                }
                 let url = match &spec.url {
                     Some(url) if ["https://", "http://", "file://"].iter().any(|s| url.value.starts_with(s)) => url.value.clone(),
                     Some(url) => {
@@ -279,10 +295,23 @@ pub(super) fn resolve_driver(
                 })
             }
             "package" => match (&spec.package, &spec.package_version) {
-                (Some(package), Some(version)) => Some(DriverInstall::Package {
-                    package: package.value.clone(),
-                    version: version.value.clone(),
-                }),
+                (Some(package), Some(version)) => {
+                    let kernel_module_package = match &spec.kernel_module_package {
+                        Some(template) if !template.value.contains("{kernel}") || template.value.starts_with('-') || template.value.chars().any(char::is_whitespace) => {
+                            errors.push(at(
+                                template.referenced,
+                                format!("driver.install.kernelModulePackage `{}` must be one package name with `{{kernel}}` where the kernel release goes", template.value),
+                            ).with_help("for example `linux-modules-nvidia-550-server-{kernel}` on Ubuntu"));
+                            return None;
+                        }
+                        template => template.as_ref().map(|t| t.value.clone()),
+                    };
+                    Some(DriverInstall::Package {
+                        package: package.value.clone(),
+                        version: version.value.clone(),
+                        kernel_module_package,
+                    })
+                }
                 _ => {
                     errors.push(at(
                         install.referenced,

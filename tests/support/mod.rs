@@ -348,9 +348,20 @@ root="$GPUPROV_HOST_ROOT"
 mkdir -p "$root/var/log"
 echo "$*" >> "$root/var/log/fake-installer.log"
 kernel=$(cat "$root/proc/sys/kernel/osrelease")
+only=
+for arg in "$@"; do
+  case "$arg" in
+    --kernel-module-only) only=1 ;;
+    --kernel-source-path=*)
+      # (a link inside the host root points at an absolute host path: -L)
+      source="$root${{arg#--kernel-source-path=}}"
+      [ -L "$source" ] || [ -d "$source" ] || {{ echo "ERROR: Unable to find the kernel source tree" >&2; exit 1; }} ;;
+  esac
+done
 mkdir -p "$root/lib/modules/$kernel/kernel/drivers/video"
 echo "{version}" > "$root/lib/modules/$kernel/kernel/drivers/video/nvidia.ko"
-cp "$root/usr/local/lib/fixture/nvidia-modprobe" "$root/usr/bin/nvidia-modprobe"
+echo "kernel/drivers/video/nvidia.ko:" >> "$root/lib/modules/$kernel/modules.dep"
+[ -n "$only" ] || cp "$root/usr/local/lib/fixture/nvidia-modprobe" "$root/usr/bin/nvidia-modprobe"
 "#
     )
     .into_bytes()
