@@ -11,7 +11,7 @@ use crate::host::Host;
 use crate::spec::{DriverInstall, PackageManager};
 use crate::step::{Change, Gate, Observation, Outcome, StepContext, StepError};
 
-use super::{RUNFILE_FLAGS, RECORD, Record, load_modules, record_change, run};
+use super::{RECORD, RUNFILE_FLAGS, Record, load_modules, record_change, run};
 
 /// Where DKMS keeps a module's registered source, per version.
 const DKMS_TREE: &str = "/var/lib/dkms/nvidia";
