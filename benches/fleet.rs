@@ -13,7 +13,14 @@
 //!   with instant operands;
 //! * `gpuprov run` on a node without a GPU (what the DaemonSet costs on
 //!   every other node): time to its first converge, memory, CPU, and API
-//!   requests per hour at the default drift interval.
+//!   requests per hour at the default drift interval;
+//! * 2,000 simulated agents in this process: each holds the Node and pods
+//!   watches `gpuprov run` holds (the same code, `Cluster::watch`), their
+//!   timeout shortened, for the fleet's requests per second at steady
+//!   state; then each walks a rolling upgrade with gpuprov's own slot code
+//!   and actions (`upgrade::slots`, `upgrade::run::make`) and a fixed
+//!   per-node upgrade time, for the upgrade's duration at
+//!   `maxUnavailable: 10%`.
 //!
 //! Run with `cargo bench --bench fleet` (`cargo test` runs a small version).
 
@@ -23,7 +30,11 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use gpuprov::kube::{Cluster, ClusterOptions};
 
 use support::daemon::{Daemon, eventually, free_port};
 use support::fake_api::FakeApi;
@@ -288,13 +299,181 @@ fn without_a_gpu(seconds: u64) {
     run_footprint("without a GPU", &fake, node, host.path(), seconds.min(20));
 }
 
+fn connect(fake: &FakeApi, node: &str) -> Cluster {
+    Cluster::connect(&ClusterOptions {
+        kubeconfig: Some(fake.kubeconfig()),
+        node_name: Some(node.to_string()),
+    })
+    .unwrap()
+}
+
+/// `agents` simulated agents, each with `gpuprov run`'s two watches (its
+/// Node, the DCGM exporter's pods on it) reopened every `timeout` instead
+/// of every hour; their requests over `seconds`, scaled to the default.
+fn steady_state_fleet(agents: usize, timeout: u64, seconds: u64) {
+    let fake = FakeApi::start();
+    let nodes: Vec<String> = (0..agents).map(|i| format!("node-{i}")).collect();
+    for node in &nodes {
+        fake.add_node(node, &[("nvidia.com/gpu.present", "true")], "kubelet");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let clusters: Vec<Cluster> = nodes.iter().map(|n| connect(&fake, n)).collect();
+    let started = Instant::now();
+    let _watches: Vec<_> = clusters
+        .iter()
+        .map(|c| c.watch(Duration::from_secs(timeout), stop.clone(), |_| {}))
+        .collect();
+    eventually("every watch open", Duration::from_secs(120), || {
+        fake.log()
+            .iter()
+            .filter(|l| l.uri.contains("watch=true"))
+            .count()
+            >= 2 * agents
+    });
+    let opened = started.elapsed();
+    fake.clear_log();
+    std::thread::sleep(Duration::from_secs(seconds));
+    let log = fake.log();
+    stop.store(true, Ordering::Relaxed);
+    let watches = log.iter().filter(|l| l.uri.contains("watch=true")).count();
+    let rps = log.len() as f64 / seconds as f64;
+    let per_node_hour =
+        log.len() as f64 / agents as f64 * (3600.0 / seconds as f64) * (timeout as f64 / 3600.0);
+    println!(
+        "{agents} agents' watches (all open in {opened:.1?}), reopened every {timeout}s: {} requests in {seconds}s          ({watches} watch reopenings, {} writes) = {rps:.1} per second; at --watch-timeout 1h:          {per_node_hour:.2} per node per hour, {:.2} per second for {agents} nodes, {:.2} for 5,000",
+        log.len(),
+        log.iter().filter(|l| l.method != "GET").count(),
+        per_node_hour * agents as f64 / 3600.0,
+        per_node_hour * 5000.0 / 3600.0,
+    );
+}
+
+/// `agents` simulated agents roll a driver upgrade at `maxUnavailable:
+/// 10%`: each waits for a slot as `gpuprov run` does (one list of the slot
+/// Leases every `wait`, up to a fifth more at random), takes it, publishes
+/// `cordon-required`, spends `per_node` upgrading, publishes
+/// `upgrade-done` and gives the slot back, all through gpuprov's own
+/// upgrade actions.
+fn rolling_upgrade_fleet(agents: usize, per_node: Duration, wait: Duration) {
+    use gpuprov::upgrade::run::make;
+    use gpuprov::upgrade::slots::{Fleet, take};
+    use gpuprov::upgrade::{Action, State};
+    let fake = FakeApi::start();
+    let nodes: Vec<String> = (0..agents).map(|i| format!("node-{i}")).collect();
+    for node in &nodes {
+        fake.add_node(node, &[("nvidia.com/gpu.present", "true")], "kubelet");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec_path = dir.path().join("spec.yaml");
+    std::fs::write(
+        &spec_path,
+        "driver:\n  version: \"550.54.15\"\n  upgradePolicy: rolling\n  upgrade:\n    maxUnavailable: \"10%\"\n  install:\n    method: package\n    package: nvidia-driver\n    packageVersion: \"550.54.15-1\"\n",
+    )
+    .unwrap();
+    let spec = gpuprov::spec::Spec::load(&spec_path).unwrap();
+    let upgrade = spec.driver.upgrade.clone();
+    let namespace = spec.operands.namespace.clone();
+    fake.clear_log();
+    let started = Instant::now();
+    let agents_done: Vec<std::thread::JoinHandle<(Duration, usize)>> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let (cluster, upgrade, namespace) =
+                (connect(&fake, node), upgrade.clone(), namespace.clone());
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let mut looks = 0;
+                    loop {
+                        looks += 1;
+                        let fleet = Fleet::read(&cluster, &namespace, &upgrade).unwrap();
+                        if (fleet.ours(&cluster.node).is_some() || fleet.free().is_some())
+                            && take(
+                                &cluster,
+                                &namespace,
+                                fleet.slots,
+                                upgrade.lease_duration_seconds,
+                            )
+                            .is_ok()
+                        {
+                            break;
+                        }
+                        // As --slot-wait-interval: up to a fifth more, spread by node.
+                        std::thread::sleep(wait + wait.mul_f64((i * 7919 % 1000) as f64 / 5000.0));
+                    }
+                    let publish = |state| make(Some(&cluster), &Action::Publish { state }).unwrap();
+                    publish(State::CordonRequired);
+                    std::thread::sleep(per_node);
+                    publish(State::UpgradeDone);
+                    make(
+                        Some(&cluster),
+                        &Action::ReleaseSlot {
+                            namespace: namespace.clone(),
+                        },
+                    )
+                    .unwrap();
+                    (started.elapsed(), looks)
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut ends: Vec<(Duration, usize)> =
+        agents_done.into_iter().map(|h| h.join().unwrap()).collect();
+    let took = started.elapsed();
+    ends.sort();
+    let slots = (agents as u64 * 10).div_ceil(100);
+    let waves = (agents as u64).div_ceil(slots);
+    let ideal = per_node * waves as u32;
+    // Replay the request log: the most nodes between cordon-required and
+    // upgrade-done at once.
+    let log = fake.log();
+    let mut state: std::collections::BTreeMap<String, bool> = Default::default();
+    let mut most = 0;
+    for l in log
+        .iter()
+        .filter(|l| l.method == "PATCH" && l.uri.contains("fieldManager=gpuprov-driver-upgrade"))
+    {
+        let node = l.uri["/api/v1/nodes/".len()..]
+            .split('?')
+            .next()
+            .unwrap()
+            .to_string();
+        state.insert(node, l.body.contains("cordon-required"));
+        most = most.max(state.values().filter(|v| **v).count());
+    }
+    let lists = log
+        .iter()
+        .filter(|l| l.method == "GET" && l.uri.contains("/leases"))
+        .count();
+    let looks: usize = ends.iter().map(|(_, n)| n).sum();
+    println!(
+        "rolling upgrade, {agents} agents, maxUnavailable 10% ({slots} slots, {waves} waves of {per_node:?}: {ideal:?} at best),          slot looked for every {wait:?}: all upgrade-done in {took:.1?} ({:.1}% over the best), p50 {:.1?}, p99 {:.1?};          at most {most} in progress at once ({}); {} requests ({:.1} per second; {lists} slot lists, {:.1} looks per node)",
+        (took.as_secs_f64() / ideal.as_secs_f64() - 1.0) * 100.0,
+        percentile(&ends.iter().map(|e| e.0).collect::<Vec<_>>(), 0.5),
+        percentile(&ends.iter().map(|e| e.0).collect::<Vec<_>>(), 0.99),
+        if most as u64 <= slots {
+            "never over"
+        } else {
+            "OVER maxUnavailable"
+        },
+        log.len(),
+        log.len() as f64 / took.as_secs_f64(),
+        looks as f64 / agents as f64,
+    );
+}
+
 fn main() {
     if common::runs(2) == 2 {
-        simulate(500, 25);
+        steady_state_fleet(2000, 60, 120);
+        rolling_upgrade_fleet(2000, Duration::from_secs(10), Duration::from_secs(1));
+        simulate(2000, 25);
         steady_state(60);
         time_to_gpu_ready(5);
         without_a_gpu(60);
     } else {
+        steady_state_fleet(20, 2, 3);
+        rolling_upgrade_fleet(20, Duration::from_millis(300), Duration::from_millis(100));
         simulate(4, 2);
         steady_state(2);
         time_to_gpu_ready(1);

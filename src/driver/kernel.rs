@@ -75,7 +75,7 @@ pub fn observe_unloaded(
         obs.changes = load_modules();
         return Ok(Some(obs));
     }
-    let (Some(record), Some(install)) = (ours, &spec.install) else {
+    let Some(record) = ours else {
         return Ok(None);
     };
     let built_for = match &record.kernel {
@@ -86,7 +86,7 @@ pub fn observe_unloaded(
         "the node runs kernel {kernel}, and NVIDIA {} (installed by gpuprov{built_for}) has no module for it",
         record.version
     );
-    let (how, build) = match rebuild(ctx, install, &record.version, kernel)? {
+    let (how, build) = match rebuild(ctx, spec.install.as_ref(), &record.version, kernel)? {
         Ok(found) => found,
         Err(refusal) => {
             let reason = format!("{why}; {refusal}");
@@ -115,7 +115,7 @@ pub fn observe_unloaded(
 /// and its changes; `Err` says what the node lacks.
 fn rebuild(
     ctx: &StepContext,
-    install: &DriverInstall,
+    install: Option<&DriverInstall>,
     version: &str,
     kernel: &str,
 ) -> Result<Result<(String, Vec<Change>), String>, StepError> {
@@ -148,11 +148,14 @@ fn rebuild(
         )));
     }
     match install {
-        DriverInstall::Runfile {
+        None => Ok(Err(format!(
+            "DKMS has no nvidia/{version} to build it with ({DKMS_TREE}/{version}), and no driver.install is configured to build or install it from"
+        ))),
+        Some(DriverInstall::Runfile {
             artifact,
             args,
             download_timeout_seconds,
-        } => {
+        }) => {
             if let Some(missing) = needs_headers()? {
                 return Ok(Err(missing));
             }
@@ -172,10 +175,10 @@ fn rebuild(
                 ],
             )))
         }
-        DriverInstall::Package {
+        Some(DriverInstall::Package {
             kernel_module_package: Some(template),
             ..
-        } => {
+        }) => {
             let package = template.replace("{kernel}", kernel);
             let manager = super::package_manager(ctx)?;
             Ok(Ok((
@@ -183,7 +186,7 @@ fn rebuild(
                 vec![run(&package_install(manager, &package))],
             )))
         }
-        DriverInstall::Package { .. } => Ok(Err(format!(
+        Some(DriverInstall::Package { .. }) => Ok(Err(format!(
             "DKMS has no nvidia/{version} to build it with ({DKMS_TREE}/{version}); set driver.install.kernelModulePackage to the package with the modules for a kernel (`linux-modules-nvidia-550-server-{{kernel}}` on Ubuntu)"
         ))),
     }

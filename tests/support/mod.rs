@@ -360,7 +360,7 @@ for arg in "$@"; do
 done
 mkdir -p "$root/lib/modules/$kernel/kernel/drivers/video"
 echo "{version}" > "$root/lib/modules/$kernel/kernel/drivers/video/nvidia.ko"
-echo "kernel/drivers/video/nvidia.ko:" >> "$root/lib/modules/$kernel/modules.dep"
+grep -qx "kernel/drivers/video/nvidia.ko:" "$root/lib/modules/$kernel/modules.dep" 2>/dev/null || echo "kernel/drivers/video/nvidia.ko:" >> "$root/lib/modules/$kernel/modules.dep"
 [ -n "$only" ] || cp "$root/usr/local/lib/fixture/nvidia-modprobe" "$root/usr/bin/nvidia-modprobe"
 "#
     )
