@@ -425,6 +425,13 @@ fn ten_agents_upgrade_no_more_than_two_at_a_time() {
         "{most} nodes past cordon-required at once: {walks:#?}"
     );
     assert!(most >= 1);
+    // Waiting nodes poll the slots from the API server's cache.
+    assert!(
+        fake.log()
+            .iter()
+            .any(|l| l.uri.contains("/leases?") && l.uri.contains("resourceVersion=0")),
+        "no cached list of the slots"
+    );
     for (node, host) in nodes.iter().zip(&hosts) {
         assert!(loaded(host.path()).contains(VERSION), "{node}");
         assert!(!fake.unschedulable(node), "{node} is still cordoned");

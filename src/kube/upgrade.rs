@@ -33,12 +33,15 @@ fn leases(namespace: &str) -> Request {
 }
 
 impl Cluster {
-    /// The fleet's slot Leases in `namespace`, in one list.
-    pub fn slot_leases(&self, namespace: &str) -> Result<Vec<Lease>, KubeError> {
+    /// The fleet's slot Leases in `namespace`, in one list: from the API
+    /// server's watch cache when `cached` (`resourceVersion=0`, no etcd
+    /// read: what a waiting node polls; a stale answer costs only a failed
+    /// take, for taking is optimistic), else as they are now.
+    pub fn slot_leases(&self, namespace: &str, cached: bool) -> Result<Vec<Lease>, KubeError> {
         let what = format!("GET leases in {namespace} ({SLOT_LABEL})");
-        let request = leases(namespace)
-            .list(&ListParams::default().labels(SLOT_LABEL))
-            .expect("a valid request");
+        let params = ListParams::default().labels(SLOT_LABEL);
+        let params = if cached { params.match_any() } else { params };
+        let request = leases(namespace).list(&params).expect("a valid request");
         let (code, body) = self.send(&what, request)?;
         if code != 200 {
             return Err(self.refused(&what, code, &body));

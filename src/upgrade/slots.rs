@@ -83,7 +83,9 @@ impl Fleet {
         };
         Ok(Fleet {
             slots,
-            leases: cluster.slot_leases(namespace).map_err(observe_error)?,
+            leases: cluster
+                .slot_leases(namespace, true)
+                .map_err(observe_error)?,
             now: SystemTime::now(),
         })
     }
@@ -140,7 +142,7 @@ fn fleet_size(cluster: &Cluster) -> Result<u64, StepError> {
 /// The slot Lease this node holds, if any.
 pub fn held_by(cluster: &Cluster, namespace: &str) -> Result<Option<Lease>, StepError> {
     Ok(cluster
-        .slot_leases(namespace)
+        .slot_leases(namespace, false)
         .map_err(observe_error)?
         .into_iter()
         .find(|l| holder(l) == Some(cluster.node.as_str())))
@@ -167,7 +169,7 @@ pub fn take(
     if renewing(&cluster.node) {
         return Ok(());
     }
-    let leases = cluster.slot_leases(namespace).map_err(api)?;
+    let leases = cluster.slot_leases(namespace, false).map_err(api)?;
     let fleet = Fleet {
         slots,
         leases,

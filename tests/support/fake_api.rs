@@ -793,10 +793,11 @@ impl Watched {
     /// The selected objects now: key → (resourceVersion, object).
     fn objects(&self, inner: &Inner) -> BTreeMap<String, (u64, Value)> {
         if self.kind == "Node" {
-            return inner
-                .nodes
-                .iter()
-                .filter(|(name, _)| self.name.as_deref().is_none_or(|w| w == name.as_str()))
+            let nodes: Box<dyn Iterator<Item = (&String, &NodeState)>> = match &self.name {
+                Some(name) => Box::new(inner.nodes.get_key_value(name).into_iter()),
+                None => Box::new(inner.nodes.iter()),
+            };
+            return nodes
                 .filter(|(_, node)| {
                     self.label
                         .as_ref()
@@ -1011,7 +1012,11 @@ fn async_stream(
                         }
                         None => {
                             idle += 1;
-                            tokio::time::sleep(Duration::from_millis(20)).await
+                            // Quick while things move, slower once quiet:
+                            // thousands of watches (the fleet benchmark)
+                            // would otherwise keep the server busy.
+                            let poll = if idle > 50 { 100 } else { 20 };
+                            tokio::time::sleep(Duration::from_millis(poll)).await
                         }
                     }
                 }
