@@ -22,6 +22,30 @@ fn installer() -> Vec<u8> {
     support::fake_driver_installer(VERSION)
 }
 
+/// The artifact server with the new driver's installer, and the fake API
+/// server with `first` (labelled `labels`) and `more` nodes, playing a
+/// working cluster.
+fn cluster(first: &str, labels: &[(&str, &str)], more: &[&str]) -> (ArtifactServer, FakeApi) {
+    let server = ArtifactServer::start();
+    server.route("/driver.run", Route::Body(installer()));
+    let fake = FakeApi::with_node(first, labels);
+    for node in more {
+        fake.add_node(node, &[], "kubelet");
+    }
+    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    (server, fake)
+}
+
+/// Waits for the slots to be given back (each right after its node's
+/// `upgrade-done`).
+fn slots_given_back(fake: &FakeApi) {
+    support::daemon::eventually(
+        "every slot given back",
+        std::time::Duration::from_secs(10),
+        || fake.leases("gpuprov").is_empty(),
+    );
+}
+
 fn sha(bytes: &[u8]) -> String {
     support::sha256_hex(bytes)
 }
@@ -91,10 +115,7 @@ fn loaded(host: &Path) -> String {
 /// the driver replaced, the validator, uncordon, the slot given back.
 #[test]
 fn a_node_walks_the_upgrade_states_and_gives_its_slot_back() {
-    let server = ArtifactServer::start();
-    server.route("/driver.run", Route::Body(installer()));
-    let fake = FakeApi::with_node(NODE, &[]);
-    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let (server, fake) = cluster(NODE, &[], &[]);
     fake.add_gpu_pod("ml", "train-0", NODE, &[("app", "train")], 1);
     fake.add_gpu_pod("web", "frontend-0", NODE, &[("app", "web")], 0);
     let host = copy_host("a100-preinstalled");
@@ -169,10 +190,7 @@ fn a_node_walks_the_upgrade_states_and_gives_its_slot_back() {
 /// changes nothing.
 #[test]
 fn plan_shows_the_sequence_and_the_slot() {
-    let server = ArtifactServer::start();
-    server.route("/driver.run", Route::Body(installer()));
-    let fake = FakeApi::with_node(NODE, &[]);
-    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let (server, fake) = cluster(NODE, &[], &[]);
     let host = copy_host("a100-preinstalled");
     let spec = spec(host.path(), &server, "  upgrade:\n    maxUnavailable: 2\n");
     let mut command = support::gpuprov();
@@ -199,10 +217,7 @@ fn plan_shows_the_sequence_and_the_slot() {
 /// The skip label keeps the driver: no slot, no state.
 #[test]
 fn the_skip_label_is_obeyed() {
-    let server = ArtifactServer::start();
-    server.route("/driver.run", Route::Body(installer()));
-    let fake = FakeApi::with_node(NODE, &[("nvidia.com/gpu-driver-upgrade.skip", "true")]);
-    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let (server, fake) = cluster(NODE, &[("nvidia.com/gpu-driver-upgrade.skip", "true")], &[]);
     let host = copy_host("a100-preinstalled");
     let spec = spec(host.path(), &server, "");
     let (code, report, stderr) = apply_until_settled(&fake, host.path(), &spec);
@@ -225,10 +240,7 @@ fn the_skip_label_is_obeyed() {
 /// touched.
 #[test]
 fn a_pdb_that_blocks_the_drain_fails_the_upgrade() {
-    let server = ArtifactServer::start();
-    server.route("/driver.run", Route::Body(installer()));
-    let fake = FakeApi::with_node(NODE, &[]);
-    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let (server, fake) = cluster(NODE, &[], &[]);
     fake.add_gpu_pod("web", "db-0", NODE, &[("app", "db")], 0);
     fake.protect_pods("web", "db-");
     let host = copy_host("a100-preinstalled");
@@ -381,14 +393,9 @@ fn walk_of_the_fleet(fake: &FakeApi) -> (BTreeMap<String, Vec<String>>, usize) {
 /// `upgrade-done` on the new driver, uncordoned, holding no slot.
 #[test]
 fn ten_agents_upgrade_no_more_than_two_at_a_time() {
-    let server = ArtifactServer::start();
-    server.route("/driver.run", Route::Body(installer()));
     let nodes: Vec<String> = (1..=10).map(|i| format!("gpu-node-{i}")).collect();
-    let fake = FakeApi::with_node(&nodes[0], &[]);
-    for node in &nodes[1..] {
-        fake.add_node(node, &[], "kubelet");
-    }
-    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let more: Vec<&str> = nodes[1..].iter().map(String::as_str).collect();
+    let (server, fake) = cluster(&nodes[0], &[], &more);
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(dir.path(), &server, "  upgrade:\n    maxUnavailable: 2\n");
     let hosts: Vec<tempfile::TempDir> = nodes
@@ -437,12 +444,7 @@ fn ten_agents_upgrade_no_more_than_two_at_a_time() {
         assert!(!fake.unschedulable(node), "{node} is still cordoned");
         assert_eq!(walks[node].last().unwrap(), "upgrade-done", "{node}");
     }
-    // The last slot goes back right after its node's upgrade-done.
-    support::daemon::eventually(
-        "every slot given back",
-        std::time::Duration::from_secs(10),
-        || fake.leases("gpuprov").is_empty(),
-    );
+    slots_given_back(&fake);
 }
 
 /// A node killed mid-upgrade (waiting for a job) stops renewing its slot;
@@ -451,12 +453,8 @@ fn ten_agents_upgrade_no_more_than_two_at_a_time() {
 /// resumes from the state it published (not from the start) and finishes.
 #[test]
 fn a_node_killed_mid_upgrade_resumes_after_its_lease_expired() {
-    let server = ArtifactServer::start();
-    server.route("/driver.run", Route::Body(installer()));
     let (first, second) = ("gpu-node-1", "gpu-node-2");
-    let fake = FakeApi::with_node(first, &[]);
-    fake.add_node(second, &[], "kubelet");
-    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let (server, fake) = cluster(first, &[], &[second]);
     fake.add_gpu_pod("ml", "train-0", first, &[("app", "train")], 1);
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(
@@ -518,22 +516,14 @@ fn a_node_killed_mid_upgrade_resumes_after_its_lease_expired() {
     assert!(most <= 2, "{walks:#?}");
     assert!(loaded(host1.path()).contains(VERSION));
     assert!(!fake.unschedulable(first));
-    // The slot goes back right after upgrade-done.
-    support::daemon::eventually(
-        "the slot given back",
-        std::time::Duration::from_secs(10),
-        || fake.leases("gpuprov").is_empty(),
-    );
+    slots_given_back(&fake);
 }
 
 /// The validation pod fails with the new driver: the upgrade failed, the
 /// node stays cordoned, and the Node's event says why.
 #[test]
 fn a_failed_validation_fails_the_upgrade() {
-    let server = ArtifactServer::start();
-    server.route("/driver.run", Route::Body(installer()));
-    let fake = FakeApi::with_node(NODE, &[]);
-    fake.run_working_cluster(1, "NVIDIA-A100-SXM4-40GB");
+    let (server, fake) = cluster(NODE, &[], &[]);
     fake.kubelet(support::fake_api::Kubelet::Runs {
         phase: "Failed",
         after_ms: 0,
