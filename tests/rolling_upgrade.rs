@@ -46,6 +46,14 @@ fn slots_given_back(fake: &FakeApi) {
     );
 }
 
+/// The notes of the Events gpuprov posted, oldest first.
+fn event_notes(fake: &FakeApi) -> Vec<String> {
+    fake.events()
+        .iter()
+        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 fn sha(bytes: &[u8]) -> String {
     support::sha256_hex(bytes)
 }
@@ -272,11 +280,7 @@ fn a_pdb_that_blocks_the_drain_fails_the_upgrade() {
         "releaseSlot gives it back"
     );
     assert!(!loaded(host.path()).contains(VERSION));
-    let notes: Vec<String> = fake
-        .events()
-        .iter()
-        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
-        .collect();
+    let notes = event_notes(&fake);
     assert!(
         notes.iter().any(|n| n.contains("disruption budget")),
         "{notes:#?}"
@@ -548,11 +552,7 @@ fn a_failed_validation_fails_the_upgrade() {
         1,
         "holdSlot (the default) keeps the slot: the fleet stops here"
     );
-    let notes: Vec<String> = fake
-        .events()
-        .iter()
-        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
-        .collect();
+    let notes = event_notes(&fake);
     assert!(
         notes.iter().any(|n| n.contains("no CUDA-capable device")),
         "{notes:#?}"
