@@ -22,6 +22,7 @@ fn main() {
         class: "nvidia".into(),
         binary: "/usr/bin/nvidia-container-runtime".into(),
         default: DefaultRuntime::Keep,
+        cdi: None,
     };
     let edited = configure(&text, &wanted, 2).unwrap().text;
     let lines = text.lines().count();

@@ -70,15 +70,25 @@ pub fn untouched_lines_kept(original: &str, edited: &str) -> Result<(), String> 
 /// the result parses, every line gpuprov does not own is kept verbatim and
 /// in order, and a second edit changes nothing.
 pub fn containerd(text: &str) {
-    for default in [
+    let cdi = [
+        None,
+        Some(config::CdiWanted {
+            spec_dir: "/opt/cdi".to_string(),
+        }),
+    ];
+    for (default, cdi) in [
         DefaultRuntime::Set,
         DefaultRuntime::Clear,
         DefaultRuntime::Keep,
-    ] {
+    ]
+    .into_iter()
+    .flat_map(|d| cdi.clone().map(|c| (d, c)))
+    {
         let wanted = RuntimeWanted {
             class: "nvidia".to_string(),
             binary: "/usr/bin/nvidia-container-runtime".to_string(),
             default,
+            cdi,
         };
         let Ok(edited) = config::configure(text, &wanted, 2) else {
             continue;
@@ -86,7 +96,16 @@ pub fn containerd(text: &str) {
         if let Err(e) = config::parse(&edited.text) {
             panic!("the edit does not parse ({e}):\n{}", edited.text);
         }
-        if let Err(e) = untouched_lines_kept(text, &edited.text) {
+        // With CDI on, its two keys are gpuprov's to change too.
+        let owned = |text: &str| -> String {
+            text.split_inclusive('\n')
+                .filter(|l| {
+                    wanted.cdi.is_none()
+                        || !(l.contains("enable_cdi") || l.contains("cdi_spec_dirs"))
+                })
+                .collect()
+        };
+        if let Err(e) = untouched_lines_kept(&owned(text), &owned(&edited.text)) {
             panic!("{e}");
         }
         let again = config::configure(&edited.text, &wanted, 2)

@@ -252,6 +252,8 @@ pub struct RevertReport {
     pub containerd: crate::containerd::revert::Reverted,
     /// The operands' static pod manifests removed.
     pub static_pods_removed: Vec<String>,
+    /// The CDI spec files gpuprov wrote, removed.
+    pub cdi_specs_removed: Vec<String>,
     pub labels_removed: bool,
 }
 
@@ -278,6 +280,7 @@ fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
         commands,
     };
     let static_pods_removed = crate::operands::static_pod::remove_ours(&inputs.host, &inputs.spec)?;
+    let cdi_specs_removed = crate::cdi::remove_ours(&inputs.host, &inputs.spec)?;
     inputs.host.remove(crate::operands::validate::MARKER)?;
     inputs.host.remove(crate::operands::validate::RUNTIME_RAN)?;
     inputs.host.remove(crate::operands::validate::cri::MARKER)?;
@@ -288,6 +291,7 @@ fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
     Ok(RevertReport {
         containerd,
         static_pods_removed,
+        cdi_specs_removed,
         labels_removed,
     })
 }

@@ -9,6 +9,7 @@
 
 pub mod background;
 pub mod catalog;
+pub mod cdi;
 pub mod cli;
 pub mod cmd;
 pub mod containerd;

@@ -7,7 +7,7 @@
 use crate::catalog::Handler;
 use crate::spec::ExporterMode;
 use crate::step::{Change, Observation, StepContext, StepError};
-use crate::{containerd, driver, exec_state, gpu, mig, operands, telemetry, toolkit};
+use crate::{cdi, containerd, driver, exec_state, gpu, mig, operands, telemetry, toolkit};
 
 type Observe = fn(&StepContext) -> Result<Observation, StepError>;
 type Withdraw = fn(&StepContext) -> Result<Vec<Change>, StepError>;
@@ -35,6 +35,7 @@ pub fn capability(handler: Handler) -> Capability {
         Handler::ContainerdRuntime => (containerd::observe, leave_as_is),
         Handler::GpuHealth => (gpu::gfd::observe_health, leave_as_is),
         Handler::Mig => (mig::observe, leave_as_is),
+        Handler::Cdi => (cdi::observe, cdi::withdraw),
         Handler::GpuFeatureDiscovery => (gpu::gfd::observe, |ctx| {
             operands::withdraw(ctx, Operand::GpuFeatureDiscovery)
         }),

@@ -121,6 +121,9 @@ pub enum Change {
         class: String,
         binary: String,
         set_as_default: bool,
+        /// With `cdi.enabled`: CDI must be on, reading this directory.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cdi_spec_dir: Option<String>,
     },
     /// Wait until something answers on a unix socket.
     WaitSocket {

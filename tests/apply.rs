@@ -77,6 +77,7 @@ fn apply_converges_site_states_and_publishes_labels_for_nfd() {
         fs::read_to_string(host.path().join(NFD_FILE)).unwrap(),
         "# Written by gpuprov from its last apply; edits are overwritten.\n\
          feature.node.kubernetes.io/pci-10de.present=true\n\
+         gpuprov.io/cdi=disabled\n\
          gpuprov.io/container-toolkit=preinstalled\n\
          gpuprov.io/containerd-runtime=configured\n\
          gpuprov.io/dcgm-exporter=configured\n\
@@ -401,6 +402,7 @@ fn labels_sink_stdout_prints_labels_and_writes_no_feature_file() {
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
         "feature.node.kubernetes.io/pci-10de.present=true\n\
+         gpuprov.io/cdi=disabled\n\
          gpuprov.io/container-toolkit=installed\n\
          gpuprov.io/containerd-runtime=configured\n\
          gpuprov.io/dcgm-exporter=configured\n\
@@ -476,6 +478,7 @@ fn states_dir_overrides_a_builtin_in_place_and_adds_new_states() {
             "containerd-runtime",
             "gpu-health",
             "mig",
+            "cdi",
             "gpu-feature-discovery",
             "device-plugin",
             "dcgm-exporter",

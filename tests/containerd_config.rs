@@ -24,6 +24,7 @@ fn wanted(default: DefaultRuntime) -> RuntimeWanted {
         class: "nvidia".into(),
         binary: BINARY.into(),
         default,
+        cdi: None,
     }
 }
 
@@ -183,7 +184,7 @@ fn real_configs_come_out_right() {
             // Where gpuprov added the runtime, removing it gives back the
             // original's meaning.
             if edited.copied_from.is_some() && default == DefaultRuntime::Keep {
-                let reverted = unconfigure(&edited.text, "nvidia", None).unwrap();
+                let reverted = unconfigure(&edited.text, "nvidia", None, false).unwrap();
                 assert_eq!(
                     to_json(parse(&reverted).unwrap().as_item()),
                     to_json(parse(&original).unwrap().as_item()),
@@ -372,10 +373,10 @@ fn crlf_line_endings_and_a_byte_order_mark_are_kept_exactly() {
             path.display()
         );
         assert_eq!(
-            unconfigure(&edited.text, "nvidia", None).unwrap(),
+            unconfigure(&edited.text, "nvidia", None, false).unwrap(),
             format!(
                 "\u{feff}{}",
-                unconfigure(&expected.text, "nvidia", None)
+                unconfigure(&expected.text, "nvidia", None, false)
                     .unwrap()
                     .replace('\n', "\r\n")
             ),
@@ -383,4 +384,149 @@ fn crlf_line_endings_and_a_byte_order_mark_are_kept_exactly() {
             path.display()
         );
     }
+}
+
+/// With `cdi.enabled`, every fixture and real config gets `enable_cdi =
+/// true` in its CRI plugin's own table (`io.containerd.grpc.v1.cri` for
+/// version 2, `io.containerd.cri.v1.runtime` for version 3), the spec
+/// directory in `cdi_spec_dirs` only where containerd would not read it
+/// anyway, every other line kept, and a second edit changes nothing;
+/// undoing it (revert of a file changed since) gives back the original's
+/// meaning.
+#[test]
+fn cdi_is_turned_on_where_each_config_version_reads_it() {
+    let mut files = toml_files(&repo().join("fixtures/containerd"));
+    files.extend(toml_files(&repo().join("../shared/realworld/containerd")));
+    let mut checked = 0;
+    for path in files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let original = fs::read_to_string(&path).unwrap();
+        let Ok(doc) = parse(&original) else { continue };
+        if layout(&doc).is_err() {
+            continue;
+        }
+        for dir in ["/var/run/cdi", "/opt/cdi"] {
+            let with_cdi = RuntimeWanted {
+                cdi: Some(gpuprov::containerd::config::CdiWanted {
+                    spec_dir: dir.to_string(),
+                }),
+                ..wanted(DefaultRuntime::Keep)
+            };
+            let edited = configure(&original, &with_cdi, 2).unwrap();
+            // Every line but the two CDI keys stays; a second edit changes
+            // nothing.
+            invariants::containerd(&original);
+            let result = parse(&edited.text).unwrap();
+            let (version, config_layout) = layout(&result).unwrap();
+            let plugin = lookup(result.as_item(), &["plugins", config_layout.plugin()]).unwrap();
+            assert_eq!(
+                plugin.get("enable_cdi").and_then(Item::as_bool),
+                Some(true),
+                "{name} (version {version}):\n{}",
+                edited.text
+            );
+            let dirs: Option<Vec<&str>> = plugin
+                .get("cdi_spec_dirs")
+                .and_then(Item::as_array)
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect());
+            let before: Option<Vec<String>> = lookup(
+                doc.as_item(),
+                &["plugins", config_layout.plugin(), "cdi_spec_dirs"],
+            )
+            .and_then(Item::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            });
+            let read_before = before
+                .clone()
+                .unwrap_or_else(|| vec!["/etc/cdi".to_string(), "/var/run/cdi".to_string()]);
+            let expected = if read_before.iter().any(|d| d == dir) {
+                // containerd reads it already: the key is left as it was.
+                before
+            } else {
+                Some(read_before.into_iter().chain([dir.to_string()]).collect())
+            };
+            assert_eq!(
+                dirs.map(|d| d.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+                expected,
+                "{name}"
+            );
+            // (Where the file alone does not show the runtime, containerd's
+            // merged view is what is checked: tests/real_containerd.rs.)
+            if gpuprov::containerd::effective::check_doc(&result, &wanted(DefaultRuntime::Keep))
+                .is_ok()
+            {
+                gpuprov::containerd::effective::check_doc(&result, &with_cdi)
+                    .unwrap_or_else(|m| panic!("{name}: {}", m.message));
+            }
+            let reverted = unconfigure(&edited.text, "nvidia", Some(&original), true).unwrap();
+            let reverted = parse(&reverted).unwrap();
+            for key in ["enable_cdi", "cdi_spec_dirs"] {
+                let at = ["plugins", config_layout.plugin(), key];
+                assert_eq!(
+                    lookup(reverted.as_item(), &at).map(to_json),
+                    lookup(doc.as_item(), &at).map(to_json),
+                    "{name}: revert left {key} behind:\n{reverted}"
+                );
+            }
+            // Where gpuprov added the runtime, the whole file means what
+            // the original meant.
+            if edited.copied_from.is_some() {
+                assert_eq!(
+                    to_json(reverted.as_item()),
+                    to_json(doc.as_item()),
+                    "{name}: revert left something behind:\n{reverted}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "{checked}");
+}
+
+/// A config that has CDI off says so, and the check names the key; one
+/// that lists its own directories keeps them and gains gpuprov's.
+#[test]
+fn cdi_settings_already_there_are_kept_and_corrected() {
+    let original = "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  enable_cdi = false  # off for now\n  cdi_spec_dirs = [\"/etc/cdi\"]\n";
+    let with_cdi = RuntimeWanted {
+        cdi: Some(gpuprov::containerd::config::CdiWanted {
+            spec_dir: "/var/run/cdi".to_string(),
+        }),
+        ..wanted(DefaultRuntime::Keep)
+    };
+    // The runtime is there; only CDI is off.
+    let before = parse(
+        &configure(original, &wanted(DefaultRuntime::Keep), 2)
+            .unwrap()
+            .text,
+    )
+    .unwrap();
+    let mismatch = gpuprov::containerd::effective::check_doc(&before, &with_cdi).unwrap_err();
+    assert!(
+        mismatch.message.contains("enable_cdi is false, not true"),
+        "{}",
+        mismatch.message
+    );
+    let edited = configure(original, &with_cdi, 2).unwrap().text;
+    assert!(
+        edited.contains("  enable_cdi = true  # off for now\n  cdi_spec_dirs = [\"/etc/cdi\", \"/var/run/cdi\"]\n"),
+        "{edited}"
+    );
+    let dirs_only = "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  enable_cdi = true\n  cdi_spec_dirs = [\"/etc/cdi\"]\n";
+    let with_runtime = configure(dirs_only, &wanted(DefaultRuntime::Keep), 2)
+        .unwrap()
+        .text;
+    let mismatch =
+        gpuprov::containerd::effective::check_doc(&parse(&with_runtime).unwrap(), &with_cdi)
+            .unwrap_err();
+    assert!(
+        mismatch
+            .message
+            .contains("would not read gpuprov's CDI spec in /var/run/cdi"),
+        "{}",
+        mismatch.message
+    );
 }

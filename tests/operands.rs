@@ -559,6 +559,7 @@ fn scenario_default() {
     assert_eq!(
         node_outcomes(&fake),
         labels(&[
+            ("gpuprov.io/cdi", "disabled"),
             ("gpuprov.io/container-toolkit", "preinstalled"),
             ("gpuprov.io/containerd-runtime", "configured"),
             ("gpuprov.io/dcgm-exporter", "ready"),

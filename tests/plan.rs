@@ -7,7 +7,11 @@ use support::{changed, copy_host, fixture_hosts, gpuprov, repo, tree};
 
 /// stdout, then stderr and the exit code when they say something.
 fn run(args: &[&str]) -> String {
-    let output = gpuprov().args(args).output().unwrap();
+    run_command(gpuprov(), args)
+}
+
+fn run_command(mut command: assert_cmd::Command, args: &[&str]) -> String {
+    let output = command.args(args).output().unwrap();
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !stderr.is_empty() {
@@ -23,6 +27,22 @@ fn plan_text_and_json_for_every_fixture_host() {
     assert!(hosts.len() >= 14, "fixture hosts went missing: {hosts:?}");
     for host in hosts {
         let root = format!("fixtures/hosts/{host}");
+        // Hosts with the driver's files hold a stand-in libnvidia-ml: NVML
+        // is read through the fake library, answering for their GPUs.
+        let nvml = match host.as_str() {
+            "h100x8-cdi" => Some("h100x8.yaml"),
+            "l4x4-570" => Some("l4x4-570.yaml"),
+            _ => None,
+        };
+        let library = support::fake_nvml_library().display().to_string();
+        let run = |args: &[&str]| match nvml {
+            Some(fixture) => {
+                let mut args = args.to_vec();
+                args.extend(["--nvml-lib", library.as_str()]);
+                run_command(support::gpuprov_with_fake_nvml(fixture), &args)
+            }
+            None => run(args),
+        };
         insta::assert_snapshot!(
             format!("{host}.text"),
             run(&["plan", "--host-exec", "prefix", "--host-root", &root])

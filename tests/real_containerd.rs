@@ -130,6 +130,7 @@ fn real_containerd_loads_every_edited_version_2_config() {
             class: "nvidia".into(),
             binary: BINARY.into(),
             default,
+            cdi: None,
         };
         let edited = configure(&original, &wanted, 2).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -259,6 +260,7 @@ fn real_containerd_loads_the_runtime_from_a_drop_in() {
             class: "nvidia".into(),
             binary: BINARY.into(),
             default: DefaultRuntime::Keep,
+            cdi: None,
         };
         let edited = configure(&original, &wanted, 2).unwrap();
         fs::write(&drop_in_path, drop_in(&edited.text).unwrap()).unwrap();
@@ -327,6 +329,7 @@ fn containerds_own_view_of_every_edited_config_has_the_runtime() {
                 class: "nvidia".into(),
                 binary: BINARY.into(),
                 default,
+                cdi: None,
             };
             let edited = configure(text, &wanted, 2).unwrap();
             let file = dir.path().join(&name);
@@ -358,6 +361,7 @@ fn a_legacy_default_runtime_table_no_longer_wins_over_the_nvidia_default() {
         class: "nvidia".into(),
         binary: BINARY.into(),
         default: DefaultRuntime::Set,
+        cdi: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("config.toml");
@@ -402,7 +406,8 @@ fn a_legacy_default_runtime_table_no_longer_wins_over_the_nvidia_default() {
     // restore): the legacy table's type comes back.
     let changed = format!("{}\n# changed by hand\n", edited.text);
     let reverted =
-        gpuprov::containerd::config::unconfigure(&changed, "nvidia", Some(&original)).unwrap();
+        gpuprov::containerd::config::unconfigure(&changed, "nvidia", Some(&original), false)
+            .unwrap();
     assert_eq!(reverted, format!("{original}\n# changed by hand\n"));
 }
 
@@ -487,6 +492,7 @@ fn the_merged_view_of_imports_is_what_real_containerd_loads() {
         class: "nvidia".into(),
         binary: BINARY.into(),
         default: DefaultRuntime::Set,
+        cdi: None,
     };
     let root = Host::new(Path::new("/"), ExecMode::Prefix, Duration::from_secs(30)).unwrap();
     for case in IMPORT_CASES {

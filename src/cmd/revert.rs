@@ -11,12 +11,17 @@ pub fn run_revert(args: &ChangeArgs) -> Result<i32, Error> {
     print(&match args.output {
         ReportFormat::Json => serde_json::to_string_pretty(&report).expect("serializes") + "\n",
         ReportFormat::Text => format!(
-            "{}\nstatic pods: {}\nlabels: {}\n",
+            "{}\nstatic pods: {}\nCDI specs: {}\nlabels: {}\n",
             report.containerd.summary,
             if report.static_pods_removed.is_empty() {
                 "none to remove".to_string()
             } else {
                 format!("removed {}", report.static_pods_removed.join(", "))
+            },
+            if report.cdi_specs_removed.is_empty() {
+                "none to remove".to_string()
+            } else {
+                format!("removed {}", report.cdi_specs_removed.join(", "))
             },
             if report.labels_removed {
                 "removed"

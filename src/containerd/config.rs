@@ -42,7 +42,20 @@ pub struct RuntimeWanted {
     /// The toolkit's runtime binary (`/usr/bin/nvidia-container-runtime`).
     pub binary: String,
     pub default: DefaultRuntime,
+    /// Turn on the CRI plugin's CDI support for specs in this directory.
+    pub cdi: Option<CdiWanted>,
 }
+
+/// containerd's CDI support, as the `cdi` state wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CdiWanted {
+    /// Where gpuprov writes its CDI spec (`/var/run/cdi`).
+    pub spec_dir: String,
+}
+
+/// Where containerd (1.7 and 2.x) reads CDI specs when `cdi_spec_dirs`
+/// is not set.
+pub const DEFAULT_CDI_SPEC_DIRS: [&str; 2] = ["/etc/cdi", "/var/run/cdi"];
 
 /// What to do with `default_runtime_name`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -443,12 +456,72 @@ fn configure_plain(
         }
     }
 
+    if let Some(cdi) = &wanted.cdi {
+        enable_cdi(&mut doc, layout, cdi)?;
+    }
+
     Ok(Edited {
         text: render(text, &doc),
         layout,
         copied_from,
         notes,
     })
+}
+
+/// `enable_cdi = true` in the CRI plugin's own table (where containerd 1.7
+/// and 2.x read it), and the spec directory in `cdi_spec_dirs` when
+/// containerd would not look there already. A plugin table that only held
+/// sub-tables gets its header, just before the first of them.
+fn enable_cdi(doc: &mut DocumentMut, layout: Layout, cdi: &CdiWanted) -> Result<(), ConfigError> {
+    let plugin = ensure_table(doc.as_table_mut(), &["plugins", layout.plugin()])?;
+    if plugin.is_implicit() {
+        let first_child = plugin
+            .iter()
+            .filter_map(|(_, item)| item.as_table()?.position())
+            .min();
+        plugin.set_implicit(false);
+        if let Some(position) = first_child {
+            plugin.set_position(Some(position));
+        }
+        plugin.decor_mut().set_prefix("\n");
+    }
+    if plugin.get("enable_cdi").and_then(Item::as_bool) != Some(true) {
+        match plugin.get_mut("enable_cdi").and_then(Item::as_value_mut) {
+            Some(old) => {
+                let decor = old.decor().clone();
+                *old = Value::from(true);
+                *old.decor_mut() = decor;
+            }
+            None => set_value_like_siblings(plugin, "enable_cdi", Value::from(true)),
+        }
+    }
+    let dir = cdi.spec_dir.trim_end_matches('/');
+    let listed: Option<Vec<String>> =
+        plugin
+            .get("cdi_spec_dirs")
+            .and_then(Item::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            });
+    let read = listed
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CDI_SPEC_DIRS.map(String::from).to_vec());
+    if !read.iter().any(|d| d.trim_end_matches('/') == dir) {
+        match plugin.get_mut("cdi_spec_dirs").and_then(Item::as_array_mut) {
+            Some(array) => array.push(dir),
+            None => {
+                let mut array = toml_edit::Array::new();
+                for d in read {
+                    array.push(d);
+                }
+                array.push(dir);
+                set_value_like_siblings(plugin, "cdi_spec_dirs", Value::Array(array));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The legacy table containerd 1.x takes as the default runtime when it
@@ -503,11 +576,63 @@ fn base_runtime(containerd: &Table, layout: Layout, class: &str) -> Option<(Stri
 /// Removes the runtime class and a `default_runtime_name` naming it,
 /// putting back what `original` (the file before gpuprov, when there was
 /// one) had: its default runtime, and the type of a legacy default table
-/// that gpuprov emptied. The rest of the file is left as it is.
-pub fn unconfigure(text: &str, class: &str, original: Option<&str>) -> Result<String, ConfigError> {
+/// that gpuprov emptied, and, when gpuprov turned CDI on (`cdi`), the CRI
+/// plugin's `enable_cdi` and `cdi_spec_dirs` as the original had them.
+/// The rest of the file is left as it is.
+pub fn unconfigure(
+    text: &str,
+    class: &str,
+    original: Option<&str>,
+    cdi: bool,
+) -> Result<String, ConfigError> {
     let (encoding, text) = Encoding::detect(text);
     let original = original.map(parse).transpose()?;
-    unconfigure_plain(&text, class, original.as_ref()).map(|t| encoding.restore(t))
+    unconfigure_plain(&text, class, original.as_ref(), cdi).map(|t| encoding.restore(t))
+}
+
+/// The CRI plugin's CDI keys back as `original` had them (gone when it
+/// did not have them, or there was no original).
+fn restore_cdi(doc: &mut DocumentMut, layout: Layout, original: Option<&DocumentMut>) {
+    let Some(plugin) = doc
+        .get_mut("plugins")
+        .and_then(|p| p.get_mut(layout.plugin()))
+        .and_then(Item::as_table_like_mut)
+    else {
+        return;
+    };
+    let before = original
+        .and_then(|o| o.get("plugins")?.get(layout.plugin()))
+        .and_then(Item::as_table_like);
+    for key in ["enable_cdi", "cdi_spec_dirs"] {
+        match before.and_then(|b| b.get(key)).and_then(Item::as_value) {
+            Some(value) => {
+                let same = plugin
+                    .get(key)
+                    .and_then(Item::as_value)
+                    .is_some_and(|now| now.to_string().trim() == value.to_string().trim());
+                if !same {
+                    plugin.insert(key, Item::Value(value.clone()));
+                }
+            }
+            None => {
+                plugin.remove(key);
+            }
+        }
+    }
+    // A header gpuprov gave the plugin table for these keys goes with them.
+    let had_header = original
+        .and_then(|o| o.get("plugins")?.get(layout.plugin()))
+        .and_then(Item::as_table)
+        .is_some_and(|t| !t.is_implicit());
+    if let Some(table) = doc
+        .get_mut("plugins")
+        .and_then(|p| p.get_mut(layout.plugin()))
+        .and_then(Item::as_table_mut)
+        && !had_header
+        && table.iter().all(|(_, item)| item.is_table())
+    {
+        table.set_implicit(true);
+    }
 }
 
 /// The `containerd` table of the CRI plugin, in the document's layout.
@@ -523,6 +648,7 @@ fn unconfigure_plain(
     text: &str,
     class: &str,
     original: Option<&DocumentMut>,
+    cdi: bool,
 ) -> Result<String, ConfigError> {
     let original_layout = original.and_then(|o| layout(o).ok()).map(|(_, l)| l);
     let mut doc = parse(text)?;
@@ -581,6 +707,9 @@ fn unconfigure_plain(
         && containerd.iter().all(|(_, item)| item.is_table())
     {
         containerd.set_implicit(true);
+    }
+    if cdi {
+        restore_cdi(&mut doc, layout, original);
     }
     // Tables that only existed to hold the runtime (implicit: no header of
     // their own) go with it.

@@ -11,7 +11,7 @@
 
 use toml_edit::{DocumentMut, Item};
 
-use super::config::{DefaultRuntime, RuntimeWanted};
+use super::config::{CdiWanted, DEFAULT_CDI_SPEC_DIRS, DefaultRuntime, RuntimeWanted};
 use super::imports::{self, Major};
 use crate::host::{CommandRecord, Host};
 
@@ -44,16 +44,18 @@ pub fn view_key(host: &Host, wanted: &RuntimeWanted, main: &str, given: &[(&str,
             .collect(),
         Err(why) => vec![serde_json::json!({"error": why})],
     };
-    format!(
-        "{}\n",
-        serde_json::json!({
-            "class": wanted.class,
-            "binary": wanted.binary,
-            "default": wanted.default == DefaultRuntime::Set,
-            "containerd": binary,
-            "files": contents,
-        })
-    )
+    let mut key = serde_json::json!({
+        "class": wanted.class,
+        "binary": wanted.binary,
+        "default": wanted.default == DefaultRuntime::Set,
+        "containerd": binary,
+        "files": contents,
+    });
+    // Only with CDI on, so that markers written before it still match.
+    if let Some(cdi) = &wanted.cdi {
+        key["cdiSpecDir"] = serde_json::json!(cdi.spec_dir);
+    }
+    format!("{key}\n")
 }
 
 /// Checks containerd's view of `config`: `containerd --config <config>
@@ -292,6 +294,56 @@ pub fn check_doc(doc: &DocumentMut, wanted: &RuntimeWanted) -> Result<(), Mismat
                 ),
             ));
         }
+    }
+    if let Some(cdi) = &wanted.cdi {
+        check_cdi(root, plugin, cdi)?;
+    }
+    Ok(())
+}
+
+/// CDI on in the CRI plugin, reading the directory of gpuprov's spec.
+fn check_cdi(root: &Item, plugin: &str, cdi: &CdiWanted) -> Result<(), Mismatch> {
+    let at = |key: &str| Mismatch {
+        key: vec!["plugins".to_string(), plugin.to_string(), key.to_string()],
+        message: String::new(),
+    };
+    let section = get(root, &["plugins", plugin]);
+    let enabled = section.and_then(|s| text(s.get("enable_cdi")));
+    if enabled.as_deref() != Some("true") {
+        let key = dotted(&["plugins", plugin, "enable_cdi"]);
+        return Err(Mismatch {
+            message: match enabled {
+                Some(value) => {
+                    format!("{key} is {value}, not true: containerd would not use CDI specs")
+                }
+                None => format!(
+                    "{key} is not set: containerd would not use CDI specs (containerd before 1.7 does not know the key: it starts, ignores it and leaves it out of `containerd config dump`)"
+                ),
+            },
+            ..at("enable_cdi")
+        });
+    }
+    let dirs: Vec<String> = match section.and_then(|s| s.get("cdi_spec_dirs")) {
+        Some(item) => item
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => DEFAULT_CDI_SPEC_DIRS.map(String::from).to_vec(),
+    };
+    let dir = cdi.spec_dir.trim_end_matches('/');
+    if !dirs.iter().any(|d| d.trim_end_matches('/') == dir) {
+        return Err(Mismatch {
+            message: format!(
+                "{} is [{}]: containerd would not read gpuprov's CDI spec in {dir}",
+                dotted(&["plugins", plugin, "cdi_spec_dirs"]),
+                dirs.join(", ")
+            ),
+            ..at("cdi_spec_dirs")
+        });
     }
     Ok(())
 }

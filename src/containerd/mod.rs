@@ -44,6 +44,10 @@ pub struct Record {
     /// The drop-in file gpuprov wrote and imports, in drop-in mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_in: Option<String>,
+    /// Whether gpuprov turned CDI on (`enable_cdi`, `cdi_spec_dirs`):
+    /// revert puts those keys back as the original had them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cdi: bool,
 }
 
 impl Record {
@@ -191,6 +195,9 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         class: opts.runtime_class.clone(),
         binary: binary.clone(),
         default,
+        cdi: ctx.spec.cdi.enabled.then(|| config::CdiWanted {
+            spec_dir: ctx.spec.cdi.spec_dir.clone(),
+        }),
     };
     let edited = if version1_on_2 {
         config::configure("", &wanted, 3)
@@ -278,6 +285,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         class: opts.runtime_class.clone(),
         binary: binary.clone(),
         set_as_default: opts.set_as_default,
+        cdi_spec_dir: wanted.cdi.as_ref().map(|c| c.spec_dir.clone()),
     };
     let remember_view = Change::WriteFile {
         path: effective::VIEW_CHECKED.to_string(),
@@ -349,6 +357,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             written_sha256: sha256_hex(main_written.as_bytes()),
             runtime_class: opts.runtime_class.clone(),
             drop_in: drop_in_path.clone(),
+            cdi: wanted.cdi.is_some() || record.as_ref().is_some_and(|r| r.cdi),
         };
         obs.changes.push(Change::WriteFile {
             path: RECORD.to_string(),

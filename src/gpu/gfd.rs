@@ -570,6 +570,7 @@ mod tests {
             mig_enabled: false,
             mig_pending: false,
             persistence_mode: false,
+            minor_number: index,
             fabric: None,
         }
     }

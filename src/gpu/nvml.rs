@@ -53,6 +53,8 @@ pub struct NvmlDevice {
     pub mig_enabled: bool,
     pub mig_pending: bool,
     pub persistence_mode: bool,
+    /// The minor number of its device node, `/dev/nvidia<minor>`.
+    pub minor_number: u32,
     /// Its NVLink fabric membership, once the fabric manager has
     /// registered it (GB200 NVL and the like); GFD's `gpu.clique`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -235,6 +237,13 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
             None | Some(Err(NvmlError::NotSupported)) => false,
             Some(Err(e)) => return Err(lost("its persistence mode")(e)),
         };
+        // Every driver NVIDIA ships answers this; a library that cannot is
+        // taken to number its nodes by index, as drivers do by default.
+        let minor_number = match device.minor_number() {
+            Ok(minor) => minor,
+            Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => index,
+            Err(e) => return Err(lost("its minor number")(e)),
+        };
         let capability = device
             .cuda_compute_capability()
             .map_err(lost("its compute capability"))?;
@@ -250,6 +259,7 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
             mig_enabled,
             mig_pending,
             persistence_mode,
+            minor_number,
             fabric: fabric(&nvml, &device),
         });
     }

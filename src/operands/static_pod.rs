@@ -77,6 +77,12 @@ pub fn render(spec: &Spec, operand: Operand, config: Option<&Chosen>) -> Result<
         container["args"] = json!(args);
     }
     let mut env_vars = wanted.env.clone();
+    if operand == Operand::DevicePlugin && spec.cdi.enabled {
+        use_cdi(&mut pod, spec, &mut env_vars);
+    }
+    let container = pod["spec"]["containers"]
+        .get_mut(0)
+        .ok_or_else(|| format!("template {name} has no container"))?;
     if config.is_some() {
         let mut mounts = container["volumeMounts"]
             .as_array()
@@ -109,6 +115,60 @@ pub fn render(spec: &Spec, operand: Operand, config: Option<&Chosen>) -> Result<
     Ok(format!(
         "# Written by gpuprov from {name} and the spec.\n# gpuprov rewrites it, and removes it when the operand is disabled.\n{yaml}"
     ))
+}
+
+/// Where the device plugin sees the host's root, to find the driver's
+/// files for the CDI spec it writes for its own devices.
+const DRIVER_ROOT_IN_POD: &str = "/driver-root";
+
+/// With `cdi.enabled`, the device plugin hands devices out by CDI name
+/// (`DEVICE_LIST_STRATEGY=cdi-annotations`, as the GPU Operator does; the
+/// spec's `devicePlugin.env` may say `cdi-cri`): it writes its spec into
+/// `cdi.specDir` from the driver files under the host's root (read-only),
+/// with the toolkit's `nvidia-ctk` as its hook. Variables the spec sets
+/// win.
+fn use_cdi(pod: &mut Value, spec: &Spec, env_vars: &mut Vec<(String, String)>) {
+    let ctk = format!(
+        "{}/nvidia-ctk",
+        spec.toolkit
+            .install_dir
+            .as_deref()
+            .unwrap_or("/usr/bin")
+            .trim_end_matches('/')
+    );
+    for (key, value) in [
+        ("DEVICE_LIST_STRATEGY", "cdi-annotations"),
+        ("NVIDIA_CDI_HOOK_PATH", ctk.as_str()),
+        ("NVIDIA_DRIVER_ROOT", "/"),
+        ("DRIVER_ROOT_CTR_PATH", DRIVER_ROOT_IN_POD),
+    ] {
+        if !env_vars.iter().any(|(k, _)| k == key) {
+            env_vars.push((key.to_string(), value.to_string()));
+        }
+    }
+    let mut volumes = pod["spec"]["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    volumes.push(json!({
+        "name": "cdi-specs",
+        "hostPath": {"path": spec.cdi.spec_dir, "type": "DirectoryOrCreate"},
+    }));
+    volumes.push(json!({"name": "driver-root", "hostPath": {"path": "/"}}));
+    pod["spec"]["volumes"] = json!(volumes);
+    let container = &mut pod["spec"]["containers"][0];
+    let mut mounts = container["volumeMounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    mounts.push(json!({"name": "cdi-specs", "mountPath": "/var/run/cdi"}));
+    mounts.push(json!({
+        "name": "driver-root",
+        "mountPath": DRIVER_ROOT_IN_POD,
+        "readOnly": true,
+        "mountPropagation": "HostToContainer",
+    }));
+    container["volumeMounts"] = json!(mounts);
 }
 
 /// Sets `entries` at the start of an object, in order, keeping the rest.

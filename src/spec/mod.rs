@@ -16,6 +16,7 @@ use serde_saphyr::Spanned;
 
 use crate::diagnostic::{Diagnostic, Diagnostics, Source, nearest};
 
+mod cdi;
 mod containerd;
 mod device_plugin;
 mod driver;
@@ -26,6 +27,7 @@ mod readiness;
 mod states;
 mod toolkit;
 
+pub use cdi::*;
 pub use containerd::*;
 pub use device_plugin::*;
 pub use driver::*;
@@ -45,6 +47,7 @@ pub const DEFAULT_SPEC_NAME: &str = "<embedded default spec>";
 pub const SWITCHES: &[&str] = &[
     "driver.enabled",
     "toolkit.enabled",
+    "cdi.enabled",
     "devicePlugin.enabled",
     "dcgmExporter.enabled",
     "gfd.enabled",
@@ -72,6 +75,8 @@ struct RawSpec {
     toolkit: RawToolkit,
     #[serde(default)]
     containerd: RawContainerd,
+    #[serde(default)]
+    cdi: cdi::RawCdi,
     #[serde(default)]
     device_plugin: RawOperand,
     #[serde(default)]
@@ -147,6 +152,7 @@ pub struct Spec {
     pub driver: DriverSpec,
     pub toolkit: ToolkitSpec,
     pub containerd: ContainerdOptions,
+    pub cdi: CdiSpec,
     pub device_plugin: OperandSpec,
     /// `devicePlugin.config`: the device plugin's configs by name.
     pub device_plugin_config: PluginConfigs,
@@ -211,6 +217,7 @@ impl Spec {
         Some(match name {
             "driver.enabled" => self.driver.enabled,
             "toolkit.enabled" => self.toolkit.enabled,
+            "cdi.enabled" => self.cdi.enabled,
             "devicePlugin.enabled" => self.device_plugin.enabled,
             "dcgmExporter.enabled" => self.dcgm_exporter.enabled,
             "gfd.enabled" => self.gfd.enabled,
@@ -332,6 +339,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
     let operands = resolve_operands(&raw.operands, source, &mut errors);
     let containerd = resolve_containerd(&raw.containerd, &raw.toolkit.env, source, &mut errors);
     let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
+    let cdi = cdi::resolve_cdi(&raw.cdi, source, &mut errors);
     let readiness = readiness::resolve_readiness(&raw.readiness, source, &mut errors);
     let mig = mig::resolve_mig(&raw.mig, source, &mut errors);
     let health = health::resolve_health(&raw.health, source, &mut errors);
@@ -347,6 +355,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         driver,
         toolkit,
         containerd,
+        cdi,
         device_plugin,
         device_plugin_config,
         dcgm_exporter,

@@ -60,10 +60,20 @@ pub fn locate(
 /// runs: where it is, or where installing the toolkit puts it (so a plan
 /// can show the containerd change before the toolkit is there).
 pub fn runtime_binary(host: &Host, spec: &Spec) -> Result<String, HostError> {
-    let found = locate(host, spec)?.remove(BINARIES[0]).flatten();
+    binary(host, spec, BINARIES[0])
+}
+
+/// The host path of `nvidia-ctk`, whose hooks a CDI spec runs.
+pub fn ctk_binary(host: &Host, spec: &Spec) -> Result<String, HostError> {
+    binary(host, spec, BINARIES[1])
+}
+
+/// Where one of the toolkit's `BINARIES` is, or will be once installed.
+fn binary(host: &Host, spec: &Spec, name: &'static str) -> Result<String, HostError> {
+    let found = locate(host, spec)?.remove(name).flatten();
     Ok(found.unwrap_or_else(|| {
         let dir = spec.toolkit.install_dir.as_deref().unwrap_or("/usr/bin");
-        format!("{}/{}", dir.trim_end_matches('/'), BINARIES[0])
+        format!("{}/{}", dir.trim_end_matches('/'), name)
     }))
 }
 
