@@ -22,27 +22,11 @@ mod common;
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::measure;
+use common::{gpuprov, measure, succeeds};
 use support::fake_api::FakeApi;
-
-fn gpuprov(args: &[&str]) -> Command {
-    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
-    cmd.args(args)
-        .env_remove("KUBECONFIG")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env("HOME", "/nonexistent-gpuprov-bench-home")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    cmd
-}
-
-fn succeeds(cmd: &mut Command) {
-    let status = cmd.status().unwrap();
-    assert!(status.success(), "{cmd:?} exited {status}");
-}
 
 fn report(name: &str, runs: usize, (median, p90): (Duration, Duration)) {
     println!("{name:<62} {runs:>5} runs  median {median:>10.2?}  p90 {p90:>10.2?}");

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use support::fake_api::FakeApi;
-use support::{copy_host, fake_nvml_library, repo, steps, write_spec};
+use support::{copy_host, repo, steps, write_spec};
 
 const NODE: &str = "gpu-node-1";
 
@@ -50,17 +50,7 @@ impl Node {
     /// `gpuprov <command>` on this node, NVML answered by its fake.
     fn command(&self, command: &str, spec: &str) -> assert_cmd::Command {
         let spec = write_spec(self.path(), "mig-spec.yaml", spec);
-        let mut cmd = support::gpuprov();
-        cmd.env("GPUPROV_FAKE_NVML", &self.fixture)
-            .env("GPUPROV_FAKE_NVML_STATE", &self.state)
-            .args([command, "--host-exec", "prefix"])
-            .arg("--nvml-lib")
-            .arg(fake_nvml_library())
-            .arg("--host-root")
-            .arg(self.path())
-            .arg("--config")
-            .arg(&spec);
-        cmd
+        support::on_fake_nvml_host(command, self.path(), &self.fixture, &self.state, &spec)
     }
 
     /// `apply --output json` with `spec`; the exit code and the report.

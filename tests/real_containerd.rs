@@ -563,3 +563,54 @@ fn the_merged_view_of_imports_is_what_real_containerd_loads() {
         }
     }
 }
+
+/// Debian's containerd is 1.6, which predates CDI (1.7): it starts on
+/// every version-2 config with `enable_cdi = true` in its CRI table,
+/// loads the nvidia runtime, logs no CDI setting (its CRI config has
+/// none) and leaves the key out of `containerd config dump`. gpuprov's
+/// check of containerd's view then names the key and why, so a node with
+/// `cdi.enabled` on containerd 1.6 fails its containerd step instead of
+/// handing out devices nothing would inject.
+#[test]
+fn containerd_1_6_starts_with_enable_cdi_and_leaves_it_out_of_its_view() {
+    if !support::as_root("containerd needs root") {
+        return;
+    }
+    let wanted = RuntimeWanted {
+        class: "nvidia".into(),
+        binary: BINARY.into(),
+        default: DefaultRuntime::Keep,
+        cdi: Some(gpuprov::containerd::config::CdiWanted {
+            spec_dir: "/var/run/cdi".into(),
+        }),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = v2_configs();
+    for (i, file) in files.iter().enumerate() {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let edited = configure(&fs::read_to_string(file).unwrap(), &wanted, 2).unwrap();
+        assert!(edited.text.contains("enable_cdi = true"), "{name}");
+        let config = dir.path().join(&name);
+        fs::write(&config, private_config(&edited.text, dir.path())).unwrap();
+        let dump = real_dump(&config);
+        assert!(
+            !dump.contains("enable_cdi"),
+            "{name}: containerd 1.6 kept it:\n{dump}"
+        );
+        let why =
+            gpuprov::containerd::effective::check(&dump, &wanted, "containerd's view").unwrap_err();
+        assert!(
+            why.contains("enable_cdi is not set") && why.contains("before 1.7"),
+            "{name}: {why}"
+        );
+        // Starting it takes a few seconds each: three configs show it.
+        if i < 3 {
+            let line = cri_config_line(&config);
+            assert!(
+                runtime_entry(&line, "nvidia").contains(BINARY),
+                "{name}: {line}"
+            );
+            assert!(!line.contains("CDI"), "{name}: {line}");
+        }
+    }
+}

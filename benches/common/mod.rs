@@ -48,3 +48,22 @@ pub fn usage(pid: u32) -> (u64, f64) {
     };
     (rss_kib, (ticks(11) + ticks(12)) / 100.0)
 }
+
+/// The `gpuprov` binary as a bench runs it: no kubeconfig found by
+/// accident, output discarded.
+pub fn gpuprov(args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
+    cmd.args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", "/nonexistent-gpuprov-bench-home")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    cmd
+}
+
+/// Runs `cmd`, which must succeed.
+pub fn succeeds(cmd: &mut std::process::Command) {
+    let status = cmd.status().unwrap();
+    assert!(status.success(), "{cmd:?} exited {status}");
+}

@@ -105,7 +105,17 @@ pub fn find(host: &Host, version: &str) -> Result<Result<DriverFiles, Missing>, 
             if found_here.is_empty() {
                 continue;
             }
+            // Only names a link to one of them can have (`libcuda.so`,
+            // `libcuda.so.1`) are read as links: a library directory holds
+            // thousands of other files.
+            let stems: Vec<&str> = found_here
+                .iter()
+                .filter_map(|name| Some(&name[..name.find(".so.")? + 3]))
+                .collect();
             for name in &names {
+                if found_here.contains(name) || !stems.iter().any(|stem| name.starts_with(stem)) {
+                    continue;
+                }
                 let path = format!("{dir}/{name}");
                 if let Some(target) = link_to(host, &dir, name, &found_here)? {
                     links.push((target, path));

@@ -214,7 +214,16 @@ fn gpus(
         });
     }
     let mut mig_control = Vec::new();
-    if inventory.devices.iter().any(|d| d.mig_capable) {
+    // MIG devices are read afresh (a second NVML session) only where there
+    // can be some: MIG on when the run began, or a layout asked for that
+    // the `mig` state may just have applied.
+    let layout_asked = ctx.facts.node_labels.contains_key(crate::mig::CONFIG_LABEL)
+        || ctx.spec.mig.default.is_some();
+    let mig_seen = inventory
+        .devices
+        .iter()
+        .any(|d| d.mig_enabled || d.mig_pending);
+    if inventory.devices.iter().any(|d| d.mig_capable) && (mig_seen || layout_asked) {
         let library = crate::gpu::nvml::find_library(ctx.host, ctx.facts.nvml_lib.as_deref())
             .map_err(|p| StepError::Observe(format!("MIG devices cannot be read: {p}")))?;
         let migs = crate::mig::nvml::read(&library)

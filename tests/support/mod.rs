@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod artifact_server;
+pub mod cdi_schema;
 pub mod containerd;
 pub mod cri_node;
 pub mod daemon;
@@ -234,6 +235,28 @@ pub fn gpuprov_with_fake_nvml(fixture: &str) -> assert_cmd::Command {
         "GPUPROV_FAKE_NVML",
         repo().join("fixtures/nvml").join(fixture),
     );
+    cmd
+}
+
+/// `gpuprov <command>` on the host at `root` with `spec`, its NVML the
+/// fake library answering from `nvml` and keeping its MIG state in
+/// `state`, host commands run by prefix.
+pub fn on_fake_nvml_host(
+    command: &str,
+    root: &Path,
+    nvml: &Path,
+    state: &Path,
+    spec: &Path,
+) -> assert_cmd::Command {
+    let mut cmd = gpuprov();
+    cmd.env("GPUPROV_FAKE_NVML", nvml)
+        .env("GPUPROV_FAKE_NVML_STATE", state)
+        .args([command, "--host-exec", "prefix", "--nvml-lib"])
+        .arg(fake_nvml_library())
+        .arg("--host-root")
+        .arg(root)
+        .arg("--config")
+        .arg(spec);
     cmd
 }
 
