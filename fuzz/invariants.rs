@@ -74,6 +74,10 @@ pub fn containerd(text: &str) {
         None,
         Some(config::CdiWanted {
             spec_dir: "/opt/cdi".to_string(),
+            runtime: Some(config::CdiRuntime {
+                class: "nvidia-cdi".to_string(),
+                binary: "/usr/bin/nvidia-container-runtime.cdi".to_string(),
+            }),
         }),
     ];
     for (default, cdi) in [

@@ -486,7 +486,7 @@ fn make_change(
             class,
             binary,
             set_as_default,
-            cdi_spec_dir,
+            cdi,
         } => {
             let wanted = crate::containerd::config::RuntimeWanted {
                 class: class.clone(),
@@ -496,11 +496,7 @@ fn make_change(
                 } else {
                     crate::containerd::config::DefaultRuntime::Keep
                 },
-                cdi: cdi_spec_dir
-                    .as_ref()
-                    .map(|dir| crate::containerd::config::CdiWanted {
-                        spec_dir: dir.clone(),
-                    }),
+                cdi: cdi.clone(),
             };
             crate::containerd::effective::verify(host, config, &wanted, commands)
         }

@@ -121,9 +121,10 @@ pub enum Change {
         class: String,
         binary: String,
         set_as_default: bool,
-        /// With `cdi.enabled`: CDI must be on, reading this directory.
+        /// With `cdi.enabled`: CDI must be on, reading gpuprov's spec
+        /// directory, and the CDI runtime there.
         #[serde(skip_serializing_if = "Option::is_none")]
-        cdi_spec_dir: Option<String>,
+        cdi: Option<crate::containerd::config::CdiWanted>,
     },
     /// Wait until something answers on a unix socket.
     WaitSocket {

@@ -236,6 +236,25 @@ fn the_specs_hold_to_the_cdi_rules_and_list_nvmls_gpus() {
         // containerd reads specs: CDI is on in its config.
         let config = node.text("etc/containerd/config.toml").unwrap();
         assert!(config.contains("enable_cdi = true"), "{host}:\n{config}");
+        // ...and runs the CDI runtime for `runtimeClassName: nvidia-cdi`,
+        // with the options of gpuprov's own runtime.
+        let doc: toml_edit::DocumentMut = config.parse().unwrap();
+        let runtimes = doc["plugins"]
+            .as_table_like()
+            .and_then(|p| p.iter().find_map(|(_, plugin)| plugin.get("containerd")))
+            .and_then(|c| c.get("runtimes"))
+            .unwrap_or_else(|| panic!("{host}: no runtimes:\n{config}"));
+        let (nvidia, cdi) = (&runtimes["nvidia"], &runtimes["nvidia-cdi"]);
+        let binary = cdi["options"]["BinaryName"].as_str().unwrap();
+        assert!(
+            binary.ends_with("/nvidia-container-runtime.cdi"),
+            "{host}: {binary}"
+        );
+        assert_eq!(
+            cdi["options"]["SystemdCgroup"].as_bool(),
+            nvidia["options"]["SystemdCgroup"].as_bool(),
+            "{host}:\n{config}"
+        );
     }
 }
 

@@ -184,7 +184,7 @@ fn real_configs_come_out_right() {
             // Where gpuprov added the runtime, removing it gives back the
             // original's meaning.
             if edited.copied_from.is_some() && default == DefaultRuntime::Keep {
-                let reverted = unconfigure(&edited.text, "nvidia", None, false).unwrap();
+                let reverted = unconfigure(&edited.text, "nvidia", None, None).unwrap();
                 assert_eq!(
                     to_json(parse(&reverted).unwrap().as_item()),
                     to_json(parse(&original).unwrap().as_item()),
@@ -373,10 +373,10 @@ fn crlf_line_endings_and_a_byte_order_mark_are_kept_exactly() {
             path.display()
         );
         assert_eq!(
-            unconfigure(&edited.text, "nvidia", None, false).unwrap(),
+            unconfigure(&edited.text, "nvidia", None, None).unwrap(),
             format!(
                 "\u{feff}{}",
-                unconfigure(&expected.text, "nvidia", None, false)
+                unconfigure(&expected.text, "nvidia", None, None)
                     .unwrap()
                     .replace('\n', "\r\n")
             ),
@@ -409,6 +409,11 @@ fn cdi_is_turned_on_where_each_config_version_reads_it() {
             let with_cdi = RuntimeWanted {
                 cdi: Some(gpuprov::containerd::config::CdiWanted {
                     spec_dir: dir.to_string(),
+                    // The CDI runtime, in one of the two passes.
+                    runtime: (dir == "/opt/cdi").then(|| gpuprov::containerd::config::CdiRuntime {
+                        class: "nvidia-cdi".into(),
+                        binary: "/usr/bin/nvidia-container-runtime.cdi".into(),
+                    }),
                 }),
                 ..wanted(DefaultRuntime::Keep)
             };
@@ -461,8 +466,45 @@ fn cdi_is_turned_on_where_each_config_version_reads_it() {
                 gpuprov::containerd::effective::check_doc(&result, &with_cdi)
                     .unwrap_or_else(|m| panic!("{name}: {}", m.message));
             }
-            let reverted = unconfigure(&edited.text, "nvidia", Some(&original), true).unwrap();
+            // The CDI runtime runs the CDI binary, with the nvidia
+            // runtime's cgroup driver.
+            let runtimes = lookup(
+                result.as_item(),
+                &["plugins", config_layout.plugin(), "containerd", "runtimes"],
+            )
+            .unwrap();
+            if dir == "/opt/cdi" {
+                let cdi = runtimes
+                    .get("nvidia-cdi")
+                    .unwrap_or_else(|| panic!("{name}:\n{}", edited.text));
+                assert_eq!(
+                    lookup(cdi, &["options", "BinaryName"]).and_then(Item::as_str),
+                    Some("/usr/bin/nvidia-container-runtime.cdi"),
+                    "{name}"
+                );
+                let cgroup = |r: &Item| lookup(r, &["options", "SystemdCgroup"]).map(to_json);
+                assert_eq!(cgroup(cdi), cgroup(&runtimes["nvidia"]), "{name}");
+            } else {
+                assert!(runtimes.get("nvidia-cdi").is_none(), "{name}");
+            }
+            let reverting = gpuprov::containerd::config::CdiReverted {
+                runtime_class: Some("nvidia-cdi".into()),
+            };
+            let reverted =
+                unconfigure(&edited.text, "nvidia", Some(&original), Some(&reverting)).unwrap();
             let reverted = parse(&reverted).unwrap();
+            let cdi_runtime = [
+                "plugins",
+                config_layout.plugin(),
+                "containerd",
+                "runtimes",
+                "nvidia-cdi",
+            ];
+            assert_eq!(
+                lookup(reverted.as_item(), &cdi_runtime).map(to_json),
+                lookup(doc.as_item(), &cdi_runtime).map(to_json),
+                "{name}: revert left the CDI runtime behind"
+            );
             for key in ["enable_cdi", "cdi_spec_dirs"] {
                 let at = ["plugins", config_layout.plugin(), key];
                 assert_eq!(
@@ -494,6 +536,7 @@ fn cdi_settings_already_there_are_kept_and_corrected() {
     let with_cdi = RuntimeWanted {
         cdi: Some(gpuprov::containerd::config::CdiWanted {
             spec_dir: "/var/run/cdi".to_string(),
+            runtime: None,
         }),
         ..wanted(DefaultRuntime::Keep)
     };

@@ -247,7 +247,12 @@ fn the_daemonset_variant_matches_the_binary() {
     assert_eq!(service_spec.ports.unwrap()[0].port, i32::from(port));
     let runtime_class: Vec<k8s_openapi::api::node::v1::RuntimeClass> =
         of_kind(&docs, "RuntimeClass");
-    assert_eq!(runtime_class[0].handler, "nvidia");
+    let handlers: Vec<&str> = runtime_class.iter().map(|r| r.handler.as_str()).collect();
+    assert_eq!(
+        handlers,
+        ["nvidia", gpuprov::spec::DEFAULT_CDI_RUNTIME_CLASS],
+        "a RuntimeClass for gpuprov's runtime and for its CDI runtime"
+    );
 }
 
 #[test]

@@ -406,7 +406,7 @@ fn a_legacy_default_runtime_table_no_longer_wins_over_the_nvidia_default() {
     // restore): the legacy table's type comes back.
     let changed = format!("{}\n# changed by hand\n", edited.text);
     let reverted =
-        gpuprov::containerd::config::unconfigure(&changed, "nvidia", Some(&original), false)
+        gpuprov::containerd::config::unconfigure(&changed, "nvidia", Some(&original), None)
             .unwrap();
     assert_eq!(reverted, format!("{original}\n# changed by hand\n"));
 }
@@ -566,7 +566,7 @@ fn the_merged_view_of_imports_is_what_real_containerd_loads() {
 
 /// Debian's containerd is 1.6, which predates CDI (1.7): it starts on
 /// every version-2 config with `enable_cdi = true` in its CRI table,
-/// loads the nvidia runtime, logs no CDI setting (its CRI config has
+/// loads the nvidia and nvidia-cdi runtimes, logs no CDI setting (its CRI config has
 /// none) and leaves the key out of `containerd config dump`. gpuprov's
 /// check of containerd's view then names the key and why, so a node with
 /// `cdi.enabled` on containerd 1.6 fails its containerd step instead of
@@ -582,6 +582,10 @@ fn containerd_1_6_starts_with_enable_cdi_and_leaves_it_out_of_its_view() {
         default: DefaultRuntime::Keep,
         cdi: Some(gpuprov::containerd::config::CdiWanted {
             spec_dir: "/var/run/cdi".into(),
+            runtime: Some(gpuprov::containerd::config::CdiRuntime {
+                class: "nvidia-cdi".into(),
+                binary: "/usr/bin/nvidia-container-runtime.cdi".into(),
+            }),
         }),
     };
     let dir = tempfile::tempdir().unwrap();

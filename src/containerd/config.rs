@@ -47,10 +47,22 @@ pub struct RuntimeWanted {
 }
 
 /// containerd's CDI support, as the `cdi` state wants it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CdiWanted {
     /// Where gpuprov writes its CDI spec (`/var/run/cdi`).
     pub spec_dir: String,
+    /// A second runtime (`nvidia-cdi`) running the toolkit's runtime in
+    /// CDI mode (`nvidia-container-runtime.cdi`), copied from the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<CdiRuntime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CdiRuntime {
+    pub class: String,
+    pub binary: String,
 }
 
 /// Where containerd (1.7 and 2.x) reads CDI specs when `cdi_spec_dirs`
@@ -458,6 +470,9 @@ fn configure_plain(
 
     if let Some(cdi) = &wanted.cdi {
         enable_cdi(&mut doc, layout, cdi)?;
+        if let Some(runtime) = &cdi.runtime {
+            add_cdi_runtime(&mut doc, layout, &wanted.class, runtime)?;
+        }
     }
 
     Ok(Edited {
@@ -466,6 +481,42 @@ fn configure_plain(
         copied_from,
         notes,
     })
+}
+
+/// The CDI runtime beside gpuprov's runtime: a copy of its table (so its
+/// cgroup driver and options carry over) that runs the CDI binary.
+fn add_cdi_runtime(
+    doc: &mut DocumentMut,
+    layout: Layout,
+    class: &str,
+    runtime: &CdiRuntime,
+) -> Result<(), ConfigError> {
+    let path = ["plugins", layout.plugin(), "containerd", "runtimes"];
+    let runtimes = ensure_table(doc.as_table_mut(), &path)?;
+    if runtimes.get(&runtime.class).is_none()
+        && let Some(ours) = runtimes.get(class).and_then(Item::as_table)
+    {
+        let mut copy = ours.clone();
+        tidy_copy(&mut copy);
+        runtimes.insert(&runtime.class, Item::Table(copy));
+    }
+    let table = runtimes
+        .get_mut(&runtime.class)
+        .and_then(Item::as_table_like_mut)
+        .ok_or_else(|| ConfigError::NotATable {
+            keys: path
+                .iter()
+                .map(|k| k.to_string())
+                .chain([runtime.class.clone()])
+                .collect(),
+        })?;
+    set_str(table, "runtime_type", RUNC_V2);
+    let options = child_table_like(table, "options")?;
+    set_str(options, "BinaryName", &runtime.binary);
+    if layout == Layout::V1 {
+        set_str(options, "Runtime", &runtime.binary);
+    }
+    Ok(())
 }
 
 /// `enable_cdi = true` in the CRI plugin's own table (where containerd 1.7
@@ -583,11 +634,22 @@ pub fn unconfigure(
     text: &str,
     class: &str,
     original: Option<&str>,
-    cdi: bool,
+    cdi: Option<&CdiReverted>,
 ) -> Result<String, ConfigError> {
     let (encoding, text) = Encoding::detect(text);
     let original = original.map(parse).transpose()?;
-    unconfigure_plain(&text, class, original.as_ref(), cdi).map(|t| encoding.restore(t))
+    let mut reverted = unconfigure_plain(&text, class, original.as_ref(), cdi.is_some())?;
+    if let Some(extra) = cdi.and_then(|c| c.runtime_class.as_deref()) {
+        reverted = unconfigure_plain(&reverted, extra, original.as_ref(), false)?;
+    }
+    Ok(encoding.restore(reverted))
+}
+
+/// What revert takes back of gpuprov's CDI setup: the CRI plugin's CDI
+/// keys, and the CDI runtime when it added one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CdiReverted {
+    pub runtime_class: Option<String>,
 }
 
 /// The CRI plugin's CDI keys back as `original` had them (gone when it

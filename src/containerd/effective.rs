@@ -53,7 +53,7 @@ pub fn view_key(host: &Host, wanted: &RuntimeWanted, main: &str, given: &[(&str,
     });
     // Only with CDI on, so that markers written before it still match.
     if let Some(cdi) = &wanted.cdi {
-        key["cdiSpecDir"] = serde_json::json!(cdi.spec_dir);
+        key["cdi"] = serde_json::json!(cdi);
     }
     format!("{key}\n")
 }
@@ -344,6 +344,30 @@ fn check_cdi(root: &Item, plugin: &str, cdi: &CdiWanted) -> Result<(), Mismatch>
             ),
             ..at("cdi_spec_dirs")
         });
+    }
+    if let Some(runtime) = &cdi.runtime {
+        let key = [
+            "plugins",
+            plugin,
+            "containerd",
+            "runtimes",
+            runtime.class.as_str(),
+        ];
+        let binary = get(root, &key).and_then(|r| text(get(r, &["options", "BinaryName"])));
+        if binary.as_deref() != Some(runtime.binary.as_str()) {
+            let mut path: Vec<&str> = key.to_vec();
+            path.extend(["options", "BinaryName"]);
+            return Err(Mismatch {
+                key: path.iter().map(|k| k.to_string()).collect(),
+                message: format!(
+                    "{} is {}, not {}: containerd would not run the CDI runtime `{}`",
+                    dotted(&path),
+                    binary.as_deref().unwrap_or("unset"),
+                    runtime.binary,
+                    runtime.class
+                ),
+            });
+        }
     }
     Ok(())
 }

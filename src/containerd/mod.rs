@@ -48,6 +48,9 @@ pub struct Record {
     /// revert puts those keys back as the original had them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cdi: bool,
+    /// The CDI runtime (`nvidia-cdi`) gpuprov added, which revert removes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdi_runtime_class: Option<String>,
 }
 
 impl Record {
@@ -195,9 +198,19 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         class: opts.runtime_class.clone(),
         binary: binary.clone(),
         default,
-        cdi: ctx.spec.cdi.enabled.then(|| config::CdiWanted {
-            spec_dir: ctx.spec.cdi.spec_dir.clone(),
-        }),
+        cdi: match ctx.spec.cdi.enabled {
+            false => None,
+            true => Some(config::CdiWanted {
+                spec_dir: ctx.spec.cdi.spec_dir.clone(),
+                runtime: match &ctx.spec.cdi.runtime_class {
+                    Some(class) => Some(config::CdiRuntime {
+                        class: class.clone(),
+                        binary: crate::toolkit::cdi_runtime_binary(ctx.host, ctx.spec)?,
+                    }),
+                    None => None,
+                },
+            }),
+        },
     };
     let edited = if version1_on_2 {
         config::configure("", &wanted, 3)
@@ -285,7 +298,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         class: opts.runtime_class.clone(),
         binary: binary.clone(),
         set_as_default: opts.set_as_default,
-        cdi_spec_dir: wanted.cdi.as_ref().map(|c| c.spec_dir.clone()),
+        cdi: wanted.cdi.clone(),
     };
     let remember_view = Change::WriteFile {
         path: effective::VIEW_CHECKED.to_string(),
@@ -358,6 +371,12 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             runtime_class: opts.runtime_class.clone(),
             drop_in: drop_in_path.clone(),
             cdi: wanted.cdi.is_some() || record.as_ref().is_some_and(|r| r.cdi),
+            cdi_runtime_class: wanted
+                .cdi
+                .as_ref()
+                .and_then(|c| c.runtime.as_ref())
+                .map(|r| r.class.clone())
+                .or_else(|| record.as_ref().and_then(|r| r.cdi_runtime_class.clone())),
         };
         obs.changes.push(Change::WriteFile {
             path: RECORD.to_string(),

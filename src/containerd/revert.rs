@@ -80,9 +80,18 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
             }
             let in_config =
                 |e: config::ConfigError| format!("{}:{}", record.config, e.located(now));
-            let mut reverted =
-                config::unconfigure(now, &record.runtime_class, original.as_deref(), record.cdi)
-                    .map_err(in_config)?;
+            let mut reverted = config::unconfigure(
+                now,
+                &record.runtime_class,
+                original.as_deref(),
+                record
+                    .cdi
+                    .then(|| config::CdiReverted {
+                        runtime_class: record.cdi_runtime_class.clone(),
+                    })
+                    .as_ref(),
+            )
+            .map_err(in_config)?;
             if let Some(drop_in) = &record.drop_in {
                 reverted = config::remove_import(&reverted, drop_in).map_err(in_config)?;
             }

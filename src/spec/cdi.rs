@@ -12,7 +12,12 @@ pub const DEFAULT_CDI_SPEC_DIR: &str = "/var/run/cdi";
 pub(super) struct RawCdi {
     enabled: Option<bool>,
     spec_dir: Option<Spanned<String>>,
+    runtime_class: Option<Spanned<String>>,
 }
+
+/// The runtime class the GPU Operator adds beside `nvidia` with CDI on:
+/// the toolkit's runtime in CDI mode.
+pub const DEFAULT_CDI_RUNTIME_CLASS: &str = "nvidia-cdi";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -22,9 +27,19 @@ pub struct CdiSpec {
     pub enabled: bool,
     /// The directory the spec files go to (`/var/run/cdi` or `/etc/cdi`).
     pub spec_dir: String,
+    /// A containerd runtime (and runtime class) running the toolkit's
+    /// `nvidia-container-runtime.cdi`; none when the spec says `""`.
+    pub runtime_class: Option<String>,
 }
 
-pub(super) fn resolve_cdi(raw: &RawCdi, source: &Source, errors: &mut Vec<Diagnostic>) -> CdiSpec {
+/// `containerd_class` is the runtime class gpuprov configures; the CDI
+/// runtime needs a name of its own beside it.
+pub(super) fn resolve_cdi(
+    raw: &RawCdi,
+    containerd_class: &str,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> CdiSpec {
     let spec_dir = match &raw.spec_dir {
         None => DEFAULT_CDI_SPEC_DIR.to_string(),
         Some(dir) => {
@@ -38,8 +53,33 @@ pub(super) fn resolve_cdi(raw: &RawCdi, source: &Source, errors: &mut Vec<Diagno
             dir.value.trim_end_matches('/').to_string()
         }
     };
+    let runtime_class = match &raw.runtime_class {
+        None => Some(DEFAULT_CDI_RUNTIME_CLASS.to_string()),
+        Some(class) if class.value.is_empty() => None,
+        Some(class) => {
+            if let Err(problem) = super::states::check_dns_label(&class.value) {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    class.referenced,
+                    format!("cdi.runtimeClass {problem}"),
+                ));
+            } else if class.value == containerd_class {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    class.referenced,
+                    format!(
+                        "cdi.runtimeClass `{}` is containerd.runtimeClass too: the CDI runtime \
+                         needs a name of its own (or \"\" for none)",
+                        class.value
+                    ),
+                ));
+            }
+            Some(class.value.clone())
+        }
+    };
     CdiSpec {
         enabled: raw.enabled.unwrap_or(false),
         spec_dir,
+        runtime_class,
     }
 }

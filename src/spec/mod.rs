@@ -339,7 +339,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
     let operands = resolve_operands(&raw.operands, source, &mut errors);
     let containerd = resolve_containerd(&raw.containerd, &raw.toolkit.env, source, &mut errors);
     let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
-    let cdi = cdi::resolve_cdi(&raw.cdi, source, &mut errors);
+    let cdi = cdi::resolve_cdi(&raw.cdi, &containerd.runtime_class, source, &mut errors);
     let readiness = readiness::resolve_readiness(&raw.readiness, source, &mut errors);
     let mig = mig::resolve_mig(&raw.mig, source, &mut errors);
     let health = health::resolve_health(&raw.health, source, &mut errors);

@@ -68,6 +68,21 @@ pub fn ctk_binary(host: &Host, spec: &Spec) -> Result<String, HostError> {
     binary(host, spec, BINARIES[1])
 }
 
+/// The toolkit's runtime in CDI mode, `nvidia-container-runtime.cdi`
+/// (nvidia-container-toolkit-base ships it beside the runtime): where it
+/// is, or where the runtime's directory would have it.
+pub fn cdi_runtime_binary(host: &Host, spec: &Spec) -> Result<String, HostError> {
+    const NAME: &str = "nvidia-container-runtime.cdi";
+    for dir in search_dirs(spec) {
+        let candidate = format!("{dir}/{NAME}");
+        if host.is_file(&candidate)? {
+            return Ok(candidate);
+        }
+    }
+    let runtime = runtime_binary(host, spec)?;
+    Ok(format!("{runtime}.cdi"))
+}
+
 /// Where one of the toolkit's `BINARIES` is, or will be once installed.
 fn binary(host: &Host, spec: &Spec, name: &'static str) -> Result<String, HostError> {
     let found = locate(host, spec)?.remove(name).flatten();
