@@ -7,7 +7,14 @@
 //! * their sizes;
 //! * a no-op `apply` on the converged node with `cdi.enabled` and without,
 //!   NVML read through the fake library, against the process floor
-//!   (`gpuprov --version`), run in turn (target: within 3× the floor).
+//!   (`gpuprov --version`), run in turn (target: within 3× the floor);
+//! * the same converge in process, as `gpuprov run` repeats it every few
+//!   minutes: no process start, NVML's library already loaded;
+//! * what NVML alone costs a fresh process (loading the library,
+//!   `nvmlInit`, gpuprov's inventory): the fake library the converge
+//!   above loads, and Debian's real `libnvidia-ml.so.1` where it is
+//!   installed (no driver here: its `nvmlInit` fails as on a node whose
+//!   driver is not loaded), for the share of the converge that is NVML's.
 //!
 //! Run with `cargo bench --bench cdi` (`cargo test` runs one of each).
 
@@ -21,7 +28,10 @@ use std::time::{Duration, Instant};
 
 use common::{gpuprov, succeeds};
 use gpuprov::cdi::{document, driver_files};
+use gpuprov::cli::NodeArgs;
+use gpuprov::converge::Inputs;
 use gpuprov::host::{ExecMode, Host};
+use gpuprov::labels::LabelTarget;
 
 fn apply(host: &Path, spec: &Path) -> Command {
     let mut cmd = gpuprov(&["apply", "--host-exec", "prefix", "--nvml-lib"]);
@@ -37,6 +47,22 @@ fn apply(host: &Path, spec: &Path) -> Command {
     cmd
 }
 
+fn node_args(host: &Path, spec: &Path) -> NodeArgs {
+    NodeArgs {
+        config: Some(spec.to_path_buf()),
+        host_root: host.to_path_buf(),
+        host_exec: Some(ExecMode::Prefix),
+        states_dir: None,
+        node_labels: Vec::new(),
+        node_labels_file: None,
+        labels_sink: LabelTarget::File,
+        kubeconfig: None,
+        node_name: None,
+        nvml_lib: Some(support::fake_nvml_library()),
+        command_timeout: Duration::from_secs(60),
+    }
+}
+
 fn median(mut samples: Vec<Duration>) -> (Duration, Duration) {
     samples.sort();
     let n = samples.len();
@@ -47,7 +73,43 @@ fn report(name: &str, runs: usize, (median, p90): (Duration, Duration)) {
     println!("{name:<58} {runs:>5} runs  median {median:>10.2?}  p90 {p90:>10.2?}");
 }
 
+/// Set in a child of this bench: load NVML from the library it names,
+/// print how long that took in microseconds, and exit.
+const NVML_ONCE: &str = "GPUPROV_BENCH_NVML_ONCE";
+
+/// NVML loaded in a fresh process (a library is loaded once per process,
+/// so only a new process pays what a converge pays): the microseconds
+/// from `dlopen` to gpuprov's inventory, or to `nvmlInit`'s error.
+fn nvml_in_a_fresh_process(library: &Path, runs: usize) -> (Duration, Duration) {
+    let samples = (0..runs)
+        .map(|_| {
+            let output = Command::new(std::env::current_exe().unwrap())
+                .env(NVML_ONCE, library)
+                .env(
+                    "GPUPROV_FAKE_NVML",
+                    support::repo().join("fixtures/nvml/h100x8.yaml"),
+                )
+                .output()
+                .unwrap();
+            let micros: u64 = String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("the child said {output:?}"));
+            Duration::from_micros(micros)
+        })
+        .collect();
+    median(samples)
+}
+
 fn main() {
+    if let Some(library) = std::env::var_os(NVML_ONCE) {
+        let started = Instant::now();
+        // The answer does not matter: without a driver, the real library's
+        // nvmlInit fails after loading, as a converge would see it.
+        let _ = gpuprov::gpu::nvml::inventory(Path::new(&library));
+        println!("{}", started.elapsed().as_micros());
+        return;
+    }
     let runs = common::runs;
     let host_dir = support::copy_host("h100x8-cdi");
 
@@ -134,6 +196,54 @@ fn main() {
         },
         ratio(without),
         with_cdi.0.saturating_sub(without.0)
+    );
+
+    // In process, as `gpuprov run`'s drift converge: the fake library
+    // finds its fixture through the environment, set before any thread.
+    // SAFETY: nothing else runs yet that reads the environment.
+    unsafe {
+        std::env::set_var(
+            "GPUPROV_FAKE_NVML",
+            support::repo().join("fixtures/nvml/h100x8.yaml"),
+        )
+    };
+    let n = runs(300);
+    for (label, host, spec) in [
+        ("cdi on", host_dir.path(), &on),
+        ("cdi off", off_dir.path(), &off),
+    ] {
+        let inputs = Inputs::load(&node_args(host, spec)).unwrap();
+        let timing = common::measure(n, || {
+            let report = gpuprov::converge::apply(&inputs, Duration::from_secs(5)).unwrap();
+            assert!(report.steps.iter().all(|s| s.changes.is_empty()));
+        });
+        report(
+            &format!("apply (no-op) in process, converged, {label}"),
+            n,
+            timing,
+        );
+        println!(
+            "  → {:.2}× the process floor",
+            timing.0.as_secs_f64() / floor.0.as_secs_f64()
+        );
+    }
+
+    // NVML's share: the same loading a converge does, alone in a process.
+    let n = runs(100);
+    let fake = nvml_in_a_fresh_process(&support::fake_nvml_library(), n);
+    report("NVML in a fresh process: the fake library, 8 GPUs", n, fake);
+    let debian = Path::new("/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1");
+    if debian.exists() {
+        let real = nvml_in_a_fresh_process(debian, n);
+        report(
+            "NVML in a fresh process: Debian's libnvidia-ml, no driver",
+            n,
+            real,
+        );
+    }
+    println!(
+        "  → cdi on less the fake NVML's load: {:.2}× the floor",
+        with_cdi.0.saturating_sub(fake.0).as_secs_f64() / floor.0.as_secs_f64()
     );
     // Converged means nothing written: the spec is the one first written.
     let spec = host_dir.path().join("var/run/cdi/nvidia.yaml");

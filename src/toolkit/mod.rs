@@ -85,7 +85,16 @@ pub fn cdi_runtime_binary(host: &Host, spec: &Spec) -> Result<String, HostError>
 
 /// Where one of the toolkit's `BINARIES` is, or will be once installed.
 fn binary(host: &Host, spec: &Spec, name: &'static str) -> Result<String, HostError> {
-    let found = locate(host, spec)?.remove(name).flatten();
+    // Only this binary is looked for: the containerd, CDI and validator
+    // steps each ask for one, and a converge asks several times.
+    let mut found = None;
+    for dir in search_dirs(spec) {
+        let candidate = format!("{dir}/{name}");
+        if host.is_file(&candidate)? {
+            found = Some(candidate);
+            break;
+        }
+    }
     Ok(found.unwrap_or_else(|| {
         let dir = spec.toolkit.install_dir.as_deref().unwrap_or("/usr/bin");
         format!("{}/{}", dir.trim_end_matches('/'), name)
