@@ -28,10 +28,8 @@ use std::time::{Duration, Instant};
 
 use common::{gpuprov, succeeds};
 use gpuprov::cdi::{document, driver_files};
-use gpuprov::cli::NodeArgs;
 use gpuprov::converge::Inputs;
 use gpuprov::host::{ExecMode, Host};
-use gpuprov::labels::LabelTarget;
 
 fn apply(host: &Path, spec: &Path) -> Command {
     let mut cmd = gpuprov(&["apply", "--host-exec", "prefix", "--nvml-lib"]);
@@ -45,22 +43,6 @@ fn apply(host: &Path, spec: &Path) -> Command {
         .arg("--config")
         .arg(spec);
     cmd
-}
-
-fn node_args(host: &Path, spec: &Path) -> NodeArgs {
-    NodeArgs {
-        config: Some(spec.to_path_buf()),
-        host_root: host.to_path_buf(),
-        host_exec: Some(ExecMode::Prefix),
-        states_dir: None,
-        node_labels: Vec::new(),
-        node_labels_file: None,
-        labels_sink: LabelTarget::File,
-        kubeconfig: None,
-        node_name: None,
-        nvml_lib: Some(support::fake_nvml_library()),
-        command_timeout: Duration::from_secs(60),
-    }
 }
 
 fn median(mut samples: Vec<Duration>) -> (Duration, Duration) {
@@ -212,7 +194,12 @@ fn main() {
         ("cdi on", host_dir.path(), &on),
         ("cdi off", off_dir.path(), &off),
     ] {
-        let inputs = Inputs::load(&node_args(host, spec)).unwrap();
+        let inputs = Inputs::load(&common::node_args(
+            host,
+            Some(spec.to_path_buf()),
+            Some(support::fake_nvml_library()),
+        ))
+        .unwrap();
         let timing = common::measure(n, || {
             let report = gpuprov::converge::apply(&inputs, Duration::from_secs(5)).unwrap();
             assert!(report.steps.iter().all(|s| s.changes.is_empty()));

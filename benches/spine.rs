@@ -4,7 +4,7 @@
 //! Run with `cargo bench --bench spine`. Each figure is the median (and p90)
 //! of many runs in one process, so runs on a noisy machine stay comparable.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 mod common;
@@ -14,32 +14,13 @@ mod support;
 use common::measure;
 
 use gpuprov::catalog::Catalog;
-use gpuprov::cli::NodeArgs;
 use gpuprov::converge::{Inputs, apply, plan};
 use gpuprov::diagnostic::Source;
-use gpuprov::host::ExecMode;
-use gpuprov::labels::LabelTarget;
 use gpuprov::plan::Graph;
 use gpuprov::spec::Spec;
 
 fn report(name: &str, runs: usize, (median, p90): (Duration, Duration)) {
     println!("{name:<58} {runs:>6} runs  median {median:>10.2?}  p90 {p90:>10.2?}");
-}
-
-fn node_args(host: &Path, config: Option<PathBuf>) -> NodeArgs {
-    NodeArgs {
-        config,
-        host_root: host.to_path_buf(),
-        host_exec: Some(ExecMode::Prefix),
-        states_dir: None,
-        node_labels: Vec::new(),
-        node_labels_file: None,
-        labels_sink: LabelTarget::File,
-        kubeconfig: None,
-        node_name: None,
-        nvml_lib: None,
-        command_timeout: Duration::from_secs(60),
-    }
 }
 
 fn main() {
@@ -80,7 +61,7 @@ fn main() {
             runs(200),
         ),
     ] {
-        let inputs = Inputs::load(&node_args(dir.path(), config)).unwrap();
+        let inputs = Inputs::load(&common::node_args(dir.path(), config, None)).unwrap();
         let first = apply(&inputs, Duration::from_secs(5)).unwrap();
         assert!(first.converged, "the fixture converges");
         report(

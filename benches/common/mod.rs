@@ -67,3 +67,25 @@ pub fn succeeds(cmd: &mut std::process::Command) {
     let status = cmd.status().unwrap();
     assert!(status.success(), "{cmd:?} exited {status}");
 }
+
+/// What `gpuprov apply` would be given for `host`: a converge in process
+/// with `--host-exec prefix`, labels to the NFD file, no API server.
+pub fn node_args(
+    host: &std::path::Path,
+    config: Option<std::path::PathBuf>,
+    nvml_lib: Option<std::path::PathBuf>,
+) -> gpuprov::cli::NodeArgs {
+    gpuprov::cli::NodeArgs {
+        config,
+        host_root: host.to_path_buf(),
+        host_exec: Some(gpuprov::host::ExecMode::Prefix),
+        states_dir: None,
+        node_labels: Vec::new(),
+        node_labels_file: None,
+        labels_sink: gpuprov::labels::LabelTarget::File,
+        kubeconfig: None,
+        node_name: None,
+        nvml_lib,
+        command_timeout: Duration::from_secs(60),
+    }
+}
