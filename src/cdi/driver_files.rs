@@ -9,7 +9,8 @@
 //! sockets and MPS's pipe directory.
 
 use crate::gpu::nvml::LIBRARY_DIRS;
-use crate::host::{HOST_PATH, Host, HostError};
+use crate::host::{HOST_PATH, Host, HostDir, HostError};
+use rustix::fs::FileType;
 
 /// Libraries without which no CUDA container works: their absence is a
 /// broken install, reported by name rather than written into a spec.
@@ -85,20 +86,20 @@ pub fn find(host: &Host, version: &str) -> Result<Result<DriverFiles, Missing>, 
     let mut seen_names = std::collections::BTreeSet::new();
     for dir in LIBRARY_DIRS {
         for dir in [format!("/{dir}"), format!("/{dir}/vdpau")] {
-            let names = host.list_dir(&dir)?;
+            // One open directory for its listing and its links: a library
+            // directory is resolved once, not once per name.
+            let Some(listing) = host.read_dir(&dir)? else {
+                continue;
+            };
             let mut found_here = Vec::new();
-            for name in &names {
+            for (name, kind) in &listing.entries {
                 let legacy_nvvm = name.starts_with("libnvidia-nvvm70.so.");
                 if !(name.ends_with(&suffix) || legacy_nvvm) {
                     continue;
                 }
-                let path = format!("{dir}/{name}");
                 // A second directory holding the same library is the
                 // same install seen twice (`/lib64` → `/usr/lib64`).
-                if host.link_target(&path)?.is_none()
-                    && host.is_file(&path)?
-                    && seen_names.insert(name.clone())
-                {
+                if *kind == FileType::RegularFile && seen_names.insert(name.clone()) {
                     found_here.push(name.clone());
                 }
             }
@@ -112,13 +113,12 @@ pub fn find(host: &Host, version: &str) -> Result<Result<DriverFiles, Missing>, 
                 .iter()
                 .filter_map(|name| Some(&name[..name.find(".so.")? + 3]))
                 .collect();
-            for name in &names {
-                if found_here.contains(name) || !stems.iter().any(|stem| name.starts_with(stem)) {
+            for (name, kind) in &listing.entries {
+                if *kind != FileType::Symlink || !stems.iter().any(|stem| name.starts_with(stem)) {
                     continue;
                 }
-                let path = format!("{dir}/{name}");
-                if let Some(target) = link_to(host, &dir, name, &found_here)? {
-                    links.push((target, path));
+                if let Some(target) = link_to(&listing, name, &found_here)? {
+                    links.push((target, format!("{dir}/{name}")));
                 }
             }
             libraries.extend(found_here.iter().map(|name| format!("{dir}/{name}")));
@@ -198,16 +198,11 @@ pub fn find(host: &Host, version: &str) -> Result<Result<DriverFiles, Missing>, 
     }))
 }
 
-/// When `dir/name` is a link that leads, within `dir`, to one of
+/// When `name` in `dir` is a link that leads, within `dir`, to one of
 /// `libraries` (`libcuda.so` → `libcuda.so.1` → `libcuda.so.550.54.15`):
 /// where it points, as written. Links elsewhere are someone else's.
-fn link_to(
-    host: &Host,
-    dir: &str,
-    name: &str,
-    libraries: &[String],
-) -> Result<Option<String>, HostError> {
-    let Some(first) = host.link_target(&format!("{dir}/{name}"))? else {
+fn link_to(dir: &HostDir, name: &str, libraries: &[String]) -> Result<Option<String>, HostError> {
+    let Some(first) = dir.link_target(name)? else {
         return Ok(None);
     };
     let mut hop = first.clone();
@@ -219,7 +214,7 @@ fn link_to(
         if libraries.contains(&hop) {
             return Ok(Some(first));
         }
-        match host.link_target(&format!("{dir}/{hop}"))? {
+        match dir.link_target(&hop)? {
             Some(next) => hop = next,
             None => return Ok(None),
         }

@@ -400,18 +400,10 @@ pub(super) fn sync_dir(dir: &impl AsFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The entry names of an open directory, sorted, without `.` and `..`.
-pub(super) fn entry_names(dir: BorrowedFd<'_>) -> std::io::Result<Vec<String>> {
-    Ok(entries(dir)?
-        .into_iter()
-        .map(|(name, _)| name.to_string_lossy().into_owned())
-        .collect())
-}
-
 /// The entries of an open directory with their types (from the entry,
 /// never following a link), sorted, without `.` and `..`; at most
 /// `DIR_ENTRIES_CAP + 1`, so a caller can tell there were too many.
-fn entries(dir: BorrowedFd<'_>) -> std::io::Result<Vec<(OsString, FileType)>> {
+pub(super) fn entries(dir: BorrowedFd<'_>) -> std::io::Result<Vec<(OsString, FileType)>> {
     let mut listing = rustix::fs::Dir::read_from(dir)?;
     let mut names = Vec::new();
     while let Some(entry) = listing.read() {

@@ -245,6 +245,37 @@ impl Scope<'_> {
     }
 }
 
+/// A directory entry's name and its type as the entry says it.
+type Entry = (std::ffi::OsString, FileType);
+
+/// An open directory of the host and its entries (`Host::read_dir`).
+pub struct HostDir {
+    dir: OwnedFd,
+    shown: PathBuf,
+    /// Sorted names, each with its type as the entry says it.
+    pub entries: Vec<(String, FileType)>,
+}
+
+impl HostDir {
+    /// Where the entry `name` of this directory points, if it is a link;
+    /// read through the open directory (one `readlinkat`, nothing
+    /// resolved or followed). `name` is one entry: a name holding `/`
+    /// is nobody's entry here, and has no target.
+    pub fn link_target(&self, name: &str) -> Result<Option<String>, HostError> {
+        if name.contains('/') {
+            return Ok(None);
+        }
+        match rustix::fs::readlinkat(&self.dir, name, Vec::new()) {
+            Ok(target) => Ok(Some(target.to_string_lossy().into_owned())),
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::INVAL) => Ok(None),
+            Err(e) => Err(HostError::Read {
+                path: self.shown.join(name),
+                source: e.into(),
+            }),
+        }
+    }
+}
+
 /// What a host path names, before anything is opened: the directory that
 /// holds it (resolved inside the root) and its last component.
 struct Parent {
@@ -629,6 +660,47 @@ impl Host {
 
     /// Sorted entry names of a directory; empty when it does not exist.
     pub fn list_dir(&self, host_path: &str) -> Result<Vec<String>, HostError> {
+        Ok(self
+            .open_listing(host_path)?
+            .map(|(_, entries)| {
+                entries
+                    .into_iter()
+                    .map(|(name, _)| name.to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// A directory's sorted entries with their types, as the directory
+    /// says them (a link is a link, never followed), held open so that
+    /// its links can be read without resolving the directory again;
+    /// `Ok(None)` when it does not exist.
+    pub fn read_dir(&self, host_path: &str) -> Result<Option<HostDir>, HostError> {
+        let Some((dir, listed)) = self.open_listing(host_path)? else {
+            return Ok(None);
+        };
+        let mut entries = Vec::with_capacity(listed.len());
+        for (name, kind) in listed {
+            // Some file systems leave the type out of the entry: ask the
+            // entry itself, still without following it.
+            let kind = match kind {
+                FileType::Unknown => rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map(|stat| FileType::from_raw_mode(stat.st_mode))
+                    .unwrap_or(FileType::Unknown),
+                kind => kind,
+            };
+            entries.push((name.to_string_lossy().into_owned(), kind));
+        }
+        Ok(Some(HostDir {
+            shown: self.shown(host_path),
+            dir,
+            entries,
+        }))
+    }
+
+    /// A directory opened for listing, and its entries as the kernel gave
+    /// them (capped); `Ok(None)` when it does not exist.
+    fn open_listing(&self, host_path: &str) -> Result<Option<(OwnedFd, Vec<Entry>)>, HostError> {
         let shown = self.shown(host_path);
         let read_err = |source: std::io::Error| HostError::Read {
             path: shown.clone(),
@@ -639,7 +711,7 @@ impl Host {
         let Some(dir) = self.open_resolved(host_path, flags)? else {
             // Not there, or there but not a directory: which one?
             let Some(handle) = self.handle(host_path)? else {
-                return Ok(Vec::new());
+                return Ok(None);
             };
             let stat = rustix::fs::fstat(&handle).map_err(|e| read_err(e.into()))?;
             return Err(HostError::NotDirectory {
@@ -647,14 +719,14 @@ impl Host {
                 kind: kind_name(FileType::from_raw_mode(stat.st_mode)),
             });
         };
-        let names = files::entry_names(dir.as_fd()).map_err(read_err)?;
-        if names.len() > DIR_ENTRIES_CAP {
+        let listed = files::entries(dir.as_fd()).map_err(read_err)?;
+        if listed.len() > DIR_ENTRIES_CAP {
             return Err(HostError::TooManyEntries {
                 path: shown,
                 cap: DIR_ENTRIES_CAP,
             });
         }
-        Ok(names)
+        Ok(Some((OwnedFd::from(dir), listed)))
     }
 
     /// Writes a file atomically and durably: a batch of one (see
