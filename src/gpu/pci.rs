@@ -170,20 +170,40 @@ pub fn scan(host: &Host) -> Result<Vec<PciFunction>, PciError> {
     let mut functions = Vec::new();
     for address in host.list_dir(DEVICES)? {
         let dir = format!("{DEVICES}/{address}");
+        // Each function's directory is resolved once and its attributes
+        // read beside its listing: a big server has hundreds of functions.
+        let listing = host.read_dir(&dir)?;
+        let read = |name: &str| match &listing {
+            Some(listing) => host.read_entry(listing, name),
+            None => Ok(None),
+        };
+        let link_name = |name: &str| -> Result<Option<String>, HostError> {
+            let Some(listing) = &listing else {
+                return Ok(None);
+            };
+            if listing.kind(name) != Some(rustix::fs::FileType::Symlink) {
+                return Ok(None);
+            }
+            Ok(listing.link_target(name)?.and_then(|target| {
+                std::path::Path::new(&target)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            }))
+        };
         let vendor = read_hex(
-            host,
+            read("vendor")?,
             &format!("{dir}/vendor"),
             0xffff,
             "a 16-bit hex id like 0x10de",
         )? as u16;
         let device = read_hex(
-            host,
+            read("device")?,
             &format!("{dir}/device"),
             0xffff,
             "a 16-bit hex id like 0x2330",
         )? as u16;
         let class = read_hex(
-            host,
+            read("class")?,
             &format!("{dir}/class"),
             0xff_ffff,
             "a 24-bit hex class like 0x030200",
@@ -200,8 +220,8 @@ pub fn scan(host: &Host) -> Result<Vec<PciFunction>, PciError> {
         };
         functions.push(PciFunction {
             vgpu,
-            driver: host.link_name(&format!("{dir}/driver"))?,
-            virtual_function: host.link_name(&format!("{dir}/physfn"))?.is_some(),
+            driver: link_name("driver")?,
+            virtual_function: link_name("physfn")?.is_some(),
             address,
             vendor,
             device,
@@ -211,8 +231,14 @@ pub fn scan(host: &Host) -> Result<Vec<PciFunction>, PciError> {
     Ok(functions)
 }
 
-fn read_hex(host: &Host, path: &str, max: u64, expected: &'static str) -> Result<u64, PciError> {
-    let text = host.read(path)?.ok_or_else(|| PciError::BadValue {
+/// A sysfs attribute's text (`None`: not there) as a hex number.
+fn read_hex(
+    text: Option<String>,
+    path: &str,
+    max: u64,
+    expected: &'static str,
+) -> Result<u64, PciError> {
+    let text = text.ok_or_else(|| PciError::BadValue {
         path: path.to_string(),
         expected,
         found: "no such file".to_string(),

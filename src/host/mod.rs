@@ -251,12 +251,21 @@ type Entry = (std::ffi::OsString, FileType);
 /// An open directory of the host and its entries (`Host::read_dir`).
 pub struct HostDir {
     dir: OwnedFd,
+    host_path: String,
     shown: PathBuf,
     /// Sorted names, each with its type as the entry says it.
     pub entries: Vec<(String, FileType)>,
 }
 
 impl HostDir {
+    /// The type of the entry `name`, as the directory says it.
+    pub fn kind(&self, name: &str) -> Option<FileType> {
+        self.entries
+            .binary_search_by(|(entry, _)| entry.as_str().cmp(name))
+            .ok()
+            .map(|at| self.entries[at].1)
+    }
+
     /// Where the entry `name` of this directory points, if it is a link;
     /// read through the open directory (one `readlinkat`, nothing
     /// resolved or followed). `name` is one entry: a name holding `/`
@@ -691,11 +700,77 @@ impl Host {
             };
             entries.push((name.to_string_lossy().into_owned(), kind));
         }
+        // Sorted as text, for `HostDir::kind`'s search.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Some(HostDir {
+            host_path: host_path.trim_end_matches('/').to_string(),
             shown: self.shown(host_path),
             dir,
             entries,
         }))
+    }
+
+    /// Reads the file `name` of a directory listed by `read_dir`, as
+    /// `read` would read its path, but opened beside the listing: one
+    /// component, no link followed, no path resolved again. A sysfs
+    /// device's attributes are read this way, hundreds per converge on a
+    /// big server. A link is read through its path, followed inside the
+    /// root as `read` follows it.
+    pub fn read_entry(&self, dir: &HostDir, name: &str) -> Result<Option<String>, HostError> {
+        let host_path = format!("{}/{name}", dir.host_path);
+        match dir.kind(name) {
+            None => return Ok(None),
+            Some(FileType::RegularFile) if !name.contains('/') => {}
+            Some(FileType::Symlink | FileType::Unknown | FileType::RegularFile) => {
+                return self.read(&host_path);
+            }
+            Some(kind) => {
+                return Err(HostError::NotRegular {
+                    path: fd_path(&dir.dir)
+                        .map(|p| p.join(name))
+                        .unwrap_or_else(|_| dir.shown.join(name)),
+                    kind: kind_name(kind),
+                });
+            }
+        }
+        use rustix::fs::{Mode, OFlags};
+        // O_NONBLOCK and O_NOFOLLOW: an entry swapped for a FIFO or a
+        // link since the listing neither blocks nor leads elsewhere.
+        let flags =
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let file = match rustix::fs::openat(&dir.dir, name, flags, Mode::empty()) {
+            Ok(fd) => File::from(fd),
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(rustix::io::Errno::LOOP) => return self.read(&host_path),
+            Err(e) => {
+                return Err(HostError::Read {
+                    path: dir.shown.join(name),
+                    source: e.into(),
+                });
+            }
+        };
+        let stat = rustix::fs::fstat(&file).map_err(|e| HostError::Read {
+            path: dir.shown.join(name),
+            source: e.into(),
+        })?;
+        let kind = FileType::from_raw_mode(stat.st_mode);
+        if kind != FileType::RegularFile {
+            return Err(HostError::NotRegular {
+                path: dir.shown.join(name),
+                kind: kind_name(kind),
+            });
+        }
+        let bytes = read_capped(
+            file,
+            file_info(&stat).size,
+            cap_for(&host_path),
+            &dir.shown.join(name),
+        )?;
+        String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| HostError::NotUtf8 {
+                path: dir.shown.join(name),
+            })
     }
 
     /// A directory opened for listing, and its entries as the kernel gave

@@ -379,3 +379,53 @@ fn concurrent_syncs_run_every_item_and_report_the_first_failure_in_order() {
     assert_eq!(attempted, items, "a failure stops no other sync");
     assert_eq!(files::concurrently(&[] as &[u8], |_| Err(())), Ok(()));
 }
+
+/// Entries read beside a directory's listing are read as `read` reads
+/// their paths: links followed inside the root only, special files
+/// refused without being opened for reading, sysfs's cap kept.
+#[test]
+fn entries_read_beside_a_listing_keep_the_rules_of_a_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = dir.path().join("sys/devices/pci0000:00/0000:00:05.0");
+    fs::create_dir_all(&device).unwrap();
+    fs::write(device.join("vendor"), "0x10de\n").unwrap();
+    fs::write(dir.path().join("sys/devices/class-elsewhere"), "0x030200\n").unwrap();
+    symlink("../../class-elsewhere", device.join("class")).unwrap();
+    symlink("/etc/outside", device.join("device")).unwrap();
+    fs::create_dir_all(dir.path().join("etc")).unwrap();
+    fs::write(dir.path().join("etc/outside"), "0x2330\n").unwrap();
+    nix::unistd::mkfifo(
+        &device.join("config"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    fs::create_dir_all(dir.path().join("sys/bus/pci/devices")).unwrap();
+    symlink(
+        "../../../devices/pci0000:00/0000:00:05.0",
+        dir.path().join("sys/bus/pci/devices/0000:00:05.0"),
+    )
+    .unwrap();
+    let host = host(dir.path());
+    let listing = host
+        .read_dir("/sys/bus/pci/devices/0000:00:05.0")
+        .unwrap()
+        .unwrap();
+    assert_eq!(listing.kind("class"), Some(FileType::Symlink));
+    let read = |name| host.read_entry(&listing, name);
+    assert_eq!(read("vendor").unwrap().as_deref(), Some("0x10de\n"));
+    // A link is followed as `read` follows it: an absolute one stays in
+    // the root (`/etc/outside` is the root's, not this machine's).
+    assert_eq!(read("class").unwrap().as_deref(), Some("0x030200\n"));
+    assert_eq!(read("device").unwrap().as_deref(), Some("0x2330\n"));
+    assert_eq!(read("absent").unwrap(), None);
+    let fifo = read("config").unwrap_err().to_string();
+    assert!(fifo.contains("config is a FIFO (named pipe)"), "{fifo}");
+    // Over the cap for files under /sys: refused, named.
+    fs::write(device.join("vendor"), vec![b'0'; 2 * 1024 * 1024]).unwrap();
+    let listing = host
+        .read_dir("/sys/bus/pci/devices/0000:00:05.0")
+        .unwrap()
+        .unwrap();
+    let big = host.read_entry(&listing, "vendor").unwrap_err().to_string();
+    assert!(big.contains("more than the"), "{big}");
+}
