@@ -573,3 +573,74 @@ fn cdi_settings_already_there_are_kept_and_corrected() {
         mismatch.message
     );
 }
+
+/// A CDI runtime the original already had (the GPU Operator's toolkit
+/// adds `nvidia-cdi` too) is gpuprov's edit, not its creation: a revert
+/// after someone else's change gives their table back, not nothing.
+#[test]
+fn revert_gives_back_a_cdi_runtime_the_original_had() {
+    let original = r#"version = 2
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+    SystemdCgroup = true
+# The operator's CDI runtime, with an option of its own.
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nvidia-cdi]
+  runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nvidia-cdi.options]
+    BinaryName = "/usr/local/nvidia/toolkit/nvidia-container-runtime.cdi"
+    SystemdCgroup = true
+"#;
+    let with_cdi = RuntimeWanted {
+        cdi: Some(gpuprov::containerd::config::CdiWanted {
+            spec_dir: "/var/run/cdi".to_string(),
+            runtime: Some(gpuprov::containerd::config::CdiRuntime {
+                class: "nvidia-cdi".into(),
+                binary: "/usr/bin/nvidia-container-runtime.cdi".into(),
+            }),
+        }),
+        ..wanted(DefaultRuntime::Keep)
+    };
+    let edited = configure(original, &with_cdi, 2).unwrap();
+    let cdi_binary = [
+        "plugins",
+        "io.containerd.grpc.v1.cri",
+        "containerd",
+        "runtimes",
+        "nvidia-cdi",
+    ];
+    let doc = parse(&edited.text).unwrap();
+    assert_eq!(
+        lookup(
+            lookup(doc.as_item(), &cdi_binary).unwrap(),
+            &["options", "BinaryName"]
+        )
+        .and_then(Item::as_str),
+        Some("/usr/bin/nvidia-container-runtime.cdi")
+    );
+    let changed = format!("{}\n# changed by hand\n", edited.text);
+    let reverting = gpuprov::containerd::config::CdiReverted {
+        runtime_class: Some("nvidia-cdi".into()),
+    };
+    let reverted = unconfigure(&changed, "nvidia", Some(original), Some(&reverting)).unwrap();
+    let reverted = parse(&reverted).unwrap();
+    assert_eq!(
+        lookup(reverted.as_item(), &cdi_binary).map(to_json),
+        lookup(parse(original).unwrap().as_item(), &cdi_binary).map(to_json),
+        "their nvidia-cdi runtime comes back as it was:\n{reverted}"
+    );
+    assert!(
+        lookup(
+            reverted.as_item(),
+            &[
+                "plugins",
+                "io.containerd.grpc.v1.cri",
+                "containerd",
+                "runtimes",
+                "nvidia"
+            ]
+        )
+        .is_none(),
+        "gpuprov's own runtime goes:\n{reverted}"
+    );
+}

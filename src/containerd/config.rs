@@ -738,6 +738,16 @@ fn unconfigure_plain(
             .and_then(Item::as_table_like_mut)
         {
             runtimes.remove(class);
+            // A runtime of that name the original had (the GPU Operator's
+            // `nvidia` or `nvidia-cdi`) was edited by gpuprov, not made by
+            // it: the original's table comes back instead.
+            if let Some(theirs) = original_containerd
+                .filter(|_| original_layout == Some(layout))
+                .and_then(|c| c.get("runtimes"))
+                .and_then(|r| r.get(class))
+            {
+                runtimes.insert(class, theirs.clone());
+            }
         }
         if containerd
             .get("default_runtime_name")
