@@ -109,13 +109,15 @@ fn main() {
     let n = runs(2000);
     let generate = common::measure(n, || {
         let files = driver_files::find(&host, "550.54.15").unwrap().unwrap();
-        let gpu = document::render(&document::gpu_spec(&gpus, &files, "/usr/bin/nvidia-ctk"));
+        let gpu =
+            document::render(&document::gpu_spec(&gpus, &files, "/usr/bin/nvidia-ctk")).unwrap();
         let management = document::render(&document::management_spec(
             &gpus,
             &files,
             "/usr/bin/nvidia-ctk",
             &[],
-        ));
+        ))
+        .unwrap();
         sizes = (gpu.len(), management.len());
     });
     report(
@@ -129,13 +131,14 @@ fn main() {
     });
     report("  of which finding the driver's files", n, find);
     let render = common::measure(n, || {
-        document::render(&document::gpu_spec(&gpus, &files, "/usr/bin/nvidia-ctk"));
+        document::render(&document::gpu_spec(&gpus, &files, "/usr/bin/nvidia-ctk")).unwrap();
         document::render(&document::management_spec(
             &gpus,
             &files,
             "/usr/bin/nvidia-ctk",
             &[],
-        ));
+        ))
+        .unwrap();
     });
     report("  of which building and rendering the documents", n, render);
     println!(

@@ -258,9 +258,14 @@ pub fn management_spec(
 }
 
 /// The file's text: gpuprov's header, then the document as YAML.
-pub fn render(document: &Document) -> String {
-    let yaml = serde_saphyr::to_string(document).expect("a CDI document serializes");
-    format!("{HEADER}{yaml}")
+pub fn render(document: &Document) -> Result<String, String> {
+    let yaml = serde_saphyr::to_string(document).map_err(|e| {
+        format!(
+            "the CDI spec {} cannot be written as YAML: {e}",
+            document.kind
+        )
+    })?;
+    Ok(format!("{HEADER}{yaml}"))
 }
 
 /// Whether a file at a spec's path is one gpuprov wrote.

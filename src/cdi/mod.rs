@@ -67,13 +67,14 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let hook = crate::toolkit::ctk_binary(ctx.host, ctx.spec)?;
     let gpu_document = document::gpu_spec(&gpus, &files, &hook);
     let wanted = [
-        document::render(&gpu_document),
+        document::render(&gpu_document).map_err(StepError::Observe)?,
         document::render(&document::management_spec(
             &gpus,
             &files,
             &hook,
             &mig_control,
-        )),
+        ))
+        .map_err(StepError::Observe)?,
     ];
 
     let mut changes = Vec::new();
