@@ -681,3 +681,78 @@ fn podman_injects_the_generated_spec() {
         "{hooks:#?}"
     );
 }
+
+/// The device plugin's static pod hands devices out by CDI name, with the
+/// same `nvidia-ctk` as gpuprov's own spec (where the host has it, here
+/// /usr/local/bin), the spec directory mounted, and the spec's
+/// `devicePlugin.env` winning over gpuprov's settings.
+#[test]
+fn the_device_plugin_uses_cdi_with_the_hook_of_gpuprovs_spec() {
+    let node = Node::new("h100x8-cdi", "h100x8.yaml");
+    fs::create_dir_all(node.at("/usr/local/bin")).unwrap();
+    fs::rename(
+        node.at("/usr/bin/nvidia-ctk"),
+        node.at("/usr/local/bin/nvidia-ctk"),
+    )
+    .unwrap();
+    let pod_path = "etc/kubernetes/manifests/gpuprov-device-plugin.yaml";
+    let env_of = |pod: &Value| -> Vec<(String, String)> {
+        pod["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let text = |key: &str| e[key].as_str().unwrap_or_default().to_string();
+                (text("name"), text("value"))
+            })
+            .collect()
+    };
+    let (code, report) = node.apply(CDI_ON);
+    assert_eq!(code, 0, "{report}");
+    let pod: Value = serde_saphyr::from_str(&node.text(pod_path).unwrap()).unwrap();
+    let env = env_of(&pod);
+    let value = |name: &str| {
+        env.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no {name} in {env:?}"))
+    };
+    assert_eq!(value("DEVICE_LIST_STRATEGY"), "cdi-annotations");
+    let gpu_spec = node.spec(GPU_SPEC);
+    let hooks = paths(&[&gpu_spec["containerEdits"]], "hooks", "path");
+    assert!(!hooks.is_empty());
+    assert!(
+        hooks.iter().all(|h| *h == "/usr/local/bin/nvidia-ctk"),
+        "{hooks:?}"
+    );
+    assert_eq!(value("NVIDIA_CDI_HOOK_PATH"), hooks[0]);
+    let specs_volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["hostPath"]["path"] == "/var/run/cdi")
+        .unwrap_or_else(|| panic!("no volume for the spec directory: {pod}"));
+    let mounts = pod["spec"]["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m["name"] == specs_volume["name"] && m["mountPath"] == "/var/run/cdi"),
+        "{mounts:?}"
+    );
+
+    let (code, report) = node.apply(
+        "cdi:\n  enabled: true\ndevicePlugin:\n  env:\n    - name: DEVICE_LIST_STRATEGY\n      value: cdi-cri\n",
+    );
+    assert_eq!(code, 0, "{report}");
+    let pod: Value = serde_saphyr::from_str(&node.text(pod_path).unwrap()).unwrap();
+    let strategies: Vec<_> = env_of(&pod)
+        .into_iter()
+        .filter(|(n, _)| n == "DEVICE_LIST_STRATEGY")
+        .collect();
+    assert_eq!(
+        strategies,
+        [("DEVICE_LIST_STRATEGY".to_string(), "cdi-cri".to_string())]
+    );
+}

@@ -125,8 +125,12 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
         labels.extend(chosen_labels);
     }
     if static_pods {
-        let wanted =
-            static_pod::render(ctx.spec, operand, chosen.as_ref()).map_err(StepError::Observe)?;
+        let cdi_hook = match operand == Operand::DevicePlugin && ctx.spec.cdi.enabled {
+            true => Some(crate::toolkit::ctk_binary(ctx.host, ctx.spec)?),
+            false => None,
+        };
+        let wanted = static_pod::render(ctx.spec, operand, chosen.as_ref(), cdi_hook.as_deref())
+            .map_err(StepError::Observe)?;
         match &current {
             Some(text) if !static_pod::is_ours(text) => {
                 return Err(StepError::Observe(format!(

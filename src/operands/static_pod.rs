@@ -31,8 +31,15 @@ fn template(operand: Operand) -> (&'static str, &'static str) {
 
 /// The operand's manifest as gpuprov writes it; with the device plugin's
 /// config, the pod reads it from the host file gpuprov writes, and carries
-/// its digest so that a new config restarts the pod.
-pub fn render(spec: &Spec, operand: Operand, config: Option<&Chosen>) -> Result<String, String> {
+/// its digest so that a new config restarts the pod. `cdi_hook`, the
+/// toolkit's `nvidia-ctk` on this host, is given for the device plugin
+/// with `cdi.enabled`: it then hands devices out by CDI name.
+pub fn render(
+    spec: &Spec,
+    operand: Operand,
+    config: Option<&Chosen>,
+    cdi_hook: Option<&str>,
+) -> Result<String, String> {
     let (name, text) = template(operand);
     let mut pod: Value =
         serde_saphyr::from_str(text).map_err(|e| format!("template {name}: {e}"))?;
@@ -77,8 +84,8 @@ pub fn render(spec: &Spec, operand: Operand, config: Option<&Chosen>) -> Result<
         container["args"] = json!(args);
     }
     let mut env_vars = wanted.env.clone();
-    if operand == Operand::DevicePlugin && spec.cdi.enabled {
-        use_cdi(&mut pod, spec, &mut env_vars);
+    if let Some(hook) = cdi_hook {
+        use_cdi(&mut pod, spec, hook, &mut env_vars);
     }
     let container = pod["spec"]["containers"]
         .get_mut(0)
@@ -125,20 +132,12 @@ const DRIVER_ROOT_IN_POD: &str = "/driver-root";
 /// (`DEVICE_LIST_STRATEGY=cdi-annotations`, as the GPU Operator does; the
 /// spec's `devicePlugin.env` may say `cdi-cri`): it writes its spec into
 /// `cdi.specDir` from the driver files under the host's root (read-only),
-/// with the toolkit's `nvidia-ctk` as its hook. Variables the spec sets
-/// win.
-fn use_cdi(pod: &mut Value, spec: &Spec, env_vars: &mut Vec<(String, String)>) {
-    let ctk = format!(
-        "{}/nvidia-ctk",
-        spec.toolkit
-            .install_dir
-            .as_deref()
-            .unwrap_or("/usr/bin")
-            .trim_end_matches('/')
-    );
+/// with the toolkit's `nvidia-ctk` (`hook`, the one the `cdi` state's spec
+/// names) as its hook. Variables the spec sets win.
+fn use_cdi(pod: &mut Value, spec: &Spec, hook: &str, env_vars: &mut Vec<(String, String)>) {
     for (key, value) in [
         ("DEVICE_LIST_STRATEGY", "cdi-annotations"),
-        ("NVIDIA_CDI_HOOK_PATH", ctk.as_str()),
+        ("NVIDIA_CDI_HOOK_PATH", hook),
         ("NVIDIA_DRIVER_ROOT", "/"),
         ("DRIVER_ROOT_CTR_PATH", DRIVER_ROOT_IN_POD),
     ] {
@@ -226,7 +225,7 @@ mod tests {
     fn every_template_renders_and_is_recognised_as_ours() {
         let spec = Spec::default_spec();
         for operand in Operand::ALL {
-            let text = render(&spec, operand, None).unwrap();
+            let text = render(&spec, operand, None, None).unwrap();
             assert!(is_ours(&text), "{text}");
             let pod: Value = serde_saphyr::from_str(&text).unwrap();
             assert_eq!(pod["kind"], "Pod");
