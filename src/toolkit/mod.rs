@@ -40,20 +40,23 @@ pub fn locate(
     host: &Host,
     spec: &Spec,
 ) -> Result<BTreeMap<&'static str, Option<String>>, HostError> {
-    let dirs = search_dirs(spec);
     let mut found = BTreeMap::new();
     for binary in BINARIES {
-        let mut at = None;
-        for dir in &dirs {
-            let candidate = format!("{dir}/{binary}");
-            if host.is_file(&candidate)? {
-                at = Some(candidate);
-                break;
-            }
-        }
-        found.insert(binary, at);
+        found.insert(binary, find(host, spec, binary)?);
     }
     Ok(found)
+}
+
+/// Where one binary of the toolkit's is on the host: the first searched
+/// directory that has it as a file.
+fn find(host: &Host, spec: &Spec, name: &str) -> Result<Option<String>, HostError> {
+    for dir in search_dirs(spec) {
+        let candidate = format!("{dir}/{name}");
+        if host.is_file(&candidate)? {
+            return Ok(Some(candidate));
+        }
+    }
+    Ok(None)
 }
 
 /// The host path of `nvidia-container-runtime`, the runtime containerd
@@ -72,30 +75,17 @@ pub fn ctk_binary(host: &Host, spec: &Spec) -> Result<String, HostError> {
 /// (nvidia-container-toolkit-base ships it beside the runtime): where it
 /// is, or where the runtime's directory would have it.
 pub fn cdi_runtime_binary(host: &Host, spec: &Spec) -> Result<String, HostError> {
-    const NAME: &str = "nvidia-container-runtime.cdi";
-    for dir in search_dirs(spec) {
-        let candidate = format!("{dir}/{NAME}");
-        if host.is_file(&candidate)? {
-            return Ok(candidate);
-        }
+    match find(host, spec, "nvidia-container-runtime.cdi")? {
+        Some(found) => Ok(found),
+        None => Ok(format!("{}.cdi", runtime_binary(host, spec)?)),
     }
-    let runtime = runtime_binary(host, spec)?;
-    Ok(format!("{runtime}.cdi"))
 }
 
 /// Where one of the toolkit's `BINARIES` is, or will be once installed.
 fn binary(host: &Host, spec: &Spec, name: &'static str) -> Result<String, HostError> {
     // Only this binary is looked for: the containerd, CDI and validator
     // steps each ask for one, and a converge asks several times.
-    let mut found = None;
-    for dir in search_dirs(spec) {
-        let candidate = format!("{dir}/{name}");
-        if host.is_file(&candidate)? {
-            found = Some(candidate);
-            break;
-        }
-    }
-    Ok(found.unwrap_or_else(|| {
+    Ok(find(host, spec, name)?.unwrap_or_else(|| {
         let dir = spec.toolkit.install_dir.as_deref().unwrap_or("/usr/bin");
         format!("{}/{}", dir.trim_end_matches('/'), name)
     }))
