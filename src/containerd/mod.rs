@@ -48,7 +48,8 @@ pub struct Record {
     /// revert puts those keys back as the original had them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cdi: bool,
-    /// The CDI runtime (`nvidia-cdi`) gpuprov added, which revert removes.
+    /// The CDI runtime (`nvidia-cdi`) gpuprov added or set, which revert
+    /// removes (or gives back as the original had it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cdi_runtime_class: Option<String>,
 }

@@ -718,12 +718,11 @@ impl Host {
     /// root as `read` follows it.
     pub fn read_entry(&self, dir: &HostDir, name: &str) -> Result<Option<String>, HostError> {
         let host_path = format!("{}/{name}", dir.host_path);
+        // `kind` knows only the listing's names: one component each.
         match dir.kind(name) {
             None => return Ok(None),
-            Some(FileType::RegularFile) if !name.contains('/') => {}
-            Some(FileType::Symlink | FileType::Unknown | FileType::RegularFile) => {
-                return self.read(&host_path);
-            }
+            Some(FileType::RegularFile) => {}
+            Some(FileType::Symlink | FileType::Unknown) => return self.read(&host_path),
             Some(kind) => {
                 return Err(HostError::NotRegular {
                     path: fd_path(&dir.dir)
