@@ -265,21 +265,3 @@ fn copy_hashing(
     target.sync_all().map_err(CopyError::Write)?;
     Ok(hex(&hasher.finalize()))
 }
-
-/// Unpacks a cached `.tar.gz` into `into` (host paths) atomically: into a
-/// fresh sibling directory first, then renamed over `into` (an older
-/// `into` moves aside and is removed). Entries cannot escape the directory,
-/// and a symlink at `into` is refused, never followed or replaced.
-pub fn unpack(host: &Host, archive: &str, into: &str) -> Result<(), String> {
-    let chain = |e: HostError| crate::error_chain::error_chain(&e);
-    let file = host
-        .open_regular(archive)
-        .map_err(chain)?
-        .map(|(file, _)| file)
-        .ok_or_else(|| format!("{archive}: not in the cache"))?;
-    let (fresh, swap) = host.fresh_dir_beside(into).map_err(chain)?;
-    tar::Archive::new(flate2::read::GzDecoder::new(file))
-        .unpack(&fresh)
-        .map_err(|e| format!("unpacking {archive}: {e}"))?;
-    swap.commit().map_err(chain)
-}

@@ -433,7 +433,12 @@ fn make_change(
                 Duration::from_secs(*timeout_seconds),
             )
         }
-        Change::Unpack { archive, into } => crate::download::unpack(host, archive, into),
+        Change::Unpack {
+            archive,
+            into,
+            record,
+            ..
+        } => crate::toolkit::artifact::unpack(host, archive, into, record),
         Change::ValidationPod {
             namespace,
             name,

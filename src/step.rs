@@ -159,8 +159,15 @@ pub enum Change {
         #[serde(skip)]
         data: BTreeMap<String, String>,
     },
-    /// Unpack a cached `.tar.gz` into a directory, atomically.
-    Unpack { archive: String, into: String },
+    /// Unpack a cached `.tar.gz` into a directory gpuprov owns,
+    /// atomically, recording what it put there in `record`.
+    Unpack {
+        archive: String,
+        into: String,
+        record: String,
+        /// Whether it replaces gpuprov's earlier unpack (else `into` is new).
+        replaces: bool,
+    },
     /// Put a pinned artifact into the cache (a no-op when it is there).
     Fetch {
         #[serde(flatten)]
@@ -226,8 +233,18 @@ impl Change {
                     "check runtime `{class}` in containerd's own view of {config} (containerd config dump)"
                 )
             }
-            Change::Unpack { archive, into } => {
-                format!("unpack {archive} into {into} (atomically)")
+            Change::Unpack {
+                archive,
+                into,
+                record,
+                replaces,
+            } => {
+                let how = if *replaces {
+                    "replacing gpuprov's earlier unpack there"
+                } else {
+                    "a new directory"
+                };
+                format!("unpack {archive} into {into} (atomically, {how}; recorded in {record})")
             }
             Change::ValidationPod {
                 namespace,

@@ -254,6 +254,7 @@ fn try_case(case: &Case) -> Outcome {
                 times: 100,
                 delay_ms: 0,
                 body: Some(String::from_utf8(bytes).unwrap()),
+                ..Default::default()
             });
             let labels = fake.labels(NODE);
             let outcome = observe(host.path(), &mut against(host.path()));

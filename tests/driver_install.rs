@@ -463,3 +463,144 @@ fn a_toolkit_install_dir_that_is_a_link_is_refused_and_left_alone() {
         "nothing written into the link's target"
     );
 }
+
+fn toolkit_spec(host: &Path, server: &ArtifactServer, path: &str, tarball: &[u8]) -> PathBuf {
+    write_spec(
+        host,
+        "toolkit.yaml",
+        &format!(
+            "toolkit:\n  method: artifact\n  artifact:\n    url: {}\n    sha256: {}\n    allowInsecureHttp: true\n",
+            server.url(path),
+            sha(tarball)
+        ),
+    )
+}
+
+#[test]
+fn the_toolkit_artifact_never_replaces_a_directory_gpuprov_did_not_make() {
+    // The GPU Operator's toolkit container installed into the default
+    // directory: its files are not gpuprov's, so the unpack (which swaps
+    // the directory whole) is refused with them named, in plan and apply,
+    // before anything is fetched.
+    let server = ArtifactServer::start();
+    let tarball = toolkit_tarball("v1");
+    server.route("/toolkit.tar.gz", Route::Body(tarball.clone()));
+    let host = copy_host("rtx-with-audio");
+    let theirs = host.path().join("usr/local/nvidia/toolkit");
+    fs::create_dir_all(theirs.join(".config/nvidia-container-runtime")).unwrap();
+    fs::write(theirs.join("nvidia-container-runtime"), "operator's\n").unwrap();
+    fs::write(
+        theirs.join(".config/nvidia-container-runtime/config.toml"),
+        "# operator's\n",
+    )
+    .unwrap();
+    let spec = toolkit_spec(host.path(), &server, "/toolkit.tar.gz", &tarball);
+    let before = tree(host.path());
+
+    let plan = support::gpuprov()
+        .args([
+            "plan",
+            "--output",
+            "json",
+            "--host-exec",
+            "prefix",
+            "--config",
+        ])
+        .arg(&spec)
+        .arg("--host-root")
+        .arg(host.path())
+        .output()
+        .unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let planned = &steps(&plan)["container-toolkit"];
+    assert_eq!(planned.1, "failed", "{}", planned.2);
+
+    let (code, report, stderr) = apply_config(host.path(), &spec);
+    assert_ne!(code, 0, "{stderr}");
+    let toolkit = &steps(&report)["container-toolkit"];
+    assert_eq!(toolkit.1, "failed", "{}", toolkit.2);
+    for named in [
+        "toolkit.installDir /usr/local/nvidia/toolkit is not a directory gpuprov unpacked",
+        "/usr/local/nvidia/toolkit/.config",
+        "/usr/local/nvidia/toolkit/nvidia-container-runtime",
+    ] {
+        assert!(toolkit.2.contains(named), "{named}: {}", toolkit.2);
+    }
+    assert_eq!(server.hits("/toolkit.tar.gz"), 0, "nothing fetched");
+    let moved: Vec<_> = changed(&before, &tree(host.path()))
+        .into_iter()
+        .filter(|p| p.starts_with("usr"))
+        .collect();
+    assert!(moved.is_empty(), "nothing of theirs changed: {moved:?}");
+}
+
+#[test]
+fn the_toolkit_artifact_keeps_a_file_someone_added_to_its_directory() {
+    // gpuprov's own directory, but someone put a file in it since: a new
+    // pin would swap it away, so it is refused with the file named.
+    let server = ArtifactServer::start();
+    let (v1, v2) = (toolkit_tarball("v1"), toolkit_tarball("v2"));
+    server.route("/v1.tar.gz", Route::Body(v1.clone()));
+    server.route("/v2.tar.gz", Route::Body(v2.clone()));
+    let host = copy_host("rtx-with-audio");
+    let spec = toolkit_spec(host.path(), &server, "/v1.tar.gz", &v1);
+    assert_eq!(apply_config(host.path(), &spec).0, 0);
+    let record = fs::read_to_string(host.path().join("var/lib/gpuprov/toolkit-installed")).unwrap();
+    assert!(
+        record.contains("dir /usr/local/nvidia/toolkit\n") && record.contains("entry nvidia-ctk\n"),
+        "{record}"
+    );
+    let added = host.path().join("usr/local/nvidia/toolkit/site-hook.sh");
+    fs::write(&added, "#!/bin/sh\n").unwrap();
+
+    let spec = toolkit_spec(host.path(), &server, "/v2.tar.gz", &v2);
+    let (code, report, _) = apply_config(host.path(), &spec);
+    assert_ne!(code, 0);
+    let toolkit = &steps(&report)["container-toolkit"];
+    assert!(
+        toolkit.2.contains(
+            "holds what gpuprov did not unpack there: /usr/local/nvidia/toolkit/site-hook.sh"
+        ),
+        "{}",
+        toolkit.2
+    );
+    assert!(added.exists());
+    let runtime = host
+        .path()
+        .join("usr/local/nvidia/toolkit/nvidia-container-runtime");
+    assert!(fs::read_to_string(runtime).unwrap().contains("v1"));
+
+    // Moved away, the new pin goes in.
+    fs::remove_file(&added).unwrap();
+    assert_eq!(apply_config(host.path(), &spec).0, 0);
+}
+
+#[test]
+fn a_toolkit_tarball_that_inflates_past_the_cap_is_refused_before_writing() {
+    // One entry whose header claims 600 MiB: a few hundred bytes on the
+    // wire. The size is summed before anything is unpacked.
+    let mut raw = Vec::new();
+    let mut header = tar::Header::new_gnu();
+    header.set_path("nvidia-container-runtime").unwrap();
+    header.set_size(600 << 20);
+    header.set_mode(0o755);
+    header.set_cksum();
+    raw.extend_from_slice(header.as_bytes());
+    raw.extend_from_slice(&[0u8; 4096]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &raw).unwrap();
+    let bomb = gz.finish().unwrap();
+    let server = ArtifactServer::start();
+    server.route("/bomb.tar.gz", Route::Body(bomb.clone()));
+    let host = copy_host("rtx-with-audio");
+    let spec = toolkit_spec(host.path(), &server, "/bomb.tar.gz", &bomb);
+    let (code, report, _) = apply_config(host.path(), &spec);
+    assert_ne!(code, 0);
+    let toolkit = &steps(&report)["container-toolkit"];
+    assert!(
+        toolkit.2.contains("unpacks to more than 512 MiB"),
+        "{}",
+        toolkit.2
+    );
+    assert!(!host.path().join("usr/local/nvidia").exists());
+}

@@ -264,6 +264,7 @@ fn an_api_outage_is_retried_and_a_lasting_one_is_an_error() {
         times: 2,
         delay_ms: 0,
         body: None,
+        ..Default::default()
     });
     fake.inject(Fault {
         method: Some("PATCH"),
@@ -273,6 +274,7 @@ fn an_api_outage_is_retried_and_a_lasting_one_is_an_error() {
         times: 1,
         delay_ms: 0,
         body: None,
+        ..Default::default()
     });
     let started = Instant::now();
     let (code, _, stderr) = apply(&fake, host.path(), &[]);
@@ -293,6 +295,7 @@ fn an_api_outage_is_retried_and_a_lasting_one_is_an_error() {
         times: 100,
         delay_ms: 0,
         body: None,
+        ..Default::default()
     });
     let (code, _, stderr) = apply(&fake, host.path(), &[]);
     assert_eq!(code, 1);
@@ -387,6 +390,7 @@ fn a_conflict_reads_the_node_again_and_a_slow_server_is_waited_for() {
         times: 1,
         delay_ms: 0,
         body: None,
+        ..Default::default()
     });
     fake.inject(Fault {
         method: Some("GET"),
@@ -396,6 +400,7 @@ fn a_conflict_reads_the_node_again_and_a_slow_server_is_waited_for() {
         times: 2,
         delay_ms: 700,
         body: None,
+        ..Default::default()
     });
     let (code, _, stderr) = apply(&fake, host.path(), &[]);
     assert_eq!(code, 0, "{stderr}");
@@ -456,6 +461,7 @@ fn events_that_cannot_be_posted_do_not_fail_the_converge() {
         times: 100,
         delay_ms: 0,
         body: None,
+        ..Default::default()
     });
     let host = copy_host("a100-preinstalled");
     let (code, _, stderr) = apply(&fake, host.path(), &[]);

@@ -176,6 +176,7 @@ fn a_failing_server_is_retried_with_backoff_not_in_a_loop() {
         times: 1000,
         delay_ms: 0,
         body: None,
+        ..Default::default()
     });
     let watch = watch(&fake);
     std::thread::sleep(Duration::from_secs(4));

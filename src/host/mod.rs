@@ -1018,7 +1018,7 @@ impl Host {
 
     /// Makes a fresh, empty directory beside `host_path` for unpacking
     /// into, and returns its real path and a handle on the parent for the
-    /// renames that put it in place (see `download::unpack`).
+    /// renames that put it in place (see `toolkit::artifact::unpack`).
     pub fn fresh_dir_beside(
         &self,
         host_path: &str,

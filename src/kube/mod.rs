@@ -6,6 +6,7 @@
 //! errors are retried with backoff; a configured API server that stays
 //! unreachable is an error, never a silent fallback to another sink.
 
+pub mod capped;
 pub mod config_maps;
 pub mod events;
 pub mod node_status;
@@ -49,6 +50,12 @@ pub enum KubeError {
         server: String,
         what: String,
         last: String,
+    },
+    #[error("the API server {server} answered {what} with too much: {why}")]
+    TooLarge {
+        server: String,
+        what: String,
+        why: String,
     },
     #[error("the API server {server} refused {what}: {code} {message}")]
     Api {
@@ -201,7 +208,7 @@ impl Cluster {
         let server = config.cluster_url.to_string();
         let client = {
             let _guard = runtime.enter();
-            ::kube::Client::try_from(config.clone()).map_err(|e| KubeError::Config(Box::new(e)))?
+            capped::client(config.clone()).map_err(|e| KubeError::Config(Box::new(e)))?
         };
         Ok(Cluster {
             runtime,
@@ -288,6 +295,15 @@ impl Cluster {
                     Ok(Err(e)) => {
                         count(0);
                         last = crate::error_chain::error_chain(&e);
+                        // The same request gets the same answer: an answer
+                        // over the cap is not asked for again.
+                        if let Some(why) = capped::too_large(&e) {
+                            return Err(KubeError::TooLarge {
+                                server: self.server.clone(),
+                                what: what.to_string(),
+                                why,
+                            });
+                        }
                         tokio::time::sleep(backoff).await;
                     }
                 }
@@ -313,12 +329,7 @@ impl Cluster {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let body = response
-            .into_body()
-            .collect_bytes()
-            .await
-            .map(|b| b.to_vec())
-            .unwrap_or_default();
+        let body = response.into_body().collect_bytes().await?.to_vec();
         Ok((code, retry_after, body))
     }
 

@@ -102,7 +102,7 @@ impl View {
         let view = self.clone();
         crate::background::spawn("the Node and pods watches", move || async move {
             let changed = &mut changed;
-            let client = match ::kube::Client::try_from(config) {
+            let client = match super::capped::client(config) {
                 Ok(client) => client,
                 Err(e) => {
                     let why = crate::error_chain::error_chain(&e);
@@ -200,6 +200,11 @@ impl View {
     }
 }
 
+/// The most objects one list of a watch may hold: it lists one Node, or
+/// the operands' pods on one node (a handful; a node runs at most a few
+/// hundred pods of any kind).
+pub const LIST_CAP: usize = 1_000;
+
 /// kube-runtime's watcher, with the watch open for `timeout` seconds and
 /// bookmarks on (its default).
 fn watch_config(timeout: u32) -> ::kube::runtime::watcher::Config {
@@ -222,6 +227,9 @@ async fn follow<K>(
     use futures::StreamExt;
     let events = watcher(api, config).default_backoff();
     let mut events = std::pin::pin!(events);
+    // Objects in the list being read: a server whose pages never end
+    // would otherwise grow the listing without bound.
+    let mut listed = 0;
     while !stop.load(Ordering::Relaxed) {
         match tokio::time::timeout(Duration::from_millis(250), events.next()).await {
             Err(_) => {}
@@ -230,9 +238,25 @@ async fn follow<K>(
                 return;
             }
             Ok(Some(Err(e))) => {
-                tracing::warn!(%node, "{what}: {}", crate::error_chain::error_chain(&e));
+                let why = super::capped::too_large(&e)
+                    .unwrap_or_else(|| crate::error_chain::error_chain(&e));
+                tracing::warn!(%node, "{what}: {why}");
             }
-            Ok(Some(Ok(event))) => handle(event),
+            Ok(Some(Ok(event))) => {
+                match &event {
+                    ::kube::runtime::watcher::Event::Init => listed = 0,
+                    ::kube::runtime::watcher::Event::InitApply(_) => listed += 1,
+                    _ => {}
+                }
+                if listed > LIST_CAP {
+                    tracing::error!(
+                        %node,
+                        "{what} stopped: its list passed {LIST_CAP} objects (pages that never end?); the API server is read at each converge"
+                    );
+                    return;
+                }
+                handle(event);
+            }
         }
     }
 }

@@ -177,6 +177,21 @@ pub(super) fn resolve_toolkit(
             None
         }
     };
+    // The artifact method replaces its directory whole: a system
+    // directory (or gpuprov's own) would be lost with it, so it is refused
+    // here, before anything runs.
+    if artifact.is_some()
+        && let (Some(dir), Some(raw_dir)) = (&install_dir, &raw.install_dir)
+        && let Some(why) = system_directory(dir)
+    {
+        errors.push(
+            at(
+                raw_dir,
+                format!("toolkit.installDir `{dir}` is {why}: the artifact method replaces its directory whole"),
+            )
+            .with_help(format!("give the toolkit a directory of its own, such as {DEFAULT_TOOLKIT_DIR}")),
+        );
+    }
     ToolkitSpec {
         enabled: raw.enabled.unwrap_or(true),
         install_dir: if artifact.is_some() {
@@ -188,4 +203,90 @@ pub(super) fn resolve_toolkit(
         package_manager,
         artifact,
     }
+}
+
+/// Directories that hold the system's (or gpuprov's own) files: the
+/// filesystem hierarchy's top and its standard directories, and anything
+/// under those that are never a place for a program of one's own.
+const SYSTEM_DIRS: &[&str] = &[
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/var",
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/lib",
+    "/usr/lib32",
+    "/usr/lib64",
+    "/usr/libexec",
+    "/usr/include",
+    "/usr/share",
+    "/usr/src",
+    "/usr/local",
+    "/usr/local/bin",
+    "/usr/local/sbin",
+    "/usr/local/lib",
+    "/usr/local/lib64",
+    "/usr/local/libexec",
+    "/usr/local/include",
+    "/usr/local/share",
+    "/usr/local/etc",
+    "/usr/local/src",
+    "/usr/local/nvidia",
+    "/var/lib",
+    "/var/log",
+    "/var/cache",
+    "/var/tmp",
+    "/var/spool",
+    "/var/opt",
+    "/var/local",
+    "/var/mail",
+    "/var/run",
+    "/opt/bin",
+];
+/// Trees nothing installs a program into.
+const SYSTEM_TREES: &[&str] = &["/boot", "/dev", "/etc", "/proc", "/run", "/sys", "/var/run"];
+
+/// Why `dir` (an absolute path without `..`) is no directory of the
+/// toolkit's own, or `None` when it may be.
+pub fn system_directory(dir: &str) -> Option<String> {
+    let parts: Vec<&str> = dir
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    let dir = format!("/{}", parts.join("/"));
+    if dir == "/" {
+        return Some("the root directory".to_string());
+    }
+    if SYSTEM_DIRS.contains(&dir.as_str()) {
+        return Some("a system directory".to_string());
+    }
+    let below = |top: &str| dir.starts_with(&format!("{top}/"));
+    if let Some(top) = SYSTEM_TREES.iter().find(|top| below(top)) {
+        return Some(format!("under {top}, which holds no programs"));
+    }
+    if let Some(own) = crate::host::OWN_DIRS.iter().find(|own| {
+        let own = format!("/{own}");
+        dir == own || below(&own)
+    }) {
+        return Some(format!("gpuprov's own directory /{own}"));
+    }
+    None
 }

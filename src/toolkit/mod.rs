@@ -4,6 +4,8 @@
 //! gpuprov never adds a package repository: the host's configured sources
 //! (often a local mirror) are used as they are.
 
+pub mod artifact;
+
 use std::collections::BTreeMap;
 
 use crate::host::{HOST_PATH, Host, HostError};
@@ -102,10 +104,15 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     if let Some(artifact) = &ctx.spec.toolkit.artifact
         && ctx.spec.toolkit.enabled
     {
-        let record = ctx.host.read(INSTALLED_RECORD)?.unwrap_or_default();
-        let current = record.contains(&artifact.sha256);
+        let dir = artifact_dir(ctx.spec);
+        let owned =
+            artifact::owned(ctx.host, INSTALLED_RECORD, &dir).map_err(StepError::Observe)?;
+        let current = owned
+            .as_ref()
+            .is_some_and(|o| o.sha256.as_deref() == Some(artifact.sha256.as_str()));
         if !missing.is_empty() || !current {
-            return artifact_install(ctx, artifact, &missing, found);
+            artifact::check_owned(ctx.host, &dir, owned.as_ref()).map_err(StepError::Observe)?;
+            return artifact_install(ctx, artifact, &dir, owned.is_some(), &missing, found);
         }
     }
     let details = serde_json::to_value(&found).expect("serializes");
@@ -233,20 +240,30 @@ pub fn install_commands(manager: PackageManager, version: Option<&str>) -> Vec<V
     }
 }
 
-/// `toolkit.method: artifact`: fetch the pinned tarball, unpack it into the
-/// install dir atomically, record which artifact is there.
+/// Where `toolkit.method: artifact` unpacks (a host path, no trailing `/`).
+fn artifact_dir(spec: &Spec) -> String {
+    let dir = spec
+        .toolkit
+        .install_dir
+        .as_deref()
+        .unwrap_or(crate::spec::DEFAULT_TOOLKIT_DIR);
+    match dir.trim_end_matches('/') {
+        "" => "/".to_string(),
+        dir => dir.to_string(),
+    }
+}
+
+/// `toolkit.method: artifact`: fetch the pinned tarball and unpack it into
+/// the install dir atomically (`artifact::unpack`, which records what is
+/// there). `dir` is new, or gpuprov's (`ours`): `observe` checked.
 fn artifact_install(
     ctx: &StepContext,
     artifact: &crate::download::Artifact,
+    dir: &str,
+    ours: bool,
     missing: &[&str],
     found: BTreeMap<&'static str, Option<String>>,
 ) -> Result<Observation, StepError> {
-    let dir = ctx
-        .spec
-        .toolkit
-        .install_dir
-        .clone()
-        .unwrap_or_else(|| crate::spec::DEFAULT_TOOLKIT_DIR.to_string());
     let reason = if missing.is_empty() {
         format!(
             "{dir} holds another toolkit artifact than sha256 {}",
@@ -261,14 +278,9 @@ fn artifact_install(
         Change::fetch(ctx.host, artifact, 600, false)?,
         Change::Unpack {
             archive: artifact.cache_path(),
-            into: dir,
-        },
-        Change::WriteFile {
-            path: INSTALLED_RECORD.to_string(),
-            content: format!("artifact {}\n", artifact.sha256).into_bytes(),
-            mode: 0o644,
-            purpose: "record that gpuprov installed the toolkit".to_string(),
-            diff: None,
+            into: dir.to_string(),
+            record: INSTALLED_RECORD.to_string(),
+            replaces: ours && ctx.host.exists(dir)?,
         },
     ];
     obs.details = serde_json::to_value(&found).expect("serializes");

@@ -28,7 +28,7 @@ pub struct Logged {
 }
 
 /// A fault to answer with instead of handling a request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Fault {
     /// Matches requests whose method is this (`None`: any).
     pub method: Option<&'static str>,
@@ -44,6 +44,71 @@ pub struct Fault {
     pub delay_ms: u64,
     /// The body to answer with instead of a Status object.
     pub body: Option<String>,
+    /// Matches only requests whose query has this (`watch=true`).
+    pub query: Option<&'static str>,
+    /// A hostile answer streamed instead (with `status` 200).
+    pub flood: Option<Flood>,
+}
+
+/// Answers a hostile or broken API server streams.
+#[derive(Debug, Clone, Copy)]
+pub enum Flood {
+    /// A Node whose JSON goes on for this many bytes (a label value that
+    /// never ends), on one line.
+    Node(u64),
+    /// A watch whose first event is one line that never ends.
+    EndlessLine,
+    /// A pod list whose every page has 100 new pods and a `continue`.
+    EndlessPages,
+}
+
+impl Flood {
+    fn answer(self, uri: &str) -> Response {
+        use futures::StreamExt;
+        const CHUNK: usize = 64 << 10;
+        let filler = Bytes::from(vec![b'a'; CHUNK]);
+        let endless = move |head: &'static str, total: u64| {
+            let chunks = (total / CHUNK as u64) as usize;
+            let head =
+                futures::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(head)) });
+            let filler = filler.clone();
+            Body::from_stream(head.chain(futures::stream::iter(
+                std::iter::repeat_n(filler, chunks).map(Ok),
+            )))
+        };
+        let body = match self {
+            Flood::Node(bytes) => endless(
+                r#"{"kind":"Node","apiVersion":"v1","metadata":{"name":"n","labels":{"a":""#,
+                bytes,
+            ),
+            Flood::EndlessLine => endless(
+                r#"{"type":"ADDED","object":{"kind":"Node","metadata":{"name":""#,
+                1 << 40,
+            ),
+            Flood::EndlessPages => {
+                let page: u64 = uri
+                    .split(['?', '&'])
+                    .find_map(|p| p.strip_prefix("continue=page-"))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                let pods: Vec<Value> = (0..100)
+                    .map(|i| {
+                        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {
+                            "name": format!("pod-{page}-{i}"), "namespace": "default",
+                            "resourceVersion": "1", "uid": format!("{page}-{i}"),
+                        }})
+                    })
+                    .collect();
+                Body::from(
+                    json!({"apiVersion": "v1", "kind": "PodList",
+                        "metadata": {"resourceVersion": "1", "continue": format!("page-{}", page + 1)},
+                        "items": pods})
+                    .to_string(),
+                )
+            }
+        };
+        (StatusCode::OK, [("content-type", "application/json")], body).into_response()
+    }
 }
 
 /// What an injected fault does to a request.
@@ -591,6 +656,7 @@ impl FakeApi {
             times: usize::MAX,
             delay_ms: 3_600_000,
             body: None,
+            ..Default::default()
         });
     }
 }
@@ -671,20 +737,26 @@ fn log_and_match(
             .to_string(),
         body: String::from_utf8_lossy(body).into_owned(),
     });
-    let path = uri.split('?').next().unwrap_or(uri);
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
     let position = inner.faults.iter().position(|f| {
-        f.method.is_none_or(|m| m == method.as_str()) && path.starts_with(f.path_prefix)
+        f.method.is_none_or(|m| m == method.as_str())
+            && path.starts_with(f.path_prefix)
+            && f.query.is_none_or(|q| query.split('&').any(|p| p == q))
     })?;
     let fault = &mut inner.faults[position];
     fault.times -= 1;
     let (code, retry_after) = (fault.status, fault.retry_after);
     let body = fault.body.clone();
+    let flood = fault.flood;
     let delay = Duration::from_millis(fault.delay_ms);
     if fault.times == 0 {
         inner.faults.remove(position);
     }
     if code == 0 {
         return Some(Injected::Delay(delay));
+    }
+    if let Some(flood) = flood {
+        return Some(Injected::Answer(flood.answer(uri)));
     }
     let mut response = match body {
         Some(body) => (
