@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::catalog::StateDef;
 use crate::diagnostic::{Diagnostic, Diagnostics, nearest};
-use crate::report::{Action, SinkPreview, StepReport};
+use crate::report::{Action, SinkPreview, StepReport, printable};
 
 pub const PLAN_SCHEMA_VERSION: u32 = 1;
 
@@ -212,7 +212,12 @@ impl PlanReport {
         };
         let _ = writeln!(out, "\nlabels → {} ({state})", sink.target);
         for (key, value) in &self.labels {
-            let _ = writeln!(out, "    {key}={value}");
+            let _ = writeln!(
+                out,
+                "    {}={}",
+                printable(key, false),
+                printable(value, false)
+            );
         }
         if let Some(diff) = sink.diff.as_deref().filter(|_| sink.changes) {
             let _ = writeln!(out);
@@ -220,7 +225,7 @@ impl PlanReport {
                 .lines()
                 .filter(|l| !l.starts_with("--- ") && !l.starts_with("+++ "))
             {
-                let _ = writeln!(out, "    {line}");
+                let _ = writeln!(out, "    {}", printable(line, true));
             }
         }
         let s = &self.summary;
@@ -272,16 +277,16 @@ pub fn steps_table(steps: &[StepReport]) -> String {
             symbol(step.action),
             step.name,
             step.outcome.as_str(),
-            step.reason
+            printable(&step.reason, false)
         );
         for change in &step.changes {
-            let _ = writeln!(out, "      {}", change.summary());
+            let _ = writeln!(out, "      {}", printable(&change.summary(), false));
             if let crate::step::Change::WriteFile {
                 diff: Some(diff), ..
             } = change
             {
                 for line in diff.lines() {
-                    let _ = writeln!(out, "          {line}");
+                    let _ = writeln!(out, "          {}", printable(line, true));
                 }
             }
         }

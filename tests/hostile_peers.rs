@@ -158,3 +158,113 @@ fn a_pod_list_whose_pages_never_end_is_given_up() {
     assert!(!said.contains("panicked"), "{said}");
     assert!(peak < RSS_LIMIT_KIB, "peak RSS {peak} KiB");
 }
+
+/// A `PodSandbox` message: id, metadata (name, uid, namespace), labels.
+fn sandbox(id: &str, namespace: &str, name: &str, labels: &[(&str, &str)]) -> Vec<u8> {
+    use support::pod_resources::field;
+    let mut metadata = Vec::new();
+    field(1, name.as_bytes(), &mut metadata);
+    field(2, id.as_bytes(), &mut metadata);
+    field(3, namespace.as_bytes(), &mut metadata);
+    let mut message = Vec::new();
+    field(1, id.as_bytes(), &mut message);
+    field(2, &metadata, &mut message);
+    for (key, value) in labels {
+        let mut entry = Vec::new();
+        field(1, key.as_bytes(), &mut entry);
+        field(2, value.as_bytes(), &mut entry);
+        field(5, &entry, &mut message);
+    }
+    message
+}
+
+#[test]
+fn a_cri_that_ignores_the_label_filter_gets_no_foreign_sandbox_stopped() {
+    // The runtime answers every ListPodSandbox with the control plane's
+    // sandboxes, whatever the filter: one with no label of gpuprov's, one
+    // carrying gpuprov's label under another name. gpuprov stops and
+    // removes neither.
+    use support::pod_resources::field;
+    let host = support::copy_host("a100-preinstalled");
+    let spec = support::write_spec(
+        host.path(),
+        "cri.yaml",
+        "validator:\n  mode: cri\n  timeoutSeconds: 20\n",
+    );
+    // containerd's config first, without a runtime on the socket.
+    let _ = support::run_on("apply", host.path(), &spec);
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = calls.clone();
+    let _cri = support::grpc::serve(
+        &host.path().join("run/containerd/containerd.sock"),
+        move |path, _| {
+            seen.lock().unwrap().push(path.to_string());
+            match path.rsplit('/').next().unwrap_or_default() {
+                "Version" => {
+                    let mut version = Vec::new();
+                    field(1, b"0.1.0", &mut version);
+                    field(2, b"containerd", &mut version);
+                    field(3, b"v2.2.0", &mut version);
+                    field(4, b"v1", &mut version);
+                    Ok(version)
+                }
+                "ListPodSandbox" => {
+                    let mut list = Vec::new();
+                    let apiserver = sandbox(
+                        "a1",
+                        "kube-system",
+                        "kube-apiserver-node",
+                        &[("component", "kube-apiserver")],
+                    );
+                    let coredns = sandbox(
+                        "c1",
+                        "kube-system",
+                        "coredns-5d78c9869d-x2x7q",
+                        &[("gpuprov.io/validation", "cri"), ("k8s-app", "kube-dns")],
+                    );
+                    field(1, &apiserver, &mut list);
+                    field(1, &coredns, &mut list);
+                    Ok(list)
+                }
+                _ => Err(12),
+            }
+        },
+    );
+    let output = support::run_on("apply", host.path(), &spec);
+    let said = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{said}");
+    let calls = calls.lock().unwrap().clone();
+    assert!(
+        calls.iter().any(|c| c.ends_with("/ListPodSandbox")),
+        "{calls:?}"
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.ends_with("/StopPodSandbox") || c.ends_with("/RemovePodSandbox")),
+        "a sandbox that is not gpuprov's was touched: {calls:?}"
+    );
+    assert!(said.contains("not gpuprov's: left alone"), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+}
+
+#[test]
+fn control_characters_from_the_api_server_are_escaped_in_the_report() {
+    // A label value that would erase the line above on a terminal and
+    // print a fake success in its place.
+    let forged = "\u{1b}[1A\u{1b}[2K\r  ✓ driver ready\nall-1g.10gb";
+    let fake = FakeApi::with_node(NODE, &[("nvidia.com/mig.config", forged)]);
+    let host = support::copy_host("a100-preinstalled");
+    let mut plan = support::gpuprov();
+    plan.args(["plan", "--host-exec", "prefix", "--host-root"])
+        .arg(host.path());
+    support::against(&mut plan, Some(&fake), NODE);
+    let output = plan.output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("\\u{1b}[1A\\u{1b}[2K\\r  ✓ driver ready\\nall-1g.10gb"),
+        "{text}"
+    );
+    assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text}");
+}

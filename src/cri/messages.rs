@@ -147,6 +147,10 @@ pub struct ListPodSandboxRequest {
 pub struct PodSandbox {
     #[prost(string, tag = "1")]
     pub id: String,
+    #[prost(message, optional, tag = "2")]
+    pub metadata: Option<PodSandboxMetadata>,
+    #[prost(btree_map = "string, string", tag = "5")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

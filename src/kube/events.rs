@@ -60,7 +60,12 @@ pub fn publish(cluster: &Cluster, host: &Host, steps: &[StepReport]) -> Result<(
         }
         let action = format!("Converge{}", pascal(&step.name));
         cluster
-            .post_event(warning, reason, &action, &note)
+            .post_event(
+                warning,
+                reason,
+                &action,
+                &crate::report::printable(&note, false),
+            )
             .map_err(|e: KubeError| crate::Error::Kube(e))?;
         let remembered = if reason == "Waiting" {
             format!("{WAITING}{note}")

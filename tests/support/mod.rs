@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod cri_node;
 pub mod daemon;
 pub mod fake_api;
+pub mod grpc;
 pub mod oci;
 pub mod pod_resources;
 

@@ -4,12 +4,7 @@
 //! written out here field by field from the kubelet's `api.proto`, apart
 //! from gpuprov's own message types.
 
-use std::convert::Infallible;
 use std::path::Path;
-
-use bytes::Bytes;
-use http_body_util::StreamBody;
-use hyper::body::Frame;
 
 /// A pod's container and the devices it holds: `(resource, ids)`.
 pub struct Container {
@@ -25,10 +20,10 @@ pub struct Pod {
 
 /// The server; it stops when dropped.
 pub struct PodResources {
-    _runtime: tokio::runtime::Runtime,
+    _server: super::grpc::Server,
 }
 
-fn varint(mut n: usize, out: &mut Vec<u8>) {
+pub fn varint(mut n: usize, out: &mut Vec<u8>) {
     while n >= 0x80 {
         out.push((n as u8 & 0x7f) | 0x80);
         n >>= 7;
@@ -37,7 +32,7 @@ fn varint(mut n: usize, out: &mut Vec<u8>) {
 }
 
 /// A length-delimited field (wire type 2): a string or a message.
-fn field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
+pub fn field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
     out.push(tag << 3 | 2);
     varint(bytes.len(), out);
     out.extend_from_slice(bytes);
@@ -75,57 +70,11 @@ fn encode(pods: &[Pod]) -> Vec<u8> {
 impl PodResources {
     /// Serves `pods` on a socket at `socket`.
     pub fn serve(socket: &Path, pods: Vec<Pod>) -> PodResources {
-        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
         let message = encode(&pods);
-        let mut framed = vec![0u8];
-        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        framed.extend_from_slice(&message);
-        let framed = Bytes::from(framed);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = {
-            let _guard = runtime.enter();
-            tokio::net::UnixListener::bind(socket).unwrap()
-        };
-        runtime.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let framed = framed.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |request: hyper::Request<hyper::body::Incoming>| {
-                            let framed = framed.clone();
-                            async move {
-                                assert_eq!(request.uri().path(), "/v1.PodResourcesLister/List");
-                                let mut trailers = hyper::HeaderMap::new();
-                                trailers.insert("grpc-status", "0".parse().unwrap());
-                                let frames = vec![
-                                    Ok::<_, Infallible>(Frame::data(framed)),
-                                    Ok(Frame::trailers(trailers)),
-                                ];
-                                let body = StreamBody::new(futures::stream::iter(frames));
-                                Ok::<_, Infallible>(
-                                    hyper::Response::builder()
-                                        .header("content-type", "application/grpc")
-                                        .body(body)
-                                        .unwrap(),
-                                )
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-                });
-            }
+        let server = super::grpc::serve(socket, move |path, _| {
+            assert_eq!(path, "/v1.PodResourcesLister/List");
+            Ok(message.clone())
         });
-        PodResources { _runtime: runtime }
+        PodResources { _server: server }
     }
 }

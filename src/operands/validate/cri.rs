@@ -33,6 +33,8 @@ const LOG_FILE: &str = "validator.log";
 /// The label on every sandbox gpuprov starts, and the one naming its run.
 const LABEL: (&str, &str) = ("gpuprov.io/validation", "cri");
 const RUN_LABEL: &str = "gpuprov.io/validation-run";
+/// The name of every sandbox gpuprov starts.
+const SANDBOX_NAME: &str = "gpuprov-validation";
 /// How many output lines are kept and quoted.
 const OUTPUT_LINES: usize = 20;
 /// How much of one output line is kept.
@@ -256,7 +258,7 @@ fn sandbox_config(validation: &CriValidation, run_id: &str, log_dir: &str) -> Po
         .collect();
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
-            name: "gpuprov-validation".to_string(),
+            name: SANDBOX_NAME.to_string(),
             uid: run_id.to_string(),
             namespace: validation.namespace.clone(),
             attempt: 0,
@@ -430,13 +432,29 @@ async fn ran_with(cri: &mut Cri, sandbox: &str, handler: &str) -> Result<String,
     })
 }
 
-/// Stops and removes the sandboxes labelled `key=value`.
+/// Stops and removes the sandboxes labelled `key=value` that are
+/// gpuprov's. The runtime filters by label, but a buggy or hostile one may
+/// not: each sandbox's own labels and name are checked before it is
+/// touched, and one that is not gpuprov's is left alone and named.
 async fn remove_sandboxes(cri: &mut Cri, key: &str, value: &str) -> Result<(), String> {
     let found = cri
         .list_pod_sandboxes(&[(key, value)])
         .await
         .map_err(|e| error_chain(&e))?;
     for sandbox in found {
+        if !ours(&sandbox, key, value) {
+            let name = sandbox
+                .metadata
+                .as_ref()
+                .map(|m| format!("{}/{}", m.namespace, m.name))
+                .unwrap_or_default();
+            tracing::warn!(
+                id = %crate::report::printable(&sandbox.id, false),
+                "the CRI listed sandbox {} for the label {key}={value}, but it is not gpuprov's: left alone",
+                crate::report::printable(&name, false)
+            );
+            continue;
+        }
         cri.stop_and_remove_pod_sandbox(&sandbox.id)
             .await
             .map_err(|e| {
@@ -448,6 +466,18 @@ async fn remove_sandboxes(cri: &mut Cri, key: &str, value: &str) -> Result<(), S
             })?;
     }
     Ok(())
+}
+
+/// Whether a listed sandbox is one gpuprov started: its own labels say so
+/// (gpuprov's label, and `key=value`), and so does its name.
+fn ours(sandbox: &PodSandbox, key: &str, value: &str) -> bool {
+    let labelled = |k: &str, v: &str| sandbox.labels.get(k).is_some_and(|l| l == v);
+    labelled(LABEL.0, LABEL.1)
+        && labelled(key, value)
+        && sandbox
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.name == SANDBOX_NAME)
 }
 
 /// The last lines of the container's output, from containerd's CRI log
