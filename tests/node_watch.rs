@@ -187,3 +187,41 @@ fn a_failing_server_is_retried_with_backoff_not_in_a_loop() {
     );
     drop(watch);
 }
+
+#[test]
+fn an_expired_resource_version_after_a_restart_lists_again_at_once() {
+    // The API server restarts: its watches fail for a while (the backoff
+    // grows to seconds), then it is back, its history gone. The first
+    // watch it gets answers 410; the list follows at once, not after the
+    // backoff the outage built up, and a label change is seen.
+    let fake = FakeApi::with_node(NODE, &[("zone", "a")]);
+    let watch = watch(&fake);
+    watch.until_labelled("zone", "a");
+    eventually("the first watch", Duration::from_secs(10), || {
+        fake.log().iter().any(is_watch)
+    });
+    fake.inject(Fault {
+        method: None,
+        path_prefix: "/api/v1/nodes",
+        query: Some("watch=true"),
+        status: 500,
+        times: 3,
+        ..Default::default()
+    });
+    fake.clear_log();
+    fake.compact_and_drop_watches();
+    eventually("the outage's three refused watches", Duration::from_secs(20), || {
+        fake.log().iter().filter(|r| is_watch(r)).count() >= 4
+    });
+    let gone_at = Instant::now();
+    eventually("a list after the 410", Duration::from_secs(20), || {
+        fake.log().iter().any(is_list)
+    });
+    let waited = gone_at.elapsed();
+    assert!(
+        waited < Duration::from_millis(1500),
+        "listed {waited:?} after the 410 (the outage's backoff was 6 s or more)"
+    );
+    fake.set_label(NODE, "zone", "d", "kubectl");
+    watch.until_labelled("zone", "d");
+}

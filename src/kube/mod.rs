@@ -342,9 +342,10 @@ impl Cluster {
         }
     }
 
-    /// A 200, or the server's refusal as an error.
+    /// A 200 (or a 201: server-side apply that creates the object answers
+    /// 201), or the server's refusal as an error.
     fn ok_or_refused(&self, what: &str, code: u16, body: &[u8]) -> Result<(), KubeError> {
-        if code == 200 {
+        if code == 200 || code == 201 {
             Ok(())
         } else {
             Err(self.refused(what, code, body))

@@ -225,7 +225,19 @@ async fn follow<K>(
 {
     use ::kube::runtime::{WatchStreamExt, watcher};
     use futures::StreamExt;
-    let events = watcher(api, config).default_backoff();
+    // An expired resourceVersion (410, after the API server restarted or
+    // compacted) makes the watcher list again at once, as client-go does:
+    // it is not an error to back off from, or the backoff that a restart
+    // built up would hold the relist (and every label change) back.
+    let events = watcher(api, config)
+        .filter(|event| {
+            let expired = matches!(event, Err(watcher::Error::WatchError(status)) if status.code == 410);
+            if expired {
+                tracing::info!(%node, "{what}: its resourceVersion expired; listing again");
+            }
+            std::future::ready(!expired)
+        })
+        .default_backoff();
     let mut events = std::pin::pin!(events);
     // Objects in the list being read: a server whose pages never end
     // would otherwise grow the listing without bound.

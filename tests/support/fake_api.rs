@@ -1444,12 +1444,17 @@ async fn apply_config_map(
         },
         "data": applied["data"],
     });
-    inner.config_maps.insert((ns, name), map.clone());
+    // As the real server: server-side apply that creates answers 201.
+    let created = inner
+        .config_maps
+        .insert((ns, name), map.clone())
+        .is_none();
     let names: Vec<String> = inner.nodes.keys().cloned().collect();
     for node in names {
         simulate_operands(&mut inner, &node);
     }
-    axum::Json(map).into_response()
+    let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+    (code, axum::Json(map)).into_response()
 }
 
 async fn create_event(
