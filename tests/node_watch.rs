@@ -210,9 +210,11 @@ fn an_expired_resource_version_after_a_restart_lists_again_at_once() {
     });
     fake.clear_log();
     fake.compact_and_drop_watches();
-    eventually("the outage's three refused watches", Duration::from_secs(20), || {
-        fake.log().iter().filter(|r| is_watch(r)).count() >= 4
-    });
+    eventually(
+        "the outage's three refused watches",
+        Duration::from_secs(20),
+        || fake.log().iter().filter(|r| is_watch(r)).count() >= 4,
+    );
     let gone_at = Instant::now();
     eventually("a list after the 410", Duration::from_secs(20), || {
         fake.log().iter().any(is_list)

@@ -95,6 +95,22 @@ impl Cluster {
         serde_json::from_slice(&body).map_err(|e| self.not_a(&what, code, "Node", &e))
     }
 
+    /// Another Node, by name; `None` when there is none.
+    pub fn node_named(&self, name: &str) -> Result<Option<Node>, KubeError> {
+        let what = format!("GET node {name}");
+        let request = self.formed(
+            &what,
+            Request::new("/api/v1/nodes").get(name, &Default::default()),
+        )?;
+        match self.send(&what, request)? {
+            (200, body) => serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|e| self.not_a(&what, 200, "Node", &e)),
+            (404, _) => Ok(None),
+            (code, body) => Err(self.refused(&what, code, &body)),
+        }
+    }
+
     /// Replaces the Node's taints with `taints`, if the Node is still at
     /// `resource_version` (a taint list is replaced whole, so a change
     /// someone made meanwhile must not be lost: the server answers 409).

@@ -231,7 +231,8 @@ async fn follow<K>(
     // built up would hold the relist (and every label change) back.
     let events = watcher(api, config)
         .filter(|event| {
-            let expired = matches!(event, Err(watcher::Error::WatchError(status)) if status.code == 410);
+            let expired =
+                matches!(event, Err(watcher::Error::WatchError(status)) if status.code == 410);
             if expired {
                 tracing::info!(%node, "{what}: its resourceVersion expired; listing again");
             }

@@ -245,7 +245,7 @@ pub fn observe(
         format!(
             "NVIDIA {} is loaded; driver.upgradePolicy rolling replaces it with {wanted} in upgrade slot {} of {}",
             loaded,
-            ours.or(fleet.free()).map_or(0, |i| i + 1),
+            ours.or(fleet.free()).map_or(0, |i| i.saturating_add(1)),
             fleet.slots,
         ),
     );

@@ -32,15 +32,25 @@ fn observe_error(e: crate::kube::KubeError) -> StepError {
     StepError::Observe(error_chain(&e))
 }
 
+/// The most slots a fleet has: far more than any fleet's nodes. A Lease
+/// named past it (by hand, or by a hostile client) is no slot.
+const MAX_SLOTS: u64 = 1 << 20;
+
 fn slot_index(lease: &Lease) -> Option<u64> {
-    lease
+    let digits = lease
         .metadata
         .name
         .as_deref()?
         .strip_prefix(PREFIX)?
-        .strip_prefix('-')?
-        .parse()
-        .ok()
+        .strip_prefix('-')?;
+    // Written as gpuprov writes it: decimal, no sign, no leading zero.
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+    {
+        return None;
+    }
+    digits.parse().ok().filter(|i| *i < MAX_SLOTS)
 }
 
 fn holder(lease: &Lease) -> Option<&str> {
@@ -69,6 +79,11 @@ pub struct Fleet {
     pub slots: u64,
     leases: Vec<Lease>,
     now: SystemTime,
+    /// Slots whose Lease expired while its node is still cordoned by an
+    /// unfinished upgrade (it died mid-upgrade): that node is still out of
+    /// service, so the slot is not free until it comes back and finishes,
+    /// or someone uncordons it.
+    held_out: BTreeMap<u64, String>,
 }
 
 impl Fleet {
@@ -81,12 +96,39 @@ impl Fleet {
             MaxUnavailable::Count(n) => n,
             percent => percent.slots(fleet_size(cluster)?),
         };
+        let leases = cluster
+            .slot_leases(namespace, true)
+            .map_err(observe_error)?;
+        Fleet::of(cluster, slots, leases).map_err(observe_error)
+    }
+
+    /// The fleet's slots from their Leases; the holder of an expired one
+    /// is read to see whether it is still out (`held_out`).
+    fn of(
+        cluster: &Cluster,
+        slots: u64,
+        leases: Vec<Lease>,
+    ) -> Result<Fleet, crate::kube::KubeError> {
+        let now = SystemTime::now();
+        let mut held_out = BTreeMap::new();
+        for lease in &leases {
+            let (Some(index), Some(node)) = (slot_index(lease), holder(lease)) else {
+                continue;
+            };
+            if node == cluster.node || !expired(lease, now) {
+                continue;
+            }
+            if let Some(holder_node) = cluster.node_named(node)?
+                && cordoned_mid_upgrade(&holder_node)
+            {
+                held_out.insert(index, node.to_string());
+            }
+        }
         Ok(Fleet {
             slots,
-            leases: cluster
-                .slot_leases(namespace, true)
-                .map_err(observe_error)?,
-            now: SystemTime::now(),
+            leases,
+            now,
+            held_out,
         })
     }
 
@@ -102,19 +144,27 @@ impl Fleet {
             .find_map(slot_index)
     }
 
-    /// The first slot nobody holds: no Lease, no holder, or expired.
+    /// The first slot nobody holds: no Lease, no holder, or expired (and
+    /// its node not left cordoned mid-upgrade).
     pub fn free(&self) -> Option<u64> {
         (0..self.slots).find(|i| {
-            self.lease(*i)
-                .is_none_or(|l| holder(l).is_none() || expired(l, self.now))
+            !self.held_out.contains_key(i)
+                && self
+                    .lease(*i)
+                    .is_none_or(|l| holder(l).is_none() || expired(l, self.now))
         })
     }
 
     /// Who holds the slots, for a reason: `2 of 2 held (node-3, node-5)`.
     pub fn describe(&self) -> String {
-        let holders: Vec<&str> = (0..self.slots)
-            .filter_map(|i| self.lease(i))
-            .filter_map(holder)
+        let holders: Vec<String> = (0..self.slots)
+            .filter_map(|i| {
+                let node = holder(self.lease(i)?)?;
+                Some(match self.held_out.contains_key(&i) {
+                    true => format!("{node}, cordoned mid-upgrade, its Lease expired"),
+                    false => node.to_string(),
+                })
+            })
             .collect();
         format!(
             "{} of {} held ({})",
@@ -123,6 +173,23 @@ impl Fleet {
             holders.join(", ")
         )
     }
+}
+
+/// Whether a node is cordoned and its published upgrade state is between
+/// cordon and uncordon: out of service for an upgrade that has not ended.
+fn cordoned_mid_upgrade(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    let cordoned = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    let state = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(super::action::STATE_LABEL))
+        .and_then(|s| super::action::State::parse(s));
+    cordoned && state.is_some_and(super::action::State::in_progress)
 }
 
 /// How many GPU nodes the fleet has, read at most every 10 minutes.
@@ -170,11 +237,7 @@ pub fn take(
         return Ok(());
     }
     let leases = cluster.slot_leases(namespace, false).map_err(api)?;
-    let fleet = Fleet {
-        slots,
-        leases,
-        now: SystemTime::now(),
-    };
+    let fleet = Fleet::of(cluster, slots, leases).map_err(api)?;
     let spec = |acquired: Option<MicroTime>, transitions: i32| LeaseSpec {
         holder_identity: Some(cluster.node.clone()),
         lease_duration_seconds: Some(lease_seconds.min(i32::MAX as u64) as i32),
@@ -343,4 +406,34 @@ pub fn release(cluster: &Cluster, namespace: &str) -> Result<(), String> {
         .map_err(|e| error_chain(&e))?;
     tracing::info!(slot = %name, "gave the upgrade slot back");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(name: &str) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                ..ObjectMeta::default()
+            },
+            spec: None,
+        }
+    }
+
+    #[test]
+    fn only_plain_slot_numbers_name_a_slot() {
+        assert_eq!(slot_index(&named("gpuprov-driver-upgrade-0")), Some(0));
+        assert_eq!(slot_index(&named("gpuprov-driver-upgrade-17")), Some(17));
+        for hostile in [
+            "gpuprov-driver-upgrade-18446744073709551615",
+            "gpuprov-driver-upgrade-1048576",
+            "gpuprov-driver-upgrade-007",
+            "gpuprov-driver-upgrade-+1",
+            "gpuprov-driver-upgrade-",
+        ] {
+            assert_eq!(slot_index(&named(hostile)), None, "{hostile}");
+        }
+    }
 }

@@ -1445,15 +1445,16 @@ async fn apply_config_map(
         "data": applied["data"],
     });
     // As the real server: server-side apply that creates answers 201.
-    let created = inner
-        .config_maps
-        .insert((ns, name), map.clone())
-        .is_none();
+    let created = inner.config_maps.insert((ns, name), map.clone()).is_none();
     let names: Vec<String> = inner.nodes.keys().cloned().collect();
     for node in names {
         simulate_operands(&mut inner, &node);
     }
-    let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     (code, axum::Json(map)).into_response()
 }
 
