@@ -19,6 +19,12 @@ use crate::host::{Host, HostError};
 
 pub const CACHE_DIR: &str = "/var/cache/gpuprov";
 const ATTEMPTS: u32 = 3;
+/// The most bytes one artifact may have. NVIDIA's largest driver runfile
+/// is under 450 MiB and a toolkit tarball a few MiB: a server that sends
+/// more (or says it will) is refused before it fills the disk.
+pub const DOWNLOAD_CAP: u64 = 1 << 30;
+/// The most redirects followed for one download.
+const MAX_REDIRECTS: usize = 10;
 
 /// Something to download, pinned by its sha256.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -52,6 +58,10 @@ pub enum DownloadError {
     },
     #[error("{url}: plain http is refused; use https, file://, or set allowInsecureHttp")]
     InsecureHttp { url: String },
+    #[error("{url}: more than {} MiB, the most gpuprov downloads for one artifact", DOWNLOAD_CAP >> 20)]
+    TooLarge { url: String },
+    #[error("{url}: {why}")]
+    Redirect { url: String, why: String },
     #[error("{url}: unsupported URL scheme (https://, http:// or file://)")]
     Scheme { url: String },
     #[error("{url}: the server answered {status}")]
@@ -154,6 +164,7 @@ fn download_to(
         };
         return copy_hashing(&mut source, temp.file(), None, url).map_err(|e| match e {
             CopyError::Read(e) | CopyError::Write(e) => file_err(e),
+            CopyError::TooLarge => DownloadError::TooLarge { url: url.clone() },
         });
     }
     if url.starts_with("http://") && !artifact.allow_insecure_http {
@@ -162,9 +173,20 @@ fn download_to(
     if !url.starts_with("https://") && !url.starts_with("http://") {
         return Err(DownloadError::Scheme { url: url.clone() });
     }
+    let allow_http = artifact.allow_insecure_http;
     let client = reqwest::blocking::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::custom(
+            move |attempt| match redirect_refused(
+                attempt.url().scheme(),
+                attempt.previous().len(),
+                allow_http,
+            ) {
+                Some(why) => attempt.error(why),
+                None => attempt.follow(),
+            },
+        ))
         .build()
         .map_err(|e| DownloadError::Failed {
             url: url.clone(),
@@ -179,12 +201,35 @@ fn download_to(
         }
         let mut response = match client.get(url).send() {
             Ok(response) => response,
+            // A redirect refused is the same on every try.
+            Err(e) if e.is_redirect() => {
+                return Err(DownloadError::Redirect {
+                    url: url.clone(),
+                    why: crate::error_chain::error_chain(&e),
+                });
+            }
             Err(e) => {
                 last = crate::error_chain::error_chain(&e);
                 continue;
             }
         };
         let status = response.status().as_u16();
+        // A redirect reqwest does not follow at all (to a scheme it has no
+        // client for) comes back as the answer: never hashed as the body.
+        if (300..400).contains(&status) {
+            let to = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .unwrap_or("nowhere");
+            let scheme = to.split_once("://").map_or(to, |(scheme, _)| scheme);
+            let why = redirect_refused(scheme, 1, artifact.allow_insecure_http)
+                .unwrap_or_else(|| format!("a redirect to {to} that was not followed"));
+            return Err(DownloadError::Redirect {
+                url: url.clone(),
+                why: format!("the server answered {status}: {why}"),
+            });
+        }
         if (400..500).contains(&status) {
             return Err(DownloadError::Refused {
                 url: url.clone(),
@@ -196,6 +241,9 @@ fn download_to(
             continue;
         }
         let expected_len = response.content_length();
+        if expected_len.is_some_and(|len| len > DOWNLOAD_CAP) {
+            return Err(DownloadError::TooLarge { url: url.clone() });
+        }
         // A retry starts the temporary file again.
         let file = temp.file();
         file.set_len(0).map_err(write_err)?;
@@ -203,6 +251,7 @@ fn download_to(
         match copy_hashing(&mut response, file, expected_len, url) {
             Ok(hash) => return Ok(hash),
             Err(CopyError::Write(source)) => return Err(write_err(source)),
+            Err(CopyError::TooLarge) => return Err(DownloadError::TooLarge { url: url.clone() }),
             Err(CopyError::Read(e)) => last = e.to_string(),
         }
     }
@@ -215,6 +264,26 @@ fn download_to(
 enum CopyError {
     Read(std::io::Error),
     Write(std::io::Error),
+    /// Past `DOWNLOAD_CAP`.
+    TooLarge,
+}
+
+/// Why a redirect to a URL of `scheme` is not followed, after `hops`
+/// redirects: plain http (or anything but https) unless
+/// `allowInsecureHttp`, and endless chains. An https artifact must not
+/// come over http by a redirect that nobody chose.
+fn redirect_refused(scheme: &str, hops: usize, allow_http: bool) -> Option<String> {
+    match scheme {
+        _ if hops > MAX_REDIRECTS => Some(format!("more than {MAX_REDIRECTS} redirects")),
+        "https" => None,
+        "http" if allow_http => None,
+        "http" => {
+            Some("redirected to plain http, which is refused without allowInsecureHttp".to_string())
+        }
+        other => Some(format!(
+            "redirected to a {other}:// URL, which is never followed"
+        )),
+    }
 }
 
 /// Copies with hashing and progress: a line on a terminal, a log line every
@@ -236,9 +305,12 @@ fn copy_hashing(
         if n == 0 {
             break;
         }
+        done += n as u64;
+        if done > DOWNLOAD_CAP {
+            return Err(CopyError::TooLarge);
+        }
         hasher.update(&buffer[..n]);
         target.write_all(&buffer[..n]).map_err(CopyError::Write)?;
-        done += n as u64;
         if last_report.elapsed() >= Duration::from_secs(if terminal { 1 } else { 5 }) {
             last_report = Instant::now();
             let of = total
@@ -264,4 +336,22 @@ fn copy_hashing(
     }
     target.sync_all().map_err(CopyError::Write)?;
     Ok(hex(&hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_never_downgrade_to_http_unless_allowed() {
+        assert_eq!(redirect_refused("https", 1, false), None);
+        assert!(
+            redirect_refused("http", 1, false)
+                .unwrap()
+                .contains("without allowInsecureHttp")
+        );
+        assert_eq!(redirect_refused("http", 1, true), None);
+        assert!(redirect_refused("file", 1, true).is_some());
+        assert!(redirect_refused("https", MAX_REDIRECTS + 1, true).is_some());
+    }
 }

@@ -240,3 +240,57 @@ fn a_cache_entry_that_is_a_link_is_refused_never_followed() {
     );
     assert_eq!(std::fs::read(&target).unwrap(), body);
 }
+
+#[test]
+fn a_body_past_the_cap_is_refused_before_it_is_written() {
+    // The server says its body is 4 GiB: not one byte of it is kept, and
+    // the refusal is not retried.
+    let server = ArtifactServer::start();
+    server.route("/huge.run", Route::Claims(4 << 30));
+    let (dir, host) = host();
+    let err = fetch(
+        &host,
+        &artifact(server.url("/huge.run"), b"x"),
+        Duration::from_secs(10),
+        true,
+    )
+    .unwrap_err();
+    assert!(matches!(err, DownloadError::TooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("more than 1024 MiB"), "{err}");
+    assert_eq!(server.hits("/huge.run"), 1);
+    assert!(cache_entries(&dir).is_empty());
+}
+
+#[test]
+fn redirects_are_followed_only_where_the_url_could_go() {
+    let server = ArtifactServer::start();
+    let body = b"the installer".to_vec();
+    server.route("/real.run", Route::Body(body.clone()));
+    server.route("/moved.run", Route::Redirect(server.url("/real.run")));
+    server.route("/to-file.run", Route::Redirect("file:///etc/shadow".into()));
+    let (dir, host) = host();
+    // Plain http allowed: a redirect to http is followed.
+    let path = fetch(
+        &host,
+        &artifact(server.url("/moved.run"), &body),
+        Duration::from_secs(10),
+        true,
+    )
+    .unwrap();
+    assert!(path.ends_with(&sha(&body)));
+    // Never to another scheme, whatever is allowed; not retried.
+    let err = fetch(
+        &host,
+        &artifact(server.url("/to-file.run"), b"x"),
+        Duration::from_secs(10),
+        true,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("file:// URL, which is never followed"),
+        "{err}"
+    );
+    assert_eq!(server.hits("/to-file.run"), 1);
+    assert_eq!(cache_entries(&dir), vec![sha(&body)]);
+}

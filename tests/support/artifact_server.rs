@@ -22,6 +22,10 @@ pub enum Route {
     Stall(Duration),
     /// 503 for the first `failures` requests, then the body.
     Flaky { failures: usize, body: Vec<u8> },
+    /// 302 to this URL.
+    Redirect(String),
+    /// Claims a body of this many bytes, sends a few, closes.
+    Claims(u64),
 }
 
 pub struct ArtifactServer {
@@ -128,5 +132,13 @@ fn answer(
             stream.write_all(&head(503, 0)).map(|_| drop(body))
         }
         Route::Flaky { body, .. } => stream.write_all(&[head(200, body.len()), body].concat()),
+        Route::Redirect(to) => stream.write_all(
+            format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        ),
+        Route::Claims(length) => stream.write_all(
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {length}\r\nConnection: close\r\n\r\nxxxx")
+                .as_bytes(),
+        ),
     };
 }
