@@ -17,6 +17,33 @@ pub enum FactsError {
         "{root} does not look like a node's root: it has no {missing}. Nothing was changed and no label was published (a GPU node's labels stay). Point --host-root at the node's / (in a pod: mount the node's / at /host, with its /sys and /proc)"
     )]
     NotAHost { root: String, missing: String },
+    #[error(
+        "{path}: `{value}` is not a kernel release (at most 64 letters, digits and `.` `_` `+` `~` `-`, as uname prints it); nothing was changed"
+    )]
+    KernelRelease { path: String, value: String },
+}
+
+/// Where the running kernel's release is read.
+const KERNEL_RELEASE: &str = "/proc/sys/kernel/osrelease";
+
+/// The kernel release as uname gives it (`6.8.0-45-generic`,
+/// `5.14.0-427.13.1.el9_4.x86_64`, `6.1.0-26-cloud-amd64`): it goes into
+/// package names and paths, so anything else is refused, not spliced.
+fn check_kernel_release(value: &str) -> Result<(), FactsError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value.as_bytes()[0].is_ascii_alphanumeric()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+~-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(FactsError::KernelRelease {
+            path: KERNEL_RELEASE.to_string(),
+            value: crate::report::printable(value, false).into_owned(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,9 +123,12 @@ impl Facts {
             .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
             .collect();
         let kernel = host
-            .read("/proc/sys/kernel/osrelease")?
+            .read(KERNEL_RELEASE)?
             .map(|k| k.trim().to_string())
             .filter(|k| !k.is_empty());
+        if let Some(kernel) = &kernel {
+            check_kernel_release(kernel)?;
+        }
         Ok(Facts {
             pci: pci::scan(host)?,
             node_labels,
@@ -134,5 +164,31 @@ impl Facts {
         selector
             .split_once('=')
             .is_some_and(|(k, v)| self.node_labels.get(k).is_some_and(|have| have == v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases_are_what_uname_prints() {
+        for good in [
+            "6.8.0-45-generic",
+            "5.14.0-427.13.1.el9_4.x86_64",
+            "6.1.0-26-cloud-amd64",
+            "6.6.87.2-microsoft-standard-WSL2+",
+        ] {
+            assert!(check_kernel_release(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "6.8.0-45-generic=0.0.1~evil /x",
+            "-6.8.0",
+            "6.8.0\n",
+            "6.8.0;reboot",
+            &"6".repeat(65),
+        ] {
+            assert!(check_kernel_release(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -327,6 +327,11 @@ fn bad_mig_parted_documents_are_refused_with_their_place() {
             "`1g.5GB` is not a MIG profile",
         ),
         (
+            // Not `7g.80gb` on every GPU: a compute count past any GPU's.
+            "mig:\n  configs:\n    version: v1\n    mig-configs:\n      a:\n        - devices: all\n          mig-enabled: true\n          mig-devices:\n            \"99999999999c.7g.80gb\": 1\n",
+            "`99999999999c.7g.80gb` is not a MIG profile",
+        ),
+        (
             "mig:\n  configs:\n    version: v1\n    mig-configs:\n      a:\n        - devices: some\n          mig-enabled: false\n",
             "devices must be `all` or a list of GPU indices, not `some`",
         ),

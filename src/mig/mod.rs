@@ -265,8 +265,12 @@ fn canonical(name: &str) -> String {
 fn resolve<'g>(gpu: &'g GpuMig, name: &str) -> Result<(&'g GiProfile, u32), String> {
     let wanted = canonical(name);
     let (compute, gi_name) = match wanted.split_once("c.") {
-        Some((c, rest)) if c.bytes().all(|b| b.is_ascii_digit()) => {
-            (c.parse::<u32>().ok(), rest.to_string())
+        Some((c, rest)) if !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) => {
+            // A number that does not parse is an error, never "all slices".
+            let slices = c
+                .parse::<u32>()
+                .map_err(|_| format!("`{name}`: `{c}c` is not a number of compute slices"))?;
+            (Some(slices), rest.to_string())
         }
         _ => (None, wanted.clone()),
     };

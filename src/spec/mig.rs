@@ -150,6 +150,9 @@ pub struct MigSpec {
     pub timeout_seconds: u64,
 }
 
+/// The most slices a MIG profile names (a GPU has 7 or 8).
+pub const MAX_MIG_SLICES: u32 = 64;
+
 /// A MIG profile name as mig-parted writes it: `[<c>c.]<g>g.<gb>gb`, then
 /// `+attr[,attr]` or `-attr`. Returns why not.
 pub fn check_profile_name(name: &str) -> Result<(), String> {
@@ -158,13 +161,20 @@ pub fn check_profile_name(name: &str) -> Result<(), String> {
         None => (name, None),
     };
     let parts: Vec<&str> = base.split('.').collect();
-    let number = |part: &str, suffix: &str| {
-        part.strip_suffix(suffix)
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n != "0")
+    // Slices are a handful (7 or 8 on every GPU with MIG); memory is GB.
+    // A number past what it can mean is refused, not wrapped or dropped.
+    let number = |part: &str, suffix: &str, most: u32| {
+        part.strip_suffix(suffix).is_some_and(|n| {
+            n.bytes().all(|b| b.is_ascii_digit())
+                && n.parse::<u32>().is_ok_and(|n| (1..=most).contains(&n))
+        })
     };
+    let (slices, gigabytes) = (MAX_MIG_SLICES, 100_000);
     let fields_ok = match parts.as_slice() {
-        [g, gb] => number(g, "g") && number(gb, "gb"),
-        [c, g, gb] => number(c, "c") && number(g, "g") && number(gb, "gb"),
+        [g, gb] => number(g, "g", slices) && number(gb, "gb", gigabytes),
+        [c, g, gb] => {
+            number(c, "c", slices) && number(g, "g", slices) && number(gb, "gb", gigabytes)
+        }
         _ => false,
     };
     let attributes_ok = attributes.is_none_or(|a| {
@@ -459,6 +469,9 @@ mod tests {
             "0g.5gb",
             "1g.5gb+",
             "1x.1g.5gb",
+            "99999999999c.7g.80gb",
+            "4294967297g.80gb",
+            "+1c.7g.80gb",
             "",
         ] {
             assert!(check_profile_name(bad).is_err(), "{bad}");

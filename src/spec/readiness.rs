@@ -49,6 +49,13 @@ impl std::fmt::Display for StartupTaint {
     }
 }
 
+/// Taint keys that Kubernetes' controllers own.
+const RESERVED_TAINT_PREFIXES: &[&str] = &[
+    "node.kubernetes.io/",
+    "node.cloudprovider.kubernetes.io/",
+    "node-role.kubernetes.io/",
+];
+
 /// `key[=value]:Effect`, as `kubectl taint` writes it.
 pub fn parse_taint(text: &str) -> Result<StartupTaint, String> {
     let (key_value, effect) = text
@@ -61,6 +68,18 @@ pub fn parse_taint(text: &str) -> Result<StartupTaint, String> {
     }
     let (key, value) = key_value.split_once('=').unwrap_or((key_value, ""));
     crate::label_syntax::check_label_key(key).map_err(|why| format!("the key: {why}"))?;
+    // gpuprov removes its startup taint once the node is ready: a taint of
+    // Kubernetes' own (the node lifecycle controller's, the cloud
+    // provider's) must never be one it removes.
+    if let Some(reserved) = RESERVED_TAINT_PREFIXES
+        .iter()
+        .find(|prefix| key.starts_with(*prefix))
+    {
+        return Err(format!(
+            "the key `{key}` is Kubernetes' own (`{reserved}…`), and gpuprov removes its startup taint: use a key of your own, such as {}",
+            DEFAULT_STARTUP_TAINT
+        ));
+    }
     if !value.is_empty() {
         crate::label_syntax::check_label_value(key, value)
             .map_err(|why| format!("the value: {why}"))?;
