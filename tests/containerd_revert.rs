@@ -236,3 +236,40 @@ fn a_revert_killed_before_its_restart_restarts_containerd_next_time() {
     revert(host.path());
     assert_eq!(containerd_restarts(host.path()), restarts + 1);
 }
+
+#[test]
+fn a_drop_in_another_tool_rewrote_is_neither_overwritten_nor_removed() {
+    // gpuprov writes its drop-in; the GPU Operator's toolkit (say) then
+    // rewrites the same file with its own settings. apply does not put
+    // gpuprov's back over it, and revert leaves it where it is.
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let spec = support::write_spec(
+        host.path(),
+        "spec.yaml",
+        "toolkit:\n  env:\n    - name: RUNTIME_DROP_IN_CONFIG\n      value: /etc/containerd/conf.d/99-nvidia.toml\n",
+    );
+    let spec = spec.to_str().unwrap();
+    assert_eq!(apply_json(host.path(), &["--config", spec]).0, 0);
+    let drop_in = host.path().join("etc/containerd/conf.d/99-nvidia.toml");
+    let theirs = "# written by another tool\nversion = 2\n";
+    fs::write(&drop_in, theirs).unwrap();
+
+    let (code, report, _) = apply_json(host.path(), &["--config", spec]);
+    assert_eq!(code, 3);
+    let (_, outcome, reason) = &support::steps(&report)["containerd-runtime"];
+    assert_eq!(outcome, "failed", "{reason}");
+    assert!(
+        reason.contains("/etc/containerd/conf.d/99-nvidia.toml was changed since gpuprov wrote it"),
+        "{reason}"
+    );
+    assert_eq!(fs::read_to_string(&drop_in).unwrap(), theirs);
+
+    let said = revert(host.path());
+    assert!(
+        said.contains(
+            "left /etc/containerd/conf.d/99-nvidia.toml, which was changed since gpuprov wrote it"
+        ),
+        "{said}"
+    );
+    assert_eq!(fs::read_to_string(&drop_in).unwrap(), theirs);
+}

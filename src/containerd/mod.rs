@@ -44,6 +44,11 @@ pub struct Record {
     /// The drop-in file gpuprov wrote and imports, in drop-in mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_in: Option<String>,
+    /// sha256 of what gpuprov last wrote to the drop-in: one that another
+    /// tool rewrote since is neither overwritten nor removed. (Records
+    /// from before it was kept have none.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_in_sha256: Option<String>,
     /// Whether gpuprov turned CDI on (`enable_cdi`, `cdi_spec_dirs`):
     /// revert puts those keys back as the original had them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -221,13 +226,17 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     .map_err(in_file(text))?;
     let drop_in_path = match &opts.drop_in_config {
         Some(path) => Some(path.clone()),
-        None if version1_on_2 => {
-            let path = default_drop_in(&config_path);
-            refuse_foreign_drop_in(ctx.host, &path, record.as_ref(), &wanted)?;
-            Some(path)
-        }
+        None if version1_on_2 => Some(default_drop_in(&config_path)),
         None => None,
     };
+    if let Some(drop_in) = &drop_in_path
+        && ctx.host.follow_links(drop_in)? == config_path
+    {
+        return Err(StepError::Observe(format!(
+            "containerd.dropInConfig {drop_in} is containerd's config {config_path} itself: the config would import itself; name a file of its own (such as {})",
+            default_drop_in(&config_path)
+        )));
+    }
     // What each file should hold: the main config with the runtime, or, in
     // drop-in mode, the main config importing a drop-in that has it.
     let mut files: Vec<(String, Option<String>, String, String)> = Vec::new();
@@ -245,9 +254,11 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
                 config::drop_in(&edited.text)
             }
             .map_err(in_file(text))?;
+            let existing = ctx.host.read(drop_in)?;
+            refuse_foreign_drop_in(drop_in, existing.as_deref(), record.as_ref(), &section)?;
             files.push((
                 drop_in.clone(),
-                ctx.host.read(drop_in)?,
+                existing,
                 section,
                 format!("runtime `{}`", opts.runtime_class),
             ));
@@ -371,6 +382,9 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             written_sha256: sha256_hex(main_written.as_bytes()),
             runtime_class: opts.runtime_class.clone(),
             drop_in: drop_in_path.clone(),
+            drop_in_sha256: drop_in_path
+                .as_ref()
+                .map(|_| sha256_hex(files[0].2.as_bytes())),
             cdi: wanted.cdi.is_some() || record.as_ref().is_some_and(|r| r.cdi),
             cdi_runtime_class: wanted
                 .cdi
@@ -459,25 +473,33 @@ pub fn default_drop_in(config: &str) -> String {
     format!("{dir}/conf.d/gpuprov-runtime.toml")
 }
 
-/// A file at the default drop-in path that gpuprov did not write (no record
-/// names it, and it is not what gpuprov would write) is not replaced.
+/// A drop-in gpuprov may write: none there yet, one that already holds
+/// what it would write, or the one it wrote, unchanged since (its record
+/// names the file and its hash). Anything else, another tool's file or
+/// gpuprov's rewritten by one, is not replaced.
 fn refuse_foreign_drop_in(
-    host: &Host,
     path: &str,
+    existing: Option<&str>,
     record: Option<&Record>,
-    wanted: &RuntimeWanted,
+    wanted: &str,
 ) -> Result<(), StepError> {
-    if record.and_then(|r| r.drop_in.as_deref()) == Some(path) {
-        return Ok(());
-    }
-    let Some(existing) = host.read(path)? else {
+    let Some(existing) = existing else {
         return Ok(());
     };
-    if config::version3_drop_in(wanted).is_ok_and(|text| text == existing) {
+    if existing == wanted {
         return Ok(());
     }
+    let recorded = record.filter(|r| r.drop_in.as_deref() == Some(path));
+    let why = match recorded {
+        Some(r) => match &r.drop_in_sha256 {
+            None => return Ok(()),
+            Some(sha) if *sha == sha256_hex(existing.as_bytes()) => return Ok(()),
+            Some(_) => "was changed since gpuprov wrote it",
+        },
+        None => "exists and gpuprov did not write it",
+    };
     Err(StepError::Observe(format!(
-        "{path} exists and gpuprov did not write it: gpuprov puts containerd 2's runtime for a version-1 config there; move it away, or name another file in containerd.dropInConfig"
+        "{path} {why}: gpuprov does not overwrite another tool's drop-in; move it away, or name another file in containerd.dropInConfig"
     )))
 }
 

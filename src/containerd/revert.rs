@@ -57,7 +57,7 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
     }
 
     let mut changes = Vec::new();
-    let summary;
+    let mut summary;
     match (&current, &original) {
         (Some(now), _) if sha256_hex(now.as_bytes()) == record.written_sha256 => match &original {
             Some(original) => {
@@ -118,13 +118,24 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
         (None, _) => summary = format!("containerd: {} is gone; nothing to revert", record.config),
     }
     if let Some(drop_in) = &record.drop_in {
-        changes.insert(
-            0,
-            Change::RemoveFile {
-                path: drop_in.clone(),
-                purpose: "gpuprov's drop-in".to_string(),
-            },
-        );
+        // Removed only as gpuprov left it: another tool's rewrite stays.
+        let now = read(drop_in)?;
+        let rewritten = match (&now, &record.drop_in_sha256) {
+            (Some(now), Some(sha)) => sha256_hex(now.as_bytes()) != *sha,
+            _ => false,
+        };
+        if rewritten {
+            summary =
+                format!("{summary}; left {drop_in}, which was changed since gpuprov wrote it");
+        } else if now.is_some() {
+            changes.insert(
+                0,
+                Change::RemoveFile {
+                    path: drop_in.clone(),
+                    purpose: "gpuprov's drop-in".to_string(),
+                },
+            );
+        }
     }
     let changed = !changes.is_empty();
     if changed && opts.restart_mode != crate::spec::RestartMode::None {

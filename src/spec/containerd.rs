@@ -180,6 +180,24 @@ pub(super) fn resolve_containerd(
             None => settled.push((g.key, normalised, g)),
         }
     }
+    // A drop-in that is the config itself would make it import itself.
+    let setting = |name: &str| settled.iter().find(|(key, _, _)| *key == name);
+    if let Some((_, drop_in, given)) = setting("dropInConfig") {
+        let config = setting("config").map_or(options.config.as_str(), |(_, c, _)| c.as_str());
+        let same = |a: &str, b: &str| {
+            a.trim_end_matches('/').replace("//", "/") == b.trim_end_matches('/').replace("//", "/")
+        };
+        if same(drop_in, config) {
+            errors.push(Diagnostic::at_location(
+                source,
+                given.referenced,
+                format!(
+                    "{} `{drop_in}` is containerd's config itself: a drop-in is a file of its own that the config imports",
+                    given.origin
+                ),
+            ));
+        }
+    }
     for (key, value, _) in settled {
         match key {
             "config" => options.config = value,
