@@ -492,3 +492,54 @@ fn containerd_2_merges_an_import_key_by_key_so_only_a_key_it_sets_wins() {
         }
     }
 }
+
+/// The runc table containerd 2 adds to its view of every config (`config
+/// dump` shows it whether or not the file has one), with its defaults.
+const RUNC_DEFAULTS_V3: &str = "\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]\nruntime_type = 'io.containerd.runc.v2'\n\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]\nSystemdCgroup = false\n";
+
+#[test]
+fn a_config_whose_default_is_the_gpu_runtime_already_is_converged() {
+    // Amazon's EKS AL2023 GPU image: `nvidia` is the default, with systemd
+    // cgroups; containerd's view adds a `runc` with its default `false`.
+    // Pods run `nvidia`, so that runc says nothing about the kubelet's
+    // cgroup driver: converged, the file untouched.
+    let host = copy_host("l4x4-570");
+    let eks = fs::read_to_string(
+        repo().join("../shared/realworld/containerd/02-eks-al2023-nodeadm-nvidia-v3.toml"),
+    )
+    .unwrap();
+    let view = format!("{eks}{RUNC_DEFAULTS_V3}");
+    fs::write(host.path().join(CONFIG), &view).unwrap();
+    let spec = write_spec(host.path(), "spec.yaml", "cdi:\n  enabled: false\n");
+    let (_, report, stderr) = apply_config(host.path(), &spec);
+    let runtime = &steps(&report)["containerd-runtime"];
+    // (The fixture's driver files are listings: NVML's steps fail, and
+    // only the containerd step is this test's.)
+    assert_eq!(runtime.1, "preinstalled", "{}\n{stderr}", runtime.2);
+    assert_eq!(fs::read_to_string(host.path().join(CONFIG)).unwrap(), view);
+    assert_eq!(containerd_restarts(host.path()), 0);
+}
+
+#[test]
+fn the_cgroup_driver_is_compared_with_the_default_runtime() {
+    // crun is the default, with systemd cgroups; containerd's runc has its
+    // default `false`. gpuprov's runtime copies crun's settings and is
+    // checked against crun, which pods get, not against runc.
+    let host = copy_host("l4x4-570");
+    let crun = "version = 3\n\n[plugins.'io.containerd.cri.v1.runtime'.containerd]\ndefault_runtime_name = 'crun'\n\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.crun]\nruntime_type = 'io.containerd.runc.v2'\n\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.crun.options]\nBinaryName = '/usr/bin/crun'\nSystemdCgroup = true\n";
+    fs::write(
+        host.path().join(CONFIG),
+        format!("{crun}{RUNC_DEFAULTS_V3}"),
+    )
+    .unwrap();
+    let spec = write_spec(host.path(), "spec.yaml", "cdi:\n  enabled: false\n");
+    let (_, report, stderr) = apply_config(host.path(), &spec);
+    let runtime = &steps(&report)["containerd-runtime"];
+    assert_eq!(runtime.1, "configured", "{}\n{stderr}", runtime.2);
+    let config = fs::read_to_string(host.path().join(CONFIG)).unwrap();
+    let nvidia = config
+        .split("runtimes.nvidia.options]")
+        .nth(1)
+        .expect("an nvidia runtime");
+    assert!(nvidia.contains("SystemdCgroup = true"), "{config}");
+}

@@ -618,3 +618,29 @@ fn containerd_1_6_starts_with_enable_cdi_and_leaves_it_out_of_its_view() {
         }
     }
 }
+
+#[test]
+fn the_gpu_runtime_as_the_default_passes_in_containerds_own_view() {
+    // The shape of EKS's AL2023 GPU config, as version 2 for containerd
+    // 1.6: `nvidia` is the default, with systemd cgroups, and the file has
+    // no runc. containerd 1.6's view keeps the runtimes as written
+    // (containerd 2.2's adds a runc with SystemdCgroup false, which
+    // tests/containerd_state.rs puts in the fixture's view); either way
+    // pods run `nvidia`, and the view is converged.
+    let dir = tempfile::tempdir().unwrap();
+    let config = "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"nvidia\"\n\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nvidia]\n  runtime_type = \"io.containerd.runc.v2\"\n\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.nvidia.options]\n  BinaryName = \"/usr/bin/nvidia-container-runtime\"\n  SystemdCgroup = true\n";
+    let file = dir.path().join("config.toml");
+    fs::write(&file, private_config(config, dir.path())).unwrap();
+    let dump = real_dump(&file);
+    assert!(dump.contains("default_runtime_name = \"nvidia\""), "{dump}");
+    for default in [DefaultRuntime::Keep, DefaultRuntime::Set] {
+        let wanted = RuntimeWanted {
+            class: "nvidia".into(),
+            binary: BINARY.into(),
+            default,
+            cdi: None,
+        };
+        gpuprov::containerd::effective::check(&dump, &wanted, "containerd's view")
+            .unwrap_or_else(|why| panic!("{default:?}: {why}"));
+    }
+}

@@ -5,8 +5,8 @@
 //! dump` prints the config as containerd resolves it (its defaults, the
 //! imports merged, a version-1 file migrated by containerd 2). gpuprov
 //! checks the runtime class there: that it exists, runs the toolkit's
-//! binary, carries runc's `SystemdCgroup`, and is the default when it
-//! should be. Without a binary, the file itself is checked by the same
+//! binary, carries the default runtime's `SystemdCgroup`, and is the
+//! default when it should be. Without a binary, the file itself is checked by the same
 //! rules. A mismatch names the key that wins.
 
 use toml_edit::{DocumentMut, Item};
@@ -258,15 +258,21 @@ pub fn check_doc(doc: &DocumentMut, wanted: &RuntimeWanted) -> Result<(), Mismat
     let cgroup = |runtime: &Item| {
         text(get(runtime, &["options", "SystemdCgroup"])).unwrap_or_else(|| "false".to_string())
     };
-    if let Some(runc) = get(containerd, &["runtimes", "runc"])
-        && cgroup(runc) != cgroup(runtime)
+    // The cgroup driver must be the one pods get now: the default
+    // runtime's (runc's when none is named). Where the GPU runtime is the
+    // default already (EKS's AL2023 GPU image), it is what pods run, and
+    // containerd's own runc defaults say nothing about the kubelet's.
+    let default = text(containerd.get("default_runtime_name")).unwrap_or_else(|| "runc".into());
+    if default != class
+        && let Some(pods_get) = get(containerd, &["runtimes", default.as_str()])
+        && cgroup(pods_get) != cgroup(runtime)
     {
         return Err(mismatch(
             &["runtimes", class, "options", "SystemdCgroup"],
             format!(
-                "is {} but runc's is {}: containers would get another cgroup driver than the kubelet's",
+                "is {} but the default runtime `{default}`'s is {}: containers would get another cgroup driver than the kubelet's",
                 cgroup(runtime),
-                cgroup(runc)
+                cgroup(pods_get)
             ),
         ));
     }
