@@ -268,3 +268,144 @@ fn control_characters_from_the_api_server_are_escaped_in_the_report() {
     );
     assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text}");
 }
+
+/// The telemetry host, its fake NVML fixture and a spec with the built-in
+/// exporter, for `gpuprov run`.
+fn exporter_host() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let host = support::copy_host("h100x8-nvswitch-preinstalled");
+    let fixture = support::telemetry_fixture(host.path());
+    let spec = support::write_spec(host.path(), "node.yaml", "dcgmExporter:\n  mode: builtin\n");
+    (host, fixture, spec)
+}
+
+#[test]
+fn scrapes_waiting_on_a_silent_kubelet_never_hold_a_converge() {
+    use support::daemon::{Daemon, eventually, free_port, get};
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
+    let (host, fixture, spec) = exporter_host();
+    // The kubelet's pod-resources socket accepts and never answers.
+    let socket = host
+        .path()
+        .join("var/lib/kubelet/pod-resources/kubelet.sock");
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let port = free_port();
+    let mut daemon = Daemon::spawn_nvml(&fake, NODE, host.path(), port, &spec, &fixture, &[]);
+    eventually("the first converge", Duration::from_secs(60), || {
+        fake.labels(NODE).contains_key("gpuprov.io/validator")
+    });
+    // Twenty scrapes at a time, for as long as the test runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..20)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = get(port, "/metrics");
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    // A config change converges at once: the validator is turned off.
+    let changed = Instant::now();
+    std::fs::write(
+        &spec,
+        "dcgmExporter:\n  mode: builtin\nvalidator:\n  enabled: false\n",
+    )
+    .unwrap();
+    eventually(
+        "the converge after the config change",
+        Duration::from_secs(20),
+        || {
+            fake.labels(NODE)
+                .get("gpuprov.io/validator")
+                .map(String::as_str)
+                == Some("disabled")
+        },
+    );
+    let took = changed.elapsed();
+    let status = support::sigterm_and_wait(&mut daemon.0, Duration::from_secs(5));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for scraper in scrapers {
+        scraper.join().unwrap();
+    }
+    assert!(
+        took < Duration::from_secs(8),
+        "the converge waited {took:?} on scrapes"
+    );
+    assert!(
+        status.is_some(),
+        "SIGTERM took more than 5 s while scrapes waited"
+    );
+}
+
+#[test]
+fn huge_names_from_the_kubelet_and_readers_that_never_read_stay_bounded() {
+    use support::daemon::{Daemon, eventually, free_port, get};
+    use support::pod_resources::{Container, Pod, PodResources};
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
+    let (host, fixture, spec) = exporter_host();
+    let uuid = std::fs::read_to_string(&fixture)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("uuid: ").map(str::to_string))
+        .unwrap();
+    let huge: &'static str = Box::leak("p".repeat(1 << 20).into_boxed_str());
+    let _kubelet = PodResources::serve(
+        &host
+            .path()
+            .join("var/lib/kubelet/pod-resources/kubelet.sock"),
+        vec![Pod {
+            namespace: huge,
+            name: huge,
+            containers: vec![Container {
+                name: huge,
+                devices: vec![("nvidia.com/gpu", vec![uuid])],
+            }],
+        }],
+    );
+    let port = free_port();
+    let daemon = Daemon::spawn_nvml(&fake, NODE, host.path(), port, &spec, &fixture, &[]);
+    eventually("GPU series", Duration::from_secs(60), || {
+        get(port, "/metrics").is_some_and(|(_, body)| body.contains("DCGM_FI_DEV_GPU_UTIL{"))
+    });
+    let (_, body) = get(port, "/metrics").unwrap();
+    assert!(body.len() < 256 << 10, "a scrape of {} bytes", body.len());
+    assert!(
+        body.contains(&format!("pod=\"{}\"", "p".repeat(253))),
+        "names cut at 253"
+    );
+
+    // 150 clients ask and never read their answers.
+    let idle: Vec<_> = (0..150)
+        .filter_map(|_| {
+            use std::io::Write;
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .ok()?;
+            Some(stream)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(5));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap();
+    let peak: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    drop(idle);
+    assert!(peak < RSS_LIMIT_KIB, "peak RSS {peak} KiB");
+    eventually("the probes answer again", Duration::from_secs(40), || {
+        get(port, "/healthz").is_some_and(|(code, _)| code == 200)
+    });
+}

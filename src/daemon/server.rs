@@ -53,7 +53,12 @@ pub struct Metrics {
     /// Registered at the first success: before it there is no such time.
     last_success: Mutex<Option<Gauge<f64, AtomicU64>>>,
     /// `dcgmExporter.mode: builtin`: the GPUs' metrics, sampled per scrape.
-    exporter: Mutex<Option<crate::telemetry::Exporter>>,
+    /// The outer lock is only held to swap or clone the exporter, never
+    /// while it samples, so the converge loop never waits on a scrape.
+    exporter: Mutex<Option<Arc<Mutex<crate::telemetry::Exporter>>>>,
+    /// The GPUs' series as last rendered: what a scrape serves while
+    /// another is sampling (a silent kubelet holds one for its timeout).
+    last_gpu_series: Mutex<String>,
     node_status: NodeStatus,
 }
 
@@ -203,13 +208,15 @@ impl Metrics {
             duration,
             last_success: Mutex::new(None),
             exporter: Mutex::new(None),
+            last_gpu_series: Mutex::new(String::new()),
             node_status,
         }
     }
 
     /// Serves the DCGM exporter's metrics from now on, or stops (`None`).
     pub fn set_exporter(&self, exporter: Option<crate::telemetry::Exporter>) {
-        *self.exporter.lock().expect("not poisoned") = exporter;
+        *self.exporter.lock().expect("not poisoned") = exporter.map(|e| Arc::new(Mutex::new(e)));
+        self.last_gpu_series.lock().expect("not poisoned").clear();
     }
 
     /// Records one converge's result.
@@ -286,20 +293,43 @@ impl Metrics {
                 .expect("writing to a String cannot fail");
         }
         let mut out = text_format(&openmetrics);
-        if let Some(exporter) = self.exporter.lock().expect("not poisoned").as_mut() {
-            exporter.render(&mut out);
-        }
+        out.push_str(&self.gpu_series());
         out
+    }
+
+    /// The GPUs' series: sampled now, or, while another scrape is
+    /// sampling, the last ones (so no scrape queues behind another, and
+    /// each waits on the kubelet at most once).
+    fn gpu_series(&self) -> String {
+        let Some(exporter) = self.exporter.lock().expect("not poisoned").clone() else {
+            return String::new();
+        };
+        let Ok(mut exporter) = exporter.try_lock() else {
+            return self.last_gpu_series.lock().expect("not poisoned").clone();
+        };
+        let mut series = String::new();
+        exporter.render(&mut series);
+        drop(exporter);
+        series.clone_into(&mut self.last_gpu_series.lock().expect("not poisoned"));
+        series
     }
 }
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one connection may last, its answer read: a client that never
+/// reads its answer does not hold it (nor its memory) longer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most connections served at once; more wait in the listen backlog.
+/// Prometheus and the kubelet's probes need a few.
+const MAX_CONNECTIONS: usize = 32;
 
 /// Serves on `listener` from a thread of its own until the process ends.
-/// One response per connection, as the kubelet's probes ask, and a client
-/// that does not send its request within `HEADER_READ_TIMEOUT` is
-/// dropped: no connection is held open, whoever connects.
+/// One response per connection, as the kubelet's probes ask; a client
+/// that does not send its request within `HEADER_READ_TIMEOUT`, or whose
+/// connection outlasts `CONNECTION_TIMEOUT` (an answer it never reads), is
+/// dropped, and at most `MAX_CONNECTIONS` are served at once: no
+/// connection is held open, whoever connects.
 pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     crate::background::spawn("the health and metrics server", move || async move {
@@ -313,7 +343,11 @@ pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()
             .route("/metrics", get(exposition))
             .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
             .with_state(metrics);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -325,12 +359,13 @@ pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()
             };
             let service = hyper_util::service::TowerToHyperService::new(app.clone());
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
+                let connection = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     .keep_alive(false)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+                drop(slot);
             });
         }
     });

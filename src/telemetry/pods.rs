@@ -12,6 +12,13 @@ use crate::host::Host;
 pub const SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
 /// A kubelet that does not answer within this does not delay a scrape more.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest name kept from the kubelet: Kubernetes' own limit for a
+/// pod's name (a namespace's and a container's are shorter). A longer one
+/// from a hostile kubelet is cut here, so a scrape's answer stays small.
+const NAME_CAP: usize = 253;
+/// The most devices whose users are kept: far more than a node's GPUs and
+/// their MIG devices and replicas.
+const DEVICES_CAP: usize = 4096;
 
 /// A container using a GPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,17 +96,29 @@ pub fn users(host: &Host) -> Result<BTreeMap<String, User>, String> {
                 .filter(|d| d.resource_name.starts_with("nvidia.com/"))
             {
                 for id in &devices.device_ids {
-                    let uuid = id.split("::").next().unwrap_or(id);
-                    users.entry(uuid.to_string()).or_insert_with(|| User {
-                        namespace: pod.namespace.clone(),
-                        pod: pod.name.clone(),
-                        container: container.name.clone(),
+                    let uuid = clipped(id.split("::").next().unwrap_or(id));
+                    if users.len() >= DEVICES_CAP && !users.contains_key(&uuid) {
+                        continue;
+                    }
+                    users.entry(uuid).or_insert_with(|| User {
+                        namespace: clipped(&pod.namespace),
+                        pod: clipped(&pod.name),
+                        container: clipped(&container.name),
                     });
                 }
             }
         }
     }
     Ok(users)
+}
+
+/// A name from the kubelet, at most `NAME_CAP` bytes.
+fn clipped(name: &str) -> String {
+    let mut end = name.len().min(NAME_CAP);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
 }
 
 async fn list(real: std::path::PathBuf) -> Result<ListPodResourcesResponse, String> {
