@@ -756,3 +756,40 @@ fn the_device_plugin_uses_cdi_with_the_hook_of_gpuprovs_spec() {
         [("DEVICE_LIST_STRATEGY".to_string(), "cdi-cri".to_string())]
     );
 }
+
+#[test]
+fn paths_no_consumer_can_use_are_left_out_and_named() {
+    // Two of the driver's libraries with names nothing downstream can
+    // take: one not UTF-8 (the spec would name a path that does not
+    // exist), one with `::` (nvidia-ctk's create-symlinks refuses it,
+    // "invalid symlink specification", and every GPU container with it).
+    use std::os::unix::ffi::OsStrExt;
+    let node = Node::new("h100x8-cdi", "h100x8.yaml");
+    let lib = node.path().join("usr/lib/x86_64-linux-gnu");
+    fs::write(lib.join("libnvidia-evil::x.so.550.54.15"), "x").unwrap();
+    std::os::unix::fs::symlink(
+        "libnvidia-evil::x.so.550.54.15",
+        lib.join("libnvidia-evil::x.so.1"),
+    )
+    .unwrap();
+    let odd = std::ffi::OsStr::from_bytes(b"libnvidia-\xff.so.550.54.15");
+    fs::write(lib.join(odd), "x").unwrap();
+    let (_, outcome, reason) = node.cdi_step(CDI_ON);
+    assert_eq!(outcome, "configured", "{reason}");
+    assert!(
+        reason.contains("/usr/lib/x86_64-linux-gnu/libnvidia-evil::x.so.550.54.15 (it holds `::`, nvidia-ctk's link separator)"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains(
+            "/usr/lib/x86_64-linux-gnu/libnvidia-\u{fffd}.so.550.54.15 (its name is not UTF-8)"
+        ),
+        "{reason}"
+    );
+    let spec = node.text(GPU_SPEC).unwrap();
+    assert!(
+        !spec.contains("evil") && !spec.contains('\u{fffd}'),
+        "{spec}"
+    );
+    check_spec(&node, &node.spec(GPU_SPEC), GPU_SPEC, "550.54.15");
+}

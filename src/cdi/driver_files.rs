@@ -65,6 +65,26 @@ pub struct DriverFiles {
     pub ipc: Vec<String>,
     /// The control nodes present.
     pub control_nodes: Vec<String>,
+    /// Files left out of the spec because no consumer could use their
+    /// paths, each with why.
+    pub skipped: Vec<String>,
+}
+
+/// Why a host path cannot go into a CDI spec, or `None` when it can. A
+/// mount's path must be one the runtime can open and the hook arguments
+/// (`--link <target>::<link>`, `--folder <dir>`) must parse in nvidia-ctk:
+/// no `::` (its separator), no control characters, no `,` or `=` (its
+/// flag syntax), and valid UTF-8 (checked where the name is read).
+pub fn unexpressible(path: &str) -> Option<&'static str> {
+    if path.contains("::") {
+        Some("it holds `::`, nvidia-ctk's link separator")
+    } else if path.chars().any(char::is_control) {
+        Some("it holds a control character")
+    } else if path.contains([',', '=']) {
+        Some("it holds `,` or `=`, which nvidia-ctk's arguments cannot carry")
+    } else {
+        None
+    }
 }
 
 /// A driver install a spec cannot be written for, each part named.
@@ -84,6 +104,25 @@ pub fn find(host: &Host, version: &str) -> Result<Result<DriverFiles, Missing>, 
     let mut links = Vec::new();
     let mut library_dirs = Vec::new();
     let mut seen_names = std::collections::BTreeSet::new();
+    let mut skipped = Vec::new();
+    // A path no consumer can use is left out and named, never written.
+    let mut usable = |dir: &HostDir, name: &str| {
+        let path = format!("{}/{name}", dir.host_path());
+        let why = match dir.not_utf8.contains(name) {
+            true => Some("its name is not UTF-8"),
+            false => unexpressible(&path),
+        };
+        match why {
+            Some(why) => {
+                skipped.push(format!(
+                    "{} ({why})",
+                    crate::report::printable(&path, false)
+                ));
+                false
+            }
+            None => true,
+        }
+    };
     for dir in LIBRARY_DIRS {
         for dir in [format!("/{dir}"), format!("/{dir}/vdpau")] {
             // One open directory for its listing and its links: a library
@@ -99,7 +138,10 @@ pub fn find(host: &Host, version: &str) -> Result<Result<DriverFiles, Missing>, 
                 }
                 // A second directory holding the same library is the
                 // same install seen twice (`/lib64` → `/usr/lib64`).
-                if *kind == FileType::RegularFile && seen_names.insert(name.clone()) {
+                if *kind == FileType::RegularFile
+                    && usable(&listing, name)
+                    && seen_names.insert(name.clone())
+                {
                     found_here.push(name.clone());
                 }
             }
@@ -117,7 +159,10 @@ pub fn find(host: &Host, version: &str) -> Result<Result<DriverFiles, Missing>, 
                 if *kind != FileType::Symlink || !stems.iter().any(|stem| name.starts_with(stem)) {
                     continue;
                 }
-                if let Some(target) = link_to(&listing, name, &found_here)? {
+                if let Some(target) = link_to(&listing, name, &found_here)?
+                    && usable(&listing, name)
+                    && unexpressible(&target).is_none()
+                {
                     links.push((target, format!("{dir}/{name}")));
                 }
             }
@@ -159,10 +204,18 @@ pub fn find(host: &Host, version: &str) -> Result<Result<DriverFiles, Missing>, 
 
     let mut firmware = Vec::new();
     for dir in FIRMWARE_DIRS {
-        let dir = format!("{dir}/{version}");
-        for name in host.list_dir(&dir)? {
-            let path = format!("{dir}/{name}");
-            if name.starts_with("gsp") && name.ends_with(".bin") && host.is_file(&path)? {
+        let Some(listing) = host.read_dir(&format!("{dir}/{version}"))? else {
+            continue;
+        };
+        for (name, kind) in &listing.entries {
+            let path = format!("{}/{name}", listing.host_path());
+            // A file, or a link to one (as `is_file` follows it, inside the root).
+            let file = match kind {
+                FileType::RegularFile => true,
+                FileType::Symlink => host.is_file(&path)?,
+                _ => false,
+            };
+            if name.starts_with("gsp") && name.ends_with(".bin") && file && usable(&listing, name) {
                 firmware.push(path);
             }
         }
@@ -195,6 +248,7 @@ pub fn find(host: &Host, version: &str) -> Result<Result<DriverFiles, Missing>, 
         firmware,
         ipc,
         control_nodes,
+        skipped,
     }))
 }
 

@@ -114,6 +114,10 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         files.binaries.len(),
         files.firmware.len(),
     );
+    let what = match files.skipped.is_empty() {
+        true => what,
+        false => format!("{what}; left out: {}", files.skipped.join(", ")),
+    };
     let [gpu_path, _] = spec_paths(ctx.spec);
     let mut obs = if changes.is_empty() {
         Observation::new(

@@ -253,11 +253,21 @@ pub struct HostDir {
     dir: OwnedFd,
     host_path: String,
     shown: PathBuf,
-    /// Sorted names, each with its type as the entry says it.
+    /// Sorted names, each with its type as the entry says it (a name that
+    /// is not UTF-8 as `to_string_lossy` shows it; see `not_utf8`).
     pub entries: Vec<(String, FileType)>,
+    /// The entries whose names are not UTF-8, as shown in `entries`: no
+    /// such path can be opened by its shown name, or written into a
+    /// UTF-8 document (a CDI spec) that others will open.
+    pub not_utf8: std::collections::BTreeSet<String>,
 }
 
 impl HostDir {
+    /// The directory, as the host path it was listed by.
+    pub fn host_path(&self) -> &str {
+        &self.host_path
+    }
+
     /// The type of the entry `name`, as the directory says it.
     pub fn kind(&self, name: &str) -> Option<FileType> {
         self.entries
@@ -689,6 +699,7 @@ impl Host {
             return Ok(None);
         };
         let mut entries = Vec::with_capacity(listed.len());
+        let mut not_utf8 = std::collections::BTreeSet::new();
         for (name, kind) in listed {
             // Some file systems leave the type out of the entry: ask the
             // entry itself, still without following it.
@@ -698,7 +709,11 @@ impl Host {
                     .unwrap_or(FileType::Unknown),
                 kind => kind,
             };
-            entries.push((name.to_string_lossy().into_owned(), kind));
+            let shown = name.to_string_lossy().into_owned();
+            if name.to_str().is_none() {
+                not_utf8.insert(shown.clone());
+            }
+            entries.push((shown, kind));
         }
         // Sorted as text, for `HostDir::kind`'s search.
         entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -707,6 +722,7 @@ impl Host {
             shown: self.shown(host_path),
             dir,
             entries,
+            not_utf8,
         }))
     }
 
