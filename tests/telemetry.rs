@@ -451,3 +451,50 @@ fn mig_instances_get_their_own_series() {
     assert_eq!(util.len(), 7, "{util:#?}");
     assert!(util.keys().all(|l| !l.starts_with("gpu=\"0\"")));
 }
+
+/// 2,000 critical XIDs in a burst (a GPU falling apart): one converge for
+/// the burst, not one each, and the record written in batches, keeping
+/// the newest 64.
+#[test]
+fn a_burst_of_xids_is_one_converge_not_one_each() {
+    let fake = FakeApi::with_node(NODE, &[]);
+    fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let fixture = support::telemetry_fixture(host.path());
+    let events = host.path().join("nvml-events");
+    std::fs::write(&events, "").unwrap();
+    let spec = write_spec(host.path(), "node.yaml", "dcgmExporter:\n  mode: builtin\n");
+    let port = free_port();
+    let _daemon = Daemon::spawn_nvml(
+        &fake,
+        NODE,
+        host.path(),
+        port,
+        &spec,
+        &fixture,
+        &[("GPUPROV_FAKE_NVML_EVENTS", &events)],
+    );
+    let health = |fake: &FakeApi| fake.labels(NODE).get("gpuprov.io/gpu-health").cloned();
+    eventually("gpu-health ready", Duration::from_secs(30), || {
+        health(&fake).as_deref() == Some("ready")
+    });
+    let converges = || -> u64 {
+        let (_, body) = get(port, "/metrics").unwrap();
+        body.lines()
+            .filter(|l| l.starts_with("gpuprov_converges_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = converges();
+    let burst: String = (0..2000).map(|i| format!("{} xid 79\n", i % 8)).collect();
+    std::fs::write(&events, burst).unwrap();
+    eventually("gpu-health degraded", Duration::from_secs(30), || {
+        health(&fake).as_deref() == Some("degraded")
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let made = converges() - before;
+    assert!(made <= 4, "{made} converges for one burst");
+    let record = std::fs::read_to_string(host.path().join("run/gpuprov/gpu-errors.json")).unwrap();
+    let kept: Vec<serde_json::Value> = serde_json::from_str(&record).unwrap();
+    assert_eq!(kept.len(), 64, "the newest 64 kept");
+}

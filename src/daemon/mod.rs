@@ -63,15 +63,22 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     };
     // The spec read at start decides; a config change that turns XIDs on
     // or off takes effect at the next start.
+    // A burst of errors is one converge: the trigger is sent only when
+    // none is waiting, and the loop takes it back just before converging,
+    // so errors during a converge make one more, not one each.
+    let gpu_error_waiting = Arc::new(AtomicBool::new(false));
     let _gpu_errors = inputs.spec.health.xids.then(|| {
         let triggers = triggers.clone();
+        let waiting = gpu_error_waiting.clone();
         crate::gpu::xid::watch(
             inputs.host.clone(),
             inputs.nvml_lib.clone(),
             inputs.spec.health.ignored_xids.clone(),
             stop.clone(),
             move || {
-                let _ = triggers.send(Trigger::GpuError);
+                if !waiting.swap(true, Ordering::SeqCst) {
+                    let _ = triggers.send(Trigger::GpuError);
+                }
             },
         )
     });
@@ -163,6 +170,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                     }
                 }
                 Ok(Trigger::GpuError) => {
+                    gpu_error_waiting.store(false, Ordering::SeqCst);
                     tracing::info!("a GPU reported a critical error");
                     break;
                 }

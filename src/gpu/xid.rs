@@ -23,6 +23,9 @@ pub const ERRORS_FILE: &str = "/run/gpuprov/gpu-errors.json";
 const KEPT: usize = 64;
 /// How often the watch tries again when the events cannot be read yet.
 const RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+/// The record is written at most this often: a burst of errors (a GPU
+/// falling apart reports thousands) is one write a second, not one each.
+const WRITE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One error the driver reported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,9 +87,10 @@ pub fn recorded(host: &Host) -> Vec<GpuError> {
         .unwrap_or_default()
 }
 
-fn record(host: &Host, error: GpuError) -> Result<(), String> {
+/// Adds `new` to the record, in one write.
+fn record(host: &Host, new: &mut Vec<GpuError>) -> Result<(), String> {
     let mut errors = recorded(host);
-    errors.push(error);
+    errors.append(new);
     let drop = errors.len().saturating_sub(KEPT);
     errors.drain(..drop);
     let text = serde_json::to_vec_pretty(&errors).map_err(|e| e.to_string())?;
@@ -170,8 +174,23 @@ fn wait_for_errors(
             .register_events(wanted, set)
             .map_err(|e| format!("GPU {index}: {}", e.error))?;
     }
+    // Errors not yet written, and when the record was last written.
+    let mut pending: Vec<GpuError> = Vec::new();
+    let mut written = std::time::Instant::now() - WRITE_EVERY;
+    let flush = |pending: &mut Vec<GpuError>, written: &mut std::time::Instant| {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        record(host, pending)?;
+        *written = std::time::Instant::now();
+        reported();
+        Ok::<(), String>(())
+    };
     while !stop.load(Ordering::Relaxed) {
-        let event = match set.wait(500) {
+        if written.elapsed() >= WRITE_EVERY {
+            flush(&mut pending, &mut written)?;
+        }
+        let event = match set.wait(if pending.is_empty() { 500 } else { 100 }) {
             Ok(event) => event,
             Err(NvmlError::Timeout) => continue,
             Err(e) => return Err(format!("waiting for events: {e}")),
@@ -191,16 +210,15 @@ fn wait_for_errors(
         let gpu = event.device.index().unwrap_or(u32::MAX);
         let uuid = uuids.get(gpu as usize).cloned().unwrap_or_default();
         tracing::warn!(gpu, xid, "GPU error: XID {xid} ({})", meaning(xid));
-        record(
-            host,
-            GpuError {
-                gpu,
-                uuid,
-                xid,
-                at: now(),
-            },
-        )?;
-        reported();
+        pending.push(GpuError {
+            gpu,
+            uuid,
+            xid,
+            at: now(),
+        });
+        // The record keeps the newest `KEPT`: more waiting is never kept.
+        let drop = pending.len().saturating_sub(KEPT);
+        pending.drain(..drop);
     }
-    Ok(())
+    flush(&mut pending, &mut written)
 }
