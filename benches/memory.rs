@@ -20,20 +20,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Runs the command to its end; its exit code and its peak RSS in KiB.
-// The child is reaped by wait4, which also gives its rusage.
-#[allow(clippy::zombie_processes)]
 fn peak_rss(cmd: &mut Command) -> (i32, u64) {
     let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut status = 0;
-    // SAFETY: wait4 on our own child's pid, with pointers to locals.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32, "wait4 failed");
-    (libc::WEXITSTATUS(status), usage.ru_maxrss as u64)
+    let (code, kib) = support::peak_rss(child);
+    (code.unwrap_or(-1), kib)
 }
 
 fn apply_on(host: &Path) -> Command {

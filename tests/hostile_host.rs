@@ -13,7 +13,9 @@
 //!   directories, its label file and static pods) and what the case allows,
 //!   and what the case names as untouched is byte for byte the same;
 //! * it ended in bounded time: every command runs with a short
-//!   `--command-timeout`, and a run that outlives the backstop fails.
+//!   `--command-timeout`, and a run that outlives the backstop fails;
+//! * it stayed within bounded memory: no process the corpus ran, gpuprov
+//!   or the fixture's commands, reached a peak RSS of 128 MiB.
 
 mod support;
 
@@ -29,6 +31,19 @@ use support::{FileState, copy_host, gpuprov, repo, tree};
 
 /// How long one case may run before it counts as hanging.
 const BACKSTOP: Duration = Duration::from_secs(60);
+/// The most memory (peak RSS, KiB) any case may take.
+const RSS_LIMIT_KIB: u64 = 128 << 10;
+
+/// The peak RSS of the largest child process waited for so far, in KiB.
+fn children_peak_rss_kib() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a pointer to a local, for the kernel to fill.
+    match unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } {
+        0 => usage.ru_maxrss as u64,
+        _ => 0,
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -377,6 +392,12 @@ fn check(name: &str, case: &Case) -> Result<(), String> {
         return Err(format!("{name}: killed (ran past {BACKSTOP:?}?)\n{shown}"));
     };
     let mut problems = Vec::new();
+    // The largest process this test has waited for so far (every case's
+    // gpuprov among them): the case that takes it past the limit says so.
+    let peak = children_peak_rss_kib();
+    if peak > RSS_LIMIT_KIB {
+        problems.push(format!("a peak RSS of {peak} KiB (over {RSS_LIMIT_KIB})"));
+    }
     if code != case.exit {
         problems.push(format!("exit {code} (expected {})", case.exit));
     }

@@ -15,23 +15,6 @@ const NODE: &str = "gpu-node-1";
 /// The most memory (peak RSS) any case may take.
 const RSS_LIMIT_KIB: u64 = 128 << 10;
 
-/// Waits for `child` and returns its exit code and peak RSS in KiB
-/// (`wait4`'s own count, so nothing is sampled; the commands it ran and
-/// waited for count too).
-fn wait_peak(child: std::process::Child) -> (Option<i32>, u64) {
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: the child is ours and not yet waited for; `child` is not
-    // waited on afterwards (it is forgotten).
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    std::mem::forget(child);
-    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
-    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
-    (code, usage.ru_maxrss as u64)
-}
-
 fn gpuprov(args: &[&str], fake: &FakeApi, host: &Path, log: &Path) -> Command {
     let mut command = Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
     command
@@ -69,7 +52,7 @@ fn a_gigabyte_node_answer_is_dropped_at_the_cap() {
     let child = gpuprov(&["apply"], &fake, host.path(), &log)
         .spawn()
         .unwrap();
-    let (code, peak) = wait_peak(child);
+    let (code, peak) = support::peak_rss(child);
     let said = std::fs::read_to_string(&log).unwrap();
     assert_eq!(code, Some(1), "{said}");
     assert!(
@@ -103,18 +86,13 @@ fn run_for(fake: &FakeApi, seconds: u64) -> (u64, String) {
     std::thread::sleep(Duration::from_secs(seconds));
     // Its own peak: the commands it ran (a containerd stand-in it
     // restarted) are not gpuprov.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let peak = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let peak = support::own_peak_rss(child.id());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let _ = wait_peak(child);
+    let _ = support::peak_rss(child);
     (peak, std::fs::read_to_string(&log).unwrap())
 }
 
@@ -397,12 +375,7 @@ fn huge_names_from_the_kubelet_and_readers_that_never_read_stay_bounded() {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(5));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap();
-    let peak: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let peak = support::own_peak_rss(daemon.0.id());
     drop(idle);
     assert!(peak < RSS_LIMIT_KIB, "peak RSS {peak} KiB");
     eventually("the probes answer again", Duration::from_secs(40), || {

@@ -16,7 +16,7 @@ pub mod revert;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::host::Host;
+use crate::host::{Host, HostError};
 use crate::spec::{ContainerdOptions, RestartMode};
 use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain};
 use config::{DefaultRuntime, RuntimeWanted};
@@ -254,6 +254,14 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
                 config::drop_in(&edited.text)
             }
             .map_err(in_file(text))?;
+            // A link there is never written through (and is named as one).
+            if let Some(target) = ctx.host.link_target(drop_in)? {
+                return Err(HostError::Symlink {
+                    path: drop_in.clone(),
+                    target,
+                }
+                .into());
+            }
             let existing = ctx.host.read(drop_in)?;
             refuse_foreign_drop_in(drop_in, existing.as_deref(), record.as_ref(), &section)?;
             files.push((

@@ -399,3 +399,34 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// Waits for `child` and returns its exit code and peak RSS in KiB
+/// (`wait4`'s own count, so nothing is sampled; the commands it ran and
+/// waited for count too).
+// The child is reaped by wait4, which also gives its rusage.
+#[allow(clippy::zombie_processes, dead_code)]
+pub fn peak_rss(child: std::process::Child) -> (Option<i32>, u64) {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: the child is ours and not yet waited for; `child` is not
+    // waited on afterwards (it is forgotten).
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    std::mem::forget(child);
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (code, usage.ru_maxrss as u64)
+}
+
+/// A running process's own peak RSS so far (`VmHWM`), in KiB: the
+/// commands it started are not counted.
+#[allow(dead_code)]
+pub fn own_peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
