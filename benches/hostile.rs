@@ -19,7 +19,6 @@ mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -38,52 +37,14 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-fn gpuprov_against(fake: &FakeApi, args: &[&str], host: &std::path::Path) -> Command {
-    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
-    cmd.args(args)
-        .args(["--host-exec", "prefix", "--node-name", NODE])
-        .arg("--kubeconfig")
-        .arg(fake.kubeconfig())
-        .arg("--host-root")
-        .arg(host)
-        .env_remove("KUBECONFIG")
-        .env(
-            "GPUPROV_FAKE_NVML",
-            support::repo().join("fixtures/nvml/a100.yaml"),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    cmd
-}
-
 /// `apply`'s peak RSS (KiB) and exit code against `fake`.
 fn apply_peak(fake: &FakeApi) -> (u64, Option<i32>) {
     let host = support::copy_host("a100-preinstalled");
-    let child = gpuprov_against(fake, &["apply"], host.path())
+    let child = support::daemon::against(fake, NODE, &["apply"], host.path())
         .spawn()
         .unwrap();
     let (code, kib) = support::peak_rss(child);
     (kib, code)
-}
-
-/// `gpuprov run`'s own peak RSS (KiB) after `seconds` against `fake`.
-fn run_peak(fake: &FakeApi, seconds: u64) -> u64 {
-    let host = support::copy_host("a100-preinstalled");
-    let port = free_port().to_string();
-    let mut child = gpuprov_against(
-        fake,
-        &["run", "--listen", &format!("127.0.0.1:{port}")],
-        host.path(),
-    )
-    .spawn()
-    .unwrap();
-    std::thread::sleep(Duration::from_secs(seconds));
-    let peak = support::own_peak_rss(child.id());
-    support::sigterm_and_wait(&mut child, Duration::from_secs(10));
-    let _ = child.kill();
-    let _ = child.wait();
-    peak
 }
 
 fn flooded(fault: Fault) -> FakeApi {
@@ -155,7 +116,7 @@ fn memory(runs: usize) {
                     Some(fault) => flooded(fault.clone()),
                     None => FakeApi::with_node(NODE, &[]),
                 };
-                run_peak(&fake, seconds)
+                support::daemon::run_for(&fake, NODE, seconds, None)
             })
             .collect();
         println!(
@@ -176,17 +137,7 @@ fn converge_latency(changes: usize, scrapers: usize) -> Vec<Duration> {
     let fixture = support::telemetry_fixture(host.path());
     let exporter = "dcgmExporter:\n  mode: builtin\n";
     let spec = support::write_spec(host.path(), "node.yaml", exporter);
-    let socket = host
-        .path()
-        .join("var/lib/kubelet/pod-resources/kubelet.sock");
-    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in listener.incoming().flatten() {
-            held.push(stream);
-        }
-    });
+    support::daemon::silent_kubelet(host.path());
     let port = free_port();
     let _daemon = Daemon::spawn_nvml(&fake, NODE, host.path(), port, &spec, &fixture, &[]);
     let validator = || fake.labels(NODE).get("gpuprov.io/validator").cloned();

@@ -12,6 +12,8 @@ use std::path::Path;
 use support::{apply_config, apply_json, copy_host, gpuprov, repo};
 
 const CONFIG: &str = "etc/containerd/config.toml";
+/// A spec that puts the runtime in a drop-in.
+const DROP_IN_SPEC: &str = "toolkit:\n  env:\n    - name: RUNTIME_DROP_IN_CONFIG\n      value: /etc/containerd/conf.d/99-nvidia.toml\n";
 
 fn revert(host: &Path) -> String {
     let output = gpuprov()
@@ -145,11 +147,7 @@ fn revert_on_a_node_gpuprov_never_touched_changes_nothing() {
 fn drop_in_mode_only_adds_an_import_and_revert_takes_both_back() {
     let host = copy_host("h100x8-nvswitch-preinstalled");
     let original = fs::read(host.path().join(CONFIG)).unwrap();
-    let spec = support::write_spec(
-        host.path(),
-        "spec.yaml",
-        "toolkit:\n  env:\n    - name: RUNTIME_DROP_IN_CONFIG\n      value: /etc/containerd/conf.d/99-nvidia.toml\n",
-    );
+    let spec = support::write_spec(host.path(), "spec.yaml", DROP_IN_SPEC);
     let spec = spec.to_str().unwrap();
     assert_eq!(apply_json(host.path(), &["--config", spec]).0, 0);
     let main = fs::read_to_string(host.path().join(CONFIG)).unwrap();
@@ -243,11 +241,7 @@ fn a_drop_in_another_tool_rewrote_is_neither_overwritten_nor_removed() {
     // rewrites the same file with its own settings. apply does not put
     // gpuprov's back over it, and revert leaves it where it is.
     let host = copy_host("h100x8-nvswitch-preinstalled");
-    let spec = support::write_spec(
-        host.path(),
-        "spec.yaml",
-        "toolkit:\n  env:\n    - name: RUNTIME_DROP_IN_CONFIG\n      value: /etc/containerd/conf.d/99-nvidia.toml\n",
-    );
+    let spec = support::write_spec(host.path(), "spec.yaml", DROP_IN_SPEC);
     let spec = spec.to_str().unwrap();
     assert_eq!(apply_json(host.path(), &["--config", spec]).0, 0);
     let drop_in = host.path().join("etc/containerd/conf.d/99-nvidia.toml");

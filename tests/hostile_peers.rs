@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::fake_api::{FakeApi, Fault, Flood};
@@ -14,26 +12,6 @@ use support::fake_api::{FakeApi, Fault, Flood};
 const NODE: &str = "gpu-node-1";
 /// The most memory (peak RSS) any case may take.
 const RSS_LIMIT_KIB: u64 = 128 << 10;
-
-fn gpuprov(args: &[&str], fake: &FakeApi, host: &Path, log: &Path) -> Command {
-    let mut command = Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
-    command
-        .args(args)
-        .args(["--host-exec", "prefix", "--node-name", NODE])
-        .arg("--kubeconfig")
-        .arg(fake.kubeconfig())
-        .arg("--host-root")
-        .arg(host)
-        .env_remove("KUBECONFIG")
-        .env(
-            "GPUPROV_FAKE_NVML",
-            support::repo().join("fixtures/nvml/a100.yaml"),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
-    command
-}
 
 #[test]
 fn a_gigabyte_node_answer_is_dropped_at_the_cap() {
@@ -49,7 +27,8 @@ fn a_gigabyte_node_answer_is_dropped_at_the_cap() {
     let host = support::copy_host("a100-preinstalled");
     let log = host.path().join("apply.log");
     let started = Instant::now();
-    let child = gpuprov(&["apply"], &fake, host.path(), &log)
+    let child = support::daemon::against(&fake, NODE, &["apply"], host.path())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let (code, peak) = support::peak_rss(child);
@@ -72,27 +51,9 @@ fn a_gigabyte_node_answer_is_dropped_at_the_cap() {
 
 /// `gpuprov run` for a few seconds against `fake`: its peak RSS and log.
 fn run_for(fake: &FakeApi, seconds: u64) -> (u64, String) {
-    let host = support::copy_host("a100-preinstalled");
-    let log = host.path().join("run.log");
-    let port = support::daemon::free_port().to_string();
-    let child = gpuprov(
-        &["run", "--listen", &format!("127.0.0.1:{port}")],
-        fake,
-        host.path(),
-        &log,
-    )
-    .spawn()
-    .unwrap();
-    std::thread::sleep(Duration::from_secs(seconds));
-    // Its own peak: the commands it ran (a containerd stand-in it
-    // restarted) are not gpuprov.
-    let peak = support::own_peak_rss(child.id());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let _ = support::peak_rss(child);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("run.log");
+    let peak = support::daemon::run_for(fake, NODE, seconds, Some(&log));
     (peak, std::fs::read_to_string(&log).unwrap())
 }
 
@@ -263,17 +224,7 @@ fn scrapes_waiting_on_a_silent_kubelet_never_hold_a_converge() {
     fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
     let (host, fixture, spec) = exporter_host();
     // The kubelet's pod-resources socket accepts and never answers.
-    let socket = host
-        .path()
-        .join("var/lib/kubelet/pod-resources/kubelet.sock");
-    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in listener.incoming().flatten() {
-            held.push(stream);
-        }
-    });
+    support::daemon::silent_kubelet(host.path());
     let port = free_port();
     let mut daemon = Daemon::spawn_nvml(&fake, NODE, host.path(), port, &spec, &fixture, &[]);
     eventually("the first converge", Duration::from_secs(60), || {

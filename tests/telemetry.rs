@@ -281,6 +281,58 @@ fn a_bad_exporter_mode_is_refused_with_its_place() {
     }
 }
 
+/// `gpuprov run` with the built-in exporter and `extra` in its spec on a
+/// copy of the 8-GPU node, its NVML events fed from a file the test
+/// writes; returned once `gpu-health` is ready.
+struct XidNode {
+    fake: FakeApi,
+    host: tempfile::TempDir,
+    events: std::path::PathBuf,
+    port: u16,
+    _daemon: Daemon,
+}
+
+impl XidNode {
+    fn start(extra: &str) -> XidNode {
+        let fake = FakeApi::with_node(NODE, &[]);
+        fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
+        let host = copy_host("h100x8-nvswitch-preinstalled");
+        let fixture = support::telemetry_fixture(host.path());
+        let events = host.path().join("nvml-events");
+        std::fs::write(&events, "").unwrap();
+        let spec = write_spec(
+            host.path(),
+            "node.yaml",
+            &format!("dcgmExporter:\n  mode: builtin\n{extra}"),
+        );
+        let port = free_port();
+        let daemon = Daemon::spawn_nvml(
+            &fake,
+            NODE,
+            host.path(),
+            port,
+            &spec,
+            &fixture,
+            &[("GPUPROV_FAKE_NVML_EVENTS", &events)],
+        );
+        let node = XidNode {
+            fake,
+            host,
+            events,
+            port,
+            _daemon: daemon,
+        };
+        eventually("gpu-health ready", Duration::from_secs(30), || {
+            node.health().as_deref() == Some("ready")
+        });
+        node
+    }
+
+    fn health(&self) -> Option<String> {
+        self.fake.labels(NODE).get("gpuprov.io/gpu-health").cloned()
+    }
+}
+
 /// XID 79 on GPU 3, injected into the fake NVML's event set while
 /// `gpuprov run` waits on it: `gpu-health` turns `degraded` naming the XID
 /// and its meaning, a Node event says so, dcgm-exporter's
@@ -289,40 +341,17 @@ fn a_bad_exporter_mode_is_refused_with_its_place() {
 /// changes nothing.
 #[test]
 fn a_critical_xid_degrades_the_gpu_then_it_recovers() {
-    let fake = FakeApi::with_node(NODE, &[]);
-    fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
-    let host = copy_host("h100x8-nvswitch-preinstalled");
-    let fixture = support::telemetry_fixture(host.path());
-    let events = host.path().join("nvml-events");
-    std::fs::write(&events, "").unwrap();
-    let spec = write_spec(
-        host.path(),
-        "node.yaml",
-        "dcgmExporter:\n  mode: builtin\nhealth:\n  recoverAfterSeconds: 3\n",
-    );
-    let port = free_port();
-    let _daemon = Daemon::spawn_nvml(
-        &fake,
-        NODE,
-        host.path(),
-        port,
-        &spec,
-        &fixture,
-        &[("GPUPROV_FAKE_NVML_EVENTS", &events)],
-    );
-    let health = |fake: &FakeApi| fake.labels(NODE).get("gpuprov.io/gpu-health").cloned();
-    eventually("gpu-health ready", Duration::from_secs(30), || {
-        health(&fake).as_deref() == Some("ready")
-    });
+    let node = XidNode::start("health:\n  recoverAfterSeconds: 3\n");
+    let (fake, events, port) = (&node.fake, &node.events, node.port);
 
     // An application's error: ignored by default, as the device plugin does.
-    std::fs::write(&events, "2 xid 13\n").unwrap();
+    std::fs::write(events, "2 xid 13\n").unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(health(&fake).as_deref(), Some("ready"));
+    assert_eq!(node.health().as_deref(), Some("ready"));
 
-    std::fs::write(&events, "2 xid 13\n3 xid 79\n").unwrap();
+    std::fs::write(events, "2 xid 13\n3 xid 79\n").unwrap();
     eventually("gpu-health degraded", Duration::from_secs(30), || {
-        health(&fake).as_deref() == Some("degraded")
+        node.health().as_deref() == Some("degraded")
     });
     let said: Vec<String> = fake
         .events()
@@ -341,7 +370,7 @@ fn a_critical_xid_degrades_the_gpu_then_it_recovers() {
     assert_eq!(values, ["0", "0", "0", "79", "0", "0", "0", "0"], "{body}");
 
     eventually("gpu-health ready again", Duration::from_secs(60), || {
-        health(&fake).as_deref() == Some("ready")
+        node.health().as_deref() == Some("ready")
     });
 }
 
@@ -457,27 +486,8 @@ fn mig_instances_get_their_own_series() {
 /// the newest 64.
 #[test]
 fn a_burst_of_xids_is_one_converge_not_one_each() {
-    let fake = FakeApi::with_node(NODE, &[]);
-    fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
-    let host = copy_host("h100x8-nvswitch-preinstalled");
-    let fixture = support::telemetry_fixture(host.path());
-    let events = host.path().join("nvml-events");
-    std::fs::write(&events, "").unwrap();
-    let spec = write_spec(host.path(), "node.yaml", "dcgmExporter:\n  mode: builtin\n");
-    let port = free_port();
-    let _daemon = Daemon::spawn_nvml(
-        &fake,
-        NODE,
-        host.path(),
-        port,
-        &spec,
-        &fixture,
-        &[("GPUPROV_FAKE_NVML_EVENTS", &events)],
-    );
-    let health = |fake: &FakeApi| fake.labels(NODE).get("gpuprov.io/gpu-health").cloned();
-    eventually("gpu-health ready", Duration::from_secs(30), || {
-        health(&fake).as_deref() == Some("ready")
-    });
+    let node = XidNode::start("");
+    let (events, port, host) = (&node.events, node.port, &node.host);
     let converges = || -> u64 {
         let (_, body) = get(port, "/metrics").unwrap();
         body.lines()
@@ -487,9 +497,9 @@ fn a_burst_of_xids_is_one_converge_not_one_each() {
     };
     let before = converges();
     let burst: String = (0..2000).map(|i| format!("{} xid 79\n", i % 8)).collect();
-    std::fs::write(&events, burst).unwrap();
+    std::fs::write(events, burst).unwrap();
     eventually("gpu-health degraded", Duration::from_secs(30), || {
-        health(&fake).as_deref() == Some("degraded")
+        node.health().as_deref() == Some("degraded")
     });
     std::thread::sleep(Duration::from_secs(4));
     let made = converges() - before;

@@ -259,18 +259,39 @@ pub fn check_doc(doc: &DocumentMut, wanted: &RuntimeWanted) -> Result<(), Mismat
         text(get(runtime, &["options", "SystemdCgroup"])).unwrap_or_else(|| "false".to_string())
     };
     // The cgroup driver must be the one pods get now: the default
-    // runtime's (runc's when none is named). Where the GPU runtime is the
-    // default already (EKS's AL2023 GPU image), it is what pods run, and
-    // containerd's own runc defaults say nothing about the kubelet's.
+    // runtime's when it is a runc (runc itself when none is named, or when
+    // the default is another kind, kata, that keeps its cgroups its own
+    // way), the same runtime the edit copied its settings from. Where the
+    // GPU runtime is the default already (EKS's AL2023 GPU image), it is
+    // what pods run, and containerd's own runc defaults say nothing about
+    // the kubelet's.
     let default = text(containerd.get("default_runtime_name")).unwrap_or_else(|| "runc".into());
-    if default != class
-        && let Some(pods_get) = get(containerd, &["runtimes", default.as_str()])
+    let runc_like = |runtime: &Item| {
+        text(get(runtime, &["runtime_type"]))
+            .is_none_or(|t| t == super::config::RUNC_V2 || t == "io.containerd.runtime.v1.linux")
+    };
+    let compared = (default != class)
+        .then(|| {
+            [default.as_str(), "runc", "crun"]
+                .into_iter()
+                .filter(|name| *name != class)
+                .find_map(|name| {
+                    let runtime = get(containerd, &["runtimes", name])?;
+                    runc_like(runtime).then_some((name, runtime))
+                })
+        })
+        .flatten();
+    if let Some((name, pods_get)) = compared
         && cgroup(pods_get) != cgroup(runtime)
     {
+        let which = match name == default {
+            true => format!("the default runtime `{name}`'s"),
+            false => format!("`{name}`'s (the default, `{default}`, is no runc)"),
+        };
         return Err(mismatch(
             &["runtimes", class, "options", "SystemdCgroup"],
             format!(
-                "is {} but the default runtime `{default}`'s is {}: containers would get another cgroup driver than the kubelet's",
+                "is {} but {which} is {}: containers would get another cgroup driver than the kubelet's",
                 cgroup(runtime),
                 cgroup(pods_get)
             ),

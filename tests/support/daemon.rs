@@ -144,3 +144,67 @@ impl Drop for Daemon {
         let _ = self.0.wait();
     }
 }
+
+/// `gpuprov <args>` for `node` against `fake` on the fixture host at
+/// `host`, NVML answered from the A100 fixture, no input, no output.
+#[allow(dead_code)]
+pub fn against(fake: &FakeApi, node: &str, args: &[&str], host: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
+    command
+        .args(args)
+        .args(["--host-exec", "prefix", "--node-name", node])
+        .arg("--kubeconfig")
+        .arg(fake.kubeconfig())
+        .arg("--host-root")
+        .arg(host)
+        .env_remove("KUBECONFIG")
+        .env(
+            "GPUPROV_FAKE_NVML",
+            super::repo().join("fixtures/nvml/a100.yaml"),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
+/// `gpuprov run` against `fake` for `seconds` on a copy of the A100
+/// fixture host, its log to `log` (when given), then SIGTERM: its own
+/// peak RSS (KiB; the commands it ran, a containerd stand-in it
+/// restarted, are not gpuprov).
+#[allow(dead_code)]
+pub fn run_for(fake: &FakeApi, node: &str, seconds: u64, log: Option<&Path>) -> u64 {
+    let host = super::copy_host("a100-preinstalled");
+    let port = free_port().to_string();
+    let mut command = against(
+        fake,
+        node,
+        &["run", "--listen", &format!("127.0.0.1:{port}")],
+        host.path(),
+    );
+    if let Some(log) = log {
+        command.stderr(std::fs::File::create(log).unwrap());
+    }
+    let mut child = command.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(seconds));
+    let peak = super::own_peak_rss(child.id());
+    super::sigterm_and_wait(&mut child, Duration::from_secs(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    peak
+}
+
+/// Makes the kubelet's pod-resources socket under `host` one that accepts
+/// every connection and never answers (a hung kubelet).
+#[allow(dead_code)]
+pub fn silent_kubelet(host: &Path) {
+    let socket = host.join("var/lib/kubelet/pod-resources/kubelet.sock");
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+}
