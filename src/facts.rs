@@ -41,7 +41,7 @@ fn check_kernel_release(value: &str) -> Result<(), FactsError> {
     } else {
         Err(FactsError::KernelRelease {
             path: KERNEL_RELEASE.to_string(),
-            value: crate::report::printable(value, false).into_owned(),
+            value: crate::printable::printable(value, false).into_owned(),
         })
     }
 }

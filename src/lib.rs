@@ -32,6 +32,7 @@ pub mod labels;
 pub mod mig;
 pub mod operands;
 pub mod plan;
+pub mod printable;
 pub mod readiness;
 pub mod registry;
 pub mod report;

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::catalog::StateDef;
 use crate::diagnostic::{Diagnostic, Diagnostics, nearest};
-use crate::report::{Action, SinkPreview, StepReport, printable};
+use crate::printable::printable;
+use crate::report::{Action, SinkPreview, StepReport};
 
 pub const PLAN_SCHEMA_VERSION: u32 = 1;
 

@@ -43,10 +43,11 @@ fn run_keeps_the_node_converged_and_stops_on_sigterm() {
         "gpuprov_state_outcome{state=\"device-plugin\",outcome=\"ready\"} 1",
         "gpuprov_state_outcome{state=\"validator\",outcome=\"ready\"} 1",
         "gpuprov_converged 1",
-        // Two label applies, the GPUReady condition twice (False while
-        // the operands start, True once validated) and the device plugin's
-        // ConfigMap once.
-        "gpuprov_api_requests_total{verb=\"PATCH\",code=\"200\"} 5",
+        // Two label applies and the GPUReady condition twice (False
+        // while the operands start, True once validated); the device
+        // plugin's ConfigMap once, created by server-side apply: 201.
+        "gpuprov_api_requests_total{verb=\"PATCH\",code=\"200\"} 4",
+        "gpuprov_api_requests_total{verb=\"PATCH\",code=\"201\"} 1",
         "gpuprov_api_requests_total{verb=\"POST\",code=\"201\"}",
         "gpuprov_converge_duration_seconds_count",
         "gpuprov_last_success_timestamp_seconds",

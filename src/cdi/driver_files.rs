@@ -116,7 +116,7 @@ pub fn find(host: &Host, version: &str) -> Result<Result<DriverFiles, Missing>, 
             Some(why) => {
                 skipped.push(format!(
                     "{} ({why})",
-                    crate::report::printable(&path, false)
+                    crate::printable::printable(&path, false)
                 ));
                 false
             }

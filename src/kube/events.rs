@@ -64,7 +64,7 @@ pub fn publish(cluster: &Cluster, host: &Host, steps: &[StepReport]) -> Result<(
                 warning,
                 reason,
                 &action,
-                &crate::report::printable(&note, false),
+                &crate::printable::printable(&note, false),
             )
             .map_err(|e: KubeError| crate::Error::Kube(e))?;
         let remembered = if reason == "Waiting" {

@@ -449,9 +449,9 @@ async fn remove_sandboxes(cri: &mut Cri, key: &str, value: &str) -> Result<(), S
                 .map(|m| format!("{}/{}", m.namespace, m.name))
                 .unwrap_or_default();
             tracing::warn!(
-                id = %crate::report::printable(&sandbox.id, false),
+                id = %crate::printable::printable(&sandbox.id, false),
                 "the CRI listed sandbox {} for the label {key}={value}, but it is not gpuprov's: left alone",
-                crate::report::printable(&name, false)
+                crate::printable::printable(&name, false)
             );
             continue;
         }
