@@ -409,8 +409,15 @@ fn the_toolkit_artifact_method_unpacks_a_pinned_tarball_atomically() {
         "only the run record"
     );
 
-    // A new pinned artifact replaces the directory whole.
+    // A new pinned artifact replaces the directory whole, and the plan
+    // says it is gpuprov's own earlier unpack that goes.
     let spec = spec_for("/toolkit-v2.tar.gz", &v2);
+    let plan = support::run_on("plan", host.path(), &spec);
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.contains("into /usr/local/nvidia/toolkit (atomically, replacing gpuprov's earlier unpack there; recorded in /var/lib/gpuprov/toolkit-installed)"),
+        "{plan}"
+    );
     assert_eq!(apply_config(host.path(), &spec).0, 0);
     assert!(fs::read_to_string(&runtime).unwrap().contains("v2"));
     let leftovers: Vec<_> = fs::read_dir(host.path().join("usr/local/nvidia"))
