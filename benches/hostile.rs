@@ -66,16 +66,7 @@ fn memory(runs: usize) {
         mib(median(normal))
     );
     let huge: Vec<(u64, Option<i32>)> = (0..runs)
-        .map(|_| {
-            apply_peak(&flooded(Fault {
-                method: Some("GET"),
-                path_prefix: "/api/v1/nodes/gpu-node-1",
-                status: 200,
-                times: 1000,
-                flood: Some(Flood::Node(1 << 30)),
-                ..Default::default()
-            }))
-        })
+        .map(|_| apply_peak(&flooded(Flood::Node(1 << 30).fault())))
         .collect();
     println!(
         "{:<64} peak RSS {:>6.1} MiB (exit {})",
@@ -88,26 +79,11 @@ fn memory(runs: usize) {
         ("run, the API server answering", None),
         (
             "run, a watch line that never ends",
-            Some(Fault {
-                method: Some("GET"),
-                path_prefix: "/api/v1/nodes",
-                query: Some("watch=true"),
-                status: 200,
-                times: 1000,
-                flood: Some(Flood::EndlessLine),
-                ..Default::default()
-            }),
+            Some(Flood::EndlessLine.fault()),
         ),
         (
             "run, a pod list whose pages never end",
-            Some(Fault {
-                method: Some("GET"),
-                path_prefix: "/api/v1/pods",
-                status: 200,
-                times: 1_000_000,
-                flood: Some(Flood::EndlessPages),
-                ..Default::default()
-            }),
+            Some(Flood::EndlessPages.fault()),
         ),
     ] {
         let peaks: Vec<u64> = (0..runs.min(3))

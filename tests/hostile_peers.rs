@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::fake_api::{FakeApi, Fault, Flood};
+use support::fake_api::{FakeApi, Flood};
 
 const NODE: &str = "gpu-node-1";
 /// The most memory (peak RSS) any case may take.
@@ -16,14 +16,7 @@ const RSS_LIMIT_KIB: u64 = 128 << 10;
 #[test]
 fn a_gigabyte_node_answer_is_dropped_at_the_cap() {
     let fake = FakeApi::with_node(NODE, &[]);
-    fake.inject(Fault {
-        method: Some("GET"),
-        path_prefix: "/api/v1/nodes/gpu-node-1",
-        status: 200,
-        times: 1000,
-        flood: Some(Flood::Node(1 << 30)),
-        ..Default::default()
-    });
+    fake.inject(Flood::Node(1 << 30).fault());
     let host = support::copy_host("a100-preinstalled");
     let log = host.path().join("apply.log");
     let started = Instant::now();
@@ -60,15 +53,7 @@ fn run_for(fake: &FakeApi, seconds: u64) -> (u64, String) {
 #[test]
 fn a_watch_line_that_never_ends_is_cut_at_the_cap() {
     let fake = FakeApi::with_node(NODE, &[]);
-    fake.inject(Fault {
-        method: Some("GET"),
-        path_prefix: "/api/v1/nodes",
-        query: Some("watch=true"),
-        status: 200,
-        times: 1000,
-        flood: Some(Flood::EndlessLine),
-        ..Default::default()
-    });
+    fake.inject(Flood::EndlessLine.fault());
     let (peak, said) = run_for(&fake, 8);
     assert!(
         said.contains("the API server's watch event passed 16 MiB"),
@@ -81,14 +66,7 @@ fn a_watch_line_that_never_ends_is_cut_at_the_cap() {
 #[test]
 fn a_pod_list_whose_pages_never_end_is_given_up() {
     let fake = FakeApi::with_node(NODE, &[]);
-    fake.inject(Fault {
-        method: Some("GET"),
-        path_prefix: "/api/v1/pods",
-        status: 200,
-        times: 100_000,
-        flood: Some(Flood::EndlessPages),
-        ..Default::default()
-    });
+    fake.inject(Flood::EndlessPages.fault());
     let (peak, said) = run_for(&fake, 8);
     assert!(
         said.contains("the pods watch stopped: its list passed 1000 objects"),

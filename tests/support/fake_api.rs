@@ -63,6 +63,26 @@ pub enum Flood {
 }
 
 impl Flood {
+    /// The fault that floods where this kind belongs: a Node's GET, the
+    /// Node watch, or the pod lists; for as long as a test runs.
+    #[allow(dead_code)]
+    pub fn fault(self) -> Fault {
+        let (path_prefix, query) = match self {
+            Flood::Node(_) => ("/api/v1/nodes/", None),
+            Flood::EndlessLine => ("/api/v1/nodes", Some("watch=true")),
+            Flood::EndlessPages => ("/api/v1/pods", None),
+        };
+        Fault {
+            method: Some("GET"),
+            path_prefix,
+            query,
+            status: 200,
+            times: usize::MAX,
+            flood: Some(self),
+            ..Default::default()
+        }
+    }
+
     fn answer(self, uri: &str) -> Response {
         use futures::StreamExt;
         const CHUNK: usize = 64 << 10;
