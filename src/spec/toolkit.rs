@@ -76,7 +76,9 @@ pub(super) fn resolve_toolkit(
         .install_dir
         .as_ref()
         .and_then(|dir| match check_host_path(&dir.value) {
-            Ok(()) => Some(dir.value.clone()),
+            // Written one way (`/opt//toolkit/` is `/opt/toolkit`), so the
+            // record of what gpuprov unpacked names it as the spec does.
+            Ok(()) => Some(normalized(&dir.value)),
             Err(why) => {
                 errors.push(at(dir, format!("toolkit.installDir {why}")));
                 None
@@ -187,7 +189,10 @@ pub(super) fn resolve_toolkit(
         errors.push(
             at(
                 raw_dir,
-                format!("toolkit.installDir `{dir}` is {why}: the artifact method replaces its directory whole"),
+                format!(
+                    "toolkit.installDir `{}` is {why}: the artifact method replaces its directory whole",
+                    raw_dir.value
+                ),
             )
             .with_help(format!("give the toolkit a directory of its own, such as {DEFAULT_TOOLKIT_DIR}")),
         );
@@ -264,14 +269,20 @@ const SYSTEM_DIRS: &[&str] = &[
 /// Trees nothing installs a program into.
 const SYSTEM_TREES: &[&str] = &["/boot", "/dev", "/etc", "/proc", "/run", "/sys", "/var/run"];
 
-/// Why `dir` (an absolute path without `..`) is no directory of the
-/// toolkit's own, or `None` when it may be.
-pub fn system_directory(dir: &str) -> Option<String> {
+/// An absolute path without `..`, with its empty and `.` components
+/// dropped: `/opt//toolkit/.` is `/opt/toolkit`, `/` stays `/`.
+fn normalized(dir: &str) -> String {
     let parts: Vec<&str> = dir
         .split('/')
         .filter(|p| !p.is_empty() && *p != ".")
         .collect();
-    let dir = format!("/{}", parts.join("/"));
+    format!("/{}", parts.join("/"))
+}
+
+/// Why `dir` (an absolute path without `..`) is no directory of the
+/// toolkit's own, or `None` when it may be.
+pub fn system_directory(dir: &str) -> Option<String> {
+    let dir = normalized(dir);
     if dir == "/" {
         return Some("the root directory".to_string());
     }

@@ -82,7 +82,12 @@ pub fn owned(host: &Host, record: &str, dir: &str) -> Result<Option<Owned>, Stri
     if let Some(owned) = Owned::parse(&text) {
         return Ok((owned.dir == dir).then_some(owned));
     }
-    let Some(sha) = text.strip_prefix("artifact ").map(str::trim) else {
+    // The hash names a file in the cache: only a hash does.
+    let Some(sha) = text
+        .strip_prefix("artifact ")
+        .map(str::trim)
+        .filter(|sha| sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    else {
         return Ok(None);
     };
     let archive = format!("{}/{sha}", crate::download::CACHE_DIR);

@@ -240,17 +240,13 @@ pub fn install_commands(manager: PackageManager, version: Option<&str>) -> Vec<V
     }
 }
 
-/// Where `toolkit.method: artifact` unpacks (a host path, no trailing `/`).
+/// Where `toolkit.method: artifact` unpacks: the spec's `installDir`,
+/// normalised there, and set to the default for this method.
 fn artifact_dir(spec: &Spec) -> String {
-    let dir = spec
-        .toolkit
+    spec.toolkit
         .install_dir
-        .as_deref()
-        .unwrap_or(crate::spec::DEFAULT_TOOLKIT_DIR);
-    match dir.trim_end_matches('/') {
-        "" => "/".to_string(),
-        dir => dir.to_string(),
-    }
+        .clone()
+        .unwrap_or_else(|| crate::spec::DEFAULT_TOOLKIT_DIR.to_string())
 }
 
 /// `toolkit.method: artifact`: fetch the pinned tarball and unpack it into
