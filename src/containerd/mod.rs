@@ -390,9 +390,10 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             written_sha256: sha256_hex(main_written.as_bytes()),
             runtime_class: opts.runtime_class.clone(),
             drop_in: drop_in_path.clone(),
-            drop_in_sha256: drop_in_path
-                .as_ref()
-                .map(|_| sha256_hex(files[0].2.as_bytes())),
+            drop_in_sha256: files
+                .iter()
+                .find(|(path, ..)| drop_in_path.as_ref() == Some(path))
+                .map(|(_, _, wanted, _)| sha256_hex(wanted.as_bytes())),
             cdi: wanted.cdi.is_some() || record.as_ref().is_some_and(|r| r.cdi),
             cdi_runtime_class: wanted
                 .cdi
