@@ -492,6 +492,7 @@ fn make_change(
             binary,
             set_as_default,
             cdi,
+            containerd,
         } => {
             let wanted = crate::containerd::config::RuntimeWanted {
                 class: class.clone(),
@@ -503,7 +504,13 @@ fn make_change(
                 },
                 cdi: cdi.clone(),
             };
-            crate::containerd::effective::verify(host, config, &wanted, commands)
+            crate::containerd::effective::verify(
+                host,
+                containerd.as_deref(),
+                config,
+                &wanted,
+                commands,
+            )
         }
         Change::WaitSocket {
             socket,

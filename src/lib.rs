@@ -36,6 +36,7 @@ pub mod printable;
 pub mod readiness;
 pub mod registry;
 pub mod report;
+pub mod runtime;
 pub mod spec;
 pub mod step;
 pub mod telemetry;

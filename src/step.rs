@@ -125,6 +125,10 @@ pub enum Change {
         /// directory, and the CDI runtime there.
         #[serde(skip_serializing_if = "Option::is_none")]
         cdi: Option<crate::containerd::config::CdiWanted>,
+        /// The containerd binary whose `config dump` is asked (none: the
+        /// files are merged by containerd's rules).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        containerd: Option<String>,
     },
     /// Wait until something answers on a unix socket.
     WaitSocket {
@@ -228,11 +232,19 @@ impl Change {
             } => {
                 format!("wait up to {timeout_seconds}s for {socket} to answer")
             }
-            Change::CheckContainerdView { config, class, .. } => {
-                format!(
-                    "check runtime `{class}` in containerd's own view of {config} (containerd config dump)"
-                )
-            }
+            Change::CheckContainerdView {
+                config,
+                class,
+                containerd,
+                ..
+            } => match containerd {
+                Some(binary) => format!(
+                    "check runtime `{class}` in containerd's own view of {config} ({binary} config dump)"
+                ),
+                None => format!(
+                    "check runtime `{class}` in containerd's view of {config} (its imports merged by containerd's rules)"
+                ),
+            },
             Change::Unpack {
                 archive,
                 into,

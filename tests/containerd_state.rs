@@ -426,7 +426,9 @@ fn containerd_2_merges_an_import_key_by_key_so_only_a_key_it_sets_wins() {
     // a site file that sets another key of the CRI runtime plugin leaves
     // gpuprov's runtime in effect; one that sets the default back wins
     // that key alone. Asked of the host's containerd and, without one,
-    // merged by gpuprov: the same verdicts.
+    // merged by gpuprov: the same verdicts. (The runtime goes into the
+    // config itself here, `edit: config`: a drop-in of gpuprov's in the
+    // imported directory would sort after the site file and win.)
     for with_binary in [true, false] {
         for (site, verdict) in [
             (
@@ -464,7 +466,7 @@ fn containerd_2_merges_an_import_key_by_key_so_only_a_key_it_sets_wins() {
             let spec = host.path().join("spec.yaml");
             fs::write(
                 &spec,
-                "toolkit:\n  env:\n  - name: CONTAINERD_SET_AS_DEFAULT\n    value: \"true\"\ncontainerd:\n  restartMode: none\n",
+                "toolkit:\n  env:\n  - name: CONTAINERD_SET_AS_DEFAULT\n    value: \"true\"\ncontainerd:\n  restartMode: none\n  edit: config\n",
             )
             .unwrap();
             let (_, report, stderr) =

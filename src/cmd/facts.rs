@@ -23,6 +23,9 @@ pub struct FactsReport {
     pub pci: Vec<crate::gpu::pci::PciFunction>,
     pub driver: serde_json::Value,
     pub nvml: serde_json::Value,
+    /// The container runtime and its layout, as `containerd-runtime`
+    /// would find them with the default spec.
+    pub runtime: serde_json::Value,
     pub node_labels: BTreeMap<String, String>,
 }
 
@@ -51,7 +54,15 @@ pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> 
         Ok(inventory) => serde_json::to_value(inventory).expect("serializes"),
         Err(problem) => serde_json::json!({"unavailable": problem.to_string(), "reason": problem}),
     };
+    let runtime = match crate::runtime::containerd_target(
+        &host,
+        &crate::spec::Spec::default_spec().containerd,
+    ) {
+        Ok(target) => serde_json::to_value(target).expect("serializes"),
+        Err(e) => serde_json::json!({"error": crate::step::error_chain(&e)}),
+    };
     Ok(FactsReport {
+        runtime,
         host_root: host.root().display().to_string(),
         os: facts.os,
         kernel: facts.kernel,
@@ -101,6 +112,7 @@ fn facts_text(report: &FactsReport) -> String {
             f.address, f.device, f.class
         ));
     }
+    out.push_str(&runtime_text(&report.runtime));
     out.push_str(&match (
         report.driver["loaded"].as_bool(),
         report.driver["version"].as_str(),
@@ -157,4 +169,27 @@ fn facts_text(report: &FactsReport) -> String {
         }
     }
     out
+}
+
+/// The runtime line of `facts`: the flavour, why, and where it is.
+fn runtime_text(runtime: &serde_json::Value) -> String {
+    if let Some(error) = runtime["error"].as_str() {
+        return format!("runtime: cannot tell ({error})\n");
+    }
+    let field = |key: &str| runtime[key].as_str().unwrap_or("").to_string();
+    let mut line = format!(
+        "runtime: containerd, {} ({}); config {}, socket {}, restarted by {}",
+        field("flavor"),
+        field("detectedBy"),
+        field("config"),
+        field("socket"),
+        field("service")
+    );
+    if let Some(template) = runtime["template"].as_str() {
+        line.push_str(&format!("; template {template}"));
+    }
+    if let Some(why) = runtime["readOnly"].as_str() {
+        line.push_str(&format!("; read-only: {why}"));
+    }
+    line + "\n"
 }

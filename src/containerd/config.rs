@@ -20,7 +20,9 @@ pub enum Layout {
     V1,
     /// `plugins."io.containerd.grpc.v1.cri"` (version 2, containerd 1.x).
     V2,
-    /// `plugins."io.containerd.cri.v1.runtime"` (version 3, containerd 2.x).
+    /// `plugins."io.containerd.cri.v1.runtime"` (version 3, containerd 2.x;
+    /// and version 4, containerd 2.3 and later, whose changes are in the
+    /// server sections only).
     V3,
 }
 
@@ -92,7 +94,7 @@ pub enum ConfigError {
     },
     #[error("`{}` is not a table", dotted(keys))]
     NotATable { keys: Vec<String> },
-    #[error("`version = {0}` is not a containerd config version (1, 2 or 3)")]
+    #[error("`version = {0}` is not a containerd config version (1, 2, 3 or 4)")]
     Version(String),
 }
 
@@ -333,7 +335,7 @@ pub fn layout(doc: &Table) -> Result<(i64, Layout), ConfigError> {
         1 => Layout::V1,
         2 if has(Layout::V3.plugin()) => Layout::V3,
         2 => Layout::V2,
-        3 => Layout::V3,
+        3 | 4 => Layout::V3,
         other => return Err(ConfigError::Version(other.to_string())),
     };
     Ok((version, layout))
@@ -1020,6 +1022,101 @@ pub fn version3_drop_in(wanted: &RuntimeWanted) -> Result<String, ConfigError> {
          # tables of the version-1 main config that imports this file. Converting that\n\
          # file (`containerd config migrate`) makes its own settings apply again.\n",
     )
+}
+
+/// A drop-in with only what gpuprov sets, taken from `edited` (the main
+/// config with the runtime added): the runtime tables, the default runtime
+/// when it is set, and CDI's keys when it is on, under `version` (the main
+/// config's: containerd 2.3 refuses a drop-in with a higher one). For a containerd that merges imports key by key (2.x, k0s):
+/// everything else stays as the main config has it.
+pub fn runtime_drop_in(
+    edited: &str,
+    wanted: &RuntimeWanted,
+    version: i64,
+) -> Result<String, ConfigError> {
+    let (_, text) = Encoding::detect(edited);
+    let source = parse(&text)?;
+    let (_, layout) = layout(&source)?;
+    let plugin_path = ["plugins", layout.plugin()];
+    let mut doc = DocumentMut::new();
+    doc.decor_mut().set_prefix(
+        "# Written by gpuprov: the nvidia runtime, merged key by key into the config\n\
+         # that imports this directory. gpuprov writes it again if it goes missing.\n",
+    );
+    doc.insert("version", toml_edit::value(version));
+    let source_plugin = source
+        .get("plugins")
+        .and_then(|p| p.get(layout.plugin()))
+        .and_then(Item::as_table_like);
+    let source_containerd = source_plugin
+        .and_then(|p| p.get("containerd"))
+        .and_then(Item::as_table_like);
+    let plugin = ensure_table(doc.as_table_mut(), &plugin_path)?;
+    if wanted.cdi.is_some()
+        && let Some(from) = source_plugin
+    {
+        plugin.set_implicit(false);
+        plugin.decor_mut().set_prefix("\n");
+        for key in ["enable_cdi", "cdi_spec_dirs"] {
+            if let Some(value) = from.get(key).and_then(Item::as_value) {
+                plugin.insert(key, Item::Value(plain_value(value)));
+            }
+        }
+    }
+    let containerd = ensure_child(plugin, "containerd", &plugin_path)?;
+    if wanted.default == DefaultRuntime::Set {
+        containerd.set_implicit(false);
+        containerd.decor_mut().set_prefix("\n");
+        containerd.insert("default_runtime_name", toml_edit::value(&wanted.class));
+    }
+    let runtimes = ensure_child(containerd, "runtimes", &plugin_path)?;
+    let classes = std::iter::once(wanted.class.as_str()).chain(
+        wanted
+            .cdi
+            .as_ref()
+            .and_then(|c| c.runtime.as_ref())
+            .map(|r| r.class.as_str()),
+    );
+    for class in classes {
+        // A runtime written inline (`nvidia = { … }`) is copied as a table.
+        let mut copy = match source_containerd
+            .and_then(|c| c.get("runtimes"))
+            .and_then(|r| r.get(class))
+        {
+            Some(Item::Table(table)) => table.clone(),
+            Some(Item::Value(Value::InlineTable(inline))) => inline.clone().into_table(),
+            _ => continue,
+        };
+        strip_decor(&mut copy);
+        copy.decor_mut().set_prefix("\n");
+        runtimes.insert(class, Item::Table(copy));
+    }
+    Ok(doc.to_string())
+}
+
+/// A value without its decor (comments and spacing of the file it came from).
+fn plain_value(value: &Value) -> Value {
+    let mut value = value.clone();
+    value.decor_mut().clear();
+    value
+}
+
+/// A copied table printed plainly: no comments or indentation of the
+/// file it came from, in the order of its keys.
+fn strip_decor(table: &mut Table) {
+    table.decor_mut().clear();
+    table.set_position(None);
+    for (mut key, item) in table.iter_mut() {
+        key.leaf_decor_mut().clear();
+        match item {
+            Item::Value(value) => value.decor_mut().clear(),
+            Item::Table(child) => {
+                strip_decor(child);
+                child.decor_mut().set_prefix("");
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A file with the config version and the CRI runtime plugin section of

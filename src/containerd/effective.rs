@@ -28,8 +28,14 @@ const DUMP_CAP: usize = (crate::host::HOST_FILE_CAP as usize) + (1 << 20);
 /// runtime, the binary, and every file containerd loads for `main` (with
 /// `given` as the contents gpuprov writes), so that a changed import is
 /// checked again.
-pub fn view_key(host: &Host, wanted: &RuntimeWanted, main: &str, given: &[(&str, &str)]) -> String {
-    let binary = super::containerd_binary(host).and_then(|path| {
+pub fn view_key(
+    host: &Host,
+    containerd: Option<&str>,
+    wanted: &RuntimeWanted,
+    main: &str,
+    given: &[(&str, &str)],
+) -> String {
+    let binary = containerd.and_then(|path| {
         host.stat(&path)
             .ok()
             .flatten()
@@ -64,11 +70,12 @@ pub fn view_key(host: &Host, wanted: &RuntimeWanted, main: &str, given: &[(&str,
 /// file whose value wins. The command's record goes to `commands`.
 pub fn verify(
     host: &Host,
+    containerd: Option<&str>,
     config: &str,
     wanted: &RuntimeWanted,
     commands: &mut Vec<CommandRecord>,
 ) -> Result<(), String> {
-    let Some(binary) = super::containerd_binary(host) else {
+    let Some(binary) = containerd.map(str::to_string) else {
         let (files, major) = imports::load_guessing(host, config, &[])?;
         let view = imports::merge(&files, major);
         if let Some(refused) = view.refused {
@@ -79,8 +86,8 @@ pub fn verify(
                 config.to_string()
             } else {
                 format!(
-                    "{config} and its imports, merged as containerd {} does (no containerd binary in the host to ask)",
-                    if major == Major::Two { "2" } else { "1.x" }
+                    "{config} and its imports, merged as {} does (no containerd binary in the host to ask)",
+                    major.name()
                 )
             };
             format!("in {source}, {}{}", m.message, winner(&view, &m, config))

@@ -38,17 +38,45 @@ pub const TOTAL_BYTES_CAP: usize = 4 * crate::host::HOST_FILE_CAP as usize;
 pub enum Major {
     /// containerd 1.x: plugin sections replaced whole.
     One,
-    /// containerd 2.x: everything merged key by key.
+    /// containerd 2.0 to 2.2: everything merged key by key.
     Two,
+    /// containerd 2.3 and later: as 2.0, and it refuses to start when an
+    /// imported file has a higher `version` than the main one.
+    TwoThree,
 }
 
 impl Major {
-    /// Without a binary to ask: a version-3 main file is for containerd 2.
+    /// Without a binary to ask: a version-3 main file is for containerd 2,
+    /// a version-4 one for 2.3 and later.
     pub fn guess(main_version: i64) -> Major {
-        if main_version >= 3 {
-            Major::Two
-        } else {
-            Major::One
+        match main_version {
+            4.. => Major::TwoThree,
+            3 => Major::Two,
+            _ => Major::One,
+        }
+    }
+
+    /// The rules of containerd `major.minor`.
+    pub fn of(major: u32, minor: u32) -> Major {
+        match (major, minor) {
+            (0 | 1, _) => Major::One,
+            (2, 0..=2) => Major::Two,
+            _ => Major::TwoThree,
+        }
+    }
+
+    /// Whether imports are merged key by key (containerd 2), so that a
+    /// drop-in with only the runtime leaves the rest of the CRI section
+    /// as the main config has it; containerd 1.x replaces the section.
+    pub fn merges_keys(self) -> bool {
+        self != Major::One
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Major::One => "containerd 1.x",
+            Major::Two => "containerd 2.0-2.2",
+            Major::TwoThree => "containerd 2.3 and later",
         }
     }
 }
@@ -127,7 +155,7 @@ pub fn load(
         let doc = super::config::parse_shared(&text)
             .map_err(|e| format!("{path}:{}", e.located(&text)))?;
         for entry in import_entries(&doc, &path)? {
-            for file in resolve(host, &path, &entry, major)? {
+            for file in resolve(host, &path, &entry, major, given)? {
                 pending.push_back((file, Some(path.clone())));
             }
         }
@@ -136,7 +164,7 @@ pub fn load(
     Ok(out)
 }
 
-fn import_entries(doc: &Table, path: &str) -> Result<Vec<String>, String> {
+pub fn import_entries(doc: &Table, path: &str) -> Result<Vec<String>, String> {
     let Some(item) = doc.get("imports") else {
         return Ok(Vec::new());
     };
@@ -149,7 +177,13 @@ fn import_entries(doc: &Table, path: &str) -> Result<Vec<String>, String> {
 }
 
 /// The files one import entry names, as that containerd resolves it.
-fn resolve(host: &Host, parent: &str, entry: &str, major: Major) -> Result<Vec<String>, String> {
+fn resolve(
+    host: &Host,
+    parent: &str,
+    entry: &str,
+    major: Major,
+    given: &[(&str, &str)],
+) -> Result<Vec<String>, String> {
     let beside = |entry: &str| {
         if entry.starts_with('/') {
             clean(entry)
@@ -162,10 +196,36 @@ fn resolve(host: &Host, parent: &str, entry: &str, major: Major) -> Result<Vec<S
         return Ok(vec![beside(entry)]);
     }
     let pattern = match major {
-        Major::Two => beside(entry),
+        Major::Two | Major::TwoThree => beside(entry),
         Major::One => clean(&format!("/{entry}")),
     };
-    glob(host, &pattern).map_err(|e| format!("{parent}: import {entry:?}: {e}"))
+    let mut found = glob(host, &pattern).map_err(|e| format!("{parent}: import {entry:?}: {e}"))?;
+    // A file gpuprov is about to write there is matched as if it were.
+    let extra: Vec<String> = given
+        .iter()
+        .map(|(path, _)| path.to_string())
+        .filter(|path| !found.contains(path) && glob_matches(&pattern, path))
+        .collect();
+    if !extra.is_empty() {
+        found.extend(extra);
+        found.sort();
+    }
+    Ok(found)
+}
+
+/// Whether `path` matches the glob `pattern` component by component.
+fn glob_matches(pattern: &str, path: &str) -> bool {
+    let pattern: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
+    let path: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    pattern.len() == path.len()
+        && pattern
+            .iter()
+            .zip(&path)
+            .all(|(p, c)| match Pattern::parse(p) {
+                Ok(Some(matcher)) => matcher.matches(c),
+                Ok(None) => p == c,
+                Err(_) => false,
+            })
 }
 
 /// `path` without `.`, `..` and repeated slashes, as Go's `filepath.Clean`
@@ -271,13 +331,27 @@ pub fn merge(files: &[Loaded], major: Major) -> View {
     let mut version = 0;
     let mut version_from = None;
     let mut from = BTreeMap::new();
+    let mut root_version = 0;
+    let mut refused = None;
     for (index, file) in files.iter().enumerate() {
         let mut doc = plain(file.doc.as_item())
             .as_table()
             .cloned()
             .unwrap_or_default();
         let mut file_version = doc.get("version").and_then(Item::as_integer).unwrap_or(0);
-        if major == Major::Two && file_version <= 1 {
+        // containerd 2.3 takes the first file with a version as the root's.
+        if root_version == 0 {
+            root_version = file_version;
+        }
+        if major == Major::TwoThree && file_version > root_version && refused.is_none() {
+            refused = Some(format!(
+                "{} has `version = {file_version}`, higher than {}'s `version = {root_version}`: {} refuses to start (\"drop-in config version {file_version} higher than root config version {root_version}\")",
+                file.path,
+                files[0].path,
+                major.name()
+            ));
+        }
+        if major.merges_keys() && file_version <= 1 {
             rename_v1_plugins(&mut doc);
             file_version = 3;
         }
@@ -295,8 +369,8 @@ pub fn merge(files: &[Loaded], major: Major) -> View {
             .expect("plugins is always a table here");
         for (id, section) in plugins.iter() {
             let key = vec!["plugins".to_string(), id.to_string()];
-            match (major, merged.get_mut(id)) {
-                (Major::Two, Some(Item::Table(into))) if section.is_table() => {
+            match merged.get_mut(id) {
+                Some(Item::Table(into)) if major.merges_keys() && section.is_table() => {
                     merge_table(
                         into,
                         section.as_table().expect("checked"),
@@ -319,10 +393,12 @@ pub fn merge(files: &[Loaded], major: Major) -> View {
     }
     // containerd 1.x takes plugin ids in full from version 2 on, and
     // refuses to start on a short one (`cri`) then.
-    let refused = (major == Major::One && version >= 2)
-        .then(|| short_plugin_id(files, &root, &from, version, version_from))
-        .flatten();
-    if major == Major::Two && version < 3 {
+    let refused = refused.or_else(|| {
+        (major == Major::One && version >= 2)
+            .then(|| short_plugin_id(files, &root, &from, version, version_from))
+            .flatten()
+    });
+    if major.merges_keys() && version < 3 {
         migrate_cri_runtime(&mut root, &mut from);
         version = 3;
     }

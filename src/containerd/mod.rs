@@ -10,6 +10,7 @@ pub mod config;
 pub mod effective;
 pub mod imports;
 pub mod pattern;
+pub mod placement;
 pub mod restart;
 pub mod revert;
 
@@ -77,40 +78,42 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The config version the host's containerd wants for a new file: 2 for
-/// containerd 1.x, 3 for 2.x, from `containerd --version` in the host.
-pub fn wanted_config_version(host: &Host) -> Result<i64, String> {
+/// The containerd version `binary --version` prints (`major.minor`).
+pub fn containerd_version(host: &Host, binary: &str) -> Result<(u32, u32), String> {
     let record = host
-        .run(&["containerd".to_string(), "--version".to_string()])
-        .map_err(|e| {
-            format!(
-                "cannot tell which config version containerd wants: {}",
-                error_chain(&e)
-            )
-        })?;
+        .run(&[binary.to_string(), "--version".to_string()])
+        .map_err(|e| format!("cannot tell which containerd runs: {}", error_chain(&e)))?;
     if !record.success() {
         return Err(format!(
-            "cannot tell which config version containerd wants: `containerd --version` {}",
+            "cannot tell which containerd runs: `{binary} --version` {}",
             record.failure_summary()
         ));
     }
-    let major = record
+    record
         .stdout
         .split_whitespace()
-        .filter_map(|word| {
+        .find_map(|word| {
             let word = word.strip_prefix('v').unwrap_or(word);
             let (major, rest) = word.split_once('.')?;
-            rest.starts_with(|c: char| c.is_ascii_digit())
-                .then(|| major.parse::<u32>().ok())?
+            let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?))
         })
-        .next()
         .ok_or_else(|| {
             format!(
-                "no version in `containerd --version` output {:?}",
+                "no version in `{binary} --version` output {:?}",
                 record.stdout.trim()
             )
-        })?;
-    Ok(if major >= 2 { 3 } else { 2 })
+        })
+}
+
+/// The config version containerd `major.minor` writes for a new file: 2
+/// for 1.x, 3 for 2.0 to 2.2, 4 for 2.3 and later.
+pub fn config_version_for((major, minor): (u32, u32)) -> i64 {
+    match (major, minor) {
+        (0 | 1, _) => 2,
+        (2, 0..=2) => 3,
+        _ => 4,
+    }
 }
 
 /// The host path of containerd's binary, on the host's PATH directories.
@@ -121,40 +124,112 @@ pub fn containerd_binary(host: &Host) -> Option<String> {
         .find(|path| host.is_file(path).unwrap_or(false))
 }
 
-fn has_containerd(host: &Host) -> bool {
-    containerd_binary(host).is_some()
+/// One file the edit writes: its path, what it holds now, what it should
+/// hold, and what it is for.
+struct Planned {
+    path: String,
+    now: Option<String>,
+    wanted: String,
+    purpose: String,
+}
+
+impl Planned {
+    fn changes(&self) -> bool {
+        self.now.as_deref() != Some(self.wanted.as_str())
+    }
 }
 
 /// The `containerd-runtime` handler.
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let opts = &ctx.spec.containerd;
+    let target = crate::runtime::containerd_target(ctx.host, opts)?;
+    let flavor_note = format!(
+        "{} ({})",
+        serde_json::to_value(target.flavor)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        target.detected_by
+    );
     let binary = crate::toolkit::runtime_binary(ctx.host, ctx.spec)?;
+    if let Some(why) = &target.read_only {
+        // Set by the operator the way the OS wants it: converged as it is.
+        let wanted = RuntimeWanted {
+            class: opts.runtime_class.clone(),
+            binary: binary.clone(),
+            default: if opts.set_as_default {
+                DefaultRuntime::Set
+            } else {
+                DefaultRuntime::Keep
+            },
+            cdi: None,
+        };
+        let mut commands = Vec::new();
+        let there = effective::verify(ctx.host, None, &target.config, &wanted, &mut commands);
+        let mut obs = match there {
+            Ok(()) => Observation::new(
+                Outcome::Preinstalled,
+                format!(
+                    "runtime `{}` is in {}, as the OS's own settings put it there; {flavor_note}: gpuprov writes nothing",
+                    opts.runtime_class, target.config
+                ),
+            ),
+            Err(_) => Observation::new(
+                Outcome::Absent,
+                format!(
+                    "containerd's config is not gpuprov's to write on {flavor_note}, and runtime `{}` is not in {}: {why}",
+                    opts.runtime_class, target.config
+                ),
+            ),
+        };
+        obs.commands = commands;
+        return Ok(obs);
+    }
     let record = Record::load(ctx.host)?;
     // A config that is a symlink (distros and k3s do this) is edited at its
     // target inside the root, and the link stays.
-    let config_path = ctx.host.follow_links(&opts.config)?;
-    if config_path != opts.config && !ctx.host.exists(&config_path)? {
+    let config_path = ctx.host.follow_links(&target.config)?;
+    if config_path != target.config && !ctx.host.exists(&config_path)? {
         return Err(StepError::Observe(format!(
             "{} is a symlink to {config_path}, which does not exist in the host root: gpuprov does not create a file at a link's target",
-            opts.config
+            target.config
         )));
     }
     let current = ctx.host.read(&config_path)?;
+    // k3s and RKE2 write the config again at every start: a whole-file
+    // edit goes into their template, made from the config they generated.
+    let edit_path = match &target.template {
+        Some(template) => ctx.host.follow_links(template)?,
+        None => config_path.clone(),
+    };
+    let current_edit = if edit_path == config_path {
+        current.clone()
+    } else {
+        ctx.host.read(&edit_path)?
+    };
+    if let Some(text) = &current_edit
+        && edit_path != config_path
+        && text.contains("{{")
+    {
+        return Err(StepError::Observe(format!(
+            "{edit_path} is a Go template ({{{{ … }}}}): gpuprov edits only a template that is plain TOML; add runtime `{}` there yourself, or move it away so gpuprov makes one from {config_path}",
+            opts.runtime_class
+        )));
+    }
+    // What the edit starts from: the template once there is one.
+    let source = current_edit.clone().or_else(|| current.clone());
     let original = match &record {
         Some(r) if r.original_existed => ctx.host.read(&r.backup)?,
         Some(_) => None,
-        None => current.clone(),
+        None => source.clone(),
     };
     // An error names the file and, where it can, the line and column.
-    let in_file = |text: &str| {
-        let text = text.to_string();
-        let config_path = &config_path;
-        move |e: config::ConfigError| {
-            StepError::Observe(format!("{}:{}", config_path, e.located(&text)))
-        }
+    let in_file = |path: &str, text: &str| {
+        let (path, text) = (path.to_string(), text.to_string());
+        move |e: config::ConfigError| StepError::Observe(format!("{path}:{}", e.located(&text)))
     };
     let original_default = match &original {
-        Some(text) => config::default_runtime_name(text).map_err(in_file(text))?,
+        Some(text) => config::default_runtime_name(text).map_err(in_file(&edit_path, text))?,
         None => None,
     };
     let default = if opts.set_as_default {
@@ -164,8 +239,8 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     } else {
         DefaultRuntime::Clear
     };
-    let text = current.as_deref().unwrap_or("");
-    if text.trim().is_empty() && !has_containerd(ctx.host) {
+    let text = source.as_deref().unwrap_or("");
+    if text.trim().is_empty() && target.binary.is_none() && !target.is_embedded() {
         // Nothing to configure: containerd is simply not installed here.
         return Ok(Observation::new(
             Outcome::Absent,
@@ -185,20 +260,44 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             ),
         ));
     }
+    if text.trim().is_empty() && target.is_embedded() {
+        return Err(StepError::Observe(format!(
+            "{config_path} does not exist yet on {flavor_note}: it is written when the service first starts; start it, then run gpuprov again"
+        )));
+    }
     let file_version = if text.trim().is_empty() {
         None
     } else {
-        let doc = config::parse_shared(text).map_err(in_file(text))?;
-        Some(config::layout(&doc).map_err(in_file(text))?.0)
+        let doc = config::parse_shared(text).map_err(in_file(&edit_path, text))?;
+        Some(config::layout(&doc).map_err(in_file(&edit_path, text))?.0)
+    };
+    // Whose rules load the files: the running containerd's, asked when
+    // the host has its binary, else what the config's version says.
+    let running = match &target.binary {
+        Some(binary) => Some(containerd_version(ctx.host, binary).map_err(StepError::Observe)?),
+        None => None,
+    };
+    let rules = match running {
+        Some((major, minor)) => imports::Major::of(major, minor),
+        None => imports::Major::guess(file_version.unwrap_or(1)),
     };
     // containerd 2 ignores a version-1 file's CRI tables: the runtime goes
     // into a version-3 drop-in the file imports.
-    let version1_on_2 = file_version == Some(1)
-        && has_containerd(ctx.host)
-        && wanted_config_version(ctx.host).map_err(StepError::Observe)? == 3;
-    let fresh_version = match file_version {
-        None => wanted_config_version(ctx.host).map_err(StepError::Observe)?,
-        Some(_) => 2,
+    let version1_on_2 = file_version == Some(1) && rules.merges_keys() && running.is_some();
+    if version1_on_2 && rules == imports::Major::TwoThree {
+        return Err(StepError::Observe(format!(
+            "{config_path} is a version-1 config, whose CRI tables containerd 2 ignores, and {} refuses a drop-in with a higher version than the main config's: convert it with `containerd config migrate` (then gpuprov edits it as it is)",
+            rules.name()
+        )));
+    }
+    let fresh_version = match (file_version, running) {
+        (Some(_), _) => 2,
+        (None, Some(version)) => config_version_for(version),
+        (None, None) => {
+            return Err(StepError::Observe(format!(
+                "{config_path} is empty and no containerd binary in the host says which config version it wants"
+            )));
+        }
     };
     let wanted = RuntimeWanted {
         class: opts.runtime_class.clone(),
@@ -223,13 +322,16 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     } else {
         config::configure(text, &wanted, fresh_version)
     }
-    .map_err(in_file(text))?;
-    let drop_in_path = match &opts.drop_in_config {
-        Some(path) => Some(path.clone()),
-        None if version1_on_2 => Some(default_drop_in(&config_path)),
-        None => None,
-    };
-    if let Some(drop_in) = &drop_in_path
+    .map_err(in_file(&edit_path, text))?;
+    let placement = placement::choose(
+        opts,
+        &target,
+        &config_path,
+        current.as_deref(),
+        rules,
+        version1_on_2,
+    )?;
+    if let Some(drop_in) = placement.drop_in()
         && ctx.host.follow_links(drop_in)? == config_path
     {
         return Err(StepError::Observe(format!(
@@ -237,96 +339,173 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             default_drop_in(&config_path)
         )));
     }
-    // What each file should hold: the main config with the runtime, or, in
-    // drop-in mode, the main config importing a drop-in that has it.
-    let mut files: Vec<(String, Option<String>, String, String)> = Vec::new();
-    match &drop_in_path {
-        None => files.push((
-            config_path.clone(),
-            current.clone(),
-            edited.text.clone(),
-            format!("runtime `{}`", opts.runtime_class),
-        )),
-        Some(drop_in) => {
+    let purpose = format!("runtime `{}`", opts.runtime_class);
+    // What each file should hold: the config (or template) with the
+    // runtime; a drop-in in a directory containerd imports; or, forced, a
+    // drop-in and the config importing it.
+    let mut files: Vec<Planned> = Vec::new();
+    match &placement {
+        placement::Placement::Config { .. } => files.push(Planned {
+            path: edit_path.clone(),
+            now: current_edit.clone(),
+            wanted: edited.text.clone(),
+            purpose: purpose.clone(),
+        }),
+        placement::Placement::ImportedDir { drop_in, .. } => {
+            // The runtime copies the default one as containerd sees it,
+            // wherever that is set (k0s: in the CRI file it generates).
+            let view = imports::load(ctx.host, &config_path, &[], rules)
+                .map(|files| imports::merge(&files, rules).doc.to_string())
+                .unwrap_or_else(|_| text.to_string());
+            let base = config::configure(&view, &wanted, fresh_version)
+                .map_err(in_file(&config_path, &view))?;
+            let section =
+                config::runtime_drop_in(&base.text, &wanted, file_version.unwrap_or(fresh_version))
+                    .map_err(in_file(&edit_path, text))?;
+            files.push(drop_in_file(
+                ctx.host,
+                drop_in,
+                record.as_ref(),
+                section,
+                &purpose,
+            )?);
+        }
+        placement::Placement::Forced { drop_in, .. } => {
             let section = if version1_on_2 {
                 config::version3_drop_in(&wanted)
             } else {
                 config::drop_in(&edited.text)
             }
-            .map_err(in_file(text))?;
-            // A link there is never written through (and is named as one).
-            if let Some(target) = ctx.host.link_target(drop_in)? {
-                return Err(HostError::Symlink {
-                    path: drop_in.clone(),
-                    target,
-                }
-                .into());
-            }
-            let existing = ctx.host.read(drop_in)?;
-            refuse_foreign_drop_in(drop_in, existing.as_deref(), record.as_ref(), &section)?;
-            files.push((
-                drop_in.clone(),
-                existing,
+            .map_err(in_file(&edit_path, text))?;
+            files.push(drop_in_file(
+                ctx.host,
+                drop_in,
+                record.as_ref(),
                 section,
-                format!("runtime `{}`", opts.runtime_class),
-            ));
-            let main = config::add_import(text, drop_in, fresh_version).map_err(in_file(text))?;
-            files.push((
-                config_path.clone(),
-                current.clone(),
-                main,
-                format!("import {drop_in}"),
-            ));
+                &purpose,
+            )?);
+            let main = config::add_import(text, drop_in, fresh_version)
+                .map_err(in_file(&edit_path, text))?;
+            files.push(Planned {
+                path: edit_path.clone(),
+                now: current_edit.clone(),
+                wanted: main,
+                purpose: format!("import {drop_in}"),
+            });
         }
     }
-    let changed = files
-        .iter()
-        .any(|(_, now, wanted, _)| now.as_deref() != Some(wanted.as_str()));
+    let mut changed = files.iter().any(Planned::changes);
     let pending = ctx.host.exists(RESTART_PENDING)?;
 
     let mut reason = format!(
         "runtime `{}` runs {binary} ({} in {})",
         opts.runtime_class,
         edited.layout.plugin(),
-        drop_in_path.as_deref().unwrap_or(&config_path)
+        placement.drop_in().unwrap_or(&edit_path)
     );
     if opts.set_as_default {
         reason.push_str(", the default runtime");
     }
+    reason.push_str(&format!("; {flavor_note}; {}", placement.why()));
     if version1_on_2 {
         reason.push_str(&format!(
             "; containerd 2 ignores the CRI tables of {config_path}, a version-1 config, so the runtime is in a version-3 drop-in it imports (`containerd config migrate` converts the file so its own settings apply again)"
         ));
     }
-    if config_path != opts.config {
-        reason.push_str(&format!("; {} is a link to it", opts.config));
+    if edit_path != config_path {
+        reason.push_str(&format!(
+            "; {} writes {config_path} again from {edit_path} at every start, so the template is what gpuprov edits",
+            target.service
+        ));
+    }
+    if config_path != target.config {
+        reason.push_str(&format!("; {} is a link to it", target.config));
     }
     for note in &edited.notes {
         reason.push_str(&format!("; {note}"));
+    }
+    // The file containerd's view is checked at: the template, which k3s
+    // and RKE2 make the config from, or the config.
+    let view_config = match &placement {
+        placement::Placement::Config { .. } => edit_path.clone(),
+        // k0s merges its drop-ins into a config it writes at start: the
+        // drop-in is what there is to check before then.
+        placement::Placement::ImportedDir { drop_in, .. } if target.own_drop_in_dir.is_some() => {
+            drop_in.clone()
+        }
+        _ => config_path.clone(),
+    };
+    let check_view = Change::CheckContainerdView {
+        config: view_config.clone(),
+        class: opts.runtime_class.clone(),
+        binary: binary.clone(),
+        set_as_default: opts.set_as_default,
+        cdi: wanted.cdi.clone(),
+        containerd: target.binary.clone(),
+    };
+    let remember = |key: String| Change::WriteFile {
+        path: effective::VIEW_CHECKED.to_string(),
+        content: key.into_bytes(),
+        mode: 0o644,
+        purpose: "containerd's view was checked; not again until a change or a reboot".to_string(),
+        diff: None,
+    };
+    // Before gpuprov's first write: a runtime that another file (the
+    // toolkit's drop-in) or the distribution itself (k3s, when it finds
+    // the toolkit at start) already gives containerd, as wanted, is
+    // converged as it is: nothing is written next to it.
+    if changed && record.is_none() && !pending && !placement.is_forced() {
+        let key = effective::view_key(
+            ctx.host,
+            target.binary.as_deref(),
+            &wanted,
+            &config_path,
+            &[],
+        );
+        let checked = ctx.host.read(effective::VIEW_CHECKED)?.as_deref() == Some(key.as_str());
+        let mut commands = Vec::new();
+        if checked
+            || effective::verify(
+                ctx.host,
+                target.binary.as_deref(),
+                &config_path,
+                &wanted,
+                &mut commands,
+            )
+            .is_ok()
+        {
+            let mut obs = Observation::new(
+                Outcome::Preinstalled,
+                format!(
+                    "runtime `{}` is already in containerd's view of {config_path}, as wanted; {flavor_note}: nothing written",
+                    opts.runtime_class
+                ),
+            );
+            obs.commands = commands;
+            if !checked {
+                obs.outcome = Outcome::Pending;
+                obs.on_change = Outcome::Preinstalled;
+                obs.changes.push(remember(key));
+            }
+            return Ok(obs);
+        }
+        changed = true;
     }
     // containerd's own view is checked once per boot and after every
     // change: the marker holds what it was checked for.
     let wanted_files: Vec<(&str, &str)> = files
         .iter()
-        .map(|(path, _, wanted, _)| (path.as_str(), wanted.as_str()))
+        .map(|f| (f.path.as_str(), f.wanted.as_str()))
         .collect();
-    let view_key = effective::view_key(ctx.host, &wanted, &config_path, &wanted_files);
+    let view_key = effective::view_key(
+        ctx.host,
+        target.binary.as_deref(),
+        &wanted,
+        &view_config,
+        &wanted_files,
+    );
     let view_checked =
         ctx.host.read(effective::VIEW_CHECKED)?.as_deref() == Some(view_key.as_str());
-    let check_view = Change::CheckContainerdView {
-        config: config_path.clone(),
-        class: opts.runtime_class.clone(),
-        binary: binary.clone(),
-        set_as_default: opts.set_as_default,
-        cdi: wanted.cdi.clone(),
-    };
-    let remember_view = Change::WriteFile {
-        path: effective::VIEW_CHECKED.to_string(),
-        content: view_key.clone().into_bytes(),
-        mode: 0o644,
-        purpose: "containerd's view was checked; not again until a change or a reboot".to_string(),
-        diff: None,
-    };
     if !changed && !pending {
         let outcome = if record.is_some() {
             Outcome::Configured
@@ -339,7 +518,13 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         // Checked now, before anything is decided: a view that does not
         // have the runtime fails the step with the key that wins.
         let mut commands = Vec::new();
-        if let Err(why) = effective::verify(ctx.host, &config_path, &wanted, &mut commands) {
+        if let Err(why) = effective::verify(
+            ctx.host,
+            target.binary.as_deref(),
+            &view_config,
+            &wanted,
+            &mut commands,
+        ) {
             let mut obs = Observation::new(Outcome::Failed, why);
             obs.commands = commands;
             return Ok(obs);
@@ -347,53 +532,69 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         let mut obs = Observation::new(Outcome::Pending, reason);
         obs.commands = commands;
         obs.on_change = outcome;
-        obs.changes.push(remember_view);
+        obs.changes.push(remember(view_key));
         return Ok(obs);
     }
 
     // What is there now, for the plan and for the "(was: …)" of the report.
     let now: Vec<String> = files
         .iter()
-        .filter(|(_, now, wanted, _)| now.as_deref() != Some(wanted.as_str()))
-        .map(|(path, now, _, purpose)| match now {
-            None => format!("{path} does not exist"),
-            Some(_) => format!("{path} lacks {purpose} as wanted"),
+        .filter(|f| f.changes())
+        .map(|f| match f.now {
+            None => format!("{} does not exist", f.path),
+            Some(_) => format!("{} lacks {} as wanted", f.path, f.purpose),
         })
         .chain((!changed && pending).then(|| {
             "containerd has not restarted since gpuprov's last edit (a run was interrupted)"
                 .to_string()
         }))
         .collect();
-    let mut obs = Observation::new(Outcome::Pending, now.join("; "));
+    let mut obs = Observation::new(
+        Outcome::Pending,
+        format!("{}; {}", now.join("; "), placement.why()),
+    );
     obs.on_change = Outcome::Configured;
     if changed {
+        // The file the record names: the one gpuprov edits whole (the
+        // config, or the template), or with a drop-in beside it, the
+        // config, which stays as it is.
+        let (edited_file, edited_now) = match &placement {
+            placement::Placement::ImportedDir { .. } => (&config_path, &current),
+            _ => (&edit_path, &current_edit),
+        };
         if record.is_none()
-            && let Some(original) = &current
+            && let Some(original) = edited_now
         {
             obs.changes.push(Change::WriteFile {
-                path: backup_path(&config_path),
+                path: backup_path(edited_file),
                 content: original.clone().into_bytes(),
                 mode: 0o600,
                 purpose: "backup of the original, for revert".to_string(),
                 diff: None,
             });
         }
-        let main_written = &files.last().expect("the main config is always listed").2;
+        let main_written = files
+            .iter()
+            .find(|f| f.path == *edited_file)
+            .map(|f| f.wanted.clone())
+            .or_else(|| edited_now.clone())
+            .unwrap_or_default();
+        let drop_in_path = placement.drop_in().map(str::to_string);
         let new_record = Record {
-            config: config_path.clone(),
+            config: edited_file.clone(),
             original_existed: record
                 .as_ref()
-                .map_or(current.is_some(), |r| r.original_existed),
+                .map_or(edited_now.is_some(), |r| r.original_existed),
             backup: record
                 .as_ref()
-                .map_or_else(|| backup_path(&config_path), |r| r.backup.clone()),
+                .map_or_else(|| backup_path(edited_file), |r| r.backup.clone()),
             written_sha256: sha256_hex(main_written.as_bytes()),
             runtime_class: opts.runtime_class.clone(),
             drop_in: drop_in_path.clone(),
             drop_in_sha256: files
                 .iter()
-                .find(|(path, ..)| drop_in_path.as_ref() == Some(path))
-                .map(|(_, _, wanted, _)| sha256_hex(wanted.as_bytes())),
+                .find(|f| drop_in_path.as_ref() == Some(&f.path))
+                .map(|f| sha256_hex(f.wanted.as_bytes())),
             cdi: wanted.cdi.is_some() || record.as_ref().is_some_and(|r| r.cdi),
             cdi_runtime_class: wanted
                 .cdi
@@ -420,16 +621,17 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             });
         }
         // The drop-in first, so the import never names a missing file.
-        for (path, now, wanted, purpose) in files {
-            if now.as_deref() == Some(wanted.as_str()) {
+        for file in files {
+            if !file.changes() {
                 continue;
             }
-            let diff = crate::step::file_diff(&path, now.as_deref().unwrap_or(""), &wanted);
+            let diff =
+                crate::step::file_diff(&file.path, file.now.as_deref().unwrap_or(""), &file.wanted);
             obs.changes.push(Change::WriteFile {
-                path,
-                content: wanted.into_bytes(),
+                path: file.path,
+                content: file.wanted.into_bytes(),
                 mode: 0o644,
-                purpose,
+                purpose: file.purpose,
                 diff: Some(diff),
             });
         }
@@ -437,7 +639,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // Before the restart (an owed one too): containerd is not restarted
     // into a config whose view lacks the runtime.
     obs.changes.push(check_view);
-    obs.changes.extend(restart_changes(opts));
+    obs.changes.extend(restart_changes(opts, &target));
     if opts.restart_mode == RestartMode::None {
         obs.reason
             .push_str("; restartMode is none: containerd loads the runtime at its next restart");
@@ -447,28 +649,66 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             purpose: "containerd restarted".to_string(),
         });
     }
-    obs.changes.push(remember_view);
+    obs.changes.push(remember(view_key));
     Ok(obs)
 }
 
-/// How containerd is made to load the config, per `restartMode`.
-pub fn restart_changes(opts: &ContainerdOptions) -> Vec<Change> {
+/// A drop-in to write at `path`, refused when it is a link or another
+/// tool's file.
+fn drop_in_file(
+    host: &Host,
+    path: &str,
+    record: Option<&Record>,
+    wanted: String,
+    purpose: &str,
+) -> Result<Planned, StepError> {
+    // A link there is never written through (and is named as one).
+    if let Some(target) = host.link_target(path)? {
+        return Err(HostError::Symlink {
+            path: path.to_string(),
+            target,
+        }
+        .into());
+    }
+    let now = host.read(path)?;
+    refuse_foreign_drop_in(path, now.as_deref(), record, &wanted)?;
+    Ok(Planned {
+        path: path.to_string(),
+        now,
+        wanted,
+        purpose: purpose.to_string(),
+    })
+}
+
+/// How containerd is made to load the config, per `restartMode`: its
+/// service restarted (k3s's, RKE2's or k0s's where containerd is their
+/// child), or, for containerd of its own, SIGHUP to it.
+pub fn restart_changes(opts: &ContainerdOptions, target: &crate::runtime::Target) -> Vec<Change> {
     let timeout_seconds = opts.restart_timeout_seconds;
-    match opts.restart_mode {
-        RestartMode::Systemd => vec![
+    let systemd = || {
+        vec![
             Change::Run {
-                argv: ["systemctl", "restart", "containerd"]
-                    .map(String::from)
-                    .to_vec(),
-                display: "systemctl restart containerd".to_string(),
+                argv: vec![
+                    "systemctl".to_string(),
+                    "restart".to_string(),
+                    target.service.clone(),
+                ],
+                display: format!("systemctl restart {}", target.service),
             },
             Change::WaitSocket {
-                socket: opts.socket.clone(),
+                socket: target.socket.clone(),
                 timeout_seconds,
             },
-        ],
+        ]
+    };
+    match opts.restart_mode {
+        RestartMode::Systemd => systemd(),
+        // containerd there is the child of a service that would stop with
+        // it (k3s) or start it again on its own terms: the service is
+        // restarted instead.
+        RestartMode::Signal if target.is_embedded() => systemd(),
         RestartMode::Signal => vec![Change::SignalSocketOwner {
-            socket: opts.socket.clone(),
+            socket: target.socket.clone(),
             timeout_seconds,
         }],
         RestartMode::None => Vec::new(),

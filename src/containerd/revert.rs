@@ -25,13 +25,14 @@ pub struct Reverted {
 /// edited it.
 pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, String, bool), String> {
     let record = Record::load(host).map_err(|e| error_chain(&e))?;
+    let target = crate::runtime::containerd_target(host, opts).map_err(|e| error_chain(&e))?;
     // A revert killed between writing the config and restarting containerd
     // left the marker: the restart is still owed, whatever the file says.
     let owed = host.exists(RESTART_PENDING).map_err(|e| error_chain(&e))?
         && opts.restart_mode != crate::spec::RestartMode::None;
     let Some(record) = record else {
         if owed {
-            let mut changes = restart_changes(opts);
+            let mut changes = restart_changes(opts, &target);
             changes.push(Change::RemoveFile {
                 path: RESTART_PENDING.to_string(),
                 purpose: "containerd restarted".to_string(),
@@ -60,6 +61,10 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
     let mut summary;
     match (&current, &original) {
         (Some(now), _) if sha256_hex(now.as_bytes()) == record.written_sha256 => match &original {
+            // gpuprov wrote only a drop-in: the config is as it was.
+            Some(original) if original == now => {
+                summary = format!("containerd: {} is as it was", record.config);
+            }
             Some(original) => {
                 summary = format!("containerd: restored {} byte for byte", record.config);
                 changes.push(write(&record.config, original.clone(), "the original"));
@@ -153,7 +158,7 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
         );
     }
     if changed || owed {
-        changes.extend(restart_changes(opts));
+        changes.extend(restart_changes(opts, &target));
     }
     for path in [RESTART_PENDING, RECORD, record.backup.as_str()] {
         changes.push(Change::RemoveFile {
@@ -166,12 +171,23 @@ pub fn plan(host: &Host, opts: &ContainerdOptions) -> Result<(Vec<Change>, Strin
 
 /// After `plan`'s changes are made: the backup directories left empty go.
 pub fn tidy_backups(host: &Host, opts: &ContainerdOptions) -> Result<(), String> {
-    let backup_dir = super::backup_path(&opts.config);
-    let backup_dir = backup_dir
-        .rsplit_once('/')
-        .map_or(super::BACKUP_DIR, |(dir, _)| dir);
-    host.remove_empty_dirs(backup_dir, super::BACKUP_DIR)
-        .map_err(|e| error_chain(&e))
+    // The backup sits at the path of the file gpuprov edited: the config,
+    // or on k3s and RKE2 their template.
+    let target = crate::runtime::containerd_target(host, opts).map_err(|e| error_chain(&e))?;
+    let edited = [
+        Some(opts.config.clone()),
+        Some(target.config),
+        target.template,
+    ];
+    for file in edited.into_iter().flatten() {
+        let backup = super::backup_path(&file);
+        let dir = backup
+            .rsplit_once('/')
+            .map_or(super::BACKUP_DIR, |(dir, _)| dir);
+        host.remove_empty_dirs(dir, super::BACKUP_DIR)
+            .map_err(|e| error_chain(&e))?;
+    }
+    Ok(())
 }
 
 fn write(path: &str, content: String, purpose: &str) -> Change {

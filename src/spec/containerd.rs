@@ -16,6 +16,8 @@ pub(super) struct RawContainerd {
     pub(super) drop_in_config: Option<Spanned<EnvValue>>,
     pub(super) restart_mode: Option<Spanned<EnvValue>>,
     pub(super) restart_timeout_seconds: Option<Spanned<u64>>,
+    pub(super) flavor: Option<Spanned<EnvValue>>,
+    pub(super) edit: Option<Spanned<EnvValue>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -30,6 +32,57 @@ pub struct ContainerdOptions {
     pub drop_in_config: Option<String>,
     pub restart_mode: RestartMode,
     pub restart_timeout_seconds: u64,
+    /// Whether `config` and `socket` were given (else the flavour's own).
+    pub config_given: bool,
+    pub socket_given: bool,
+    /// The distribution's containerd layout; detected when not given.
+    pub flavor: Option<Flavor>,
+    /// Where the runtime goes: a drop-in or the config itself.
+    pub edit: EditMode,
+}
+
+/// Whose containerd, laid out how: see `crate::runtime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// containerd as its own service, configured in /etc/containerd.
+    Containerd,
+    K3s,
+    Rke2,
+    K0s,
+    Talos,
+    Bottlerocket,
+}
+
+impl Flavor {
+    pub const NAMES: [&'static str; 6] =
+        ["containerd", "k3s", "rke2", "k0s", "talos", "bottlerocket"];
+
+    pub fn parse(name: &str) -> Option<Flavor> {
+        Some(match name {
+            "containerd" => Flavor::Containerd,
+            "k3s" => Flavor::K3s,
+            "rke2" => Flavor::Rke2,
+            "k0s" => Flavor::K0s,
+            "talos" => Flavor::Talos,
+            "bottlerocket" => Flavor::Bottlerocket,
+            _ => return None,
+        })
+    }
+}
+
+/// `containerd.edit`: where the runtime is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EditMode {
+    /// A drop-in in a directory containerd already imports, where its
+    /// version merges imports key by key; the config itself otherwise.
+    Auto,
+    /// The config itself (or k3s's and RKE2's template).
+    Config,
+    /// A drop-in: in an imported directory, else one the config is made
+    /// to import.
+    DropIn,
 }
 
 /// How containerd picks up a changed config.
@@ -70,6 +123,10 @@ pub(super) fn resolve_containerd(
         drop_in_config: None,
         restart_mode: RestartMode::Systemd,
         restart_timeout_seconds: 60,
+        config_given: false,
+        socket_given: false,
+        flavor: None,
+        edit: EditMode::Auto,
     };
     let mut given: Vec<Given> = [
         ("config", &raw.config),
@@ -78,6 +135,8 @@ pub(super) fn resolve_containerd(
         ("setAsDefault", &raw.set_as_default),
         ("dropInConfig", &raw.drop_in_config),
         ("restartMode", &raw.restart_mode),
+        ("flavor", &raw.flavor),
+        ("edit", &raw.edit),
     ]
     .into_iter()
     .filter_map(|(key, value)| {
@@ -151,6 +210,22 @@ pub(super) fn resolve_containerd(
                     g.origin
                 ))),
             },
+            "flavor" => match value {
+                "auto" => Ok(value.to_string()),
+                _ if Flavor::parse(value).is_some() => Ok(value.to_string()),
+                _ => Err(bad(format!(
+                    "{} must be auto, {}, not `{value}`",
+                    g.origin,
+                    Flavor::NAMES.join(", ")
+                ))),
+            },
+            "edit" => match value {
+                "auto" | "config" | "dropIn" => Ok(value.to_string()),
+                _ => Err(bad(format!(
+                    "{} must be auto, config or dropIn, not `{value}`",
+                    g.origin
+                ))),
+            },
             _ => unreachable!("every key is listed above"),
         };
         let normalised = match normalised {
@@ -200,8 +275,22 @@ pub(super) fn resolve_containerd(
     }
     for (key, value, _) in settled {
         match key {
-            "config" => options.config = value,
-            "socket" => options.socket = value,
+            "config" => {
+                options.config = value;
+                options.config_given = true;
+            }
+            "socket" => {
+                options.socket = value;
+                options.socket_given = true;
+            }
+            "flavor" => options.flavor = Flavor::parse(&value),
+            "edit" => {
+                options.edit = match value.as_str() {
+                    "config" => EditMode::Config,
+                    "dropIn" => EditMode::DropIn,
+                    _ => EditMode::Auto,
+                }
+            }
             "runtimeClass" => options.runtime_class = value,
             "setAsDefault" => options.set_as_default = value == "true",
             "dropInConfig" => options.drop_in_config = Some(value),

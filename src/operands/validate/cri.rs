@@ -64,6 +64,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 pub fn observe(ctx: &StepContext, probe: bool) -> Result<Option<Observation>, StepError> {
     let validator = &ctx.spec.validator;
     let runtime_handler = ctx.spec.containerd.runtime_class.clone();
+    let socket = crate::runtime::cri_socket(ctx.host, &ctx.spec.containerd);
     let command = validator.command.clone().unwrap_or_else(|| {
         crate::spec::CRI_DEFAULT_COMMAND
             .iter()
@@ -75,7 +76,7 @@ pub fn observe(ctx: &StepContext, probe: bool) -> Result<Option<Observation>, St
         "image": validator.image,
         "gpus": super::super::gpu_count(ctx),
         "driver": super::driver_version(ctx)?,
-        "socket": ctx.spec.containerd.socket,
+        "socket": socket,
         "runtimeHandler": runtime_handler,
         "command": command,
     });
@@ -101,7 +102,7 @@ pub fn observe(ctx: &StepContext, probe: bool) -> Result<Option<Observation>, St
             ),
         )));
     }
-    if probe && !serves_cri(ctx.host, &ctx.spec.containerd.socket) {
+    if probe && !serves_cri(ctx.host, &socket) {
         return Ok(None);
     }
     let mut obs = Observation::new(
@@ -115,7 +116,7 @@ pub fn observe(ctx: &StepContext, probe: bool) -> Result<Option<Observation>, St
     );
     obs.on_change = Outcome::Ready;
     obs.changes = vec![Change::CriValidation(CriValidation {
-        socket: ctx.spec.containerd.socket.clone(),
+        socket: socket.clone(),
         runtime_handler,
         image: validator.image.clone(),
         command,

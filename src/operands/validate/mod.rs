@@ -64,7 +64,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
 }
 
 fn validate(ctx: &StepContext) -> Result<Observation, StepError> {
-    let socket = &ctx.spec.containerd.socket;
+    let socket = &crate::runtime::cri_socket(ctx.host, &ctx.spec.containerd);
     match (ctx.spec.validator.mode, ctx.cluster) {
         (ValidatorMode::Auto | ValidatorMode::Pod, Some(cluster)) => observe_pod(ctx, cluster),
         (ValidatorMode::Pod, None) => Ok(Observation::new(
@@ -90,7 +90,7 @@ fn cri_or_host(ctx: &StepContext, probe: bool) -> Result<Observation, StepError>
             ctx,
             &format!(
                 "no API server, and containerd at {} serves no CRI",
-                ctx.spec.containerd.socket
+                crate::runtime::cri_socket(ctx.host, &ctx.spec.containerd)
             ),
         ),
     }
