@@ -32,10 +32,10 @@ fn revert_restores_every_fixture_config_byte_for_byte() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| {
-            !p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("malformed")
+            let name = p.file_name().unwrap().to_string_lossy();
+            // k0s's placeholder imports the CRI file k0s writes at start,
+            // which only its own host has (tests/runtimes.rs).
+            !name.starts_with("malformed") && name != "k0s-managed.toml"
         })
         .collect();
     files.sort();

@@ -540,7 +540,13 @@ fn the_merged_view_of_imports_is_what_real_containerd_loads() {
             "{}: ours {ours:?}, real containerd {real:?}",
             case.name
         );
-        let verified = verify(&root, &config, &wanted, &mut Vec::new());
+        let verified = verify(
+            &root,
+            gpuprov::containerd::containerd_binary(&root).as_deref(),
+            &config,
+            &wanted,
+            &mut Vec::new(),
+        );
         match case.wins {
             None if version1 => {
                 let real = real.unwrap_err();

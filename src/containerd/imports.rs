@@ -110,7 +110,21 @@ pub fn load_guessing(
     if let Some(text) = &main_text {
         given.push((main, text));
     }
-    Ok((load(host, main, &given, major)?, major))
+    let files = load(host, main, &given, major)?;
+    // Only containerd 2.3 and later read a version-4 file: one anywhere
+    // in the set says whose rules apply.
+    let any_version_4 = files.iter().any(|file| {
+        file.doc
+            .get("version")
+            .and_then(Item::as_integer)
+            .is_some_and(|v| v >= 4)
+    });
+    let major = if major == Major::Two && any_version_4 {
+        Major::TwoThree
+    } else {
+        major
+    };
+    Ok((files, major))
 }
 
 /// The files containerd loads for `main`, main first. `given` holds

@@ -551,7 +551,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         .collect();
     let mut obs = Observation::new(
         Outcome::Pending,
-        format!("{}; {}", now.join("; "), placement.why()),
+        format!("{}; {flavor_note}; {}", now.join("; "), placement.why()),
     );
     obs.on_change = Outcome::Configured;
     if changed {
