@@ -270,10 +270,20 @@ fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
     sweep_interrupted(&inputs.host)?;
     // containerd's revert is planned as changes, made as a step's are.
     let options = &inputs.spec.containerd;
-    let (changes, summary, changed) =
+    let (changes, mut summary, mut changed) =
         crate::containerd::revert::plan(&inputs.host, options).map_err(Error::Revert)?;
-    let commands = crate::exec::make_changes(&inputs.host, &changes).map_err(Error::Revert)?;
+    let mut commands = crate::exec::make_changes(&inputs.host, &changes).map_err(Error::Revert)?;
     crate::containerd::revert::tidy_backups(&inputs.host, options).map_err(Error::Revert)?;
+    // On a CRI-O node: its drop-in.
+    if let Some((changes, crio)) =
+        crate::crio::revert_plan(&inputs.host, options).map_err(Error::Revert)?
+    {
+        changed |= changes
+            .iter()
+            .any(|c| matches!(c, crate::step::Change::Run { .. }));
+        commands.extend(crate::exec::make_changes(&inputs.host, &changes).map_err(Error::Revert)?);
+        summary = format!("{summary}; {crio}");
+    }
     let containerd = crate::containerd::revert::Reverted {
         summary,
         changed,

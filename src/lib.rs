@@ -15,6 +15,7 @@ pub mod cmd;
 pub mod containerd;
 pub mod converge;
 pub mod cri;
+pub mod crio;
 pub mod daemon;
 pub mod diagnostic;
 pub mod download;

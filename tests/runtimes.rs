@@ -8,8 +8,8 @@
 
 mod support;
 
-use std::fs;
 use std::collections::BTreeMap;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use support::{apply_json, changed, copy_host, gpuprov, steps, tree};
@@ -19,7 +19,7 @@ struct Layout {
     host: &'static str,
     /// The file gpuprov writes (relative to the root).
     written: &'static str,
-    /// The service `systemctl restart` names.
+    /// The `systemctl` call that makes the runtime take the change.
     service: &'static str,
     /// The runtime's config directory: nothing else there changes.
     dir: &'static str,
@@ -32,7 +32,7 @@ const LAYOUTS: &[Layout] = &[
         host: "l4x4-containerd23",
         dir: "etc/containerd",
         written: "etc/containerd/conf.d/gpuprov-runtime.toml",
-        service: "containerd",
+        service: "restart containerd",
         plan_says: &[
             "imports \"/etc/containerd/conf.d/*.toml\"",
             "containerd 2.3 and later merges imports key by key",
@@ -42,44 +42,61 @@ const LAYOUTS: &[Layout] = &[
         host: "l4x4-containerd22",
         dir: "etc/containerd",
         written: "etc/containerd/conf.d/gpuprov-runtime.toml",
-        service: "containerd",
+        service: "restart containerd",
         plan_says: &["containerd 2.0-2.2 merges imports key by key"],
     },
     Layout {
         host: "l4x4-k3s",
         dir: "var/lib/rancher/k3s/agent/etc/containerd",
         written: "var/lib/rancher/k3s/agent/etc/containerd/config-v3.toml.d/gpuprov-runtime.toml",
-        service: "k3s",
+        service: "restart k3s",
         plan_says: &["k3s (", "config-v3.toml.d/*.toml"],
     },
     Layout {
         host: "l4x4-rke2",
         dir: "var/lib/rancher/rke2/agent/etc/containerd",
         written: "var/lib/rancher/rke2/agent/etc/containerd/config-v3.toml.d/gpuprov-runtime.toml",
-        service: "rke2-agent",
+        service: "restart rke2-agent",
         plan_says: &["rke2 (", "config-v3.toml.d/*.toml"],
     },
     Layout {
         host: "l4x4-k3s-v2",
         dir: "var/lib/rancher/k3s/agent/etc/containerd",
         written: "var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl",
-        service: "k3s",
+        service: "restart k3s",
         plan_says: &["imports no drop-in directory"],
     },
     Layout {
         host: "l4x4-k0s",
         dir: "etc/k0s",
         written: "etc/k0s/containerd.d/gpuprov-runtime.toml",
-        service: "k0sworker",
+        service: "restart k0sworker",
         plan_says: &["k0s reads /etc/k0s/containerd.d/*.toml"],
+    },
+    Layout {
+        host: "l4x4-crio",
+        dir: "etc/crio",
+        written: "etc/crio/crio.conf.d/99-nvidia.toml",
+        service: "reload crio",
+        plan_says: &[
+            "CRI-O (/usr/bin/crio exists and no containerd)",
+            "copied from CRI-O's default runtime `crun`",
+            "systemctl reload crio",
+        ],
     },
 ];
 
-fn restarts(host: &Path, service: &str) -> usize {
+/// How often `systemctl <call>` ran (`restart k3s`, `reload crio`).
+fn restarts(host: &Path, call: &str) -> usize {
+    let call = if call.contains(' ') {
+        call.to_string()
+    } else {
+        format!("restart {call}")
+    };
     fs::read_to_string(host.join("var/log/fake-systemctl.log"))
         .unwrap_or_default()
         .lines()
-        .filter(|l| *l == format!("restart {service}"))
+        .filter(|l| *l == call)
         .count()
 }
 
@@ -105,7 +122,9 @@ fn plan_text(host: &Path) -> String {
 fn runtime_files(root: &Path, layout: &Layout) -> BTreeMap<PathBuf, Vec<u8>> {
     tree(root)
         .into_iter()
-        .filter(|(path, state)| path.starts_with(layout.dir) && !root.join(path).is_dir() && state.link.is_none())
+        .filter(|(path, state)| {
+            path.starts_with(layout.dir) && !root.join(path).is_dir() && state.link.is_none()
+        })
         .map(|(path, state)| (path, state.bytes))
         .collect()
 }
@@ -144,9 +163,17 @@ fn every_layout_converges_once_repairs_drift_and_reverts() {
             layout.written
         );
         for words in layout.plan_says {
-            assert!(plan.contains(words), "{}: plan says {words:?}:\n{plan}", layout.host);
+            assert!(
+                plan.contains(words),
+                "{}: plan says {words:?}:\n{plan}",
+                layout.host
+            );
         }
-        assert!(changed(&before, &tree(root)).is_empty(), "{}: plan wrote", layout.host);
+        assert!(
+            changed(&before, &tree(root)).is_empty(),
+            "{}: plan wrote",
+            layout.host
+        );
 
         let (_, step) = runtime_step(root);
         assert_eq!(
@@ -158,7 +185,8 @@ fn every_layout_converges_once_repairs_drift_and_reverts() {
         );
         let written = fs::read_to_string(root.join(layout.written)).unwrap();
         assert!(
-            written.contains("runtimes.nvidia") && written.contains("/usr/bin/nvidia-container-runtime"),
+            written.contains("runtimes.nvidia")
+                && written.contains("/usr/bin/nvidia-container-runtime"),
             "{}: {written}",
             layout.host
         );
@@ -166,7 +194,11 @@ fn every_layout_converges_once_repairs_drift_and_reverts() {
         // Nothing else of the runtime's is touched: the config itself (or
         // the one k3s generates) stays byte for byte.
         let untouched = only_the_edit(root, layout, &files_before);
-        assert!(untouched.is_empty(), "{}: also changed {untouched:?}", layout.host);
+        assert!(
+            untouched.is_empty(),
+            "{}: also changed {untouched:?}",
+            layout.host
+        );
 
         // Converged: no write, no restart.
         let settled = tree(root);
@@ -184,7 +216,10 @@ fn every_layout_converges_once_repairs_drift_and_reverts() {
         fs::remove_file(root.join(layout.written)).unwrap();
         let (_, step) = runtime_step(root);
         assert_eq!(step.0, "change", "{}: {}", layout.host, step.2);
-        assert_eq!(fs::read_to_string(root.join(layout.written)).unwrap(), written);
+        assert_eq!(
+            fs::read_to_string(root.join(layout.written)).unwrap(),
+            written
+        );
         assert_eq!(restarts(root, layout.service), 2, "{}", layout.host);
 
         // Revert: the file is gone, the service restarted once more, and
@@ -222,7 +257,11 @@ fn an_nvidia_runtime_k3s_made_itself_is_converged_as_it_is() {
     for _ in 0..2 {
         let (_, step) = runtime_step(root);
         assert_eq!(step.1, "preinstalled", "{}", step.2);
-        assert!(step.2.contains("already in containerd's view"), "{}", step.2);
+        assert!(
+            step.2.contains("already in containerd's view"),
+            "{}",
+            step.2
+        );
     }
     assert_eq!(restarts(root, "k3s"), 0);
     let touched: Vec<_> = changed(&before, &tree(root))
@@ -246,7 +285,11 @@ fn the_toolkits_own_drop_in_is_converged_and_left_alone() {
     .unwrap();
     let (_, step) = runtime_step(root);
     assert_eq!(step.1, "preinstalled", "{}", step.2);
-    assert!(!root.join("etc/containerd/conf.d/gpuprov-runtime.toml").exists());
+    assert!(
+        !root
+            .join("etc/containerd/conf.d/gpuprov-runtime.toml")
+            .exists()
+    );
     assert_eq!(restarts(root, "containerd"), 0);
 }
 
@@ -341,7 +384,11 @@ fn talos_is_never_written_and_names_what_to_set() {
     let before = tree(root);
     let (_, step) = runtime_step(root);
     assert_eq!(step.1, "absent", "{}", step.2);
-    assert!(step.2.contains("/etc/cri/conf.d/20-customization.part"), "{}", step.2);
+    assert!(
+        step.2.contains("/etc/cri/conf.d/20-customization.part"),
+        "{}",
+        step.2
+    );
     let touched: Vec<_> = changed(&before, &tree(root))
         .into_iter()
         .filter(|p| p.starts_with("etc/cri"))
@@ -370,10 +417,21 @@ fn facts_and_the_spec_name_the_flavour() {
         (code, steps(&report)["containerd-runtime"].clone())
     };
     assert_eq!(step.1, "absent", "{}", step.2);
-    assert!(step.2.contains("containerd.flavor in the spec"), "{}", step.2);
+    assert!(
+        step.2.contains("containerd.flavor in the spec"),
+        "{}",
+        step.2
+    );
     let spec = write_spec(host.path(), "containerd:\n  flavor: k8s\n");
     let output = gpuprov()
-        .args(["plan", "--host-exec", "prefix", "--config", &spec, "--host-root"])
+        .args([
+            "plan",
+            "--host-exec",
+            "prefix",
+            "--config",
+            &spec,
+            "--host-root",
+        ])
         .arg(host.path())
         .output()
         .unwrap();
@@ -382,4 +440,127 @@ fn facts_and_the_spec_name_the_flavour() {
         stderr.contains("containerd.flavor must be auto, containerd, k3s, rke2, k0s, talos, bottlerocket, not `k8s`"),
         "{stderr}"
     );
+}
+
+#[test]
+fn crio_copies_its_default_runtime_and_sets_default_and_cdi_when_asked() {
+    let host = copy_host("l4x4-crio");
+    let root = host.path();
+    let spec = write_spec(
+        root,
+        "toolkit:\n  env:\n  - name: CONTAINERD_SET_AS_DEFAULT\n    value: \"true\"\ncdi:\n  enabled: true\n  specDir: /var/run/cdi-gpuprov\n",
+    );
+    let (_, report, stderr) = apply_json(root, &["--config", &spec]);
+    let step = &steps(&report)["containerd-runtime"];
+    assert_eq!(step.1, "configured", "{} {stderr}", step.2);
+    let drop_in = fs::read_to_string(root.join("etc/crio/crio.conf.d/99-nvidia.toml")).unwrap();
+    for line in [
+        "default_runtime = \"nvidia\"",
+        "cdi_spec_dirs = [\"/etc/cdi\", \"/var/run/cdi\", \"/var/run/cdi-gpuprov\"]",
+        "[crio.runtime.runtimes.nvidia]",
+        "runtime_path = \"/usr/bin/nvidia-container-runtime\"",
+        "runtime_type = \"oci\"",
+        "monitor_path = \"/usr/libexec/crio/conmon\"",
+        "runtime_root = \"/run/crun\"",
+    ] {
+        assert!(drop_in.contains(line), "{line} in:\n{drop_in}");
+    }
+    // CRI-O's own files are never written.
+    for file in ["etc/crio/crio.conf", "etc/crio/crio.conf.d/10-crio.conf"] {
+        assert_eq!(
+            fs::read(root.join(file)).unwrap(),
+            fs::read(support::repo().join("fixtures/hosts/l4x4-crio").join(file)).unwrap()
+        );
+    }
+    // An older CRI-O takes runtimes only at start: restarted, not reloaded.
+    let host = copy_host("l4x4-crio");
+    let root = host.path();
+    fs::write(
+        root.join("usr/bin/crio"),
+        "#!/bin/sh\necho 'crio version 1.27.1'\n",
+    )
+    .unwrap();
+    let spec = write_spec(root, "containerd:\n  restartTimeoutSeconds: 1\n");
+    let (_, report, _) = apply_json(root, &["--config", &spec]);
+    let step = &steps(&report)["containerd-runtime"];
+    // (The fixture's systemctl starts no CRI-O: gpuprov waits for its
+    // socket, and says so.)
+    assert!(
+        step.2.contains("nothing answered on") && step.2.contains("crio.sock"),
+        "{}",
+        step.2
+    );
+    assert_eq!(restarts(root, "restart crio"), 1);
+    assert_eq!(restarts(root, "reload crio"), 0);
+    // ... and a CRI-O before 1.31 defaults to runc: copied from there.
+    let drop_in = fs::read_to_string(root.join("etc/crio/crio.conf.d/99-nvidia.toml")).unwrap();
+    assert!(
+        drop_in.contains("runtime_root = \"/run/crun\""),
+        "10-crio.conf names crun as default: {drop_in}"
+    );
+}
+
+#[test]
+fn crio_leaves_another_tools_drop_in_and_a_later_file_that_takes_it_back_is_named() {
+    // NVIDIA's toolkit wrote 99-nvidia.toml with the runtime already.
+    let host = copy_host("l4x4-crio");
+    let root = host.path();
+    let theirs = "[crio.runtime.runtimes.nvidia]\nruntime_path = \"/usr/bin/nvidia-container-runtime\"\nruntime_type = \"oci\"\n";
+    fs::write(root.join("etc/crio/crio.conf.d/99-nvidia.toml"), theirs).unwrap();
+    let (_, step) = runtime_step(root);
+    assert_eq!(step.1, "preinstalled", "{}", step.2);
+    assert_eq!(
+        fs::read_to_string(root.join("etc/crio/crio.conf.d/99-nvidia.toml")).unwrap(),
+        theirs
+    );
+    assert_eq!(restarts(root, "reload crio"), 0);
+
+    // Another tool's file there with something else: not overwritten.
+    let host = copy_host("l4x4-crio");
+    let root = host.path();
+    let other = "[crio.runtime.runtimes.nvidia]\nruntime_path = \"/opt/other/runtime\"\n";
+    fs::write(root.join("etc/crio/crio.conf.d/99-nvidia.toml"), other).unwrap();
+    let (_, step) = runtime_step(root);
+    assert_eq!(step.1, "failed", "{}", step.2);
+    assert!(
+        step.2.contains("exists and gpuprov did not write it"),
+        "{}",
+        step.2
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("etc/crio/crio.conf.d/99-nvidia.toml")).unwrap(),
+        other
+    );
+
+    // A drop-in sorting after gpuprov's that replaces the runtime table.
+    let host = copy_host("l4x4-crio");
+    let root = host.path();
+    fs::write(
+        root.join("etc/crio/crio.conf.d/99-zz-site.conf"),
+        "[crio.runtime.runtimes.nvidia]\nruntime_path = \"/usr/bin/runc\"\n",
+    )
+    .unwrap();
+    let (_, step) = runtime_step(root);
+    assert_eq!(step.1, "failed", "{}", step.2);
+    assert!(step.2.contains("takes it back"), "{}", step.2);
+    assert!(!root.join("etc/crio/crio.conf.d/99-nvidia.toml").exists());
+}
+
+#[test]
+fn a_malformed_crio_file_is_named_with_its_place_and_nothing_is_written() {
+    let host = copy_host("l4x4-crio");
+    let root = host.path();
+    fs::write(
+        root.join("etc/crio/crio.conf.d/20-bad.conf"),
+        "[crio.runtime\nx = 1\n",
+    )
+    .unwrap();
+    let (_, step) = runtime_step(root);
+    assert_eq!(step.1, "failed", "{}", step.2);
+    assert!(
+        step.2.contains("/etc/crio/crio.conf.d/20-bad.conf:1:"),
+        "{}",
+        step.2
+    );
+    assert!(!root.join("etc/crio/crio.conf.d/99-nvidia.toml").exists());
 }

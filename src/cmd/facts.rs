@@ -54,11 +54,25 @@ pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> 
         Ok(inventory) => serde_json::to_value(inventory).expect("serializes"),
         Err(problem) => serde_json::json!({"unavailable": problem.to_string(), "reason": problem}),
     };
-    let runtime = match crate::runtime::containerd_target(
-        &host,
-        &crate::spec::Spec::default_spec().containerd,
-    ) {
-        Ok(target) => serde_json::to_value(target).expect("serializes"),
+    let defaults = crate::spec::Spec::default_spec().containerd;
+    let runtime = match crate::runtime::crio_chosen(&host, &defaults) {
+        Ok(Some(why)) => match crate::crio::target(&host, &defaults) {
+            Ok(target) => {
+                let mut value = serde_json::to_value(target).expect("serializes");
+                value["runtime"] = "crio".into();
+                value["detectedBy"] = why.into();
+                value
+            }
+            Err(e) => serde_json::json!({"error": crate::step::error_chain(&e)}),
+        },
+        Ok(None) => match crate::runtime::containerd_target(&host, &defaults) {
+            Ok(target) => {
+                let mut value = serde_json::to_value(target).expect("serializes");
+                value["runtime"] = "containerd".into();
+                value
+            }
+            Err(e) => serde_json::json!({"error": crate::step::error_chain(&e)}),
+        },
         Err(e) => serde_json::json!({"error": crate::step::error_chain(&e)}),
     };
     Ok(FactsReport {
@@ -177,6 +191,15 @@ fn runtime_text(runtime: &serde_json::Value) -> String {
         return format!("runtime: cannot tell ({error})\n");
     }
     let field = |key: &str| runtime[key].as_str().unwrap_or("").to_string();
+    if field("runtime") == "crio" {
+        return format!(
+            "runtime: CRI-O ({}); config {}, drop-ins {}, socket {}\n",
+            field("detectedBy"),
+            field("config"),
+            field("dir"),
+            field("socket")
+        );
+    }
     let mut line = format!(
         "runtime: containerd, {} ({}); config {}, socket {}, restarted by {}",
         field("flavor"),

@@ -36,7 +36,7 @@ pub fn view_key(
     given: &[(&str, &str)],
 ) -> String {
     let binary = containerd.and_then(|path| {
-        host.stat(&path)
+        host.stat(path)
             .ok()
             .flatten()
             .map(|info| format!("{path} {} {}", info.size, info.mtime_ns))

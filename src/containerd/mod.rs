@@ -142,6 +142,9 @@ impl Planned {
 /// The `containerd-runtime` handler.
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let opts = &ctx.spec.containerd;
+    if let Some(why) = crate::runtime::crio_chosen(ctx.host, opts)? {
+        return crate::crio::observe(ctx, &why);
+    }
     let target = crate::runtime::containerd_target(ctx.host, opts)?;
     let flavor_note = format!(
         "{} ({})",

@@ -9,7 +9,7 @@
 use serde::Serialize;
 
 use crate::host::Host;
-use crate::spec::{ContainerdOptions, Flavor};
+use crate::spec::{ContainerdOptions, Flavor, RuntimeChoice};
 use crate::step::StepError;
 
 /// containerd's own config and socket.
@@ -273,10 +273,24 @@ fn first_unit(host: &Host, units: &[&str]) -> Result<Option<String>, StepError> 
     Ok(None)
 }
 
-/// The CRI socket of the node's runtime, for the validator: the spec's
-/// `containerd.socket` when given, else the detected flavour's (its own
-/// when detection fails: the validator then says what is missing there).
+/// Why the node's runtime is CRI-O (the spec's `runtime`, or what the
+/// host has), or `None` for containerd.
+pub fn crio_chosen(host: &Host, opts: &ContainerdOptions) -> Result<Option<String>, StepError> {
+    Ok(match opts.runtime {
+        RuntimeChoice::Crio => Some("runtime: crio in the spec".to_string()),
+        RuntimeChoice::Containerd => None,
+        RuntimeChoice::Auto => crate::crio::detected(host)?,
+    })
+}
+
+/// The CRI socket of the node's runtime, for the validator: CRI-O's, or
+/// the spec's `containerd.socket` when given, else the detected flavour's
+/// (its own when detection fails: the validator then says what is
+/// missing there).
 pub fn cri_socket(host: &Host, opts: &ContainerdOptions) -> String {
+    if let Ok(Some(_)) = crio_chosen(host, opts) {
+        return opts.crio_socket.clone();
+    }
     containerd_target(host, opts)
         .map(|target| target.socket)
         .unwrap_or_else(|_| opts.socket.clone())

@@ -20,6 +20,32 @@ pub(super) struct RawContainerd {
     pub(super) edit: Option<Spanned<EnvValue>>,
 }
 
+/// The `crio:` section: where CRI-O's config is, for a CRI-O node.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawCrio {
+    pub(super) config: Option<Spanned<EnvValue>>,
+    pub(super) drop_in_config: Option<Spanned<EnvValue>>,
+    pub(super) socket: Option<Spanned<EnvValue>>,
+}
+
+/// The spec's other runtime settings, resolved with `containerd:`.
+pub(super) struct Others<'a> {
+    pub(super) runtime: Option<&'a Spanned<EnvValue>>,
+    pub(super) crio: &'a RawCrio,
+}
+
+/// `runtime`: which container runtime gets the runtime class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    /// CRI-O where the host runs it (see `crate::crio::detected`), else
+    /// containerd.
+    Auto,
+    Containerd,
+    Crio,
+}
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerdOptions {
@@ -39,6 +65,12 @@ pub struct ContainerdOptions {
     pub flavor: Option<Flavor>,
     /// Where the runtime goes: a drop-in or the config itself.
     pub edit: EditMode,
+    pub runtime: RuntimeChoice,
+    /// CRI-O's main config, which gpuprov reads and never writes.
+    pub crio_config: String,
+    /// gpuprov's CRI-O drop-in.
+    pub crio_drop_in: String,
+    pub crio_socket: String,
 }
 
 /// Whose containerd, laid out how: see `crate::runtime`.
@@ -111,6 +143,7 @@ pub(super) struct Given<'a> {
 /// things. A setting given both ways must agree; the error names both.
 pub(super) fn resolve_containerd(
     raw: &RawContainerd,
+    others: &Others,
     env: &[RawEnvVar],
     source: &Source,
     errors: &mut Vec<Diagnostic>,
@@ -127,6 +160,10 @@ pub(super) fn resolve_containerd(
         socket_given: false,
         flavor: None,
         edit: EditMode::Auto,
+        runtime: RuntimeChoice::Auto,
+        crio_config: "/etc/crio/crio.conf".to_string(),
+        crio_drop_in: "/etc/crio/crio.conf.d/99-nvidia.toml".to_string(),
+        crio_socket: "/var/run/crio/crio.sock".to_string(),
     };
     let mut given: Vec<Given> = [
         ("config", &raw.config),
@@ -148,6 +185,26 @@ pub(super) fn resolve_containerd(
         })
     })
     .collect();
+    let crio = &others.crio;
+    for (key, origin, value) in [
+        ("runtime", "runtime", others.runtime),
+        ("crioConfig", "crio.config", crio.config.as_ref()),
+        (
+            "crioDropIn",
+            "crio.dropInConfig",
+            crio.drop_in_config.as_ref(),
+        ),
+        ("crioSocket", "crio.socket", crio.socket.as_ref()),
+    ] {
+        if let Some(value) = value {
+            given.push(Given {
+                key,
+                text: &value.value.0,
+                referenced: value.referenced,
+                origin: origin.to_string(),
+            });
+        }
+    }
 
     let mut seen_env = BTreeSet::new();
     for var in env {
@@ -190,9 +247,11 @@ pub(super) fn resolve_containerd(
         let value = g.text.trim();
         let bad = |message: String| Diagnostic::at_location(source, g.referenced, message);
         let normalised = match g.key {
-            "config" | "socket" | "dropInConfig" => check_host_path(value)
-                .map(|()| value.to_string())
-                .map_err(|why| bad(format!("{} {why}", g.origin))),
+            "config" | "socket" | "dropInConfig" | "crioConfig" | "crioDropIn" | "crioSocket" => {
+                check_host_path(value)
+                    .map(|()| value.to_string())
+                    .map_err(|why| bad(format!("{} {why}", g.origin)))
+            }
             "runtimeClass" => check_dns_label(value)
                 .map(|()| value.to_string())
                 .map_err(|why| bad(format!("{} `{value}` {why}", g.origin))),
@@ -217,6 +276,13 @@ pub(super) fn resolve_containerd(
                     "{} must be auto, {}, not `{value}`",
                     g.origin,
                     Flavor::NAMES.join(", ")
+                ))),
+            },
+            "runtime" => match value {
+                "auto" | "containerd" | "crio" => Ok(value.to_string()),
+                _ => Err(bad(format!(
+                    "{} must be auto, containerd or crio, not `{value}`",
+                    g.origin
                 ))),
             },
             "edit" => match value {
@@ -284,6 +350,16 @@ pub(super) fn resolve_containerd(
                 options.socket_given = true;
             }
             "flavor" => options.flavor = Flavor::parse(&value),
+            "runtime" => {
+                options.runtime = match value.as_str() {
+                    "containerd" => RuntimeChoice::Containerd,
+                    "crio" => RuntimeChoice::Crio,
+                    _ => RuntimeChoice::Auto,
+                }
+            }
+            "crioConfig" => options.crio_config = value,
+            "crioDropIn" => options.crio_drop_in = value,
+            "crioSocket" => options.crio_socket = value,
             "edit" => {
                 options.edit = match value.as_str() {
                     "config" => EditMode::Config,

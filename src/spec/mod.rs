@@ -75,6 +75,10 @@ struct RawSpec {
     toolkit: RawToolkit,
     #[serde(default)]
     containerd: RawContainerd,
+    /// `containerd` or `crio` (or `auto`): which runtime gets the runtime class.
+    runtime: Option<Spanned<EnvValue>>,
+    #[serde(default)]
+    crio: RawCrio,
     #[serde(default)]
     cdi: cdi::RawCdi,
     #[serde(default)]
@@ -337,7 +341,16 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
     let gfd = resolve_operand("gfd", &raw.gfd, GFD_IMAGE, source, &mut errors);
     let validator = resolve_validator(&raw.validator, source, &mut errors);
     let operands = resolve_operands(&raw.operands, source, &mut errors);
-    let containerd = resolve_containerd(&raw.containerd, &raw.toolkit.env, source, &mut errors);
+    let containerd = resolve_containerd(
+        &raw.containerd,
+        &Others {
+            runtime: raw.runtime.as_ref(),
+            crio: &raw.crio,
+        },
+        &raw.toolkit.env,
+        source,
+        &mut errors,
+    );
     let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
     let cdi = cdi::resolve_cdi(&raw.cdi, &containerd.runtime_class, source, &mut errors);
     let readiness = readiness::resolve_readiness(&raw.readiness, source, &mut errors);

@@ -15,6 +15,9 @@ pub const TOOLKIT_ENV: &[(&str, &str)] = &[
     ("CONTAINERD_SET_AS_DEFAULT", "setAsDefault"),
     ("RUNTIME_DROP_IN_CONFIG", "dropInConfig"),
     ("RUNTIME_RESTART_MODE", "restartMode"),
+    ("RUNTIME", "runtime"),
+    ("CRIO_CONFIG", "crioConfig"),
+    ("CRIO_SOCKET", "crioSocket"),
 ];
 
 #[derive(Debug, Default, Deserialize)]
