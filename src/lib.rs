@@ -18,6 +18,7 @@ pub mod cri;
 pub mod crio;
 pub mod daemon;
 pub mod diagnostic;
+pub mod digest;
 pub mod download;
 pub mod driver;
 pub mod error_chain;

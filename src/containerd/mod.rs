@@ -15,7 +15,9 @@ pub mod restart;
 pub mod revert;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+pub use crate::digest::sha256_hex;
+pub use crate::runtime::containerd_binary;
 
 use crate::host::{Host, HostError};
 use crate::spec::{ContainerdOptions, RestartMode};
@@ -71,13 +73,6 @@ impl Record {
     }
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The containerd version `binary --version` prints (`major.minor`).
 pub fn containerd_version(host: &Host, binary: &str) -> Result<(u32, u32), String> {
     let record = host
@@ -114,14 +109,6 @@ pub fn config_version_for((major, minor): (u32, u32)) -> i64 {
         (2, 0..=2) => 3,
         _ => 4,
     }
-}
-
-/// The host path of containerd's binary, on the host's PATH directories.
-pub fn containerd_binary(host: &Host) -> Option<String> {
-    crate::host::HOST_PATH
-        .iter()
-        .map(|dir| format!("/{dir}/containerd"))
-        .find(|path| host.is_file(path).unwrap_or(false))
 }
 
 /// One file the edit writes: its path, what it holds now, what it should
@@ -276,10 +263,15 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     };
     // Whose rules load the files: the running containerd's, asked when
     // the host has its binary, else what the config's version says.
-    let running = match &target.binary {
-        Some(binary) => Some(containerd_version(ctx.host, binary).map_err(StepError::Observe)?),
-        None => None,
-    };
+    // (A binary that cannot be asked leaves the rules to the version; a
+    // new file's version then needs it, and says why it cannot be had.)
+    let asked = target
+        .binary
+        .as_ref()
+        .map(|binary| containerd_version(ctx.host, binary));
+    let running = asked
+        .as_ref()
+        .and_then(|answer| answer.as_ref().ok().copied());
     let rules = match running {
         Some((major, minor)) => imports::Major::of(major, minor),
         None => imports::Major::guess(file_version.unwrap_or(1)),
@@ -297,9 +289,12 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         (Some(_), _) => 2,
         (None, Some(version)) => config_version_for(version),
         (None, None) => {
-            return Err(StepError::Observe(format!(
-                "{config_path} is empty and no containerd binary in the host says which config version it wants"
-            )));
+            return Err(StepError::Observe(match asked {
+                Some(Err(why)) => why,
+                _ => format!(
+                    "{config_path} is empty and no containerd binary in the host says which config version it wants"
+                ),
+            }));
         }
     };
     let wanted = RuntimeWanted {

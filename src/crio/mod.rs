@@ -19,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 use toml_edit::{DocumentMut, Item, Table, Value};
 
-use crate::containerd::sha256_hex;
+use crate::digest::sha256_hex;
 use crate::host::Host;
 use crate::spec::RestartMode;
 use crate::step::{Change, Observation, Outcome, StepContext, StepError};
@@ -309,33 +309,6 @@ pub fn target(host: &Host, opts: &crate::spec::ContainerdOptions) -> Result<Targ
         socket: opts.crio_socket.clone(),
         binary,
     })
-}
-
-/// Whether the host runs CRI-O rather than containerd: a crio binary or
-/// config and no containerd binary, or CRI-O's socket and not containerd's.
-pub fn detected(host: &Host) -> Result<Option<String>, StepError> {
-    let crio = crate::host::HOST_PATH
-        .iter()
-        .map(|dir| format!("/{dir}/crio"))
-        .find(|path| host.is_file(path).unwrap_or(false));
-    let crio_config =
-        host.exists("/etc/crio/crio.conf")? || host.exists("/etc/crio/crio.conf.d")?;
-    if crio.is_none() && !crio_config {
-        return Ok(None);
-    }
-    let containerd = crate::containerd::containerd_binary(host).is_some();
-    if !containerd {
-        return Ok(Some(match crio {
-            Some(binary) => format!("{binary} exists and no containerd"),
-            None => "/etc/crio exists and no containerd".to_string(),
-        }));
-    }
-    if host.exists("/var/run/crio/crio.sock")? && !host.exists("/run/containerd/containerd.sock")? {
-        return Ok(Some(
-            "CRI-O's socket answers and containerd's is not there".to_string(),
-        ));
-    }
-    Ok(None)
 }
 
 /// The runtime, as the spec and the toolkit want it.

@@ -143,7 +143,7 @@ pub fn containerd_target(host: &Host, opts: &ContainerdOptions) -> Result<Target
             own_drop_in_dir: None,
             socket: given(&socket_given, STOCK_SOCKET),
             service: "containerd".into(),
-            binary: crate::containerd::containerd_binary(host),
+            binary: containerd_binary(host),
             read_only: None,
         },
         Flavor::K3s | Flavor::Rke2 => {
@@ -279,7 +279,7 @@ pub fn crio_chosen(host: &Host, opts: &ContainerdOptions) -> Result<Option<Strin
     Ok(match opts.runtime {
         RuntimeChoice::Crio => Some("runtime: crio in the spec".to_string()),
         RuntimeChoice::Containerd => None,
-        RuntimeChoice::Auto => crate::crio::detected(host)?,
+        RuntimeChoice::Auto => crio_detected(host)?,
     })
 }
 
@@ -294,4 +294,33 @@ pub fn cri_socket(host: &Host, opts: &ContainerdOptions) -> String {
     containerd_target(host, opts)
         .map(|target| target.socket)
         .unwrap_or_else(|_| opts.socket.clone())
+}
+
+/// The host path of containerd's binary, on the host's PATH directories.
+pub fn containerd_binary(host: &Host) -> Option<String> {
+    on_path(host, "containerd").ok().flatten()
+}
+
+/// Whether the host runs CRI-O rather than containerd: a crio binary or
+/// /etc/crio and no containerd binary, or CRI-O's socket and not
+/// containerd's.
+pub fn crio_detected(host: &Host) -> Result<Option<String>, StepError> {
+    let crio = on_path(host, "crio")?;
+    let crio_config =
+        host.exists("/etc/crio/crio.conf")? || host.exists("/etc/crio/crio.conf.d")?;
+    if crio.is_none() && !crio_config {
+        return Ok(None);
+    }
+    if containerd_binary(host).is_none() {
+        return Ok(Some(match crio {
+            Some(binary) => format!("{binary} exists and no containerd"),
+            None => "/etc/crio exists and no containerd".to_string(),
+        }));
+    }
+    if host.exists("/var/run/crio/crio.sock")? && !host.exists(STOCK_SOCKET)? {
+        return Ok(Some(
+            "CRI-O's socket is there and containerd's is not".to_string(),
+        ));
+    }
+    Ok(None)
 }
