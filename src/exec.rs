@@ -512,6 +512,27 @@ fn make_change(
                 commands,
             )
         }
+        Change::CheckCrioView {
+            config,
+            dir,
+            class,
+            binary,
+            set_as_default,
+            cdi_spec_dir,
+            crio,
+        } => crate::crio::verify(
+            host,
+            &crate::crio::ViewCheck {
+                config,
+                dir,
+                class,
+                binary,
+                set_as_default: *set_as_default,
+                cdi_spec_dir: cdi_spec_dir.as_deref(),
+                crio: crio.as_deref(),
+            },
+            commands,
+        ),
         Change::WaitSocket {
             socket,
             timeout_seconds,

@@ -130,6 +130,19 @@ pub enum Change {
         #[serde(skip_serializing_if = "Option::is_none")]
         containerd: Option<String>,
     },
+    /// Check CRI-O's view of its config (its `crio config` when the host
+    /// has the binary, else its files merged) for the runtime.
+    CheckCrioView {
+        config: String,
+        dir: String,
+        class: String,
+        binary: String,
+        set_as_default: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cdi_spec_dir: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        crio: Option<String>,
+    },
     /// Wait until something answers on a unix socket.
     WaitSocket {
         socket: String,
@@ -243,6 +256,16 @@ impl Change {
                 ),
                 None => format!(
                     "check runtime `{class}` in containerd's view of {config} (its imports merged by containerd's rules)"
+                ),
+            },
+            Change::CheckCrioView {
+                dir, class, crio, ..
+            } => match crio {
+                Some(binary) => format!(
+                    "check runtime `{class}` in CRI-O's own view of its config and {dir} ({binary} config)"
+                ),
+                None => format!(
+                    "check runtime `{class}` in CRI-O's view of its config and {dir} (merged as CRI-O does)"
                 ),
             },
             Change::Unpack {

@@ -475,11 +475,8 @@ fn crio_copies_its_default_runtime_and_sets_default_and_cdi_when_asked() {
     // An older CRI-O takes runtimes only at start: restarted, not reloaded.
     let host = copy_host("l4x4-crio");
     let root = host.path();
-    fs::write(
-        root.join("usr/bin/crio"),
-        "#!/bin/sh\necho 'crio version 1.27.1'\n",
-    )
-    .unwrap();
+    let crio = fs::read_to_string(root.join("usr/bin/crio")).unwrap();
+    fs::write(root.join("usr/bin/crio"), crio.replace("1.36.3", "1.27.1")).unwrap();
     let spec = write_spec(root, "containerd:\n  restartTimeoutSeconds: 1\n");
     let (_, report, _) = apply_json(root, &["--config", &spec]);
     let step = &steps(&report)["containerd-runtime"];
@@ -563,4 +560,46 @@ fn a_malformed_crio_file_is_named_with_its_place_and_nothing_is_written() {
         step.2
     );
     assert!(!root.join("etc/crio/crio.conf.d/99-nvidia.toml").exists());
+}
+
+#[test]
+fn crio_is_not_reloaded_into_a_config_its_own_view_refuses() {
+    // `crio config` is asked after the write and before the reload: a
+    // CRI-O that cannot load its files is not reloaded into them.
+    let host = copy_host("l4x4-crio");
+    let root = host.path();
+    let crio = fs::read_to_string(root.join("usr/bin/crio")).unwrap();
+    fs::write(
+        root.join("usr/bin/crio"),
+        crio.replace(
+            "    config) exec python3",
+            "    config) echo 'unknown runtime_type \"oci\" for handler' >&2; exit 1; exec python3",
+        ),
+    )
+    .unwrap();
+    let (_, step) = runtime_step(root);
+    assert_eq!(step.1, "failed", "{}", step.2);
+    assert!(
+        step.2
+            .contains("`/usr/bin/crio config` cannot load CRI-O's config"),
+        "{}",
+        step.2
+    );
+    assert_eq!(restarts(root, "reload crio"), 0);
+}
+
+#[test]
+fn the_validators_cri_mode_talks_to_crios_socket() {
+    let host = copy_host("l4x4-crio");
+    let root = host.path();
+    let spec = write_spec(root, "validator:\n  mode: cri\n");
+    let (_, report, stderr) = apply_json(root, &["--config", &spec]);
+    let step = &steps(&report)["validator"];
+    assert_eq!(step.1, "failed", "{} {stderr}", step.2);
+    assert!(
+        step.2
+            .contains("CRI socket /var/run/crio/crio.sock is not there"),
+        "{}",
+        step.2
+    );
 }

@@ -252,7 +252,7 @@ fn drop_in_text(wanted: &Wanted, base: Option<&Table>, cdi_dirs: Option<Vec<Stri
 }
 
 /// Whether `view` has the runtime as wanted; the reason when not.
-fn check(view: &Table, wanted: &Wanted, version: Option<(u32, u32)>) -> Result<(), String> {
+fn check_view(view: &Table, wanted: &Wanted, version: Option<(u32, u32)>) -> Result<(), String> {
     let path = ["crio", "runtime", "runtimes", wanted.class.as_str()];
     let Some(runtime) = get(view, &path).and_then(Item::as_table_like) else {
         return Err(format!("no [crio.runtime.runtimes.{}] table", wanted.class));
@@ -368,7 +368,7 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
         .collect();
     let view = merge(&files);
     let base_view = merge(&others);
-    if record.is_none() && check(&view, &wanted, version).is_ok() {
+    if record.is_none() && check_view(&view, &wanted, version).is_ok() {
         return Ok(Observation::new(
             Outcome::Preinstalled,
             format!(
@@ -427,7 +427,7 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
     );
     if current.as_deref() == Some(text.as_str()) && !pending {
         let new_view = merge(&load(ctx.host, &target, Some((&target.drop_in, &text)))?);
-        if let Err(why) = check(&new_view, &wanted, version) {
+        if let Err(why) = check_view(&new_view, &wanted, version) {
             return Ok(Observation::new(
                 Outcome::Failed,
                 format!(
@@ -463,7 +463,7 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
         // Checked before anything is written: a later drop-in that would
         // take the runtime back fails the step, naming what wins.
         let new_view = merge(&load(ctx.host, &target, Some((&target.drop_in, &text)))?);
-        if let Err(why) = check(&new_view, &wanted, version) {
+        if let Err(why) = check_view(&new_view, &wanted, version) {
             return Ok(Observation::new(
                 Outcome::Failed,
                 format!(
@@ -506,6 +506,17 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
             )),
         });
     }
+    // Before the reload: CRI-O is not made to load a config whose view
+    // lacks the runtime.
+    obs.changes.push(Change::CheckCrioView {
+        config: target.config.clone(),
+        dir: target.dir.clone(),
+        class: wanted.class.clone(),
+        binary: wanted.binary.clone(),
+        set_as_default: wanted.set_as_default,
+        cdi_spec_dir: wanted.cdi_spec_dir.clone(),
+        crio: target.binary.clone(),
+    });
     if reload.is_empty() {
         obs.reason
             .push_str("; restartMode is none: CRI-O loads the runtime at its next restart");
@@ -602,4 +613,91 @@ pub fn revert_plan(
         });
     }
     Ok(Some((changes, summary)))
+}
+
+/// What `Change::CheckCrioView` checks.
+pub struct ViewCheck<'a> {
+    pub config: &'a str,
+    pub dir: &'a str,
+    pub class: &'a str,
+    pub binary: &'a str,
+    pub set_as_default: bool,
+    pub cdi_spec_dir: Option<&'a str>,
+    pub crio: Option<&'a str>,
+}
+
+/// The most of `crio config` gpuprov reads: its full template is about
+/// 40 KiB.
+const CONFIG_OUTPUT_CAP: usize = 4 << 20;
+
+/// CRI-O's view of its config has the runtime: `crio --config <config>
+/// --config-dir <dir> config` in the host when it has the binary (values
+/// CRI-O's defaults leave as they are come out commented, the runtime
+/// gpuprov added does not), else the files merged as CRI-O decodes them.
+pub fn verify(
+    host: &Host,
+    check: &ViewCheck,
+    commands: &mut Vec<crate::host::CommandRecord>,
+) -> Result<(), String> {
+    let wanted = Wanted {
+        class: check.class.to_string(),
+        binary: check.binary.to_string(),
+        set_as_default: check.set_as_default,
+        cdi_spec_dir: check.cdi_spec_dir.map(str::to_string),
+        cdi_runtime: None,
+    };
+    let version = check.crio.and_then(|binary| crio_version(host, binary));
+    let Some(binary) = check.crio else {
+        let target = Target {
+            config: check.config.to_string(),
+            dir: check.dir.to_string(),
+            drop_in: String::new(),
+            socket: String::new(),
+            binary: None,
+        };
+        let files = load(host, &target, None).map_err(|e| crate::step::error_chain(&e))?;
+        return check_view(&merge(&files), &wanted, version).map_err(|why| {
+            format!(
+                "in CRI-O's files ({} and {}, merged as CRI-O does: no crio binary in the host to ask), {why}",
+                check.config, check.dir
+            )
+        });
+    };
+    let argv: Vec<String> = [
+        binary,
+        "--config",
+        check.config,
+        "--config-dir",
+        check.dir,
+        "config",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut record = host
+        .run_keeping(&argv, CONFIG_OUTPUT_CAP)
+        .map_err(|e| crate::step::error_chain(&e))?;
+    let ok = record.success();
+    let summary = record.failure_summary();
+    let output = std::mem::take(&mut record.stdout);
+    let tail = output.len().saturating_sub(crate::host::OUTPUT_TAIL_BYTES);
+    let tail = (tail..=output.len())
+        .find(|i| output.is_char_boundary(*i))
+        .unwrap_or(output.len());
+    record.stdout = output[tail..].to_string();
+    commands.push(record);
+    if !ok {
+        return Err(format!(
+            "`{binary} config` cannot load CRI-O's config: {summary}"
+        ));
+    }
+    if output.len() >= CONFIG_OUTPUT_CAP {
+        return Err(format!(
+            "`{binary} config` printed more than {CONFIG_OUTPUT_CAP} bytes"
+        ));
+    }
+    let doc: DocumentMut = output
+        .parse()
+        .map_err(|e| format!("`{binary} config` printed no TOML: {e}"))?;
+    check_view(doc.as_table(), &wanted, version)
+        .map_err(|why| format!("in CRI-O's own view (`{binary} config`), {why}"))
 }

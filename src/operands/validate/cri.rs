@@ -164,7 +164,7 @@ pub fn run(host: &Host, validation: &CriValidation) -> Result<(), String> {
         .map_err(|e| error_chain(&e))?
     {
         return Err(format!(
-            "containerd's CRI socket {} is not there (containerd.socket): is containerd running?",
+            "the runtime's CRI socket {} is not there (containerd.socket, or crio.socket on CRI-O): is the runtime running?",
             validation.socket
         ));
     }
