@@ -682,10 +682,11 @@ fn scenario_preinstalled_driver_and_toolkit() {
 fn scenario_containerd_options() {
     let fake = working_cluster(&[]);
     let host = copy_host("a100-preinstalled");
-    // A containerd with its config and socket elsewhere (as k3s has them),
-    // started by its service with --address.
-    let config = "var/lib/rancher/k3s/agent/etc/containerd/config.toml";
-    let socket = "/run/k3s/containerd/containerd.sock";
+    // A containerd of its own with its config and socket elsewhere,
+    // started by its service with --address. (k3s's own layout, where
+    // the config is written again at every start, is tests/runtimes.rs's.)
+    let config = "opt/containerd/etc/config.toml";
+    let socket = "/run/custom/containerd.sock";
     fs::create_dir_all(host.path().join(config).parent().unwrap()).unwrap();
     fs::copy(
         host.path().join("etc/containerd/config.toml"),

@@ -31,7 +31,8 @@ fn plan_text_and_json_for_every_fixture_host() {
         // is read through the fake library, answering for their GPUs.
         let nvml = match host.as_str() {
             "h100x8-cdi" => Some("h100x8.yaml"),
-            "l4x4-570" => Some("l4x4-570.yaml"),
+            // The runtime layouts share the L4 machine and its libraries.
+            h if h.starts_with("l4x4-") => Some("l4x4-570.yaml"),
             _ => None,
         };
         let library = support::fake_nvml_library().display().to_string();

@@ -171,6 +171,33 @@ fn real_containerd_loads_every_edited_version_2_config() {
 }
 
 #[test]
+fn a_config_gpuprov_creates_for_containerd_1_6_keeps_its_runc() {
+    // An empty config on containerd 1.x: the `runtimes` table gpuprov
+    // writes replaces containerd's built-in one, so it holds runc too;
+    // without it the CRI plugin does not start.
+    if !support::as_root("containerd needs root") {
+        return;
+    }
+    for default in [DefaultRuntime::Keep, DefaultRuntime::Set] {
+        let wanted = RuntimeWanted {
+            class: "nvidia".into(),
+            binary: BINARY.into(),
+            default,
+            cdi: None,
+        };
+        let edited = configure("", &wanted, 2).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        fs::write(&config, private_config(&edited.text, dir.path())).unwrap();
+        let line = cri_config_line(&config);
+        assert!(
+            runtime_entry(&line, "nvidia").contains(&format!("BinaryName:{BINARY}")),
+            "{line}"
+        );
+    }
+}
+
+#[test]
 fn signal_mode_restarts_a_real_containerd_under_its_supervisor() {
     use gpuprov::containerd::restart::{socket_owner, wait_for_socket};
 

@@ -381,6 +381,9 @@ fn configure_plain(
     let containerd = ensure_table(doc.as_table_mut(), &containerd_path)?;
 
     let base = base_runtime(containerd, layout, &wanted.class);
+    // containerd 1.x takes a file's `runtimes` table as the whole map: one
+    // gpuprov creates must keep the runc runtime that is otherwise built in.
+    let had_runtimes = containerd.contains_key("runtimes");
     let runtimes = ensure_child(containerd, "runtimes", &containerd_path)?;
 
     let mut copied_from = None;
@@ -470,6 +473,10 @@ fn configure_plain(
         }
     }
 
+    if !had_runtimes && layout != Layout::V3 {
+        keep_builtin_runc(&mut doc, layout, &mut notes)?;
+    }
+
     if let Some(cdi) = &wanted.cdi {
         enable_cdi(&mut doc, layout, cdi)?;
         if let Some(runtime) = &cdi.runtime {
@@ -483,6 +490,38 @@ fn configure_plain(
         copied_from,
         notes,
     })
+}
+
+/// containerd 1.x decodes a config's `runtimes` table over its built-in
+/// map, replacing it: a table that lacks the default runtime (`runc` when
+/// `default_runtime_name` is not set) stops the CRI plugin ("no
+/// corresponding runtime configured in `containerd.runtimes` for
+/// `containerd` `default_runtime_name = "runc"`", Debian's containerd
+/// 1.6). So when gpuprov makes the table, the built-in runc goes in too.
+fn keep_builtin_runc(
+    doc: &mut DocumentMut,
+    layout: Layout,
+    notes: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let path = ["plugins", layout.plugin(), "containerd"];
+    let containerd = ensure_table(doc.as_table_mut(), &path)?;
+    let default = containerd
+        .get("default_runtime_name")
+        .and_then(Item::as_str)
+        .unwrap_or("runc")
+        .to_string();
+    let runtimes = ensure_child(containerd, "runtimes", &path)?;
+    if default != "runc" || runtimes.contains_key("runc") {
+        return Ok(());
+    }
+    let mut runc = Table::new();
+    runc.decor_mut().set_prefix("\n");
+    runc.insert("runtime_type", toml_edit::value(RUNC_V2));
+    runtimes.insert("runc", Item::Table(runc));
+    notes.push(
+        "the runc runtime containerd 1.x has built in is written beside it: a `runtimes` table without it would replace containerd's, and its CRI plugin would not start".to_string(),
+    );
+    Ok(())
 }
 
 /// The CDI runtime beside gpuprov's runtime: a copy of its table (so its

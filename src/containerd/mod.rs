@@ -404,16 +404,24 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     if opts.set_as_default {
         reason.push_str(", the default runtime");
     }
-    reason.push_str(&format!("; {flavor_note}; {}", placement.why()));
+    // Where the edit goes and why, for the plan and the report.
+    let placed = match &placement {
+        placement::Placement::Config { .. } if edit_path != config_path => {
+            placement.why().replacen(
+                "edits the config",
+                &format!(
+                    "edits {edit_path}, the template {} writes {config_path} from at every start",
+                    target.service
+                ),
+                1,
+            )
+        }
+        _ => placement.why(),
+    };
+    reason.push_str(&format!("; {flavor_note}; {placed}"));
     if version1_on_2 {
         reason.push_str(&format!(
             "; containerd 2 ignores the CRI tables of {config_path}, a version-1 config, so the runtime is in a version-3 drop-in it imports (`containerd config migrate` converts the file so its own settings apply again)"
-        ));
-    }
-    if edit_path != config_path {
-        reason.push_str(&format!(
-            "; {} writes {config_path} again from {edit_path} at every start, so the template is what gpuprov edits",
-            target.service
         ));
     }
     if config_path != target.config {
@@ -549,7 +557,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         .collect();
     let mut obs = Observation::new(
         Outcome::Pending,
-        format!("{}; {flavor_note}; {}", now.join("; "), placement.why()),
+        format!("{}; {flavor_note}; {placed}", now.join("; ")),
     );
     obs.on_change = Outcome::Configured;
     if changed {
