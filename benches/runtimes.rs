@@ -8,9 +8,9 @@
 //!   importing conf.d: a drop-in written, the main file left);
 //! * CRI-O 1.36 (its shipped crio.conf and 10-crio.conf: a drop-in).
 //!
-//! The containerd nodes have no containerd binary, so that containerd's
+//! The nodes have no containerd or crio binary, so that the runtime's
 //! view is merged in process (what is measured is gpuprov, not the
-//! fixture's Python `config dump`). For each: a fresh edit (a new copy of
+//! fixture's Python `config dump` or `crio config`). For each: a fresh edit (a new copy of
 //! the node each run, copied before the clock starts, every write
 //! durable) and the no-op converge on a converged copy. Runs are
 //! interleaved with the process floor, so the machine's noise falls on
@@ -131,7 +131,12 @@ fn main() {
             "CRI-O 1.36 (crio.conf.d drop-in)",
             "l4x4-crio",
             "etc/crio/crio.conf.d/99-nvidia.toml",
-            without_stub_nvml,
+            |root| {
+                // As for containerd: CRI-O's view merged in process, not
+                // the fixture's Python `crio config`.
+                std::fs::remove_file(root.join("usr/bin/crio")).unwrap();
+                without_stub_nvml(root);
+            },
         ),
     ];
     let mut floor = Vec::new();
