@@ -603,3 +603,42 @@ fn the_validators_cri_mode_talks_to_crios_socket() {
         step.2
     );
 }
+
+#[test]
+fn bottlerocket_and_crio_are_told_apart_by_what_the_host_has() {
+    // Bottlerocket: os-release; never written, its settings named.
+    let host = copy_host("l4x4-570");
+    let root = host.path();
+    fs::write(
+        root.join("etc/os-release"),
+        "NAME=Bottlerocket\nID=bottlerocket\nVERSION_ID=1.40.0\n",
+    )
+    .unwrap();
+    let config = fs::read(root.join("etc/containerd/config.toml")).unwrap();
+    let (_, step) = runtime_step(root);
+    assert_eq!(step.1, "absent", "{}", step.2);
+    assert!(
+        step.2
+            .contains("bottlerocket (/etc/os-release says ID=bottlerocket)"),
+        "{}",
+        step.2
+    );
+    assert!(step.2.contains("NVIDIA variants"), "{}", step.2);
+    assert_eq!(
+        fs::read(root.join("etc/containerd/config.toml")).unwrap(),
+        config
+    );
+    assert_eq!(restarts(root, "containerd"), 0);
+
+    // CRI-O: facts say so, with its files and socket.
+    let output = gpuprov()
+        .args(["facts", "--host-root"])
+        .arg(support::repo().join("fixtures/hosts/l4x4-crio"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("runtime: CRI-O (/usr/bin/crio exists and no containerd); config /etc/crio/crio.conf, drop-ins /etc/crio/crio.conf.d, socket /var/run/crio/crio.sock"),
+        "{text}"
+    );
+}

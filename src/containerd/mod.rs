@@ -342,13 +342,8 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // runtime; a drop-in in a directory containerd imports; or, forced, a
     // drop-in and the config importing it.
     let mut files: Vec<Planned> = Vec::new();
-    match &placement {
-        placement::Placement::Config { .. } => files.push(Planned {
-            path: edit_path.clone(),
-            now: current_edit.clone(),
-            wanted: edited.text.clone(),
-            purpose: purpose.clone(),
-        }),
+    let drop_in_section = match &placement {
+        placement::Placement::Config { .. } => None,
         placement::Placement::ImportedDir { drop_in, .. } => {
             // The runtime copies the default one as containerd sees it,
             // wherever that is set (k0s: in the CRI file it generates).
@@ -357,24 +352,28 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
                 .unwrap_or_else(|_| text.to_string());
             let base = config::configure(&view, &wanted, fresh_version)
                 .map_err(in_file(&config_path, &view))?;
-            let section =
-                config::runtime_drop_in(&base.text, &wanted, file_version.unwrap_or(fresh_version))
-                    .map_err(in_file(&edit_path, text))?;
-            files.push(drop_in_file(
-                ctx.host,
+            let version = file_version.unwrap_or(fresh_version);
+            Some((
                 drop_in,
-                record.as_ref(),
-                section,
-                &purpose,
-            )?);
+                config::runtime_drop_in(&base.text, &wanted, version),
+            ))
+        }
+        placement::Placement::Forced { drop_in, .. } if version1_on_2 => {
+            Some((drop_in, config::version3_drop_in(&wanted)))
         }
         placement::Placement::Forced { drop_in, .. } => {
-            let section = if version1_on_2 {
-                config::version3_drop_in(&wanted)
-            } else {
-                config::drop_in(&edited.text)
-            }
-            .map_err(in_file(&edit_path, text))?;
+            Some((drop_in, config::drop_in(&edited.text)))
+        }
+    };
+    match drop_in_section {
+        None => files.push(Planned {
+            path: edit_path.clone(),
+            now: current_edit.clone(),
+            wanted: edited.text.clone(),
+            purpose: purpose.clone(),
+        }),
+        Some((drop_in, section)) => {
+            let section = section.map_err(in_file(&edit_path, text))?;
             files.push(drop_in_file(
                 ctx.host,
                 drop_in,
@@ -382,14 +381,18 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
                 section,
                 &purpose,
             )?);
-            let main = config::add_import(text, drop_in, fresh_version)
-                .map_err(in_file(&edit_path, text))?;
-            files.push(Planned {
-                path: edit_path.clone(),
-                now: current_edit.clone(),
-                wanted: main,
-                purpose: format!("import {drop_in}"),
-            });
+            // A forced drop-in is imported by the config; one in an
+            // imported directory leaves the config as it is.
+            if placement.is_forced() {
+                let main = config::add_import(text, drop_in, fresh_version)
+                    .map_err(in_file(&edit_path, text))?;
+                files.push(Planned {
+                    path: edit_path.clone(),
+                    now: current_edit.clone(),
+                    wanted: main,
+                    purpose: format!("import {drop_in}"),
+                });
+            }
         }
     }
     let mut changed = files.iter().any(Planned::changes);
