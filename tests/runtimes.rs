@@ -642,3 +642,42 @@ fn bottlerocket_and_crio_are_told_apart_by_what_the_host_has() {
         "{text}"
     );
 }
+
+#[test]
+fn a_link_where_a_drop_in_goes_is_never_written_through() {
+    for (host, drop_in) in [
+        ("l4x4-crio", "etc/crio/crio.conf.d/99-nvidia.toml"),
+        (
+            "l4x4-k3s",
+            "var/lib/rancher/k3s/agent/etc/containerd/config-v3.toml.d/gpuprov-runtime.toml",
+        ),
+        (
+            "l4x4-containerd23",
+            "etc/containerd/conf.d/gpuprov-runtime.toml",
+        ),
+    ] {
+        let copy = copy_host(host);
+        let root = copy.path();
+        fs::create_dir_all(root.join(drop_in).parent().unwrap()).unwrap();
+        fs::write(root.join("etc/shadow"), "root:*:19000:0:99999:7:::\n").unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", root.join(drop_in)).unwrap();
+        let (_, step) = runtime_step(root);
+        assert_eq!(step.1, "failed", "{host}: {}", step.2);
+        assert!(
+            step.2.contains("symlink") || step.2.contains("link"),
+            "{host}: {}",
+            step.2
+        );
+        assert_eq!(
+            fs::read_to_string(root.join("etc/shadow")).unwrap(),
+            "root:*:19000:0:99999:7:::\n",
+            "{host}"
+        );
+        assert!(
+            fs::symlink_metadata(root.join(drop_in))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+}
