@@ -679,5 +679,24 @@ fn a_link_where_a_drop_in_goes_is_never_written_through() {
                 .file_type()
                 .is_symlink()
         );
+
+        // The drop-in's directory a link to /etc: nothing written there.
+        let copy = copy_host(host);
+        let root = copy.path();
+        let dir = Path::new(drop_in).parent().unwrap();
+        if root.join(dir).exists() {
+            fs::remove_dir_all(root.join(dir)).unwrap();
+        }
+        std::os::unix::fs::symlink("/etc", root.join(dir)).unwrap();
+        let (_, step) = runtime_step(root);
+        assert_eq!(step.1, "failed", "{host}: {}", step.2);
+        assert!(
+            step.2
+                .contains("gpuprov does not write its drop-in through a link"),
+            "{host}: {}",
+            step.2
+        );
+        let name = Path::new(drop_in).file_name().unwrap();
+        assert!(!root.join("etc").join(name).exists(), "{host}");
     }
 }
