@@ -312,10 +312,13 @@ pub fn crio_detected(host: &Host) -> Result<Option<String>, StepError> {
         return Ok(None);
     }
     if containerd_binary(host).is_none() {
-        return Ok(Some(match crio {
-            Some(binary) => format!("{binary} exists and no containerd"),
-            None => "/etc/crio exists and no containerd".to_string(),
-        }));
+        return Ok(match crio {
+            Some(binary) => Some(format!("{binary} exists and no containerd")),
+            // Without either binary (a bootstrap image), containerd's own
+            // config says containerd.
+            None if host.exists(STOCK_CONFIG)? => None,
+            None => Some("/etc/crio exists and no containerd".to_string()),
+        });
     }
     if host.exists("/var/run/crio/crio.sock")? && !host.exists(STOCK_SOCKET)? {
         return Ok(Some(
