@@ -681,7 +681,7 @@ fn drop_in_file(
         }
         .into());
     }
-    refuse_linked_dir(host, path)?;
+    crate::runtime::refuse_linked_dir(host, path)?;
     let now = host.read(path)?;
     refuse_foreign_drop_in(path, now.as_deref(), record, &wanted)?;
     Ok(Planned {
@@ -690,20 +690,6 @@ fn drop_in_file(
         wanted,
         purpose: purpose.to_string(),
     })
-}
-
-/// Refuses a drop-in whose directory is a symlink: gpuprov writes its own
-/// file only into a directory that is where it says it is.
-pub fn refuse_linked_dir(host: &Host, drop_in: &str) -> Result<(), StepError> {
-    let Some((dir, _)) = drop_in.rsplit_once('/') else {
-        return Ok(());
-    };
-    match host.link_target(dir)? {
-        Some(target) => Err(StepError::Observe(format!(
-            "{dir}, where the drop-in {drop_in} goes, is a symlink to {target}: gpuprov does not write its drop-in through a link; make it a directory, or name another place"
-        ))),
-        None => Ok(()),
-    }
 }
 
 /// How containerd is made to load the config, per `restartMode`: its

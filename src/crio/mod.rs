@@ -353,7 +353,7 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
         }
         .into());
     }
-    crate::containerd::refuse_linked_dir(ctx.host, &target.drop_in)?;
+    crate::runtime::refuse_linked_dir(ctx.host, &target.drop_in)?;
     let files = load(ctx.host, &target, None)?;
     let current = ctx.host.read(&target.drop_in)?;
     let ours = |text: &str| {

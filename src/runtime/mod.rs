@@ -327,3 +327,17 @@ pub fn crio_detected(host: &Host) -> Result<Option<String>, StepError> {
     }
     Ok(None)
 }
+
+/// Refuses a drop-in whose directory is a symlink: gpuprov writes its own
+/// file only into a directory that is where it says it is.
+pub fn refuse_linked_dir(host: &Host, drop_in: &str) -> Result<(), StepError> {
+    let Some((dir, _)) = drop_in.rsplit_once('/') else {
+        return Ok(());
+    };
+    match host.link_target(dir)? {
+        Some(target) => Err(StepError::Observe(format!(
+            "{dir}, where the drop-in {drop_in} goes, is a symlink to {target}: gpuprov does not write its drop-in through a link; make it a directory, or name another place"
+        ))),
+        None => Ok(()),
+    }
+}
