@@ -230,17 +230,12 @@ fn waiting_may_help(error: &Error) -> bool {
     matches!(error, Error::Kube(_) | Error::Lock(_) | Error::Labels(_))
 }
 
-/// gpuprov's own directories, where a killed run may have left a
-/// temporary that no later write of the same file would sweep.
-const OWN_DIRS: [&str; 3] = [
-    "/var/lib/gpuprov",
-    crate::download::CACHE_DIR,
-    "/run/gpuprov",
-];
-
+/// Sweeps gpuprov's own directories (the host layer's one list of them),
+/// where a killed run may have left a temporary that no later write of
+/// the same file would sweep.
 fn sweep_interrupted(host: &Host) -> Result<(), Error> {
-    for dir in OWN_DIRS {
-        host.sweep_interrupted(dir)?;
+    for dir in crate::host::OWN_DIRS {
+        host.sweep_interrupted(&format!("/{dir}"))?;
     }
     Ok(())
 }
