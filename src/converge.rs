@@ -270,12 +270,10 @@ fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
     let mut commands = crate::exec::make_changes(&inputs.host, &changes).map_err(Error::Revert)?;
     crate::containerd::revert::tidy_backups(&inputs.host, options).map_err(Error::Revert)?;
     // On a CRI-O node: its drop-in.
-    if let Some((changes, crio)) =
+    if let Some((changes, crio, crio_changed)) =
         crate::crio::revert_plan(&inputs.host, options).map_err(Error::Revert)?
     {
-        changed |= changes
-            .iter()
-            .any(|c| matches!(c, crate::step::Change::Run { .. }));
+        changed |= crio_changed;
         commands.extend(crate::exec::make_changes(&inputs.host, &changes).map_err(Error::Revert)?);
         summary = format!("{summary}; {crio}");
     }

@@ -103,12 +103,7 @@ pub fn verify(
         .map_err(|e| crate::step::error_chain(&e))?;
     let ok = record.success();
     let summary = record.failure_summary();
-    let dump = record.stdout.clone();
-    let tail = dump.len().saturating_sub(crate::host::OUTPUT_TAIL_BYTES);
-    let tail = (tail..=dump.len())
-        .find(|i| dump.is_char_boundary(*i))
-        .unwrap_or(dump.len());
-    record.stdout = dump[tail..].to_string();
+    let dump = record.take_stdout_keeping_tail();
     commands.push(record);
     if dump.len() >= DUMP_CAP {
         return Err(format!(

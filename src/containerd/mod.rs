@@ -111,6 +111,19 @@ pub fn config_version_for((major, minor): (u32, u32)) -> i64 {
     }
 }
 
+/// Whether the config's `imports` name a glob (a directory of drop-ins,
+/// where gpuprov may put its own).
+fn imports_a_glob(text: &str) -> bool {
+    config::parse_shared(text)
+        .ok()
+        .and_then(|doc| {
+            imports::import_entries(&doc, "")
+                .ok()
+                .map(|entries| entries.iter().any(|e| e.contains(['*', '?', '['])))
+        })
+        .unwrap_or(false)
+}
+
 /// One file the edit writes: its path, what it holds now, what it should
 /// hold, and what it is for.
 struct Planned {
@@ -265,9 +278,14 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // the host has its binary, else what the config's version says.
     // (A binary that cannot be asked leaves the rules to the version; a
     // new file's version then needs it, and says why it cannot be had.)
+    // Asked only where the answer matters (a new file's version, a
+    // version-1 file, a directory of drop-ins): a converged node runs no
+    // command.
+    let version_matters = file_version.is_none_or(|v| v == 1) || imports_a_glob(text);
     let asked = target
         .binary
         .as_ref()
+        .filter(|_| version_matters)
         .map(|binary| containerd_version(ctx.host, binary));
     let running = asked
         .as_ref()

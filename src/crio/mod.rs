@@ -68,25 +68,29 @@ pub struct Target {
     pub binary: Option<String>,
 }
 
-/// CRI-O's loading: the main file, then the directory's files, sorted,
-/// each parsed (a bad one is named with its line and column).
+/// CRI-O's loading: the main file `config`, then the files of `dir`,
+/// sorted, each parsed (a bad one is named with its line and column).
+/// `given` is a file's content to use instead of the host's (the drop-in
+/// gpuprov is about to write). Each file is capped as any host file is,
+/// and all of them together as containerd's imports are.
 fn load(
     host: &Host,
-    target: &Target,
+    config: &str,
+    dir: &str,
     given: Option<(&str, &str)>,
 ) -> Result<Vec<(String, DocumentMut)>, StepError> {
-    let mut paths = vec![target.config.clone()];
+    let mut paths = vec![config.to_string()];
     // Regular files only: a link is never followed out of the
     // directory, and CRI-O's walk into a subdirectory is not gpuprov's
     // business (it writes none there).
-    let mut names = match host.read_dir(&target.dir)? {
-        Some(dir) => dir
+    let mut names = match host.read_dir(dir)? {
+        Some(listing) => listing
             .entries
             .iter()
             .filter(|(name, kind)| {
-                *kind == rustix::fs::FileType::RegularFile && !dir.not_utf8.contains(name)
+                *kind == rustix::fs::FileType::RegularFile && !listing.not_utf8.contains(name)
             })
-            .map(|(name, _)| format!("{}/{name}", target.dir))
+            .map(|(name, _)| format!("{dir}/{name}"))
             .collect::<Vec<_>>(),
         None => Vec::new(),
     };
@@ -98,18 +102,25 @@ fn load(
     names.sort();
     if names.len() > FILES_CAP {
         return Err(StepError::Observe(format!(
-            "{} holds more than {FILES_CAP} files: gpuprov does not read that many",
-            target.dir
+            "{dir} holds more than {FILES_CAP} files: gpuprov does not read that many"
         )));
     }
     paths.extend(names);
     let mut out = Vec::new();
+    let mut read = 0;
     for path in paths {
         let text = match given {
             Some((given_path, text)) if given_path == path => Some(text.to_string()),
             _ => host.read(&path)?,
         };
         let Some(text) = text else { continue };
+        read += text.len();
+        if read > crate::containerd::imports::TOTAL_BYTES_CAP {
+            return Err(StepError::Observe(format!(
+                "{config} and {dir} hold more than {} bytes (at {path}): gpuprov reads no more",
+                crate::containerd::imports::TOTAL_BYTES_CAP
+            )));
+        }
         let doc = crate::containerd::config::parse(&text)
             .map_err(|e| StepError::Observe(format!("{path}:{}", e.located(&text))))?;
         out.push((path, doc));
@@ -293,10 +304,7 @@ fn cdi_dirs(view: &Table) -> Vec<String> {
 
 /// CRI-O on this host, or why it is not.
 pub fn target(host: &Host, opts: &crate::spec::ContainerdOptions) -> Result<Target, StepError> {
-    let binary = crate::host::HOST_PATH
-        .iter()
-        .map(|dir| format!("/{dir}/crio"))
-        .find(|path| host.is_file(path).unwrap_or(false));
+    let binary = crate::runtime::on_path(host, "crio")?;
     let dir = opts
         .crio_drop_in
         .rsplit_once('/')
@@ -354,7 +362,7 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
         .into());
     }
     crate::runtime::refuse_linked_dir(ctx.host, &target.drop_in)?;
-    let files = load(ctx.host, &target, None)?;
+    let files = load(ctx.host, &target.config, &target.dir, None)?;
     let current = ctx.host.read(&target.drop_in)?;
     let ours = |text: &str| {
         record.as_ref().is_some_and(|r| {
@@ -426,17 +434,24 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
             ", CRI-O's built-in one: no table of it in the files"
         },
     );
+    // CRI-O's files with gpuprov's drop-in as wanted: a later file that
+    // takes the runtime back fails the step, before anything is written.
+    let with_ours = load(
+        ctx.host,
+        &target.config,
+        &target.dir,
+        Some((&target.drop_in, &text)),
+    )?;
+    if let Err(why) = check_view(&merge(&with_ours), &wanted, version) {
+        return Ok(Observation::new(
+            Outcome::Failed,
+            format!(
+                "{why} in CRI-O's config with gpuprov's drop-in: a file after {} takes it back",
+                target.drop_in
+            ),
+        ));
+    }
     if current.as_deref() == Some(text.as_str()) && !pending {
-        let new_view = merge(&load(ctx.host, &target, Some((&target.drop_in, &text)))?);
-        if let Err(why) = check_view(&new_view, &wanted, version) {
-            return Ok(Observation::new(
-                Outcome::Failed,
-                format!(
-                    "{why} in CRI-O's config: a file after {} takes it back",
-                    target.drop_in
-                ),
-            ));
-        }
         return Ok(Observation::new(
             if record.is_some() {
                 Outcome::Configured
@@ -461,18 +476,6 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
     );
     obs.on_change = Outcome::Configured;
     if current.as_deref() != Some(text.as_str()) {
-        // Checked before anything is written: a later drop-in that would
-        // take the runtime back fails the step, naming what wins.
-        let new_view = merge(&load(ctx.host, &target, Some((&target.drop_in, &text)))?);
-        if let Err(why) = check_view(&new_view, &wanted, version) {
-            return Ok(Observation::new(
-                Outcome::Failed,
-                format!(
-                    "{why} in CRI-O's config with gpuprov's drop-in: a file after {} takes it back",
-                    target.drop_in
-                ),
-            ));
-        }
         let new_record = Record {
             drop_in: target.drop_in.clone(),
             written_sha256: sha256_hex(text.as_bytes()),
@@ -574,11 +577,12 @@ pub fn reload_changes(
 }
 
 /// Revert: gpuprov's drop-in removed (unless someone changed it since),
-/// then CRI-O reloaded.
+/// then CRI-O reloaded. The changes, a sentence saying what they do, and
+/// whether CRI-O's config changes.
 pub fn revert_plan(
     host: &Host,
     opts: &crate::spec::ContainerdOptions,
-) -> Result<Option<(Vec<Change>, String)>, String> {
+) -> Result<Option<(Vec<Change>, String, bool)>, String> {
     let chain = |e: StepError| crate::step::error_chain(&e);
     let Some(record) = Record::load(host).map_err(chain)? else {
         return Ok(None);
@@ -592,6 +596,9 @@ pub fn revert_plan(
         .read(&record.drop_in)
         .map_err(|e| crate::step::error_chain(&e))?;
     let mut changes = Vec::new();
+    let removed = now
+        .as_ref()
+        .is_some_and(|text| sha256_hex(text.as_bytes()) == record.written_sha256);
     let summary = match now {
         Some(text) if sha256_hex(text.as_bytes()) == record.written_sha256 => {
             changes.push(Change::RemoveFile {
@@ -613,7 +620,7 @@ pub fn revert_plan(
             purpose: "gpuprov's own record".to_string(),
         });
     }
-    Ok(Some((changes, summary)))
+    Ok(Some((changes, summary, removed)))
 }
 
 /// What `Change::CheckCrioView` checks.
@@ -649,14 +656,8 @@ pub fn verify(
     };
     let version = check.crio.and_then(|binary| crio_version(host, binary));
     let Some(binary) = check.crio else {
-        let target = Target {
-            config: check.config.to_string(),
-            dir: check.dir.to_string(),
-            drop_in: String::new(),
-            socket: String::new(),
-            binary: None,
-        };
-        let files = load(host, &target, None).map_err(|e| crate::step::error_chain(&e))?;
+        let files =
+            load(host, check.config, check.dir, None).map_err(|e| crate::step::error_chain(&e))?;
         return check_view(&merge(&files), &wanted, version).map_err(|why| {
             format!(
                 "in CRI-O's files ({} and {}, merged as CRI-O does: no crio binary in the host to ask), {why}",
@@ -679,12 +680,7 @@ pub fn verify(
         .map_err(|e| crate::step::error_chain(&e))?;
     let ok = record.success();
     let summary = record.failure_summary();
-    let output = std::mem::take(&mut record.stdout);
-    let tail = output.len().saturating_sub(crate::host::OUTPUT_TAIL_BYTES);
-    let tail = (tail..=output.len())
-        .find(|i| output.is_char_boundary(*i))
-        .unwrap_or(output.len());
-    record.stdout = output[tail..].to_string();
+    let output = record.take_stdout_keeping_tail();
     commands.push(record);
     if !ok {
         return Err(format!(

@@ -47,6 +47,18 @@ pub struct CommandRecord {
 }
 
 impl CommandRecord {
+    /// The whole stdout of a `run_keeping` run, leaving the record only its
+    /// tail, as every other command's record keeps.
+    pub fn take_stdout_keeping_tail(&mut self) -> String {
+        let all = std::mem::take(&mut self.stdout);
+        let tail = all.len().saturating_sub(OUTPUT_TAIL_BYTES);
+        let tail = (tail..=all.len())
+            .find(|i| all.is_char_boundary(*i))
+            .unwrap_or(all.len());
+        self.stdout = all[tail..].to_string();
+        all
+    }
+
     pub fn success(&self) -> bool {
         self.exit_code == Some(0)
     }

@@ -74,7 +74,7 @@ fn first_file(host: &Host, paths: &[&str]) -> Result<Option<String>, StepError> 
 }
 
 /// A command on the host's PATH directories.
-fn on_path(host: &Host, name: &str) -> Result<Option<String>, StepError> {
+pub fn on_path(host: &Host, name: &str) -> Result<Option<String>, StepError> {
     let paths: Vec<String> = crate::host::HOST_PATH
         .iter()
         .map(|dir| format!("/{dir}/{name}"))
