@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use gpuprov::kube::{Cluster, ClusterOptions};
+use gpuprov::step::LabelsSet;
 
 use support::daemon::{Daemon, eventually, free_port};
 use support::fake_api::FakeApi;
@@ -433,7 +434,10 @@ fn rolling_upgrade_fleet(agents: usize, per_node: Duration, wait: Duration) {
                         // As --slot-wait-interval: up to a fifth more, spread by node.
                         std::thread::sleep(wait + wait.mul_f64((i * 7919 % 1000) as f64 / 5000.0));
                     }
-                    let publish = |state| make(Some(&cluster), &Action::Publish { state }).unwrap();
+                    let labels_set = LabelsSet::default();
+                    let publish = |state| {
+                        make(Some(&cluster), &Action::Publish { state }, &labels_set).unwrap()
+                    };
                     publish(State::CordonRequired);
                     std::thread::sleep(per_node);
                     publish(State::UpgradeDone);
@@ -442,6 +446,7 @@ fn rolling_upgrade_fleet(agents: usize, per_node: Duration, wait: Duration) {
                         &Action::ReleaseSlot {
                             namespace: namespace.clone(),
                         },
+                        &labels_set,
                     )
                     .unwrap();
                     (started.elapsed(), looks)

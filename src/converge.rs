@@ -9,10 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
-
 use crate::Error;
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Handler};
 use crate::cli::NodeArgs;
 use crate::exec::{ApplyLock, Executor};
 use crate::facts::Facts;
@@ -20,8 +18,10 @@ use crate::host::{ExecMode, Host};
 use crate::kube::{Cluster, ClusterOptions};
 use crate::labels::{self, LabelTarget};
 use crate::plan::{Graph, PlanReport, Summary};
-use crate::report::{Action, RunReport};
+use crate::registry::{Revert, capability};
+use crate::report::{Action, RevertReport, RunReport};
 use crate::spec::Spec;
+use crate::step::RevertContext;
 
 /// Validated inputs of `plan` and `apply`: nothing here has read the host
 /// beyond checking that its root is a directory.
@@ -88,7 +88,6 @@ impl Inputs {
     /// Observes the host; the node's labels come from the API server when
     /// there is one, with `--node-labels` on top.
     fn facts(&self) -> Result<Facts, Error> {
-        crate::upgrade::forget_published();
         let node = match &self.cluster {
             Some(cluster) => cluster.node_labels()?,
             None => Default::default(),
@@ -118,6 +117,7 @@ impl Inputs {
             facts,
             graph: &self.graph,
             cluster: self.cluster.as_ref(),
+            labels_set: Default::default(),
         }
     }
 }
@@ -240,63 +240,54 @@ fn sweep_interrupted(host: &Host) -> Result<(), Error> {
     Ok(())
 }
 
-/// What `revert` did.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RevertReport {
-    pub containerd: crate::containerd::revert::Reverted,
-    /// The operands' static pod manifests removed.
-    pub static_pods_removed: Vec<String>,
-    /// The CDI spec files gpuprov wrote, removed.
-    pub cdi_specs_removed: Vec<String>,
-    pub labels_removed: bool,
-}
-
-/// Removes what gpuprov added, under the host's lock: containerd's runtime
-/// (restarting containerd only if its config changed), the operands' static
-/// pods, the validation's pass and the labels (with an API server, the
-/// deploy labels going stops the operands' DaemonSet pods). Installed
-/// packages stay.
+/// Removes what gpuprov added, under the host's lock: a walk through the
+/// registry, each capability's revert in reverse plan order (containerd's
+/// runtime, restarting containerd only if its config changed; the
+/// operands' static pods; CDI specs; the validation's pass), then the
+/// labels (with an API server, the deploy labels going stops the operands'
+/// DaemonSet pods). Installed packages stay.
 pub fn revert(inputs: &Inputs, lock_timeout: Duration) -> Result<RevertReport, Error> {
     under_lock(inputs, lock_timeout, revert_locked)
 }
 
 fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
     sweep_interrupted(&inputs.host)?;
-    // containerd's revert is planned as changes, made as a step's are.
-    let options = &inputs.spec.containerd;
-    let (changes, mut summary, mut changed) =
-        crate::containerd::revert::plan(&inputs.host, options).map_err(Error::Revert)?;
-    let mut commands = crate::exec::make_changes(&inputs.host, &changes).map_err(Error::Revert)?;
-    crate::containerd::revert::tidy_backups(&inputs.host, options).map_err(Error::Revert)?;
-    // On a CRI-O node: its drop-in.
-    if let Some((changes, crio, crio_changed)) =
-        crate::crio::revert_plan(&inputs.host, options).map_err(Error::Revert)?
-    {
-        changed |= crio_changed;
-        commands.extend(crate::exec::make_changes(&inputs.host, &changes).map_err(Error::Revert)?);
-        summary = format!("{summary}; {crio}");
-    }
-    let containerd = crate::containerd::revert::Reverted {
-        summary,
-        changed,
-        commands,
+    let ctx = RevertContext {
+        host: &inputs.host,
+        spec: &inputs.spec,
     };
-    let static_pods_removed = crate::operands::static_pod::remove_ours(&inputs.host, &inputs.spec)?;
-    let cdi_specs_removed = crate::cdi::remove_ours(&inputs.host, &inputs.spec)?;
-    inputs.host.remove(crate::operands::validate::MARKER)?;
-    inputs.host.remove(crate::operands::validate::RUNTIME_RAN)?;
-    inputs.host.remove(crate::operands::validate::cri::MARKER)?;
-    inputs
-        .host
-        .remove(crate::containerd::effective::VIEW_CHECKED)?;
-    let labels_removed = inputs.sink().withdraw()?;
-    Ok(RevertReport {
-        containerd,
-        static_pods_removed,
-        cdi_specs_removed,
-        labels_removed,
-    })
+    let mut report = RevertReport::default();
+    let mut done: Vec<Revert> = Vec::new();
+    for handler in revert_order(&inputs.graph) {
+        let Some(revert) = capability(handler).revert else {
+            continue;
+        };
+        if done.iter().any(|d| std::ptr::fn_addr_eq(*d, revert)) {
+            continue;
+        }
+        done.push(revert);
+        revert(&ctx, &mut report).map_err(|e| Error::Revert(e.to_string()))?;
+    }
+    report.labels_removed = inputs.sink().withdraw()?;
+    Ok(report)
+}
+
+/// Every capability, the plan's in reverse plan order, then those the
+/// plan lacks (a state a states directory took out may have written
+/// before), so that nothing gpuprov wrote is left for want of a state.
+fn revert_order(graph: &Graph) -> Vec<Handler> {
+    let mut order: Vec<Handler> = Vec::new();
+    for state in graph.steps.iter().rev() {
+        if !order.contains(&state.handler) {
+            order.push(state.handler);
+        }
+    }
+    for (_, handler) in Handler::ALL.iter().rev() {
+        if !order.contains(handler) {
+            order.push(*handler);
+        }
+    }
+    order
 }
 
 pub fn node_labels(

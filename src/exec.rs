@@ -9,16 +9,18 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::catalog::{Handler, StateDef};
+use crate::catalog::StateDef;
 use crate::facts::Facts;
-use crate::host::{CommandRecord, FileWrite, Host, HostError};
+use crate::host::{Host, HostError};
 use crate::kube::Cluster;
-use crate::operands;
+use crate::make::{make_change, make_next};
 use crate::plan::Graph;
 use crate::registry::capability;
 use crate::report::{Action, StepReport};
 use crate::spec::Spec;
-use crate::step::{Change, Gate, Observation, Outcome, StepContext, StepError, error_chain};
+use crate::step::{
+    Change, ErrorKind, Gate, LabelsSet, Observation, Outcome, StepContext, StepError,
+};
 
 /// A node carrying this label gets no operand at all, as with the GPU Operator.
 pub const OPERANDS_OPT_OUT: &str = "nvidia.com/gpu.deploy.operands=false";
@@ -30,6 +32,8 @@ pub struct Executor<'a> {
     pub facts: &'a Facts,
     pub graph: &'a Graph,
     pub cluster: Option<&'a Cluster>,
+    /// The node labels this walk set (a rolling upgrade's state).
+    pub labels_set: LabelsSet,
 }
 
 impl Executor<'_> {
@@ -100,25 +104,43 @@ impl Executor<'_> {
                 stopped.changes = obs.changes.clone();
                 return StepReport::from_observation(state, Action::Fail, Outcome::Failed, stopped);
             }
-            match make_next(self.host, self.cluster, &obs.changes[done..], &mut commands) {
+            match make_next(
+                self.host,
+                self.cluster,
+                &obs.changes[done..],
+                &mut commands,
+                &self.labels_set,
+            ) {
                 Ok(made) => done += made,
-                Err(reason) => {
-                    let mut reason = reason;
+                Err(error) => {
+                    // The error's own kind where it says more than that a
+                    // person must act; else what the state says its
+                    // failures mean.
+                    let kind = match error.kind() {
+                        ErrorKind::NeedsOperator => obs.failure_kind,
+                        kind => kind,
+                    };
+                    let mut reason = error.to_string();
                     if let Some(on_failure) = &obs.on_failure
                         && done >= on_failure.changes_after
                     {
                         // Best effort: the failure itself is what is reported.
                         for change in &on_failure.changes {
                             let mut more = Vec::new();
-                            if let Err(also) =
-                                make_change(self.host, self.cluster, change, &mut more)
-                            {
+                            if let Err(also) = make_change(
+                                self.host,
+                                self.cluster,
+                                change,
+                                &mut more,
+                                &self.labels_set,
+                            ) {
                                 reason.push_str(&format!("; then {}: {also}", change.summary()));
                             }
                             commands.append(&mut more);
                         }
                     }
                     let mut failed = Observation::new(Outcome::Failed, reason);
+                    failed.failure_kind = kind;
                     failed.commands = commands;
                     failed.changes = obs.changes.clone();
                     if let Some(on_failure) = &obs.on_failure {
@@ -167,11 +189,7 @@ impl Executor<'_> {
                     Observation { reason, ..after },
                 )
             }
-            Err(e) => (
-                Action::Fail,
-                Outcome::Failed,
-                Observation::new(Outcome::Failed, error_chain(&e)),
-            ),
+            Err(e) => (Action::Fail, Outcome::Failed, Observation::failed(&e)),
         };
         commands.append(&mut after.commands);
         after.commands = commands;
@@ -193,6 +211,7 @@ impl Executor<'_> {
             facts: self.facts,
             state,
             cluster: self.cluster,
+            labels_set: &self.labels_set,
         }
     }
 
@@ -318,7 +337,8 @@ impl Executor<'_> {
     }
 
     fn opt_out_label(&self, state: &StateDef) -> Option<String> {
-        let global = (state.handler != Handler::DetectGpu).then_some(OPERANDS_OPT_OUT);
+        let global =
+            (!capability(state.handler).runs_when_operands_opted_out).then_some(OPERANDS_OPT_OUT);
         state
             .opt_out_labels
             .iter()
@@ -330,8 +350,7 @@ impl Executor<'_> {
 }
 
 fn failed_report(state: &StateDef, e: &StepError) -> StepReport {
-    let obs = Observation::new(Outcome::Failed, error_chain(e));
-    StepReport::from_observation(state, Action::Fail, Outcome::Failed, obs)
+    StepReport::from_observation(state, Action::Fail, Outcome::Failed, Observation::failed(e))
 }
 
 /// A converged outcome is unchanged. So is a step that says it stands in
@@ -349,201 +368,6 @@ fn action_for(obs: &Observation) -> Action {
         Action::Wait
     } else {
         Action::Fail
-    }
-}
-
-/// Makes changes in order, stopping at the first that fails.
-pub fn make_changes(host: &Host, changes: &[Change]) -> Result<Vec<CommandRecord>, String> {
-    let mut commands = Vec::new();
-    let mut done = 0;
-    while done < changes.len() {
-        done += make_next(host, None, &changes[done..], &mut commands)?;
-    }
-    Ok(commands)
-}
-
-/// Makes the first of `changes` and returns how many it made: the file
-/// writes that follow one another are one batch (`Host::write_files`), made
-/// durable together in a few syncs instead of two each.
-fn make_next(
-    host: &Host,
-    cluster: Option<&Cluster>,
-    changes: &[Change],
-    commands: &mut Vec<CommandRecord>,
-) -> Result<usize, String> {
-    let writes: Vec<FileWrite> = changes
-        .iter()
-        .map_while(|change| match change {
-            Change::WriteFile {
-                path,
-                content,
-                mode,
-                ..
-            } => Some(FileWrite {
-                path,
-                content,
-                mode: *mode,
-            }),
-            _ => None,
-        })
-        .collect();
-    if writes.is_empty() {
-        make_change(host, cluster, &changes[0], commands)?;
-        return Ok(1);
-    }
-    host.write_files(&writes).map_err(|e| error_chain(&e))?;
-    Ok(writes.len())
-}
-
-fn make_change(
-    host: &Host,
-    cluster: Option<&Cluster>,
-    change: &Change,
-    commands: &mut Vec<CommandRecord>,
-) -> Result<(), String> {
-    match change {
-        Change::Run { argv, display } => {
-            let record = host.run(argv).map_err(|e| error_chain(&e))?;
-            let ok = record.success();
-            let summary = record.failure_summary();
-            commands.push(record);
-            if ok {
-                Ok(())
-            } else {
-                Err(format!("`{display}` {summary}"))
-            }
-        }
-        Change::WriteFile {
-            path,
-            content,
-            mode,
-            ..
-        } => host
-            .write_atomic(path, content, *mode)
-            .map(drop)
-            .map_err(|e| error_chain(&e)),
-        Change::RemoveFile { path, .. } => host.remove(path).map_err(|e| error_chain(&e)),
-        Change::SignalSocketOwner {
-            socket,
-            timeout_seconds,
-        } => {
-            let path = host.resolve(socket).map_err(|e| error_chain(&e))?;
-            crate::containerd::restart::signal_and_wait(
-                &path,
-                Duration::from_secs(*timeout_seconds),
-            )
-        }
-        Change::Unpack {
-            archive,
-            into,
-            record,
-            ..
-        } => crate::toolkit::artifact::unpack(host, archive, into, record),
-        Change::ValidationPod {
-            namespace,
-            name,
-            timeout_seconds,
-            manifest,
-            ..
-        } => {
-            let cluster = cluster.ok_or("the validation pod needs an API server")?;
-            operands::validate::run_pod(
-                cluster,
-                namespace,
-                name,
-                manifest,
-                Duration::from_secs(*timeout_seconds),
-            )
-        }
-        Change::CriValidation(validation) => operands::validate::cri::run(host, validation),
-        Change::MigLayout(layout) => crate::mig::apply::run(cluster, layout),
-        Change::Upgrade(action) => crate::upgrade::run::make(cluster, action),
-        Change::ApplyConfigMap {
-            namespace,
-            name,
-            data,
-            ..
-        } => {
-            let cluster = cluster.ok_or("a ConfigMap needs an API server")?;
-            let labels = BTreeMap::from([(
-                crate::operands::static_pod::MANAGED_BY.0.to_string(),
-                crate::operands::static_pod::MANAGED_BY.1.to_string(),
-            )]);
-            cluster
-                .apply_config_map(namespace, name, &labels, data)
-                .map_err(|e| error_chain(&e))
-        }
-        Change::Fetch {
-            artifact,
-            timeout_seconds,
-            executable,
-            ..
-        } => crate::download::fetch(
-            host,
-            artifact,
-            Duration::from_secs(*timeout_seconds),
-            *executable,
-        )
-        .map(|_| ())
-        .map_err(|e| error_chain(&e)),
-        Change::CheckContainerdView {
-            config,
-            class,
-            binary,
-            set_as_default,
-            cdi,
-            containerd,
-        } => {
-            let wanted = crate::containerd::config::RuntimeWanted {
-                class: class.clone(),
-                binary: binary.clone(),
-                default: if *set_as_default {
-                    crate::containerd::config::DefaultRuntime::Set
-                } else {
-                    crate::containerd::config::DefaultRuntime::Keep
-                },
-                cdi: cdi.clone(),
-            };
-            crate::containerd::effective::verify(
-                host,
-                containerd.as_deref(),
-                config,
-                &wanted,
-                commands,
-            )
-        }
-        Change::CheckCrioView {
-            config,
-            dir,
-            class,
-            binary,
-            set_as_default,
-            cdi_spec_dir,
-            crio,
-        } => crate::crio::verify(
-            host,
-            &crate::crio::ViewCheck {
-                config,
-                dir,
-                class,
-                binary,
-                set_as_default: *set_as_default,
-                cdi_spec_dir: cdi_spec_dir.as_deref(),
-                crio: crio.as_deref(),
-            },
-            commands,
-        ),
-        Change::WaitSocket {
-            socket,
-            timeout_seconds,
-        } => {
-            let path = host.resolve(socket).map_err(|e| error_chain(&e))?;
-            crate::containerd::restart::wait_for_socket(
-                &path,
-                Duration::from_secs(*timeout_seconds),
-                None,
-            )
-        }
     }
 }
 

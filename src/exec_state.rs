@@ -2,9 +2,18 @@
 //! converged) and an `apply` command, both run in the host root through its
 //! shell exactly as written.
 
-use crate::step::{Change, Observation, Outcome, StepContext, StepError};
+use crate::step::{Change, ErrorKind, Observation, Outcome, StepContext, StepError};
 
+/// A user's check that fails may pass later (it may wait on something
+/// outside gpuprov): its failures are transient, and `apply --wait` keeps
+/// waiting on them.
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+    let mut obs = check(ctx).map_err(|e| e.of_kind(ErrorKind::Transient))?;
+    obs.failure_kind = ErrorKind::Transient;
+    Ok(obs)
+}
+
+fn check(ctx: &StepContext) -> Result<Observation, StepError> {
     let check = ctx
         .state
         .check

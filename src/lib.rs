@@ -31,6 +31,7 @@ pub mod interrupt;
 pub mod kube;
 pub mod label_syntax;
 pub mod labels;
+pub mod make;
 pub mod mig;
 pub mod operands;
 pub mod plan;

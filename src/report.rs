@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::catalog::{Handler, StateDef};
 use crate::host::{CommandRecord, Host, HostError};
 use crate::spec::Spec;
-use crate::step::{Change, Gate, Observation, Outcome, error_chain};
+use crate::step::{Change, ErrorKind, Gate, LookAgain, Observation, Outcome, error_chain};
 
 /// Where `apply` records each run, under the host root.
 pub const LAST_RUN_PATH: &str = "/var/lib/gpuprov/last-run.json";
@@ -55,6 +55,12 @@ pub struct StepReport {
     /// Its state's `optional`: waiting, it does not hold readiness.
     #[serde(skip)]
     pub optional: bool,
+    /// Why it did not converge, where waiting is not what it needs: a
+    /// failure's kind, or a reboot owed.
+    #[serde(skip)]
+    pub failure: Option<ErrorKind>,
+    #[serde(skip)]
+    pub look_again: Option<LookAgain>,
 }
 
 impl StepReport {
@@ -78,6 +84,8 @@ impl StepReport {
             details: serde_json::Value::Null,
             gate,
             optional: state.optional,
+            failure: (outcome == Outcome::RebootRequired).then_some(ErrorKind::NeedsReboot),
+            look_again: None,
         }
     }
 
@@ -91,7 +99,13 @@ impl StepReport {
             .gate
             .clone()
             .unwrap_or_else(|| default_gate(&state.name, outcome, &obs.reason));
+        let failure = match action {
+            Action::Fail => Some(obs.failure_kind),
+            _ => (outcome == Outcome::RebootRequired).then_some(ErrorKind::NeedsReboot),
+        };
         StepReport {
+            failure,
+            look_again: obs.look_again,
             labels: obs.labels,
             changes: obs.changes,
             commands: obs.commands,
@@ -209,26 +223,33 @@ impl RunReport {
         let final_steps: Vec<String> = self
             .steps
             .iter()
-            .filter(|s| match s.action {
-                Action::Fail => s.handler != crate::catalog::Handler::Exec,
-                _ => s.outcome == Outcome::RebootRequired,
-            })
+            .filter(|s| s.failure.is_some_and(|kind| kind != ErrorKind::Transient))
             .map(|s| format!("{} is {}: {}", s.name, s.outcome.as_str(), s.reason))
             .collect();
         (!final_steps.is_empty()).then(|| final_steps.join("; "))
     }
 
-    /// Not converged only because steps wait on something outside gpuprov
-    /// (and what they wait for may arrive any moment): nothing failed.
-    /// Whether the driver waits for a rolling upgrade's slot.
-    pub fn waits_for_upgrade_slot(&self) -> bool {
-        self.steps.iter().any(|s| {
-            s.name == "driver"
-                && s.outcome != Outcome::Failed
-                && s.details["upgradeState"] == crate::upgrade::State::UpgradeRequired.as_str()
-        })
+    /// Whether a step waits for a slot another node holds (a rolling
+    /// upgrade's).
+    pub fn waits_for_shared_slot(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| s.outcome != Outcome::Failed && s.look_again == Some(LookAgain::SharedSlot))
     }
 
+    /// The soonest a step asked to be looked at again.
+    pub fn look_again_after(&self) -> Option<std::time::Duration> {
+        self.steps
+            .iter()
+            .filter_map(|s| match s.look_again {
+                Some(LookAgain::After(after)) => Some(after),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Not converged only because steps wait on something outside gpuprov
+    /// (and what they wait for may arrive any moment): nothing failed.
     pub fn only_waiting(&self) -> bool {
         !self.converged
             && self.steps.iter().any(|s| s.action == Action::Wait)
@@ -305,4 +326,26 @@ pub struct SinkPreview {
     /// Labels gpuprov wants but leaves alone, and why (another manager set them).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+}
+
+/// What `revert` did: each capability's revert adds its part.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevertReport {
+    /// The container runtime's config (containerd's, or CRI-O's drop-in).
+    pub containerd: RuntimeReverted,
+    /// The operands' static pod manifests removed.
+    pub static_pods_removed: Vec<String>,
+    /// The CDI spec files gpuprov wrote, removed.
+    pub cdi_specs_removed: Vec<String>,
+    pub labels_removed: bool,
+}
+
+/// What reverting the runtime's config did, in a sentence.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeReverted {
+    pub summary: String,
+    pub changed: bool,
+    pub commands: Vec<CommandRecord>,
 }

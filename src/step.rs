@@ -3,13 +3,16 @@
 //! Below every capability and above none: a handler imports this, never
 //! the executor that walks the plan.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 pub use crate::error_chain::error_chain;
 
 use crate::catalog::StateDef;
+use crate::download::Artifact;
 use crate::facts::Facts;
 use crate::host::{CommandRecord, Host, HostError};
 use crate::kube::Cluster;
@@ -77,6 +80,9 @@ pub enum Gate {
 }
 
 /// One change a step needs, as data: `plan` prints it, `apply` makes it.
+/// The host changes every capability shares are variants here; a change
+/// only one capability knows how to make is `Own`, made through the
+/// `CapabilityChange` trait that the capability implements in its folder.
 #[derive(Debug, Clone, Serialize)]
 #[serde(
     tag = "kind",
@@ -113,59 +119,11 @@ pub enum Change {
         socket: String,
         timeout_seconds: u64,
     },
-    /// Check containerd's own view of its config (`containerd config dump`
-    /// in the host) for the runtime: it must exist, run `binary`, carry
-    /// runc's SystemdCgroup, and be the default when `set_as_default`.
-    CheckContainerdView {
-        config: String,
-        class: String,
-        binary: String,
-        set_as_default: bool,
-        /// With `cdi.enabled`: CDI must be on, reading gpuprov's spec
-        /// directory, and the CDI runtime there.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        cdi: Option<crate::containerd::config::CdiWanted>,
-        /// The containerd binary whose `config dump` is asked (none: the
-        /// files are merged by containerd's rules).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        containerd: Option<String>,
-    },
-    /// Check CRI-O's view of its config (its `crio config` when the host
-    /// has the binary, else its files merged) for the runtime.
-    CheckCrioView {
-        config: String,
-        dir: String,
-        class: String,
-        binary: String,
-        set_as_default: bool,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        cdi_spec_dir: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        crio: Option<String>,
-    },
     /// Wait until something answers on a unix socket.
     WaitSocket {
         socket: String,
         timeout_seconds: u64,
     },
-    /// Run the validation pod on this node and wait for it to succeed; it is
-    /// deleted afterwards, whatever happened.
-    ValidationPod {
-        namespace: String,
-        name: String,
-        image: String,
-        runtime_class: Option<String>,
-        timeout_seconds: u64,
-        #[serde(skip)]
-        manifest: serde_json::Value,
-    },
-    /// Run a container through containerd's CRI with the runtime handler
-    /// and remember the pass (`validator.mode: cri`, or no API server).
-    CriValidation(CriValidation),
-    /// Apply a MIG layout through NVML, pausing the GPU clients first.
-    MigLayout(MigLayout),
-    /// A step of a rolling driver upgrade (`upgrade::Action`).
-    Upgrade(crate::upgrade::action::Action),
     /// Write a ConfigMap gpuprov owns, whole (server-side apply).
     ApplyConfigMap {
         namespace: String,
@@ -188,7 +146,7 @@ pub enum Change {
     /// Put a pinned artifact into the cache (a no-op when it is there).
     Fetch {
         #[serde(flatten)]
-        artifact: crate::download::Artifact,
+        artifact: Artifact,
         /// Where it is kept, a host path.
         path: String,
         /// Whether the cache already has it (no network then).
@@ -198,21 +156,92 @@ pub enum Change {
         timeout_seconds: u64,
         executable: bool,
     },
+    /// A change of one capability's own (a MIG layout, a step of a rolling
+    /// upgrade, a check of the runtime's own view of its config).
+    #[serde(untagged, serialize_with = "own_as_json")]
+    Own(Arc<dyn CapabilityChange>),
+}
+
+/// A change that only its capability knows how to make. The executor
+/// prints and makes it through this trait alone, so a capability with a
+/// new kind of change touches nothing outside its folder.
+pub trait CapabilityChange: std::fmt::Debug + Send + Sync {
+    /// Its `kind` in `plan --output json` (`mig-layout`).
+    fn kind(&self) -> &'static str;
+    /// One line for `plan`.
+    fn summary(&self) -> String;
+    /// Its fields in `plan --output json`, after `kind` (see `json_fields`).
+    fn fields(&self) -> serde_json::Value;
+    /// Makes it on the node; commands it runs go into `on.commands`.
+    fn make(&self, on: &mut MakeContext) -> Result<(), StepError>;
+}
+
+/// What making a change may use.
+pub struct MakeContext<'a> {
+    pub host: &'a Host,
+    /// The API server, when there is one.
+    pub cluster: Option<&'a Cluster>,
+    /// The commands run so far, for the report.
+    pub commands: &'a mut Vec<CommandRecord>,
+    /// Where a change records the node labels it set.
+    pub labels_set: &'a LabelsSet,
+}
+
+/// The node labels this run set while making changes (a rolling upgrade's
+/// state): newer than the facts for the rest of the run, and gone with it.
+#[derive(Debug, Default)]
+pub struct LabelsSet(RefCell<BTreeMap<String, String>>);
+
+impl LabelsSet {
+    pub fn record(&self, key: &str, value: &str) {
+        self.0
+            .borrow_mut()
+            .insert(key.to_string(), value.to_string());
+    }
+
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.0.borrow().get(key).cloned()
+    }
+}
+
+/// A capability change's fields as `plan --output json` shows them.
+pub fn json_fields(value: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+}
+
+fn own_as_json<S: serde::Serializer>(
+    change: &Arc<dyn CapabilityChange>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let fields = change.fields();
+    let fields = fields.as_object();
+    let mut map = serializer.serialize_map(Some(1 + fields.map_or(0, |f| f.len())))?;
+    map.serialize_entry("kind", change.kind())?;
+    for (key, value) in fields.into_iter().flatten() {
+        map.serialize_entry(key, value)?;
+    }
+    map.end()
 }
 
 impl Change {
+    /// A capability's own change.
+    pub fn own(change: impl CapabilityChange + 'static) -> Change {
+        Change::Own(Arc::new(change))
+    }
+
     /// Fetch `artifact` into its cache path, saying whether the cache
     /// already holds it (and how big it is) so a plan shows whether the
     /// network is needed.
     pub fn fetch(
         host: &Host,
-        artifact: &crate::download::Artifact,
+        artifact: &Artifact,
         timeout_seconds: u64,
         executable: bool,
     ) -> Result<Change, StepError> {
         let path = artifact.cache_path();
         let cached = crate::download::cached(host, artifact)
-            .map_err(|e| StepError::Observe(error_chain(&e)))?;
+            .map_err(|e| StepError::operator(error_chain(&e)))?;
         let size = if cached {
             host.stat(&path)?.map(|info| info.size)
         } else {
@@ -231,7 +260,7 @@ impl Change {
     pub fn summary(&self) -> String {
         match self {
             Change::Run { display, .. } => format!("run: {display}"),
-            Change::Upgrade(action) => action.summary(),
+            Change::Own(change) => change.summary(),
             Change::WriteFile { path, purpose, .. } => format!("write {path} ({purpose})"),
             Change::RemoveFile { path, purpose } => format!("remove {path} ({purpose})"),
             Change::SignalSocketOwner { socket, .. } => {
@@ -245,29 +274,6 @@ impl Change {
             } => {
                 format!("wait up to {timeout_seconds}s for {socket} to answer")
             }
-            Change::CheckContainerdView {
-                config,
-                class,
-                containerd,
-                ..
-            } => match containerd {
-                Some(binary) => format!(
-                    "check runtime `{class}` in containerd's own view of {config} ({binary} config dump)"
-                ),
-                None => format!(
-                    "check runtime `{class}` in containerd's view of {config} (its imports merged by containerd's rules)"
-                ),
-            },
-            Change::CheckCrioView {
-                dir, class, crio, ..
-            } => match crio {
-                Some(binary) => format!(
-                    "check runtime `{class}` in CRI-O's own view of its config and {dir} ({binary} config)"
-                ),
-                None => format!(
-                    "check runtime `{class}` in CRI-O's view of its config and {dir} (merged as CRI-O does)"
-                ),
-            },
             Change::Unpack {
                 archive,
                 into,
@@ -281,34 +287,6 @@ impl Change {
                 };
                 format!("unpack {archive} into {into} (atomically, {how}; recorded in {record})")
             }
-            Change::ValidationPod {
-                namespace,
-                name,
-                image,
-                runtime_class,
-                timeout_seconds,
-                ..
-            } => {
-                let class = runtime_class
-                    .as_deref()
-                    .map(|c| format!(", runtime class {c}"))
-                    .unwrap_or_default();
-                format!(
-                    "run pod {namespace}/{name} ({image}{class}, 1 nvidia.com/gpu) on this node, wait up to {timeout_seconds}s for it to succeed, delete it"
-                )
-            }
-            Change::CriValidation(v) => {
-                format!(
-                    "run `{}` in {} through containerd's CRI ({}) with runtime handler {} on the node's network, wait up to {}s for it to exit 0, remove its sandbox, remember the pass in {} until reboot",
-                    v.command.join(" "),
-                    v.image,
-                    v.socket,
-                    v.runtime_handler,
-                    v.timeout_seconds,
-                    v.marker,
-                )
-            }
-            Change::MigLayout(layout) => layout.summary(),
             Change::ApplyConfigMap {
                 namespace,
                 name,
@@ -340,122 +318,6 @@ impl Change {
                 )
             }
         }
-    }
-}
-
-/// What one CRI validation runs (a `Change::CriValidation`).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CriValidation {
-    pub socket: String,
-    pub runtime_handler: String,
-    pub image: String,
-    pub command: Vec<String>,
-    pub image_pull_policy: Option<String>,
-    pub namespace: String,
-    pub timeout_seconds: u64,
-    /// Where a pass is remembered until reboot.
-    pub marker: String,
-    /// What is validated, kept in the marker: another value means another
-    /// validation.
-    #[serde(skip)]
-    pub validated: serde_json::Value,
-}
-
-/// What one MIG layout change does (a `Change::MigLayout`).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MigLayout {
-    /// The layout's name (`all-1g.10gb`).
-    pub layout: String,
-    /// The NVML library the change goes through.
-    pub library: String,
-    /// Per GPU that changes, in index order.
-    pub gpus: Vec<MigGpuChange>,
-    /// How long the GPU clients' pods may take to leave the node.
-    pub timeout_seconds: u64,
-}
-
-/// One GPU's part of a layout change.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MigGpuChange {
-    pub index: u32,
-    pub name: String,
-    /// Turn MIG on or off first.
-    pub set_mode: Option<bool>,
-    /// The MIG devices destroyed, by profile name.
-    pub destroy: Vec<String>,
-    /// The MIG devices created, in order.
-    pub create: Vec<MigCreate>,
-    /// What the GPU is to hold: profile name → count (0: as many as fit).
-    #[serde(skip)]
-    pub wanted: BTreeMap<String, u32>,
-}
-
-/// One GPU instance (with one compute instance) to make.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MigCreate {
-    pub profile: String,
-    pub gpu_instance_profile: u32,
-    pub compute_instance_profile: u32,
-    pub start: u32,
-    pub size: u32,
-}
-
-impl MigLayout {
-    /// `MIG layout all-1g.10gb: GPUs 0,1: enable MIG, create 7× 1g.10gb
-    /// (slices 0,1,2,3,4,5,6); …`: GPUs with the same change told once.
-    pub fn summary(&self) -> String {
-        let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
-        for gpu in &self.gpus {
-            let mut parts = Vec::new();
-            match gpu.set_mode {
-                Some(true) => parts.push("enable MIG".to_string()),
-                Some(false) => parts.push("disable MIG".to_string()),
-                None => {}
-            }
-            if !gpu.destroy.is_empty() {
-                parts.push(format!("destroy {}", gpu.destroy.join(" + ")));
-            }
-            let mut made: Vec<(String, Vec<u32>)> = Vec::new();
-            for c in &gpu.create {
-                match made.iter_mut().find(|(p, _)| *p == c.profile) {
-                    Some((_, starts)) => starts.push(c.start),
-                    None => made.push((c.profile.clone(), vec![c.start])),
-                }
-            }
-            if !made.is_empty() {
-                let made: Vec<String> = made
-                    .iter()
-                    .map(|(profile, starts)| {
-                        let starts: Vec<String> = starts.iter().map(u32::to_string).collect();
-                        format!("{}× {profile} (slices {})", starts.len(), starts.join(","))
-                    })
-                    .collect();
-                parts.push(format!("create {}", made.join(" + ")));
-            }
-            let what = parts.join(", ");
-            match groups.iter_mut().find(|(w, _)| *w == what) {
-                Some((_, indices)) => indices.push(gpu.index),
-                None => groups.push((what, vec![gpu.index])),
-            }
-        }
-        let gpus: Vec<String> = groups
-            .iter()
-            .map(|(what, indices)| {
-                let noun = if indices.len() == 1 { "GPU" } else { "GPUs" };
-                let list: Vec<String> = indices.iter().map(u32::to_string).collect();
-                format!("{noun} {}: {what}", list.join(","))
-            })
-            .collect();
-        format!(
-            "MIG layout {}: {}; GPU clients paused while it changes (their pods given {}s to leave)",
-            self.layout,
-            gpus.join("; "),
-            self.timeout_seconds
-        )
     }
 }
 
@@ -493,6 +355,20 @@ pub struct Observation {
     /// What a failure to make `changes` leaves (default: no labels, and
     /// dependents blocked).
     pub on_failure: Option<OnFailure>,
+    /// What this step's failure means: whether waiting may help.
+    pub failure_kind: ErrorKind,
+    /// When the step wants to be looked at again, whatever else converged.
+    pub look_again: Option<LookAgain>,
+}
+
+/// When a step wants the daemon to look at it again sooner than it would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookAgain {
+    /// What it waits for may be over by then (a GPU's recent error).
+    After(std::time::Duration),
+    /// It waits for a slot another node holds (a rolling upgrade's): the
+    /// daemon looks for a free one at its slot-wait interval.
+    SharedSlot,
 }
 
 impl Observation {
@@ -507,16 +383,89 @@ impl Observation {
             commands: Vec::new(),
             details: serde_json::Value::Null,
             on_failure: None,
+            failure_kind: ErrorKind::NeedsOperator,
+            look_again: None,
         }
+    }
+
+    /// A step that failed with `error`.
+    pub fn failed(error: &StepError) -> Observation {
+        let mut obs = Observation::new(Outcome::Failed, error.to_string());
+        obs.failure_kind = error.kind();
+        obs
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StepError {
-    #[error(transparent)]
-    Host(#[from] HostError),
-    #[error("{0}")]
-    Observe(String),
+/// Whether waiting can help with a failure: the one thing the pipeline,
+/// `apply --wait` and the daemon decide from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// It may pass by itself (a user's check that waits on something).
+    Transient,
+    /// A person must change the node or the spec.
+    NeedsOperator,
+    /// The node must reboot.
+    NeedsReboot,
+}
+
+/// A failure to observe or to make a change: its kind and its cause
+/// chain, as one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepError {
+    kind: ErrorKind,
+    chain: String,
+}
+
+impl StepError {
+    pub fn new(kind: ErrorKind, chain: impl Into<String>) -> StepError {
+        StepError {
+            kind,
+            chain: chain.into(),
+        }
+    }
+
+    /// A failure a person must fix.
+    pub fn operator(chain: impl Into<String>) -> StepError {
+        StepError::new(ErrorKind::NeedsOperator, chain)
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The same failure, of another kind.
+    pub fn of_kind(self, kind: ErrorKind) -> StepError {
+        StepError { kind, ..self }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.chain)
+    }
+}
+
+impl std::error::Error for StepError {}
+
+impl From<HostError> for StepError {
+    fn from(e: HostError) -> StepError {
+        StepError::operator(error_chain(&e))
+    }
+}
+
+/// What a node lacks for a step to go on (kernel headers, a device node):
+/// the step's finding, reported as its outcome, not a failure of gpuprov's.
+/// A capability that can find either returns
+/// `Result<Result<T, Lacks>, StepError>`: the outer for failures, the
+/// inner for what the node lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lacks(pub Vec<String>);
+
+impl std::fmt::Display for Lacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("; "))
+    }
 }
 
 /// Everything a handler may look at.
@@ -527,6 +476,25 @@ pub struct StepContext<'a> {
     pub state: &'a StateDef,
     /// The API server, when there is one.
     pub cluster: Option<&'a Cluster>,
+    /// The node labels this run set so far.
+    pub labels_set: &'a LabelsSet,
+}
+
+impl StepContext<'_> {
+    /// A node label as it is now: as this run set it, else as read at
+    /// the start of the run.
+    pub fn node_label(&self, key: &str) -> Option<String> {
+        self.labels_set
+            .get(key)
+            .or_else(|| self.facts.node_labels.get(key).cloned())
+    }
+}
+
+/// What a capability's `revert` may use: the host and the spec, nothing
+/// observed (a revert works on a node whose GPU or driver is gone).
+pub struct RevertContext<'a> {
+    pub host: &'a Host,
+    pub spec: &'a Spec,
 }
 
 /// A unified diff of a file's content, for a `WriteFile` change.

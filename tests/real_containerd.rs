@@ -199,7 +199,7 @@ fn a_config_gpuprov_creates_for_containerd_1_6_keeps_its_runc() {
 
 #[test]
 fn signal_mode_restarts_a_real_containerd_under_its_supervisor() {
-    use gpuprov::containerd::restart::{socket_owner, wait_for_socket};
+    use gpuprov::host::socket::{socket_owner, wait_for_socket};
 
     if !support::as_root("containerd needs root") {
         return;

@@ -13,8 +13,10 @@ pub mod document;
 pub mod driver_files;
 
 use crate::host::{Host, HostError};
+use crate::make::make_changes;
+use crate::report::RevertReport;
 use crate::spec::Spec;
-use crate::step::{Change, Observation, Outcome, StepContext, StepError, file_diff};
+use crate::step::{Change, Observation, Outcome, RevertContext, StepContext, StepError, file_diff};
 
 use document::{Gpu, MigDevice};
 
@@ -67,14 +69,14 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let hook = crate::toolkit::ctk_binary(ctx.host, ctx.spec)?;
     let gpu_document = document::gpu_spec(&gpus, &files, &hook);
     let wanted = [
-        document::render(&gpu_document).map_err(StepError::Observe)?,
+        document::render(&gpu_document).map_err(StepError::operator)?,
         document::render(&document::management_spec(
             &gpus,
             &files,
             &hook,
             &mig_control,
         ))
-        .map_err(StepError::Observe)?,
+        .map_err(StepError::operator)?,
     ];
 
     let mut changes = Vec::new();
@@ -144,9 +146,27 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
 /// What a disabled or opted-out `cdi` takes away: the spec files gpuprov
 /// wrote (someone else's are left).
 pub fn withdraw(ctx: &StepContext) -> Result<Vec<Change>, StepError> {
+    removals(ctx.host, ctx.spec)
+}
+
+/// `revert`: removes the spec files gpuprov wrote, as `withdraw` would.
+pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), StepError> {
+    let changes = removals(ctx.host, ctx.spec)?;
+    make_changes(ctx.host, &changes)?;
+    report
+        .cdi_specs_removed
+        .extend(changes.iter().filter_map(|c| match c {
+            Change::RemoveFile { path, .. } => Some(path.clone()),
+            _ => None,
+        }));
+    Ok(())
+}
+
+/// Removing the spec files gpuprov wrote (a link never is one).
+fn removals(host: &Host, spec: &Spec) -> Result<Vec<Change>, StepError> {
     let mut changes = Vec::new();
-    for path in spec_paths(ctx.spec) {
-        if is_ours_at(ctx.host, &path)? {
+    for path in spec_paths(spec) {
+        if is_ours_at(host, &path)? {
             changes.push(Change::RemoveFile {
                 path,
                 purpose: "CDI spec gpuprov wrote; cdi is off".to_string(),
@@ -154,18 +174,6 @@ pub fn withdraw(ctx: &StepContext) -> Result<Vec<Change>, StepError> {
         }
     }
     Ok(changes)
-}
-
-/// `revert`: removes the spec files gpuprov wrote; returns their paths.
-pub fn remove_ours(host: &Host, spec: &Spec) -> Result<Vec<String>, HostError> {
-    let mut removed = Vec::new();
-    for path in spec_paths(spec) {
-        if is_ours_at(host, &path)? {
-            host.remove(&path)?;
-            removed.push(path);
-        }
-    }
-    Ok(removed)
 }
 
 /// Whether `path` is a regular file gpuprov wrote (a link never is).
@@ -180,12 +188,12 @@ fn is_ours_at(host: &Host, path: &str) -> Result<bool, HostError> {
 /// written by gpuprov); anything else there is refused by name.
 fn current_of_ours(host: &Host, path: &str) -> Result<Option<String>, StepError> {
     if let Some(target) = host.link_target(path)? {
-        return Err(StepError::Observe(format!(
+        return Err(StepError::operator(format!(
             "{path} is a symbolic link (to {target}); gpuprov writes its CDI spec only as a file of its own, so it leaves the link: remove it, or set cdi.specDir to another directory"
         )));
     }
     match host.read(path)? {
-        Some(text) if !document::is_ours(&text) => Err(StepError::Observe(format!(
+        Some(text) if !document::is_ours(&text) => Err(StepError::operator(format!(
             "{path} was not written by gpuprov (it lacks the line `{}`; `nvidia-ctk cdi generate` or the GPU Operator's toolkit writes this name): gpuprov leaves it; remove it to let gpuprov keep the spec, or set cdi.specDir to another directory",
             document::MARKER
         ))),
@@ -230,9 +238,9 @@ fn gpus(
         .any(|d| d.mig_enabled || d.mig_pending);
     if inventory.devices.iter().any(|d| d.mig_capable) && (mig_seen || layout_asked) {
         let library = crate::gpu::nvml::find_library(ctx.host, ctx.facts.nvml_lib.as_deref())
-            .map_err(|p| StepError::Observe(format!("MIG devices cannot be read: {p}")))?;
+            .map_err(|p| StepError::operator(format!("MIG devices cannot be read: {p}")))?;
         let migs = crate::mig::nvml::read(&library)
-            .map_err(|p| StepError::Observe(format!("MIG devices cannot be read: {p}")))?;
+            .map_err(|p| StepError::operator(format!("MIG devices cannot be read: {p}")))?;
         let with_mig: Vec<_> = migs
             .iter()
             .filter(|m| m.current && m.instances.iter().any(|gi| !gi.compute.is_empty()))

@@ -14,6 +14,7 @@ use toml_edit::{DocumentMut, Item};
 use super::config::{CdiWanted, DEFAULT_CDI_SPEC_DIRS, DefaultRuntime, RuntimeWanted};
 use super::imports::{self, Major};
 use crate::host::{CommandRecord, Host};
+use crate::step::{CapabilityChange, MakeContext, StepError, json_fields};
 
 /// Remembers, until reboot, the config containerd's view was last checked
 /// for (the wanted runtime, the files' contents, the binary): a converged
@@ -62,6 +63,69 @@ pub fn view_key(
         key["cdi"] = serde_json::json!(cdi);
     }
     format!("{key}\n")
+}
+
+/// Check containerd's own view of its config (`containerd config dump`
+/// in the host) for the runtime: it must exist, run `binary`, carry
+/// runc's SystemdCgroup, and be the default when `set_as_default`.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ViewCheck {
+    pub config: String,
+    pub class: String,
+    pub binary: String,
+    pub set_as_default: bool,
+    /// With `cdi.enabled`: CDI must be on, reading gpuprov's spec
+    /// directory, and the CDI runtime there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cdi: Option<CdiWanted>,
+    /// The containerd binary whose `config dump` is asked (none: the
+    /// files are merged by containerd's rules).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containerd: Option<String>,
+}
+
+impl CapabilityChange for ViewCheck {
+    fn kind(&self) -> &'static str {
+        "check-containerd-view"
+    }
+
+    fn summary(&self) -> String {
+        let (class, config) = (&self.class, &self.config);
+        match &self.containerd {
+            Some(binary) => format!(
+                "check runtime `{class}` in containerd's own view of {config} ({binary} config dump)"
+            ),
+            None => format!(
+                "check runtime `{class}` in containerd's view of {config} (its imports merged by containerd's rules)"
+            ),
+        }
+    }
+
+    fn fields(&self) -> serde_json::Value {
+        json_fields(self)
+    }
+
+    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
+        let wanted = RuntimeWanted {
+            class: self.class.clone(),
+            binary: self.binary.clone(),
+            default: if self.set_as_default {
+                DefaultRuntime::Set
+            } else {
+                DefaultRuntime::Keep
+            },
+            cdi: self.cdi.clone(),
+        };
+        verify(
+            on.host,
+            self.containerd.as_deref(),
+            &self.config,
+            &wanted,
+            on.commands,
+        )
+        .map_err(StepError::operator)
+    }
 }
 
 /// Checks containerd's view of `config`: `containerd --config <config>

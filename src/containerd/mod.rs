@@ -11,7 +11,6 @@ pub mod effective;
 pub mod imports;
 pub mod pattern;
 pub mod placement;
-pub mod restart;
 pub mod revert;
 
 use serde::{Deserialize, Serialize};
@@ -67,7 +66,7 @@ impl Record {
         match host.read(RECORD)? {
             None => Ok(None),
             Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-                StepError::Observe(format!("{RECORD}: {e} (move it away to start over)"))
+                StepError::operator(format!("{RECORD}: {e} (move it away to start over)"))
             }),
         }
     }
@@ -193,7 +192,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // target inside the root, and the link stays.
     let config_path = ctx.host.follow_links(&target.config)?;
     if config_path != target.config && !ctx.host.exists(&config_path)? {
-        return Err(StepError::Observe(format!(
+        return Err(StepError::operator(format!(
             "{} is a symlink to {config_path}, which does not exist in the host root: gpuprov does not create a file at a link's target",
             target.config
         )));
@@ -214,7 +213,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         && edit_path != config_path
         && text.contains("{{")
     {
-        return Err(StepError::Observe(format!(
+        return Err(StepError::operator(format!(
             "{edit_path} is a Go template ({{{{ … }}}}): gpuprov edits only a template that is plain TOML; add runtime `{}` there yourself, or move it away so gpuprov makes one from {config_path}",
             opts.runtime_class
         )));
@@ -229,7 +228,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // An error names the file and, where it can, the line and column.
     let in_file = |path: &str, text: &str| {
         let (path, text) = (path.to_string(), text.to_string());
-        move |e: config::ConfigError| StepError::Observe(format!("{path}:{}", e.located(&text)))
+        move |e: config::ConfigError| StepError::operator(format!("{path}:{}", e.located(&text)))
     };
     let original_default = match &original {
         Some(text) => config::default_runtime_name(text).map_err(in_file(&edit_path, text))?,
@@ -264,7 +263,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         ));
     }
     if text.trim().is_empty() && target.is_embedded() {
-        return Err(StepError::Observe(format!(
+        return Err(StepError::operator(format!(
             "{config_path} does not exist yet on {flavor_note}: it is written when the service first starts; start it, then run gpuprov again"
         )));
     }
@@ -298,7 +297,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // into a version-3 drop-in the file imports.
     let version1_on_2 = file_version == Some(1) && rules.merges_keys() && running.is_some();
     if version1_on_2 && rules == imports::Major::TwoThree {
-        return Err(StepError::Observe(format!(
+        return Err(StepError::operator(format!(
             "{config_path} is a version-1 config, whose CRI tables containerd 2 ignores, and {} refuses a drop-in with a higher version than the main config's: convert it with `containerd config migrate` (then gpuprov edits it as it is)",
             rules.name()
         )));
@@ -307,7 +306,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         (Some(_), _) => 2,
         (None, Some(version)) => config_version_for(version),
         (None, None) => {
-            return Err(StepError::Observe(match asked {
+            return Err(StepError::operator(match asked {
                 Some(Err(why)) => why,
                 _ => format!(
                     "{config_path} is empty and no containerd binary in the host says which config version it wants"
@@ -350,7 +349,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     if let Some(drop_in) = placement.drop_in()
         && ctx.host.follow_links(drop_in)? == config_path
     {
-        return Err(StepError::Observe(format!(
+        return Err(StepError::operator(format!(
             "containerd.dropInConfig {drop_in} is containerd's config {config_path} itself: the config would import itself; name a file of its own (such as {})",
             default_drop_in(&config_path)
         )));
@@ -462,14 +461,14 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         }
         _ => config_path.clone(),
     };
-    let check_view = Change::CheckContainerdView {
+    let check_view = Change::own(effective::ViewCheck {
         config: view_config.clone(),
         class: opts.runtime_class.clone(),
         binary: binary.clone(),
         set_as_default: opts.set_as_default,
         cdi: wanted.cdi.clone(),
         containerd: target.binary.clone(),
-    };
+    });
     let remember = |key: String| Change::WriteFile {
         path: effective::VIEW_CHECKED.to_string(),
         content: key.into_bytes(),
@@ -777,7 +776,7 @@ fn refuse_foreign_drop_in(
         },
         None => "exists and gpuprov did not write it",
     };
-    Err(StepError::Observe(format!(
+    Err(StepError::operator(format!(
         "{path} {why}: gpuprov does not overwrite another tool's drop-in; move it away, or name another file in containerd.dropInConfig"
     )))
 }

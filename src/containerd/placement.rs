@@ -117,7 +117,7 @@ pub fn choose(
                 "containerd.edit is dropIn and {config} imports {entry:?} (containerd 1.x takes the drop-in's CRI section whole: it holds the config's, copied)"
             ),
         }),
-        (None, _) if target.template.is_some() => Err(StepError::Observe(format!(
+        (None, _) if target.template.is_some() => Err(StepError::operator(format!(
             "containerd.edit is dropIn, but {config} imports no drop-in directory and {} writes it again at every start: an import added there would be lost; use edit: auto (the template) or a version that reads config-v3.toml.d",
             flavor_name(target.flavor)
         ))),
@@ -147,8 +147,8 @@ fn imported_dir(
     rules: Major,
 ) -> Result<Option<(String, String)>, StepError> {
     let doc = super::config::parse_shared(text)
-        .map_err(|e| StepError::Observe(format!("{config}:{}", e.located(text))))?;
-    let entries = imports::import_entries(&doc, config).map_err(StepError::Observe)?;
+        .map_err(|e| StepError::operator(format!("{config}:{}", e.located(text))))?;
+    let entries = imports::import_entries(&doc, config).map_err(StepError::operator)?;
     for entry in entries {
         let (dir, name) = entry.rsplit_once('/').unwrap_or(("", entry.as_str()));
         // Only a glob in the file name: a wildcard directory is not one

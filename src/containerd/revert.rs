@@ -5,19 +5,36 @@
 //! changed it since, only gpuprov's runtime (and a default it set) is
 //! removed and their change stays.
 
-use crate::host::{CommandRecord, Host};
+use crate::host::Host;
+use crate::make::make_changes;
+use crate::report::{RevertReport, RuntimeReverted};
 use crate::spec::ContainerdOptions;
-use crate::step::{Change, error_chain};
+use crate::step::{Change, RevertContext, StepError, error_chain};
 
 use super::{RECORD, RESTART_PENDING, Record, config, restart_changes, sha256_hex};
 
-/// What reverting containerd did, in a sentence.
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Reverted {
-    pub summary: String,
-    pub changed: bool,
-    pub commands: Vec<CommandRecord>,
+/// The `containerd-runtime` capability's revert: containerd's config back
+/// as it was (restarting containerd only if it changed), or on a CRI-O
+/// node gpuprov's drop-in gone; then the record of the view's check.
+pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), StepError> {
+    let (host, options) = (ctx.host, &ctx.spec.containerd);
+    let (changes, mut summary, mut changed) = plan(host, options).map_err(StepError::operator)?;
+    let mut commands = make_changes(host, &changes)?;
+    tidy_backups(host, options).map_err(StepError::operator)?;
+    if let Some((changes, crio, crio_changed)) =
+        crate::crio::revert_plan(host, options).map_err(StepError::operator)?
+    {
+        changed |= crio_changed;
+        commands.extend(make_changes(host, &changes)?);
+        summary = format!("{summary}; {crio}");
+    }
+    report.containerd = RuntimeReverted {
+        summary,
+        changed,
+        commands,
+    };
+    host.remove(super::effective::VIEW_CHECKED)?;
+    Ok(())
 }
 
 /// The changes that revert containerd's config, a sentence saying what

@@ -22,7 +22,10 @@ use toml_edit::{DocumentMut, Item, Table, Value};
 use crate::digest::sha256_hex;
 use crate::host::Host;
 use crate::spec::RestartMode;
-use crate::step::{Change, Observation, Outcome, StepContext, StepError};
+use crate::step::{
+    CapabilityChange, Change, MakeContext, Observation, Outcome, StepContext, StepError,
+    json_fields,
+};
 
 /// What gpuprov wrote for CRI-O, for revert.
 pub const RECORD: &str = "/var/lib/gpuprov/crio.json";
@@ -48,7 +51,7 @@ impl Record {
         match host.read(RECORD)? {
             None => Ok(None),
             Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-                StepError::Observe(format!("{RECORD}: {e} (move it away to start over)"))
+                StepError::operator(format!("{RECORD}: {e} (move it away to start over)"))
             }),
         }
     }
@@ -101,7 +104,7 @@ fn load(
     }
     names.sort();
     if names.len() > FILES_CAP {
-        return Err(StepError::Observe(format!(
+        return Err(StepError::operator(format!(
             "{dir} holds more than {FILES_CAP} files: gpuprov does not read that many"
         )));
     }
@@ -116,13 +119,13 @@ fn load(
         let Some(text) = text else { continue };
         read += text.len();
         if read > crate::containerd::imports::TOTAL_BYTES_CAP {
-            return Err(StepError::Observe(format!(
+            return Err(StepError::operator(format!(
                 "{config} and {dir} hold more than {} bytes (at {path}): gpuprov reads no more",
                 crate::containerd::imports::TOTAL_BYTES_CAP
             )));
         }
         let doc = crate::containerd::config::parse(&text)
-            .map_err(|e| StepError::Observe(format!("{path}:{}", e.located(&text))))?;
+            .map_err(|e| StepError::operator(format!("{path}:{}", e.located(&text))))?;
         out.push((path, doc));
     }
     Ok(out)
@@ -410,7 +413,7 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
         && *existing != text
         && !ours(existing)
     {
-        return Err(StepError::Observe(format!(
+        return Err(StepError::operator(format!(
             "{} {}: gpuprov does not overwrite another tool's drop-in; move it away, or name another file in crio.dropInConfig",
             target.drop_in,
             if record.is_some() {
@@ -512,7 +515,7 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
     }
     // Before the reload: CRI-O is not made to load a config whose view
     // lacks the runtime.
-    obs.changes.push(Change::CheckCrioView {
+    obs.changes.push(Change::own(CrioViewCheck {
         config: target.config.clone(),
         dir: target.dir.clone(),
         class: wanted.class.clone(),
@@ -520,7 +523,7 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
         set_as_default: wanted.set_as_default,
         cdi_spec_dir: wanted.cdi_spec_dir.clone(),
         crio: target.binary.clone(),
-    });
+    }));
     if reload.is_empty() {
         obs.reason
             .push_str("; restartMode is none: CRI-O loads the runtime at its next restart");
@@ -623,7 +626,58 @@ pub fn revert_plan(
     Ok(Some((changes, summary, removed)))
 }
 
-/// What `Change::CheckCrioView` checks.
+/// Check CRI-O's view of its config (its `crio config` when the host
+/// has the binary, else its files merged) for the runtime.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CrioViewCheck {
+    pub config: String,
+    pub dir: String,
+    pub class: String,
+    pub binary: String,
+    pub set_as_default: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cdi_spec_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crio: Option<String>,
+}
+
+impl CapabilityChange for CrioViewCheck {
+    fn kind(&self) -> &'static str {
+        "check-crio-view"
+    }
+
+    fn summary(&self) -> String {
+        let (class, dir) = (&self.class, &self.dir);
+        match &self.crio {
+            Some(binary) => format!(
+                "check runtime `{class}` in CRI-O's own view of its config and {dir} ({binary} config)"
+            ),
+            None => format!(
+                "check runtime `{class}` in CRI-O's view of its config and {dir} (merged as CRI-O does)"
+            ),
+        }
+    }
+
+    fn fields(&self) -> serde_json::Value {
+        json_fields(self)
+    }
+
+    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
+        let check = ViewCheck {
+            config: &self.config,
+            dir: &self.dir,
+            class: &self.class,
+            binary: &self.binary,
+            set_as_default: self.set_as_default,
+            cdi_spec_dir: self.cdi_spec_dir.as_deref(),
+            crio: self.crio.as_deref(),
+        };
+        verify(on.host, &check, on.commands).map_err(StepError::operator)
+    }
+}
+
+/// What a `CrioViewCheck` checks, borrowed.
 pub struct ViewCheck<'a> {
     pub config: &'a str,
     pub dir: &'a str,

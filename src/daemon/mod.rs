@@ -111,24 +111,18 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                 wait
             }
         };
-        // A GPU degraded by a recent error is looked at again when it may
-        // have recovered, not only when the backoff says.
-        let next = match &result {
-            Ok(report)
-                if report.steps.iter().any(|s| {
-                    s.name == "gpu-health" && s.outcome == crate::step::Outcome::Degraded
-                }) =>
-            {
-                next.min(Duration::from_secs(
-                    inputs.spec.health.recover_after_seconds + 1,
-                ))
-            }
-            _ => next,
+        // A step that asked to be looked at again by a time (a GPU
+        // degraded by a recent error, once it may have recovered) is, not
+        // only when the backoff says.
+        let next = match result.as_ref().ok().and_then(|r| r.look_again_after()) {
+            Some(after) => next.min(after),
+            None => next,
         };
-        // A driver waiting for an upgrade slot looks again for a free one
-        // (converged otherwise: the old driver works meanwhile).
+        // A step waiting for a slot another node holds (a driver's rolling
+        // upgrade) looks again for a free one (converged otherwise: the old
+        // driver works meanwhile).
         let next = match &result {
-            Ok(report) if report.waits_for_upgrade_slot() => {
+            Ok(report) if report.waits_for_shared_slot() => {
                 next.min(with_jitter(args.slot_wait_interval))
             }
             _ => next,

@@ -50,7 +50,7 @@ fn load_record(host: &Host, path: &str) -> Result<Option<Record>, StepError> {
         None => Ok(None),
         Some(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| StepError::Observe(format!("{path}: {e}"))),
+            .map_err(|e| StepError::operator(format!("{path}: {e}"))),
     }
 }
 
@@ -66,7 +66,7 @@ fn record_change(path: &str, record: &Record, purpose: &str) -> Change {
 
 /// The `driver` handler.
 pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
-    let loaded = detect::detect(ctx.host).map_err(|e| StepError::Observe(error_chain(&e)))?;
+    let loaded = detect::detect(ctx.host).map_err(|e| StepError::operator(error_chain(&e)))?;
     let mut record = load_record(ctx.host, RECORD)?;
     let installing = load_record(ctx.host, INSTALLING)?;
     // An install a killed run left behind: once its driver is loaded, it
@@ -394,7 +394,7 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
 
 fn package_manager(ctx: &StepContext) -> Result<PackageManager, StepError> {
     crate::toolkit::package_manager_for(&ctx.facts.os_ids).ok_or_else(|| {
-        StepError::Observe(format!(
+        StepError::operator(format!(
             "no package manager is known for this OS ({})",
             ctx.facts.os_ids.join(" ")
         ))

@@ -9,13 +9,14 @@
 //! write.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::nvml::{Inventory, NvmlDevice};
 use super::pci::PciFunction;
 use crate::mig::nvml::MigDevice;
 use crate::operands::device_plugin::GpuView;
 use crate::spec::{GfdMode, MigStrategy, Sharing, SharingStrategy};
-use crate::step::{Gate, Observation, Outcome, StepContext, StepError, error_chain};
+use crate::step::{Gate, LookAgain, Observation, Outcome, StepContext, StepError, error_chain};
 
 pub const MACHINE_FILE: &str = "/sys/class/dmi/id/product_name";
 /// The IMEX daemon's peer list: with it, GFD labels the node's NVLink
@@ -402,7 +403,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             return Ok(obs);
         }
         Err(problem) => {
-            return Err(StepError::Observe(format!(
+            return Err(StepError::operator(format!(
                 "no GPU features without NVML: {problem}"
             )));
         }
@@ -414,10 +415,10 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let chosen = match chosen {
         Some(chosen) => chosen,
         None => crate::operands::device_plugin::chosen(ctx.spec, &BTreeMap::new())
-            .map_err(StepError::Observe)?,
+            .map_err(StepError::operator)?,
     };
     let gpus = crate::operands::device_plugin::gpus(ctx)
-        .map_err(StepError::Observe)?
+        .map_err(StepError::operator)?
         .unwrap_or_default();
     let view = PluginView {
         gpus: &gpus,
@@ -457,6 +458,16 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
 /// to the nvidia driver; fewer means one fell off the bus (`degraded`,
 /// published as `gpuprov.io/gpu-health=degraded`).
 pub fn observe_health(ctx: &StepContext) -> Result<Observation, StepError> {
+    let mut obs = health(ctx)?;
+    // A degraded GPU is looked at again once a recent error may be over.
+    if obs.outcome == Outcome::Degraded {
+        let after = Duration::from_secs(ctx.spec.health.recover_after_seconds + 1);
+        obs.look_again = Some(LookAgain::After(after));
+    }
+    Ok(obs)
+}
+
+fn health(ctx: &StepContext) -> Result<Observation, StepError> {
     let on_nvidia: Vec<&PciFunction> = ctx
         .facts
         .gpus()

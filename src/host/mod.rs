@@ -25,6 +25,7 @@
 
 mod command;
 mod files;
+pub mod socket;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -1034,7 +1035,7 @@ impl Host {
 
     /// Makes a fresh, empty directory beside `host_path` for unpacking
     /// into, and returns its real path and a handle on the parent for the
-    /// renames that put it in place (see `toolkit::artifact::unpack`).
+    /// renames that put it in place (see `download::unpack`).
     pub fn fresh_dir_beside(
         &self,
         host_path: &str,

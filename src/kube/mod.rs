@@ -6,6 +6,10 @@
 //! errors are retried with backoff; a configured API server that stays
 //! unreachable is an error, never a silent fallback to another sink.
 
+/// The label on everything gpuprov creates in the cluster or the node's
+/// static pod directory.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "gpuprov");
+
 pub mod capped;
 pub mod config_maps;
 pub mod events;

@@ -14,11 +14,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::layout::MigLayout;
 use super::nvml::{Activation, Session};
 use super::{PAUSED, STATE_LABEL};
 use crate::kube::Cluster;
 use crate::operands::Operand;
-use crate::step::{MigLayout, error_chain};
+use crate::step::error_chain;
 
 /// How often the pods on the node are looked at while waiting.
 const POLL: Duration = Duration::from_millis(500);

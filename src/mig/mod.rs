@@ -10,16 +10,36 @@
 //! the GPUs hold.
 
 pub mod apply;
+pub mod layout;
 pub mod nvml;
 
 use std::collections::BTreeMap;
 
 use crate::spec::{MigEntry, generated_layout};
 use crate::step::{
-    Change, Gate, MigCreate, MigGpuChange, MigLayout, Observation, OnFailure, Outcome, StepContext,
-    StepError,
+    CapabilityChange, Change, Gate, MakeContext, Observation, OnFailure, Outcome, StepContext,
+    StepError, json_fields,
 };
+pub use layout::{MigCreate, MigGpuChange, MigLayout};
 use nvml::{GiProfile, GpuMig};
+
+impl CapabilityChange for MigLayout {
+    fn kind(&self) -> &'static str {
+        "mig-layout"
+    }
+
+    fn summary(&self) -> String {
+        MigLayout::summary(self)
+    }
+
+    fn fields(&self) -> serde_json::Value {
+        json_fields(self)
+    }
+
+    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
+        apply::run(on.cluster, self).map_err(StepError::operator)
+    }
+}
 
 /// The GPU Operator's label naming the layout a node wants.
 pub const CONFIG_LABEL: &str = "nvidia.com/mig.config";
@@ -145,7 +165,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         changes: Vec::new(),
         changes_after: 0,
     });
-    obs.changes = vec![Change::MigLayout(MigLayout {
+    obs.changes = vec![Change::own(MigLayout {
         layout: name.clone(),
         library: library.display().to_string(),
         gpus: changes,

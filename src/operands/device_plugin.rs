@@ -154,7 +154,7 @@ pub fn hand_over(
         let wanted = config_map_data(ctx.spec);
         let current = cluster
             .config_map_data(namespace, CONFIG_MAP)
-            .map_err(|e| StepError::Observe(error_chain(&e)))?;
+            .map_err(|e| StepError::operator(error_chain(&e)))?;
         if current.as_ref() != Some(&wanted) {
             let current = current.unwrap_or_default();
             let keys: Vec<String> = wanted

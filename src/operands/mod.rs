@@ -14,8 +14,11 @@ pub mod device_plugin;
 pub mod static_pod;
 pub mod validate;
 
+use crate::report::RevertReport;
 use crate::spec::{OperandDeploy, OperandSpec, Spec};
-use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain, file_diff};
+use crate::step::{
+    Change, Observation, Outcome, RevertContext, StepContext, StepError, error_chain, file_diff,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operand {
@@ -130,10 +133,10 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
             false => None,
         };
         let wanted = static_pod::render(ctx.spec, operand, chosen.as_ref(), cdi_hook.as_deref())
-            .map_err(StepError::Observe)?;
+            .map_err(StepError::operator)?;
         match &current {
             Some(text) if !static_pod::is_ours(text) => {
-                return Err(StepError::Observe(format!(
+                return Err(StepError::operator(format!(
                     "{path} exists and gpuprov did not write it; move it away or set operands.staticPodDir"
                 )));
             }
@@ -223,14 +226,14 @@ fn verify(
     Ok(match operand {
         Operand::DevicePlugin => {
             let chosen = chosen.ok_or_else(|| {
-                StepError::Observe("the device plugin has no config in force".to_string())
+                StepError::operator("the device plugin has no config in force".to_string())
             })?;
             verify_device_plugin(ctx, chosen)?
         }
         Operand::DcgmExporter => {
             let pods = cluster
                 .pods_on_node(DCGM_EXPORTER_SELECTOR)
-                .map_err(|e| StepError::Observe(error_chain(&e)))?;
+                .map_err(|e| StepError::operator(error_chain(&e)))?;
             let name = |p: &k8s_openapi::api::core::v1::Pod| {
                 format!(
                     "{}/{}",
@@ -277,7 +280,7 @@ fn verify_device_plugin(
     ctx: &StepContext,
     chosen: &device_plugin::Chosen,
 ) -> Result<(Outcome, String), StepError> {
-    let gpus = device_plugin::gpus(ctx).map_err(StepError::Observe)?;
+    let gpus = device_plugin::gpus(ctx).map_err(StepError::operator)?;
     let expected = match &gpus {
         Some(gpus) => device_plugin::expected(gpus, chosen.mig_strategy, chosen.sharing()),
         // Without NVML: the PCI GPUs bound to the nvidia driver, whole.
@@ -289,7 +292,7 @@ fn verify_device_plugin(
         }
     }
     .map_err(|why| {
-        StepError::Observe(format!("config {} ({}): {why}", chosen.name, chosen.whence))
+        StepError::operator(format!("config {} ({}): {why}", chosen.name, chosen.whence))
     })?;
     let config = format!(
         "config {} ({}{})",
@@ -342,6 +345,16 @@ pub fn withdraw(ctx: &StepContext, operand: Operand) -> Result<Vec<Change>, Step
         }],
         _ => Vec::new(),
     })
+}
+
+/// The operands' revert (one for all of them: they share the static pod
+/// directory): every operand manifest gpuprov wrote, and the device
+/// plugin config they read.
+pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), StepError> {
+    report
+        .static_pods_removed
+        .extend(static_pod::remove_ours(ctx.host, ctx.spec)?);
+    Ok(())
 }
 
 /// The GPUs on the node: those NVML sees, or without NVML the PCI GPUs

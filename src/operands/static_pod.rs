@@ -11,9 +11,7 @@ use super::device_plugin::{
 use crate::catalog::OPERAND_TEMPLATES;
 use crate::spec::Spec;
 
-/// The label that marks a manifest as gpuprov's: only those are rewritten
-/// or removed.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "gpuprov");
+pub use crate::kube::MANAGED_BY;
 
 /// Where the operand's manifest goes, a host path.
 pub fn path(spec: &Spec, operand: Operand) -> String {

@@ -335,7 +335,7 @@ pub fn refuse_linked_dir(host: &Host, drop_in: &str) -> Result<(), StepError> {
         return Ok(());
     };
     match host.link_target(dir)? {
-        Some(target) => Err(StepError::Observe(format!(
+        Some(target) => Err(StepError::operator(format!(
             "{dir}, where the drop-in {drop_in} goes, is a symlink to {target}: gpuprov does not write its drop-in through a link; make it a directory, or name another place"
         ))),
         None => Ok(()),

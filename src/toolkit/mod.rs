@@ -4,10 +4,9 @@
 //! gpuprov never adds a package repository: the host's configured sources
 //! (often a local mirror) are used as they are.
 
-pub mod artifact;
-
 use std::collections::BTreeMap;
 
+use crate::download::unpack as artifact;
 use crate::host::{HOST_PATH, Host, HostError};
 use crate::spec::{PackageManager, Spec};
 use crate::step::{Change, Gate, Observation, Outcome, StepContext, StepError};
@@ -106,12 +105,12 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     {
         let dir = artifact_dir(ctx.spec);
         let owned =
-            artifact::owned(ctx.host, INSTALLED_RECORD, &dir).map_err(StepError::Observe)?;
+            artifact::owned(ctx.host, INSTALLED_RECORD, &dir).map_err(StepError::operator)?;
         let current = owned
             .as_ref()
             .is_some_and(|o| o.sha256.as_deref() == Some(artifact.sha256.as_str()));
         if !missing.is_empty() || !current {
-            artifact::check_owned(ctx.host, &dir, owned.as_ref()).map_err(StepError::Observe)?;
+            artifact::check_owned(ctx.host, &dir, owned.as_ref()).map_err(StepError::operator)?;
             return artifact_install(ctx, artifact, &dir, owned.is_some(), &missing, found);
         }
     }
@@ -250,7 +249,7 @@ fn artifact_dir(spec: &Spec) -> String {
 }
 
 /// `toolkit.method: artifact`: fetch the pinned tarball and unpack it into
-/// the install dir atomically (`artifact::unpack`, which records what is
+/// the install dir atomically (`download::unpack`, which records what is
 /// there). `dir` is new, or gpuprov's (`ours`): `observe` checked.
 fn artifact_install(
     ctx: &StepContext,

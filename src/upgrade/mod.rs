@@ -12,40 +12,41 @@ pub mod slots;
 
 pub use action::{Action, STATE_LABEL, State};
 
-use std::sync::{Mutex, PoisonError};
-
 use crate::spec::FailurePolicy;
-use crate::step::{Change, Observation, OnFailure, Outcome, StepContext, StepError};
+use crate::step::{
+    CapabilityChange, Change, LookAgain, MakeContext, Observation, OnFailure, Outcome, StepContext,
+    StepError, json_fields,
+};
 
 /// `true` on a node keeps its driver as it is.
 pub const SKIP_LABEL: &str = "nvidia.com/gpu-driver-upgrade.skip";
 
 fn upgrade(action: Action) -> Change {
-    Change::Upgrade(action)
+    Change::own(action)
 }
 
-/// The state this process published since the node's labels were read:
-/// newer than the facts for the rest of the converge.
-static PUBLISHED: Mutex<Option<State>> = Mutex::new(None);
+/// Each step of a rolling upgrade is one change of the driver's.
+impl CapabilityChange for Action {
+    fn kind(&self) -> &'static str {
+        "upgrade"
+    }
 
-/// A converge starts from the node's labels as read now.
-pub fn forget_published() {
-    *PUBLISHED.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    fn summary(&self) -> String {
+        Action::summary(self)
+    }
+
+    fn fields(&self) -> serde_json::Value {
+        json_fields(self)
+    }
+
+    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
+        run::make(on.cluster, self, on.labels_set).map_err(StepError::operator)
+    }
 }
 
-pub(crate) fn published(state: State) {
-    *PUBLISHED.lock().unwrap_or_else(PoisonError::into_inner) = Some(state);
-}
-
-/// The node's upgrade state: as this converge published it, else its label.
+/// The node's upgrade state: as this run published it, else its label.
 pub fn current_state(ctx: &StepContext) -> Option<State> {
-    let published = *PUBLISHED.lock().unwrap_or_else(PoisonError::into_inner);
-    published.or_else(|| {
-        ctx.facts
-            .node_labels
-            .get(STATE_LABEL)
-            .and_then(|s| State::parse(s))
-    })
+    ctx.node_label(STATE_LABEL).and_then(|s| State::parse(&s))
 }
 
 /// What ends an upgrade whose driver is in and validated: uncordon, say
@@ -121,6 +122,10 @@ pub fn observe(
     let publish = |state: State| upgrade(Action::Publish { state });
     let details = |obs: &mut Observation, state: Option<State>| {
         obs.details = serde_json::json!({"upgradeState": state.map(State::as_str)});
+        // Waiting for a slot, it looks for a free one sooner than drift.
+        if state == Some(State::UpgradeRequired) {
+            obs.look_again = Some(LookAgain::SharedSlot);
+        }
     };
 
     if loaded == wanted {

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use super::{Action, STATE_LABEL, slots};
 use crate::kube::upgrade::Eviction;
 use crate::kube::{Cluster, KubeError};
-use crate::step::error_chain;
+use crate::step::{LabelsSet, error_chain};
 
 /// How often a wait looks again (jobs to finish, evictions a
 /// PodDisruptionBudget refused).
@@ -22,7 +22,11 @@ fn api(e: KubeError) -> String {
     error_chain(&e)
 }
 
-pub fn make(cluster: Option<&Cluster>, action: &Action) -> Result<(), String> {
+pub fn make(
+    cluster: Option<&Cluster>,
+    action: &Action,
+    labels_set: &LabelsSet,
+) -> Result<(), String> {
     let cluster = cluster.ok_or("a rolling driver upgrade needs an API server")?;
     match action {
         Action::TakeSlot {
@@ -45,7 +49,7 @@ pub fn make(cluster: Option<&Cluster>, action: &Action) -> Result<(), String> {
             cluster
                 .apply_labels_forced(STATE_MANAGER, &labels)
                 .map_err(api)?;
-            super::published(*state);
+            labels_set.record(STATE_LABEL, state.as_str());
             tracing::info!("{STATE_LABEL}={}", state.as_str());
             Ok(())
         }

@@ -29,7 +29,7 @@ const GPU_NODES: &str = "nvidia.com/gpu.present=true";
 const FLEET_SIZE_KEPT: Duration = Duration::from_secs(600);
 
 fn observe_error(e: crate::kube::KubeError) -> StepError {
-    StepError::Observe(error_chain(&e))
+    StepError::operator(error_chain(&e))
 }
 
 /// The most slots a fleet has: far more than any fleet's nodes. A Lease

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use gpuprov::containerd::restart::{socket_owner, wait_for_socket};
+use gpuprov::host::socket::{socket_owner, wait_for_socket};
 
 const IMAGE: &str = "gpuprov.test/busy:1";
 const TOOLKIT: &str = "usr/local/nvidia/toolkit";

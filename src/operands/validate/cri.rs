@@ -22,7 +22,8 @@ use crate::cri::messages::*;
 use crate::cri::{Cri, CriError};
 use crate::host::Host;
 use crate::step::{
-    Change, CriValidation, Observation, Outcome, StepContext, StepError, error_chain,
+    CapabilityChange, Change, MakeContext, Observation, Outcome, StepContext, StepError,
+    error_chain, json_fields,
 };
 
 /// Where a pass is remembered until reboot.
@@ -115,7 +116,7 @@ pub fn observe(ctx: &StepContext, probe: bool) -> Result<Option<Observation>, St
         },
     );
     obs.on_change = Outcome::Ready;
-    obs.changes = vec![Change::CriValidation(CriValidation {
+    obs.changes = vec![Change::own(CriValidation {
         socket: socket.clone(),
         runtime_handler,
         image: validator.image.clone(),
@@ -153,6 +154,51 @@ fn serves_cri(host: &Host, socket: &str) -> bool {
         // Gone since it was seen: nothing serves it.
         Ok(Err(CriError::Connect { .. })) => host.exists(socket).unwrap_or(true),
         _ => true,
+    }
+}
+
+/// What one CRI validation runs (a change of the validator's own).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CriValidation {
+    pub socket: String,
+    pub runtime_handler: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub image_pull_policy: Option<String>,
+    pub namespace: String,
+    pub timeout_seconds: u64,
+    /// Where a pass is remembered until reboot.
+    pub marker: String,
+    /// What is validated, kept in the marker: another value means another
+    /// validation.
+    #[serde(skip)]
+    pub validated: serde_json::Value,
+}
+
+impl CapabilityChange for CriValidation {
+    fn kind(&self) -> &'static str {
+        "cri-validation"
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "run `{}` in {} through containerd's CRI ({}) with runtime handler {} on the node's network, wait up to {}s for it to exit 0, remove its sandbox, remember the pass in {} until reboot",
+            self.command.join(" "),
+            self.image,
+            self.socket,
+            self.runtime_handler,
+            self.timeout_seconds,
+            self.marker,
+        )
+    }
+
+    fn fields(&self) -> serde_json::Value {
+        json_fields(self)
+    }
+
+    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
+        run(on.host, self).map_err(StepError::operator)
     }
 }
 

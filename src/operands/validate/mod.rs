@@ -23,8 +23,12 @@ use serde_json::json;
 
 use crate::kube::Cluster;
 use crate::kube::pods::describe;
+use crate::report::RevertReport;
 use crate::spec::ValidatorMode;
-use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain};
+use crate::step::{
+    CapabilityChange, Change, MakeContext, Observation, Outcome, RevertContext, StepContext,
+    StepError, error_chain, json_fields,
+};
 
 /// Where a pass is remembered until reboot.
 pub const MARKER: &str = "/run/gpuprov/validations/cuda-vectoradd.json";
@@ -99,7 +103,7 @@ fn cri_or_host(ctx: &StepContext, probe: bool) -> Result<Observation, StepError>
 /// The loaded driver's version, part of what a pass validated.
 fn driver_version(ctx: &StepContext) -> Result<Option<String>, StepError> {
     Ok(crate::driver::detect::detect(ctx.host)
-        .map_err(|e| StepError::Observe(error_chain(&e)))?
+        .map_err(|e| StepError::operator(error_chain(&e)))?
         .map(|d| d.version))
 }
 
@@ -149,14 +153,14 @@ fn observe_pod(ctx: &StepContext, cluster: &Cluster) -> Result<Observation, Step
     );
     obs.on_change = Outcome::Ready;
     obs.changes = vec![
-        Change::ValidationPod {
+        Change::own(ValidationPod {
             namespace: validator.namespace.clone(),
             name,
             image: validator.image.clone(),
             runtime_class: runtime_class(ctx),
             timeout_seconds: validator.timeout_seconds,
             manifest,
-        },
+        }),
         Change::WriteFile {
             path: MARKER.to_string(),
             content: record.into_bytes(),
@@ -207,6 +211,64 @@ fn manifest(ctx: &StepContext, node: &str, name: &str) -> serde_json::Value {
         pod["spec"]["runtimeClassName"] = json!(class);
     }
     pod
+}
+
+/// The validator's revert: the passes it remembered.
+pub fn revert(ctx: &RevertContext, _: &mut RevertReport) -> Result<(), StepError> {
+    for marker in [MARKER, RUNTIME_RAN, cri::MARKER] {
+        ctx.host.remove(marker)?;
+    }
+    Ok(())
+}
+
+/// Run the validation pod on this node and wait for it to succeed; it is
+/// deleted afterwards, whatever happened.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidationPod {
+    pub namespace: String,
+    pub name: String,
+    pub image: String,
+    pub runtime_class: Option<String>,
+    pub timeout_seconds: u64,
+    #[serde(skip)]
+    pub manifest: serde_json::Value,
+}
+
+impl CapabilityChange for ValidationPod {
+    fn kind(&self) -> &'static str {
+        "validation-pod"
+    }
+
+    fn summary(&self) -> String {
+        let class = self
+            .runtime_class
+            .as_deref()
+            .map(|c| format!(", runtime class {c}"))
+            .unwrap_or_default();
+        format!(
+            "run pod {}/{} ({}{class}, 1 nvidia.com/gpu) on this node, wait up to {}s for it to succeed, delete it",
+            self.namespace, self.name, self.image, self.timeout_seconds
+        )
+    }
+
+    fn fields(&self) -> serde_json::Value {
+        json_fields(self)
+    }
+
+    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
+        let cluster = on
+            .cluster
+            .ok_or_else(|| StepError::operator("the validation pod needs an API server"))?;
+        run_pod(
+            cluster,
+            &self.namespace,
+            &self.name,
+            &self.manifest,
+            Duration::from_secs(self.timeout_seconds),
+        )
+        .map_err(StepError::operator)
+    }
 }
 
 /// Creates the validation pod, waits for it to succeed, and deletes it

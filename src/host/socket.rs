@@ -1,5 +1,5 @@
-//! Getting containerd to load a changed config: wait for its socket to
-//! answer, and the `signal` restart mode.
+//! Getting a runtime (containerd, CRI-O) to load a changed config: wait
+//! for its socket to answer, and the `signal` restart mode.
 //!
 //! containerd has no reload. It stops cleanly on SIGTERM, and it dies on
 //! SIGHUP (it does not handle that signal), so either way a service manager

@@ -6,6 +6,8 @@
 //! deletes the temporary file and says expected against actual; nothing
 //! downloaded is used before its hash matches.
 
+pub mod unpack;
+
 use std::fs::{self, File};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::PermissionsExt;
