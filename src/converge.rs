@@ -6,12 +6,11 @@
 //! the daemon calls them in its loop.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::Error;
 use crate::catalog::{Catalog, Handler};
-use crate::cli::NodeArgs;
 use crate::exec::{ApplyLock, Executor};
 use crate::facts::Facts;
 use crate::host::{ExecMode, Host};
@@ -22,6 +21,29 @@ use crate::registry::{Revert, capability};
 use crate::report::{Action, RevertReport, RunReport};
 use crate::spec::Spec;
 use crate::step::RevertContext;
+
+/// What the pipeline is given for one node (the CLI's flags, converted).
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The desired-state YAML; the embedded default spec when absent.
+    pub config: Option<PathBuf>,
+    /// The node's root directory: `/` on the node, `/host` in a pod.
+    pub host_root: PathBuf,
+    /// How commands reach the host (default: by the root).
+    pub host_exec: Option<ExecMode>,
+    /// State YAML files that add to or override the built-in ones.
+    pub states_dir: Option<PathBuf>,
+    /// The node's labels given as `key=value` items.
+    pub node_labels: Vec<String>,
+    /// A file of the node's labels, one `key=value` a line.
+    pub node_labels_file: Option<PathBuf>,
+    pub labels_sink: LabelTarget,
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: Option<String>,
+    pub nvml_lib: Option<PathBuf>,
+    /// Longest time one host command may run.
+    pub command_timeout: Duration,
+}
 
 /// Validated inputs of `plan` and `apply`: nothing here has read the host
 /// beyond checking that its root is a directory.
@@ -39,7 +61,7 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    pub fn load(args: &NodeArgs) -> Result<Inputs, Error> {
+    pub fn load(args: &NodeOptions) -> Result<Inputs, Error> {
         let spec = match &args.config {
             Some(path) => Spec::load(path)?,
             None => Spec::default_spec(),
@@ -92,18 +114,15 @@ impl Inputs {
             Some(cluster) => cluster.node_labels()?,
             None => Default::default(),
         };
-        let mut node_labels = node.labels;
-        node_labels.extend(self.node_labels.clone());
-        let mut facts = Facts::gather(&self.host, node_labels).map_err(|source| Error::Facts {
+        let sources = crate::facts::Sources {
+            node,
+            given_labels: self.node_labels.clone(),
+            nvml_lib: self.nvml_lib.clone(),
+        };
+        Facts::gather_from(&self.host, sources).map_err(|source| Error::Facts {
             root: self.host.root().display().to_string(),
             source,
-        })?;
-        facts.own_labels = node.ours;
-        facts.node_allocatable = node.allocatable;
-        facts.node_gpu_ready = node.gpu_ready;
-        facts.node_taints = node.taints;
-        facts.nvml_lib = self.nvml_lib.clone();
-        Ok(facts)
+        })
     }
 
     fn sink(&self) -> Box<dyn labels::LabelSink + '_> {

@@ -106,8 +106,35 @@ fn check_is_a_host(host: &Host) -> Result<(), FactsError> {
     })
 }
 
+/// What facts are gathered from besides the host itself.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The Node as the API server has it (empty without one).
+    pub node: crate::kube::NodeLabels,
+    /// Labels given on the command line: they win over the node's own.
+    pub given_labels: BTreeMap<String, String>,
+    /// The NVML library asked for (`--nvml-lib`), else found in the host.
+    pub nvml_lib: Option<std::path::PathBuf>,
+}
+
 impl Facts {
+    /// The host's facts, with `node_labels` as the node's labels and no
+    /// API server.
     pub fn gather(host: &Host, node_labels: BTreeMap<String, String>) -> Result<Facts, FactsError> {
+        Facts::gather_from(
+            host,
+            Sources {
+                given_labels: node_labels,
+                ..Sources::default()
+            },
+        )
+    }
+
+    /// The one place facts are gathered: the host, then what `from` says
+    /// of the node.
+    pub fn gather_from(host: &Host, from: Sources) -> Result<Facts, FactsError> {
+        let mut node_labels = from.node.labels;
+        node_labels.extend(from.given_labels);
         check_is_a_host(host)?;
         let os_release = host.read("/etc/os-release")?.unwrap_or_default();
         let field = |name: &str| {
@@ -132,14 +159,14 @@ impl Facts {
         Ok(Facts {
             pci: pci::scan(host)?,
             node_labels,
-            own_labels: Default::default(),
-            node_allocatable: BTreeMap::new(),
-            node_gpu_ready: None,
-            node_taints: Vec::new(),
+            own_labels: from.node.ours,
+            node_allocatable: from.node.allocatable,
+            node_gpu_ready: from.node.gpu_ready,
+            node_taints: from.node.taints,
             os,
             os_ids,
             kernel,
-            nvml_lib: None,
+            nvml_lib: from.nvml_lib,
             nvml: std::sync::OnceLock::new(),
         })
     }

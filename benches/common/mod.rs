@@ -68,14 +68,14 @@ pub fn succeeds(cmd: &mut std::process::Command) {
     assert!(status.success(), "{cmd:?} exited {status}");
 }
 
-/// What `gpuprov apply` would be given for `host`: a converge in process
+/// What the pipeline is given for `host` (as by `gpuprov apply`): a converge in process
 /// with `--host-exec prefix`, labels to the NFD file, no API server.
 pub fn node_args(
     host: &std::path::Path,
     config: Option<std::path::PathBuf>,
     nvml_lib: Option<std::path::PathBuf>,
-) -> gpuprov::cli::NodeArgs {
-    gpuprov::cli::NodeArgs {
+) -> gpuprov::converge::NodeOptions {
+    gpuprov::converge::NodeOptions {
         config,
         host_root: host.to_path_buf(),
         host_exec: Some(gpuprov::host::ExecMode::Prefix),

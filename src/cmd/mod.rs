@@ -22,7 +22,7 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Apply(args) => apply::run_apply(&args),
         Command::States(args) => states::run_states(&args),
         Command::Revert(args) => revert::run_revert(&args),
-        Command::Run(args) => crate::daemon::run(&args),
+        Command::Run(args) => crate::daemon::run(&args.options()),
         Command::Facts(args) => facts::run_facts(&args),
     }
 }

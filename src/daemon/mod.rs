@@ -16,8 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::cli::RunArgs;
-use crate::converge::{Inputs, apply};
+use crate::converge::{Inputs, NodeOptions, apply};
 use crate::step::error_chain;
 use crate::{Error, exit};
 
@@ -32,7 +31,24 @@ enum Trigger {
     GpuError,
 }
 
-pub fn run(args: &RunArgs) -> Result<i32, Error> {
+/// What `gpuprov run` is given (its flags, converted).
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub node: NodeOptions,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub listen: std::net::SocketAddr,
+    /// How often a converged node is looked at again.
+    pub drift_interval: Duration,
+    /// How soon a node waiting on an operand is looked at again.
+    pub pending_interval: Duration,
+    /// How often a driver waiting for an upgrade slot looks for one.
+    pub slot_wait_interval: Duration,
+    /// How long one watch of the Node lasts before it is renewed.
+    pub watch_timeout: Duration,
+    pub lock_timeout: Duration,
+}
+
+pub fn run(args: &DaemonOptions) -> Result<i32, Error> {
     let node_args = &args.node;
     let mut inputs = Inputs::load(node_args)?;
     let Some(cluster) = &inputs.cluster else {
@@ -169,7 +185,10 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
                     break;
                 }
                 Ok(Trigger::ConfigChanged) => match Inputs::load(node_args) {
-                    Ok(reloaded) => {
+                    Ok(mut reloaded) => {
+                        if let (Some(new), Some(old)) = (&mut reloaded.cluster, &inputs.cluster) {
+                            new.keep_from(old);
+                        }
                         tracing::info!("the config changed");
                         inputs = reloaded;
                         metrics.set_exporter(exporter(&inputs));

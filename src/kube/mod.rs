@@ -142,6 +142,12 @@ pub struct Cluster {
     /// ConfigMaps' data as gpuprov last read or wrote them, by namespace
     /// and name: under the watches a converge does not read them again.
     config_maps: std::sync::Mutex<BTreeMap<(String, String), BTreeMap<String, String>>>,
+    /// The stop flag of the thread renewing a Lease this node holds (an
+    /// upgrade slot), while one runs: shared with a reconnected `Cluster`
+    /// (`keep_from`), so a reloaded spec keeps renewing the slot.
+    pub lease_renewal: Arc<std::sync::Mutex<Option<Arc<std::sync::atomic::AtomicBool>>>>,
+    /// How many GPU nodes the fleet has, and when that was read.
+    pub fleet_size: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 impl Cluster {
@@ -227,6 +233,8 @@ impl Cluster {
             },
             view: Default::default(),
             config_maps: Default::default(),
+            lease_renewal: Default::default(),
+            fleet_size: Default::default(),
         })
     }
 
@@ -383,6 +391,12 @@ impl Cluster {
 
     /// The node's labels and who set them: as the Node watch last saw
     /// them, else read now.
+    /// Takes over what a connection it replaces keeps running (the
+    /// renewal of a Lease this node holds).
+    pub fn keep_from(&mut self, old: &Cluster) {
+        self.lease_renewal = old.lease_renewal.clone();
+    }
+
     pub fn node_labels(&self) -> Result<NodeLabels, KubeError> {
         match self.view.node() {
             Some(node) => Ok(read_labels(&node)),

@@ -39,7 +39,7 @@ pub fn make(
             // Each stage that disrupts the node starts only while its slot
             // is held: one lost (the API server unreachable for longer than
             // the Lease) may be another node's by now.
-            if state.disrupts() && !slots::renewing(&cluster.node) {
+            if state.disrupts() && !slots::renewing(cluster) {
                 return Err(format!(
                     "the upgrade slot was lost before {}: another node may hold it now; stopping here",
                     state.as_str()

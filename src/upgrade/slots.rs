@@ -194,8 +194,10 @@ fn cordoned_mid_upgrade(node: &k8s_openapi::api::core::v1::Node) -> bool {
 
 /// How many GPU nodes the fleet has, read at most every 10 minutes.
 fn fleet_size(cluster: &Cluster) -> Result<u64, StepError> {
-    static KNOWN: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
-    let mut known = KNOWN.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut known = cluster
+        .fleet_size
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     if let Some((at, size)) = *known
         && at.elapsed() < FLEET_SIZE_KEPT
     {
@@ -233,7 +235,7 @@ pub fn take(
     lease_seconds: u64,
 ) -> Result<(), String> {
     let api = |e: crate::kube::KubeError| error_chain(&e);
-    if renewing(&cluster.node) {
+    if renewing(cluster) {
         return Ok(());
     }
     let leases = cluster.slot_leases(namespace, false).map_err(api)?;
@@ -304,25 +306,15 @@ pub fn take(
     keep_renewing(cluster, namespace, lease, lease_seconds)
 }
 
-/// A renewing thread, while its node holds a slot.
-struct Renewer {
-    stop: Arc<AtomicBool>,
-}
-
-/// The renewing threads of this process, by node (one in `gpuprov run`;
-/// many where one process simulates a fleet).
-fn renewers() -> &'static Mutex<BTreeMap<String, Renewer>> {
-    static RENEWERS: Mutex<BTreeMap<String, Renewer>> = Mutex::new(BTreeMap::new());
-    &RENEWERS
-}
-
-/// Whether this process renews a slot for `node` (and has not lost it).
-pub fn renewing(node: &str) -> bool {
-    renewers()
+/// Whether this process renews a slot for the cluster's node (and has
+/// not lost it).
+pub fn renewing(cluster: &Cluster) -> bool {
+    cluster
+        .lease_renewal
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .get(node)
-        .is_some_and(|r| !r.stop.load(Ordering::Relaxed))
+        .as_ref()
+        .is_some_and(|stop| !stop.load(Ordering::Relaxed))
 }
 
 fn keep_renewing(
@@ -331,9 +323,12 @@ fn keep_renewing(
     lease: Lease,
     lease_seconds: u64,
 ) -> Result<(), String> {
-    let mut running = renewers().lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(old) = running.remove(&cluster.node) {
-        old.stop.store(true, Ordering::Relaxed);
+    let mut running = cluster
+        .lease_renewal
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(old) = running.take() {
+        old.store(true, Ordering::Relaxed);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let options: ClusterOptions = cluster.options.clone();
@@ -343,7 +338,7 @@ fn keep_renewing(
         .name("upgrade slot".to_string())
         .spawn(move || renew_loop(options, namespace, lease, halt, every))
         .map_err(|e| format!("the upgrade slot's renewing thread cannot start: {e}"))?;
-    running.insert(cluster.node.clone(), Renewer { stop });
+    *running = Some(stop);
     Ok(())
 }
 
@@ -389,12 +384,13 @@ fn renew_loop(
 
 /// Stops renewing and gives this node's slot back.
 pub fn release(cluster: &Cluster, namespace: &str) -> Result<(), String> {
-    if let Some(running) = renewers()
+    if let Some(stop) = cluster
+        .lease_renewal
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .remove(&cluster.node)
+        .take()
     {
-        running.stop.store(true, Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
     }
     let Some(lease) = held_by(cluster, namespace).map_err(|e| e.to_string())? else {
         return Ok(());
