@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use common::{gpuprov, succeeds};
 use gpuprov::cdi::{document, driver_files};
 use gpuprov::converge::Inputs;
-use gpuprov::host::{ExecMode, Host};
+use gpuprov::host::{CommandMode, Host};
 
 fn apply(host: &Path, spec: &Path) -> Command {
     let mut cmd = gpuprov(&["apply", "--host-exec", "prefix", "--nvml-lib"]);
@@ -96,7 +96,12 @@ fn main() {
     let host_dir = support::copy_host("h100x8-cdi");
 
     // In process: the generation itself, for 8 GPUs and driver 550.54.15.
-    let host = Host::new(host_dir.path(), ExecMode::Prefix, Duration::from_secs(10)).unwrap();
+    let host = Host::new(
+        host_dir.path(),
+        CommandMode::Prefix,
+        Duration::from_secs(10),
+    )
+    .unwrap();
     let gpus: Vec<document::Gpu> = (0..8)
         .map(|i| document::Gpu {
             index: i,

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use gpuprov::kube::{Cluster, ClusterOptions};
-use gpuprov::step::LabelsSet;
+use gpuprov::state::LabelsSet;
 
 use support::daemon::{Daemon, eventually, free_port};
 use support::fake_api::FakeApi;

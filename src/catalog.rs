@@ -72,7 +72,7 @@ pub const OPERAND_TEMPLATES: &[(&str, &str)] = &[
 /// The Rust code that observes and converges a state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Handler {
+pub enum CapabilityId {
     DetectGpu,
     Driver,
     ContainerToolkit,
@@ -87,24 +87,24 @@ pub enum Handler {
     Exec,
 }
 
-impl Handler {
-    pub const ALL: &[(&str, Handler)] = &[
-        ("detect-gpu", Handler::DetectGpu),
-        ("driver", Handler::Driver),
-        ("container-toolkit", Handler::ContainerToolkit),
-        ("containerd-runtime", Handler::ContainerdRuntime),
-        ("gpu-health", Handler::GpuHealth),
-        ("mig", Handler::Mig),
-        ("cdi", Handler::Cdi),
-        ("gpu-feature-discovery", Handler::GpuFeatureDiscovery),
-        ("device-plugin", Handler::DevicePlugin),
-        ("dcgm-exporter", Handler::DcgmExporter),
-        ("validator", Handler::Validator),
-        ("exec", Handler::Exec),
+impl CapabilityId {
+    pub const ALL: &[(&str, CapabilityId)] = &[
+        ("detect-gpu", CapabilityId::DetectGpu),
+        ("driver", CapabilityId::Driver),
+        ("container-toolkit", CapabilityId::ContainerToolkit),
+        ("containerd-runtime", CapabilityId::ContainerdRuntime),
+        ("gpu-health", CapabilityId::GpuHealth),
+        ("mig", CapabilityId::Mig),
+        ("cdi", CapabilityId::Cdi),
+        ("gpu-feature-discovery", CapabilityId::GpuFeatureDiscovery),
+        ("device-plugin", CapabilityId::DevicePlugin),
+        ("dcgm-exporter", CapabilityId::DcgmExporter),
+        ("validator", CapabilityId::Validator),
+        ("exec", CapabilityId::Exec),
     ];
 
     pub fn name(self) -> &'static str {
-        Handler::ALL
+        CapabilityId::ALL
             .iter()
             .find(|(_, h)| *h == self)
             .map(|(n, _)| *n)
@@ -148,7 +148,8 @@ struct RawStateFile {
 pub struct StateDef {
     pub name: String,
     pub description: String,
-    pub handler: Handler,
+    /// The capability that runs it (its file's `handler`).
+    pub capability: CapabilityId,
     pub after: Vec<Spanned<String>>,
     /// The spec switch that turns it on (`gfd.enabled`); always on when absent.
     pub enabled_by: Option<String>,
@@ -168,12 +169,12 @@ pub struct StateDef {
 }
 
 impl StateDef {
-    pub fn from_user(user: RawUserState, handler: Handler, origin: Arc<Source>) -> StateDef {
+    pub fn from_user(user: RawUserState, handler: CapabilityId, origin: Arc<Source>) -> StateDef {
         StateDef {
             label: format!("gpuprov.io/{}", user.name.value),
             name: user.name.value,
             description: user.description,
-            handler,
+            capability: handler,
             after: user.after,
             enabled_by: None,
             optional: false,
@@ -236,7 +237,8 @@ impl Catalog {
         let mut states = self.states.clone();
         let mut errors = Vec::new();
         for user in &spec.states {
-            let user = StateDef::from_user(user.clone(), Handler::Exec, spec.states_source.clone());
+            let user =
+                StateDef::from_user(user.clone(), CapabilityId::Exec, spec.states_source.clone());
             if let Some(existing) = states.iter().find(|s| s.name == user.name) {
                 errors.push(Diagnostic::at_location(
                     &user.origin,
@@ -305,10 +307,13 @@ pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
             format!("state name `{}` {why}", raw.name.value),
         ))
     })?;
-    let handler = match Handler::ALL.iter().find(|(n, _)| *n == raw.handler.value) {
+    let handler = match CapabilityId::ALL
+        .iter()
+        .find(|(n, _)| *n == raw.handler.value)
+    {
         Some((_, handler)) => *handler,
         None => {
-            let names: Vec<&str> = Handler::ALL.iter().map(|(n, _)| *n).collect();
+            let names: Vec<&str> = CapabilityId::ALL.iter().map(|(n, _)| *n).collect();
             let mut d = at(
                 raw.handler.referenced,
                 format!("unknown handler `{}`", raw.handler.value),
@@ -336,13 +341,13 @@ pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
         check_label_selector(&label.value).map_err(|why| invalid(at(label.referenced, why)))?;
     }
     match (handler, &raw.check) {
-        (Handler::Exec, None) => {
+        (CapabilityId::Exec, None) => {
             return Err(invalid(at(
                 raw.handler.referenced,
                 "an exec state needs a `check` command".to_string(),
             )));
         }
-        (_, Some(check)) if handler != Handler::Exec => {
+        (_, Some(check)) if handler != CapabilityId::Exec => {
             return Err(invalid(at(
                 check.referenced,
                 format!(
@@ -363,7 +368,7 @@ pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
             .map_or_else(|| format!("gpuprov.io/{}", raw.name.value), |l| l.value),
         name: raw.name.value,
         description: raw.description,
-        handler,
+        capability: handler,
         after: raw.after,
         enabled_by: raw.enabled_by.map(|s| s.value),
         optional: raw.optional,

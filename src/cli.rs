@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::converge::NodeOptions;
-use crate::daemon::DaemonOptions;
-use crate::host::ExecMode;
+use crate::host::CommandMode;
 use crate::labels::LabelTarget;
 
 #[derive(Debug, Parser)]
@@ -61,7 +59,7 @@ pub struct NodeArgs {
     pub host_root: PathBuf,
     /// How commands reach the host [default: chroot, or plain when the root is /].
     #[arg(long, value_enum)]
-    pub host_exec: Option<ExecMode>,
+    pub host_exec: Option<CommandMode>,
     /// A directory of state YAML files that add to or override the built-in ones.
     #[arg(long)]
     pub states_dir: Option<PathBuf>,
@@ -88,25 +86,6 @@ pub struct NodeArgs {
     /// Longest time one host command may run (`30s`, `5m`).
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     pub command_timeout: Duration,
-}
-
-impl NodeArgs {
-    /// The pipeline's own input, from these flags.
-    pub fn options(&self) -> NodeOptions {
-        NodeOptions {
-            config: self.config.clone(),
-            host_root: self.host_root.clone(),
-            host_exec: self.host_exec,
-            states_dir: self.states_dir.clone(),
-            node_labels: self.node_labels.clone(),
-            node_labels_file: self.node_labels_file.clone(),
-            labels_sink: self.labels_sink,
-            kubeconfig: self.kubeconfig.clone(),
-            node_name: self.node_name.clone(),
-            nvml_lib: self.nvml_lib.clone(),
-            command_timeout: self.command_timeout,
-        }
-    }
 }
 
 #[derive(Debug, Args)]
@@ -168,21 +147,6 @@ pub struct RunArgs {
     /// How long to wait for another run's lock on this host (`30s`, `2m`).
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub lock_timeout: Duration,
-}
-
-impl RunArgs {
-    /// The daemon's own input, from these flags.
-    pub fn options(&self) -> DaemonOptions {
-        DaemonOptions {
-            node: self.node.options(),
-            listen: self.listen,
-            drift_interval: self.drift_interval,
-            pending_interval: self.pending_interval,
-            slot_wait_interval: self.slot_wait_interval,
-            watch_timeout: self.watch_timeout,
-            lock_timeout: self.lock_timeout,
-        }
-    }
 }
 
 #[derive(Debug, Args)]

@@ -10,17 +10,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::Error;
-use crate::catalog::{Catalog, Handler};
-use crate::exec::{ApplyLock, Executor};
+use crate::catalog::{CapabilityId, Catalog};
+use crate::executor::{ApplyLock, Executor};
 use crate::facts::Facts;
-use crate::host::{ExecMode, Host};
+use crate::host::{CommandMode, Host};
 use crate::kube::{Cluster, ClusterOptions};
 use crate::labels::{self, LabelTarget};
 use crate::plan::{Graph, PlanReport, Summary};
 use crate::registry::{Revert, capability};
 use crate::report::{Action, RevertReport, RunReport};
 use crate::spec::Spec;
-use crate::step::RevertContext;
+use crate::state::RevertContext;
 
 /// What the pipeline is given for one node (the CLI's flags, converted).
 #[derive(Debug, Clone)]
@@ -30,7 +30,7 @@ pub struct NodeOptions {
     /// The node's root directory: `/` on the node, `/host` in a pod.
     pub host_root: PathBuf,
     /// How commands reach the host (default: by the root).
-    pub host_exec: Option<ExecMode>,
+    pub host_exec: Option<CommandMode>,
     /// State YAML files that add to or override the built-in ones.
     pub states_dir: Option<PathBuf>,
     /// The node's labels given as `key=value` items.
@@ -70,7 +70,7 @@ impl Inputs {
         let node_labels = node_labels(&args.node_labels, args.node_labels_file.as_deref())?;
         let mode = args
             .host_exec
-            .unwrap_or_else(|| ExecMode::default_for(&args.host_root));
+            .unwrap_or_else(|| CommandMode::default_for(&args.host_root));
         let host = Host::new(&args.host_root, mode, args.command_timeout)?;
         let options = ClusterOptions {
             kubeconfig: args.kubeconfig.clone(),
@@ -223,7 +223,7 @@ fn apply_locked(inputs: &Inputs) -> Result<RunReport, Error> {
     if let Some(cluster) = &inputs.cluster
         && let Err(e) = crate::kube::events::publish(cluster, &inputs.host, &steps)
     {
-        tracing::warn!("node events not posted: {}", crate::step::error_chain(&e));
+        tracing::warn!("node events not posted: {}", crate::state::error_chain(&e));
     }
     // The readiness gate likewise: the next converge tries again.
     if let Some(cluster) = &inputs.cluster
@@ -231,7 +231,7 @@ fn apply_locked(inputs: &Inputs) -> Result<RunReport, Error> {
     {
         tracing::error!(
             "the GPU readiness gate (condition, startup taint) is not updated: {}",
-            crate::step::error_chain(&e)
+            crate::state::error_chain(&e)
         );
     }
     let mut report = RunReport::new(&inputs.host, &inputs.spec, started, steps, labels);
@@ -294,14 +294,14 @@ fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
 /// Every capability, the plan's in reverse plan order, then those the
 /// plan lacks (a state a states directory took out may have written
 /// before), so that nothing gpuprov wrote is left for want of a state.
-fn revert_order(graph: &Graph) -> Vec<Handler> {
-    let mut order: Vec<Handler> = Vec::new();
-    for state in graph.steps.iter().rev() {
-        if !order.contains(&state.handler) {
-            order.push(state.handler);
+fn revert_order(graph: &Graph) -> Vec<CapabilityId> {
+    let mut order: Vec<CapabilityId> = Vec::new();
+    for state in graph.states.iter().rev() {
+        if !order.contains(&state.capability) {
+            order.push(state.capability);
         }
     }
-    for (_, handler) in Handler::ALL.iter().rev() {
+    for (_, handler) in CapabilityId::ALL.iter().rev() {
         if !order.contains(handler) {
             order.push(*handler);
         }
@@ -384,7 +384,7 @@ pub fn apply_until_converged(
         let hopeless = match &result {
             Ok(report) => report.cannot_converge_by_waiting(),
             Err(e) if waiting_may_help(e) => None,
-            Err(e) => Some(crate::step::error_chain(e)),
+            Err(e) => Some(crate::state::error_chain(e)),
         };
         if !done
             && !out_of_time
@@ -422,7 +422,10 @@ pub fn apply_until_converged(
                     blocking.join(", ")
                 );
             }
-            Err(e) => tracing::warn!("{}; trying again in {delay:?}", crate::step::error_chain(e)),
+            Err(e) => tracing::warn!(
+                "{}; trying again in {delay:?}",
+                crate::state::error_chain(e)
+            ),
         }
         std::thread::sleep(delay);
         // Waiting on an operand's pod is progress: keep looking every

@@ -1,11 +1,17 @@
 //! gpuprov: converges a Kubernetes GPU node to a declared state.
 //!
 //! Data flow: `spec` (node.yaml) and `catalog` (states/*.yaml) compile into a
-//! `plan::Graph`; `facts` are observed once through `host`; the `exec`
-//! executor walks the graph and each state's handler (`gpu`, `driver`,
-//! `toolkit`, `containerd`, `operands`, `exec_state`) observes and
-//! converges its part; `labels` publishes the
-//! outcome. `commands` ties these together for the CLI.
+//! `plan::Graph` of states; `facts` are gathered once through `host`; the
+//! `executor` walks the graph and, through the `registry`, each state's
+//! capability (`gpu`, `driver`, `toolkit`, `containerd`, `operands`,
+//! `exec`, …) observes and converges its part against the contract in
+//! `state`; `labels` publishes the outcome. `converge` is the pipeline the
+//! subcommands (`cmd`) and the daemon share.
+//!
+//! Vocabulary: a *state* is one unit of work (a file under `states/`, a
+//! plan row, a label); a *capability* is the code that runs a kind of state
+//! (a folder here, one registry entry), named by the state's `handler`
+//! key.
 
 pub mod background;
 pub mod catalog;
@@ -23,7 +29,7 @@ pub mod download;
 pub mod driver;
 pub mod error_chain;
 pub mod exec;
-pub mod exec_state;
+pub mod executor;
 pub mod facts;
 pub mod gpu;
 pub mod host;
@@ -41,7 +47,7 @@ pub mod registry;
 pub mod report;
 pub mod runtime;
 pub mod spec;
-pub mod step;
+pub mod state;
 pub mod telemetry;
 pub mod toolkit;
 pub mod upgrade;
@@ -64,7 +70,7 @@ pub enum Error {
     #[error(transparent)]
     Host(#[from] host::HostError),
     #[error(transparent)]
-    Lock(#[from] exec::LockError),
+    Lock(#[from] executor::LockError),
     #[error("cannot publish labels")]
     Labels(#[from] labels::LabelError),
     #[error("invalid node labels {origin}: {problem}")]
@@ -104,7 +110,7 @@ pub mod exit {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Lock(exec::LockError::Timeout { .. }) => exit::LOCKED,
+            Error::Lock(executor::LockError::Timeout { .. }) => exit::LOCKED,
             Error::Kube(kube::KubeError::Interrupted { .. })
             | Error::Labels(labels::LabelError::Kube(kube::KubeError::Interrupted { .. })) => {
                 exit::INTERRUPTED

@@ -9,10 +9,10 @@ use std::time::Duration;
 use crate::host::socket;
 use crate::host::{CommandRecord, FileWrite, Host};
 use crate::kube::{Cluster, MANAGED_BY};
-use crate::step::{Change, LabelsSet, MakeContext, StepError, error_chain};
+use crate::state::{Change, LabelsSet, MakeContext, StateError, error_chain};
 
 /// Makes changes in order, stopping at the first that fails.
-pub fn make_changes(host: &Host, changes: &[Change]) -> Result<Vec<CommandRecord>, StepError> {
+pub fn make_changes(host: &Host, changes: &[Change]) -> Result<Vec<CommandRecord>, StateError> {
     let mut commands = Vec::new();
     let labels_set = LabelsSet::default();
     let mut done = 0;
@@ -31,7 +31,7 @@ pub fn make_next(
     changes: &[Change],
     commands: &mut Vec<CommandRecord>,
     labels_set: &LabelsSet,
-) -> Result<usize, StepError> {
+) -> Result<usize, StateError> {
     let writes: Vec<FileWrite> = changes
         .iter()
         .map_while(|change| match change {
@@ -62,7 +62,7 @@ pub fn make_change(
     change: &Change,
     commands: &mut Vec<CommandRecord>,
     labels_set: &LabelsSet,
-) -> Result<(), StepError> {
+) -> Result<(), StateError> {
     match change {
         Change::Run { argv, display } => {
             let record = host.run(argv)?;
@@ -72,7 +72,7 @@ pub fn make_change(
             if ok {
                 Ok(())
             } else {
-                Err(StepError::operator(format!("`{display}` {summary}")))
+                Err(StateError::operator(format!("`{display}` {summary}")))
             }
         }
         Change::WriteFile {
@@ -88,7 +88,7 @@ pub fn make_change(
         } => {
             let path = host.resolve(socket)?;
             socket::signal_and_wait(&path, Duration::from_secs(*timeout_seconds))
-                .map_err(StepError::operator)
+                .map_err(StateError::operator)
         }
         Change::WaitSocket {
             socket,
@@ -96,7 +96,7 @@ pub fn make_change(
         } => {
             let path = host.resolve(socket)?;
             socket::wait_for_socket(&path, Duration::from_secs(*timeout_seconds), None)
-                .map_err(StepError::operator)
+                .map_err(StateError::operator)
         }
         Change::Unpack {
             archive,
@@ -104,7 +104,7 @@ pub fn make_change(
             record,
             ..
         } => crate::download::unpack::unpack(host, archive, into, record)
-            .map_err(StepError::operator),
+            .map_err(StateError::operator),
         Change::ApplyConfigMap {
             namespace,
             name,
@@ -112,11 +112,11 @@ pub fn make_change(
             ..
         } => {
             let cluster =
-                cluster.ok_or_else(|| StepError::operator("a ConfigMap needs an API server"))?;
+                cluster.ok_or_else(|| StateError::operator("a ConfigMap needs an API server"))?;
             let labels = BTreeMap::from([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())]);
             cluster
                 .apply_config_map(namespace, name, &labels, data)
-                .map_err(|e| StepError::operator(error_chain(&e)))
+                .map_err(|e| StateError::operator(error_chain(&e)))
         }
         Change::Fetch {
             artifact,
@@ -130,7 +130,7 @@ pub fn make_change(
             *executable,
         )
         .map(|_| ())
-        .map_err(|e| StepError::operator(error_chain(&e))),
+        .map_err(|e| StateError::operator(error_chain(&e))),
         Change::Own(change) => change.make(&mut MakeContext {
             host,
             cluster,

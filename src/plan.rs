@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::catalog::StateDef;
 use crate::diagnostic::{Diagnostic, Diagnostics, nearest};
 use crate::printable::printable;
-use crate::report::{Action, SinkPreview, StepReport};
+use crate::report::{Action, SinkPreview, StateReport};
 
 pub const PLAN_SCHEMA_VERSION: u32 = 1;
 
@@ -17,7 +17,7 @@ pub const PLAN_SCHEMA_VERSION: u32 = 1;
 /// broken by catalogue order.
 #[derive(Debug, Clone)]
 pub struct Graph {
-    pub steps: Vec<StateDef>,
+    pub states: Vec<StateDef>,
 }
 
 impl Graph {
@@ -77,7 +77,7 @@ impl Graph {
         }
         let mut slots: Vec<Option<StateDef>> = states.into_iter().map(Some).collect();
         Ok(Graph {
-            steps: order
+            states: order
                 .into_iter()
                 .map(|i| slots[i].take().expect("each once"))
                 .collect(),
@@ -147,7 +147,7 @@ pub struct PlanReport {
     pub spec: String,
     pub os: Option<String>,
     pub kernel: Option<String>,
-    pub steps: Vec<StepReport>,
+    pub steps: Vec<StateReport>,
     pub labels: BTreeMap<String, String>,
     pub label_sink: SinkPreview,
     pub summary: Summary,
@@ -164,7 +164,7 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn of(steps: &[StepReport]) -> Summary {
+    pub fn of(steps: &[StateReport]) -> Summary {
         let mut s = Summary::default();
         for step in steps {
             *match step.action {
@@ -263,7 +263,7 @@ impl PlanReport {
 }
 
 /// One line per step (symbol, state, outcome, reason), its changes indented below.
-pub fn steps_table(steps: &[StepReport]) -> String {
+pub fn steps_table(steps: &[StateReport]) -> String {
     let mut out = String::new();
     let name_width = steps.iter().map(|s| s.name.len()).max().unwrap_or(0);
     let outcome_width = steps
@@ -282,7 +282,7 @@ pub fn steps_table(steps: &[StepReport]) -> String {
         );
         for change in &step.changes {
             let _ = writeln!(out, "      {}", printable(&change.summary(), false));
-            if let crate::step::Change::WriteFile {
+            if let crate::state::Change::WriteFile {
                 diff: Some(diff), ..
             } = change
             {

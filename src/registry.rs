@@ -3,17 +3,17 @@
 //! opted out, and what `revert` takes back. The executor and the revert
 //! walk go through this table and know no capability by name; a new
 //! capability adds its folder, its state YAML, its spec section, its
-//! `Handler` and one entry here.
+//! `CapabilityId` and one entry here.
 
-use crate::catalog::Handler;
+use crate::catalog::CapabilityId;
 use crate::report::RevertReport;
 use crate::spec::ExporterMode;
-use crate::step::{Change, Observation, RevertContext, StepContext, StepError};
-use crate::{cdi, containerd, driver, exec_state, gpu, mig, operands, telemetry, toolkit};
+use crate::state::{Change, Observation, RevertContext, StateContext, StateError};
+use crate::{cdi, containerd, driver, exec, gpu, mig, operands, telemetry, toolkit};
 
-type Observe = fn(&StepContext) -> Result<Observation, StepError>;
-type Withdraw = fn(&StepContext) -> Result<Vec<Change>, StepError>;
-pub type Revert = fn(&RevertContext, &mut RevertReport) -> Result<(), StepError>;
+type Observe = fn(&StateContext) -> Result<Observation, StateError>;
+type Withdraw = fn(&StateContext) -> Result<Vec<Change>, StateError>;
+pub type Revert = fn(&RevertContext, &mut RevertReport) -> Result<(), StateError>;
 
 /// What a step's handler does, as functions of its context.
 pub struct Capability {
@@ -32,35 +32,35 @@ pub struct Capability {
     pub runs_when_operands_opted_out: bool,
 }
 
-fn leave_as_is(_: &StepContext) -> Result<Vec<Change>, StepError> {
+fn leave_as_is(_: &StateContext) -> Result<Vec<Change>, StateError> {
     Ok(Vec::new())
 }
 
-pub fn capability(handler: Handler) -> Capability {
+pub fn capability(handler: CapabilityId) -> Capability {
     use operands::Operand;
     let (observe, withdraw, revert): (Observe, Withdraw, Option<Revert>) = match handler {
-        Handler::DetectGpu => (|ctx| Ok(gpu::observe(ctx)), leave_as_is, None),
-        Handler::Driver => (driver::observe, leave_as_is, None),
-        Handler::ContainerToolkit => (toolkit::observe, leave_as_is, None),
-        Handler::ContainerdRuntime => (
+        CapabilityId::DetectGpu => (|ctx| Ok(gpu::observe(ctx)), leave_as_is, None),
+        CapabilityId::Driver => (driver::observe, leave_as_is, None),
+        CapabilityId::ContainerToolkit => (toolkit::observe, leave_as_is, None),
+        CapabilityId::ContainerdRuntime => (
             containerd::observe,
             leave_as_is,
             Some(containerd::revert::revert),
         ),
-        Handler::GpuHealth => (gpu::gfd::observe_health, leave_as_is, None),
-        Handler::Mig => (mig::observe, leave_as_is, None),
-        Handler::Cdi => (cdi::observe, cdi::withdraw, Some(cdi::revert)),
-        Handler::GpuFeatureDiscovery => (
+        CapabilityId::GpuHealth => (gpu::gfd::observe_health, leave_as_is, None),
+        CapabilityId::Mig => (mig::observe, leave_as_is, None),
+        CapabilityId::Cdi => (cdi::observe, cdi::withdraw, Some(cdi::revert)),
+        CapabilityId::GpuFeatureDiscovery => (
             gpu::gfd::observe,
             |ctx| operands::withdraw(ctx, Operand::GpuFeatureDiscovery),
             Some(operands::revert),
         ),
-        Handler::DevicePlugin => (
+        CapabilityId::DevicePlugin => (
             |ctx| operands::observe(ctx, Operand::DevicePlugin),
             |ctx| operands::withdraw(ctx, Operand::DevicePlugin),
             Some(operands::revert),
         ),
-        Handler::DcgmExporter => (
+        CapabilityId::DcgmExporter => (
             |ctx| match ctx.spec.dcgm_exporter_mode {
                 ExporterMode::Operand => operands::observe(ctx, Operand::DcgmExporter),
                 ExporterMode::Builtin => telemetry::observe_builtin(ctx),
@@ -68,17 +68,17 @@ pub fn capability(handler: Handler) -> Capability {
             |ctx| operands::withdraw(ctx, Operand::DcgmExporter),
             Some(operands::revert),
         ),
-        Handler::Validator => (
+        CapabilityId::Validator => (
             operands::validate::observe,
             leave_as_is,
             Some(operands::validate::revert),
         ),
-        Handler::Exec => (exec_state::observe, leave_as_is, None),
+        CapabilityId::Exec => (exec::observe, leave_as_is, None),
     };
     Capability {
         observe,
         withdraw,
         revert,
-        runs_when_operands_opted_out: handler == Handler::DetectGpu,
+        runs_when_operands_opted_out: handler == CapabilityId::DetectGpu,
     }
 }

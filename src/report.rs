@@ -1,4 +1,4 @@
-//! What a walk of the plan reports: each step's `StepReport` (its
+//! What a walk of the plan reports: each step's `StateReport` (its
 //! `Action` and outcome) and the run's `RunReport`, recorded in
 //! `last-run.json`. The executor makes them; the plan's printer, the
 //! labels, the Node events and the daemon read them, without the executor.
@@ -8,10 +8,10 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::catalog::{Handler, StateDef};
+use crate::catalog::{CapabilityId, StateDef};
 use crate::host::{CommandRecord, Host, HostError};
 use crate::spec::Spec;
-use crate::step::{Change, ErrorKind, Gate, LookAgain, Observation, Outcome, error_chain};
+use crate::state::{Change, ErrorKind, Gate, LookAgain, Observation, Outcome, error_chain};
 
 /// Where `apply` records each run, under the host root.
 pub const LAST_RUN_PATH: &str = "/var/lib/gpuprov/last-run.json";
@@ -39,9 +39,11 @@ pub enum Action {
 /// One step's result, in a plan or a run report.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct StepReport {
+pub struct StateReport {
     pub name: String,
-    pub handler: Handler,
+    /// The capability that ran it (`handler` in the JSON, as in state files).
+    #[serde(rename = "handler")]
+    pub capability: CapabilityId,
     pub after: Vec<String>,
     pub action: Action,
     pub outcome: Outcome,
@@ -63,17 +65,17 @@ pub struct StepReport {
     pub look_again: Option<LookAgain>,
 }
 
-impl StepReport {
+impl StateReport {
     pub(crate) fn without_observation(
         state: &StateDef,
         action: Action,
         outcome: Outcome,
         reason: String,
         gate: Gate,
-    ) -> StepReport {
-        StepReport {
+    ) -> StateReport {
+        StateReport {
             name: state.name.clone(),
-            handler: state.handler,
+            capability: state.capability,
             after: state.after.iter().map(|a| a.value.clone()).collect(),
             action,
             outcome,
@@ -94,7 +96,7 @@ impl StepReport {
         action: Action,
         outcome: Outcome,
         obs: Observation,
-    ) -> StepReport {
+    ) -> StateReport {
         let gate = obs
             .gate
             .clone()
@@ -103,7 +105,7 @@ impl StepReport {
             Action::Fail => Some(obs.failure_kind),
             _ => (outcome == Outcome::RebootRequired).then_some(ErrorKind::NeedsReboot),
         };
-        StepReport {
+        StateReport {
             failure,
             look_again: obs.look_again,
             labels: obs.labels,
@@ -111,7 +113,7 @@ impl StepReport {
             commands: obs.commands,
             details: obs.details,
             reason: obs.reason,
-            ..StepReport::without_observation(state, action, outcome, String::new(), gate)
+            ..StateReport::without_observation(state, action, outcome, String::new(), gate)
         }
     }
 
@@ -148,7 +150,7 @@ pub struct RunReport {
     pub spec: String,
     /// True when every step is converged, disabled or opted out.
     pub converged: bool,
-    pub steps: Vec<StepReport>,
+    pub steps: Vec<StateReport>,
     pub labels: BTreeMap<String, String>,
     /// Where the labels went, and whether that changed anything.
     pub label_sink: String,
@@ -173,7 +175,7 @@ impl RunReport {
         host: &Host,
         spec: &Spec,
         started: SystemTime,
-        steps: Vec<StepReport>,
+        steps: Vec<StateReport>,
         labels: BTreeMap<String, String>,
     ) -> RunReport {
         RunReport {
@@ -275,7 +277,7 @@ impl Readiness {
     /// only as an optional state (an operand gpuprov started whose pod
     /// needs something outside gpuprov). A failure, a block, a reboot owed
     /// or a required step's wait holds it.
-    pub fn of(steps: &[StepReport]) -> Readiness {
+    pub fn of(steps: &[StateReport]) -> Readiness {
         let mut ready = true;
         let mut lines = Vec::new();
         for step in steps {
@@ -306,7 +308,7 @@ impl Readiness {
 }
 
 /// Every step converged, disabled or opted out, and no reboot is owed.
-pub fn is_converged(steps: &[StepReport]) -> bool {
+pub fn is_converged(steps: &[StateReport]) -> bool {
     steps.iter().all(|s| {
         matches!(s.action, Action::Unchanged | Action::Change | Action::Skip)
             && s.outcome != Outcome::RebootRequired

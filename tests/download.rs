@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use gpuprov::download::{Artifact, DownloadError, cached, fetch};
-use gpuprov::host::{ExecMode, Host};
+use gpuprov::host::{CommandMode, Host};
 use sha2::{Digest, Sha256};
 use support::artifact_server::{ArtifactServer, Route};
 
@@ -19,7 +19,7 @@ fn sha(bytes: &[u8]) -> String {
 
 fn host() -> (tempfile::TempDir, Host) {
     let dir = tempfile::tempdir().unwrap();
-    let host = Host::new(dir.path(), ExecMode::Prefix, Duration::from_secs(5)).unwrap();
+    let host = Host::new(dir.path(), CommandMode::Prefix, Duration::from_secs(5)).unwrap();
     (dir, host)
 }
 

@@ -513,7 +513,7 @@ fn the_merged_view_of_imports_is_what_real_containerd_loads() {
     // through the binary names the import that wins.
     use gpuprov::containerd::effective::{check, check_doc, verify};
     use gpuprov::containerd::imports::{Major, load, merge};
-    use gpuprov::host::{ExecMode, Host};
+    use gpuprov::host::{CommandMode, Host};
 
     let wanted = RuntimeWanted {
         class: "nvidia".into(),
@@ -521,7 +521,7 @@ fn the_merged_view_of_imports_is_what_real_containerd_loads() {
         default: DefaultRuntime::Set,
         cdi: None,
     };
-    let root = Host::new(Path::new("/"), ExecMode::Prefix, Duration::from_secs(30)).unwrap();
+    let root = Host::new(Path::new("/"), CommandMode::Prefix, Duration::from_secs(30)).unwrap();
     for case in IMPORT_CASES {
         let dir = tempfile::tempdir().unwrap();
         let at = |name: &str| dir.path().join(name).display().to_string();

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use gpuprov::facts::Facts;
 use gpuprov::gpu::pci::NvidiaFunction;
-use gpuprov::host::{ExecMode, Host};
+use gpuprov::host::{CommandMode, Host};
 
 fn realworld() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/realworld/pci")
@@ -189,7 +189,7 @@ fn detect(functions: &BTreeMap<String, Listed>) -> String {
     let dir = tempfile::tempdir().unwrap();
     sysfs(dir.path(), functions);
     std::fs::create_dir_all(dir.path().join("proc")).unwrap();
-    let host = Host::new(dir.path(), ExecMode::Prefix, Duration::from_secs(5)).unwrap();
+    let host = Host::new(dir.path(), CommandMode::Prefix, Duration::from_secs(5)).unwrap();
     let facts = Facts::gather(&host, BTreeMap::new()).unwrap();
     let mut drivers: BTreeMap<String, usize> = BTreeMap::new();
     for gpu in facts.gpus() {

@@ -78,7 +78,7 @@ pub fn node_args(
     gpuprov::converge::NodeOptions {
         config,
         host_root: host.to_path_buf(),
-        host_exec: Some(gpuprov::host::ExecMode::Prefix),
+        host_exec: Some(gpuprov::host::CommandMode::Prefix),
         states_dir: None,
         node_labels: Vec::new(),
         node_labels_file: None,

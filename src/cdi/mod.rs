@@ -16,7 +16,9 @@ use crate::host::{Host, HostError};
 use crate::make::make_changes;
 use crate::report::RevertReport;
 use crate::spec::Spec;
-use crate::step::{Change, Observation, Outcome, RevertContext, StepContext, StepError, file_diff};
+use crate::state::{
+    Change, Observation, Outcome, RevertContext, StateContext, StateError, file_diff,
+};
 
 use document::{Gpu, MigDevice};
 
@@ -37,7 +39,7 @@ pub fn spec_paths(spec: &Spec) -> [String; 2] {
 }
 
 /// The `cdi` handler.
-pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let inventory = match ctx.facts.nvml(ctx.host) {
         Ok(inventory) => inventory,
         Err(problem) => {
@@ -69,14 +71,14 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let hook = crate::toolkit::ctk_binary(ctx.host, ctx.spec)?;
     let gpu_document = document::gpu_spec(&gpus, &files, &hook);
     let wanted = [
-        document::render(&gpu_document).map_err(StepError::operator)?,
+        document::render(&gpu_document).map_err(StateError::operator)?,
         document::render(&document::management_spec(
             &gpus,
             &files,
             &hook,
             &mig_control,
         ))
-        .map_err(StepError::operator)?,
+        .map_err(StateError::operator)?,
     ];
 
     let mut changes = Vec::new();
@@ -145,12 +147,12 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
 
 /// What a disabled or opted-out `cdi` takes away: the spec files gpuprov
 /// wrote (someone else's are left).
-pub fn withdraw(ctx: &StepContext) -> Result<Vec<Change>, StepError> {
+pub fn withdraw(ctx: &StateContext) -> Result<Vec<Change>, StateError> {
     removals(ctx.host, ctx.spec)
 }
 
 /// `revert`: removes the spec files gpuprov wrote, as `withdraw` would.
-pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), StepError> {
+pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), StateError> {
     let changes = removals(ctx.host, ctx.spec)?;
     make_changes(ctx.host, &changes)?;
     report
@@ -163,7 +165,7 @@ pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), Step
 }
 
 /// Removing the spec files gpuprov wrote (a link never is one).
-fn removals(host: &Host, spec: &Spec) -> Result<Vec<Change>, StepError> {
+fn removals(host: &Host, spec: &Spec) -> Result<Vec<Change>, StateError> {
     let mut changes = Vec::new();
     for path in spec_paths(spec) {
         if is_ours_at(host, &path)? {
@@ -186,14 +188,14 @@ fn is_ours_at(host: &Host, path: &str) -> Result<bool, HostError> {
 
 /// The current text at a spec path when gpuprov may replace it (absent, or
 /// written by gpuprov); anything else there is refused by name.
-fn current_of_ours(host: &Host, path: &str) -> Result<Option<String>, StepError> {
+fn current_of_ours(host: &Host, path: &str) -> Result<Option<String>, StateError> {
     if let Some(target) = host.link_target(path)? {
-        return Err(StepError::operator(format!(
+        return Err(StateError::operator(format!(
             "{path} is a symbolic link (to {target}); gpuprov writes its CDI spec only as a file of its own, so it leaves the link: remove it, or set cdi.specDir to another directory"
         )));
     }
     match host.read(path)? {
-        Some(text) if !document::is_ours(&text) => Err(StepError::operator(format!(
+        Some(text) if !document::is_ours(&text) => Err(StateError::operator(format!(
             "{path} was not written by gpuprov (it lacks the line `{}`; `nvidia-ctk cdi generate` or the GPU Operator's toolkit writes this name): gpuprov leaves it; remove it to let gpuprov keep the spec, or set cdi.specDir to another directory",
             document::MARKER
         ))),
@@ -206,9 +208,9 @@ fn current_of_ours(host: &Host, path: &str) -> Result<Option<String>, StepError>
 /// MIG control nodes (`config`, `monitor`) when any GPU has MIG on.
 #[allow(clippy::type_complexity)]
 fn gpus(
-    ctx: &StepContext,
+    ctx: &StateContext,
     inventory: &crate::gpu::nvml::Inventory,
-) -> Result<Result<(Vec<Gpu>, Vec<String>), driver_files::Missing>, StepError> {
+) -> Result<Result<(Vec<Gpu>, Vec<String>), driver_files::Missing>, StateError> {
     let mut missing = Vec::new();
     let mut gpus = Vec::new();
     for device in &inventory.devices {
@@ -238,9 +240,9 @@ fn gpus(
         .any(|d| d.mig_enabled || d.mig_pending);
     if inventory.devices.iter().any(|d| d.mig_capable) && (mig_seen || layout_asked) {
         let library = crate::gpu::nvml::find_library(ctx.host, ctx.facts.nvml_lib.as_deref())
-            .map_err(|p| StepError::operator(format!("MIG devices cannot be read: {p}")))?;
+            .map_err(|p| StateError::operator(format!("MIG devices cannot be read: {p}")))?;
         let migs = crate::mig::nvml::read(&library)
-            .map_err(|p| StepError::operator(format!("MIG devices cannot be read: {p}")))?;
+            .map_err(|p| StateError::operator(format!("MIG devices cannot be read: {p}")))?;
         let with_mig: Vec<_> = migs
             .iter()
             .filter(|m| m.current && m.instances.iter().any(|gi| !gi.compute.is_empty()))

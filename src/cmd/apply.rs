@@ -11,7 +11,7 @@ use super::print;
 
 pub fn run_apply(args: &ApplyArgs) -> Result<i32, Error> {
     let change = &args.change;
-    let inputs = Inputs::load(&change.node.options())?;
+    let inputs = Inputs::load(&super::node_options(&change.node))?;
     crate::interrupt::install();
     let report = if args.wait {
         apply_until_converged(&inputs, change.lock_timeout, args.timeout)?

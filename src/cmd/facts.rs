@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::cli::ReportFormat;
 use crate::converge::node_labels;
 use crate::facts::Facts;
-use crate::host::{ExecMode, Host};
+use crate::host::{CommandMode, Host};
 use crate::{Error, exit};
 
 use super::print;
@@ -33,7 +33,7 @@ pub struct FactsReport {
 pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> {
     let host = Host::new(
         &args.host_root,
-        ExecMode::default_for(&args.host_root),
+        CommandMode::default_for(&args.host_root),
         Duration::from_secs(30),
     )?;
     let node_labels = node_labels(&args.node_labels, None)?;
@@ -46,7 +46,7 @@ pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> 
             serde_json::json!({"loaded": true, "version": driver.version, "openKernelModule": driver.open_kernel_module})
         }
         Ok(None) => serde_json::json!({"loaded": false}),
-        Err(e) => serde_json::json!({"error": crate::step::error_chain(&e)}),
+        Err(e) => serde_json::json!({"error": crate::state::error_chain(&e)}),
     };
     let nvml = match crate::gpu::nvml::find_library(&host, args.nvml_lib.as_deref())
         .and_then(|lib| crate::gpu::nvml::inventory(&lib))
@@ -63,7 +63,7 @@ pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> 
                 value["detectedBy"] = why.into();
                 value
             }
-            Err(e) => serde_json::json!({"error": crate::step::error_chain(&e)}),
+            Err(e) => serde_json::json!({"error": crate::state::error_chain(&e)}),
         },
         Ok(None) => match crate::runtime::containerd_target(&host, &defaults) {
             Ok(target) => {
@@ -71,9 +71,9 @@ pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> 
                 value["runtime"] = "containerd".into();
                 value
             }
-            Err(e) => serde_json::json!({"error": crate::step::error_chain(&e)}),
+            Err(e) => serde_json::json!({"error": crate::state::error_chain(&e)}),
         },
-        Err(e) => serde_json::json!({"error": crate::step::error_chain(&e)}),
+        Err(e) => serde_json::json!({"error": crate::state::error_chain(&e)}),
     };
     Ok(FactsReport {
         runtime,

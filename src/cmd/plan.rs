@@ -7,7 +7,7 @@ use crate::{Error, exit};
 use super::print;
 
 pub fn run_plan(args: &PlanArgs) -> Result<i32, Error> {
-    let report = plan(&Inputs::load(&args.node.options())?)?;
+    let report = plan(&Inputs::load(&super::node_options(&args.node))?)?;
     print(&match args.output {
         PlanFormat::Text => report.to_text(),
         PlanFormat::Json => report.to_json(),

@@ -7,7 +7,10 @@ use crate::{Error, exit};
 use super::print;
 
 pub fn run_revert(args: &ChangeArgs) -> Result<i32, Error> {
-    let report = revert(&Inputs::load(&args.node.options())?, args.lock_timeout)?;
+    let report = revert(
+        &Inputs::load(&super::node_options(&args.node))?,
+        args.lock_timeout,
+    )?;
     print(&match args.output {
         ReportFormat::Json => serde_json::to_string_pretty(&report).expect("serializes") + "\n",
         ReportFormat::Text => format!(

@@ -29,11 +29,11 @@ pub fn run_states(args: &StatesArgs) -> Result<i32, Error> {
     };
     let graph = compile(&spec, args.states_dir.as_deref())?;
     let rows: Vec<StateRow> = graph
-        .steps
+        .states
         .iter()
         .map(|s| StateRow {
             name: s.name.clone(),
-            handler: s.handler.name(),
+            handler: s.capability.name(),
             after: s.after.iter().map(|a| a.value.clone()).collect(),
             enabled_by: s.enabled_by.clone(),
             opt_out_labels: s.opt_out_labels.clone(),

@@ -14,7 +14,7 @@ use toml_edit::{DocumentMut, Item};
 use super::config::{CdiWanted, DEFAULT_CDI_SPEC_DIRS, DefaultRuntime, RuntimeWanted};
 use super::imports::{self, Major};
 use crate::host::{CommandRecord, Host};
-use crate::step::{CapabilityChange, MakeContext, StepError, json_fields};
+use crate::state::{CapabilityChange, MakeContext, StateError, json_fields};
 
 /// Remembers, until reboot, the config containerd's view was last checked
 /// for (the wanted runtime, the files' contents, the binary): a converged
@@ -106,7 +106,7 @@ impl CapabilityChange for ViewCheck {
         json_fields(self)
     }
 
-    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
+    fn make(&self, on: &mut MakeContext) -> Result<(), StateError> {
         let wanted = RuntimeWanted {
             class: self.class.clone(),
             binary: self.binary.clone(),
@@ -124,7 +124,7 @@ impl CapabilityChange for ViewCheck {
             &wanted,
             on.commands,
         )
-        .map_err(StepError::operator)
+        .map_err(StateError::operator)
     }
 }
 
@@ -164,7 +164,7 @@ pub fn verify(
     // the run report keeps its tail, as for any command.
     let mut record = host
         .run_keeping(&argv, DUMP_CAP)
-        .map_err(|e| crate::step::error_chain(&e))?;
+        .map_err(|e| crate::state::error_chain(&e))?;
     let ok = record.success();
     let summary = record.failure_summary();
     let dump = record.take_stdout_keeping_tail();

@@ -97,7 +97,7 @@ pub fn load_guessing(
 ) -> Result<(Vec<Loaded>, Major), String> {
     let main_text = match given.iter().find(|(path, _)| *path == main) {
         Some((_, text)) => Some(text.to_string()),
-        None => host.read(main).map_err(|e| crate::step::error_chain(&e))?,
+        None => host.read(main).map_err(|e| crate::state::error_chain(&e))?,
     };
     let version = main_text
         .as_deref()
@@ -150,7 +150,9 @@ pub fn load(
         }
         let text = match given.iter().find(|(p, _)| *p == path) {
             Some((_, text)) => Some(text.to_string()),
-            None => host.read(&path).map_err(|e| crate::step::error_chain(&e))?,
+            None => host
+                .read(&path)
+                .map_err(|e| crate::state::error_chain(&e))?,
         };
         let Some(text) = text else {
             let by = parent
@@ -294,7 +296,7 @@ fn glob(host: &Host, pattern: &str) -> Result<Vec<String>, String> {
     for path in found {
         if host
             .stat(&path)
-            .map_err(|e| crate::step::error_chain(&e))?
+            .map_err(|e| crate::state::error_chain(&e))?
             .is_some()
         {
             out.push(path);
@@ -611,7 +613,7 @@ mod tests {
         }
         let host = Host::new(
             dir.path(),
-            crate::host::ExecMode::Prefix,
+            crate::host::CommandMode::Prefix,
             std::time::Duration::from_secs(5),
         )
         .unwrap();

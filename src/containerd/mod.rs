@@ -20,7 +20,7 @@ pub use crate::runtime::containerd_binary;
 
 use crate::host::{Host, HostError};
 use crate::spec::{ContainerdOptions, RestartMode};
-use crate::step::{Change, Observation, Outcome, StepContext, StepError, error_chain};
+use crate::state::{Change, Observation, Outcome, StateContext, StateError, error_chain};
 use config::{DefaultRuntime, RuntimeWanted};
 
 /// What gpuprov did to containerd's config, for revert.
@@ -62,11 +62,11 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn load(host: &Host) -> Result<Option<Record>, StepError> {
+    pub fn load(host: &Host) -> Result<Option<Record>, StateError> {
         match host.read(RECORD)? {
             None => Ok(None),
             Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-                StepError::operator(format!("{RECORD}: {e} (move it away to start over)"))
+                StateError::operator(format!("{RECORD}: {e} (move it away to start over)"))
             }),
         }
     }
@@ -139,7 +139,7 @@ impl Planned {
 }
 
 /// The `containerd-runtime` handler.
-pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let opts = &ctx.spec.containerd;
     if let Some(why) = crate::runtime::crio_chosen(ctx.host, opts)? {
         return crate::crio::observe(ctx, &why);
@@ -192,7 +192,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // target inside the root, and the link stays.
     let config_path = ctx.host.follow_links(&target.config)?;
     if config_path != target.config && !ctx.host.exists(&config_path)? {
-        return Err(StepError::operator(format!(
+        return Err(StateError::operator(format!(
             "{} is a symlink to {config_path}, which does not exist in the host root: gpuprov does not create a file at a link's target",
             target.config
         )));
@@ -213,7 +213,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         && edit_path != config_path
         && text.contains("{{")
     {
-        return Err(StepError::operator(format!(
+        return Err(StateError::operator(format!(
             "{edit_path} is a Go template ({{{{ … }}}}): gpuprov edits only a template that is plain TOML; add runtime `{}` there yourself, or move it away so gpuprov makes one from {config_path}",
             opts.runtime_class
         )));
@@ -228,7 +228,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // An error names the file and, where it can, the line and column.
     let in_file = |path: &str, text: &str| {
         let (path, text) = (path.to_string(), text.to_string());
-        move |e: config::ConfigError| StepError::operator(format!("{path}:{}", e.located(&text)))
+        move |e: config::ConfigError| StateError::operator(format!("{path}:{}", e.located(&text)))
     };
     let original_default = match &original {
         Some(text) => config::default_runtime_name(text).map_err(in_file(&edit_path, text))?,
@@ -263,7 +263,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         ));
     }
     if text.trim().is_empty() && target.is_embedded() {
-        return Err(StepError::operator(format!(
+        return Err(StateError::operator(format!(
             "{config_path} does not exist yet on {flavor_note}: it is written when the service first starts; start it, then run gpuprov again"
         )));
     }
@@ -297,7 +297,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     // into a version-3 drop-in the file imports.
     let version1_on_2 = file_version == Some(1) && rules.merges_keys() && running.is_some();
     if version1_on_2 && rules == imports::Major::TwoThree {
-        return Err(StepError::operator(format!(
+        return Err(StateError::operator(format!(
             "{config_path} is a version-1 config, whose CRI tables containerd 2 ignores, and {} refuses a drop-in with a higher version than the main config's: convert it with `containerd config migrate` (then gpuprov edits it as it is)",
             rules.name()
         )));
@@ -306,7 +306,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
         (Some(_), _) => 2,
         (None, Some(version)) => config_version_for(version),
         (None, None) => {
-            return Err(StepError::operator(match asked {
+            return Err(StateError::operator(match asked {
                 Some(Err(why)) => why,
                 _ => format!(
                     "{config_path} is empty and no containerd binary in the host says which config version it wants"
@@ -349,7 +349,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     if let Some(drop_in) = placement.drop_in()
         && ctx.host.follow_links(drop_in)? == config_path
     {
-        return Err(StepError::operator(format!(
+        return Err(StateError::operator(format!(
             "containerd.dropInConfig {drop_in} is containerd's config {config_path} itself: the config would import itself; name a file of its own (such as {})",
             default_drop_in(&config_path)
         )));
@@ -651,8 +651,11 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             if !file.changes() {
                 continue;
             }
-            let diff =
-                crate::step::file_diff(&file.path, file.now.as_deref().unwrap_or(""), &file.wanted);
+            let diff = crate::state::file_diff(
+                &file.path,
+                file.now.as_deref().unwrap_or(""),
+                &file.wanted,
+            );
             obs.changes.push(Change::WriteFile {
                 path: file.path,
                 content: file.wanted.into_bytes(),
@@ -687,7 +690,7 @@ fn drop_in_file(
     record: Option<&Record>,
     wanted: String,
     purpose: &str,
-) -> Result<Planned, StepError> {
+) -> Result<Planned, StateError> {
     // A link there is never written through (and is named as one), nor
     // is a directory that is a link: gpuprov's file would land in
     // whatever it points at.
@@ -760,7 +763,7 @@ fn refuse_foreign_drop_in(
     existing: Option<&str>,
     record: Option<&Record>,
     wanted: &str,
-) -> Result<(), StepError> {
+) -> Result<(), StateError> {
     let Some(existing) = existing else {
         return Ok(());
     };
@@ -776,7 +779,7 @@ fn refuse_foreign_drop_in(
         },
         None => "exists and gpuprov did not write it",
     };
-    Err(StepError::operator(format!(
+    Err(StateError::operator(format!(
         "{path} {why}: gpuprov does not overwrite another tool's drop-in; move it away, or name another file in containerd.dropInConfig"
     )))
 }

@@ -7,7 +7,7 @@ use super::imports::{self, Major};
 use super::pattern::Pattern;
 use crate::runtime::Target;
 use crate::spec::{ContainerdOptions, EditMode, Flavor};
-use crate::step::StepError;
+use crate::state::StateError;
 
 /// The name of gpuprov's drop-in in an imported directory.
 pub const DROP_IN_NAME: &str = "gpuprov-runtime.toml";
@@ -62,7 +62,7 @@ pub fn choose(
     text: Option<&str>,
     rules: Major,
     version1_on_2: bool,
-) -> Result<Placement, StepError> {
+) -> Result<Placement, StateError> {
     if let Some(drop_in) = &opts.drop_in_config {
         return Ok(Placement::Forced {
             drop_in: drop_in.clone(),
@@ -117,7 +117,7 @@ pub fn choose(
                 "containerd.edit is dropIn and {config} imports {entry:?} (containerd 1.x takes the drop-in's CRI section whole: it holds the config's, copied)"
             ),
         }),
-        (None, _) if target.template.is_some() => Err(StepError::operator(format!(
+        (None, _) if target.template.is_some() => Err(StateError::operator(format!(
             "containerd.edit is dropIn, but {config} imports no drop-in directory and {} writes it again at every start: an import added there would be lost; use edit: auto (the template) or a version that reads config-v3.toml.d",
             flavor_name(target.flavor)
         ))),
@@ -145,10 +145,10 @@ fn imported_dir(
     text: &str,
     config: &str,
     rules: Major,
-) -> Result<Option<(String, String)>, StepError> {
+) -> Result<Option<(String, String)>, StateError> {
     let doc = super::config::parse_shared(text)
-        .map_err(|e| StepError::operator(format!("{config}:{}", e.located(text))))?;
-    let entries = imports::import_entries(&doc, config).map_err(StepError::operator)?;
+        .map_err(|e| StateError::operator(format!("{config}:{}", e.located(text))))?;
+    let entries = imports::import_entries(&doc, config).map_err(StateError::operator)?;
     for entry in entries {
         let (dir, name) = entry.rsplit_once('/').unwrap_or(("", entry.as_str()));
         // Only a glob in the file name: a wildcard directory is not one

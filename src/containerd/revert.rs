@@ -9,20 +9,20 @@ use crate::host::Host;
 use crate::make::make_changes;
 use crate::report::{RevertReport, RuntimeReverted};
 use crate::spec::ContainerdOptions;
-use crate::step::{Change, RevertContext, StepError, error_chain};
+use crate::state::{Change, RevertContext, StateError, error_chain};
 
 use super::{RECORD, RESTART_PENDING, Record, config, restart_changes, sha256_hex};
 
 /// The `containerd-runtime` capability's revert: containerd's config back
 /// as it was (restarting containerd only if it changed), or on a CRI-O
 /// node gpuprov's drop-in gone; then the record of the view's check.
-pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), StepError> {
+pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), StateError> {
     let (host, options) = (ctx.host, &ctx.spec.containerd);
-    let (changes, mut summary, mut changed) = plan(host, options).map_err(StepError::operator)?;
+    let (changes, mut summary, mut changed) = plan(host, options).map_err(StateError::operator)?;
     let mut commands = make_changes(host, &changes)?;
-    tidy_backups(host, options).map_err(StepError::operator)?;
+    tidy_backups(host, options).map_err(StateError::operator)?;
     if let Some((changes, crio, crio_changed)) =
-        crate::crio::revert_plan(host, options).map_err(StepError::operator)?
+        crate::crio::revert_plan(host, options).map_err(StateError::operator)?
     {
         changed |= crio_changed;
         commands.extend(make_changes(host, &changes)?);

@@ -22,8 +22,8 @@ use toml_edit::{DocumentMut, Item, Table, Value};
 use crate::digest::sha256_hex;
 use crate::host::Host;
 use crate::spec::RestartMode;
-use crate::step::{
-    CapabilityChange, Change, MakeContext, Observation, Outcome, StepContext, StepError,
+use crate::state::{
+    CapabilityChange, Change, MakeContext, Observation, Outcome, StateContext, StateError,
     json_fields,
 };
 
@@ -47,11 +47,11 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn load(host: &Host) -> Result<Option<Record>, StepError> {
+    pub fn load(host: &Host) -> Result<Option<Record>, StateError> {
         match host.read(RECORD)? {
             None => Ok(None),
             Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-                StepError::operator(format!("{RECORD}: {e} (move it away to start over)"))
+                StateError::operator(format!("{RECORD}: {e} (move it away to start over)"))
             }),
         }
     }
@@ -81,7 +81,7 @@ fn load(
     config: &str,
     dir: &str,
     given: Option<(&str, &str)>,
-) -> Result<Vec<(String, DocumentMut)>, StepError> {
+) -> Result<Vec<(String, DocumentMut)>, StateError> {
     let mut paths = vec![config.to_string()];
     // Regular files only: a link is never followed out of the
     // directory, and CRI-O's walk into a subdirectory is not gpuprov's
@@ -104,7 +104,7 @@ fn load(
     }
     names.sort();
     if names.len() > FILES_CAP {
-        return Err(StepError::operator(format!(
+        return Err(StateError::operator(format!(
             "{dir} holds more than {FILES_CAP} files: gpuprov does not read that many"
         )));
     }
@@ -119,13 +119,13 @@ fn load(
         let Some(text) = text else { continue };
         read += text.len();
         if read > crate::containerd::imports::TOTAL_BYTES_CAP {
-            return Err(StepError::operator(format!(
+            return Err(StateError::operator(format!(
                 "{config} and {dir} hold more than {} bytes (at {path}): gpuprov reads no more",
                 crate::containerd::imports::TOTAL_BYTES_CAP
             )));
         }
         let doc = crate::containerd::config::parse(&text)
-            .map_err(|e| StepError::operator(format!("{path}:{}", e.located(&text))))?;
+            .map_err(|e| StateError::operator(format!("{path}:{}", e.located(&text))))?;
         out.push((path, doc));
     }
     Ok(out)
@@ -306,7 +306,7 @@ fn cdi_dirs(view: &Table) -> Vec<String> {
 }
 
 /// CRI-O on this host, or why it is not.
-pub fn target(host: &Host, opts: &crate::spec::ContainerdOptions) -> Result<Target, StepError> {
+pub fn target(host: &Host, opts: &crate::spec::ContainerdOptions) -> Result<Target, StateError> {
     let binary = crate::runtime::on_path(host, "crio")?;
     let dir = opts
         .crio_drop_in
@@ -323,7 +323,7 @@ pub fn target(host: &Host, opts: &crate::spec::ContainerdOptions) -> Result<Targ
 }
 
 /// The runtime, as the spec and the toolkit want it.
-fn wanted(ctx: &StepContext) -> Result<Wanted, StepError> {
+fn wanted(ctx: &StateContext) -> Result<Wanted, StateError> {
     let opts = &ctx.spec.containerd;
     Ok(Wanted {
         class: opts.runtime_class.clone(),
@@ -345,7 +345,7 @@ fn wanted(ctx: &StepContext) -> Result<Wanted, StepError> {
 }
 
 /// The `containerd-runtime` state on a CRI-O node.
-pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
+pub fn observe(ctx: &StateContext, why: &str) -> Result<Observation, StateError> {
     let opts = &ctx.spec.containerd;
     let target = target(ctx.host, opts)?;
     let wanted = wanted(ctx)?;
@@ -413,7 +413,7 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
         && *existing != text
         && !ours(existing)
     {
-        return Err(StepError::operator(format!(
+        return Err(StateError::operator(format!(
             "{} {}: gpuprov does not overwrite another tool's drop-in; move it away, or name another file in crio.dropInConfig",
             target.drop_in,
             if record.is_some() {
@@ -506,7 +506,7 @@ pub fn observe(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
             content: text.clone().into_bytes(),
             mode: 0o644,
             purpose: format!("runtime `{}`", wanted.class),
-            diff: Some(crate::step::file_diff(
+            diff: Some(crate::state::file_diff(
                 &target.drop_in,
                 current.as_deref().unwrap_or(""),
                 &text,
@@ -586,7 +586,7 @@ pub fn revert_plan(
     host: &Host,
     opts: &crate::spec::ContainerdOptions,
 ) -> Result<Option<(Vec<Change>, String, bool)>, String> {
-    let chain = |e: StepError| crate::step::error_chain(&e);
+    let chain = |e: StateError| crate::state::error_chain(&e);
     let Some(record) = Record::load(host).map_err(chain)? else {
         return Ok(None);
     };
@@ -597,7 +597,7 @@ pub fn revert_plan(
         .and_then(|binary| crio_version(host, binary));
     let now = host
         .read(&record.drop_in)
-        .map_err(|e| crate::step::error_chain(&e))?;
+        .map_err(|e| crate::state::error_chain(&e))?;
     let mut changes = Vec::new();
     let removed = now
         .as_ref()
@@ -663,7 +663,7 @@ impl CapabilityChange for CrioViewCheck {
         json_fields(self)
     }
 
-    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
+    fn make(&self, on: &mut MakeContext) -> Result<(), StateError> {
         let check = ViewCheck {
             config: &self.config,
             dir: &self.dir,
@@ -673,7 +673,7 @@ impl CapabilityChange for CrioViewCheck {
             cdi_spec_dir: self.cdi_spec_dir.as_deref(),
             crio: self.crio.as_deref(),
         };
-        verify(on.host, &check, on.commands).map_err(StepError::operator)
+        verify(on.host, &check, on.commands).map_err(StateError::operator)
     }
 }
 
@@ -711,7 +711,7 @@ pub fn verify(
     let version = check.crio.and_then(|binary| crio_version(host, binary));
     let Some(binary) = check.crio else {
         let files =
-            load(host, check.config, check.dir, None).map_err(|e| crate::step::error_chain(&e))?;
+            load(host, check.config, check.dir, None).map_err(|e| crate::state::error_chain(&e))?;
         return check_view(&merge(&files), &wanted, version).map_err(|why| {
             format!(
                 "in CRI-O's files ({} and {}, merged as CRI-O does: no crio binary in the host to ask), {why}",
@@ -731,7 +731,7 @@ pub fn verify(
     .to_vec();
     let mut record = host
         .run_keeping(&argv, CONFIG_OUTPUT_CAP)
-        .map_err(|e| crate::step::error_chain(&e))?;
+        .map_err(|e| crate::state::error_chain(&e))?;
     let ok = record.success();
     let summary = record.failure_summary();
     let output = record.take_stdout_keeping_tail();

@@ -17,7 +17,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::converge::{Inputs, NodeOptions, apply};
-use crate::step::error_chain;
+use crate::state::error_chain;
 use crate::{Error, exit};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);

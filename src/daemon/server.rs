@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 
 use crate::kube::RequestCounts;
 use crate::report::RunReport;
-use crate::step::Outcome;
+use crate::state::Outcome;
 
 /// Upper bounds of the converge-duration histogram, in seconds.
 const BUCKETS: &[f64] = &[
@@ -232,7 +232,7 @@ impl Metrics {
                 false,
                 format!(
                     "not ready\nthe converge failed: {}\n",
-                    crate::step::error_chain(e)
+                    crate::state::error_chain(e)
                 ),
             ),
         };

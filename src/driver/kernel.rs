@@ -9,7 +9,7 @@
 
 use crate::host::Host;
 use crate::spec::{DriverInstall, PackageManager};
-use crate::step::{Change, Gate, Observation, Outcome, StepContext, StepError};
+use crate::state::{Change, Gate, Observation, Outcome, StateContext, StateError};
 
 use super::{RECORD, RUNFILE_FLAGS, Record, load_modules, record_change, run};
 
@@ -24,7 +24,7 @@ fn headers(kernel: &str) -> String {
 /// Whether modprobe finds an `nvidia` module for `kernel`: a line of the
 /// kernel's `modules.dep` (what depmod wrote and modprobe reads) whose file
 /// is `nvidia.ko`, compressed or not, at any path.
-pub fn has_nvidia_module(host: &Host, kernel: &str) -> Result<bool, StepError> {
+pub fn has_nvidia_module(host: &Host, kernel: &str) -> Result<bool, StateError> {
     let path = format!("/lib/modules/{kernel}/modules.dep");
     let Some(text) = host.read(&path)? else {
         return Ok(false);
@@ -40,9 +40,9 @@ pub fn has_nvidia_module(host: &Host, kernel: &str) -> Result<bool, StepError> {
 /// the way: `None` when this is not about modules on disk or a kernel
 /// change (then the driver is installed as usual, if configured).
 pub fn observe_unloaded(
-    ctx: &StepContext,
+    ctx: &StateContext,
     record: Option<&Record>,
-) -> Result<Option<Observation>, StepError> {
+) -> Result<Option<Observation>, StateError> {
     let spec = &ctx.spec.driver;
     let Some(kernel) = ctx.facts.kernel.as_deref() else {
         return Ok(None);
@@ -114,13 +114,13 @@ pub fn observe_unloaded(
 /// How the modules of `version` are built for `kernel`: what it is called
 /// and its changes; `Err` says what the node lacks.
 fn rebuild(
-    ctx: &StepContext,
+    ctx: &StateContext,
     install: Option<&DriverInstall>,
     version: &str,
     kernel: &str,
-) -> Result<Result<(String, Vec<Change>), String>, StepError> {
+) -> Result<Result<(String, Vec<Change>), String>, StateError> {
     let host = ctx.host;
-    let needs_headers = || -> Result<Option<String>, StepError> {
+    let needs_headers = || -> Result<Option<String>, StateError> {
         Ok((!host.exists(&headers(kernel))?).then(|| {
             format!(
                 "{} is missing: install the headers of kernel {kernel} (linux-headers-{kernel} or kernel-devel-{kernel}) and gpuprov builds the module",

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::host::Host;
 use crate::spec::{DriverInstall, PackageManager, UpgradePolicy};
-use crate::step::{Change, Gate, Observation, Outcome, StepContext, StepError, error_chain};
+use crate::state::{Change, Gate, Observation, Outcome, StateContext, StateError, error_chain};
 
 /// The GPU Operator's label for a node whose driver it must not deploy.
 pub const DEPLOY_DRIVER_LABEL: &str = "nvidia.com/gpu.deploy.driver";
@@ -45,12 +45,12 @@ pub struct Record {
     pub kernel: Option<String>,
 }
 
-fn load_record(host: &Host, path: &str) -> Result<Option<Record>, StepError> {
+fn load_record(host: &Host, path: &str) -> Result<Option<Record>, StateError> {
     match host.read(path)? {
         None => Ok(None),
         Some(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| StepError::operator(format!("{path}: {e}"))),
+            .map_err(|e| StateError::operator(format!("{path}: {e}"))),
     }
 }
 
@@ -65,8 +65,8 @@ fn record_change(path: &str, record: &Record, purpose: &str) -> Change {
 }
 
 /// The `driver` handler.
-pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
-    let loaded = detect::detect(ctx.host).map_err(|e| StepError::operator(error_chain(&e)))?;
+pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
+    let loaded = detect::detect(ctx.host).map_err(|e| StateError::operator(error_chain(&e)))?;
     let mut record = load_record(ctx.host, RECORD)?;
     let installing = load_record(ctx.host, INSTALLING)?;
     // An install a killed run left behind: once its driver is loaded, it
@@ -111,7 +111,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
 }
 
 /// No driver loaded, none on disk to load: install the one configured.
-fn not_loaded(ctx: &StepContext) -> Result<Observation, StepError> {
+fn not_loaded(ctx: &StateContext) -> Result<Observation, StateError> {
     let spec = &ctx.spec.driver;
     match &spec.install {
         _ if !spec.enabled => Ok(absent(ctx, "driver.enabled is false, so gpuprov will not install one".to_string())),
@@ -129,10 +129,10 @@ fn not_loaded(ctx: &StepContext) -> Result<Observation, StepError> {
 }
 
 fn observe_loaded(
-    ctx: &StepContext,
+    ctx: &StateContext,
     driver: detect::LoadedDriver,
     record: Option<Record>,
-) -> Result<Observation, StepError> {
+) -> Result<Observation, StateError> {
     let spec = &ctx.spec.driver;
     let kind = if driver.open_kernel_module {
         "open"
@@ -240,7 +240,7 @@ fn observe_loaded(
     Ok(obs)
 }
 
-fn absent(ctx: &StepContext, why: String) -> Observation {
+fn absent(ctx: &StateContext, why: String) -> Observation {
     let bound = bound_drivers(ctx);
     let mut reason = "no NVIDIA kernel driver is loaded".to_string();
     if !bound.is_empty() {
@@ -253,7 +253,7 @@ fn absent(ctx: &StepContext, why: String) -> Observation {
 }
 
 /// nouveau is loaded, or holds a GPU.
-fn nouveau_holds_the_gpu(ctx: &StepContext) -> Result<bool, StepError> {
+fn nouveau_holds_the_gpu(ctx: &StateContext) -> Result<bool, StateError> {
     Ok(ctx.host.exists("/sys/module/nouveau")?
         || ctx
             .facts
@@ -263,7 +263,7 @@ fn nouveau_holds_the_gpu(ctx: &StepContext) -> Result<bool, StepError> {
 
 /// nouveau must go before NVIDIA's driver can load: blacklist it (with
 /// `driver.blacklistNouveau`) and reboot, or say how.
-fn observe_nouveau(ctx: &StepContext) -> Result<Observation, StepError> {
+fn observe_nouveau(ctx: &StateContext) -> Result<Observation, StateError> {
     if ctx.host.exists(NOUVEAU_BLACKLIST)? {
         let mut obs = Observation::new(
             Outcome::RebootRequired,
@@ -315,9 +315,9 @@ fn initramfs_command(os_ids: &[String]) -> Option<Vec<&'static str>> {
 
 /// Unload the loaded driver's modules, then install and load the wanted one.
 pub fn replace_changes(
-    ctx: &StepContext,
+    ctx: &StateContext,
     install: &DriverInstall,
-) -> Result<Vec<Change>, StepError> {
+) -> Result<Vec<Change>, StateError> {
     let mut changes: Vec<Change> = MODULES
         .iter()
         .rev()
@@ -328,7 +328,7 @@ pub fn replace_changes(
 }
 
 /// Download, install, load the modules, create the device nodes, record.
-fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Change>, StepError> {
+fn install_changes(ctx: &StateContext, install: &DriverInstall) -> Result<Vec<Change>, StateError> {
     let mut install_steps = Vec::new();
     let (method, source) = match install {
         DriverInstall::Runfile {
@@ -392,9 +392,9 @@ fn install_changes(ctx: &StepContext, install: &DriverInstall) -> Result<Vec<Cha
     Ok(changes)
 }
 
-fn package_manager(ctx: &StepContext) -> Result<PackageManager, StepError> {
+fn package_manager(ctx: &StateContext) -> Result<PackageManager, StateError> {
     crate::toolkit::package_manager_for(&ctx.facts.os_ids).ok_or_else(|| {
-        StepError::operator(format!(
+        StateError::operator(format!(
             "no package manager is known for this OS ({})",
             ctx.facts.os_ids.join(" ")
         ))
@@ -418,7 +418,7 @@ fn run(argv: &[&str]) -> Change {
 }
 
 /// Processes holding an NVIDIA device open: `pid (comm)`.
-fn gpu_users(host: &Host) -> Result<Vec<String>, StepError> {
+fn gpu_users(host: &Host) -> Result<Vec<String>, StateError> {
     let mut users = Vec::new();
     for pid in host
         .list_dir("/proc")?
@@ -441,7 +441,7 @@ fn gpu_users(host: &Host) -> Result<Vec<String>, StepError> {
 }
 
 /// "nouveau ×1, vfio-pci ×2" for GPUs that some other driver holds.
-fn bound_drivers(ctx: &StepContext) -> String {
+fn bound_drivers(ctx: &StateContext) -> String {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for gpu in ctx.facts.gpus() {
         if let Some(driver) = gpu.driver.as_deref() {

@@ -16,7 +16,7 @@ use super::pci::PciFunction;
 use crate::mig::nvml::MigDevice;
 use crate::operands::device_plugin::GpuView;
 use crate::spec::{GfdMode, MigStrategy, Sharing, SharingStrategy};
-use crate::step::{Gate, LookAgain, Observation, Outcome, StepContext, StepError, error_chain};
+use crate::state::{Gate, LookAgain, Observation, Outcome, StateContext, StateError, error_chain};
 
 pub const MACHINE_FILE: &str = "/sys/class/dmi/id/product_name";
 /// The IMEX daemon's peer list: with it, GFD labels the node's NVLink
@@ -383,7 +383,7 @@ fn mig_labels(labels: &mut BTreeMap<String, String>, plugin: &PluginView) {
 
 /// The `gpu-feature-discovery` handler: in daemonset mode an operand; in
 /// builtin mode the labels themselves (and no GFD static pod).
-pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     use crate::operands::{self, Operand};
     if ctx.spec.gfd_mode == GfdMode::Daemonset {
         return operands::observe(ctx, Operand::GpuFeatureDiscovery);
@@ -403,7 +403,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
             return Ok(obs);
         }
         Err(problem) => {
-            return Err(StepError::operator(format!(
+            return Err(StateError::operator(format!(
                 "no GPU features without NVML: {problem}"
             )));
         }
@@ -415,10 +415,10 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     let chosen = match chosen {
         Some(chosen) => chosen,
         None => crate::operands::device_plugin::chosen(ctx.spec, &BTreeMap::new())
-            .map_err(StepError::operator)?,
+            .map_err(StateError::operator)?,
     };
     let gpus = crate::operands::device_plugin::gpus(ctx)
-        .map_err(StepError::operator)?
+        .map_err(StateError::operator)?
         .unwrap_or_default();
     let view = PluginView {
         gpus: &gpus,
@@ -457,7 +457,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
 /// The `gpu-health` handler: NVML must see every GPU the PCI bus has bound
 /// to the nvidia driver; fewer means one fell off the bus (`degraded`,
 /// published as `gpuprov.io/gpu-health=degraded`).
-pub fn observe_health(ctx: &StepContext) -> Result<Observation, StepError> {
+pub fn observe_health(ctx: &StateContext) -> Result<Observation, StateError> {
     let mut obs = health(ctx)?;
     // A degraded GPU is looked at again once a recent error may be over.
     if obs.outcome == Outcome::Degraded {
@@ -467,7 +467,7 @@ pub fn observe_health(ctx: &StepContext) -> Result<Observation, StepError> {
     Ok(obs)
 }
 
-fn health(ctx: &StepContext) -> Result<Observation, StepError> {
+fn health(ctx: &StateContext) -> Result<Observation, StateError> {
     let on_nvidia: Vec<&PciFunction> = ctx
         .facts
         .gpus()
@@ -528,7 +528,7 @@ fn health(ctx: &StepContext) -> Result<Observation, StepError> {
 /// The GPUs with a critical error (XID, double-bit ECC) in the last
 /// `health.recoverAfterSeconds`, as `gpuprov run` recorded them; `None`
 /// when there are none (or XIDs are not watched).
-fn gpu_errors(ctx: &StepContext) -> Option<String> {
+fn gpu_errors(ctx: &StateContext) -> Option<String> {
     let health = &ctx.spec.health;
     if !health.xids {
         return None;

@@ -7,7 +7,7 @@ pub mod xid;
 
 use std::collections::BTreeMap;
 
-use crate::step::{Gate, Observation, Outcome, StepContext};
+use crate::state::{Gate, Observation, Outcome, StateContext};
 use pci::NvidiaFunction;
 
 pub const GPU_PRESENT_LABEL: &str = "nvidia.com/gpu.present";
@@ -16,7 +16,7 @@ pub const NFD_NVIDIA_PCI_LABEL: &str = "feature.node.kubernetes.io/pci-10de.pres
 
 /// The `detect-gpu` handler: counts physical NVIDIA GPUs and says what the
 /// other NVIDIA functions were, so a miscount is visible in the plan.
-pub fn observe(ctx: &StepContext) -> Observation {
+pub fn observe(ctx: &StateContext) -> Observation {
     let gpus: Vec<_> = ctx.facts.gpus().collect();
     let mut others: BTreeMap<NvidiaFunction, usize> = BTreeMap::new();
     for kind in ctx.facts.pci.iter().filter_map(|f| f.nvidia_kind()) {

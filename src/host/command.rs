@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{ExecMode, HOST_PATH, Host, HostError};
+use super::{CommandMode, HOST_PATH, Host, HostError};
 
 /// How much of a command's stdout and stderr a record keeps (the tail).
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
@@ -96,13 +96,13 @@ impl Host {
         let mut command = Command::new(&program);
         command.args(&argv[1..]);
         match self.exec_mode {
-            ExecMode::Prefix => {
+            CommandMode::Prefix => {
                 command
                     .current_dir(&self.absolute)
                     .env("GPUPROV_HOST_ROOT", &self.absolute)
                     .env("PATH", self.prefixed_path());
             }
-            ExecMode::Chroot => {
+            CommandMode::Chroot => {
                 let root = self.absolute.clone();
                 command.env("GPUPROV_HOST_ROOT", "/");
                 // SAFETY: chroot and chdir are async-signal-safe syscalls; the
@@ -115,7 +115,7 @@ impl Host {
                     });
                 }
             }
-            ExecMode::Nsenter => {
+            CommandMode::Nsenter => {
                 let namespaces = open_pid1_namespaces()?;
                 command.env("GPUPROV_HOST_ROOT", "/").current_dir("/");
                 // SAFETY: setns is an async-signal-safe syscall and the file
@@ -144,7 +144,7 @@ impl Host {
     /// that path (or, for a bare name, in one of its PATH directories), and
     /// the machine's otherwise. In other modes the path is the host's own.
     fn program_path(&self, program: &str) -> PathBuf {
-        if self.exec_mode != ExecMode::Prefix {
+        if self.exec_mode != CommandMode::Prefix {
             return PathBuf::from(program);
         }
         let candidates: Vec<String> = if program.starts_with('/') {
@@ -206,9 +206,9 @@ impl Host {
 }
 
 /// What to try when a command cannot start.
-fn spawn_hint(mode: ExecMode, root: &std::path::Path, error: &std::io::Error) -> String {
+fn spawn_hint(mode: CommandMode, root: &std::path::Path, error: &std::io::Error) -> String {
     match mode {
-        ExecMode::Chroot => format!(
+        CommandMode::Chroot => format!(
             " (in a chroot into {}: {}; if that is not a whole host with the command in it, use --host-exec nsenter in a pod with hostPID, or --host-exec prefix for a fixture)",
             root.display(),
             if error.kind() == std::io::ErrorKind::NotFound {
@@ -219,7 +219,7 @@ fn spawn_hint(mode: ExecMode, root: &std::path::Path, error: &std::io::Error) ->
         ),
         // setns fails in the child, where nothing may allocate: which
         // namespace is not known, so the hint names them all.
-        ExecMode::Nsenter => match error.raw_os_error() {
+        CommandMode::Nsenter => match error.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EINVAL) => format!(
                 " (joining PID 1's namespaces, {} through /proc/1/ns, failed: gpuprov must be privileged (CAP_SYS_ADMIN) in a pod with hostPID)",
                 NAMESPACES.map(|(name, _)| name).join(", ")
@@ -229,7 +229,7 @@ fn spawn_hint(mode: ExecMode, root: &std::path::Path, error: &std::io::Error) ->
             }
             _ => String::new(),
         },
-        ExecMode::Prefix => String::new(),
+        CommandMode::Prefix => String::new(),
     }
 }
 

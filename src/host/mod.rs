@@ -125,7 +125,7 @@ pub enum HostError {
 /// How commands reach the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ExecMode {
+pub enum CommandMode {
     /// chroot into the host root (the default when the root is not `/`).
     Chroot,
     /// join PID 1's mount, UTS, IPC and network namespaces (a privileged pod with hostPID).
@@ -135,14 +135,14 @@ pub enum ExecMode {
     Prefix,
 }
 
-impl ExecMode {
+impl CommandMode {
     /// The default for a root: plain execution when it is `/` (prefix of `/`
     /// is the identity), chroot otherwise.
-    pub fn default_for(root: &Path) -> ExecMode {
+    pub fn default_for(root: &Path) -> CommandMode {
         if root == Path::new("/") {
-            ExecMode::Prefix
+            CommandMode::Prefix
         } else {
-            ExecMode::Chroot
+            CommandMode::Chroot
         }
     }
 }
@@ -166,7 +166,7 @@ pub struct Host {
     absolute: PathBuf,
     /// The root directory, open: every path is resolved beneath it.
     tree: Arc<pathrs::Root>,
-    exec_mode: ExecMode,
+    exec_mode: CommandMode,
     command_timeout: Duration,
     /// Directories whose entries changed (a rename, a removal, a directory
     /// made in them) and are not yet synced, by host path, each with a
@@ -306,7 +306,7 @@ struct Parent {
 impl Host {
     pub fn new(
         root: &Path,
-        exec_mode: ExecMode,
+        exec_mode: CommandMode,
         command_timeout: Duration,
     ) -> Result<Host, HostError> {
         let read_err = |source| HostError::Read {
@@ -334,7 +334,7 @@ impl Host {
         &self.root
     }
 
-    pub fn exec_mode(&self) -> ExecMode {
+    pub fn exec_mode(&self) -> CommandMode {
         self.exec_mode
     }
 

@@ -3,7 +3,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 
 fn host(dir: &Path) -> Host {
-    Host::new(dir, ExecMode::Prefix, Duration::from_secs(5)).unwrap()
+    Host::new(dir, CommandMode::Prefix, Duration::from_secs(5)).unwrap()
 }
 
 #[test]
@@ -159,7 +159,7 @@ fn prefix_mode_runs_the_fixture_script_and_records_it() {
 #[test]
 fn commands_past_the_timeout_are_killed() {
     let dir = tempfile::tempdir().unwrap();
-    let h = Host::new(dir.path(), ExecMode::Prefix, Duration::from_millis(200)).unwrap();
+    let h = Host::new(dir.path(), CommandMode::Prefix, Duration::from_millis(200)).unwrap();
     let record = h.run_shell("sleep 30").unwrap();
     assert!(record.timed_out);
     assert!(!record.success());
@@ -243,7 +243,7 @@ fn oversize_files_are_refused_with_size_and_cap() {
 #[test]
 fn a_flooding_command_keeps_only_a_bounded_tail() {
     let dir = tempfile::tempdir().unwrap();
-    let h = Host::new(dir.path(), ExecMode::Prefix, Duration::from_secs(2)).unwrap();
+    let h = Host::new(dir.path(), CommandMode::Prefix, Duration::from_secs(2)).unwrap();
     let record = h
         .run_shell("head -c 50000000 /dev/zero | tr '\\0' y; echo end")
         .unwrap();
@@ -255,7 +255,7 @@ fn a_flooding_command_keeps_only_a_bounded_tail() {
 #[test]
 fn a_daemonized_grandchild_holding_stdout_does_not_hold_the_run() {
     let dir = tempfile::tempdir().unwrap();
-    let h = Host::new(dir.path(), ExecMode::Prefix, Duration::from_secs(60)).unwrap();
+    let h = Host::new(dir.path(), CommandMode::Prefix, Duration::from_secs(60)).unwrap();
     // The grandchild leaves the process group and keeps stdout open for
     // a minute; the command itself exits at once.
     let record = h.run_shell("setsid sleep 60 & echo started").unwrap();
@@ -267,7 +267,7 @@ fn a_daemonized_grandchild_holding_stdout_does_not_hold_the_run() {
 #[test]
 fn the_timeout_holds_against_a_command_that_never_exits_nor_closes_stdout() {
     let dir = tempfile::tempdir().unwrap();
-    let h = Host::new(dir.path(), ExecMode::Prefix, Duration::from_millis(300)).unwrap();
+    let h = Host::new(dir.path(), CommandMode::Prefix, Duration::from_millis(300)).unwrap();
     let record = h.run_shell("setsid sleep 60 & exec sleep 60").unwrap();
     assert!(record.timed_out);
     assert_eq!(record.exit_code, None);

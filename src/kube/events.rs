@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use super::{Cluster, KubeError};
 use crate::host::Host;
-use crate::report::{Action, StepReport};
+use crate::report::{Action, StateReport};
 
 pub const POSTED: &str = "/var/lib/gpuprov/events.json";
 
@@ -21,7 +21,7 @@ pub const POSTED: &str = "/var/lib/gpuprov/events.json";
 const WAITING: &str = "waiting: ";
 
 /// Posts an event for each changed or failed step not already posted.
-pub fn publish(cluster: &Cluster, host: &Host, steps: &[StepReport]) -> Result<(), crate::Error> {
+pub fn publish(cluster: &Cluster, host: &Host, steps: &[StateReport]) -> Result<(), crate::Error> {
     // `Converged` only when the whole run converged: a step that changed on
     // a node still waiting or failing elsewhere says `Changed`.
     let converged = crate::report::is_converged(steps);

@@ -13,7 +13,7 @@ use std::io::Write;
 use crate::host::{Host, HostError};
 use crate::label_syntax::check_label;
 use crate::plan::Graph;
-use crate::report::{SinkPreview, StepReport};
+use crate::report::{SinkPreview, StateReport};
 
 /// NFD's local feature file: NFD's worker turns each `key=value` line into a
 /// node label, so bootstrap images without an API server still label nodes.
@@ -24,13 +24,13 @@ const NFD_HEADER: &str = "# Written by gpuprov from its last apply; edits are ov
 /// gpuprov itself set earlier: a `false` there is gpuprov's own, not an
 /// opt-out.
 pub fn compute(
-    steps: &[StepReport],
+    steps: &[StateReport],
     graph: &Graph,
     facts: &crate::facts::Facts,
 ) -> BTreeMap<String, String> {
     let node_labels = &facts.node_labels;
     let mut labels = BTreeMap::new();
-    for (step, state) in steps.iter().zip(&graph.steps) {
+    for (step, state) in steps.iter().zip(&graph.states) {
         labels.insert(state.label.clone(), step.outcome.as_str().to_string());
         for (key, value) in &step.labels {
             labels.insert(key.clone(), value.clone());

@@ -19,7 +19,7 @@ use super::nvml::{Activation, Session};
 use super::{PAUSED, STATE_LABEL};
 use crate::kube::Cluster;
 use crate::operands::Operand;
-use crate::step::error_chain;
+use crate::state::error_chain;
 
 /// How often the pods on the node are looked at while waiting.
 const POLL: Duration = Duration::from_millis(500);

@@ -16,9 +16,9 @@ pub mod nvml;
 use std::collections::BTreeMap;
 
 use crate::spec::{MigEntry, generated_layout};
-use crate::step::{
-    CapabilityChange, Change, Gate, MakeContext, Observation, OnFailure, Outcome, StepContext,
-    StepError, json_fields,
+use crate::state::{
+    CapabilityChange, Change, Gate, MakeContext, Observation, OnFailure, Outcome, StateContext,
+    StateError, json_fields,
 };
 pub use layout::{MigCreate, MigGpuChange, MigLayout};
 use nvml::{GiProfile, GpuMig};
@@ -36,8 +36,8 @@ impl CapabilityChange for MigLayout {
         json_fields(self)
     }
 
-    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
-        apply::run(on.cluster, self).map_err(StepError::operator)
+    fn make(&self, on: &mut MakeContext) -> Result<(), StateError> {
+        apply::run(on.cluster, self).map_err(StateError::operator)
     }
 }
 
@@ -61,7 +61,7 @@ fn failed(reason: String) -> Observation {
 }
 
 /// The `mig` handler.
-pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let label = ctx.facts.node_labels.get(CONFIG_LABEL);
     let Some(name) = label.or(ctx.spec.mig.default.as_ref()) else {
         return Ok(Observation::new(

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::mig::nvml::MigDevice;
 use crate::spec::{MigStrategy, PluginConfig, Sharing, SharingStrategy, Spec};
-use crate::step::{Change, StepContext, StepError, error_chain};
+use crate::state::{Change, StateContext, StateError, error_chain};
 
 /// The ConfigMap holding every config, in the operands' namespace.
 pub const CONFIG_MAP: &str = "gpuprov-device-plugin-configs";
@@ -124,10 +124,10 @@ pub fn config_map_data(spec: &Spec) -> BTreeMap<String, String> {
 
 /// What hands the config over, and the label that names it.
 pub fn hand_over(
-    ctx: &StepContext,
+    ctx: &StateContext,
     chosen: &Chosen,
     static_pods: bool,
-) -> Result<(Vec<Change>, BTreeMap<String, String>), StepError> {
+) -> Result<(Vec<Change>, BTreeMap<String, String>), StateError> {
     let mut changes = Vec::new();
     let mut labels = BTreeMap::new();
     if static_pods {
@@ -135,7 +135,7 @@ pub fn hand_over(
         let current = ctx.host.read(HOST_CONFIG_FILE)?;
         if current.as_deref() != Some(wanted.as_str()) {
             changes.push(Change::WriteFile {
-                diff: Some(crate::step::file_diff(
+                diff: Some(crate::state::file_diff(
                     HOST_CONFIG_FILE,
                     current.as_deref().unwrap_or(""),
                     &wanted,
@@ -154,7 +154,7 @@ pub fn hand_over(
         let wanted = config_map_data(ctx.spec);
         let current = cluster
             .config_map_data(namespace, CONFIG_MAP)
-            .map_err(|e| StepError::operator(error_chain(&e)))?;
+            .map_err(|e| StateError::operator(error_chain(&e)))?;
         if current.as_ref() != Some(&wanted) {
             let current = current.unwrap_or_default();
             let keys: Vec<String> = wanted
@@ -205,7 +205,7 @@ impl GpuView {
 
 /// The node's GPUs with their MIG devices, read now (a layout applied
 /// earlier in this run shows); `None` without NVML.
-pub fn gpus(ctx: &StepContext) -> Result<Option<Vec<GpuView>>, String> {
+pub fn gpus(ctx: &StateContext) -> Result<Option<Vec<GpuView>>, String> {
     let Ok(inventory) = ctx.facts.nvml(ctx.host) else {
         return Ok(None);
     };

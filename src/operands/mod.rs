@@ -16,8 +16,8 @@ pub mod validate;
 
 use crate::report::RevertReport;
 use crate::spec::{OperandDeploy, OperandSpec, Spec};
-use crate::step::{
-    Change, Observation, Outcome, RevertContext, StepContext, StepError, error_chain, file_diff,
+use crate::state::{
+    Change, Observation, Outcome, RevertContext, StateContext, StateError, error_chain, file_diff,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,7 @@ impl Operand {
 
 /// Whether operands run as static pods here: asked for, or `auto` without
 /// an API server.
-pub fn as_static_pods(ctx: &StepContext) -> bool {
+pub fn as_static_pods(ctx: &StateContext) -> bool {
     match ctx.spec.operands.deploy {
         OperandDeploy::Auto => ctx.cluster.is_none(),
         OperandDeploy::Labels => false,
@@ -91,7 +91,7 @@ pub fn as_static_pods(ctx: &StepContext) -> bool {
 }
 
 /// The operand's handler: start it (label or static pod), then verify it.
-pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepError> {
+pub fn observe(ctx: &StateContext, operand: Operand) -> Result<Observation, StateError> {
     let path = static_pod::path(ctx.spec, operand);
     let current = ctx.host.read(&path)?;
     let mut changes = Vec::new();
@@ -119,7 +119,7 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
                 );
             }
         }
-        obs.gate = Some(crate::step::Gate::Pass);
+        obs.gate = Some(crate::state::Gate::Pass);
         return Ok(obs);
     }
     if let Some(chosen) = &chosen {
@@ -133,10 +133,10 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
             false => None,
         };
         let wanted = static_pod::render(ctx.spec, operand, chosen.as_ref(), cdi_hook.as_deref())
-            .map_err(StepError::operator)?;
+            .map_err(StateError::operator)?;
         match &current {
             Some(text) if !static_pod::is_ours(text) => {
-                return Err(StepError::operator(format!(
+                return Err(StateError::operator(format!(
                     "{path} exists and gpuprov did not write it; move it away or set operands.staticPodDir"
                 )));
             }
@@ -196,12 +196,12 @@ pub fn observe(ctx: &StepContext, operand: Operand) -> Result<Observation, StepE
 /// manifest or label is in place and the kubelet or a DaemonSet does the
 /// rest); with one, `ready` once its effect shows, else `pending`.
 fn verify(
-    ctx: &StepContext,
+    ctx: &StateContext,
     operand: Operand,
     static_pods: bool,
     path: &str,
     chosen: Option<&device_plugin::Chosen>,
-) -> Result<(Outcome, String), StepError> {
+) -> Result<(Outcome, String), StateError> {
     let image = &operand.spec(ctx.spec).image;
     let Some(cluster) = ctx.cluster else {
         return Ok((
@@ -226,14 +226,14 @@ fn verify(
     Ok(match operand {
         Operand::DevicePlugin => {
             let chosen = chosen.ok_or_else(|| {
-                StepError::operator("the device plugin has no config in force".to_string())
+                StateError::operator("the device plugin has no config in force".to_string())
             })?;
             verify_device_plugin(ctx, chosen)?
         }
         Operand::DcgmExporter => {
             let pods = cluster
                 .pods_on_node(DCGM_EXPORTER_SELECTOR)
-                .map_err(|e| StepError::operator(error_chain(&e)))?;
+                .map_err(|e| StateError::operator(error_chain(&e)))?;
             let name = |p: &k8s_openapi::api::core::v1::Pod| {
                 format!(
                     "{}/{}",
@@ -277,10 +277,10 @@ fn verify(
 /// plugin offers with its config; a config the plugin refuses for these
 /// GPUs fails the step with the reason.
 fn verify_device_plugin(
-    ctx: &StepContext,
+    ctx: &StateContext,
     chosen: &device_plugin::Chosen,
-) -> Result<(Outcome, String), StepError> {
-    let gpus = device_plugin::gpus(ctx).map_err(StepError::operator)?;
+) -> Result<(Outcome, String), StateError> {
+    let gpus = device_plugin::gpus(ctx).map_err(StateError::operator)?;
     let expected = match &gpus {
         Some(gpus) => device_plugin::expected(gpus, chosen.mig_strategy, chosen.sharing()),
         // Without NVML: the PCI GPUs bound to the nvidia driver, whole.
@@ -292,7 +292,7 @@ fn verify_device_plugin(
         }
     }
     .map_err(|why| {
-        StepError::operator(format!("config {} ({}): {why}", chosen.name, chosen.whence))
+        StateError::operator(format!("config {} ({}): {why}", chosen.name, chosen.whence))
     })?;
     let config = format!(
         "config {} ({}{})",
@@ -334,7 +334,7 @@ fn verify_device_plugin(
 
 /// What a disabled or opted-out operand takes away: its static pod. (Its
 /// deploy label goes by itself: the run no longer publishes it.)
-pub fn withdraw(ctx: &StepContext, operand: Operand) -> Result<Vec<Change>, StepError> {
+pub fn withdraw(ctx: &StateContext, operand: Operand) -> Result<Vec<Change>, StateError> {
     let path = static_pod::path(ctx.spec, operand);
     // The device plugin's config file stays (GFD may read it); `revert`
     // removes it.
@@ -350,7 +350,7 @@ pub fn withdraw(ctx: &StepContext, operand: Operand) -> Result<Vec<Change>, Step
 /// The operands' revert (one for all of them: they share the static pod
 /// directory): every operand manifest gpuprov wrote, and the device
 /// plugin config they read.
-pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), StepError> {
+pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), StateError> {
     report
         .static_pods_removed
         .extend(static_pod::remove_ours(ctx.host, ctx.spec)?);
@@ -359,7 +359,7 @@ pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), Step
 
 /// The GPUs on the node: those NVML sees, or without NVML the PCI GPUs
 /// bound to the nvidia driver.
-pub fn gpu_count(ctx: &StepContext) -> usize {
+pub fn gpu_count(ctx: &StateContext) -> usize {
     match ctx.facts.nvml(ctx.host) {
         Ok(inventory) => inventory.devices.len(),
         Err(_) => ctx

@@ -17,9 +17,9 @@ use k8s_openapi::api::core::v1::Taint;
 use crate::facts::Facts;
 use crate::kube::node_status::Condition;
 use crate::kube::{Cluster, KubeError};
-use crate::report::StepReport;
+use crate::report::StateReport;
 use crate::spec::{ReadinessSpec, StartupTaint};
-use crate::step::Outcome;
+use crate::state::Outcome;
 
 /// What the steps say of the node's GPUs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +34,7 @@ pub struct Verdict {
 const MESSAGE_CAP: usize = 1024;
 
 /// The verdict of a walk, or `None` on a node without a GPU.
-pub fn verdict(steps: &[StepReport], facts: &Facts) -> Option<Verdict> {
+pub fn verdict(steps: &[StateReport], facts: &Facts) -> Option<Verdict> {
     // No GPU: nothing to say.
     facts.gpus().next()?;
     // What holds `/readyz`, and a GPU whose health is degraded.
@@ -88,7 +88,7 @@ pub fn publish(
     cluster: &Cluster,
     spec: &ReadinessSpec,
     facts: &Facts,
-    steps: &[StepReport],
+    steps: &[StateReport],
 ) -> Result<(), KubeError> {
     let Some(verdict) = verdict(steps, facts) else {
         return Ok(());

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::host::Host;
 use crate::spec::{ContainerdOptions, Flavor, RuntimeChoice};
-use crate::step::StepError;
+use crate::state::StateError;
 
 /// containerd's own config and socket.
 const STOCK_CONFIG: &str = "/etc/containerd/config.toml";
@@ -55,7 +55,7 @@ impl Target {
 }
 
 /// `ID` from the host's os-release, lowercased.
-fn os_id(host: &Host) -> Result<Option<String>, StepError> {
+fn os_id(host: &Host) -> Result<Option<String>, StateError> {
     Ok(host.read("/etc/os-release")?.and_then(|text| {
         text.lines()
             .find_map(|l| l.strip_prefix("ID="))
@@ -64,7 +64,7 @@ fn os_id(host: &Host) -> Result<Option<String>, StepError> {
 }
 
 /// The first of `paths` that is a file in the host root.
-fn first_file(host: &Host, paths: &[&str]) -> Result<Option<String>, StepError> {
+fn first_file(host: &Host, paths: &[&str]) -> Result<Option<String>, StateError> {
     for path in paths {
         if host.is_file(path)? {
             return Ok(Some(path.to_string()));
@@ -74,7 +74,7 @@ fn first_file(host: &Host, paths: &[&str]) -> Result<Option<String>, StepError> 
 }
 
 /// A command on the host's PATH directories.
-pub fn on_path(host: &Host, name: &str) -> Result<Option<String>, StepError> {
+pub fn on_path(host: &Host, name: &str) -> Result<Option<String>, StateError> {
     let paths: Vec<String> = crate::host::HOST_PATH
         .iter()
         .map(|dir| format!("/{dir}/{name}"))
@@ -84,7 +84,7 @@ pub fn on_path(host: &Host, name: &str) -> Result<Option<String>, StepError> {
 }
 
 /// The flavour the host looks like, and what gave it away.
-pub fn detect_flavor(host: &Host) -> Result<(Flavor, String), StepError> {
+pub fn detect_flavor(host: &Host) -> Result<(Flavor, String), StateError> {
     match os_id(host)?.as_deref() {
         Some("talos") => return Ok((Flavor::Talos, "/etc/os-release says ID=talos".into())),
         Some("bottlerocket") => {
@@ -119,7 +119,7 @@ pub fn detect_flavor(host: &Host) -> Result<(Flavor, String), StepError> {
 /// Where the flavour's containerd is. The spec's `config` and `socket`
 /// (or `CONTAINERD_CONFIG` and `CONTAINERD_SOCKET`), when given, win over
 /// the flavour's own.
-pub fn containerd_target(host: &Host, opts: &ContainerdOptions) -> Result<Target, StepError> {
+pub fn containerd_target(host: &Host, opts: &ContainerdOptions) -> Result<Target, StateError> {
     let (flavor, detected_by) = match opts.flavor {
         Some(flavor) => (flavor, "containerd.flavor in the spec".to_string()),
         None => detect_flavor(host)?,
@@ -224,7 +224,7 @@ pub fn containerd_target(host: &Host, opts: &ContainerdOptions) -> Result<Target
 /// k3s's or RKE2's template for `config`: `config-v3.toml.tmpl` for a
 /// version-3 (or later) config, `config.toml.tmpl` before; an existing one
 /// of either is used as it is (k3s prefers the v3 one when both exist).
-fn template_for(host: &Host, config: &str) -> Result<String, StepError> {
+fn template_for(host: &Host, config: &str) -> Result<String, StateError> {
     let dir = config.rsplit_once('/').map_or("", |(dir, _)| dir);
     let v3 = format!("{dir}/config-v3.toml.tmpl");
     let v2 = format!("{dir}/config.toml.tmpl");
@@ -247,7 +247,7 @@ fn template_for(host: &Host, config: &str) -> Result<String, StepError> {
 
 /// The unit k3s or RKE2 runs as: the server's or the agent's, whichever
 /// the host has (the server when it has neither unit file).
-fn rancher_service(host: &Host, name: &str) -> Result<String, StepError> {
+fn rancher_service(host: &Host, name: &str) -> Result<String, StateError> {
     let (server, agent) = if name == "k3s" {
         ("k3s", "k3s-agent")
     } else {
@@ -257,7 +257,7 @@ fn rancher_service(host: &Host, name: &str) -> Result<String, StepError> {
 }
 
 /// The first of `units` with a unit file in the host's systemd directories.
-fn first_unit(host: &Host, units: &[&str]) -> Result<Option<String>, StepError> {
+fn first_unit(host: &Host, units: &[&str]) -> Result<Option<String>, StateError> {
     for unit in units {
         for dir in [
             "/etc/systemd/system",
@@ -275,7 +275,7 @@ fn first_unit(host: &Host, units: &[&str]) -> Result<Option<String>, StepError> 
 
 /// Why the node's runtime is CRI-O (the spec's `runtime`, or what the
 /// host has), or `None` for containerd.
-pub fn crio_chosen(host: &Host, opts: &ContainerdOptions) -> Result<Option<String>, StepError> {
+pub fn crio_chosen(host: &Host, opts: &ContainerdOptions) -> Result<Option<String>, StateError> {
     Ok(match opts.runtime {
         RuntimeChoice::Crio => Some("runtime: crio in the spec".to_string()),
         RuntimeChoice::Containerd => None,
@@ -304,7 +304,7 @@ pub fn containerd_binary(host: &Host) -> Option<String> {
 /// Whether the host runs CRI-O rather than containerd: a crio binary or
 /// /etc/crio and no containerd binary, or CRI-O's socket and not
 /// containerd's.
-pub fn crio_detected(host: &Host) -> Result<Option<String>, StepError> {
+pub fn crio_detected(host: &Host) -> Result<Option<String>, StateError> {
     let crio = on_path(host, "crio")?;
     let crio_config =
         host.exists("/etc/crio/crio.conf")? || host.exists("/etc/crio/crio.conf.d")?;
@@ -330,12 +330,12 @@ pub fn crio_detected(host: &Host) -> Result<Option<String>, StepError> {
 
 /// Refuses a drop-in whose directory is a symlink: gpuprov writes its own
 /// file only into a directory that is where it says it is.
-pub fn refuse_linked_dir(host: &Host, drop_in: &str) -> Result<(), StepError> {
+pub fn refuse_linked_dir(host: &Host, drop_in: &str) -> Result<(), StateError> {
     let Some((dir, _)) = drop_in.rsplit_once('/') else {
         return Ok(());
     };
     match host.link_target(dir)? {
-        Some(target) => Err(StepError::operator(format!(
+        Some(target) => Err(StateError::operator(format!(
             "{dir}, where the drop-in {drop_in} goes, is a symlink to {target}: gpuprov does not write its drop-in through a link; make it a directory, or name another place"
         ))),
         None => Ok(()),

@@ -19,7 +19,7 @@ use sample::{Sample, Sampler};
 
 use crate::host::Host;
 use crate::operands::{self, Operand};
-use crate::step::{Observation, Outcome, StepContext, StepError};
+use crate::state::{Observation, Outcome, StateContext, StateError};
 
 /// The exporter `gpuprov run` holds: NVML opened at the first scrape
 /// (the driver may come later), one NVML pass per scrape, or per
@@ -128,7 +128,7 @@ impl Exporter {
 /// The `dcgm-exporter` state in builtin mode: no operand (its static pod
 /// goes, its deploy label is not published); `gpuprov run` serves the
 /// metrics.
-pub fn observe_builtin(ctx: &StepContext) -> Result<Observation, StepError> {
+pub fn observe_builtin(ctx: &StateContext) -> Result<Observation, StateError> {
     let withdrawn = operands::withdraw(ctx, Operand::DcgmExporter)?;
     let gpus = operands::gpu_count(ctx);
     let mut obs = Observation::new(

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use crate::download::unpack as artifact;
 use crate::host::{HOST_PATH, Host, HostError};
 use crate::spec::{PackageManager, Spec};
-use crate::step::{Change, Gate, Observation, Outcome, StepContext, StepError};
+use crate::state::{Change, Gate, Observation, Outcome, StateContext, StateError};
 
 /// The binaries a working toolkit has.
 pub const BINARIES: [&str; 3] = [
@@ -93,7 +93,7 @@ fn binary(host: &Host, spec: &Spec, name: &'static str) -> Result<String, HostEr
 }
 
 /// The `container-toolkit` handler.
-pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let found = locate(ctx.host, ctx.spec)?;
     let missing: Vec<&str> = found
         .iter()
@@ -105,12 +105,12 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     {
         let dir = artifact_dir(ctx.spec);
         let owned =
-            artifact::owned(ctx.host, INSTALLED_RECORD, &dir).map_err(StepError::operator)?;
+            artifact::owned(ctx.host, INSTALLED_RECORD, &dir).map_err(StateError::operator)?;
         let current = owned
             .as_ref()
             .is_some_and(|o| o.sha256.as_deref() == Some(artifact.sha256.as_str()));
         if !missing.is_empty() || !current {
-            artifact::check_owned(ctx.host, &dir, owned.as_ref()).map_err(StepError::operator)?;
+            artifact::check_owned(ctx.host, &dir, owned.as_ref()).map_err(StateError::operator)?;
             return artifact_install(ctx, artifact, &dir, owned.is_some(), &missing, found);
         }
     }
@@ -252,13 +252,13 @@ fn artifact_dir(spec: &Spec) -> String {
 /// the install dir atomically (`download::unpack`, which records what is
 /// there). `dir` is new, or gpuprov's (`ours`): `observe` checked.
 fn artifact_install(
-    ctx: &StepContext,
+    ctx: &StateContext,
     artifact: &crate::download::Artifact,
     dir: &str,
     ours: bool,
     missing: &[&str],
     found: BTreeMap<&'static str, Option<String>>,
-) -> Result<Observation, StepError> {
+) -> Result<Observation, StateError> {
     let reason = if missing.is_empty() {
         format!(
             "{dir} holds another toolkit artifact than sha256 {}",

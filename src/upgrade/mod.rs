@@ -13,9 +13,9 @@ pub mod slots;
 pub use action::{Action, STATE_LABEL, State};
 
 use crate::spec::FailurePolicy;
-use crate::step::{
-    CapabilityChange, Change, LookAgain, MakeContext, Observation, OnFailure, Outcome, StepContext,
-    StepError, json_fields,
+use crate::state::{
+    CapabilityChange, Change, LookAgain, MakeContext, Observation, OnFailure, Outcome,
+    StateContext, StateError, json_fields,
 };
 
 /// `true` on a node keeps its driver as it is.
@@ -39,13 +39,13 @@ impl CapabilityChange for Action {
         json_fields(self)
     }
 
-    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
-        run::make(on.cluster, self, on.labels_set).map_err(StepError::operator)
+    fn make(&self, on: &mut MakeContext) -> Result<(), StateError> {
+        run::make(on.cluster, self, on.labels_set).map_err(StateError::operator)
     }
 }
 
 /// The node's upgrade state: as this run published it, else its label.
-pub fn current_state(ctx: &StepContext) -> Option<State> {
+pub fn current_state(ctx: &StateContext) -> Option<State> {
     ctx.node_label(STATE_LABEL).and_then(|s| State::parse(&s))
 }
 
@@ -54,7 +54,7 @@ pub fn current_state(ctx: &StepContext) -> Option<State> {
 /// there are slots ever say they are past `cordon-required`; a crash
 /// between the last two leaves a Lease that expires). Nothing unless this
 /// node's upgrade waits on validation.
-pub fn finishing_changes(ctx: &StepContext) -> Vec<Change> {
+pub fn finishing_changes(ctx: &StateContext) -> Vec<Change> {
     let driver = &ctx.spec.driver;
     if driver.upgrade_policy != crate::spec::UpgradePolicy::Rolling || ctx.cluster.is_none() {
         return Vec::new();
@@ -80,7 +80,7 @@ pub fn finishing_changes(ctx: &StepContext) -> Vec<Change> {
 /// What a failure under way does: the node says `upgrade-failed` (and
 /// stays cordoned), and gives its slot back if `failurePolicy` says so;
 /// once `changes_after` changes were made.
-pub fn failure(ctx: &StepContext, changes_after: usize) -> OnFailure {
+pub fn failure(ctx: &StateContext, changes_after: usize) -> OnFailure {
     let mut changes = vec![upgrade(Action::Publish {
         state: State::UpgradeFailed,
     })];
@@ -91,7 +91,7 @@ pub fn failure(ctx: &StepContext, changes_after: usize) -> OnFailure {
     }
     OnFailure {
         labels: Default::default(),
-        gate: crate::step::Gate::Block("the driver upgrade failed".to_string()),
+        gate: crate::state::Gate::Block("the driver upgrade failed".to_string()),
         changes,
         changes_after,
     }
@@ -101,12 +101,12 @@ pub fn failure(ctx: &StepContext, changes_after: usize) -> OnFailure {
 /// there is nothing to coordinate (the version wanted is loaded and no
 /// upgrade is under way), else what the upgrade does next.
 pub fn observe(
-    ctx: &StepContext,
+    ctx: &StateContext,
     loaded: &str,
     wanted: &str,
     replace: Vec<Change>,
     outcome: Outcome,
-) -> Result<Option<Observation>, StepError> {
+) -> Result<Option<Observation>, StateError> {
     let spec = &ctx.spec.driver.upgrade;
     let state = current_state(ctx);
     let Some(cluster) = ctx.cluster else {

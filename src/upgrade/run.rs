@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use super::{Action, STATE_LABEL, slots};
 use crate::kube::upgrade::Eviction;
 use crate::kube::{Cluster, KubeError};
-use crate::step::{LabelsSet, error_chain};
+use crate::state::{LabelsSet, error_chain};
 
 /// How often a wait looks again (jobs to finish, evictions a
 /// PodDisruptionBudget refused).

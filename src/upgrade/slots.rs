@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use crate::kube::upgrade::SLOT_LABEL;
 use crate::kube::{Cluster, ClusterOptions};
 use crate::spec::{MaxUnavailable, UpgradeSpec};
-use crate::step::{StepError, error_chain};
+use crate::state::{StateError, error_chain};
 
 use super::action::SLOT_PREFIX as PREFIX;
 /// The fleet's GPU nodes, for a percentage: gpuprov labels each.
@@ -28,8 +28,8 @@ const GPU_NODES: &str = "nvidia.com/gpu.present=true";
 /// A fleet's size is read again after this long.
 const FLEET_SIZE_KEPT: Duration = Duration::from_secs(600);
 
-fn observe_error(e: crate::kube::KubeError) -> StepError {
-    StepError::operator(error_chain(&e))
+fn observe_error(e: crate::kube::KubeError) -> StateError {
+    StateError::operator(error_chain(&e))
 }
 
 /// The most slots a fleet has: far more than any fleet's nodes. A Lease
@@ -91,7 +91,7 @@ impl Fleet {
         cluster: &Cluster,
         namespace: &str,
         spec: &UpgradeSpec,
-    ) -> Result<Fleet, StepError> {
+    ) -> Result<Fleet, StateError> {
         let slots = match spec.max_unavailable {
             MaxUnavailable::Count(n) => n,
             percent => percent.slots(fleet_size(cluster)?),
@@ -193,7 +193,7 @@ fn cordoned_mid_upgrade(node: &k8s_openapi::api::core::v1::Node) -> bool {
 }
 
 /// How many GPU nodes the fleet has, read at most every 10 minutes.
-fn fleet_size(cluster: &Cluster) -> Result<u64, StepError> {
+fn fleet_size(cluster: &Cluster) -> Result<u64, StateError> {
     let mut known = cluster
         .fleet_size
         .lock()
@@ -209,7 +209,7 @@ fn fleet_size(cluster: &Cluster) -> Result<u64, StepError> {
 }
 
 /// The slot Lease this node holds, if any.
-pub fn held_by(cluster: &Cluster, namespace: &str) -> Result<Option<Lease>, StepError> {
+pub fn held_by(cluster: &Cluster, namespace: &str) -> Result<Option<Lease>, StateError> {
     Ok(cluster
         .slot_leases(namespace, false)
         .map_err(observe_error)?

@@ -21,8 +21,8 @@ use serde_json::json;
 use crate::cri::messages::*;
 use crate::cri::{Cri, CriError};
 use crate::host::Host;
-use crate::step::{
-    CapabilityChange, Change, MakeContext, Observation, Outcome, StepContext, StepError,
+use crate::state::{
+    CapabilityChange, Change, MakeContext, Observation, Outcome, StateContext, StateError,
     error_chain, json_fields,
 };
 
@@ -62,7 +62,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The CRI validation's observation; with `probe` (`validator.mode:
 /// auto`), `None` when containerd answers that it serves no CRI (its CRI
 /// plugin disabled, as in Docker's containerd): the host is checked then.
-pub fn observe(ctx: &StepContext, probe: bool) -> Result<Option<Observation>, StepError> {
+pub fn observe(ctx: &StateContext, probe: bool) -> Result<Option<Observation>, StateError> {
     let validator = &ctx.spec.validator;
     let runtime_handler = ctx.spec.containerd.runtime_class.clone();
     let socket = crate::runtime::cri_socket(ctx.host, &ctx.spec.containerd);
@@ -197,8 +197,8 @@ impl CapabilityChange for CriValidation {
         json_fields(self)
     }
 
-    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
-        run(on.host, self).map_err(StepError::operator)
+    fn make(&self, on: &mut MakeContext) -> Result<(), StateError> {
+        run(on.host, self).map_err(StateError::operator)
     }
 }
 

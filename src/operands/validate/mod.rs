@@ -25,9 +25,9 @@ use crate::kube::Cluster;
 use crate::kube::pods::describe;
 use crate::report::RevertReport;
 use crate::spec::ValidatorMode;
-use crate::step::{
-    CapabilityChange, Change, MakeContext, Observation, Outcome, RevertContext, StepContext,
-    StepError, error_chain, json_fields,
+use crate::state::{
+    CapabilityChange, Change, MakeContext, Observation, Outcome, RevertContext, StateContext,
+    StateError, error_chain, json_fields,
 };
 
 /// Where a pass is remembered until reboot.
@@ -39,7 +39,7 @@ const LOG_LINES: i64 = 20;
 
 /// Whether vectorAdd passed since boot with this driver version loaded
 /// (its remembered pass names the driver).
-pub fn passed_with_driver(host: &crate::host::Host, version: &str) -> Result<bool, StepError> {
+pub fn passed_with_driver(host: &crate::host::Host, version: &str) -> Result<bool, StateError> {
     let Some(text) = host.read(MARKER)? else {
         return Ok(false);
     };
@@ -50,7 +50,7 @@ pub fn passed_with_driver(host: &crate::host::Host, version: &str) -> Result<boo
 /// The validator, and a rolling driver upgrade waiting on it: once it
 /// passes, the same converge uncordons the node and ends the upgrade; if
 /// it fails (or times out), the upgrade failed.
-pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let mut obs = validate(ctx)?;
     let finish = crate::upgrade::finishing_changes(ctx);
     if !finish.is_empty() {
@@ -67,7 +67,7 @@ pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
     Ok(obs)
 }
 
-fn validate(ctx: &StepContext) -> Result<Observation, StepError> {
+fn validate(ctx: &StateContext) -> Result<Observation, StateError> {
     let socket = &crate::runtime::cri_socket(ctx.host, &ctx.spec.containerd);
     match (ctx.spec.validator.mode, ctx.cluster) {
         (ValidatorMode::Auto | ValidatorMode::Pod, Some(cluster)) => observe_pod(ctx, cluster),
@@ -87,7 +87,7 @@ fn validate(ctx: &StepContext) -> Result<Observation, StepError> {
     }
 }
 
-fn cri_or_host(ctx: &StepContext, probe: bool) -> Result<Observation, StepError> {
+fn cri_or_host(ctx: &StateContext, probe: bool) -> Result<Observation, StateError> {
     match cri::observe(ctx, probe)? {
         Some(obs) => Ok(obs),
         None => host_checks(
@@ -101,14 +101,14 @@ fn cri_or_host(ctx: &StepContext, probe: bool) -> Result<Observation, StepError>
 }
 
 /// The loaded driver's version, part of what a pass validated.
-fn driver_version(ctx: &StepContext) -> Result<Option<String>, StepError> {
+fn driver_version(ctx: &StateContext) -> Result<Option<String>, StateError> {
     Ok(crate::driver::detect::detect(ctx.host)
-        .map_err(|e| StepError::operator(error_chain(&e)))?
+        .map_err(|e| StateError::operator(error_chain(&e)))?
         .map(|d| d.version))
 }
 
 /// The runtime class the validation pod names: none when nvidia is the default.
-fn runtime_class(ctx: &StepContext) -> Option<String> {
+fn runtime_class(ctx: &StateContext) -> Option<String> {
     let containerd = &ctx.spec.containerd;
     (!containerd.set_as_default).then(|| containerd.runtime_class.clone())
 }
@@ -120,7 +120,7 @@ fn pod_name(node: &str) -> String {
     name.trim_end_matches(['-', '.']).to_string()
 }
 
-fn observe_pod(ctx: &StepContext, cluster: &Cluster) -> Result<Observation, StepError> {
+fn observe_pod(ctx: &StateContext, cluster: &Cluster) -> Result<Observation, StateError> {
     let validator = &ctx.spec.validator;
     let validated = json!({
         "node": cluster.node,
@@ -175,7 +175,7 @@ fn observe_pod(ctx: &StepContext, cluster: &Cluster) -> Result<Observation, Step
 /// The seed's `cuda-vectoradd` pod, pinned to `node`. `restartPolicy:
 /// Never` (the seed has `OnFailure`) so that a failure is final and its log
 /// can be read, instead of a restart loop.
-fn manifest(ctx: &StepContext, node: &str, name: &str) -> serde_json::Value {
+fn manifest(ctx: &StateContext, node: &str, name: &str) -> serde_json::Value {
     let validator = &ctx.spec.validator;
     let mut container = json!({
         "name": "cuda-vectoradd",
@@ -214,7 +214,7 @@ fn manifest(ctx: &StepContext, node: &str, name: &str) -> serde_json::Value {
 }
 
 /// The validator's revert: the passes it remembered.
-pub fn revert(ctx: &RevertContext, _: &mut RevertReport) -> Result<(), StepError> {
+pub fn revert(ctx: &RevertContext, _: &mut RevertReport) -> Result<(), StateError> {
     for marker in [MARKER, RUNTIME_RAN, cri::MARKER] {
         ctx.host.remove(marker)?;
     }
@@ -256,10 +256,10 @@ impl CapabilityChange for ValidationPod {
         json_fields(self)
     }
 
-    fn make(&self, on: &mut MakeContext) -> Result<(), StepError> {
+    fn make(&self, on: &mut MakeContext) -> Result<(), StateError> {
         let cluster = on
             .cluster
-            .ok_or_else(|| StepError::operator("the validation pod needs an API server"))?;
+            .ok_or_else(|| StateError::operator("the validation pod needs an API server"))?;
         run_pod(
             cluster,
             &self.namespace,
@@ -267,7 +267,7 @@ impl CapabilityChange for ValidationPod {
             &self.manifest,
             Duration::from_secs(self.timeout_seconds),
         )
-        .map_err(StepError::operator)
+        .map_err(StateError::operator)
     }
 }
 
@@ -363,7 +363,7 @@ fn last_lines(cluster: &Cluster, namespace: &str, name: &str) -> String {
 }
 
 /// Without an API server: what can be checked on the host itself.
-fn host_checks(ctx: &StepContext, why: &str) -> Result<Observation, StepError> {
+fn host_checks(ctx: &StateContext, why: &str) -> Result<Observation, StateError> {
     let mut problems = Vec::new();
     let mut passed = Vec::new();
     let on_nvidia = ctx

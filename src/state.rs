@@ -1,7 +1,8 @@
-//! The step contract: what a capability's handler sees (`StepContext`) and
-//! returns (`Observation`, its `Change`s, `Outcome`, `Gate`, `StepError`).
-//! Below every capability and above none: a handler imports this, never
-//! the executor that walks the plan.
+//! The state contract: what a capability sees (`StateContext`) and returns
+//! (`Observation`, its `Change`s, `Outcome`, `Gate`, `StateError` with its
+//! `ErrorKind`). Below every capability and above none: it names no
+//! capability (`tests/layout.rs`), and a capability's own kind of change
+//! comes in through the `CapabilityChange` trait.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -173,7 +174,7 @@ pub trait CapabilityChange: std::fmt::Debug + Send + Sync {
     /// Its fields in `plan --output json`, after `kind` (see `json_fields`).
     fn fields(&self) -> serde_json::Value;
     /// Makes it on the node; commands it runs go into `on.commands`.
-    fn make(&self, on: &mut MakeContext) -> Result<(), StepError>;
+    fn make(&self, on: &mut MakeContext) -> Result<(), StateError>;
 }
 
 /// What making a change may use.
@@ -238,10 +239,10 @@ impl Change {
         artifact: &Artifact,
         timeout_seconds: u64,
         executable: bool,
-    ) -> Result<Change, StepError> {
+    ) -> Result<Change, StateError> {
         let path = artifact.cache_path();
         let cached = crate::download::cached(host, artifact)
-            .map_err(|e| StepError::operator(error_chain(&e)))?;
+            .map_err(|e| StateError::operator(error_chain(&e)))?;
         let size = if cached {
             host.stat(&path)?.map(|info| info.size)
         } else {
@@ -389,7 +390,7 @@ impl Observation {
     }
 
     /// A step that failed with `error`.
-    pub fn failed(error: &StepError) -> Observation {
+    pub fn failed(error: &StateError) -> Observation {
         let mut obs = Observation::new(Outcome::Failed, error.to_string());
         obs.failure_kind = error.kind();
         obs
@@ -412,22 +413,22 @@ pub enum ErrorKind {
 /// A failure to observe or to make a change: its kind and its cause
 /// chain, as one line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepError {
+pub struct StateError {
     kind: ErrorKind,
     chain: String,
 }
 
-impl StepError {
-    pub fn new(kind: ErrorKind, chain: impl Into<String>) -> StepError {
-        StepError {
+impl StateError {
+    pub fn new(kind: ErrorKind, chain: impl Into<String>) -> StateError {
+        StateError {
             kind,
             chain: chain.into(),
         }
     }
 
     /// A failure a person must fix.
-    pub fn operator(chain: impl Into<String>) -> StepError {
-        StepError::new(ErrorKind::NeedsOperator, chain)
+    pub fn operator(chain: impl Into<String>) -> StateError {
+        StateError::new(ErrorKind::NeedsOperator, chain)
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -435,29 +436,29 @@ impl StepError {
     }
 
     /// The same failure, of another kind.
-    pub fn of_kind(self, kind: ErrorKind) -> StepError {
-        StepError { kind, ..self }
+    pub fn of_kind(self, kind: ErrorKind) -> StateError {
+        StateError { kind, ..self }
     }
 }
 
-impl std::fmt::Display for StepError {
+impl std::fmt::Display for StateError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.chain)
     }
 }
 
-impl std::error::Error for StepError {}
+impl std::error::Error for StateError {}
 
-impl From<HostError> for StepError {
-    fn from(e: HostError) -> StepError {
-        StepError::operator(error_chain(&e))
+impl From<HostError> for StateError {
+    fn from(e: HostError) -> StateError {
+        StateError::operator(error_chain(&e))
     }
 }
 
 /// What a node lacks for a step to go on (kernel headers, a device node):
 /// the step's finding, reported as its outcome, not a failure of gpuprov's.
 /// A capability that can find either returns
-/// `Result<Result<T, Lacks>, StepError>`: the outer for failures, the
+/// `Result<Result<T, Lacks>, StateError>`: the outer for failures, the
 /// inner for what the node lacks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lacks(pub Vec<String>);
@@ -469,7 +470,7 @@ impl std::fmt::Display for Lacks {
 }
 
 /// Everything a handler may look at.
-pub struct StepContext<'a> {
+pub struct StateContext<'a> {
     pub host: &'a Host,
     pub spec: &'a Spec,
     pub facts: &'a Facts,
@@ -480,7 +481,7 @@ pub struct StepContext<'a> {
     pub labels_set: &'a LabelsSet,
 }
 
-impl StepContext<'_> {
+impl StateContext<'_> {
     /// A node label as it is now: as this run set it, else as read at
     /// the start of the run.
     pub fn node_label(&self, key: &str) -> Option<String> {

@@ -1,8 +1,9 @@
-//! The executor: walks the plan's steps in order and, for each, decides
-//! whether it runs at all (disabled, opted out, blocked), observes the node,
-//! and then either shows the changes (`plan`) or makes them and checks that
-//! the step converged (`apply`). Both walks share every decision; they differ
-//! only in what they do with an observation.
+//! The executor: walks the plan's states in order and, for each, decides
+//! whether it runs at all (disabled, opted out, blocked), observes the node
+//! through its capability's registry entry, and then either shows the
+//! changes (`plan`) or makes them (`make`) and checks that the state
+//! converged (`apply`). Both walks share every decision; they differ only
+//! in what they do with an observation. It names no capability.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -16,10 +17,10 @@ use crate::kube::Cluster;
 use crate::make::{make_change, make_next};
 use crate::plan::Graph;
 use crate::registry::capability;
-use crate::report::{Action, StepReport};
+use crate::report::{Action, StateReport};
 use crate::spec::Spec;
-use crate::step::{
-    Change, ErrorKind, Gate, LabelsSet, Observation, Outcome, StepContext, StepError,
+use crate::state::{
+    Change, ErrorKind, Gate, LabelsSet, Observation, Outcome, StateContext, StateError,
 };
 
 /// A node carrying this label gets no operand at all, as with the GPU Operator.
@@ -38,7 +39,7 @@ pub struct Executor<'a> {
 
 impl Executor<'_> {
     /// Observes every step and lists what `apply` would change. Writes nothing.
-    pub fn plan(&self) -> Vec<StepReport> {
+    pub fn plan(&self) -> Vec<StateReport> {
         self.walk(|state, obs, _, changing_upstream| {
             if obs.changes.is_empty() {
                 // A step that cannot converge on the node as it is now may
@@ -52,7 +53,7 @@ impl Executor<'_> {
                         "waits for {upstream}, which will change first (now: {})",
                         obs.reason
                     );
-                    let mut report = StepReport::from_observation(
+                    let mut report = StateReport::from_observation(
                         state,
                         Action::Wait,
                         Outcome::Pending,
@@ -61,11 +62,11 @@ impl Executor<'_> {
                     report.gate = Gate::Pass;
                     return report;
                 }
-                StepReport::from_observation(state, action_for(&obs), obs.outcome, obs)
+                StateReport::from_observation(state, action_for(&obs), obs.outcome, obs)
             } else {
                 let disables = matches!(obs.gate, Some(Gate::Disable(_)));
                 let mut report =
-                    StepReport::from_observation(state, Action::Change, obs.on_change, obs);
+                    StateReport::from_observation(state, Action::Change, obs.on_change, obs);
                 // Dependents are shown as they would run once this converges.
                 if !disables {
                     report.gate = Gate::Pass;
@@ -76,7 +77,7 @@ impl Executor<'_> {
     }
 
     /// Converges every step: observe, change, observe again, verify.
-    pub fn apply(&self) -> Vec<StepReport> {
+    pub fn apply(&self) -> Vec<StateReport> {
         self.walk(|state, obs, again, _| self.converge(state, obs, again))
     }
 
@@ -85,10 +86,10 @@ impl Executor<'_> {
         &self,
         state: &StateDef,
         obs: Observation,
-        again: &dyn Fn() -> Result<Observation, StepError>,
-    ) -> StepReport {
+        again: &dyn Fn() -> Result<Observation, StateError>,
+    ) -> StateReport {
         if obs.changes.is_empty() {
-            return StepReport::from_observation(state, action_for(&obs), obs.outcome, obs);
+            return StateReport::from_observation(state, action_for(&obs), obs.outcome, obs);
         }
         let mut commands = obs.commands.clone();
         let mut done = 0;
@@ -102,7 +103,12 @@ impl Executor<'_> {
                 let mut stopped = Observation::new(Outcome::Failed, reason);
                 stopped.commands = commands;
                 stopped.changes = obs.changes.clone();
-                return StepReport::from_observation(state, Action::Fail, Outcome::Failed, stopped);
+                return StateReport::from_observation(
+                    state,
+                    Action::Fail,
+                    Outcome::Failed,
+                    stopped,
+                );
             }
             match make_next(
                 self.host,
@@ -147,7 +153,7 @@ impl Executor<'_> {
                         failed.labels = on_failure.labels.clone();
                         failed.gate = Some(on_failure.gate.clone());
                     }
-                    return StepReport::from_observation(
+                    return StateReport::from_observation(
                         state,
                         Action::Fail,
                         Outcome::Failed,
@@ -201,11 +207,11 @@ impl Executor<'_> {
             };
         }
         after.changes = obs.changes;
-        StepReport::from_observation(state, action, outcome, after)
+        StateReport::from_observation(state, action, outcome, after)
     }
 
-    fn context<'s>(&'s self, state: &'s StateDef) -> StepContext<'s> {
-        StepContext {
+    fn context<'s>(&'s self, state: &'s StateDef) -> StateContext<'s> {
+        StateContext {
             host: self.host,
             spec: self.spec,
             facts: self.facts,
@@ -222,8 +228,8 @@ impl Executor<'_> {
         outcome: Outcome,
         reason: &str,
         gate: &Gate,
-    ) -> Result<Observation, StepError> {
-        let changes = (capability(state.handler).withdraw)(&self.context(state))?;
+    ) -> Result<Observation, StateError> {
+        let changes = (capability(state.capability).withdraw)(&self.context(state))?;
         let mut obs = Observation::new(outcome, reason);
         obs.gate = Some(gate.clone());
         obs.changes = changes;
@@ -235,14 +241,14 @@ impl Executor<'_> {
         mut act: impl FnMut(
             &StateDef,
             Observation,
-            &dyn Fn() -> Result<Observation, StepError>,
+            &dyn Fn() -> Result<Observation, StateError>,
             Option<&str>,
-        ) -> StepReport,
-    ) -> Vec<StepReport> {
-        let mut reports: Vec<StepReport> = Vec::new();
+        ) -> StateReport,
+    ) -> Vec<StateReport> {
+        let mut reports: Vec<StateReport> = Vec::new();
         // For each step, an earlier step (itself or further up) that changes.
         let mut changing: BTreeMap<String, Option<String>> = BTreeMap::new();
-        for state in &self.graph.steps {
+        for state in &self.graph.states {
             // The earliest such step: the one whose change the rest follow
             // from (the toolkit's install, before the runtime that runs it).
             let changing_upstream: Option<String> =
@@ -293,7 +299,7 @@ impl Executor<'_> {
             let report = match skipped {
                 // A blocked step leaves the node as it is: a passing failure
                 // upstream must not tear operands down.
-                Some((Outcome::Blocked, reason, gate)) => StepReport::without_observation(
+                Some((Outcome::Blocked, reason, gate)) => StateReport::without_observation(
                     state,
                     Action::Block,
                     Outcome::Blocked,
@@ -304,7 +310,7 @@ impl Executor<'_> {
                 Some((outcome, reason, gate)) => {
                     let again = || self.skipped(state, outcome, &reason, &gate);
                     match again() {
-                        Ok(obs) if obs.changes.is_empty() => StepReport::without_observation(
+                        Ok(obs) if obs.changes.is_empty() => StateReport::without_observation(
                             state,
                             Action::Skip,
                             outcome,
@@ -316,7 +322,7 @@ impl Executor<'_> {
                     }
                 }
                 None => {
-                    let again = || (capability(state.handler).observe)(&self.context(state));
+                    let again = || (capability(state.capability).observe)(&self.context(state));
                     let report = match again() {
                         Ok(obs) => act(state, obs, &again, changing_upstream.as_deref()),
                         Err(e) => failed_report(state, &e),
@@ -337,8 +343,8 @@ impl Executor<'_> {
     }
 
     fn opt_out_label(&self, state: &StateDef) -> Option<String> {
-        let global =
-            (!capability(state.handler).runs_when_operands_opted_out).then_some(OPERANDS_OPT_OUT);
+        let global = (!capability(state.capability).runs_when_operands_opted_out)
+            .then_some(OPERANDS_OPT_OUT);
         state
             .opt_out_labels
             .iter()
@@ -349,8 +355,8 @@ impl Executor<'_> {
     }
 }
 
-fn failed_report(state: &StateDef, e: &StepError) -> StepReport {
-    StepReport::from_observation(state, Action::Fail, Outcome::Failed, Observation::failed(e))
+fn failed_report(state: &StateDef, e: &StateError) -> StateReport {
+    StateReport::from_observation(state, Action::Fail, Outcome::Failed, Observation::failed(e))
 }
 
 /// A converged outcome is unchanged. So is a step that says it stands in

@@ -1,19 +1,19 @@
-//! The `exec` handler: a user's own state, a `check` command (exit 0 means
+//! The `exec` capability: a user's own state, a `check` command (exit 0 means
 //! converged) and an `apply` command, both run in the host root through its
 //! shell exactly as written.
 
-use crate::step::{Change, ErrorKind, Observation, Outcome, StepContext, StepError};
+use crate::state::{Change, ErrorKind, Observation, Outcome, StateContext, StateError};
 
 /// A user's check that fails may pass later (it may wait on something
 /// outside gpuprov): its failures are transient, and `apply --wait` keeps
 /// waiting on them.
-pub fn observe(ctx: &StepContext) -> Result<Observation, StepError> {
+pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let mut obs = check(ctx).map_err(|e| e.of_kind(ErrorKind::Transient))?;
     obs.failure_kind = ErrorKind::Transient;
     Ok(obs)
 }
 
-fn check(ctx: &StepContext) -> Result<Observation, StepError> {
+fn check(ctx: &StateContext) -> Result<Observation, StateError> {
     let check = ctx
         .state
         .check
