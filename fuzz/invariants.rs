@@ -26,7 +26,8 @@ pub fn spec(text: &str) {
 
 /// A state file is parsed, or refused with an error that names the file.
 pub fn state(text: &str) {
-    match gpuprov::catalog::parse_state(&source(text)) {
+    let known = gpuprov::catalog::Catalog::builtin().capabilities();
+    match gpuprov::catalog::parse_state(&source(text), Some(&known)) {
         Ok(state) => assert!(!state.name.is_empty()),
         Err(e) => {
             let message = e.to_string();

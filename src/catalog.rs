@@ -11,47 +11,8 @@ use serde_saphyr::Spanned;
 use crate::diagnostic::{Diagnostic, Diagnostics, Source, nearest};
 use crate::spec::{RawUserState, SWITCHES, Spec, check_label_selector, check_state_name};
 
-/// The built-in states, in catalogue order.
-pub const BUILTIN_STATES: &[(&str, &str)] = &[
-    (
-        "states/00-detect-gpu.yaml",
-        include_str!("../states/00-detect-gpu.yaml"),
-    ),
-    (
-        "states/10-driver.yaml",
-        include_str!("../states/10-driver.yaml"),
-    ),
-    (
-        "states/20-container-toolkit.yaml",
-        include_str!("../states/20-container-toolkit.yaml"),
-    ),
-    (
-        "states/30-containerd-runtime.yaml",
-        include_str!("../states/30-containerd-runtime.yaml"),
-    ),
-    (
-        "states/40-gpu-health.yaml",
-        include_str!("../states/40-gpu-health.yaml"),
-    ),
-    ("states/45-mig.yaml", include_str!("../states/45-mig.yaml")),
-    ("states/47-cdi.yaml", include_str!("../states/47-cdi.yaml")),
-    (
-        "states/50-gpu-feature-discovery.yaml",
-        include_str!("../states/50-gpu-feature-discovery.yaml"),
-    ),
-    (
-        "states/60-device-plugin.yaml",
-        include_str!("../states/60-device-plugin.yaml"),
-    ),
-    (
-        "states/61-dcgm-exporter.yaml",
-        include_str!("../states/61-dcgm-exporter.yaml"),
-    ),
-    (
-        "states/70-validator.yaml",
-        include_str!("../states/70-validator.yaml"),
-    ),
-];
+// `BUILTIN_STATES`: every `states/*.yaml`, listed by build.rs.
+include!(concat!(env!("OUT_DIR"), "/builtin_states.rs"));
 
 /// The operands' static pod templates, by operand (see `operands::static_pod`).
 pub const OPERAND_TEMPLATES: &[(&str, &str)] = &[
@@ -69,46 +30,27 @@ pub const OPERAND_TEMPLATES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The Rust code that observes and converges a state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CapabilityId {
-    DetectGpu,
-    Driver,
-    ContainerToolkit,
-    ContainerdRuntime,
-    GpuHealth,
-    Mig,
-    Cdi,
-    GpuFeatureDiscovery,
-    DevicePlugin,
-    DcgmExporter,
-    Validator,
-    Exec,
-}
+/// The capability that runs a state: its file's `handler`. The known ones
+/// are those the built-in states name, and `exec`; the registry maps each
+/// to its code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct CapabilityId(String);
 
 impl CapabilityId {
-    pub const ALL: &[(&str, CapabilityId)] = &[
-        ("detect-gpu", CapabilityId::DetectGpu),
-        ("driver", CapabilityId::Driver),
-        ("container-toolkit", CapabilityId::ContainerToolkit),
-        ("containerd-runtime", CapabilityId::ContainerdRuntime),
-        ("gpu-health", CapabilityId::GpuHealth),
-        ("mig", CapabilityId::Mig),
-        ("cdi", CapabilityId::Cdi),
-        ("gpu-feature-discovery", CapabilityId::GpuFeatureDiscovery),
-        ("device-plugin", CapabilityId::DevicePlugin),
-        ("dcgm-exporter", CapabilityId::DcgmExporter),
-        ("validator", CapabilityId::Validator),
-        ("exec", CapabilityId::Exec),
-    ];
+    /// The capability that runs a user's own `check` and `apply`
+    /// commands: the spec's own states are its.
+    pub fn exec() -> CapabilityId {
+        CapabilityId("exec".to_string())
+    }
 
-    pub fn name(self) -> &'static str {
-        CapabilityId::ALL
-            .iter()
-            .find(|(_, h)| *h == self)
-            .map(|(n, _)| *n)
-            .expect("listed")
+    /// The capability a state file names by its `handler`.
+    pub fn named(name: &str) -> CapabilityId {
+        CapabilityId(name.to_string())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0
     }
 }
 
@@ -211,17 +153,38 @@ impl Catalog {
     pub fn load(states_dir: Option<&Path>) -> Result<Catalog, CatalogError> {
         let mut catalog = Catalog { states: Vec::new() };
         for (name, text) in BUILTIN_STATES {
-            catalog.add(parse_state(&Source {
-                name: format!("<embedded {name}>"),
-                text: text.to_string(),
-            })?);
+            catalog.add(parse_state(
+                &Source {
+                    name: format!("<embedded {name}>"),
+                    text: text.to_string(),
+                },
+                None,
+            )?);
         }
+        let known = catalog.capabilities();
         if let Some(dir) = states_dir {
             for source in read_states_dir(dir)? {
-                catalog.add(parse_state(&source)?);
+                catalog.add(parse_state(&source, Some(&known))?);
             }
         }
         Ok(catalog)
+    }
+
+    /// The capabilities a state may name: those the built-in states name,
+    /// in their order, then `exec`.
+    pub fn capabilities(&self) -> Vec<CapabilityId> {
+        let mut known: Vec<CapabilityId> = Vec::new();
+        for id in self
+            .states
+            .iter()
+            .map(|s| s.capability.clone())
+            .chain([CapabilityId::exec()])
+        {
+            if !known.contains(&id) {
+                known.push(id);
+            }
+        }
+        known
     }
 
     fn add(&mut self, state: StateDef) {
@@ -237,8 +200,11 @@ impl Catalog {
         let mut states = self.states.clone();
         let mut errors = Vec::new();
         for user in &spec.states {
-            let user =
-                StateDef::from_user(user.clone(), CapabilityId::Exec, spec.states_source.clone());
+            let user = StateDef::from_user(
+                user.clone(),
+                CapabilityId::exec(),
+                spec.states_source.clone(),
+            );
             if let Some(existing) = states.iter().find(|s| s.name == user.name) {
                 errors.push(Diagnostic::at_location(
                     &user.origin,
@@ -294,7 +260,12 @@ fn read_states_dir(dir: &Path) -> Result<Vec<Source>, CatalogError> {
 }
 
 /// One state file, parsed and checked (public for the fuzz target).
-pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
+/// A state file; its `handler` must be one of `known` (built-in states
+/// may name any: the registry's test checks each has its code).
+pub fn parse_state(
+    source: &Source,
+    known: Option<&[CapabilityId]>,
+) -> Result<StateDef, CatalogError> {
     let invalid = |d: Diagnostic| CatalogError::Invalid(d.into());
     let raw: RawStateFile =
         serde_saphyr::from_str_with_options(&source.text, crate::spec::strict_yaml())
@@ -307,13 +278,10 @@ pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
             format!("state name `{}` {why}", raw.name.value),
         ))
     })?;
-    let handler = match CapabilityId::ALL
-        .iter()
-        .find(|(n, _)| *n == raw.handler.value)
-    {
-        Some((_, handler)) => *handler,
-        None => {
-            let names: Vec<&str> = CapabilityId::ALL.iter().map(|(n, _)| *n).collect();
+    let handler = CapabilityId(raw.handler.value.clone());
+    match known {
+        Some(known) if !known.contains(&handler) => {
+            let names: Vec<&str> = known.iter().map(CapabilityId::name).collect();
             let mut d = at(
                 raw.handler.referenced,
                 format!("unknown handler `{}`", raw.handler.value),
@@ -324,7 +292,8 @@ pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
             });
             return Err(invalid(d));
         }
-    };
+        _ => {}
+    }
     if let Some(switch) = &raw.enabled_by
         && !SWITCHES.contains(&switch.value.as_str())
     {
@@ -340,14 +309,15 @@ pub fn parse_state(source: &Source) -> Result<StateDef, CatalogError> {
     for label in &raw.opt_out_labels {
         check_label_selector(&label.value).map_err(|why| invalid(at(label.referenced, why)))?;
     }
-    match (handler, &raw.check) {
-        (CapabilityId::Exec, None) => {
+    let exec = handler == CapabilityId::exec();
+    match (exec, &raw.check) {
+        (true, None) => {
             return Err(invalid(at(
                 raw.handler.referenced,
                 "an exec state needs a `check` command".to_string(),
             )));
         }
-        (_, Some(check)) if handler != CapabilityId::Exec => {
+        (false, Some(check)) => {
             return Err(invalid(at(
                 check.referenced,
                 format!(

@@ -17,7 +17,7 @@ use crate::host::{CommandMode, Host};
 use crate::kube::{Cluster, ClusterOptions};
 use crate::labels::{self, LabelTarget};
 use crate::plan::{Graph, PlanReport, Summary};
-use crate::registry::{Revert, capability};
+use crate::registry::{Capability, Revert, capability};
 use crate::report::{Action, RevertReport, RunReport};
 use crate::spec::Spec;
 use crate::state::RevertContext;
@@ -277,8 +277,8 @@ fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
     };
     let mut report = RevertReport::default();
     let mut done: Vec<Revert> = Vec::new();
-    for handler in revert_order(&inputs.graph) {
-        let Some(revert) = capability(handler).revert else {
+    for capability in revert_order(&inputs.graph) {
+        let Some(revert) = capability.revert else {
             continue;
         };
         if done.iter().any(|d| std::ptr::fn_addr_eq(*d, revert)) {
@@ -294,16 +294,19 @@ fn revert_locked(inputs: &Inputs) -> Result<RevertReport, Error> {
 /// Every capability, the plan's in reverse plan order, then those the
 /// plan lacks (a state a states directory took out may have written
 /// before), so that nothing gpuprov wrote is left for want of a state.
-fn revert_order(graph: &Graph) -> Vec<CapabilityId> {
-    let mut order: Vec<CapabilityId> = Vec::new();
-    for state in graph.states.iter().rev() {
-        if !order.contains(&state.capability) {
-            order.push(state.capability);
-        }
-    }
-    for (_, handler) in CapabilityId::ALL.iter().rev() {
-        if !order.contains(handler) {
-            order.push(*handler);
+fn revert_order(graph: &Graph) -> Vec<&'static Capability> {
+    let in_plan = graph
+        .states
+        .iter()
+        .rev()
+        .filter_map(|state| capability(&state.capability));
+    let rest = crate::registry::names()
+        .rev()
+        .filter_map(|name| capability(&CapabilityId::named(name)));
+    let mut order: Vec<&'static Capability> = Vec::new();
+    for capability in in_plan.chain(rest) {
+        if !order.iter().any(|c| std::ptr::eq(*c, capability)) {
+            order.push(capability);
         }
     }
     order

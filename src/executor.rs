@@ -229,7 +229,7 @@ impl Executor<'_> {
         reason: &str,
         gate: &Gate,
     ) -> Result<Observation, StateError> {
-        let changes = (capability(state.capability).withdraw)(&self.context(state))?;
+        let changes = (of(state)?.withdraw)(&self.context(state))?;
         let mut obs = Observation::new(outcome, reason);
         obs.gate = Some(gate.clone());
         obs.changes = changes;
@@ -322,7 +322,7 @@ impl Executor<'_> {
                     }
                 }
                 None => {
-                    let again = || (capability(state.capability).observe)(&self.context(state));
+                    let again = || (of(state)?.observe)(&self.context(state));
                     let report = match again() {
                         Ok(obs) => act(state, obs, &again, changing_upstream.as_deref()),
                         Err(e) => failed_report(state, &e),
@@ -343,7 +343,8 @@ impl Executor<'_> {
     }
 
     fn opt_out_label(&self, state: &StateDef) -> Option<String> {
-        let global = (!capability(state.capability).runs_when_operands_opted_out)
+        let global = capability(&state.capability)
+            .is_none_or(|c| !c.runs_when_operands_opted_out)
             .then_some(OPERANDS_OPT_OUT);
         state
             .opt_out_labels
@@ -353,6 +354,18 @@ impl Executor<'_> {
             .find(|selector| self.facts.has_label(selector))
             .map(str::to_string)
     }
+}
+
+/// The capability that runs `state` (the catalogue admits no other name;
+/// one would fail its state, not the run).
+fn of(state: &StateDef) -> Result<&'static crate::registry::Capability, StateError> {
+    capability(&state.capability).ok_or_else(|| {
+        StateError::operator(format!(
+            "no capability `{}` in this build runs state {}",
+            state.capability.name(),
+            state.name
+        ))
+    })
 }
 
 fn failed_report(state: &StateDef, e: &StateError) -> StateReport {

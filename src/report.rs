@@ -75,7 +75,7 @@ impl StateReport {
     ) -> StateReport {
         StateReport {
             name: state.name.clone(),
-            capability: state.capability,
+            capability: state.capability.clone(),
             after: state.after.iter().map(|a| a.value.clone()).collect(),
             action,
             outcome,

@@ -577,6 +577,10 @@ fn mig_devices_are_listed_with_their_capability_nodes() {
 /// rlimits (EPERM, even at the current values), so the container never
 /// starts; the OCI spec it was given is what is checked.
 #[test]
+#[cfg_attr(
+    not(gpuprov_root),
+    ignore = "podman and mount namespaces need root: run as root (CI and scripts/test do)"
+)]
 fn podman_injects_the_generated_spec() {
     assert!(
         std::process::Command::new("podman")

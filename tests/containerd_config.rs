@@ -168,6 +168,10 @@ fn fixture_configs_come_out_right() {
 }
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_realworld),
+    ignore = "needs the real-world corpus beside the repository (CI has it)"
+)]
 fn real_configs_come_out_right() {
     let dir = repo().join("../shared/realworld/containerd");
     let files = toml_files(&dir);
@@ -196,6 +200,10 @@ fn real_configs_come_out_right() {
 }
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_realworld),
+    ignore = "needs the real-world corpus beside the repository (CI has it)"
+)]
 fn real_config_specifics() {
     let read = |name: &str| {
         fs::read_to_string(repo().join("../shared/realworld/containerd").join(name)).unwrap()
@@ -347,6 +355,10 @@ fn a_key_that_should_be_a_table_is_an_error_naming_its_whole_path() {
 }
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_realworld),
+    ignore = "needs the real-world corpus beside the repository (CI has it)"
+)]
 fn crlf_line_endings_and_a_byte_order_mark_are_kept_exactly() {
     for path in toml_files(&repo().join("fixtures/containerd"))
         .into_iter()
@@ -394,6 +406,10 @@ fn crlf_line_endings_and_a_byte_order_mark_are_kept_exactly() {
 /// undoing it (revert of a file changed since) gives back the original's
 /// meaning.
 #[test]
+#[cfg_attr(
+    not(gpuprov_realworld),
+    ignore = "needs the real-world corpus beside the repository (CI has it)"
+)]
 fn cdi_is_turned_on_where_each_config_version_reads_it() {
     let mut files = toml_files(&repo().join("fixtures/containerd"));
     files.extend(toml_files(&repo().join("../shared/realworld/containerd")));

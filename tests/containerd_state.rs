@@ -256,6 +256,10 @@ fn a_missing_config_is_created_as_containerd_2_wants_it() {
 }
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_realworld),
+    ignore = "needs the real-world corpus beside the repository (CI has it)"
+)]
 fn a_version_1_config_on_containerd_2_gets_a_version_3_drop_in_it_imports() {
     // containerd 2 takes a version-1 file's CRI tables nowhere (checked
     // with containerd 2.1.9; the fixture's fake dump does the same). Kind's
@@ -500,6 +504,10 @@ fn containerd_2_merges_an_import_key_by_key_so_only_a_key_it_sets_wins() {
 const RUNC_DEFAULTS_V3: &str = "\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]\nruntime_type = 'io.containerd.runc.v2'\n\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]\nSystemdCgroup = false\n";
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_realworld),
+    ignore = "needs the real-world corpus beside the repository (CI has it)"
+)]
 fn a_config_whose_default_is_the_gpu_runtime_already_is_converged() {
     // Amazon's EKS AL2023 GPU image: `nvidia` is the default, with systemd
     // cgroups; containerd's view adds a `runc` with its default `false`.

@@ -7,10 +7,11 @@ mod support;
 use support::cri_node::Node;
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_root),
+    ignore = "containerd needs root: run as root (CI and scripts/test do)"
+)]
 fn validator_runs_a_container_through_the_runtime_handler_without_an_api_server() {
-    if !support::as_root("containerd needs root") {
-        return;
-    }
     let node = Node::start(true);
     let (code, report, stderr) = node.apply(
         "  command: [\"/bin/sh\", \"-c\", \"echo GPU 0: visible=$NVIDIA_VISIBLE_DEVICES caps=$NVIDIA_DRIVER_CAPABILITIES\"]\n",
@@ -94,10 +95,11 @@ fn validator_runs_a_container_through_the_runtime_handler_without_an_api_server(
 }
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_root),
+    ignore = "containerd needs root: run as root (CI and scripts/test do)"
+)]
 fn a_sandbox_left_by_a_killed_run_is_removed_by_the_next() {
-    if !support::as_root("containerd needs root") {
-        return;
-    }
     let node = Node::start(true);
     let spec = node.spec("  command: [\"/bin/sleep\", \"600\"]\n");
     let mut killed = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"))
@@ -135,10 +137,11 @@ fn a_sandbox_left_by_a_killed_run_is_removed_by_the_next() {
 }
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_root),
+    ignore = "containerd needs root: run as root (CI and scripts/test do)"
+)]
 fn a_runtime_binary_containerd_cannot_find_fails_with_containerds_error() {
-    if !support::as_root("containerd needs root") {
-        return;
-    }
     let node = Node::start(false);
     let (code, report, _) = node.apply("  mode: cri\n");
     assert_ne!(code, 0);

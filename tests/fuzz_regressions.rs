@@ -59,6 +59,10 @@ fn state_inputs_hold() {
 }
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_realworld),
+    ignore = "needs the real-world corpus beside the repository (CI has it)"
+)]
 fn containerd_inputs_hold() {
     replay(
         "containerd",

@@ -353,10 +353,11 @@ fn runc_run(image: &Image, args: &[&str]) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_root),
+    ignore = "runc needs root: run as root (CI and scripts/test do)"
+)]
 fn runc_runs_the_images_plan_on_a_fixture_host_at_host() {
-    if !support::as_root("runc needs root") {
-        return;
-    }
     let image = Image::read(&built().0.path);
     let plan = runc_run(
         &image,
@@ -386,10 +387,11 @@ fn runc_runs_the_images_plan_on_a_fixture_host_at_host() {
 }
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_root),
+    ignore = "containerd needs root: run as root (CI and scripts/test do)"
+)]
 fn containerd_imports_the_archive_and_runs_it() {
-    if !support::as_root("containerd needs root") {
-        return;
-    }
     let built = &built().0;
     let containerd = PrivateContainerd::start("");
     // The native snapshotter: overlayfs may not mount inside a sandbox.

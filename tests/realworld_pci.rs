@@ -304,6 +304,10 @@ const EXPECTED: &[(&str, &[&str])] = &[
 ];
 
 #[test]
+#[cfg_attr(
+    not(gpuprov_realworld),
+    ignore = "needs the real-world corpus beside the repository (CI has it)"
+)]
 fn every_real_listing_yields_the_gpus_it_holds() {
     let mut files: Vec<String> = fs::read_dir(realworld())
         .expect("../shared/realworld/pci is beside the repository")

@@ -13,7 +13,7 @@ use super::print;
 #[serde(rename_all = "camelCase")]
 struct StateRow {
     name: String,
-    handler: &'static str,
+    handler: String,
     after: Vec<String>,
     enabled_by: Option<String>,
     opt_out_labels: Vec<String>,
@@ -33,7 +33,7 @@ pub fn run_states(args: &StatesArgs) -> Result<i32, Error> {
         .iter()
         .map(|s| StateRow {
             name: s.name.clone(),
-            handler: s.capability.name(),
+            handler: s.capability.name().to_string(),
             after: s.after.iter().map(|a| a.value.clone()).collect(),
             enabled_by: s.enabled_by.clone(),
             opt_out_labels: s.opt_out_labels.clone(),

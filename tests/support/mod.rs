@@ -16,16 +16,6 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 
-/// Whether the test runs as root; if not it says it is skipped, naming
-/// what needs root (`containerd needs root`). CI and scripts/test run as root.
-pub fn as_root(needs: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipped: {needs} (CI and scripts/test run as root)");
-    false
-}
-
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
