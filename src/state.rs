@@ -335,7 +335,7 @@ pub struct OnFailure {
     pub changes_after: usize,
 }
 
-/// What a handler saw on the node.
+/// What a capability saw on the node.
 #[derive(Debug, Clone)]
 pub struct Observation {
     /// The outcome when nothing needs to change.
@@ -469,7 +469,7 @@ impl std::fmt::Display for Lacks {
     }
 }
 
-/// Everything a handler may look at.
+/// Everything a capability may look at.
 pub struct StateContext<'a> {
     pub host: &'a Host,
     pub spec: &'a Spec,

@@ -15,21 +15,32 @@ fn docs() -> PathBuf {
     repo().join("docs/src")
 }
 
-/// Every Markdown page of the book, and the README and BENCHMARKS.md.
-fn pages() -> Vec<PathBuf> {
-    let mut pages = vec![repo().join("README.md"), repo().join("BENCHMARKS.md")];
-    let mut pending = vec![docs()];
+/// Every file under `dir`, its subdirectories' included, in name order.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 pending.push(path);
-            } else if path.extension().is_some_and(|e| e == "md") {
-                pages.push(path);
+            } else {
+                files.push(path);
             }
         }
     }
-    pages.sort();
+    files.sort();
+    files
+}
+
+/// Every Markdown page of the book, and the README and BENCHMARKS.md.
+fn pages() -> Vec<PathBuf> {
+    let mut pages = vec![repo().join("README.md"), repo().join("BENCHMARKS.md")];
+    pages.extend(
+        files_under(&docs())
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "md")),
+    );
     pages
 }
 
@@ -461,42 +472,28 @@ fn the_labels_reference_lists_every_label_a_fixture_host_gets() {
 fn the_files_reference_lists_every_path_under_gpuprovs_own_directories() {
     let page = read(&docs().join("reference/files.md"));
     let documented: Vec<String> = first_cells(&page).into_iter().flatten().collect();
-    let mut pending = vec![repo().join("src")];
     let mut missing = BTreeSet::new();
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                pending.push(path);
-                continue;
-            }
-            let relative = path
-                .strip_prefix(repo())
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            // Unit tests name made-up paths.
-            if relative.ends_with("tests.rs") {
-                continue;
-            }
-            let text = read(&path);
-            let code = text.split("#[cfg(test)]").next().unwrap();
-            for literal in code.split('"').skip(1).step_by(2) {
-                let own = ["/var/lib/gpuprov/", "/run/gpuprov/", "/var/cache/gpuprov/"]
-                    .iter()
-                    .any(|dir| literal.starts_with(dir));
-                // A documented path, or one below a documented directory.
-                if own
-                    && !documented.iter().any(|d| {
-                        // `<sha256>` and the like stand for any name there.
-                        let d = d.split('<').next().unwrap();
-                        !d.is_empty()
-                            && (literal == d.trim_end_matches('/')
-                                || (d.ends_with('/') && literal.starts_with(d)))
-                    })
-                {
-                    missing.insert(literal.to_string());
-                }
+    // Unit tests (`tests.rs`, `mod tests`) name made-up paths.
+    for path in files_under(&repo().join("src")) {
+        if path.ends_with("tests.rs") {
+            continue;
+        }
+        let text = read(&path);
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        for literal in code.split('"').skip(1).step_by(2) {
+            let own = ["/var/lib/gpuprov/", "/run/gpuprov/", "/var/cache/gpuprov/"]
+                .iter()
+                .any(|dir| literal.starts_with(dir));
+            // A documented path, or one below a documented directory
+            // (`<sha256>` and the like stand for any name there).
+            let documented = documented.iter().any(|d| {
+                let d = d.split('<').next().unwrap();
+                !d.is_empty()
+                    && (literal == d.trim_end_matches('/')
+                        || (d.ends_with('/') && literal.starts_with(d)))
+            });
+            if own && !documented {
+                missing.insert(literal.to_string());
             }
         }
     }

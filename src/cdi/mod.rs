@@ -38,7 +38,7 @@ pub fn spec_paths(spec: &Spec) -> [String; 2] {
     ]
 }
 
-/// The `cdi` handler.
+/// The `cdi` capability.
 pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let inventory = match ctx.facts.nvml(ctx.host) {
         Ok(inventory) => inventory,

@@ -138,7 +138,7 @@ impl Planned {
     }
 }
 
-/// The `containerd-runtime` handler.
+/// The `containerd-runtime` capability.
 pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let opts = &ctx.spec.containerd;
     if let Some(why) = crate::runtime::crio_chosen(ctx.host, opts)? {

@@ -64,7 +64,7 @@ fn record_change(path: &str, record: &Record, purpose: &str) -> Change {
     }
 }
 
-/// The `driver` handler.
+/// The `driver` capability.
 pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let loaded = detect::detect(ctx.host).map_err(|e| StateError::operator(error_chain(&e)))?;
     let mut record = load_record(ctx.host, RECORD)?;

@@ -381,7 +381,7 @@ fn mig_labels(labels: &mut BTreeMap<String, String>, plugin: &PluginView) {
     }
 }
 
-/// The `gpu-feature-discovery` handler: in daemonset mode an operand; in
+/// The `gpu-feature-discovery` capability: in daemonset mode an operand; in
 /// builtin mode the labels themselves (and no GFD static pod).
 pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     use crate::operands::{self, Operand};
@@ -454,7 +454,7 @@ pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     Ok(obs)
 }
 
-/// The `gpu-health` handler: NVML must see every GPU the PCI bus has bound
+/// The `gpu-health` capability: NVML must see every GPU the PCI bus has bound
 /// to the nvidia driver; fewer means one fell off the bus (`degraded`,
 /// published as `gpuprov.io/gpu-health=degraded`).
 pub fn observe_health(ctx: &StateContext) -> Result<Observation, StateError> {

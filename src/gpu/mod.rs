@@ -14,7 +14,7 @@ pub const GPU_PRESENT_LABEL: &str = "nvidia.com/gpu.present";
 /// NFD's label for NVIDIA PCI devices, which the GPU Operator selects on.
 pub const NFD_NVIDIA_PCI_LABEL: &str = "feature.node.kubernetes.io/pci-10de.present";
 
-/// The `detect-gpu` handler: counts physical NVIDIA GPUs and says what the
+/// The `detect-gpu` capability: counts physical NVIDIA GPUs and says what the
 /// other NVIDIA functions were, so a miscount is visible in the plan.
 pub fn observe(ctx: &StateContext) -> Observation {
     let gpus: Vec<_> = ctx.facts.gpus().collect();

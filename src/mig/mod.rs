@@ -60,7 +60,7 @@ fn failed(reason: String) -> Observation {
     obs
 }
 
-/// The `mig` handler.
+/// The `mig` capability.
 pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let label = ctx.facts.node_labels.get(CONFIG_LABEL);
     let Some(name) = label.or(ctx.spec.mig.default.as_ref()) else {

@@ -90,7 +90,7 @@ pub fn as_static_pods(ctx: &StateContext) -> bool {
     }
 }
 
-/// The operand's handler: start it (label or static pod), then verify it.
+/// An operand's capability: start it (label or static pod), then verify it.
 pub fn observe(ctx: &StateContext, operand: Operand) -> Result<Observation, StateError> {
     let path = static_pod::path(ctx.spec, operand);
     let current = ctx.host.read(&path)?;

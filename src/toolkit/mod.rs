@@ -92,7 +92,7 @@ fn binary(host: &Host, spec: &Spec, name: &'static str) -> Result<String, HostEr
     }))
 }
 
-/// The `container-toolkit` handler.
+/// The `container-toolkit` capability.
 pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let found = locate(ctx.host, ctx.spec)?;
     let missing: Vec<&str> = found
