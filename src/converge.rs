@@ -20,7 +20,7 @@ use crate::plan::{Graph, PlanReport, Summary};
 use crate::registry::{Capability, Revert, capability};
 use crate::report::{Action, RevertReport, RunReport};
 use crate::spec::Spec;
-use crate::state::RevertContext;
+use crate::state::{ErrorKind, RevertContext};
 
 /// What the pipeline is given for one node (the CLI's flags, converted).
 #[derive(Debug, Clone)]
@@ -242,13 +242,6 @@ fn apply_locked(inputs: &Inputs) -> Result<RunReport, Error> {
     Ok(report)
 }
 
-/// Whether an error of one try may be gone at the next: the API server
-/// unreachable or answering 5xx, another run holding the lock. Invalid
-/// input and a host that cannot be read stay as they are.
-fn waiting_may_help(error: &Error) -> bool {
-    matches!(error, Error::Kube(_) | Error::Lock(_) | Error::Labels(_))
-}
-
 /// Sweeps gpuprov's own directories (the host layer's one list of them),
 /// where a killed run may have left a temporary that no later write of
 /// the same file would sweep.
@@ -386,7 +379,7 @@ pub fn apply_until_converged(
         // starting, an API server coming back, another run's lock.
         let hopeless = match &result {
             Ok(report) => report.cannot_converge_by_waiting(),
-            Err(e) if waiting_may_help(e) => None,
+            Err(e) if e.kind() == ErrorKind::Transient => None,
             Err(e) => Some(crate::state::error_chain(e)),
         };
         if !done

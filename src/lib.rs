@@ -108,6 +108,17 @@ pub mod exit {
 }
 
 impl Error {
+    /// Whether a run that ended in this error may succeed if tried again:
+    /// the API server unreachable or answering 5xx, another run holding
+    /// the lock. Invalid input and a host that cannot be read stay as
+    /// they are.
+    pub fn kind(&self) -> state::ErrorKind {
+        match self {
+            Error::Kube(_) | Error::Lock(_) | Error::Labels(_) => state::ErrorKind::Transient,
+            _ => state::ErrorKind::NeedsOperator,
+        }
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Lock(executor::LockError::Timeout { .. }) => exit::LOCKED,

@@ -123,12 +123,19 @@ impl NodeStatus {
         }
     }
 
-    /// From a converge's states: the driver is loaded or installed, the
+    /// From a converge's states, found by the capability that ran them
+    /// (the GPU Operator's metrics name what they do, whatever a states
+    /// directory calls them): the driver is loaded or installed, the
     /// toolkit and containerd's runtime are in place, the device plugin is
     /// ready, the CUDA validation passed; NVML answering is the driver's
     /// validation.
     fn record(&self, report: &RunReport) {
-        let step = |name: &str| report.steps.iter().find(|s| s.name == name);
+        let step = |capability: &str| {
+            report
+                .steps
+                .iter()
+                .find(|s| s.capability.name() == capability)
+        };
         let fine = |name: &str| step(name).is_some_and(|s| s.outcome.lets_dependents_run());
         let ready = |name: &str| step(name).is_some_and(|s| s.outcome == Outcome::Ready);
         self.driver_ready.set(i64::from(fine("driver")));

@@ -60,7 +60,7 @@ pub fn verdict(steps: &[StateReport], facts: &Facts) -> Option<Verdict> {
             // "passed" to "passed since boot", which is no news.
             let validated = steps
                 .iter()
-                .any(|s| s.name == "validator" && s.outcome == Outcome::Ready);
+                .any(|s| s.capability.name() == "validator" && s.outcome == Outcome::Ready);
             let (reason, message) = if validated {
                 ("ValidatorPassed", "the validator passed on this boot")
             } else {
