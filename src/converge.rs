@@ -213,7 +213,7 @@ fn apply_locked(inputs: &Inputs) -> Result<RunReport, Error> {
         Ok(published) => published,
         Err(e) => {
             for step in steps.iter().filter(|s| s.action == Action::Fail) {
-                tracing::error!(step = %step.name, "{}", step.reason);
+                tracing::error!(state = %step.name, "{}", step.reason);
             }
             return Err(e.into());
         }

@@ -328,7 +328,7 @@ impl Executor<'_> {
                         Err(e) => failed_report(state, &e),
                     };
                     tracing::info!(
-                        step = %state.name,
+                        state = %state.name,
                         outcome = report.outcome.as_str(),
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "{}",

@@ -66,7 +66,7 @@ pub fn verdict(steps: &[StateReport], facts: &Facts) -> Option<Verdict> {
             } else {
                 (
                     "Converged",
-                    "every required step converged (no validator ran)",
+                    "every required state converged (no validator ran)",
                 )
             };
             Verdict {
