@@ -323,10 +323,11 @@ fn the_spec_reference_lists_every_key_the_parser_accepts() {
     );
 }
 
-/// The string literals of a source file.
+/// The string literals of a source file, its unit tests left out.
 fn literals(path: &str) -> Vec<String> {
     let text = read(&repo().join(path));
-    text.split('"')
+    let code = text.split("#[cfg(test)]").next().unwrap();
+    code.split('"')
         .skip(1)
         .step_by(2)
         .map(str::to_string)
@@ -498,4 +499,27 @@ fn the_files_reference_lists_every_path_under_gpuprovs_own_directories() {
         }
     }
     assert!(missing.is_empty(), "undocumented files: {missing:?}");
+}
+
+#[test]
+fn the_conditions_reference_names_the_condition_and_reasons_gpuprov_writes() {
+    let page = prose(&read(&docs().join("reference/conditions.md")));
+    let documented: BTreeSet<String> = page
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    let mut code: Vec<String> = vec![gpuprov::kube::node_status::GPU_READY.to_string()];
+    // The fixed reasons; the rest are `<State><Outcome>`, as documented.
+    code.extend(literals("src/readiness/mod.rs").into_iter().filter(|l| {
+        l.len() > 3
+            && l.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+            && l.chars().all(|c| c.is_ascii_alphabetic())
+    }));
+    let missing: Vec<&String> = code.iter().filter(|c| !documented.contains(*c)).collect();
+    assert!(
+        code.len() >= 3 && missing.is_empty(),
+        "undocumented: {missing:?} (of {code:?})"
+    );
 }

@@ -1,7 +1,7 @@
 //! The GPU readiness gate: a new GPU node reports Ready minutes before pods
 //! can get a GPU. gpuprov says when they can, on the Node itself:
 //!
-//! * the condition `nvidia.com/GPUReady`: `True` once every required step
+//! * the condition `nvidia.com/GPUReady`: `True` once every required state
 //!   converged on this boot (the validator passed), `False` with the first
 //!   step that holds it as reason and message otherwise; patched only when
 //!   it changes;
