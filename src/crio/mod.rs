@@ -664,28 +664,8 @@ impl CapabilityChange for CrioViewCheck {
     }
 
     fn make(&self, on: &mut MakeContext) -> Result<(), StateError> {
-        let check = ViewCheck {
-            config: &self.config,
-            dir: &self.dir,
-            class: &self.class,
-            binary: &self.binary,
-            set_as_default: self.set_as_default,
-            cdi_spec_dir: self.cdi_spec_dir.as_deref(),
-            crio: self.crio.as_deref(),
-        };
-        verify(on.host, &check, on.commands).map_err(StateError::operator)
+        verify(on.host, self, on.commands).map_err(StateError::operator)
     }
-}
-
-/// What a `CrioViewCheck` checks, borrowed.
-pub struct ViewCheck<'a> {
-    pub config: &'a str,
-    pub dir: &'a str,
-    pub class: &'a str,
-    pub binary: &'a str,
-    pub set_as_default: bool,
-    pub cdi_spec_dir: Option<&'a str>,
-    pub crio: Option<&'a str>,
 }
 
 /// The most of `crio config` gpuprov reads: its full template is about
@@ -698,20 +678,23 @@ const CONFIG_OUTPUT_CAP: usize = 4 << 20;
 /// gpuprov added does not), else the files merged as CRI-O decodes them.
 pub fn verify(
     host: &Host,
-    check: &ViewCheck,
+    check: &CrioViewCheck,
     commands: &mut Vec<crate::host::CommandRecord>,
 ) -> Result<(), String> {
     let wanted = Wanted {
-        class: check.class.to_string(),
-        binary: check.binary.to_string(),
+        class: check.class.clone(),
+        binary: check.binary.clone(),
         set_as_default: check.set_as_default,
-        cdi_spec_dir: check.cdi_spec_dir.map(str::to_string),
+        cdi_spec_dir: check.cdi_spec_dir.clone(),
         cdi_runtime: None,
     };
-    let version = check.crio.and_then(|binary| crio_version(host, binary));
-    let Some(binary) = check.crio else {
-        let files =
-            load(host, check.config, check.dir, None).map_err(|e| crate::state::error_chain(&e))?;
+    let version = check
+        .crio
+        .as_deref()
+        .and_then(|binary| crio_version(host, binary));
+    let Some(binary) = check.crio.as_deref() else {
+        let files = load(host, &check.config, &check.dir, None)
+            .map_err(|e| crate::state::error_chain(&e))?;
         return check_view(&merge(&files), &wanted, version).map_err(|why| {
             format!(
                 "in CRI-O's files ({} and {}, merged as CRI-O does: no crio binary in the host to ask), {why}",
@@ -722,9 +705,9 @@ pub fn verify(
     let argv: Vec<String> = [
         binary,
         "--config",
-        check.config,
+        &check.config,
         "--config-dir",
-        check.dir,
+        &check.dir,
         "config",
     ]
     .map(String::from)
