@@ -10,7 +10,9 @@ use crate::operands::Operand;
 use crate::report::RevertReport;
 use crate::spec::ExporterMode;
 use crate::state::{Change, Observation, RevertContext, StateContext, StateError};
-use crate::{cdi, containerd, driver, exec, gpu, mig, operands, telemetry, toolkit};
+use crate::{
+    cdi, containerd, driver, exec, fabric, gpu, mig, operands, persistence, telemetry, toolkit,
+};
 
 type Observe = fn(&StateContext) -> Result<Observation, StateError>;
 type Withdraw = fn(&StateContext) -> Result<Vec<Change>, StateError>;
@@ -23,6 +25,8 @@ static CAPABILITIES: &[(&str, Capability)] = &[
         Capability::observing(detect_gpu).despite_operands_opt_out(),
     ),
     ("driver", Capability::observing(driver::observe)),
+    ("fabric-manager", Capability::observing(fabric::observe)),
+    ("persistence", Capability::observing(persistence::observe)),
     ("container-toolkit", Capability::observing(toolkit::observe)),
     (
         "containerd-runtime",

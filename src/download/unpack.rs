@@ -153,7 +153,13 @@ pub fn foreign_paths(
 }
 
 /// Refuses `dir` when it holds anything gpuprov did not put there.
-pub fn check_owned(host: &Host, dir: &str, owned: Option<&Owned>) -> Result<(), String> {
+/// `setting` is the spec key that names the directory, for the advice.
+pub fn check_owned(
+    host: &Host,
+    dir: &str,
+    owned: Option<&Owned>,
+    setting: &str,
+) -> Result<(), String> {
     let foreign =
         foreign_paths(host, dir, owned).map_err(|e| crate::error_chain::error_chain(&e))?;
     if foreign.is_empty() {
@@ -175,7 +181,7 @@ pub fn check_owned(host: &Host, dir: &str, owned: Option<&Owned>) -> Result<(), 
         "is not a directory gpuprov unpacked (no record of it in /var/lib/gpuprov)"
     };
     Err(format!(
-        "toolkit.installDir {dir} {whose}: {named}; gpuprov replaces only its own directory: move those away, or give toolkit.installDir a new directory"
+        "{setting} {dir} {whose}: {named}; gpuprov replaces only its own directory: move those away, or give {setting} a new directory"
     ))
 }
 
@@ -183,8 +189,7 @@ pub fn check_owned(host: &Host, dir: &str, owned: Option<&Owned>) -> Result<(), 
 /// the directories above them), checked against the caps and for what a
 /// record cannot hold.
 pub fn tarball_entries(host: &Host, archive: &str) -> Result<BTreeSet<String>, String> {
-    let file = open_archive(host, archive)?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut tar = tar::Archive::new(decompressed(open_archive(host, archive)?, archive)?);
     let bad = |e: std::io::Error| format!("reading {archive}: {e}");
     let mut entries = BTreeSet::new();
     let mut bytes: u64 = 0;
@@ -227,6 +232,33 @@ pub fn tarball_entries(host: &Host, archive: &str) -> Result<BTreeSet<String>, S
     Ok(entries)
 }
 
+/// The most memory the xz decoder may take (KiB): `xz -9`'s dictionary
+/// is 64 MiB; an archive asking for more is refused, not obeyed.
+const XZ_MEMORY_KIB: u32 = 96 << 10;
+
+/// A tarball's bytes, decompressed as its first bytes say: gzip
+/// (toolkit and most artifacts) or xz (NVIDIA's fabric manager archives).
+fn decompressed(mut file: std::fs::File, archive: &str) -> Result<Box<dyn std::io::Read>, String> {
+    use std::io::{Read, Seek};
+    let mut magic = [0u8; 6];
+    let read = file
+        .read(&mut magic)
+        .and_then(|n| file.rewind().map(|()| n))
+        .map_err(|e| format!("reading {archive}: {e}"))?;
+    match &magic[..read] {
+        [0x1f, 0x8b, ..] => Ok(Box::new(flate2::read::GzDecoder::new(file))),
+        [0xfd, b'7', b'z', b'X', b'Z', 0x00] => Ok(Box::new(lzma_rust2::XzReader::new_mem_limit(
+            file,
+            true,
+            XZ_MEMORY_KIB,
+        ))),
+        _ => Err(format!(
+            "{archive} is neither a gzip nor an xz tarball (its first bytes are {:02x?})",
+            &magic[..read]
+        )),
+    }
+}
+
 fn open_archive(host: &Host, archive: &str) -> Result<std::fs::File, String> {
     host.open_regular(archive)
         .map_err(|e| crate::error_chain::error_chain(&e))?
@@ -246,7 +278,7 @@ pub fn unpack(host: &Host, archive: &str, into: &str, record: &str) -> Result<()
     let new_entries = tarball_entries(host, archive)?;
     // Checked again here: the directory may have changed since the plan.
     let old = owned(host, record, into)?;
-    check_owned(host, into, old.as_ref())?;
+    check_owned(host, into, old.as_ref(), "the directory")?;
     let mut both = old.map(|o| o.entries).unwrap_or_default();
     both.extend(new_entries.iter().cloned());
     let pending = Owned {
@@ -258,7 +290,7 @@ pub fn unpack(host: &Host, archive: &str, into: &str, record: &str) -> Result<()
         .map_err(chain)?;
 
     let (fresh, swap) = host.fresh_dir_beside(into).map_err(chain)?;
-    tar::Archive::new(flate2::read::GzDecoder::new(open_archive(host, archive)?))
+    tar::Archive::new(decompressed(open_archive(host, archive)?, archive)?)
         .unpack(&fresh)
         .map_err(|e| format!("unpacking {archive}: {e}"))?;
     swap.commit().map_err(chain)?;

@@ -3,6 +3,7 @@
 
 pub mod detect;
 pub mod kernel;
+pub mod service;
 
 use std::collections::BTreeMap;
 

@@ -583,6 +583,7 @@ mod tests {
             persistence_mode: false,
             minor_number: index,
             fabric: None,
+            fabric_state: None,
         }
     }
 

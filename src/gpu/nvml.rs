@@ -59,6 +59,23 @@ pub struct NvmlDevice {
     /// registered it (GB200 NVL and the like); GFD's `gpu.clique`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fabric: Option<Fabric>,
+    /// Where its registration with the NVLink fabric stands (Hopper and
+    /// later on NVSwitch systems); absent where NVML does not report it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fabric_state: Option<FabricState>,
+}
+
+/// A GPU's NVLink fabric registration, as `nvmlDeviceGetGpuFabricInfo`
+/// reports it: the fabric manager registers each GPU once it has
+/// trained the NVLinks, and CUDA starts only after that.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state", content = "error")]
+pub enum FabricState {
+    NotStarted,
+    InProgress,
+    Completed,
+    /// Completed with an error: the NVML return code's text.
+    Failed(String),
 }
 
 /// A GPU's place in an NVLink fabric.
@@ -244,6 +261,7 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
             Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => index,
             Err(e) => return Err(lost("its minor number")(e)),
         };
+        let fabric = fabric(&nvml, &device);
         let capability = device
             .cuda_compute_capability()
             .map_err(lost("its compute capability"))?;
@@ -260,7 +278,8 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
             mig_pending,
             persistence_mode,
             minor_number,
-            fabric: fabric(&nvml, &device),
+            fabric: fabric.1,
+            fabric_state: fabric.0,
         });
     }
     Ok(Inventory {
@@ -331,13 +350,19 @@ pub fn memory_usage(
     })
 }
 
-/// The GPU's fabric registration, as go-nvlib's `IsFabricAttached` takes
-/// it: present only when registration completed and succeeded. A library
-/// without the function, a GPU that does not support it, or an error is
-/// no fabric (an error is logged): the clique label is all it feeds.
-fn fabric(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Option<Fabric> {
-    use nvml_wrapper_sys::bindings::{NVML_GPU_FABRIC_STATE_COMPLETED, nvmlGpuFabricInfo_t};
-    let function = nvml.lib().nvmlDeviceGetGpuFabricInfo.as_ref().ok()?;
+/// The GPU's fabric registration: where it stands, and its membership
+/// as go-nvlib's `IsFabricAttached` takes it (present only when
+/// registration completed and succeeded). A library without the
+/// function, a GPU that does not support it, or an error is no state (an
+/// error is logged).
+fn fabric(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> (Option<FabricState>, Option<Fabric>) {
+    use nvml_wrapper_sys::bindings::{
+        NVML_GPU_FABRIC_STATE_COMPLETED, NVML_GPU_FABRIC_STATE_IN_PROGRESS,
+        NVML_GPU_FABRIC_STATE_NOT_STARTED, nvmlGpuFabricInfo_t,
+    };
+    let Ok(function) = nvml.lib().nvmlDeviceGetGpuFabricInfo.as_ref() else {
+        return (None, None);
+    };
     let mut info = nvmlGpuFabricInfo_t {
         clusterUuid: [0; 16],
         status: 0,
@@ -348,19 +373,30 @@ fn fabric(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> Option<Fabric> {
     // device's own and the pointer is to a local that outlives the call.
     match nvml_result(unsafe { function(device.handle(), &mut info) }) {
         Ok(()) => {}
-        Err(NvmlError::NotSupported) => return None,
+        Err(NvmlError::NotSupported) => return (None, None),
         Err(e) => {
             tracing::warn!("NVML could not say whether a GPU is on an NVLink fabric: {e}");
-            return None;
+            return (None, None);
         }
     }
-    if u32::from(info.state) != NVML_GPU_FABRIC_STATE_COMPLETED || info.status != 0 {
-        return None;
-    }
-    Some(Fabric {
+    let state = match u32::from(info.state) {
+        NVML_GPU_FABRIC_STATE_NOT_STARTED => FabricState::NotStarted,
+        NVML_GPU_FABRIC_STATE_IN_PROGRESS => FabricState::InProgress,
+        NVML_GPU_FABRIC_STATE_COMPLETED if info.status == 0 => FabricState::Completed,
+        NVML_GPU_FABRIC_STATE_COMPLETED => FabricState::Failed(
+            nvml_result(info.status)
+                .err()
+                .map_or_else(|| "unknown".to_string(), |e| e.to_string()),
+        ),
+        // NVML_GPU_FABRIC_STATE_NOT_SUPPORTED, or a state newer than this
+        // build knows.
+        _ => return (None, None),
+    };
+    let member = (state == FabricState::Completed).then(|| Fabric {
         cluster_uuid: uuid::Uuid::from_bytes(info.clusterUuid).to_string(),
         clique_id: info.cliqueId,
-    })
+    });
+    (Some(state), member)
 }
 
 fn nvml_result(code: nvml_wrapper_sys::bindings::nvmlReturn_t) -> Result<(), NvmlError> {

@@ -25,6 +25,7 @@
 
 mod command;
 mod files;
+pub mod process;
 pub mod socket;
 
 use std::collections::BTreeMap;

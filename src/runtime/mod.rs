@@ -75,12 +75,7 @@ fn first_file(host: &Host, paths: &[&str]) -> Result<Option<String>, StateError>
 
 /// A command on the host's PATH directories.
 pub fn on_path(host: &Host, name: &str) -> Result<Option<String>, StateError> {
-    let paths: Vec<String> = crate::host::HOST_PATH
-        .iter()
-        .map(|dir| format!("/{dir}/{name}"))
-        .collect();
-    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
-    first_file(host, &paths)
+    Ok(crate::host::process::on_path(host, name)?)
 }
 
 /// The flavour the host looks like, and what gave it away.

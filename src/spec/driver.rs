@@ -16,6 +16,26 @@ pub(super) struct RawDriver {
     pub(super) blacklist_nouveau: bool,
     pub(super) install: Option<Spanned<RawDriverInstall>>,
     pub(super) upgrade: Option<Spanned<RawUpgrade>>,
+    pub(super) kernel_module_type: Option<Spanned<String>>,
+    pub(super) signing: Option<Spanned<RawSigning>>,
+    #[serde(default)]
+    pub(super) rdma: RawRdma,
+}
+
+/// `driver.signing`: the key the modules are signed with on a Secure
+/// Boot node.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawSigning {
+    pub(super) key: Spanned<String>,
+    pub(super) certificate: Spanned<String>,
+}
+
+/// `driver.rdma` (the GPU Operator's): GPUDirect RDMA.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawRdma {
+    pub(super) enabled: Option<bool>,
 }
 
 /// `driver.upgrade`: how `rolling` coordinates (k8s-operator-libs' keys).
@@ -90,6 +110,33 @@ pub struct DriverSpec {
     pub install: Option<DriverInstall>,
     /// How `rolling` coordinates with the fleet.
     pub upgrade: UpgradeSpec,
+    /// Which kernel modules to install: NVIDIA's open ones or the
+    /// proprietary ones (`auto`: what the GPUs and the branch need).
+    pub kernel_module_type: KernelModuleType,
+    /// The key and certificate the modules are signed with (Secure Boot).
+    pub signing: Option<ModuleSigning>,
+    /// GPUDirect RDMA: load nvidia-peermem where an RDMA NIC is.
+    pub rdma: bool,
+}
+
+/// `driver.kernelModuleType`, with the GPU Operator's meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum KernelModuleType {
+    /// Chosen from the GPUs on the bus and the driver branch.
+    Auto,
+    Open,
+    Proprietary,
+}
+
+/// Host paths of the module signing key and its certificate (DER), as the
+/// runfile's `--module-signing-secret-key` and `--module-signing-public-key`
+/// take them. Enrolling the certificate (MOK) is the operator's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModuleSigning {
+    pub key: String,
+    pub certificate: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -344,7 +391,50 @@ pub(super) fn resolve_driver(
             .with_help("set driver.upgradePolicy: rolling, or remove driver.upgrade"),
         );
     }
+    let kernel_module_type = choose(
+        "driver.kernelModuleType",
+        &raw.kernel_module_type,
+        &[
+            ("auto", KernelModuleType::Auto),
+            ("open", KernelModuleType::Open),
+            ("proprietary", KernelModuleType::Proprietary),
+        ],
+        KernelModuleType::Auto,
+        source,
+        errors,
+    );
+    let signing = raw.signing.as_ref().and_then(|signing| {
+        let mut ok = true;
+        for path in [&signing.value.key, &signing.value.certificate] {
+            if !path.value.starts_with('/') || path.value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    path.referenced,
+                    format!("driver.signing: `{}` is not an absolute path in the host", path.value),
+                ));
+                ok = false;
+            }
+        }
+        if matches!(install, Some(DriverInstall::Package { .. })) {
+            errors.push(
+                Diagnostic::at_location(
+                    source,
+                    signing.referenced,
+                    "driver.signing signs what the runfile builds; a package install on a Secure Boot node takes the distribution's signed modules",
+                )
+                .with_help("set driver.install.kernelModulePackage (`linux-modules-nvidia-550-server-{kernel}` on Ubuntu), or install with the runfile"),
+            );
+            ok = false;
+        }
+        ok.then(|| ModuleSigning {
+            key: signing.value.key.value.clone(),
+            certificate: signing.value.certificate.value.clone(),
+        })
+    });
     DriverSpec {
+        kernel_module_type,
+        signing,
+        rdma: raw.rdma.enabled.unwrap_or(false),
         enabled: raw.enabled.unwrap_or(true),
         version,
         upgrade_policy,

@@ -20,6 +20,7 @@ mod cdi;
 mod containerd;
 mod device_plugin;
 mod driver;
+mod gpu_system;
 mod health;
 mod mig;
 mod operands;
@@ -31,6 +32,7 @@ pub use cdi::*;
 pub use containerd::*;
 pub use device_plugin::*;
 pub use driver::*;
+pub use gpu_system::*;
 pub use health::*;
 pub use mig::*;
 pub use operands::*;
@@ -46,6 +48,9 @@ pub const DEFAULT_SPEC_NAME: &str = "<embedded default spec>";
 /// Spec switches a catalogue state may name in `enabledBy`.
 pub const SWITCHES: &[&str] = &[
     "driver.enabled",
+    "driver.rdma.enabled",
+    "fabricManager.enabled",
+    "persistence.enabled",
     "toolkit.enabled",
     "cdi.enabled",
     "devicePlugin.enabled",
@@ -97,6 +102,10 @@ struct RawSpec {
     mig: mig::RawMig,
     #[serde(default)]
     health: health::RawHealth,
+    #[serde(default)]
+    fabric_manager: gpu_system::RawFabricManager,
+    #[serde(default)]
+    persistence: gpu_system::RawPersistence,
     #[serde(default)]
     states: Vec<RawUserState>,
 }
@@ -172,6 +181,8 @@ pub struct Spec {
     pub readiness: ReadinessSpec,
     pub mig: MigSpec,
     pub health: HealthSpec,
+    pub fabric_manager: FabricManagerSpec,
+    pub persistence: PersistenceSpec,
     /// The user's own states, in document order, checked (the catalogue
     /// makes them states: `Catalog::with_user_states`).
     #[serde(skip)]
@@ -220,6 +231,9 @@ impl Spec {
     pub fn switch(&self, name: &str) -> Option<bool> {
         Some(match name {
             "driver.enabled" => self.driver.enabled,
+            "driver.rdma.enabled" => self.driver.rdma,
+            "fabricManager.enabled" => self.fabric_manager.enabled,
+            "persistence.enabled" => self.persistence.enabled,
             "toolkit.enabled" => self.toolkit.enabled,
             "cdi.enabled" => self.cdi.enabled,
             "devicePlugin.enabled" => self.device_plugin.enabled,
@@ -356,6 +370,13 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
     let readiness = readiness::resolve_readiness(&raw.readiness, source, &mut errors);
     let mig = mig::resolve_mig(&raw.mig, source, &mut errors);
     let health = health::resolve_health(&raw.health, source, &mut errors);
+    let fabric_manager = gpu_system::resolve_fabric_manager(
+        &raw.fabric_manager,
+        driver.install.as_ref(),
+        source,
+        &mut errors,
+    );
+    let persistence = gpu_system::resolve_persistence(&raw.persistence);
 
     let states = resolve_states(raw.states, source, &mut errors);
     let shared_source = Arc::new(source.clone());
@@ -381,6 +402,8 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         readiness,
         mig,
         health,
+        fabric_manager,
+        persistence,
         states,
         states_source: shared_source,
     })
@@ -422,6 +445,55 @@ fn choose<T: Copy>(
         format!("{key} must be {listed}, not `{}`", given.value),
     ));
     default
+}
+
+/// `<key>.url` and `<key>.sha256` checked into a pinned artifact.
+fn artifact(
+    key: &str,
+    url: &Spanned<String>,
+    sha256: Option<&Spanned<String>>,
+    allow_insecure_http: bool,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<crate::download::Artifact> {
+    let at = |v: &Spanned<String>, message: String| {
+        Diagnostic::at_location(source, v.referenced, message)
+    };
+    if !["https://", "http://", "file://"]
+        .iter()
+        .any(|p| url.value.starts_with(p))
+    {
+        errors.push(at(
+            url,
+            format!(
+                "{key}.url `{}` is not https://, http:// or file://",
+                url.value
+            ),
+        ));
+        return None;
+    }
+    match sha256 {
+        None => {
+            errors.push(
+                at(url, format!("{key}.url needs {key}.sha256")).with_help(
+                    "gpuprov runs nothing it cannot verify: add `sha256: <64 hex digits>`",
+                ),
+            );
+            None
+        }
+        Some(sha) if sha.value.len() != 64 || !sha.value.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            errors.push(at(
+                sha,
+                format!("{key}.sha256 `{}` is not 64 hex digits", sha.value),
+            ));
+            None
+        }
+        Some(sha) => Some(crate::download::Artifact {
+            url: url.value.clone(),
+            sha256: sha.value.to_lowercase(),
+            allow_insecure_http,
+        }),
+    }
 }
 
 fn seconds(

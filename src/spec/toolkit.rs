@@ -141,38 +141,14 @@ pub(super) fn resolve_toolkit(
                 ));
                 None
             }
-            Some(artifact) => {
-                let (url, sha) = (&artifact.value.url, &artifact.value.sha256);
-                if !["https://", "http://", "file://"]
-                    .iter()
-                    .any(|p| url.value.starts_with(p))
-                {
-                    errors.push(at(
-                        url,
-                        format!(
-                            "toolkit.artifact.url `{}` is not https://, http:// or file://",
-                            url.value
-                        ),
-                    ));
-                    None
-                } else if sha.value.len() != 64 || !sha.value.bytes().all(|b| b.is_ascii_hexdigit())
-                {
-                    errors.push(at(
-                        sha,
-                        format!(
-                            "toolkit.artifact.sha256 `{}` is not 64 hex digits",
-                            sha.value
-                        ),
-                    ));
-                    None
-                } else {
-                    Some(crate::download::Artifact {
-                        url: url.value.clone(),
-                        sha256: sha.value.to_lowercase(),
-                        allow_insecure_http: artifact.value.allow_insecure_http,
-                    })
-                }
-            }
+            Some(given) => artifact(
+                "toolkit.artifact",
+                &given.value.url,
+                Some(&given.value.sha256),
+                given.value.allow_insecure_http,
+                source,
+                errors,
+            ),
         },
         Some((other, method)) => {
             errors.push(at(

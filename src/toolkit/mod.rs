@@ -110,7 +110,8 @@ pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
             .as_ref()
             .is_some_and(|o| o.sha256.as_deref() == Some(artifact.sha256.as_str()));
         if !missing.is_empty() || !current {
-            artifact::check_owned(ctx.host, &dir, owned.as_ref()).map_err(StateError::operator)?;
+            artifact::check_owned(ctx.host, &dir, owned.as_ref(), "toolkit.installDir")
+                .map_err(StateError::operator)?;
             return artifact_install(ctx, artifact, &dir, owned.is_some(), &missing, found);
         }
     }
