@@ -70,6 +70,8 @@ pub struct Facts {
     pub os_ids: Vec<String>,
     /// The running kernel's release.
     pub kernel: Option<String>,
+    /// Whether the firmware booted with Secure Boot on.
+    pub secure_boot: crate::host::secure_boot::SecureBoot,
     /// `--nvml-lib`, when given.
     #[serde(skip)]
     pub nvml_lib: Option<std::path::PathBuf>,
@@ -166,6 +168,7 @@ impl Facts {
             os,
             os_ids,
             kernel,
+            secure_boot: crate::host::secure_boot::detect(host)?,
             nvml_lib: from.nvml_lib,
             nvml: std::sync::OnceLock::new(),
         })

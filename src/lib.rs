@@ -41,6 +41,7 @@ pub mod labels;
 pub mod make;
 pub mod mig;
 pub mod operands;
+pub mod peermem;
 pub mod persistence;
 pub mod plan;
 pub mod printable;

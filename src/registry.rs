@@ -11,7 +11,8 @@ use crate::report::RevertReport;
 use crate::spec::ExporterMode;
 use crate::state::{Change, Observation, RevertContext, StateContext, StateError};
 use crate::{
-    cdi, containerd, driver, exec, fabric, gpu, mig, operands, persistence, telemetry, toolkit,
+    cdi, containerd, driver, exec, fabric, gpu, mig, operands, peermem, persistence, telemetry,
+    toolkit,
 };
 
 type Observe = fn(&StateContext) -> Result<Observation, StateError>;
@@ -27,6 +28,7 @@ static CAPABILITIES: &[(&str, Capability)] = &[
     ("driver", Capability::observing(driver::observe)),
     ("fabric-manager", Capability::observing(fabric::observe)),
     ("persistence", Capability::observing(persistence::observe)),
+    ("peermem", Capability::observing(peermem::observe)),
     ("container-toolkit", Capability::observing(toolkit::observe)),
     (
         "containerd-runtime",

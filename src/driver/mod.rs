@@ -2,6 +2,7 @@
 //! pinned package), load its modules, and deal with nouveau.
 
 pub mod detect;
+pub mod flavour;
 pub mod kernel;
 pub mod service;
 
@@ -10,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::host::Host;
+use crate::host::secure_boot::SecureBoot;
 use crate::spec::{DriverInstall, PackageManager, UpgradePolicy};
 use crate::state::{Change, Gate, Observation, Outcome, StateContext, StateError, error_chain};
 
@@ -44,6 +46,10 @@ pub struct Record {
     /// written before gpuprov noted it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
+    /// `open` or `proprietary` (absent in records written before gpuprov
+    /// chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_module_type: Option<String>,
 }
 
 fn load_record(host: &Host, path: &str) -> Result<Option<Record>, StateError> {
@@ -65,8 +71,22 @@ fn record_change(path: &str, record: &Record, purpose: &str) -> Change {
     }
 }
 
+/// The node label with the loaded driver's kernel module flavour.
+pub const KERNEL_MODULE_TYPE_LABEL: &str = "gpuprov.io/driver.kernel-module-type";
+/// The node label saying whether the node booted with Secure Boot.
+pub const SECURE_BOOT_LABEL: &str = "gpuprov.io/secure-boot";
+
 /// The `driver` capability.
 pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
+    let mut obs = observe_driver(ctx)?;
+    obs.labels.insert(
+        SECURE_BOOT_LABEL.to_string(),
+        ctx.facts.secure_boot.label().to_string(),
+    );
+    Ok(obs)
+}
+
+fn observe_driver(ctx: &StateContext) -> Result<Observation, StateError> {
     let loaded = detect::detect(ctx.host).map_err(|e| StateError::operator(error_chain(&e)))?;
     let mut record = load_record(ctx.host, RECORD)?;
     let installing = load_record(ctx.host, INSTALLING)?;
@@ -121,9 +141,13 @@ fn not_loaded(ctx: &StateContext) -> Result<Observation, StateError> {
             "no driver.install is configured: pre-install the driver or configure a runfile or package".to_string(),
         )),
         Some(install) => {
-            let mut obs = Observation::new(Outcome::Absent, "no NVIDIA kernel driver is loaded");
+            let (changes, how) = install_changes(ctx, install)?;
+            let mut obs = Observation::new(
+                Outcome::Absent,
+                format!("no NVIDIA kernel driver is loaded; installing {how}"),
+            );
             obs.on_change = Outcome::Installed;
-            obs.changes = install_changes(ctx, install)?;
+            obs.changes = changes;
             Ok(obs)
         }
     }
@@ -135,11 +159,24 @@ fn observe_loaded(
     record: Option<Record>,
 ) -> Result<Observation, StateError> {
     let spec = &ctx.spec.driver;
-    let kind = if driver.open_kernel_module {
-        "open"
+    let loaded_flavour = if driver.open_kernel_module {
+        flavour::Flavour::Open
     } else {
-        "proprietary"
+        flavour::Flavour::Proprietary
     };
+    let kind = loaded_flavour.as_str();
+    if let Some(why) = flavour::cannot_drive(loaded_flavour, &flavour::gpus(ctx)) {
+        let mut obs = Observation::new(
+            Outcome::Failed,
+            format!(
+                "NVIDIA {} is loaded, but {why}: install the driver with driver.kernelModuleType set for these GPUs",
+                driver.version
+            ),
+        );
+        obs.labels
+            .insert(KERNEL_MODULE_TYPE_LABEL.to_string(), kind.to_string());
+        return Ok(obs);
+    }
     let ours = record.as_ref().is_some_and(|r| r.version == driver.version);
     if let Some(record) = &record
         && !ours
@@ -237,6 +274,8 @@ fn observe_loaded(
         obs.labels
             .insert(DEPLOY_DRIVER_LABEL.to_string(), "pre-installed".to_string());
     }
+    obs.labels
+        .insert(KERNEL_MODULE_TYPE_LABEL.to_string(), kind.to_string());
     obs.details = serde_json::to_value(&driver).expect("serializes");
     Ok(obs)
 }
@@ -324,12 +363,31 @@ pub fn replace_changes(
         .rev()
         .map(|module| run(&["modprobe", "-r", module]))
         .collect();
-    changes.extend(install_changes(ctx, install)?);
+    changes.extend(install_changes(ctx, install)?.0);
     Ok(changes)
 }
 
-/// Download, install, load the modules, create the device nodes, record.
-fn install_changes(ctx: &StateContext, install: &DriverInstall) -> Result<Vec<Change>, StateError> {
+/// Download, install, load the modules, create the device nodes, record;
+/// and what is installed, in words for the plan. The kernel module
+/// flavour is chosen, and Secure Boot checked, before anything else: a
+/// driver that could not drive the GPUs or would not load is never
+/// installed.
+fn install_changes(
+    ctx: &StateContext,
+    install: &DriverInstall,
+) -> Result<(Vec<Change>, String), StateError> {
+    let spec = &ctx.spec.driver;
+    let version = spec.version.clone().unwrap_or_default();
+    let (flavour, why) = flavour::choose(
+        spec.kernel_module_type,
+        &flavour::gpus(ctx),
+        flavour::branch(&version),
+    )
+    .map_err(|e| StateError::operator(format!("{e}; nothing was installed")))?;
+    let mut how = format!(
+        "NVIDIA {version} with the {} kernel modules ({why})",
+        flavour.as_str()
+    );
     let mut install_steps = Vec::new();
     let (method, source) = match install {
         DriverInstall::Runfile {
@@ -338,6 +396,7 @@ fn install_changes(ctx: &StateContext, install: &DriverInstall) -> Result<Vec<Ch
             download_timeout_seconds,
         } => {
             let path = artifact.cache_path();
+            let signing = runfile_signing(ctx)?;
             install_steps.push(Change::fetch(
                 ctx.host,
                 artifact,
@@ -346,6 +405,11 @@ fn install_changes(ctx: &StateContext, install: &DriverInstall) -> Result<Vec<Ch
             )?);
             let mut argv = vec![path];
             argv.extend(RUNFILE_FLAGS.iter().map(|f| f.to_string()));
+            argv.extend(runfile_flavour_flag(flavour, &version));
+            if let Some((flags, note)) = signing {
+                argv.extend(flags);
+                how.push_str(&format!("; {note}"));
+            }
             argv.extend(args.iter().cloned());
             install_steps.push(Change::Run {
                 display: argv.join(" "),
@@ -354,22 +418,36 @@ fn install_changes(ctx: &StateContext, install: &DriverInstall) -> Result<Vec<Ch
             ("runfile", artifact.sha256.clone())
         }
         DriverInstall::Package {
-            package, version, ..
+            package,
+            version: package_version,
+            kernel_module_package,
         } => {
             let manager = package_manager(ctx)?;
+            let package = flavoured_package(manager, package, flavour);
+            if let Some(signed) =
+                package_signing(ctx, manager, kernel_module_package.as_deref(), flavour)?
+            {
+                how.push_str(&format!(
+                    "; Secure Boot is on: the distribution's signed modules, {signed}"
+                ));
+                install_steps.push(run(&kernel::package_install(manager, &signed)));
+            }
             let pinned = match manager {
-                PackageManager::Dnf | PackageManager::Yum => format!("{package}-{version}"),
-                PackageManager::Apt | PackageManager::Zypper => format!("{package}={version}"),
+                PackageManager::Dnf | PackageManager::Yum => format!("{package}-{package_version}"),
+                PackageManager::Apt | PackageManager::Zypper => {
+                    format!("{package}={package_version}")
+                }
             };
             install_steps.push(run(&kernel::package_install(manager, &pinned)));
             ("package", pinned.clone())
         }
     };
     let record = Record {
-        version: ctx.spec.driver.version.clone().unwrap_or_default(),
+        version,
         method: method.to_string(),
         source,
         kernel: ctx.facts.kernel.clone(),
+        kernel_module_type: Some(flavour.as_str().to_string()),
     };
     // The intent goes after the download and before the installer runs: a
     // run killed from there on is finished by the next.
@@ -390,7 +468,115 @@ fn install_changes(ctx: &StateContext, install: &DriverInstall) -> Result<Vec<Ch
         path: INSTALLING.to_string(),
         purpose: "the install is done".to_string(),
     });
-    Ok(changes)
+    Ok((changes, how))
+}
+
+/// The runfile's flag for the flavour: `--kernel-module-type` from 560
+/// (where open became the default), `-m=kernel-open` before.
+fn runfile_flavour_flag(flavour: flavour::Flavour, version: &str) -> Option<String> {
+    if flavour::branch(version) >= 560 {
+        Some(format!("--kernel-module-type={}", flavour.as_str()))
+    } else {
+        (flavour == flavour::Flavour::Open).then(|| "-m=kernel-open".to_string())
+    }
+}
+
+/// A Debian or Ubuntu package named for the flavour: their open builds
+/// are the same name with `-open` (`nvidia-driver-550-server-open`).
+/// Other distributions name theirs differently: the spec's name is kept.
+fn flavoured_package(manager: PackageManager, package: &str, flavour: flavour::Flavour) -> String {
+    if manager != PackageManager::Apt {
+        return package.to_string();
+    }
+    let base = package.strip_suffix("-open").unwrap_or(package);
+    match flavour {
+        flavour::Flavour::Open => format!("{base}-open"),
+        flavour::Flavour::Proprietary => base.to_string(),
+    }
+}
+
+/// With Secure Boot on, the runfile signs what it builds with
+/// `driver.signing`'s key: its flags and a note for the plan. Without a
+/// key, or when Secure Boot cannot be read, nothing is installed.
+fn runfile_signing(ctx: &StateContext) -> Result<Option<(Vec<String>, String)>, StateError> {
+    match &ctx.facts.secure_boot {
+        SecureBoot::Enabled => {}
+        SecureBoot::Unreadable(problem) => {
+            return Err(StateError::operator(format!(
+                "cannot tell whether Secure Boot is on ({problem}); nothing was installed"
+            )));
+        }
+        SecureBoot::Disabled | SecureBoot::NotEfi => return Ok(None),
+    }
+    let Some(signing) = &ctx.spec.driver.signing else {
+        return Err(StateError::operator(format!(
+            "Secure Boot is on ({}), and the modules the runfile builds are unsigned: the kernel would not load them; nothing was installed. Set driver.signing (a key and its certificate in the host, the certificate enrolled with mokutil --import), or install with method package and the distribution's signed modules (driver.install.kernelModulePackage)",
+            crate::host::secure_boot::SECURE_BOOT_VARIABLE
+        )));
+    };
+    for path in [&signing.key, &signing.certificate] {
+        if !ctx.host.is_file(path)? {
+            return Err(StateError::operator(format!(
+                "Secure Boot is on, and driver.signing names {path}, which is not a file in the host; nothing was installed"
+            )));
+        }
+    }
+    Ok(Some((
+        vec![
+            format!("--module-signing-secret-key={}", signing.key),
+            format!("--module-signing-public-key={}", signing.certificate),
+        ],
+        format!(
+            "Secure Boot is on: the modules are signed with {} (its certificate {} must be enrolled in the machine's MOK list, which is the operator's job)",
+            signing.key, signing.certificate
+        ),
+    )))
+}
+
+/// With Secure Boot on, a package install takes the distribution's signed
+/// precompiled modules for the running kernel (`kernelModulePackage`);
+/// without them, nothing is installed.
+fn package_signing(
+    ctx: &StateContext,
+    manager: PackageManager,
+    template: Option<&str>,
+    flavour: flavour::Flavour,
+) -> Result<Option<String>, StateError> {
+    match &ctx.facts.secure_boot {
+        SecureBoot::Enabled => {}
+        SecureBoot::Unreadable(problem) => {
+            return Err(StateError::operator(format!(
+                "cannot tell whether Secure Boot is on ({problem}); nothing was installed"
+            )));
+        }
+        SecureBoot::Disabled | SecureBoot::NotEfi => return Ok(None),
+    }
+    let (Some(template), Some(kernel)) = (template, ctx.facts.kernel.as_deref()) else {
+        return Err(StateError::operator(format!(
+            "Secure Boot is on ({}), and the package's modules would be built on the node, unsigned: the kernel would not load them; nothing was installed. Set driver.install.kernelModulePackage to the distribution's signed precompiled modules (linux-modules-nvidia-550-server-{{kernel}} on Ubuntu)",
+            crate::host::secure_boot::SECURE_BOOT_VARIABLE
+        )));
+    };
+    Ok(Some(
+        flavoured_module_package(manager, template, flavour).replace("{kernel}", kernel),
+    ))
+}
+
+/// Ubuntu's precompiled modules for the flavour: the open build is
+/// `linux-modules-nvidia-550-server-open-{kernel}`.
+pub fn flavoured_module_package(
+    manager: PackageManager,
+    template: &str,
+    flavour: flavour::Flavour,
+) -> String {
+    if manager != PackageManager::Apt {
+        return template.to_string();
+    }
+    let base = template.replace("-open-{kernel}", "-{kernel}");
+    match flavour {
+        flavour::Flavour::Open => base.replace("-{kernel}", "-open-{kernel}"),
+        flavour::Flavour::Proprietary => base,
+    }
 }
 
 fn package_manager(ctx: &StateContext) -> Result<PackageManager, StateError> {

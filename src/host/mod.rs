@@ -26,6 +26,7 @@
 mod command;
 mod files;
 pub mod process;
+pub mod secure_boot;
 pub mod socket;
 
 use std::collections::BTreeMap;
