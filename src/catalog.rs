@@ -390,6 +390,9 @@ mod tests {
             [
                 "detect-gpu",
                 "driver",
+                "fabric-manager",
+                "persistence",
+                "gpudirect-rdma",
                 "container-toolkit",
                 "containerd-runtime",
                 "gpu-health",

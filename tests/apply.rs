@@ -84,11 +84,16 @@ fn apply_converges_site_states_and_publishes_labels_for_nfd() {
          gpuprov.io/detect-gpu=ready\n\
          gpuprov.io/device-plugin=configured\n\
          gpuprov.io/driver=preinstalled\n\
+         gpuprov.io/driver.kernel-module-type=open\n\
+         gpuprov.io/fabric-manager=ready\n\
          gpuprov.io/gpu-clocks-report=configured\n\
          gpuprov.io/gpu-feature-discovery=absent\n\
          gpuprov.io/gpu-health=absent\n\
+         gpuprov.io/gpudirect-rdma=disabled\n\
          gpuprov.io/mig=disabled\n\
+         gpuprov.io/persistence=ready\n\
          gpuprov.io/persistence-mode=configured\n\
+         gpuprov.io/secure-boot=disabled\n\
          gpuprov.io/validator=ready\n\
          nvidia.com/gpu.deploy.driver=pre-installed\n\
          nvidia.com/gpu.present=true\n"
@@ -246,12 +251,12 @@ fn a_failing_state_blocks_its_dependents_and_not_its_siblings() {
         host.path(),
         "spec.yaml",
         r#"states:
-  - name: fabric-manager
+  - name: site-fabric
     after: [driver]
     check: test -S "$GPUPROV_HOST_ROOT/var/run/nvidia-fabricmanager/socket"
     apply: 'echo "no such unit: nvidia-fabricmanager" >&2; exit 5'
   - name: nvlink-check
-    after: [fabric-manager]
+    after: [site-fabric]
     check: "true"
   - name: sibling
     after: [driver]
@@ -262,19 +267,19 @@ fn a_failing_state_blocks_its_dependents_and_not_its_siblings() {
     let (code, report, _) = apply_config(host.path(), &spec);
     assert_eq!(code, 3);
     let steps = steps(&report);
-    assert_eq!(steps["fabric-manager"].1, "failed");
+    assert_eq!(steps["site-fabric"].1, "failed");
     assert!(
-        steps["fabric-manager"]
+        steps["site-fabric"]
             .2
             .contains("exited 5: no such unit: nvidia-fabricmanager"),
         "{}",
-        steps["fabric-manager"].2
+        steps["site-fabric"].2
     );
     assert_eq!(steps["nvlink-check"].1, "blocked");
     assert!(
         steps["nvlink-check"]
             .2
-            .starts_with("fabric-manager is failed")
+            .starts_with("site-fabric is failed")
     );
     assert_eq!(
         steps["sibling"].1, "configured",
@@ -283,7 +288,7 @@ fn a_failing_state_blocks_its_dependents_and_not_its_siblings() {
     assert!(host.path().join("var/lib/sibling").exists());
     let labels = fs::read_to_string(host.path().join(NFD_FILE)).unwrap();
     assert!(
-        labels.contains("gpuprov.io/fabric-manager=failed\n")
+        labels.contains("gpuprov.io/site-fabric=failed\n")
             && labels.contains("gpuprov.io/nvlink-check=blocked\n")
     );
 }
@@ -409,9 +414,14 @@ fn labels_sink_stdout_prints_labels_and_writes_no_feature_file() {
          gpuprov.io/detect-gpu=ready\n\
          gpuprov.io/device-plugin=configured\n\
          gpuprov.io/driver=preinstalled\n\
+         gpuprov.io/driver.kernel-module-type=proprietary\n\
+         gpuprov.io/fabric-manager=disabled\n\
          gpuprov.io/gpu-feature-discovery=absent\n\
          gpuprov.io/gpu-health=absent\n\
+         gpuprov.io/gpudirect-rdma=disabled\n\
          gpuprov.io/mig=disabled\n\
+         gpuprov.io/persistence=ready\n\
+         gpuprov.io/secure-boot=disabled\n\
          gpuprov.io/validator=ready\n\
          nvidia.com/gpu.deploy.driver=pre-installed\n\
          nvidia.com/gpu.present=true\n"
@@ -474,6 +484,9 @@ fn states_dir_overrides_a_builtin_in_place_and_adds_new_states() {
         [
             "detect-gpu",
             "driver",
+            "fabric-manager",
+            "persistence",
+            "gpudirect-rdma",
             "container-toolkit",
             "containerd-runtime",
             "gpu-health",

@@ -26,6 +26,10 @@ pub struct FactsReport {
     /// The container runtime and its layout, as `containerd-runtime`
     /// would find them with the default spec.
     pub runtime: serde_json::Value,
+    /// What a GPU system needs besides the driver: the NVLink fabric,
+    /// Secure Boot, the RDMA NICs and whether nvidia-peermem is loaded,
+    /// and the daemons that run.
+    pub gpu_system: serde_json::Value,
     pub node_labels: BTreeMap<String, String>,
 }
 
@@ -43,7 +47,8 @@ pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> 
     })?;
     let driver = match crate::driver::detect::detect(&host) {
         Ok(Some(driver)) => {
-            serde_json::json!({"loaded": true, "version": driver.version, "openKernelModule": driver.open_kernel_module})
+            let flavour = if driver.open_kernel_module { "open" } else { "proprietary" };
+            serde_json::json!({"loaded": true, "version": driver.version, "openKernelModule": driver.open_kernel_module, "kernelModuleType": flavour})
         }
         Ok(None) => serde_json::json!({"loaded": false}),
         Err(e) => serde_json::json!({"error": crate::state::error_chain(&e)}),
@@ -75,7 +80,17 @@ pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> 
         },
         Err(e) => serde_json::json!({"error": crate::state::error_chain(&e)}),
     };
+    let running = |program: &str| crate::host::process::running(&host, program).unwrap_or_default();
+    let gpu_system = serde_json::json!({
+        "fabric": crate::fabric::fabric_of(&facts).map(|f| f.to_string()),
+        "fabricManagerPids": running(crate::fabric::PROGRAM),
+        "persistencedPids": running(crate::persistence::PROGRAM),
+        "secureBoot": facts.secure_boot,
+        "rdmaNics": crate::peermem::rdma_nics(&facts.pci).iter().map(|n| &n.address).collect::<Vec<_>>(),
+        "peermemLoaded": host.exists(crate::peermem::LOADED).unwrap_or(false),
+    });
     Ok(FactsReport {
+        gpu_system,
         runtime,
         host_root: host.root().display().to_string(),
         os: facts.os,

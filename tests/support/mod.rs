@@ -376,6 +376,7 @@ mkdir -p "$root/lib/modules/$kernel/kernel/drivers/video"
 echo "{version}" > "$root/lib/modules/$kernel/kernel/drivers/video/nvidia.ko"
 grep -qx "kernel/drivers/video/nvidia.ko:" "$root/lib/modules/$kernel/modules.dep" 2>/dev/null || echo "kernel/drivers/video/nvidia.ko:" >> "$root/lib/modules/$kernel/modules.dep"
 [ -n "$only" ] || cp "$root/usr/local/lib/fixture/nvidia-modprobe" "$root/usr/bin/nvidia-modprobe"
+[ -n "$only" ] || [ ! -f "$root/usr/local/lib/fixture/nvidia-persistenced" ] || cp "$root/usr/local/lib/fixture/nvidia-persistenced" "$root/usr/bin/nvidia-persistenced"
 "#
     )
     .into_bytes()
