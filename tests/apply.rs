@@ -276,11 +276,7 @@ fn a_failing_state_blocks_its_dependents_and_not_its_siblings() {
         steps["site-fabric"].2
     );
     assert_eq!(steps["nvlink-check"].1, "blocked");
-    assert!(
-        steps["nvlink-check"]
-            .2
-            .starts_with("site-fabric is failed")
-    );
+    assert!(steps["nvlink-check"].2.starts_with("site-fabric is failed"));
     assert_eq!(
         steps["sibling"].1, "configured",
         "an independent branch still runs"

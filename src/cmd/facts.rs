@@ -47,7 +47,11 @@ pub fn facts_report(args: &crate::cli::FactsArgs) -> Result<FactsReport, Error> 
     })?;
     let driver = match crate::driver::detect::detect(&host) {
         Ok(Some(driver)) => {
-            let flavour = if driver.open_kernel_module { "open" } else { "proprietary" };
+            let flavour = if driver.open_kernel_module {
+                "open"
+            } else {
+                "proprietary"
+            };
             serde_json::json!({"loaded": true, "version": driver.version, "openKernelModule": driver.open_kernel_module, "kernelModuleType": flavour})
         }
         Ok(None) => serde_json::json!({"loaded": false}),

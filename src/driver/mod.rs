@@ -78,7 +78,8 @@ pub const SECURE_BOOT_LABEL: &str = "gpuprov.io/secure-boot";
 
 /// The `driver` capability.
 pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
-    let mut obs = observe_driver(ctx)?;
+    // A failure is reported with the label too: Secure Boot is often why.
+    let mut obs = observe_driver(ctx).unwrap_or_else(|e| Observation::failed(&e));
     obs.labels.insert(
         SECURE_BOOT_LABEL.to_string(),
         ctx.facts.secure_boot.label().to_string(),
@@ -210,6 +211,8 @@ fn observe_loaded(
             obs.labels
                 .insert(DEPLOY_DRIVER_LABEL.to_string(), "pre-installed".to_string());
         }
+        obs.labels
+            .insert(KERNEL_MODULE_TYPE_LABEL.to_string(), kind.to_string());
         let upgrade = std::mem::take(&mut obs.details);
         obs.details = serde_json::to_value(&driver).expect("serializes");
         if let (Some(details), serde_json::Value::Object(more)) =
@@ -495,18 +498,23 @@ fn flavoured_package(manager: PackageManager, package: &str, flavour: flavour::F
     }
 }
 
+/// Whether Secure Boot is on; an unreadable answer installs nothing.
+fn secure_boot_on(ctx: &StateContext) -> Result<bool, StateError> {
+    match &ctx.facts.secure_boot {
+        SecureBoot::Enabled => Ok(true),
+        SecureBoot::Unreadable(problem) => Err(StateError::operator(format!(
+            "cannot tell whether Secure Boot is on ({problem}); nothing was installed"
+        ))),
+        SecureBoot::Disabled | SecureBoot::NotEfi => Ok(false),
+    }
+}
+
 /// With Secure Boot on, the runfile signs what it builds with
 /// `driver.signing`'s key: its flags and a note for the plan. Without a
 /// key, or when Secure Boot cannot be read, nothing is installed.
 fn runfile_signing(ctx: &StateContext) -> Result<Option<(Vec<String>, String)>, StateError> {
-    match &ctx.facts.secure_boot {
-        SecureBoot::Enabled => {}
-        SecureBoot::Unreadable(problem) => {
-            return Err(StateError::operator(format!(
-                "cannot tell whether Secure Boot is on ({problem}); nothing was installed"
-            )));
-        }
-        SecureBoot::Disabled | SecureBoot::NotEfi => return Ok(None),
+    if !secure_boot_on(ctx)? {
+        return Ok(None);
     }
     let Some(signing) = &ctx.spec.driver.signing else {
         return Err(StateError::operator(format!(
@@ -542,14 +550,8 @@ fn package_signing(
     template: Option<&str>,
     flavour: flavour::Flavour,
 ) -> Result<Option<String>, StateError> {
-    match &ctx.facts.secure_boot {
-        SecureBoot::Enabled => {}
-        SecureBoot::Unreadable(problem) => {
-            return Err(StateError::operator(format!(
-                "cannot tell whether Secure Boot is on ({problem}); nothing was installed"
-            )));
-        }
-        SecureBoot::Disabled | SecureBoot::NotEfi => return Ok(None),
+    if !secure_boot_on(ctx)? {
+        return Ok(None);
     }
     let (Some(template), Some(kernel)) = (template, ctx.facts.kernel.as_deref()) else {
         return Err(StateError::operator(format!(

@@ -363,9 +363,11 @@ mkdir -p "$root/var/log"
 echo "$*" >> "$root/var/log/fake-installer.log"
 kernel=$(cat "$root/proc/sys/kernel/osrelease")
 only=
+flavour=
 for arg in "$@"; do
   case "$arg" in
     --kernel-module-only) only=1 ;;
+    --kernel-module-type=open|-m=kernel-open) flavour=" open" ;;
     --kernel-source-path=*)
       # (a link inside the host root points at an absolute host path: -L)
       source="$root${{arg#--kernel-source-path=}}"
@@ -373,7 +375,7 @@ for arg in "$@"; do
   esac
 done
 mkdir -p "$root/lib/modules/$kernel/kernel/drivers/video"
-echo "{version}" > "$root/lib/modules/$kernel/kernel/drivers/video/nvidia.ko"
+echo "{version}$flavour" > "$root/lib/modules/$kernel/kernel/drivers/video/nvidia.ko"
 grep -qx "kernel/drivers/video/nvidia.ko:" "$root/lib/modules/$kernel/modules.dep" 2>/dev/null || echo "kernel/drivers/video/nvidia.ko:" >> "$root/lib/modules/$kernel/modules.dep"
 [ -n "$only" ] || cp "$root/usr/local/lib/fixture/nvidia-modprobe" "$root/usr/bin/nvidia-modprobe"
 [ -n "$only" ] || [ ! -f "$root/usr/local/lib/fixture/nvidia-persistenced" ] || cp "$root/usr/local/lib/fixture/nvidia-persistenced" "$root/usr/bin/nvidia-persistenced"
