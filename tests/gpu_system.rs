@@ -195,6 +195,102 @@ fn a_fabric_manager_of_another_version_fails_naming_both() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("550.54.14"));
 }
 
+/// NVIDIA's fabric manager archive, as `.tar.xz`: one top directory with
+/// `bin/nv-fabricmanager` (the fixture's stand-in at `version`) and its
+/// topology files.
+fn fabric_manager_archive(version: &str) -> Vec<u8> {
+    let program =
+        fs::read_to_string(support::repo().join(
+            "fixtures/hosts/h100x8-nvswitch-no-driver/usr/local/lib/fixture/nv-fabricmanager",
+        ))
+        .unwrap()
+        .replace("__VERSION__", version);
+    let top = format!("fabricmanager-linux-x86_64-{version}-archive");
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, body, mode) in [
+        (
+            format!("{top}/bin/nv-fabricmanager"),
+            program.as_str(),
+            0o755,
+        ),
+        (
+            format!("{top}/share/nvidia/nvswitch/dgxh100_hgxh100_topology"),
+            "topology\n",
+            0o644,
+        ),
+        (
+            format!("{top}/etc/fabricmanager.cfg"),
+            "DAEMONIZE=1\n",
+            0o644,
+        ),
+    ] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(mode);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, path, body.as_bytes())
+            .unwrap();
+    }
+    let tarball = builder.into_inner().unwrap();
+    let mut xz =
+        lzma_rust2::XzWriter::new(Vec::new(), lzma_rust2::XzOptions::with_preset(1)).unwrap();
+    std::io::Write::write_all(&mut xz, &tarball).unwrap();
+    xz.finish().unwrap()
+}
+
+#[test]
+fn the_fabric_manager_archive_installs_through_the_download_cache() {
+    let archive = fabric_manager_archive("550.54.15");
+    let server = ArtifactServer::start();
+    server.route("/fabricmanager.tar.xz", Route::Body(archive.clone()));
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    fs::remove_file(host.path().join("usr/bin/nv-fabricmanager")).unwrap();
+    let spec = write_spec(
+        host.path(),
+        "node.yaml",
+        &format!(
+            "fabricManager:\n  url: {}\n  sha256: {}\n  allowInsecureHttp: true\n",
+            server.url("/fabricmanager.tar.xz"),
+            support::sha256_hex(&archive)
+        ),
+    );
+    let (code, report, stderr) = apply_config(host.path(), &spec);
+    assert_eq!(code, 0, "{stderr}\n{report:#}");
+    let fabric = &steps(&report)["fabric-manager"];
+    assert_eq!(
+        (fabric.0.as_str(), fabric.1.as_str()),
+        ("change", "ready"),
+        "{fabric:?}"
+    );
+    let top = "var/lib/gpuprov/fabric-manager/fabricmanager-linux-x86_64-550.54.15-archive";
+    assert!(host.path().join(top).join("bin/nv-fabricmanager").is_file());
+    let config =
+        fs::read_to_string(host.path().join("var/lib/gpuprov/fabric-manager.cfg")).unwrap();
+    assert!(
+        config.contains(&format!("TOPOLOGY_FILE_PATH=/{top}/share/nvidia/nvswitch")),
+        "{config}"
+    );
+    assert_eq!(
+        log(host.path(), "fake-fabricmanager.log"),
+        "-c /var/lib/gpuprov/fabric-manager.cfg\n"
+    );
+
+    // Installed and running: a second apply downloads and changes nothing.
+    let before = tree(host.path());
+    let (code, report, _) = apply_config(host.path(), &spec);
+    assert_eq!(code, 0);
+    assert_eq!(steps(&report)["fabric-manager"].0, "unchanged");
+    assert_eq!(server.hits("/fabricmanager.tar.xz"), 1);
+    assert_eq!(
+        changed(&before, &tree(host.path())),
+        [
+            Path::new("var/lib/gpuprov").to_path_buf(),
+            Path::new("var/lib/gpuprov/last-run.json").to_path_buf()
+        ]
+    );
+}
+
 #[test]
 fn without_nvswitches_the_fabric_manager_is_disabled() {
     let host = copy_host("a100-preinstalled");
@@ -247,6 +343,33 @@ fn blackwell_gets_open_modules_and_pascal_proprietary() {
             "{record}"
         );
     }
+}
+
+#[test]
+fn an_hgx_blackwell_plan_installs_open_modules_and_starts_the_fabric_through_systemd() {
+    let host = copy_host("b200x8-no-driver");
+    let spec = write_spec(
+        host.path(),
+        "node.yaml",
+        "driver:\n  version: \"570.133.07\"\n  install:\n    method: package\n    package: nvidia-driver-570-server\n    packageVersion: 570.133.07-0ubuntu1\n",
+    );
+    let output = support::run_on("plan", host.path(), &spec);
+    let text = String::from_utf8_lossy(&output.stdout);
+    for wanted in [
+        "with the open kernel modules (8 Blackwell GPUs (0000:18:00.0 and 7 more) need the open modules)",
+        "nvidia-driver-570-server-open=570.133.07-0ubuntu1",
+        "8 HGX Blackwell GPUs; nv-fabricmanager is not installed",
+        "nvidia-fabricmanager-570=570.133.07-1",
+        "run: systemctl enable --now nvidia-fabricmanager",
+    ] {
+        assert!(text.contains(wanted), "{wanted}\n{text}");
+    }
+    // No NVSwitch on the bus, so the GPUs say there is a fabric; without
+    // systemd the subnet manager cannot be started with it.
+    fs::remove_dir_all(host.path().join("run/systemd")).unwrap();
+    let output = support::run_on("plan", host.path(), &spec);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("this host has no systemd"), "{text}");
 }
 
 #[test]

@@ -135,14 +135,26 @@ pub fn gpus(ctx: &crate::state::StateContext) -> Vec<Gpu> {
         .collect()
 }
 
+/// `0000:04:00.0 (Pascal)`, or `8 Blackwell GPUs (0000:18:00.0 and 7
+/// more)`: one entry a generation.
 fn listed(gpus: &[&Gpu]) -> String {
-    gpus.iter()
-        .map(|g| {
-            format!(
-                "{} ({})",
-                g.address,
-                g.architecture.map_or("unknown", Architecture::name)
-            )
+    let mut by_generation: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for gpu in gpus {
+        by_generation
+            .entry(gpu.architecture.map_or("unknown", Architecture::name))
+            .or_default()
+            .push(&gpu.address);
+    }
+    by_generation
+        .iter()
+        .map(|(generation, addresses)| match addresses.as_slice() {
+            [one] => format!("{one} ({generation})"),
+            [first, rest @ ..] => format!(
+                "{} {generation} GPUs ({first} and {} more)",
+                addresses.len(),
+                rest.len()
+            ),
+            [] => String::new(),
         })
         .collect::<Vec<_>>()
         .join(", ")

@@ -86,7 +86,7 @@ pub fn observe_unloaded(
         "the node runs kernel {kernel}, and NVIDIA {} (installed by gpuprov{built_for}) has no module for it",
         record.version
     );
-    let (how, build) = match rebuild(ctx, spec.install.as_ref(), &record.version, kernel)? {
+    let (how, build) = match rebuild(ctx, spec.install.as_ref(), record, kernel)? {
         Ok(found) => found,
         Err(refusal) => {
             let reason = format!("{why}; {refusal}");
@@ -111,15 +111,22 @@ pub fn observe_unloaded(
     Ok(Some(obs))
 }
 
-/// How the modules of `version` are built for `kernel`: what it is called
-/// and its changes; `Err` says what the node lacks.
+/// How the modules of the recorded driver are built for `kernel`, in the
+/// flavour it was installed as: what it is called and its changes; `Err`
+/// says what the node lacks.
 fn rebuild(
     ctx: &StateContext,
     install: Option<&DriverInstall>,
-    version: &str,
+    record: &Record,
     kernel: &str,
 ) -> Result<Result<(String, Vec<Change>), String>, StateError> {
     let host = ctx.host;
+    let version = record.version.as_str();
+    let flavour = match record.kernel_module_type.as_deref() {
+        Some("open") => Some(super::flavour::Flavour::Open),
+        Some("proprietary") => Some(super::flavour::Flavour::Proprietary),
+        _ => None,
+    };
     let needs_headers = || -> Result<Option<String>, StateError> {
         Ok((!host.exists(&headers(kernel))?).then(|| {
             format!(
@@ -162,6 +169,7 @@ fn rebuild(
             let mut argv = vec![artifact.cache_path()];
             argv.extend(RUNFILE_FLAGS.iter().map(|f| f.to_string()));
             argv.push("--kernel-module-only".to_string());
+            argv.extend(flavour.and_then(|f| super::runfile_flavour_flag(f, version)));
             argv.push(format!("--kernel-source-path={}", headers(kernel)));
             argv.extend(args.iter().cloned());
             Ok(Ok((
@@ -179,8 +187,12 @@ fn rebuild(
             kernel_module_package: Some(template),
             ..
         }) => {
-            let package = template.replace("{kernel}", kernel);
             let manager = super::package_manager(ctx)?;
+            let package = match flavour {
+                Some(flavour) => super::flavoured_module_package(manager, template, flavour),
+                None => template.clone(),
+            }
+            .replace("{kernel}", kernel);
             Ok(Ok((
                 format!("the package {package}"),
                 vec![run(&package_install(manager, &package))],

@@ -13,17 +13,22 @@ pub fn start(
     direct: Vec<String>,
 ) -> Result<Change, StateError> {
     if process::systemd_runs(host)? && process::unit_file(host, unit)?.is_some() {
-        return Ok(Change::Run {
-            argv: ["systemctl", "enable", "--now", unit]
-                .map(str::to_string)
-                .to_vec(),
-            display: format!("systemctl enable --now {unit}"),
-        });
+        return Ok(systemctl_start(unit));
     }
     Ok(Change::Run {
         display: direct.join(" "),
         argv: direct,
     })
+}
+
+/// `systemctl enable --now <unit>`: started now and at every boot.
+pub fn systemctl_start(unit: &str) -> Change {
+    Change::Run {
+        argv: ["systemctl", "enable", "--now", unit]
+            .map(str::to_string)
+            .to_vec(),
+        display: format!("systemctl enable --now {unit}"),
+    }
 }
 
 /// The driver version a program prints for `--version` (`Fabric Manager

@@ -259,6 +259,13 @@ fn install(
                     .map(str::to_string)
                     .collect(),
             });
+            // The package brings its systemd unit: where systemd runs the
+            // host, the unit starts it (on HGX Blackwell, with the NVLink
+            // subnet manager).
+            if process::systemd_runs(ctx.host)? {
+                obs.changes.push(service::systemctl_start(SERVICE));
+                return Ok(obs);
+            }
             Installed {
                 binary: format!("/usr/bin/{PROGRAM}"),
                 config: PACKAGE_CONFIG.to_string(),
