@@ -500,3 +500,62 @@ fn peermem_loads_only_with_an_rdma_nic() {
     let (_, report, _) = apply_config(host.path(), &spec);
     assert_eq!(steps(&report)["gpudirect-rdma"].1, "disabled");
 }
+
+#[test]
+fn facts_show_the_fabric_secure_boot_and_the_rdma_nics() {
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let nvml = hgx_nvml(host.path());
+    secure_boot(host.path(), true);
+    let facts = |format: &str| {
+        let output = support::gpuprov()
+            .env("GPUPROV_FAKE_NVML", &nvml)
+            .args(["facts", "--output", format, "--nvml-lib"])
+            .arg(support::fake_nvml_library())
+            .arg("--host-root")
+            .arg(host.path())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&facts("json")).unwrap();
+    assert_eq!(json["gpuSystem"]["fabric"], "4 NVSwitches on the PCI bus");
+    assert_eq!(json["gpuSystem"]["secureBoot"]["state"], "enabled");
+    assert_eq!(json["driver"]["kernelModuleType"], "open");
+    assert_eq!(
+        json["nvml"]["devices"][0]["fabricState"]["state"],
+        "not-started"
+    );
+    let text = facts("text");
+    assert!(
+        text.contains("GPU system: 4 NVSwitches on the PCI bus, fabric manager not running; nvidia-persistenced running (pid 1200); Secure Boot enabled; 0 RDMA NIC(s)"),
+        "{text}"
+    );
+    assert!(text.contains("fabric not-started"), "{text}");
+
+    // Once the fabric manager has brought the fabric up.
+    fs::create_dir_all(host.path().join("run/nvidia-fabricmanager")).unwrap();
+    fs::write(host.path().join("run/nvidia-fabricmanager/fabric-up"), "").unwrap();
+    let json: serde_json::Value = serde_json::from_str(&facts("json")).unwrap();
+    assert_eq!(
+        json["nvml"]["devices"][7]["fabricState"]["state"],
+        "completed"
+    );
+
+    let azure = copy_host("azure-nd-a100-hyperv");
+    let output = support::gpuprov()
+        .args(["facts", "--output", "json", "--host-root"])
+        .arg(azure.path())
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        json["gpuSystem"]["rdmaNics"],
+        serde_json::json!(["0101:00:00.0", "30c3:00:02.0"])
+    );
+    assert_eq!(json["gpuSystem"]["secureBoot"]["state"], "not-efi");
+}

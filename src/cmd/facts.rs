@@ -115,6 +115,43 @@ pub fn run_facts(args: &crate::cli::FactsArgs) -> Result<i32, Error> {
     Ok(exit::OK)
 }
 
+/// One line: the fabric and its manager, persistence, Secure Boot, RDMA.
+fn gpu_system_text(system: &serde_json::Value) -> String {
+    let pids = |key: &str| match system[key].as_array() {
+        Some(pids) if !pids.is_empty() => format!(
+            "running (pid {})",
+            pids.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => "not running".to_string(),
+    };
+    let fabric = match system["fabric"].as_str() {
+        Some(fabric) => format!("{fabric}, fabric manager {}", pids("fabricManagerPids")),
+        None => "no NVLink fabric".to_string(),
+    };
+    let secure_boot = match system["secureBoot"]["state"].as_str() {
+        Some("unreadable") => format!(
+            "unknown ({})",
+            system["secureBoot"]["problem"].as_str().unwrap_or("")
+        ),
+        Some("not-efi") => "off (a BIOS boot, no EFI)".to_string(),
+        Some(state) => state.to_string(),
+        None => "unknown".to_string(),
+    };
+    let nics = system["rdmaNics"].as_array().map_or(0, Vec::len);
+    let peermem = if system["peermemLoaded"].as_bool() == Some(true) {
+        "loaded"
+    } else {
+        "not loaded"
+    };
+    format!(
+        "GPU system: {fabric}; nvidia-persistenced {}; Secure Boot {secure_boot}; {nics} RDMA NIC(s), nvidia-peermem {peermem}\n",
+        pids("persistencedPids")
+    )
+}
+
 fn facts_text(report: &FactsReport) -> String {
     let mut out = format!("host: {}", report.host_root);
     let about: Vec<String> = report
@@ -150,7 +187,12 @@ fn facts_text(report: &FactsReport) -> String {
         report.driver["loaded"].as_bool(),
         report.driver["version"].as_str(),
     ) {
-        (Some(true), Some(version)) => format!("driver: NVIDIA {version} loaded\n"),
+        (Some(true), Some(version)) => format!(
+            "driver: NVIDIA {version} loaded ({} kernel modules)\n",
+            report.driver["kernelModuleType"]
+                .as_str()
+                .unwrap_or("unknown")
+        ),
         (Some(false), _) => "driver: no NVIDIA kernel driver loaded\n".to_string(),
         _ => format!(
             "driver: {}\n",
@@ -177,8 +219,12 @@ fn facts_text(report: &FactsReport) -> String {
                     (Some(true), _) => "MIG off",
                     _ => "no MIG",
                 };
+                let fabric = match d["fabricState"]["state"].as_str() {
+                    Some(state) => format!("  fabric {state}"),
+                    None => String::new(),
+                };
                 out.push_str(&format!(
-                    "  {}  {}  {}  {}  {} MiB  compute {}.{}  {mig}  persistence {}\n",
+                    "  {}  {}  {}  {}  {} MiB  compute {}.{}  {mig}  persistence {}{fabric}\n",
                     d["index"],
                     d["name"].as_str().unwrap_or(""),
                     d["uuid"].as_str().unwrap_or(""),
@@ -195,6 +241,7 @@ fn facts_text(report: &FactsReport) -> String {
             }
         }
     }
+    out.push_str(&gpu_system_text(&report.gpu_system));
     if !report.node_labels.is_empty() {
         out.push_str("node labels:\n");
         for (k, v) in &report.node_labels {

@@ -115,13 +115,22 @@ fn archive_binary(host: &Host) -> Result<Option<String>, StateError> {
 
 /// The `fabric-manager` capability.
 pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
+    let passed_through = ctx.facts.gpus().count() > 0
+        && ctx
+            .facts
+            .gpus()
+            .all(|g| g.driver.as_deref() == Some("vfio-pci"));
+    if passed_through {
+        return Ok(Observation::new(
+            Outcome::Disabled,
+            "every GPU is bound to vfio-pci for virtual machines: their fabric is managed where they run",
+        ));
+    }
     let Some(fabric) = fabric_of(ctx.facts) else {
-        let mut obs = Observation::new(
+        return Ok(Observation::new(
             Outcome::Disabled,
             "no NVSwitch on the PCI bus and no HGX Blackwell GPU: no NVLink fabric to manage",
-        );
-        obs.gate = Some(crate::state::Gate::Pass);
-        return Ok(obs);
+        ));
     };
     let loaded = crate::driver::detect::detect(ctx.host)
         .map_err(|e| StateError::operator(error_chain(&e)))?;

@@ -35,9 +35,18 @@ impl SecureBoot {
     }
 }
 
-/// Reads the host's Secure Boot state; a variable that is not what the
-/// firmware writes is `Unreadable`, naming the file, never a guess.
-pub fn detect(host: &Host) -> Result<SecureBoot, HostError> {
+/// Reads the host's Secure Boot state. A variable that is not what the
+/// firmware writes, or that cannot be read (a FIFO planted there), is
+/// `Unreadable`, naming the file and why, never a guess and never a
+/// failure of the whole run: only a driver install needs the answer.
+pub fn detect(host: &Host) -> SecureBoot {
+    match read(host) {
+        Ok(state) => state,
+        Err(e) => SecureBoot::Unreadable(crate::error_chain::error_chain(&e)),
+    }
+}
+
+fn read(host: &Host) -> Result<SecureBoot, HostError> {
     if !host.stat(EFI_DIR)?.is_some_and(|info| info.directory) {
         return Ok(SecureBoot::NotEfi);
     }
