@@ -559,3 +559,92 @@ fn facts_show_the_fabric_secure_boot_and_the_rdma_nics() {
     );
     assert_eq!(json["gpuSystem"]["secureBoot"]["state"], "not-efi");
 }
+
+#[test]
+fn persistence_starts_the_daemon_or_sets_the_mode_and_can_be_left_alone() {
+    // The daemon installed but not running: started, once.
+    let host = copy_host("a100-preinstalled");
+    fs::remove_dir_all(host.path().join("proc/1200")).unwrap();
+    let spec = write_spec(host.path(), "node.yaml", "{}\n");
+    let (_, report, _) = apply_config(host.path(), &spec);
+    let persistence = &steps(&report)["persistence"];
+    assert_eq!(
+        (persistence.0.as_str(), persistence.1.as_str()),
+        ("change", "ready"),
+        "{persistence:?}"
+    );
+    assert_eq!(
+        log(host.path(), "fake-persistenced.log"),
+        "--persistence-mode\n"
+    );
+    let (_, report, _) = apply_config(host.path(), &spec);
+    assert_eq!(steps(&report)["persistence"].0, "unchanged");
+
+    // No daemon in the host: the driver's persistence mode, through nvidia-smi.
+    let host = copy_host("a100-preinstalled");
+    fs::remove_dir_all(host.path().join("proc/1200")).unwrap();
+    fs::remove_file(host.path().join("usr/bin/nvidia-persistenced")).unwrap();
+    let (_, report, _) = apply_config(host.path(), &spec);
+    let persistence = &steps(&report)["persistence"];
+    assert_eq!(
+        (persistence.0.as_str(), persistence.1.as_str()),
+        ("change", "ready"),
+        "{persistence:?}"
+    );
+    assert!(
+        persistence
+            .2
+            .contains("persistence mode is on for every GPU"),
+        "{}",
+        persistence.2
+    );
+    assert_eq!(
+        fs::read_to_string(host.path().join("var/lib/fake-nvidia/persistence")).unwrap(),
+        "Enabled\n"
+    );
+    let (_, report, _) = apply_config(host.path(), &spec);
+    assert_eq!(steps(&report)["persistence"].0, "unchanged");
+
+    // persistence.enabled: false leaves it to the node.
+    let host = copy_host("a100-preinstalled");
+    fs::remove_dir_all(host.path().join("proc/1200")).unwrap();
+    let off = write_spec(host.path(), "node.yaml", "persistence:\n  enabled: false\n");
+    let (_, report, _) = apply_config(host.path(), &off);
+    assert_eq!(steps(&report)["persistence"].1, "disabled");
+    assert!(!host.path().join("var/log/fake-persistenced.log").exists());
+}
+
+#[test]
+fn secure_boot_with_packages_takes_the_signed_precompiled_modules_first() {
+    let package = |extra: &str| {
+        format!(
+            "driver:\n  version: \"550.54.15\"\n  install:\n    method: package\n    package: nvidia-driver\n    packageVersion: 550.54.15-0ubuntu1\n{extra}"
+        )
+    };
+    let host = copy_host("t4-no-driver");
+    secure_boot(host.path(), true);
+    let spec = write_spec(
+        host.path(),
+        "node.yaml",
+        &package("    kernelModulePackage: linux-modules-nvidia-550-server-{kernel}\n"),
+    );
+    let (_, report, stderr) = apply_config(host.path(), &spec);
+    let driver = &steps(&report)["driver"];
+    assert_eq!(driver.1, "installed", "{driver:?}\n{stderr}");
+    let apt = log(host.path(), "fake-apt-get.log");
+    let signed = apt
+        .find("linux-modules-nvidia-550-server-5.15.0-1057-gcp")
+        .expect(&apt);
+    let driver_package = apt.find("nvidia-driver=550.54.15-0ubuntu1").expect(&apt);
+    assert!(signed < driver_package, "the signed modules first:\n{apt}");
+
+    // Without the distribution's signed modules: nothing is installed.
+    let host = copy_host("t4-no-driver");
+    secure_boot(host.path(), true);
+    let spec = write_spec(host.path(), "node.yaml", &package(""));
+    let (code, report, _) = apply_config(host.path(), &spec);
+    assert_ne!(code, 0);
+    let driver = &steps(&report)["driver"];
+    assert!(driver.2.contains("kernelModulePackage"), "{}", driver.2);
+    assert!(!log(host.path(), "fake-apt-get.log").contains("nvidia-driver"));
+}
