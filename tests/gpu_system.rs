@@ -59,10 +59,7 @@ fn apply_with_nvml(
         .args(more)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    let report = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("no JSON report ({e}); stderr:\n{stderr}"));
-    (output.status.code().unwrap(), report, stderr)
+    support::json_report(&output)
 }
 
 /// Since `before`, nothing changed on the node but the run's own record.

@@ -195,13 +195,26 @@ fn rebuild(
             .replace("{kernel}", kernel);
             Ok(Ok((
                 format!("the package {package}"),
-                vec![run(&package_install(manager, &package))],
+                vec![install_package(manager, &package)],
             )))
         }
         Some(DriverInstall::Package { .. }) => Ok(Err(format!(
             "DKMS has no nvidia/{version} to build it with ({DKMS_TREE}/{version}); set driver.install.kernelModulePackage to the package with the modules for a kernel (`linux-modules-nvidia-550-server-{{kernel}}` on Ubuntu)"
         ))),
     }
+}
+
+/// `package` pinned to `version` in the manager's own syntax.
+pub fn pinned(manager: PackageManager, package: &str, version: &str) -> String {
+    match manager {
+        PackageManager::Apt | PackageManager::Zypper => format!("{package}={version}"),
+        PackageManager::Dnf | PackageManager::Yum => format!("{package}-{version}"),
+    }
+}
+
+/// The change that installs `package` (pinned or not), unattended.
+pub fn install_package(manager: PackageManager, package: &str) -> Change {
+    run(&package_install(manager, package))
 }
 
 /// The package manager's unattended install of `package` (pinned or not).

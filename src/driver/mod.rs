@@ -154,29 +154,42 @@ fn not_loaded(ctx: &StateContext) -> Result<Observation, StateError> {
     }
 }
 
+/// A loaded driver, labelled with its kernel module flavour whatever
+/// else is decided about it.
 fn observe_loaded(
     ctx: &StateContext,
     driver: detect::LoadedDriver,
     record: Option<Record>,
 ) -> Result<Observation, StateError> {
-    let spec = &ctx.spec.driver;
-    let loaded_flavour = if driver.open_kernel_module {
+    let kind = if driver.open_kernel_module {
         flavour::Flavour::Open
     } else {
         flavour::Flavour::Proprietary
     };
+    let mut obs = observe_loaded_driver(ctx, driver, record, kind)?;
+    obs.labels.insert(
+        KERNEL_MODULE_TYPE_LABEL.to_string(),
+        kind.as_str().to_string(),
+    );
+    Ok(obs)
+}
+
+fn observe_loaded_driver(
+    ctx: &StateContext,
+    driver: detect::LoadedDriver,
+    record: Option<Record>,
+    loaded_flavour: flavour::Flavour,
+) -> Result<Observation, StateError> {
+    let spec = &ctx.spec.driver;
     let kind = loaded_flavour.as_str();
     if let Some(why) = flavour::cannot_drive(loaded_flavour, &flavour::gpus(ctx)) {
-        let mut obs = Observation::new(
+        return Ok(Observation::new(
             Outcome::Failed,
             format!(
                 "NVIDIA {} is loaded, but {why}: install the driver with driver.kernelModuleType set for these GPUs",
                 driver.version
             ),
-        );
-        obs.labels
-            .insert(KERNEL_MODULE_TYPE_LABEL.to_string(), kind.to_string());
-        return Ok(obs);
+        ));
     }
     let ours = record.as_ref().is_some_and(|r| r.version == driver.version);
     if let Some(record) = &record
@@ -211,8 +224,6 @@ fn observe_loaded(
             obs.labels
                 .insert(DEPLOY_DRIVER_LABEL.to_string(), "pre-installed".to_string());
         }
-        obs.labels
-            .insert(KERNEL_MODULE_TYPE_LABEL.to_string(), kind.to_string());
         let upgrade = std::mem::take(&mut obs.details);
         obs.details = serde_json::to_value(&driver).expect("serializes");
         if let (Some(details), serde_json::Value::Object(more)) =
@@ -277,8 +288,6 @@ fn observe_loaded(
         obs.labels
             .insert(DEPLOY_DRIVER_LABEL.to_string(), "pre-installed".to_string());
     }
-    obs.labels
-        .insert(KERNEL_MODULE_TYPE_LABEL.to_string(), kind.to_string());
     obs.details = serde_json::to_value(&driver).expect("serializes");
     Ok(obs)
 }
@@ -433,15 +442,10 @@ fn install_changes(
                 how.push_str(&format!(
                     "; Secure Boot is on: the distribution's signed modules, {signed}"
                 ));
-                install_steps.push(run(&kernel::package_install(manager, &signed)));
+                install_steps.push(kernel::install_package(manager, &signed));
             }
-            let pinned = match manager {
-                PackageManager::Dnf | PackageManager::Yum => format!("{package}-{package_version}"),
-                PackageManager::Apt | PackageManager::Zypper => {
-                    format!("{package}={package_version}")
-                }
-            };
-            install_steps.push(run(&kernel::package_install(manager, &pinned)));
+            let pinned = kernel::pinned(manager, &package, package_version);
+            install_steps.push(kernel::install_package(manager, &pinned));
             ("package", pinned.clone())
         }
     };

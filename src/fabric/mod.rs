@@ -13,11 +13,11 @@
 
 use std::time::Duration;
 
-use crate::driver::service;
+use crate::driver::{kernel, service};
 use crate::gpu::nvml::FabricState;
 use crate::gpu::pci::NvidiaFunction;
 use crate::host::{Host, process};
-use crate::spec::{FabricManagerInstall, PackageManager};
+use crate::spec::FabricManagerInstall;
 use crate::state::{
     Change, ErrorKind, LookAgain, Observation, Outcome, StateContext, StateError, error_chain,
 };
@@ -241,7 +241,7 @@ fn install(
             Outcome::Failed,
             format!(
                 "{fabric}; {why}. gpuprov installs it at the driver's version from fabricManager.package (CUDA's nvidia-fabricmanager-{branch}={driver}-1) or fabricManager.url and sha256 (NVIDIA's fabricmanager archive), or install it yourself",
-                branch = branch(driver)
+                branch = crate::driver::flavour::branch(driver)
             ),
         ));
     };
@@ -256,18 +256,10 @@ fn install(
                         ctx.facts.os_ids.join(" ")
                     ))
                 })?;
-            let fill = |t: &str| {
-                t.replace("{branch}", branch(driver))
-                    .replace("{version}", driver)
-            };
-            let pinned = pin(manager, &fill(package), &fill(version));
-            obs.changes.push(Change::Run {
-                display: crate::driver::kernel::package_install(manager, &pinned).join(" "),
-                argv: crate::driver::kernel::package_install(manager, &pinned)
-                    .into_iter()
-                    .map(str::to_string)
-                    .collect(),
-            });
+            let branch = crate::driver::flavour::branch(driver).to_string();
+            let fill = |t: &str| t.replace("{branch}", &branch).replace("{version}", driver);
+            let pinned = kernel::pinned(manager, &fill(package), &fill(version));
+            obs.changes.push(kernel::install_package(manager, &pinned));
             // The package brings its systemd unit: where systemd runs the
             // host, the unit starts it (on HGX Blackwell, with the NVLink
             // subnet manager).
@@ -315,19 +307,6 @@ fn install(
     };
     obs.changes.push(start(ctx.host, &installed)?);
     Ok(obs)
-}
-
-/// The package pinned in the manager's own syntax.
-fn pin(manager: PackageManager, package: &str, version: &str) -> String {
-    match manager {
-        PackageManager::Apt | PackageManager::Zypper => format!("{package}={version}"),
-        PackageManager::Dnf | PackageManager::Yum => format!("{package}-{version}"),
-    }
-}
-
-/// `550` of `550.54.15`.
-fn branch(driver: &str) -> &str {
-    driver.split('.').next().unwrap_or(driver)
 }
 
 /// NVIDIA's name for the machine in archive names.
@@ -448,11 +427,12 @@ fn verify(ctx: &StateContext, fabric: Fabric, version: &str) -> Observation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::PackageManager;
 
     #[test]
     fn packages_are_pinned_in_each_managers_syntax() {
         assert_eq!(
-            pin(
+            kernel::pinned(
                 PackageManager::Apt,
                 "nvidia-fabricmanager-550",
                 "550.54.15-1"
@@ -460,9 +440,12 @@ mod tests {
             "nvidia-fabricmanager-550=550.54.15-1"
         );
         assert_eq!(
-            pin(PackageManager::Dnf, "nvidia-fabric-manager", "550.54.15-1"),
+            kernel::pinned(PackageManager::Dnf, "nvidia-fabric-manager", "550.54.15-1"),
             "nvidia-fabric-manager-550.54.15-1"
         );
-        assert_eq!(branch("570.133.07"), "570");
+        assert_eq!(
+            crate::driver::flavour::branch("570.133.07").to_string(),
+            "570"
+        );
     }
 }

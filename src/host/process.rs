@@ -8,16 +8,14 @@
 
 use super::{Host, HostError};
 
-/// The most processes looked at in one scan: far above any node's.
-const PROCESSES_CAP: usize = 1 << 20;
-
 /// The pids whose command line starts with `program` (its file name, at
 /// any path: `nv-fabricmanager`, `/usr/bin/nv-fabricmanager`). A process
 /// that ends while it is read, or whose command line cannot be read, is
-/// not counted: it is not identified.
+/// not counted: it is not identified. The listing and each read are
+/// capped by `Host` (`DIR_ENTRIES_CAP`, `KERNEL_FILE_CAP`).
 pub fn running(host: &Host, program: &str) -> Result<Vec<u32>, HostError> {
     let mut pids = Vec::new();
-    for entry in host.list_dir("/proc")?.into_iter().take(PROCESSES_CAP) {
+    for entry in host.list_dir("/proc")? {
         let Ok(pid) = entry.parse::<u32>() else {
             continue;
         };

@@ -179,6 +179,11 @@ pub fn apply_json(host: &Path, extra: &[&str]) -> (i32, serde_json::Value, Strin
         .args(extra)
         .output()
         .unwrap();
+    json_report(&output)
+}
+
+/// An `apply --output json` run's exit code, report and stderr.
+pub fn json_report(output: &std::process::Output) -> (i32, serde_json::Value, String) {
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let report = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("apply printed no JSON report ({e}); stderr:\n{stderr}"));
