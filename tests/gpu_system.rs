@@ -647,3 +647,33 @@ fn secure_boot_with_packages_takes_the_signed_precompiled_modules_first() {
     assert!(driver.2.contains("kernelModulePackage"), "{}", driver.2);
     assert!(!log(host.path(), "fake-apt-get.log").contains("nvidia-driver"));
 }
+
+#[test]
+fn a_loaded_flavour_that_cannot_drive_a_gpu_fails_with_the_reason() {
+    // NVIDIA's open modules loaded on a node with a Pascal card.
+    let host = copy_host("p100-no-driver");
+    fs::create_dir_all(host.path().join("sys/module/nvidia")).unwrap();
+    fs::write(host.path().join("sys/module/nvidia/refcnt"), "1\n").unwrap();
+    fs::create_dir_all(host.path().join("proc/driver/nvidia")).unwrap();
+    fs::write(
+        host.path().join("proc/driver/nvidia/version"),
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.133.07  Release Build\n",
+    )
+    .unwrap();
+    let spec = write_spec(host.path(), "node.yaml", "{}\n");
+    let (code, report, _) = apply_config(host.path(), &spec);
+    assert_ne!(code, 0);
+    let driver = &steps(&report)["driver"];
+    assert_eq!(driver.1, "failed");
+    assert!(
+        driver.2.contains(
+            "the open kernel modules are loaded, but 0000:00:04.0 (Pascal) need the proprietary ones"
+        ),
+        "{}",
+        driver.2
+    );
+    assert_eq!(
+        step_label(&report, "driver", "gpuprov.io/driver.kernel-module-type"),
+        "open"
+    );
+}
