@@ -64,6 +64,9 @@ pub struct Facts {
     pub node_gpu_ready: Option<crate::kube::node_status::Condition>,
     #[serde(skip)]
     pub node_taints: Vec<k8s_openapi::api::core::v1::Taint>,
+    /// The Node's UID (known with an API server).
+    #[serde(skip)]
+    pub node_uid: Option<String>,
     /// `PRETTY_NAME` from `/etc/os-release`, if there is one.
     pub os: Option<String>,
     /// `ID` then each of `ID_LIKE` from `/etc/os-release` (`ubuntu`, `debian`).
@@ -165,6 +168,7 @@ impl Facts {
             node_allocatable: from.node.allocatable,
             node_gpu_ready: from.node.gpu_ready,
             node_taints: from.node.taints,
+            node_uid: from.node.uid,
             os,
             os_ids,
             kernel,

@@ -26,6 +26,7 @@ pub mod daemon;
 pub mod diagnostic;
 pub mod digest;
 pub mod download;
+pub mod dra;
 pub mod driver;
 pub mod error_chain;
 pub mod exec;

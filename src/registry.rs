@@ -8,11 +8,11 @@
 use crate::catalog::CapabilityId;
 use crate::operands::Operand;
 use crate::report::RevertReport;
-use crate::spec::ExporterMode;
+use crate::spec::{ExporterMode, PluginMode};
 use crate::state::{Change, Observation, RevertContext, StateContext, StateError};
 use crate::{
-    cdi, containerd, driver, exec, fabric, gpu, mig, operands, peermem, persistence, telemetry,
-    toolkit,
+    cdi, containerd, dra, driver, exec, fabric, gpu, mig, operands, peermem, persistence,
+    telemetry, toolkit,
 };
 
 type Observe = fn(&StateContext) -> Result<Observation, StateError>;
@@ -55,7 +55,7 @@ static CAPABILITIES: &[(&str, Capability)] = &[
         "device-plugin",
         Capability::observing(observe_device_plugin)
             .withdrawing(withdraw_device_plugin)
-            .reverting(operands::revert),
+            .reverting(revert_device_plugin),
     ),
     (
         "dcgm-exporter",
@@ -138,12 +138,35 @@ fn detect_gpu(ctx: &StateContext) -> Result<Observation, StateError> {
     Ok(gpu::observe(ctx))
 }
 
+/// NVIDIA's device plugin, or gpuprov's DRA plugin: whichever runs, the
+/// other's traces go.
 fn observe_device_plugin(ctx: &StateContext) -> Result<Observation, StateError> {
-    operands::observe(ctx, Operand::DevicePlugin)
+    match ctx.spec.device_plugin_mode {
+        PluginMode::Operand => {
+            let mut obs = operands::observe(ctx, Operand::DevicePlugin)?;
+            let withdrawn = dra::withdraw(ctx)?;
+            if !withdrawn.is_empty() && obs.changes.is_empty() {
+                obs.on_change = obs.outcome;
+            }
+            obs.changes.extend(withdrawn);
+            Ok(obs)
+        }
+        PluginMode::Dra => dra::observe(ctx),
+    }
 }
 
 fn withdraw_device_plugin(ctx: &StateContext) -> Result<Vec<Change>, StateError> {
-    operands::withdraw(ctx, Operand::DevicePlugin)
+    let mut changes = operands::withdraw(ctx, Operand::DevicePlugin)?;
+    changes.extend(dra::withdraw(ctx)?);
+    Ok(changes)
+}
+
+fn revert_device_plugin(
+    ctx: &crate::state::RevertContext,
+    report: &mut RevertReport,
+) -> Result<(), StateError> {
+    operands::revert(ctx, report)?;
+    dra::revert(ctx, report)
 }
 
 fn observe_dcgm_exporter(ctx: &StateContext) -> Result<Observation, StateError> {

@@ -259,13 +259,53 @@ pub fn management_spec(
 
 /// The file's text: gpuprov's header, then the document as YAML.
 pub fn render(document: &Document) -> Result<String, String> {
+    render_with(HEADER, document)
+}
+
+/// The file's text under another header (a DRA claim's spec).
+pub fn render_with(header: &str, document: &Document) -> Result<String, String> {
     let yaml = serde_saphyr::to_string(document).map_err(|e| {
         format!(
             "the CDI spec {} cannot be written as YAML: {e}",
             document.kind
         )
     })?;
-    Ok(format!("{HEADER}{yaml}"))
+    Ok(format!("{header}{yaml}"))
+}
+
+/// The devices one DRA claim was allocated, each by the name the claim's
+/// containers ask for (`<claim uid>-<device>`), with the driver's files and
+/// hooks every NVIDIA container gets.
+pub fn claim_spec(
+    kind: &str,
+    devices: Vec<Device>,
+    files: &DriverFiles,
+    hook_binary: &str,
+) -> Document {
+    Document {
+        cdi_version: CDI_VERSION.to_string(),
+        kind: kind.to_string(),
+        devices,
+        container_edits: common_edits(files, hook_binary),
+    }
+}
+
+/// A whole GPU's own edit: its device node.
+pub fn gpu_edits(minor: u32) -> Edits {
+    Edits {
+        device_nodes: vec![node(&format!("/dev/nvidia{minor}"))],
+        ..Edits::default()
+    }
+}
+
+/// A MIG device's own edits: its GPU's node and its two capability nodes.
+pub fn mig_edits(minor: u32, caps: &[String; 2]) -> Edits {
+    let mut nodes = vec![node(&format!("/dev/nvidia{minor}"))];
+    nodes.extend(caps.iter().map(|c| node(c)));
+    Edits {
+        device_nodes: nodes,
+        ..Edits::default()
+    }
 }
 
 /// Whether a file at a spec's path is one gpuprov wrote.

@@ -229,20 +229,8 @@ fn gpus(
         });
     }
     let mut mig_control = Vec::new();
-    // MIG devices are read afresh (a second NVML session) only where there
-    // can be some: MIG on when the run began, or a layout asked for that
-    // the `mig` state may just have applied.
-    let layout_asked = ctx.facts.node_labels.contains_key(crate::mig::CONFIG_LABEL)
-        || ctx.spec.mig.default.is_some();
-    let mig_seen = inventory
-        .devices
-        .iter()
-        .any(|d| d.mig_enabled || d.mig_pending);
-    if inventory.devices.iter().any(|d| d.mig_capable) && (mig_seen || layout_asked) {
-        let library = crate::gpu::nvml::find_library(ctx.host, ctx.facts.nvml_lib.as_deref())
-            .map_err(|p| StateError::operator(format!("MIG devices cannot be read: {p}")))?;
-        let migs = crate::mig::nvml::read(&library)
-            .map_err(|p| StateError::operator(format!("MIG devices cannot be read: {p}")))?;
+    let migs = mig_devices(ctx, inventory)?;
+    {
         let with_mig: Vec<_> = migs
             .iter()
             .filter(|m| m.current && m.instances.iter().any(|gi| !gi.compute.is_empty()))
@@ -286,6 +274,61 @@ fn gpus(
     } else {
         Ok(Err(driver_files::Missing(missing)))
     }
+}
+
+/// Each GPU's MIG side, read afresh (a second NVML session: the `mig`
+/// state may have just changed the layout) where there can be MIG
+/// devices: MIG on when the run began, or a layout asked for that the
+/// `mig` state may just have applied. Empty elsewhere.
+pub fn mig_devices(
+    ctx: &StateContext,
+    inventory: &crate::gpu::nvml::Inventory,
+) -> Result<Vec<crate::mig::nvml::GpuMig>, StateError> {
+    let layout_asked = ctx.facts.node_labels.contains_key(crate::mig::CONFIG_LABEL)
+        || ctx.spec.mig.default.is_some();
+    let mig_seen = inventory
+        .devices
+        .iter()
+        .any(|d| d.mig_enabled || d.mig_pending);
+    if !inventory.devices.iter().any(|d| d.mig_capable) || !(mig_seen || layout_asked) {
+        return Ok(Vec::new());
+    }
+    let library = crate::gpu::nvml::find_library(ctx.host, ctx.facts.nvml_lib.as_deref())
+        .map_err(|p| StateError::operator(format!("MIG devices cannot be read: {p}")))?;
+    crate::mig::nvml::read(&library)
+        .map_err(|p| StateError::operator(format!("MIG devices cannot be read: {p}")))
+}
+
+/// The capability nodes of the MIG device in GPU instance `gi`, compute
+/// instance `ci` of the GPU whose node is `/dev/nvidia<minor>`; what is
+/// missing is said.
+pub fn mig_caps(
+    host: &Host,
+    minor: u32,
+    gi: u32,
+    ci: u32,
+) -> Result<Result<[String; 2], driver_files::Missing>, HostError> {
+    let table = host.read(MIG_MINORS)?.unwrap_or_default();
+    let minors = parse_mig_minors(&table);
+    let mut missing = Vec::new();
+    let caps = [
+        cap_node(
+            host,
+            &minors,
+            &format!("gpu{minor}/gi{gi}/access"),
+            &mut missing,
+        )?,
+        cap_node(
+            host,
+            &minors,
+            &format!("gpu{minor}/gi{gi}/ci{ci}/access"),
+            &mut missing,
+        )?,
+    ];
+    Ok(match caps {
+        [Some(gi_cap), Some(ci_cap)] => Ok([gi_cap, ci_cap]),
+        _ => Err(driver_files::Missing(missing)),
+    })
 }
 
 /// `/proc/driver/nvidia-caps/mig-minors`: `<capability> <minor>` a line.

@@ -29,6 +29,9 @@ enum Trigger {
     ConfigChanged,
     /// The driver reported a critical GPU error.
     GpuError,
+    /// The kubelet registered the DRA plugin (again): it may have deleted
+    /// the node's slices meanwhile.
+    PluginRegistered,
 }
 
 /// What `gpuprov run` is given (its flags, converted).
@@ -98,16 +101,24 @@ pub fn run(args: &DaemonOptions) -> Result<i32, Error> {
             },
         )
     });
+    let registered = std::sync::Mutex::new(triggers.clone());
+    let registered: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        if let Ok(triggers) = registered.lock() {
+            let _ = triggers.send(Trigger::PluginRegistered);
+        }
+    });
     let _config_watch = node_args.config.as_deref().map(|config| {
         config_watch::watch(config, move || {
             let _ = triggers.send(Trigger::ConfigChanged);
         })
     });
+    let mut dra = DraPlugin::default();
 
     let mut backoff = Duration::from_secs(1);
     let mut foreign: Option<BTreeMap<String, String>> = None;
     let mut last_labels: BTreeMap<String, String> = BTreeMap::new();
     while !crate::interrupt::requested() {
+        dra.keep(&inputs, &registered);
         let started = Instant::now();
         let result = apply(&inputs, args.lock_timeout);
         let elapsed = started.elapsed();
@@ -179,6 +190,12 @@ pub fn run(args: &DaemonOptions) -> Result<i32, Error> {
                         }
                     }
                 }
+                Ok(Trigger::PluginRegistered) => {
+                    if let Some(cluster) = &inputs.cluster {
+                        cluster.forget_resource_slices();
+                    }
+                    break;
+                }
                 Ok(Trigger::GpuError) => {
                     gpu_error_waiting.store(false, Ordering::SeqCst);
                     tracing::info!("a GPU reported a critical error");
@@ -208,6 +225,7 @@ pub fn run(args: &DaemonOptions) -> Result<i32, Error> {
     }
     tracing::info!("stopping");
     stop.store(true, Ordering::SeqCst);
+    drop(dra);
     // The watch notices `stop` within 250 ms, unless it is inside a request
     // the server never answers: shutdown does not wait for that one.
     let waited = Instant::now();
@@ -215,6 +233,54 @@ pub fn run(args: &DaemonOptions) -> Result<i32, Error> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(exit::OK)
+}
+
+/// The DRA kubelet plugin, while the spec asks for it
+/// (`devicePlugin.mode: dra`).
+#[derive(Default)]
+struct DraPlugin {
+    running: Option<(crate::dra::plugin::Plugin, String)>,
+    /// Why it could not start, said once.
+    problem: Option<String>,
+}
+
+impl DraPlugin {
+    /// Starts, stops or updates the plugin for the spec in force; one that
+    /// cannot start is tried again before the next converge (the
+    /// `device-plugin` state says it is not served meanwhile).
+    fn keep(&mut self, inputs: &Inputs, registered: &Arc<dyn Fn() + Send + Sync>) {
+        let spec = &inputs.spec;
+        if spec.device_plugin_mode != crate::spec::PluginMode::Dra {
+            if self.running.take().is_some() {
+                tracing::info!("the DRA kubelet plugin stops: devicePlugin.mode is not dra");
+            }
+            return;
+        }
+        match &self.running {
+            Some((plugin, dir)) if *dir == spec.kubelet_dir => {
+                plugin.set_spec(spec);
+                return;
+            }
+            Some(_) => self.running = None,
+            None => {}
+        }
+        let Some(cluster) = &inputs.cluster else {
+            return;
+        };
+        let registered = registered.clone();
+        match crate::dra::plugin::Plugin::start(&inputs.host, spec, cluster, move || registered()) {
+            Ok(plugin) => {
+                self.running = Some((plugin, spec.kubelet_dir.clone()));
+                self.problem = None;
+            }
+            Err(problem) => {
+                if self.problem.as_ref() != Some(&problem) {
+                    tracing::error!("the DRA kubelet plugin cannot start: {problem}");
+                    self.problem = Some(problem);
+                }
+            }
+        }
+    }
 }
 
 /// The built-in DCGM exporter when the spec asks for it; its series are

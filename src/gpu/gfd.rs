@@ -584,6 +584,8 @@ mod tests {
             minor_number: index,
             fabric: None,
             fabric_state: None,
+            brand: "Nvidia".into(),
+            architecture: "Ampere".into(),
         }
     }
 

@@ -63,6 +63,10 @@ pub struct NvmlDevice {
     /// later on NVSwitch systems); absent where NVML does not report it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fabric_state: Option<FabricState>,
+    /// NVML's brand and architecture, in go-nvlib's words (`Nvidia`,
+    /// `Hopper`): NVIDIA's DRA driver publishes them as attributes.
+    pub brand: String,
+    pub architecture: String,
 }
 
 /// A GPU's NVLink fabric registration, as `nvmlDeviceGetGpuFabricInfo`
@@ -280,6 +284,8 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
             minor_number,
             fabric: fabric.1,
             fabric_state: fabric.0,
+            brand: brand(&nvml, &device),
+            architecture: architecture(&nvml, &device),
         });
     }
     Ok(Inventory {
@@ -397,6 +403,67 @@ fn fabric(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> (Option<FabricState
         clique_id: info.cliqueId,
     });
     (Some(state), member)
+}
+
+/// `nvmlDeviceGetBrand` in go-nvlib's words; `Unknown` where the
+/// library lacks it or the driver does not say.
+fn brand(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> String {
+    let Ok(function) = nvml.lib().nvmlDeviceGetBrand.as_ref() else {
+        return "Unknown".to_string();
+    };
+    let mut brand = 0;
+    // SAFETY: NVML's own symbol with nvml.h's signature; the handle is live
+    // while `nvml` is and the pointer is to a local.
+    if nvml_result(unsafe { function(device.handle(), &mut brand) }).is_err() {
+        return "Unknown".to_string();
+    }
+    match brand {
+        1 => "Quadro",
+        2 => "Tesla",
+        3 => "NVS",
+        4 => "Grid",
+        5 => "GeForce",
+        6 => "Titan",
+        7 => "NvidiaVApps",
+        8 => "NvidiaVPC",
+        9 => "NvidiaVCS",
+        10 => "NvidiaVWS",
+        11 => "NvidiaCloudGaming",
+        12 => "QuadroRTX",
+        13 => "NvidiaRTX",
+        14 => "Nvidia",
+        15 => "GeForceRTX",
+        16 => "TitanRTX",
+        _ => "Unknown",
+    }
+    .to_string()
+}
+
+/// `nvmlDeviceGetArchitecture` in go-nvlib's words; `Unknown` where the
+/// library lacks it or the driver does not say.
+fn architecture(nvml: &Nvml, device: &nvml_wrapper::Device<'_>) -> String {
+    let Ok(function) = nvml.lib().nvmlDeviceGetArchitecture.as_ref() else {
+        return "Unknown".to_string();
+    };
+    let mut architecture = 0;
+    // SAFETY: as in `brand`.
+    if nvml_result(unsafe { function(device.handle(), &mut architecture) }).is_err() {
+        return "Unknown".to_string();
+    }
+    match architecture {
+        2 => "Kepler",
+        3 => "Maxwell",
+        4 => "Pascal",
+        5 => "Volta",
+        6 => "Turing",
+        7 => "Ampere",
+        8 => "Ada Lovelace",
+        9 => "Hopper",
+        10 => "Blackwell",
+        13 => "Rubin",
+        _ => "Unknown",
+    }
+    .to_string()
 }
 
 fn nvml_result(code: nvml_wrapper_sys::bindings::nvmlReturn_t) -> Result<(), NvmlError> {

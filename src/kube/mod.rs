@@ -15,6 +15,7 @@ pub mod config_maps;
 pub mod events;
 pub mod node_status;
 pub mod pods;
+pub mod resources;
 pub mod upgrade;
 pub mod view;
 
@@ -108,6 +109,8 @@ pub struct NodeLabels {
     /// Its `nvidia.com/GPUReady` condition, when it has one.
     pub gpu_ready: Option<node_status::Condition>,
     pub taints: Vec<k8s_openapi::api::core::v1::Taint>,
+    /// The Node object's UID: what owns its ResourceSlices.
+    pub uid: Option<String>,
 }
 
 /// API requests by verb and status code (0: no answer), for `/metrics`.
@@ -142,6 +145,9 @@ pub struct Cluster {
     /// ConfigMaps' data as gpuprov last read or wrote them, by namespace
     /// and name: under the watches a converge does not read them again.
     config_maps: std::sync::Mutex<BTreeMap<(String, String), BTreeMap<String, String>>>,
+    /// This node's DRA ResourceSlices as gpuprov last read or wrote them
+    /// (`resources.rs`).
+    resource_slices: std::sync::Mutex<Option<Vec<serde_json::Value>>>,
     /// The stop flag of the thread renewing a Lease this node holds (an
     /// upgrade slot), while one runs: shared with a reconnected `Cluster`
     /// (`keep_from`), so a reloaded spec keeps renewing the slot.
@@ -233,6 +239,7 @@ impl Cluster {
             },
             view: Default::default(),
             config_maps: Default::default(),
+            resource_slices: Default::default(),
             lease_renewal: Default::default(),
             fleet_size: Default::default(),
         })
@@ -598,6 +605,7 @@ pub fn read_labels(node: &Node) -> NodeLabels {
         allocatable,
         gpu_ready: node_status::gpu_ready_of(node),
         taints: node_status::taints_of(node),
+        uid: node.metadata.uid.clone(),
     }
 }
 

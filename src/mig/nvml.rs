@@ -120,6 +120,8 @@ pub struct ComputeInstance {
     pub shared_encoders: u32,
     pub shared_jpegs: u32,
     pub shared_ofas: u32,
+    /// The MIG device's UUID (`MIG-…`); empty where NVML does not give it.
+    pub uuid: String,
 }
 
 impl GpuMig {
@@ -494,6 +496,7 @@ fn instances(
 ) -> Result<Vec<GpuInstance>, NvmlError> {
     let gi_info = symbol!(nvml, nvmlGpuInstanceGetInfo);
     let ci_info = symbol!(nvml, nvmlComputeInstanceGetInfo_v2);
+    let uuids = mig_device_uuids(nvml, device);
     let mut found = Vec::new();
     for profile in profiles {
         for gi in gpu_instance_handles(nvml, device, profile)? {
@@ -515,6 +518,7 @@ fn instances(
                     shared_encoders: p.sharedEncoderCount,
                     shared_jpegs: p.sharedJpegCount,
                     shared_ofas: p.sharedOfaCount,
+                    uuid: uuids.get(&(i.id, c.id)).cloned().unwrap_or_default(),
                 });
             }
             compute.sort_by_key(|c| c.id);
@@ -529,6 +533,48 @@ fn instances(
     }
     found.sort_by_key(|g| (g.start, g.id));
     Ok(found)
+}
+
+/// Each MIG device's UUID by (GPU instance, compute instance), through
+/// the MIG device handles; a library or driver that lacks them gives none.
+fn mig_device_uuids(nvml: &Nvml, device: nvmlDevice_t) -> BTreeMap<(u32, u32), String> {
+    let mut uuids = BTreeMap::new();
+    let lib = nvml.lib();
+    let (Ok(max), Ok(by_index), Ok(gi_id), Ok(ci_id), Ok(uuid)) = (
+        lib.nvmlDeviceGetMaxMigDeviceCount.as_ref(),
+        lib.nvmlDeviceGetMigDeviceHandleByIndex.as_ref(),
+        lib.nvmlDeviceGetGpuInstanceId.as_ref(),
+        lib.nvmlDeviceGetComputeInstanceId.as_ref(),
+        lib.nvmlDeviceGetUUID.as_ref(),
+    ) else {
+        return uuids;
+    };
+    let mut count = 0;
+    // SAFETY: NVML's own symbols with nvml.h's signatures, on its own
+    // handles; every pointer is to a local that outlives the call.
+    if nvml_try(unsafe { max(device, &mut count) }).is_err() {
+        return uuids;
+    }
+    for index in 0..count.min(MAX_INSTANCES) {
+        let mut mig: nvmlDevice_t = std::ptr::null_mut();
+        if nvml_try(unsafe { by_index(device, index, &mut mig) }).is_err() {
+            continue;
+        }
+        let (mut gi, mut ci) = (0, 0);
+        let mut text = [0 as std::ffi::c_char; 96];
+        let read = nvml_try(unsafe { gi_id(mig, &mut gi) })
+            .and_then(|()| nvml_try(unsafe { ci_id(mig, &mut ci) }))
+            .and_then(|()| {
+                nvml_try(unsafe { uuid(mig, text.as_mut_ptr(), (text.len() - 1) as c_uint) })
+            });
+        if read.is_ok() {
+            // SAFETY: NVML wrote a NUL-terminated string within the buffer
+            // (its last byte is never written: the length leaves room).
+            let value = unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) };
+            uuids.insert((gi, ci), value.to_string_lossy().into_owned());
+        }
+    }
+    uuids
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ pub const DEFAULT_CDI_SPEC_DIR: &str = "/var/run/cdi";
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawCdi {
-    enabled: Option<bool>,
+    enabled: Option<Spanned<bool>>,
     spec_dir: Option<Spanned<String>>,
     runtime_class: Option<Spanned<String>>,
 }
@@ -34,12 +34,28 @@ pub struct CdiSpec {
 
 /// `containerd_class` is the runtime class gpuprov configures; the CDI
 /// runtime needs a name of its own beside it.
+/// With `devicePlugin.mode: dra` CDI is on unless the spec says
+/// otherwise, and saying so is an error: DRA hands devices to containers
+/// by CDI name alone.
 pub(super) fn resolve_cdi(
     raw: &RawCdi,
     containerd_class: &str,
+    plugin_mode: PluginMode,
     source: &Source,
     errors: &mut Vec<Diagnostic>,
 ) -> CdiSpec {
+    let dra = plugin_mode == PluginMode::Dra;
+    if let Some(enabled) = raw.enabled.as_ref().filter(|e| dra && !e.value) {
+        errors.push(
+            Diagnostic::at_location(
+                source,
+                enabled.referenced,
+                "cdi.enabled is false, and devicePlugin.mode dra hands GPUs to containers through CDI"
+                    .to_string(),
+            )
+            .with_help("leave cdi.enabled out (DRA turns it on), or set devicePlugin.mode: operand"),
+        );
+    }
     let spec_dir = match &raw.spec_dir {
         None => DEFAULT_CDI_SPEC_DIR.to_string(),
         Some(dir) => {
@@ -78,7 +94,7 @@ pub(super) fn resolve_cdi(
         }
     };
     CdiSpec {
-        enabled: raw.enabled.unwrap_or(false),
+        enabled: raw.enabled.as_ref().map_or(dra, |e| e.value),
         spec_dir,
         runtime_class,
     }

@@ -169,6 +169,11 @@ pub struct Spec {
     pub device_plugin: OperandSpec,
     /// `devicePlugin.config`: the device plugin's configs by name.
     pub device_plugin_config: PluginConfigs,
+    /// NVIDIA's device plugin, or gpuprov's DRA kubelet plugin.
+    pub device_plugin_mode: PluginMode,
+    /// `devicePlugin.kubeletDir`: where the kubelet keeps its plugin
+    /// sockets (`plugins_registry/`, `plugins/`).
+    pub kubelet_dir: String,
     pub dcgm_exporter: OperandSpec,
     /// Who serves the DCGM exporter's metrics.
     pub dcgm_exporter_mode: ExporterMode,
@@ -280,9 +285,14 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
             config_help,
         ),
         (
-            "devicePlugin.mode",
-            raw.device_plugin.mode.as_ref().map(|m| m.referenced),
-            "gfd has a mode (builtin or daemonset), and dcgmExporter (operand or builtin)",
+            "dcgmExporter.kubeletDir",
+            raw.dcgm_exporter.kubelet_dir.as_ref().map(|d| d.referenced),
+            "devicePlugin.kubeletDir says where the kubelet keeps its plugin sockets",
+        ),
+        (
+            "gfd.kubeletDir",
+            raw.gfd.kubelet_dir.as_ref().map(|d| d.referenced),
+            "devicePlugin.kubeletDir says where the kubelet keeps its plugin sockets",
         ),
         (
             "devicePlugin.sampleIntervalSeconds",
@@ -320,6 +330,27 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         source,
         &mut errors,
     );
+    let device_plugin_mode = choose(
+        "devicePlugin.mode",
+        &raw.device_plugin.mode,
+        &[("operand", PluginMode::Operand), ("dra", PluginMode::Dra)],
+        PluginMode::Operand,
+        source,
+        &mut errors,
+    );
+    let kubelet_dir = match &raw.device_plugin.kubelet_dir {
+        None => DEFAULT_KUBELET_DIR.to_string(),
+        Some(dir) => {
+            if let Err(problem) = check_host_path(&dir.value) {
+                errors.push(Diagnostic::at_location(
+                    source,
+                    dir.referenced,
+                    format!("devicePlugin.kubeletDir {problem}"),
+                ));
+            }
+            dir.value.trim_end_matches('/').to_string()
+        }
+    };
     let dcgm_exporter_interval = raw
         .dcgm_exporter
         .sample_interval_seconds
@@ -366,7 +397,13 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         &mut errors,
     );
     let toolkit = resolve_toolkit(&raw.toolkit, source, &mut errors);
-    let cdi = cdi::resolve_cdi(&raw.cdi, &containerd.runtime_class, source, &mut errors);
+    let cdi = cdi::resolve_cdi(
+        &raw.cdi,
+        &containerd.runtime_class,
+        device_plugin_mode,
+        source,
+        &mut errors,
+    );
     let readiness = readiness::resolve_readiness(&raw.readiness, source, &mut errors);
     let mig = mig::resolve_mig(&raw.mig, source, &mut errors);
     let health = health::resolve_health(&raw.health, source, &mut errors);
@@ -392,6 +429,8 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         cdi,
         device_plugin,
         device_plugin_config,
+        device_plugin_mode,
+        kubelet_dir,
         dcgm_exporter,
         dcgm_exporter_mode,
         dcgm_exporter_interval,

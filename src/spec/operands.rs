@@ -15,6 +15,8 @@ pub(super) struct RawOperand {
     pub(super) sample_interval_seconds: Option<Spanned<u64>>,
     /// `devicePlugin.config` alone; `resolve` says so for another section.
     pub(super) config: Option<Spanned<device_plugin::RawPluginConfigs>>,
+    /// `devicePlugin.kubeletDir` alone (DRA's sockets live under it).
+    pub(super) kubelet_dir: Option<Spanned<String>>,
     pub(super) repository: Option<Spanned<String>>,
     pub(super) image: Option<Spanned<String>>,
     pub(super) version: Option<Spanned<String>>,
@@ -155,6 +157,21 @@ pub enum ExporterMode {
     /// `gpuprov run` itself, from NVML, on its metrics port.
     Builtin,
 }
+
+/// Who hands the GPUs to pods (`devicePlugin.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginMode {
+    /// NVIDIA's device plugin: `nvidia.com/gpu` as an extended resource.
+    Operand,
+    /// gpuprov's own DRA kubelet plugin (`gpu.nvidia.com`), served by
+    /// `gpuprov run`: ResourceSlices and claims prepared through CDI.
+    Dra,
+}
+
+/// The kubelet's root directory: DRA's registration and plugin sockets
+/// live under it.
+pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
 
 /// Who publishes GPU Feature Discovery's labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -17,6 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use serde_json::{Value, json};
 
+#[path = "fake_dra.rs"]
+mod dra;
+
 /// One request as the server saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Logged {
@@ -214,6 +217,12 @@ struct Inner {
     /// Watches from a resourceVersion older than this are answered
     /// 410 Gone (the server compacted its history).
     compacted: u64,
+    /// `resource.k8s.io/v1` (`fake_dra.rs`): slices by name, claims and
+    /// claim templates by namespace and name.
+    resource_slices: BTreeMap<String, Value>,
+    slice_counter: u64,
+    resource_claims: BTreeMap<(String, String), Value>,
+    claim_templates: BTreeMap<(String, String), Value>,
 }
 
 #[derive(Clone, Default)]
@@ -295,6 +304,22 @@ impl FakeApi {
             .route(
                 "/api/v1/namespaces/{ns}/configmaps/{name}",
                 get(get_config_map).patch(apply_config_map),
+            )
+            .route(
+                "/apis/resource.k8s.io/v1/resourceslices",
+                get(dra::list_slices).post(dra::create_slice),
+            )
+            .route(
+                "/apis/resource.k8s.io/v1/resourceslices/{name}",
+                axum::routing::put(dra::replace_slice).delete(dra::delete_slice),
+            )
+            .route(
+                "/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaims/{name}",
+                get(dra::get_claim),
+            )
+            .route(
+                "/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaimtemplates/{name}",
+                patch(dra::apply_claim_template),
             )
             .fallback(not_found)
             .layer(axum::middleware::from_fn_with_state(

@@ -8,6 +8,7 @@ pub mod cri_node;
 pub mod daemon;
 pub mod fake_api;
 pub mod grpc;
+pub mod kubelet;
 pub mod oci;
 pub mod pod_resources;
 
