@@ -189,6 +189,27 @@ impl Facts {
         })
     }
 
+    /// NVML's inventory, or where a GPU is lost (fallen off the bus) the
+    /// GPUs it can still read and the lost ones' indexes: what a device
+    /// list offers meanwhile (the CDI spec, DRA's slice).
+    pub fn nvml_without_lost(
+        &self,
+        host: &Host,
+    ) -> Result<
+        (std::borrow::Cow<'_, crate::gpu::nvml::Inventory>, Vec<u32>),
+        crate::gpu::nvml::NvmlProblem,
+    > {
+        match self.nvml(host) {
+            Ok(inventory) => Ok((std::borrow::Cow::Borrowed(inventory), Vec::new())),
+            Err(crate::gpu::nvml::NvmlProblem::GpuLost { .. }) => {
+                let library = crate::gpu::nvml::find_library(host, self.nvml_lib.as_deref())?;
+                let (inventory, lost) = crate::gpu::nvml::inventory_without_lost(&library)?;
+                Ok((std::borrow::Cow::Owned(inventory), lost))
+            }
+            Err(problem) => Err(problem.clone()),
+        }
+    }
+
     pub fn gpus(&self) -> impl Iterator<Item = &PciFunction> {
         self.pci.iter().filter(|f| f.is_gpu())
     }

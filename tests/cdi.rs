@@ -568,79 +568,29 @@ fn mig_devices_are_listed_with_their_capability_nodes() {
 /// A real CDI consumer reads the spec: Debian's podman (4.3, installed by
 /// scripts/test) resolves `nvidia.com/gpu=<index>`, `=<uuid>` and
 /// `management.nvidia.com/gpu=all` from the generated files and writes
-/// their edits into the container's OCI spec. The fixture's paths are
-/// rooted at the host copy (as `nvidia-ctk cdi transform root` does for a
-/// driver root) and its device nodes, plain files there, are backed by
-/// /dev/null. podman runs in a private mount namespace, with its own
-/// /run (where it looks for specs) and storage under the test's
-/// directory. In this sandbox runc then fails to set the container's
-/// rlimits (EPERM, even at the current values), so the container never
-/// starts; the OCI spec it was given is what is checked.
+/// their edits into the container's OCI spec (`support::podman`).
 #[test]
 #[cfg_attr(
     not(gpuprov_root),
     ignore = "podman and mount namespaces need root: run as root (CI and scripts/test do)"
 )]
 fn podman_injects_the_generated_spec() {
-    assert!(
-        std::process::Command::new("podman")
-            .arg("--version")
-            .output()
-            .is_ok(),
-        "podman is missing: scripts/test installs Debian's package"
-    );
     let node = Node::new("h100x8-cdi", "h100x8.yaml");
     assert_eq!(node.apply(CDI_ON).0, 0);
     let root = node.path().display().to_string();
-    let work = tempfile::tempdir().unwrap();
-    let specs = work.path().join("cdi");
-    fs::create_dir_all(&specs).unwrap();
-    for file in [GPU_SPEC, MANAGEMENT_SPEC] {
-        let mut rooted = String::new();
-        for line in node.text(file).unwrap().lines() {
-            let indent = &line[..line.len() - line.trim_start().len()];
-            match line.trim_start() {
-                l if l.trim_start_matches("- ").starts_with("hostPath: /") => {
-                    rooted.push_str(&line.replacen("hostPath: /", &format!("hostPath: {root}/"), 1))
-                }
-                l if l.starts_with("path: /usr/bin/") => {
-                    rooted.push_str(&line.replacen("path: /", &format!("path: {root}/"), 1))
-                }
-                l if l.starts_with("- path: /dev/") => {
-                    rooted.push_str(line);
-                    rooted.push_str(&format!("\n{indent}  hostPath: /dev/null"));
-                }
-                _ => rooted.push_str(line),
-            }
-            rooted.push('\n');
-        }
-        let name = Path::new(file).file_name().unwrap();
-        fs::write(specs.join(name), rooted).unwrap();
-    }
-    for dir in ["rootfs", "storage", "run"] {
-        fs::create_dir_all(work.path().join(dir)).unwrap();
-    }
-    let w = work.path().display();
-    let script = format!(
-        "set -e\n\
-         mount -t tmpfs tmpfs /run\n\
-         mkdir -p /run/cdi\n\
-         mount --bind {w}/cdi /run/cdi\n\
-         p() {{ podman --root {w}/storage --runroot {w}/run --storage-driver vfs --cgroup-manager cgroupfs --events-backend none \"$@\"; }}\n\
-         id=$(p create --device nvidia.com/gpu=3 --device nvidia.com/gpu=GPU-5f1c4e2a-0d3b-4c7e-9a10-0000000000DB --device management.nvidia.com/gpu=all --rootfs {w}/rootfs /none)\n\
-         p init \"$id\" >&2 || echo \"podman init: exit $?\" >&2\n\
-         cat {w}/storage/vfs-containers/$id/userdata/config.json\n\
-         p rm -f \"$id\" >/dev/null 2>&1 || true\n"
+    let specs = [
+        node.path().join(GPU_SPEC),
+        node.path().join(MANAGEMENT_SPEC),
+    ];
+    let oci = support::podman::oci_spec(
+        node.path(),
+        &[&specs[0], &specs[1]],
+        &[
+            "nvidia.com/gpu=3",
+            "nvidia.com/gpu=GPU-5f1c4e2a-0d3b-4c7e-9a10-0000000000DB",
+            "management.nvidia.com/gpu=all",
+        ],
     );
-    let output = std::process::Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    assert!(!stderr.contains("unresolvable CDI devices"), "{stderr}");
-    let oci: Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("no OCI spec ({e}); podman said:\n{stderr}"));
     let env: Vec<&str> = oci["process"]["env"]
         .as_array()
         .unwrap()

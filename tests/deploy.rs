@@ -579,3 +579,82 @@ fn the_config_readers_follow_gpuprovs_label_and_configmap() {
             && rule.verbs.contains(&"watch".to_string())
     })));
 }
+
+/// deploy/dra: the DeviceClasses NVIDIA's driver defines (its CEL
+/// selectors), rights for exactly what DRA mode asks of the API server
+/// (slices listed, created, replaced, deleted; claims read by name; the
+/// validation pod's template applied), and the policy that keeps a node's
+/// gpuprov to its own node's slices. kubectl renders it.
+#[test]
+fn the_dra_manifests_give_what_dra_mode_uses_and_no_more() {
+    let docs = render(&repo().join("deploy/dra"));
+    let classes: Vec<&Value> = docs
+        .iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["kind"] == "DeviceClass")
+        .collect();
+    let selector = |name: &str| {
+        classes
+            .iter()
+            .find(|c| c["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no DeviceClass {name}"))["spec"]["selectors"][0]["cel"]
+            ["expression"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        selector("gpu.nvidia.com"),
+        "device.driver == 'gpu.nvidia.com' && device.attributes['gpu.nvidia.com'].type == 'gpu'"
+    );
+    assert_eq!(
+        selector("mig.nvidia.com"),
+        "device.driver == 'gpu.nvidia.com' && device.attributes['gpu.nvidia.com'].type == 'mig'"
+    );
+    let role = of_kind::<ClusterRole>(&docs, "ClusterRole").remove(0);
+    let verbs = |rules: &[k8s_openapi::api::rbac::v1::PolicyRule], resource: &str| {
+        let mut verbs: Vec<String> = rules
+            .iter()
+            .filter(|r| {
+                r.resources
+                    .as_ref()
+                    .unwrap()
+                    .contains(&resource.to_string())
+            })
+            .flat_map(|r| r.verbs.clone())
+            .collect();
+        verbs.sort();
+        verbs
+    };
+    let rules = role.rules.unwrap();
+    assert_eq!(
+        verbs(&rules, "resourceslices"),
+        ["create", "delete", "list", "update"]
+    );
+    assert_eq!(verbs(&rules, "resourceclaims"), ["get"]);
+    let role = of_kind::<k8s_openapi::api::rbac::v1::Role>(&docs, "Role").remove(0);
+    let rules = role.rules.unwrap();
+    assert_eq!(
+        verbs(&rules, "resourceclaimtemplates"),
+        ["create", "get", "patch"]
+    );
+    let policy = docs
+        .iter()
+        .map(|(_, v)| v)
+        .find(|v| v["kind"] == "ValidatingAdmissionPolicy")
+        .unwrap();
+    assert!(
+        policy["spec"]["matchConditions"][0]["expression"]
+            .as_str()
+            .unwrap()
+            .contains("system:serviceaccount:gpuprov:gpuprov")
+    );
+    let binding = docs
+        .iter()
+        .map(|(_, v)| v)
+        .find(|v| v["kind"] == "ValidatingAdmissionPolicyBinding")
+        .unwrap();
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    let rendered = kubectl_kustomize(&repo().join("deploy/dra"));
+    assert_eq!(rendered.len(), docs.len());
+}

@@ -490,10 +490,11 @@ fn a_lost_gpu_and_a_wiped_pool_update_the_slices() {
     let mut node = Node::new("h100x8.yaml", DRA);
     let mut kubelet = registered(&mut node);
     let before = node.only_slice();
-    // GPU 5 falls off the bus: NVML no longer lists it.
+    // GPU 5 falls off the bus: NVML answers NVML_ERROR_GPU_IS_LOST for it.
     let mut nvml = node.nvml_fixture();
     let uuid = nvml["devices"][5]["uuid"].as_str().unwrap().to_string();
-    nvml["devices"].as_array_mut().unwrap().remove(5);
+    nvml["devices"][5]["failures"] =
+        serde_json::json!({"nvmlDeviceGetMemoryInfo_v2": 15, "nvmlDeviceGetMemoryInfo": 15});
     fs::write(&node.nvml, serde_json::to_string(&nvml).unwrap()).unwrap();
     node.wait_for("the slice to lose the GPU", || {
         node.slices()
@@ -504,6 +505,10 @@ fn a_lost_gpu_and_a_wiped_pool_update_the_slices() {
     assert_eq!(after["metadata"]["name"], before["metadata"]["name"]);
     assert_eq!(after["spec"]["pool"]["generation"], 2);
     assert!(!after.to_string().contains(&uuid));
+    assert!(!device_names(&after).contains(&"gpu-5".to_string()));
+    // The CDI spec leaves it out too, the others stay usable.
+    let cdi = fs::read_to_string(node.at("/var/run/cdi/nvidia.yaml")).unwrap();
+    assert!(!cdi.contains(&uuid) && cdi.contains("/dev/nvidia7"));
 
     node.fake.wipe_resource_slices();
     kubelet.register(&["v1.DRAPlugin"], Duration::from_secs(10));
@@ -753,4 +758,96 @@ fn another_drivers_slice_is_left_and_named() {
     });
     assert_eq!(node.slices().len(), 1);
     assert_eq!(node.only_slice()["spec"]["pool"]["generation"], 3);
+}
+
+/// The validator's pod gets its GPU through a claim from gpuprov's
+/// ResourceClaimTemplate (one device of the class `gpu.nvidia.com`), not
+/// an `nvidia.com/gpu` limit no device plugin would satisfy.
+#[test]
+fn the_validation_pod_claims_its_gpu_through_dra() {
+    let mut node = Node::new(
+        "h100x8.yaml",
+        &DRA.replace("validator:\n  enabled: false\n", ""),
+    );
+    node.fake.kubelet(support::fake_api::Kubelet::Runs {
+        phase: "Succeeded",
+        after_ms: 100,
+        log: "Test PASSED\n".into(),
+        exit_code: 0,
+    });
+    node.start("1s");
+    let mut kubelet = Kubelet::new(node.path());
+    kubelet.register(&["v1.DRAPlugin"], Duration::from_secs(30));
+    node.wait_for("the validator to pass", || {
+        node.fake
+            .labels(NODE)
+            .get("gpuprov.io/validator")
+            .map(String::as_str)
+            == Some("ready")
+    });
+    let template = node
+        .fake
+        .claim_template("gpuprov", "gpuprov-validator-gpu")
+        .expect("the template is applied");
+    let request = &template["spec"]["spec"]["devices"]["requests"][0];
+    assert_eq!(request["exactly"]["deviceClassName"], DRIVER);
+    assert_eq!(request["exactly"]["count"], 1);
+    let created = node
+        .fake
+        .log()
+        .into_iter()
+        .find(|l| l.method == "POST" && l.uri.contains("/pods"))
+        .unwrap();
+    let pod: Value = serde_json::from_str(&created.body).unwrap();
+    assert_eq!(
+        pod["spec"]["resourceClaims"][0]["resourceClaimTemplateName"],
+        "gpuprov-validator-gpu"
+    );
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(container["resources"]["claims"][0]["name"], "gpu");
+    assert!(container["resources"].get("limits").is_none(), "{pod:#}");
+}
+
+/// A real CDI consumer reads a prepared claim's spec: podman resolves
+/// `k8s.gpu.nvidia.com/claim=<uid>-gpu-3` and gives the container that
+/// GPU's node and the driver's files, and no other GPU. (containerd 1.6,
+/// Debian's, predates CDI: 1.7 brought it.)
+#[test]
+#[cfg_attr(
+    not(gpuprov_root),
+    ignore = "podman and mount namespaces need root: run as root (CI and scripts/test do)"
+)]
+fn podman_reads_a_prepared_claims_spec() {
+    let mut node = Node::new("h100x8.yaml", DRA);
+    let kubelet = registered(&mut node);
+    node.fake
+        .add_claim("ns", "one", "uid-one", DRIVER, NODE, &[("gpu", "gpu-3")]);
+    let answer = kubelet.prepare("v1", &[("ns", "one", "uid-one")]).unwrap();
+    let id = answer.claims["uid-one"].devices[0].cdi_device_ids[0].clone();
+    let spec = node.at("/var/run/cdi/k8s.gpu.nvidia.com-claim_uid-one.yaml");
+    let oci = support::podman::oci_spec(node.path(), &[&spec], &[&id]);
+    let devices: Vec<&str> = oci["linux"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    assert!(devices.contains(&"/dev/nvidia3"), "{devices:?}");
+    assert!(devices.contains(&"/dev/nvidiactl"), "{devices:?}");
+    for other in [0, 1, 2, 4, 5, 6, 7] {
+        assert!(
+            !devices.contains(&format!("/dev/nvidia{other}").as_str()),
+            "{devices:?}"
+        );
+    }
+    let root = node.path().display().to_string();
+    let libcuda = "/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15";
+    assert!(
+        oci["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["source"] == format!("{root}{libcuda}") && m["destination"] == libcuda),
+        "{oci:#}"
+    );
 }

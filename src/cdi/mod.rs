@@ -40,8 +40,9 @@ pub fn spec_paths(spec: &Spec) -> [String; 2] {
 
 /// The `cdi` capability.
 pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
-    let inventory = match ctx.facts.nvml(ctx.host) {
-        Ok(inventory) => inventory,
+    // A GPU fallen off the bus is left out; the others stay usable.
+    let (inventory, lost) = match ctx.facts.nvml_without_lost(ctx.host) {
+        Ok(found) => found,
         Err(problem) => {
             return Ok(Observation::new(
                 Outcome::Failed,
@@ -49,6 +50,7 @@ pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
             ));
         }
     };
+    let inventory = inventory.as_ref();
     let version = &inventory.driver_version;
     let files = match driver_files::find(ctx.host, version)? {
         Ok(files) => files,
@@ -121,6 +123,16 @@ pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     let what = match files.skipped.is_empty() {
         true => what,
         false => format!("{what}; left out: {}", files.skipped.join(", ")),
+    };
+    let what = match lost.as_slice() {
+        [] => what,
+        lost => format!(
+            "{what}; NVML reports GPU {} lost: left out",
+            lost.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     let [gpu_path, _] = spec_paths(ctx.spec);
     let mut obs = if changes.is_empty() {

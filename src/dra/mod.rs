@@ -68,8 +68,9 @@ pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
     // NVIDIA's device plugin leaves: its static pod goes, and its deploy
     // label is not published.
     let mut changes = operands::withdraw(ctx, Operand::DevicePlugin)?;
-    let inventory = match ctx.facts.nvml(ctx.host) {
-        Ok(inventory) => inventory,
+    // A GPU fallen off the bus leaves the pool; the others stay.
+    let (inventory, lost) = match ctx.facts.nvml_without_lost(ctx.host) {
+        Ok(found) => found,
         Err(problem) => {
             return Ok(Observation::new(
                 Outcome::Failed,
@@ -77,6 +78,7 @@ pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
             ));
         }
     };
+    let inventory = inventory.as_ref();
     let migs = crate::cdi::mig_devices(ctx, inventory)?;
     let found = devices::devices(ctx.host, inventory, &migs);
     if found.devices.len() > MAX_DEVICES {
@@ -89,7 +91,14 @@ pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
         ));
     }
     let entries = with_taints(ctx, &found);
-    let shown = describe(&found.devices);
+    let mut shown = describe(&found.devices);
+    if !lost.is_empty() {
+        let lost: Vec<String> = lost.iter().map(u32::to_string).collect();
+        shown.push_str(&format!(
+            " (NVML reports GPU {} lost: not offered)",
+            lost.join(", ")
+        ));
+    }
     let Some(cluster) = ctx.cluster else {
         let mut obs = Observation::new(
             Outcome::Failed,

@@ -177,8 +177,19 @@ pub fn open(library: &Path) -> Result<Nvml, NvmlProblem> {
     Ok(nvml)
 }
 
-/// Everything NVML reports about the node's GPUs.
+/// Everything NVML reports about the node's GPUs; a GPU that is lost is
+/// an error.
 pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
+    read_inventory(library, false).map(|(inventory, _)| inventory)
+}
+
+/// The GPUs NVML can still read, and the indexes of those it reports lost
+/// (fallen off the bus): what a DRA driver offers while one is gone.
+pub fn inventory_without_lost(library: &Path) -> Result<(Inventory, Vec<u32>), NvmlProblem> {
+    read_inventory(library, true)
+}
+
+fn read_inventory(library: &Path, skip_lost: bool) -> Result<(Inventory, Vec<u32>), NvmlProblem> {
     let shown = library.display().to_string();
     let nvml = open(library)?;
     let lib = nvml.lib();
@@ -235,64 +246,81 @@ pub fn inventory(library: &Path) -> Result<Inventory, NvmlProblem> {
         .device_count()
         .map_err(|e| unknown("the device count", e))?;
     let mut devices = Vec::new();
+    let mut lost_gpus = Vec::new();
     for index in 0..count {
-        let lost = |what: &str| {
-            let what = what.to_string();
-            move |e: NvmlError| match e {
-                NvmlError::GpuLost => NvmlProblem::GpuLost {
-                    index,
-                    what: what.clone(),
-                },
-                other => unknown(&format!("GPU {index}: {what}"), other),
-            }
-        };
-        let device = nvml.device_by_index(index).map_err(lost("its handle"))?;
-        let (mig_capable, mig_enabled, mig_pending) = match has_mig_mode.then(|| device.mig_mode())
-        {
-            Some(Ok(mode)) => (true, mode.current == 1, mode.pending == 1),
-            None | Some(Err(NvmlError::NotSupported)) => (false, false, false),
-            Some(Err(e)) => return Err(lost("its MIG mode")(e)),
-        };
-        let persistence_mode = match has_persistence_mode.then(|| device.is_in_persistent_mode()) {
-            Some(Ok(enabled)) => enabled,
-            None | Some(Err(NvmlError::NotSupported)) => false,
-            Some(Err(e)) => return Err(lost("its persistence mode")(e)),
-        };
-        // Every driver NVIDIA ships answers this; a library that cannot is
-        // taken to number its nodes by index, as drivers do by default.
-        let minor_number = match device.minor_number() {
-            Ok(minor) => minor,
-            Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => index,
-            Err(e) => return Err(lost("its minor number")(e)),
-        };
-        let fabric = fabric(&nvml, &device);
-        let capability = device
-            .cuda_compute_capability()
-            .map_err(lost("its compute capability"))?;
-        devices.push(NvmlDevice {
-            index,
-            name: device.name().map_err(lost("its name"))?,
-            uuid: device.uuid().map_err(lost("its UUID"))?,
-            pci_bus_id: device.pci_info().map_err(lost("its PCI info"))?.bus_id,
-            memory_total_mib: memory_total(&nvml, &device).map_err(lost("its memory size"))?
-                / (1024 * 1024),
-            compute_capability: (capability.major, capability.minor),
-            mig_capable,
-            mig_enabled,
-            mig_pending,
-            persistence_mode,
-            minor_number,
-            fabric: fabric.1,
-            fabric_state: fabric.0,
-            brand: brand(&nvml, &device),
-            architecture: architecture(&nvml, &device),
-        });
+        match read_device(&nvml, index, has_mig_mode, has_persistence_mode) {
+            Ok(device) => devices.push(device),
+            Err(NvmlProblem::GpuLost { index, .. }) if skip_lost => lost_gpus.push(index),
+            Err(problem) => return Err(problem),
+        }
     }
-    Ok(Inventory {
-        library: shown,
-        driver_version,
-        cuda_driver_version: format!("{}.{}", cuda / 1000, (cuda % 1000) / 10),
-        devices,
+    Ok((
+        Inventory {
+            library: shown,
+            driver_version,
+            cuda_driver_version: format!("{}.{}", cuda / 1000, (cuda % 1000) / 10),
+            devices,
+        },
+        lost_gpus,
+    ))
+}
+
+/// One GPU's answers.
+fn read_device(
+    nvml: &Nvml,
+    index: u32,
+    has_mig_mode: bool,
+    has_persistence_mode: bool,
+) -> Result<NvmlDevice, NvmlProblem> {
+    let lost = |what: &str| {
+        let what = what.to_string();
+        move |e: NvmlError| match e {
+            NvmlError::GpuLost => NvmlProblem::GpuLost {
+                index,
+                what: what.clone(),
+            },
+            other => unknown(&format!("GPU {index}: {what}"), other),
+        }
+    };
+    let device = nvml.device_by_index(index).map_err(lost("its handle"))?;
+    let (mig_capable, mig_enabled, mig_pending) = match has_mig_mode.then(|| device.mig_mode()) {
+        Some(Ok(mode)) => (true, mode.current == 1, mode.pending == 1),
+        None | Some(Err(NvmlError::NotSupported)) => (false, false, false),
+        Some(Err(e)) => return Err(lost("its MIG mode")(e)),
+    };
+    let persistence_mode = match has_persistence_mode.then(|| device.is_in_persistent_mode()) {
+        Some(Ok(enabled)) => enabled,
+        None | Some(Err(NvmlError::NotSupported)) => false,
+        Some(Err(e)) => return Err(lost("its persistence mode")(e)),
+    };
+    // Every driver NVIDIA ships answers this; a library that cannot is
+    // taken to number its nodes by index, as drivers do by default.
+    let minor_number = match device.minor_number() {
+        Ok(minor) => minor,
+        Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => index,
+        Err(e) => return Err(lost("its minor number")(e)),
+    };
+    let fabric = fabric(nvml, &device);
+    let capability = device
+        .cuda_compute_capability()
+        .map_err(lost("its compute capability"))?;
+    Ok(NvmlDevice {
+        index,
+        name: device.name().map_err(lost("its name"))?,
+        uuid: device.uuid().map_err(lost("its UUID"))?,
+        pci_bus_id: device.pci_info().map_err(lost("its PCI info"))?.bus_id,
+        memory_total_mib: memory_total(nvml, &device).map_err(lost("its memory size"))?
+            / (1024 * 1024),
+        compute_capability: (capability.major, capability.minor),
+        mig_capable,
+        mig_enabled,
+        mig_pending,
+        persistence_mode,
+        minor_number,
+        fabric: fabric.1,
+        fabric_state: fabric.0,
+        brand: brand(nvml, &device),
+        architecture: architecture(nvml, &device),
     })
 }
 

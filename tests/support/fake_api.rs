@@ -1538,10 +1538,26 @@ async fn create_pod(
     pod["metadata"]["namespace"] = json!(ns);
     pod["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
     pod["status"] = json!({"phase": "Pending"});
-    let kubelet = inner
+    let mut kubelet = inner
         .kubelet
         .clone()
         .filter(|_| name.starts_with("gpuprov-cuda-vectoradd"));
+    // A claim from a template that is not there is never made, and the
+    // pod is never scheduled (the resource claim controller's way).
+    let missing_template = pod["spec"]["resourceClaims"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["resourceClaimTemplateName"].as_str())
+        .find(|t| {
+            !inner
+                .claim_templates
+                .contains_key(&(ns.clone(), t.to_string()))
+        })
+        .map(str::to_string);
+    if missing_template.is_some() {
+        kubelet = Some(Kubelet::NeverSchedules);
+    }
     match kubelet {
         Some(Kubelet::NeverSchedules) => {
             pod["status"]["conditions"] = json!([{

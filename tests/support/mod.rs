@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod kubelet;
 pub mod oci;
 pub mod pod_resources;
+pub mod podman;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -159,6 +159,8 @@ fn observe_pod(ctx: &StateContext, cluster: &Cluster) -> Result<Observation, Sta
             image: validator.image.clone(),
             runtime_class: runtime_class(ctx),
             timeout_seconds: validator.timeout_seconds,
+            claim_template: (ctx.spec.device_plugin_mode == crate::spec::PluginMode::Dra)
+                .then(|| claim_template(&validator.namespace)),
             manifest,
         }),
         Change::WriteFile {
@@ -177,10 +179,15 @@ fn observe_pod(ctx: &StateContext, cluster: &Cluster) -> Result<Observation, Sta
 /// can be read, instead of a restart loop.
 fn manifest(ctx: &StateContext, node: &str, name: &str) -> serde_json::Value {
     let validator = &ctx.spec.validator;
+    let dra = ctx.spec.device_plugin_mode == crate::spec::PluginMode::Dra;
     let mut container = json!({
         "name": "cuda-vectoradd",
         "image": validator.image,
-        "resources": {"limits": {super::GPU_RESOURCE: 1}},
+        "resources": if dra {
+            json!({"claims": [{"name": "gpu"}]})
+        } else {
+            json!({"limits": {super::GPU_RESOURCE: 1}})
+        },
     });
     if let Some(policy) = &validator.image_pull_policy {
         container["imagePullPolicy"] = json!(policy);
@@ -210,7 +217,34 @@ fn manifest(ctx: &StateContext, node: &str, name: &str) -> serde_json::Value {
     if let Some(class) = runtime_class(ctx) {
         pod["spec"]["runtimeClassName"] = json!(class);
     }
+    if dra {
+        // One GPU through a claim made from gpuprov's template: the claim
+        // goes with the pod.
+        pod["spec"]["resourceClaims"] =
+            json!([{"name": "gpu", "resourceClaimTemplateName": CLAIM_TEMPLATE}]);
+    }
     pod
+}
+
+/// With DRA: the template the validation pod's claim is made from.
+pub const CLAIM_TEMPLATE: &str = "gpuprov-validator-gpu";
+
+/// One GPU of the DeviceClass `gpu.nvidia.com` (deploy/dra), pinned to no
+/// node: the pod's node affinity puts it here.
+fn claim_template(namespace: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaimTemplate",
+        "metadata": {
+            "name": CLAIM_TEMPLATE,
+            "namespace": namespace,
+            "labels": {super::static_pod::MANAGED_BY.0: super::static_pod::MANAGED_BY.1},
+        },
+        "spec": {"spec": {"devices": {"requests": [{
+            "name": "gpu",
+            "exactly": {"deviceClassName": crate::dra::DRIVER, "count": 1},
+        }]}}},
+    })
 }
 
 /// The validator's revert: the passes it remembered.
@@ -231,6 +265,10 @@ pub struct ValidationPod {
     pub image: String,
     pub runtime_class: Option<String>,
     pub timeout_seconds: u64,
+    /// With DRA: the ResourceClaimTemplate its GPU comes from, applied
+    /// first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claim_template: Option<serde_json::Value>,
     #[serde(skip)]
     pub manifest: serde_json::Value,
 }
@@ -246,8 +284,12 @@ impl CapabilityChange for ValidationPod {
             .as_deref()
             .map(|c| format!(", runtime class {c}"))
             .unwrap_or_default();
+        let gpu = match &self.claim_template {
+            Some(_) => format!("1 GPU by a claim from ResourceClaimTemplate {CLAIM_TEMPLATE}"),
+            None => "1 nvidia.com/gpu".to_string(),
+        };
         format!(
-            "run pod {}/{} ({}{class}, 1 nvidia.com/gpu) on this node, wait up to {}s for it to succeed, delete it",
+            "run pod {}/{} ({}{class}, {gpu}) on this node, wait up to {}s for it to succeed, delete it",
             self.namespace, self.name, self.image, self.timeout_seconds
         )
     }
@@ -260,6 +302,11 @@ impl CapabilityChange for ValidationPod {
         let cluster = on
             .cluster
             .ok_or_else(|| StateError::operator("the validation pod needs an API server"))?;
+        if let Some(template) = &self.claim_template {
+            cluster
+                .apply_resource_claim_template(&self.namespace, CLAIM_TEMPLATE, template)
+                .map_err(|e| StateError::operator(error_chain(&e)))?;
+        }
         run_pod(
             cluster,
             &self.namespace,
