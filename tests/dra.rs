@@ -8,151 +8,13 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::daemon::{free_port, get};
-use support::fake_api::FakeApi;
+use support::daemon::get;
+use support::dra_node::{DRA, DRIVER, NODE, Node};
 use support::kubelet::Kubelet;
-use support::{copy_host, repo};
-
-const NODE: &str = "gpu-node-1";
-const DRIVER: &str = "gpu.nvidia.com";
-/// DRA, and nothing that waits on pods the fake cluster does not run.
-const DRA: &str =
-    "devicePlugin:\n  mode: dra\ndcgmExporter:\n  enabled: false\nvalidator:\n  enabled: false\n";
-
-/// A node: a copy of the HGX H100 host with the driver's files, NVML
-/// answered from a copy of a fixture (a test may change it), the
-/// kubelet's plugin registry in place.
-struct Node {
-    host: tempfile::TempDir,
-    nvml: PathBuf,
-    spec: PathBuf,
-    fake: FakeApi,
-    port: u16,
-    daemon: Option<Child>,
-}
-
-impl Node {
-    fn new(nvml: &str, spec: &str) -> Node {
-        let host = copy_host("h100x8-cdi");
-        let copy = host.path().join("fake-nvml.yaml");
-        fs::copy(repo().join("fixtures/nvml").join(nvml), &copy).unwrap();
-        fs::create_dir_all(host.path().join("var/lib/kubelet/plugins_registry")).unwrap();
-        let spec_path = host.path().join("node.yaml");
-        fs::write(&spec_path, spec).unwrap();
-        Node {
-            host,
-            nvml: copy,
-            spec: spec_path,
-            fake: FakeApi::with_node(NODE, &[]),
-            port: free_port(),
-            daemon: None,
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.host.path()
-    }
-
-    fn at(&self, host_path: &str) -> PathBuf {
-        self.path().join(host_path.trim_start_matches('/'))
-    }
-
-    /// `gpuprov run`, converging again every `drift`.
-    fn start(&mut self, drift: &str) {
-        let log = fs::File::create(self.path().join("gpuprov-run.log")).unwrap();
-        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"))
-            .env("GPUPROV_FAKE_NVML", &self.nvml)
-            .env(
-                "GPUPROV_FAKE_NVML_STATE",
-                self.path().join("fake-nvml-state.yaml"),
-            )
-            .args(["run", "--host-exec", "prefix", "--node-name", NODE])
-            .arg("--nvml-lib")
-            .arg(support::fake_nvml_library())
-            .arg("--config")
-            .arg(&self.spec)
-            .args(["--drift-interval", drift, "--pending-interval", "1s"])
-            .arg("--kubeconfig")
-            .arg(self.fake.kubeconfig())
-            .arg("--host-root")
-            .arg(self.path())
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .env_remove("KUBECONFIG")
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-    }
-
-    /// SIGTERM, as the DaemonSet's pod is stopped.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            support::sigterm_and_wait(&mut child, Duration::from_secs(10));
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.path().join("gpuprov-run.log")).unwrap_or_default()
-    }
-
-    /// The node's slices of the driver, as the API server has them.
-    fn slices(&self) -> Vec<Value> {
-        self.fake
-            .resource_slices()
-            .into_values()
-            .filter(|s| s["spec"]["nodeName"] == NODE && s["spec"]["driver"] == DRIVER)
-            .collect()
-    }
-
-    fn only_slice(&self) -> Value {
-        let slices = self.slices();
-        assert_eq!(slices.len(), 1, "{slices:#?}");
-        slices[0].clone()
-    }
-
-    fn wait_for(&self, what: &str, check: impl FnMut() -> bool) {
-        let log = || self.log();
-        let mut check = check;
-        let deadline = std::time::Instant::now() + Duration::from_secs(40);
-        while !check() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}; gpuprov run said:\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn state(&self) -> Option<String> {
-        self.fake
-            .labels(NODE)
-            .get("gpuprov.io/device-plugin")
-            .cloned()
-    }
-
-    fn nvml_fixture(&self) -> Value {
-        serde_saphyr::from_str(&fs::read_to_string(&self.nvml).unwrap()).unwrap()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn device_names(slice: &Value) -> Vec<String> {
     slice["spec"]["devices"]
@@ -850,4 +712,46 @@ fn podman_reads_a_prepared_claims_spec() {
             .any(|m| m["source"] == format!("{root}{libcuda}") && m["destination"] == libcuda),
         "{oci:#}"
     );
+}
+
+/// `revert` takes back what DRA wrote on the host: each prepared claim's
+/// CDI spec and record, and what was published.
+#[test]
+fn revert_removes_the_claims_specs_and_records() {
+    let mut node = Node::new("h100x8.yaml", DRA);
+    let kubelet = registered(&mut node);
+    node.fake
+        .add_claim("ns", "one", "uid-one", DRIVER, NODE, &[("gpu", "gpu-1")]);
+    assert_eq!(
+        kubelet
+            .prepare("v1", &[("ns", "one", "uid-one")])
+            .unwrap()
+            .claims["uid-one"]
+            .error,
+        ""
+    );
+    node.stop();
+    let spec = node.at("/var/run/cdi/k8s.gpu.nvidia.com-claim_uid-one.yaml");
+    assert!(spec.exists());
+    let output = support::gpuprov()
+        .args(["revert", "--host-exec", "prefix"])
+        .arg("--config")
+        .arg(&node.spec)
+        .arg("--host-root")
+        .arg(node.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("/var/run/cdi/k8s.gpu.nvidia.com-claim_uid-one.yaml"),
+        "{stdout}"
+    );
+    assert!(!spec.exists());
+    assert!(!node.at("/var/lib/gpuprov/dra/claims/uid-one.json").exists());
+    assert!(!node.at("/var/lib/gpuprov/dra/devices.json").exists());
 }

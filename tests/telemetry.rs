@@ -270,7 +270,7 @@ fn a_bad_exporter_mode_is_refused_with_its_place() {
         ),
         (
             "devicePlugin:\n  mode: builtin\n",
-            "devicePlugin.mode is not a setting",
+            "devicePlugin.mode must be operand or dra, not `builtin`",
         ),
     ] {
         let spec = write_spec(host.path(), "bad.yaml", yaml);

@@ -6,6 +6,7 @@ pub mod cdi_schema;
 pub mod containerd;
 pub mod cri_node;
 pub mod daemon;
+pub mod dra_node;
 pub mod fake_api;
 pub mod grpc;
 pub mod kubelet;
