@@ -501,35 +501,7 @@ fn plan_shows_the_spec_as_a_diff() {
 #[test]
 fn mig_devices_are_listed_with_their_capability_nodes() {
     let node = Node::new("h100x8-cdi", "h100x8-mig.yaml");
-    // The driver's table of capability minors and their nodes, as
-    // nvidia-modprobe makes them: config, monitor, then per GPU minor
-    // each GPU instance's access and each of its compute instances'.
-    let mut table = String::from("config 1\nmonitor 2\n");
-    let mut minor = 3;
-    for gpu in 0..8 {
-        for gi in 0..15 {
-            table.push_str(&format!("gpu{gpu}/gi{gi}/access {minor}\n"));
-            minor += 1;
-            for ci in 0..8 {
-                table.push_str(&format!("gpu{gpu}/gi{gi}/ci{ci}/access {minor}\n"));
-                minor += 1;
-            }
-        }
-    }
-    fs::create_dir_all(node.path().join("proc/driver/nvidia-caps")).unwrap();
-    fs::write(
-        node.path().join("proc/driver/nvidia-caps/mig-minors"),
-        &table,
-    )
-    .unwrap();
-    fs::create_dir_all(node.path().join("dev/nvidia-caps")).unwrap();
-    for m in 1..minor {
-        fs::write(
-            node.path().join(format!("dev/nvidia-caps/nvidia-cap{m}")),
-            "",
-        )
-        .unwrap();
-    }
+    let table = support::mig_capability_nodes(node.path());
     let spec = format!("{CDI_ON}mig:\n  default: all-3g.40gb\n");
     let (code, report) = node.apply(&spec);
     assert_eq!(code, 0, "{report:#}");

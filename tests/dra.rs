@@ -8,7 +8,6 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -389,7 +388,7 @@ fn mig_devices_are_published_and_prepared() {
         "h100x8-mig.yaml",
         &format!("{DRA}mig:\n  default: all-3g.40gb\n"),
     );
-    mig_capability_nodes(node.path());
+    support::mig_capability_nodes(node.path());
     let kubelet = registered(&mut node);
     let slice = node.only_slice();
     let names = device_names(&slice);
@@ -442,29 +441,6 @@ fn mig_devices_are_published_and_prepared() {
             .iter()
             .all(|n| n.starts_with("/dev/nvidia-caps/nvidia-cap"))
     );
-}
-
-/// The driver's table of MIG capability minors and their nodes, as
-/// nvidia-modprobe makes them.
-fn mig_capability_nodes(root: &Path) {
-    let mut table = String::from("config 1\nmonitor 2\n");
-    let mut minor = 3;
-    for gpu in 0..8 {
-        for gi in 0..15 {
-            table.push_str(&format!("gpu{gpu}/gi{gi}/access {minor}\n"));
-            minor += 1;
-            for ci in 0..8 {
-                table.push_str(&format!("gpu{gpu}/gi{gi}/ci{ci}/access {minor}\n"));
-                minor += 1;
-            }
-        }
-    }
-    fs::create_dir_all(root.join("proc/driver/nvidia-caps")).unwrap();
-    fs::write(root.join("proc/driver/nvidia-caps/mig-minors"), &table).unwrap();
-    fs::create_dir_all(root.join("dev/nvidia-caps")).unwrap();
-    for m in 1..minor {
-        fs::write(root.join(format!("dev/nvidia-caps/nvidia-cap{m}")), "").unwrap();
-    }
 }
 
 /// A GPU with a recent critical error: the health stream says so for its
@@ -583,17 +559,7 @@ fn plan_shows_the_slice_it_would_publish() {
     assert_eq!(publish["generation"], 1);
     assert!(node.slices().is_empty(), "plan wrote nothing");
 
-    let output = support::gpuprov()
-        .env("GPUPROV_FAKE_NVML", &node.nvml)
-        .args(["plan", "--host-exec", "prefix"])
-        .arg("--nvml-lib")
-        .arg(support::fake_nvml_library())
-        .arg("--config")
-        .arg(&node.spec)
-        .arg("--host-root")
-        .arg(node.path())
-        .output()
-        .unwrap();
+    let output = node.command("plan").output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         text.contains("needs an API server") && text.contains("8 devices: gpu-0 … gpu-7"),
@@ -733,14 +699,7 @@ fn revert_removes_the_claims_specs_and_records() {
     node.stop();
     let spec = node.at("/var/run/cdi/k8s.gpu.nvidia.com-claim_uid-one.yaml");
     assert!(spec.exists());
-    let output = support::gpuprov()
-        .args(["revert", "--host-exec", "prefix"])
-        .arg("--config")
-        .arg(&node.spec)
-        .arg("--host-root")
-        .arg(node.path())
-        .output()
-        .unwrap();
+    let output = node.command("revert").output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

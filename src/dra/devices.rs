@@ -57,9 +57,12 @@ pub fn devices(host: &Host, inventory: &Inventory, migs: &[GpuMig]) -> Devices {
     gpus.sort_by_key(|g| g.minor_number);
     for gpu in gpus {
         let common = common(host, inventory, gpu);
-        let mig = migs.iter().find(|m| m.uuid == gpu.uuid && m.current);
+        // MIG's side read afresh says whether MIG is on now (the `mig`
+        // state may have just turned it on); the run's inventory, else.
+        let mig = migs.iter().find(|m| m.uuid == gpu.uuid);
+        let mig_on = mig.map_or(gpu.mig_enabled, |m| m.current);
         match mig {
-            Some(mig) if gpu.mig_enabled => {
+            Some(mig) if mig_on => {
                 for gi in &mig.instances {
                     for ci in &gi.compute {
                         let (device, entry) = mig_device(gpu, mig, gi, ci, &common);
@@ -70,7 +73,7 @@ pub fn devices(host: &Host, inventory: &Inventory, migs: &[GpuMig]) -> Devices {
             }
             // MIG on with no MIG device yet offers nothing: the GPU cannot
             // run a whole-GPU workload while MIG is on.
-            _ if gpu.mig_enabled => {}
+            _ if mig_on => {}
             _ => {
                 let (device, entry) = whole_gpu(gpu, &common);
                 found.devices.push(device);

@@ -87,6 +87,20 @@ impl Node {
         self.daemon = Some(child);
     }
 
+    /// `gpuprov <command>` on the node once (no API server unless the
+    /// caller names one), NVML answered from its fixture.
+    pub fn command(&self, command: &str) -> assert_cmd::Command {
+        let mut cmd = super::gpuprov();
+        cmd.env("GPUPROV_FAKE_NVML", &self.nvml)
+            .args([command, "--host-exec", "prefix", "--nvml-lib"])
+            .arg(super::fake_nvml_library())
+            .arg("--config")
+            .arg(&self.spec)
+            .arg("--host-root")
+            .arg(self.path());
+        cmd
+    }
+
     /// SIGTERM, as the DaemonSet's pod is stopped.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.daemon.take() {

@@ -431,3 +431,29 @@ pub fn own_peak_rss(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// The driver's table of MIG capability minors under `root`
+/// (`/proc/driver/nvidia-caps/mig-minors`) and their device nodes, as
+/// nvidia-modprobe makes them: config, monitor, then per GPU minor each GPU
+/// instance's access and each of its compute instances'. The table.
+pub fn mig_capability_nodes(root: &Path) -> String {
+    let mut table = String::from("config 1\nmonitor 2\n");
+    let mut minor = 3;
+    for gpu in 0..8 {
+        for gi in 0..15 {
+            table.push_str(&format!("gpu{gpu}/gi{gi}/access {minor}\n"));
+            minor += 1;
+            for ci in 0..8 {
+                table.push_str(&format!("gpu{gpu}/gi{gi}/ci{ci}/access {minor}\n"));
+                minor += 1;
+            }
+        }
+    }
+    fs::create_dir_all(root.join("proc/driver/nvidia-caps")).unwrap();
+    fs::write(root.join("proc/driver/nvidia-caps/mig-minors"), &table).unwrap();
+    fs::create_dir_all(root.join("dev/nvidia-caps")).unwrap();
+    for m in 1..minor {
+        fs::write(root.join(format!("dev/nvidia-caps/nvidia-cap{m}")), "").unwrap();
+    }
+    table
+}

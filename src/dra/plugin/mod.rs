@@ -427,27 +427,21 @@ impl tower::Service<http::Request<Body>> for Endpoint {
                     .await
                 }
                 (false, PREPARE_V1 | PREPARE_V1BETA1) => {
-                    unary(request, move |call: NodePrepareResourcesRequest| {
-                        let shared = shared.clone();
-                        async move {
-                            check_count(call.claims.len())?;
-                            tokio::task::spawn_blocking(move || shared.prepare(call.claims))
-                                .await
-                                .map_err(|e| Status::internal(e.to_string()))
-                        }
-                    })
+                    claims_call(
+                        request,
+                        shared,
+                        |call: NodePrepareResourcesRequest| call.claims,
+                        Shared::prepare,
+                    )
                     .await
                 }
                 (false, UNPREPARE_V1 | UNPREPARE_V1BETA1) => {
-                    unary(request, move |call: NodeUnprepareResourcesRequest| {
-                        let shared = shared.clone();
-                        async move {
-                            check_count(call.claims.len())?;
-                            tokio::task::spawn_blocking(move || shared.unprepare(call.claims))
-                                .await
-                                .map_err(|e| Status::internal(e.to_string()))
-                        }
-                    })
+                    claims_call(
+                        request,
+                        shared,
+                        |call: NodeUnprepareResourcesRequest| call.claims,
+                        Shared::unprepare,
+                    )
                     .await
                 }
                 (false, WATCH_HEALTH) => health::watch(request, shared.health.clone()).await,
@@ -457,13 +451,34 @@ impl tower::Service<http::Request<Body>> for Endpoint {
     }
 }
 
-fn check_count(claims: usize) -> Result<(), Status> {
-    if claims > MAX_CLAIMS_PER_CALL {
-        return Err(Status::invalid_argument(format!(
-            "{claims} claims in one call, more than the {MAX_CLAIMS_PER_CALL} gpuprov takes"
-        )));
-    }
-    Ok(())
+/// A call naming claims (prepare, unprepare), answered on a blocking
+/// thread: it reads the API server and writes files.
+async fn claims_call<Req, Resp>(
+    request: http::Request<Body>,
+    shared: Arc<Shared>,
+    claims_of: fn(Req) -> Vec<Claim>,
+    work: fn(&Shared, Vec<Claim>) -> Resp,
+) -> http::Response<Body>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+{
+    unary(request, move |call: Req| {
+        let shared = shared.clone();
+        async move {
+            let claims = claims_of(call);
+            if claims.len() > MAX_CLAIMS_PER_CALL {
+                return Err(Status::invalid_argument(format!(
+                    "{} claims in one call, more than the {MAX_CLAIMS_PER_CALL} gpuprov takes",
+                    claims.len()
+                )));
+            }
+            tokio::task::spawn_blocking(move || work(&shared, claims))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))
+        }
+    })
+    .await
 }
 
 /// A unary call answered by `handler`.
