@@ -58,6 +58,12 @@ fn registered(node: &mut Node) -> Kubelet {
     node.wait_for("the device-plugin state to be ready", || {
         node.state().as_deref() == Some("ready")
     });
+    // Only the kubelet (root) may call the plugin.
+    for socket in kubelet.registry_sockets() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
+    }
     kubelet
 }
 
@@ -713,4 +719,49 @@ fn revert_removes_the_claims_specs_and_records() {
     assert!(!spec.exists());
     assert!(!node.at("/var/lib/gpuprov/dra/claims/uid-one.json").exists());
     assert!(!node.at("/var/lib/gpuprov/dra/devices.json").exists());
+}
+
+/// A call naming more claims than any pod has is refused as a whole; a
+/// claim whose allocation is not what the API server writes is an error;
+/// neither writes anything.
+#[test]
+fn a_hostile_call_or_claim_is_refused() {
+    let mut node = Node::new("h100x8.yaml", DRA);
+    let kubelet = registered(&mut node);
+    let names: Vec<String> = (0..2000).map(|i| format!("claim-{i}")).collect();
+    let many: Vec<(&str, &str, &str)> = names
+        .iter()
+        .map(|n| ("ns", n.as_str(), n.as_str()))
+        .collect();
+    let status = kubelet.prepare("v1", &many).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("2000 claims"), "{status:?}");
+    node.fake.put_claim(
+        "ns",
+        "odd",
+        serde_json::json!({
+            "metadata": {"name": "odd", "namespace": "ns", "uid": "uid-odd"},
+            "status": {"allocation": {"devices": {"results": "gpu-0"}}},
+        }),
+    );
+    let answer = kubelet.prepare("v1", &[("ns", "odd", "uid-odd")]).unwrap();
+    assert!(
+        answer.claims["uid-odd"].error.contains("is not allocated"),
+        "{answer:?}"
+    );
+    let written: Vec<String> = fs::read_dir(node.at("/var/run/cdi"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(written.iter().all(|n| !n.contains("claim")), "{written:?}");
+    assert!(
+        !node.at("/var/lib/gpuprov/dra/claims").exists()
+            || fs::read_dir(node.at("/var/lib/gpuprov/dra/claims"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }

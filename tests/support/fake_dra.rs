@@ -440,6 +440,16 @@ impl FakeApi {
             .insert((namespace.to_string(), name.to_string()), claim);
     }
 
+    /// A ResourceClaim as given, however it looks.
+    pub fn put_claim(&self, namespace: &str, name: &str, claim: Value) {
+        self.shared
+            .0
+            .lock()
+            .unwrap()
+            .resource_claims
+            .insert((namespace.to_string(), name.to_string()), claim);
+    }
+
     /// A ResourceClaimTemplate as applied.
     pub fn claim_template(&self, namespace: &str, name: &str) -> Option<Value> {
         self.shared

@@ -177,6 +177,9 @@ impl Plugin {
                             registration,
                         };
                         let served = tonic::transport::Server::builder()
+                            // A kubelet makes a few calls at once; a
+                            // peer opening streams without end gets no more.
+                            .concurrency_limit_per_connection(64)
                             .serve_with_incoming_shutdown(service, incoming, async move {
                                 stop.notified().await
                             })
@@ -519,6 +522,9 @@ fn bind(host: &Host, socket: &str) -> Result<std::os::unix::net::UnixListener, S
     }
     let listener = std::os::unix::net::UnixListener::bind(&real)
         .map_err(|e| format!("cannot listen on {socket}: {e}"))?;
+    // The kubelet (root) is the only caller.
+    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {socket} to root: {e}"))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("cannot listen on {socket}: {e}"))?;
