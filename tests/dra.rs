@@ -111,6 +111,11 @@ fn slices_list_nvmls_gpus_and_a_converged_node_sends_nothing() {
             attribute(device, "resource.kubernetes.io/pcieRoot"),
             &format!("pci0000:{}", &bus[9..11])
         );
+        // Dual-socket: the first four GPUs on NUMA node 0, as the kernel says.
+        assert_eq!(
+            attribute(device, "resource.kubernetes.io/numaNode"),
+            if i < 4 { 0 } else { 1 }
+        );
         let mib = gpu["memoryTotalMiB"].as_u64().unwrap();
         assert_eq!(device["capacity"]["memory"]["value"], format!("{mib}Mi"));
     }

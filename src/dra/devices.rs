@@ -16,6 +16,7 @@ use crate::mig::nvml::{ComputeInstance, GpuInstance, GpuMig};
 /// The standard attributes Kubernetes defines for PCI devices.
 const PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
 const PCIE_ROOT: &str = "resource.kubernetes.io/pcieRoot";
+const NUMA_NODE: &str = "resource.kubernetes.io/numaNode";
 
 /// One device in the pool, with what `NodePrepareResources` needs to hand
 /// it to a container.
@@ -103,6 +104,9 @@ fn common(host: &Host, inventory: &Inventory, gpu: &NvmlDevice) -> Common {
     attributes.insert(PCI_BUS_ID.into(), json!({ "string": address }));
     if let Some(root) = pcie_root(host, &address) {
         attributes.insert(PCIE_ROOT.into(), json!({ "string": root }));
+    }
+    if let Some(node) = numa_node(host, &address) {
+        attributes.insert(NUMA_NODE.into(), json!({ "int": node }));
     }
     Common { attributes }
 }
@@ -282,6 +286,17 @@ fn pcie_root(host: &Host, address: &str) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The NUMA node the kernel puts a function on (`numa_node` in sysfs);
+/// `None` where it says -1 (one node, or a VM that does not tell).
+fn numa_node(host: &Host, address: &str) -> Option<i64> {
+    host.read(&format!("/sys/bus/pci/devices/{address}/numa_node"))
+        .ok()??
+        .trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|node| *node >= 0)
 }
 
 /// Each device's entry as gpuprov would write it, from what the API server
