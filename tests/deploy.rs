@@ -658,3 +658,49 @@ fn the_dra_manifests_give_what_dra_mode_uses_and_no_more() {
     let rendered = kubectl_kustomize(&repo().join("deploy/dra"));
     assert_eq!(rendered.len(), docs.len());
 }
+
+/// deploy/readiness-rule: the node-readiness-controller's rule gates on
+/// the condition gpuprov writes, with a taint its CRD admits (the rules
+/// of its `x-kubernetes-validations`: a `readiness.k8s.io/` key with one
+/// `/` and a name of 1-63 letters, digits, `-`, `_`, `.`; a value of at
+/// most 63), on the nodes gpuprov labels as having a GPU.
+#[test]
+fn the_readiness_rule_gates_on_gpuprovs_condition() {
+    let docs = render(&repo().join("deploy/readiness-rule"));
+    assert_eq!(docs.len(), 1);
+    let rule = &docs[0].1;
+    assert_eq!(rule["apiVersion"], "readiness.node.x-k8s.io/v1alpha1");
+    assert_eq!(rule["kind"], "NodeReadinessRule");
+    let spec = &rule["spec"];
+    assert_eq!(
+        spec["conditions"][0]["type"],
+        gpuprov::kube::node_status::GPU_READY
+    );
+    assert_eq!(spec["conditions"][0]["requiredStatus"], "True");
+    let key = spec["taint"]["key"].as_str().unwrap();
+    let (prefix, name) = key.split_once('/').unwrap();
+    assert_eq!(prefix, "readiness.k8s.io");
+    assert!(
+        !name.contains('/') && (1..=63).contains(&name.len()),
+        "{key}"
+    );
+    assert!(
+        name.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+        "{key}"
+    );
+    assert!(spec["taint"]["value"].as_str().unwrap().len() <= 63);
+    assert!(
+        ["NoSchedule", "PreferNoSchedule", "NoExecute"]
+            .contains(&spec["taint"]["effect"].as_str().unwrap())
+    );
+    assert!(["bootstrap-only", "continuous"].contains(&spec["enforcementMode"].as_str().unwrap()));
+    assert_eq!(
+        spec["nodeSelector"]["matchLabels"]["nvidia.com/gpu.present"],
+        "true"
+    );
+    assert_eq!(
+        kubectl_kustomize(&repo().join("deploy/readiness-rule")).len(),
+        1
+    );
+}
