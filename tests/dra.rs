@@ -770,3 +770,57 @@ fn a_hostile_call_or_claim_is_refused() {
                 .is_none()
     );
 }
+
+/// The kubelet prepares pods' claims at once: claims for different GPUs
+/// are all prepared; of claims racing for one GPU exactly one gets it.
+#[test]
+fn claims_prepared_at_once_never_share_a_gpu() {
+    let mut node = Node::new("h100x8.yaml", DRA);
+    let kubelet = registered(&mut node);
+    let uids: Vec<String> = (0..8).map(|i| format!("uid-own-{i}")).collect();
+    for (i, uid) in uids.iter().enumerate() {
+        node.fake.add_claim(
+            "ns",
+            uid,
+            uid,
+            DRIVER,
+            NODE,
+            &[("gpu", &format!("gpu-{i}"))],
+        );
+    }
+    let racers: Vec<String> = (0..6).map(|i| format!("uid-race-{i}")).collect();
+    for uid in &racers {
+        node.fake
+            .add_claim("ns", uid, uid, DRIVER, NODE, &[("gpu", "gpu-7")]);
+    }
+    let calls: Vec<_> = uids
+        .iter()
+        .take(7)
+        .chain(racers.iter())
+        .map(|uid| {
+            let client = kubelet.another();
+            let uid = uid.clone();
+            std::thread::spawn(move || {
+                let answer = client.prepare("v1", &[("ns", &uid, &uid)]).unwrap();
+                (uid.clone(), answer.claims[&uid].error.clone())
+            })
+        })
+        .collect();
+    let results: Vec<(String, String)> = calls.into_iter().map(|c| c.join().unwrap()).collect();
+    for (uid, error) in &results {
+        if uid.starts_with("uid-own-") {
+            assert_eq!(error, "", "{uid}");
+        }
+    }
+    let winners: Vec<&String> = results
+        .iter()
+        .filter(|(uid, error)| uid.starts_with("uid-race-") && error.is_empty())
+        .map(|(uid, _)| uid)
+        .collect();
+    assert_eq!(winners.len(), 1, "{results:#?}");
+    for (uid, error) in results.iter().filter(|(u, _)| u.starts_with("uid-race-")) {
+        if !winners.contains(&uid) {
+            assert!(error.contains("gpu-7"), "{uid}: {error}");
+        }
+    }
+}

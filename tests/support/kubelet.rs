@@ -179,6 +179,15 @@ impl Kubelet {
         }
     }
 
+    /// Another client of the same registered plugin (for calls from
+    /// several threads at once, as the kubelet makes them).
+    pub fn another(&self) -> Kubelet {
+        Kubelet {
+            endpoint: self.endpoint.clone(),
+            ..Kubelet::new(&self.root)
+        }
+    }
+
     fn in_root(&self, host_path: &str) -> PathBuf {
         self.root.join(host_path.trim_start_matches('/'))
     }

@@ -82,11 +82,13 @@ impl Prepared {
     }
 }
 
-/// What preparing needs: the node, its spec, and the API server.
+/// What preparing needs: the node, its spec, the API server, and the
+/// lock that makes taking devices one step.
 pub struct Preparer<'a> {
     pub host: &'a Host,
     pub spec: &'a Spec,
     pub cluster: &'a Cluster,
+    pub claims: &'a std::sync::Mutex<()>,
 }
 
 impl Preparer<'_> {
@@ -94,16 +96,10 @@ impl Preparer<'_> {
     /// it went).
     pub fn prepare(&self, claim: &ClaimRef) -> Result<Prepared, String> {
         check_claim(claim)?;
-        if let Some(prepared) = self.recorded(&claim.uid)? {
-            if prepared.claim != *claim {
-                return Err(format!(
-                    "claim UID {} is recorded as {}, and the kubelet names it {claim}",
-                    claim.uid, prepared.claim
-                ));
-            }
-            self.write_spec(&prepared)?;
+        if let Some(prepared) = self.prepared_before(claim)? {
             return Ok(prepared);
         }
+        // Read outside the lock: another claim's call need not wait on it.
         let object = self
             .cluster
             .resource_claim(&claim.namespace, &claim.name)
@@ -115,6 +111,14 @@ impl Preparer<'_> {
                 "ResourceClaim {}/{} has UID {uid}, not {} (it was deleted and made again)",
                 claim.namespace, claim.name, claim.uid
             ));
+        }
+        let _taking = self
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The same claim, prepared by a call that held the lock meanwhile.
+        if let Some(prepared) = self.prepared_before(claim)? {
+            return Ok(prepared);
         }
         let published = Published::read(self.host)?.ok_or_else(|| {
             "this node has published no devices yet (the device-plugin state has not run)"
@@ -139,10 +143,29 @@ impl Preparer<'_> {
         Ok(prepared)
     }
 
+    /// The claim's recorded answer, its spec written again if it went.
+    fn prepared_before(&self, claim: &ClaimRef) -> Result<Option<Prepared>, String> {
+        let Some(prepared) = self.recorded(&claim.uid)? else {
+            return Ok(None);
+        };
+        if prepared.claim != *claim {
+            return Err(format!(
+                "claim UID {} is recorded as {}, and the kubelet names it {claim}",
+                claim.uid, prepared.claim
+            ));
+        }
+        self.write_spec(&prepared)?;
+        Ok(Some(prepared))
+    }
+
     /// Unprepares a claim: its spec, then its record. One not prepared
     /// here is done already.
     pub fn unprepare(&self, claim: &ClaimRef) -> Result<(), String> {
         check_claim(claim)?;
+        let _taking = self
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = spec_path(self.spec, &claim.uid);
         let ours = self
             .host

@@ -95,10 +95,13 @@ pub struct Plugin {
 struct Shared {
     host: Host,
     spec: Mutex<Spec>,
-    /// Its own connection: prepares run on the plugin's threads, one at a
-    /// time (which also makes the check that a device is free and the
-    /// record that takes it one step).
-    cluster: Mutex<Cluster>,
+    /// Its own connection, shared by the calls in flight (each reads its
+    /// claim at once; a slow API server holds only the calls that wait on
+    /// it).
+    cluster: Cluster,
+    /// Held from the check that a claim's devices are free to the record
+    /// that takes them, so two claims never take one device.
+    claims: Mutex<()>,
     registration: String,
     endpoint: String,
     /// Told when the kubelet registers the plugin (again): it may have
@@ -141,7 +144,8 @@ impl Plugin {
         let shared = Arc::new(Shared {
             host: host.clone(),
             spec: Mutex::new(spec.clone()),
-            cluster: Mutex::new(own),
+            cluster: own,
+            claims: Mutex::new(()),
             registration: registration.clone(),
             endpoint: endpoint.clone(),
             on_registered: Box::new(on_registered),
@@ -279,11 +283,11 @@ impl Shared {
 
     fn prepare(&self, claims: Vec<Claim>) -> NodePrepareResourcesResponse {
         let spec = self.spec();
-        let cluster = self.cluster.lock().unwrap_or_else(PoisonError::into_inner);
         let preparer = Preparer {
             host: &self.host,
             spec: &spec,
-            cluster: &cluster,
+            cluster: &self.cluster,
+            claims: &self.claims,
         };
         let mut answer = NodePrepareResourcesResponse::default();
         for claim in claims {
@@ -313,11 +317,11 @@ impl Shared {
 
     fn unprepare(&self, claims: Vec<Claim>) -> NodeUnprepareResourcesResponse {
         let spec = self.spec();
-        let cluster = self.cluster.lock().unwrap_or_else(PoisonError::into_inner);
         let preparer = Preparer {
             host: &self.host,
             spec: &spec,
-            cluster: &cluster,
+            cluster: &self.cluster,
+            claims: &self.claims,
         };
         let mut answer = NodeUnprepareResourcesResponse::default();
         for claim in claims {
