@@ -1,6 +1,7 @@
 //! Background work of `gpuprov run` (the Node watch, the health and metrics
-//! server): a future on a thread of its own, on a single-threaded tokio
-//! runtime, so that it never waits on a converge nor a converge on it.
+//! server, the DRA kubelet plugin): a future on a thread of its own, on a
+//! single-threaded tokio runtime, so that it never waits on a converge nor
+//! a converge on it.
 
 use std::future::Future;
 
@@ -18,7 +19,12 @@ where
             .enable_all()
             .build()
         {
-            Ok(runtime) => runtime.block_on(task()),
+            Ok(runtime) => {
+                runtime.block_on(task());
+                // A blocking call still running (a DRA prepare waiting on
+                // the API server) must not hold whoever stops the work.
+                runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+            }
             Err(e) => tracing::error!("{what} cannot start: {e}"),
         }
     })

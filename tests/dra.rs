@@ -15,6 +15,18 @@ use support::daemon::get;
 use support::dra_node::{DRA, DRIVER, NODE, Node};
 use support::kubelet::Kubelet;
 
+/// The claims' CDI spec files in the node's spec directory.
+fn claim_specs(node: &Node) -> Vec<String> {
+    fs::read_dir(node.at("/var/run/cdi"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("claim"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn device_names(slice: &Value) -> Vec<String> {
     slice["spec"]["devices"]
         .as_array()
@@ -344,14 +356,8 @@ fn a_claim_this_node_cannot_serve_is_an_error() {
     ] {
         assert!(answer.claims[uid].devices.is_empty());
     }
-    let written: Vec<String> = fs::read_dir(node.at("/var/run/cdi"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(written.iter().all(|n| !n.contains("claim")), "{written:?}");
+    let written = claim_specs(&node);
+    assert!(written.is_empty(), "{written:?}");
 }
 
 /// A GPU lost updates the slice (its generation bumped); the kubelet
@@ -754,14 +760,8 @@ fn a_hostile_call_or_claim_is_refused() {
         answer.claims["uid-odd"].error.contains("is not allocated"),
         "{answer:?}"
     );
-    let written: Vec<String> = fs::read_dir(node.at("/var/run/cdi"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(written.iter().all(|n| !n.contains("claim")), "{written:?}");
+    let written = claim_specs(&node);
+    assert!(written.is_empty(), "{written:?}");
     assert!(
         !node.at("/var/lib/gpuprov/dra/claims").exists()
             || fs::read_dir(node.at("/var/lib/gpuprov/dra/claims"))

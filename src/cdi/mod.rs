@@ -242,40 +242,33 @@ fn gpus(
     }
     let mut mig_control = Vec::new();
     let migs = mig_devices(ctx, inventory)?;
-    {
-        let with_mig: Vec<_> = migs
-            .iter()
-            .filter(|m| m.current && m.instances.iter().any(|gi| !gi.compute.is_empty()))
-            .collect();
-        if !with_mig.is_empty() {
-            let table = ctx.host.read(MIG_MINORS)?.unwrap_or_default();
-            let minors = parse_mig_minors(&table);
-            // Management pods use these when present; a spec without
-            // them still serves every MIG device.
-            for name in ["config", "monitor"] {
-                if let Some(node) = cap_node(ctx.host, &minors, name, &mut Vec::new())? {
-                    mig_control.push(node);
-                }
+    let with_mig: Vec<_> = migs
+        .iter()
+        .filter(|m| m.current && m.instances.iter().any(|gi| !gi.compute.is_empty()))
+        .collect();
+    if !with_mig.is_empty() {
+        let minors = mig_minors(ctx.host)?;
+        // Management pods use these when present; a spec without
+        // them still serves every MIG device.
+        for name in ["config", "monitor"] {
+            if let Some(node) = cap_node(ctx.host, &minors, name, &mut Vec::new())? {
+                mig_control.push(node);
             }
-            for mig in with_mig {
-                let Some(gpu) = gpus.iter_mut().find(|g| g.index == mig.index) else {
-                    continue;
-                };
-                for gi in &mig.instances {
-                    for ci in &gi.compute {
-                        let gi_key = format!("gpu{}/gi{}/access", gpu.minor, gi.id);
-                        let ci_key = format!("gpu{}/gi{}/ci{}/access", gpu.minor, gi.id, ci.id);
-                        let caps = [
-                            cap_node(ctx.host, &minors, &gi_key, &mut missing)?,
-                            cap_node(ctx.host, &minors, &ci_key, &mut missing)?,
-                        ];
-                        if let [Some(gi_cap), Some(ci_cap)] = caps {
-                            gpu.mig.push(MigDevice {
-                                gpu_instance: gi.id,
-                                compute_instance: ci.id,
-                                caps: [gi_cap, ci_cap],
-                            });
-                        }
+        }
+        for mig in with_mig {
+            let Some(gpu) = gpus.iter_mut().find(|g| g.index == mig.index) else {
+                continue;
+            };
+            for gi in &mig.instances {
+                for ci in &gi.compute {
+                    if let Some(caps) =
+                        mig_caps(ctx.host, &minors, gpu.minor, gi.id, ci.id, &mut missing)?
+                    {
+                        gpu.mig.push(MigDevice {
+                            gpu_instance: gi.id,
+                            compute_instance: ci.id,
+                            caps,
+                        });
                     }
                 }
             }
@@ -311,36 +304,32 @@ pub fn mig_devices(
         .map_err(|p| StateError::operator(format!("MIG devices cannot be read: {p}")))
 }
 
+/// The driver's table of MIG capability minors, read.
+pub fn mig_minors(host: &Host) -> Result<std::collections::BTreeMap<String, u32>, HostError> {
+    Ok(parse_mig_minors(
+        &host.read(MIG_MINORS)?.unwrap_or_default(),
+    ))
+}
+
 /// The capability nodes of the MIG device in GPU instance `gi`, compute
 /// instance `ci` of the GPU whose node is `/dev/nvidia<minor>`; what is
-/// missing is said.
+/// missing is added to `missing`.
 pub fn mig_caps(
     host: &Host,
+    minors: &std::collections::BTreeMap<String, u32>,
     minor: u32,
     gi: u32,
     ci: u32,
-) -> Result<Result<[String; 2], driver_files::Missing>, HostError> {
-    let table = host.read(MIG_MINORS)?.unwrap_or_default();
-    let minors = parse_mig_minors(&table);
-    let mut missing = Vec::new();
-    let caps = [
-        cap_node(
-            host,
-            &minors,
-            &format!("gpu{minor}/gi{gi}/access"),
-            &mut missing,
-        )?,
-        cap_node(
-            host,
-            &minors,
-            &format!("gpu{minor}/gi{gi}/ci{ci}/access"),
-            &mut missing,
-        )?,
-    ];
-    Ok(match caps {
-        [Some(gi_cap), Some(ci_cap)] => Ok([gi_cap, ci_cap]),
-        _ => Err(driver_files::Missing(missing)),
-    })
+    missing: &mut Vec<String>,
+) -> Result<Option<[String; 2]>, HostError> {
+    let gi_cap = cap_node(host, minors, &format!("gpu{minor}/gi{gi}/access"), missing)?;
+    let ci_cap = cap_node(
+        host,
+        minors,
+        &format!("gpu{minor}/gi{gi}/ci{ci}/access"),
+        missing,
+    )?;
+    Ok(gi_cap.zip(ci_cap).map(|(gi_cap, ci_cap)| [gi_cap, ci_cap]))
 }
 
 /// `/proc/driver/nvidia-caps/mig-minors`: `<capability> <minor>` a line.

@@ -101,12 +101,12 @@ pub fn run(args: &DaemonOptions) -> Result<i32, Error> {
             },
         )
     });
-    let registered = std::sync::Mutex::new(triggers.clone());
-    let registered: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-        if let Ok(triggers) = registered.lock() {
+    let registered: Arc<dyn Fn() + Send + Sync> = {
+        let triggers = triggers.clone();
+        Arc::new(move || {
             let _ = triggers.send(Trigger::PluginRegistered);
-        }
-    });
+        })
+    };
     let _config_watch = node_args.config.as_deref().map(|config| {
         config_watch::watch(config, move || {
             let _ = triggers.send(Trigger::ConfigChanged);

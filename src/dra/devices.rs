@@ -44,11 +44,9 @@ pub struct Devices {
     pub entries: Vec<Value>,
 }
 
-/// What every device of a GPU shares: NVML's words for it, versions as
-/// semantic versions, where it sits on the PCI bus.
-struct Common {
-    attributes: serde_json::Map<String, Value>,
-}
+/// A GPU has at most 8 memory slices (NVML's placements count them); a
+/// library saying more is not believed.
+const MAX_MEMORY_SLICES: u32 = 8;
 
 /// The devices on the node: GPUs with MIG off whole, GPUs with MIG on by
 /// their MIG devices (`migs`: NVML's MIG side, read where MIG is on).
@@ -85,7 +83,9 @@ pub fn devices(host: &Host, inventory: &Inventory, migs: &[GpuMig]) -> Devices {
     found
 }
 
-fn common(host: &Host, inventory: &Inventory, gpu: &NvmlDevice) -> Common {
+/// What every device of a GPU shares: NVML's words for it, versions as
+/// semantic versions, where it sits on the PCI bus and NUMA.
+fn common(host: &Host, inventory: &Inventory, gpu: &NvmlDevice) -> serde_json::Map<String, Value> {
     let mut attributes = serde_json::Map::new();
     attributes.insert("productName".into(), json!({"string": gpu.name}));
     attributes.insert("brand".into(), json!({"string": gpu.brand}));
@@ -108,10 +108,10 @@ fn common(host: &Host, inventory: &Inventory, gpu: &NvmlDevice) -> Common {
     if let Some(node) = numa_node(host, &address) {
         attributes.insert(NUMA_NODE.into(), json!({ "int": node }));
     }
-    Common { attributes }
+    attributes
 }
 
-fn whole_gpu(gpu: &NvmlDevice, common: &Common) -> (DraDevice, Value) {
+fn whole_gpu(gpu: &NvmlDevice, common: &serde_json::Map<String, Value>) -> (DraDevice, Value) {
     let name = format!("gpu-{}", gpu.minor_number);
     let mut attributes = serde_json::Map::new();
     attributes.insert("type".into(), json!({"string": "gpu"}));
@@ -120,11 +120,11 @@ fn whole_gpu(gpu: &NvmlDevice, common: &Common) -> (DraDevice, Value) {
     // written then select by them.
     attributes.insert("index".into(), json!({"int": gpu.index}));
     attributes.insert("minor".into(), json!({"int": gpu.minor_number}));
-    attributes.extend(common.attributes.clone());
+    attributes.extend(common.clone());
     let entry = json!({
         "name": name,
         "attributes": attributes,
-        "capacity": {"memory": {"value": binary_quantity(gpu.memory_total_mib << 20)}},
+        "capacity": {"memory": {"value": binary_quantity(gpu.memory_total_mib.saturating_mul(1 << 20))}},
     });
     let device = DraDevice {
         name,
@@ -141,7 +141,7 @@ fn mig_device(
     mig: &GpuMig,
     gi: &GpuInstance,
     ci: &ComputeInstance,
-    common: &Common,
+    common: &serde_json::Map<String, Value>,
 ) -> (DraDevice, Value) {
     let profile_name = mig.device_name(gi, ci);
     let profile = mig.profile(gi.profile_id);
@@ -165,7 +165,7 @@ fn mig_device(
     attributes.insert("parentIndex".into(), json!({"int": gpu.index}));
     attributes.insert("parentMinor".into(), json!({"int": gpu.minor_number}));
     attributes.insert("profile".into(), json!({"string": profile_name}));
-    attributes.extend(common.attributes.clone());
+    attributes.extend(common.clone());
     let mut capacity = serde_json::Map::new();
     if let Some(p) = profile {
         for (key, value) in [
@@ -175,13 +175,14 @@ fn mig_device(
             ("encoders", u64::from(p.encoders)),
             ("jpegEngines", u64::from(p.jpegs)),
             ("ofaEngines", u64::from(p.ofas)),
-            ("memory", p.memory_mib << 20),
+            ("memory", p.memory_mib.saturating_mul(1 << 20)),
         ] {
             capacity.insert(key.into(), json!({"value": binary_quantity(value)}));
         }
     }
     // Which memory slices it holds: two MIG devices never share one.
-    for slice in gi.start..gi.start + gi.size {
+    let slices = gi.size.min(MAX_MEMORY_SLICES);
+    for slice in gi.start..gi.start.saturating_add(slices) {
         capacity.insert(format!("memorySlice{slice}"), json!({"value": "1"}));
     }
     let entry = json!({"name": name, "attributes": attributes, "capacity": capacity});

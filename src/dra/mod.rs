@@ -153,7 +153,7 @@ pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
         let slice = slice(
             &node,
             ctx.facts.node_uid.as_deref(),
-            generation + 1,
+            generation.saturating_add(1),
             &entries,
         );
         changes.push(Change::own(PublishSlice {
@@ -164,7 +164,7 @@ pub fn observe(ctx: &StateContext) -> Result<Observation, StateError> {
                     .map(str::to_string)
             }),
             pool: node.clone(),
-            generation: generation + 1,
+            generation: generation.saturating_add(1),
             devices: found.devices.iter().map(|d| d.name.clone()).collect(),
             shown: shown.clone(),
             registration_socket: plugin::registration_socket(ctx.spec),
@@ -228,20 +228,11 @@ pub fn withdraw(ctx: &StateContext) -> Result<Vec<Change>, StateError> {
 /// (the kubelet deletes the slices once the plugin is gone).
 pub fn revert(ctx: &RevertContext, report: &mut RevertReport) -> Result<(), StateError> {
     for name in ctx.host.list_dir(plugin::claims::CLAIMS_DIR)? {
-        let Some(uid) = name.strip_suffix(".json") else {
-            continue;
-        };
-        let spec = plugin::claims::spec_path(ctx.spec, uid);
-        if ctx
-            .host
-            .read(&spec)?
-            .is_some_and(|t| t.starts_with(plugin::claims::SPEC_MARKER))
+        if let Some(uid) = name.strip_suffix(".json")
+            && let Some(spec) = plugin::claims::remove_claim(ctx.host, ctx.spec, uid)?
         {
-            ctx.host.remove(&spec)?;
             report.cdi_specs_removed.push(spec);
         }
-        ctx.host
-            .remove(&format!("{}/{name}", plugin::claims::CLAIMS_DIR))?;
     }
     ctx.host.remove(PUBLISHED)?;
     Ok(())
@@ -251,7 +242,7 @@ fn is_ours(slice: &Value) -> bool {
     slice["metadata"]["labels"][MANAGED_BY.0].as_str() == Some(MANAGED_BY.1)
 }
 
-/// `8 devices: gpu-0 … gpu-7 (NVIDIA H100 80GB HBM3)`.
+/// `8 devices: gpu-0 … gpu-7`.
 fn describe(devices: &[DraDevice]) -> String {
     match devices {
         [] => "no devices (no GPU, or MIG on without MIG devices)".to_string(),
@@ -412,8 +403,12 @@ impl CapabilityChange for PublishSlice {
                 return Ok(());
             };
             slice["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
-            slice["spec"]["pool"]["generation"] =
-                json!(current["spec"]["pool"]["generation"].as_i64().unwrap_or(0) + 1);
+            slice["spec"]["pool"]["generation"] = json!(
+                current["spec"]["pool"]["generation"]
+                    .as_i64()
+                    .unwrap_or(0)
+                    .saturating_add(1)
+            );
             return match cluster
                 .replace_resource_slice(name, &slice)
                 .map_err(transient)?

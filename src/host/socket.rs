@@ -13,6 +13,55 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
+/// Whether a process listens on the unix socket at `socket` (a real
+/// path): a connect that never waits, so a listener that does not accept
+/// (its backlog full) cannot hold gpuprov; it is there, and counts.
+pub fn answers(socket: &Path) -> bool {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect};
+    let Ok(address) = UnixAddr::new(socket) else {
+        return false;
+    };
+    let Ok(fd) = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    use std::os::fd::AsRawFd;
+    matches!(
+        connect(fd.as_raw_fd(), &address),
+        Ok(()) | Err(nix::errno::Errno::EAGAIN)
+    )
+}
+
+/// Sets the mode of the socket gpuprov just bound at `socket` (a real
+/// path), on that socket itself: held without following a link, checked
+/// to be a socket, changed through its descriptor.
+pub fn set_socket_mode(socket: &Path, mode: u32) -> Result<(), String> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let shown = socket.display();
+    let fd = rustix::fs::open(
+        socket,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open {shown}: {e}"))?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| format!("cannot stat {shown}: {e}"))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
+        return Err(format!("{shown} is no longer the socket gpuprov bound"));
+    }
+    // An O_PATH descriptor takes no fchmod; its /proc link names the
+    // inode itself (as glibc's fchmodat does it).
+    use std::os::fd::AsRawFd;
+    rustix::fs::chmod(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        Mode::from_raw_mode(mode),
+    )
+    .map_err(|e| format!("cannot set the mode of {shown}: {e}"))
+}
+
 /// The pid of the process serving a unix socket, from its peer credentials.
 pub fn socket_owner(socket: &Path) -> Result<i32, String> {
     let stream = UnixStream::connect(socket)

@@ -33,10 +33,9 @@ pub struct CdiSpec {
 }
 
 /// `containerd_class` is the runtime class gpuprov configures; the CDI
-/// runtime needs a name of its own beside it.
-/// With `devicePlugin.mode: dra` CDI is on unless the spec says
-/// otherwise, and saying so is an error: DRA hands devices to containers
-/// by CDI name alone.
+/// runtime needs a name of its own beside it. With `devicePlugin.mode:
+/// dra` CDI is on unless the spec says otherwise, and saying so is an
+/// error: DRA hands devices to containers by CDI name alone.
 pub(super) fn resolve_cdi(
     raw: &RawCdi,
     containerd_class: &str,
@@ -56,19 +55,13 @@ pub(super) fn resolve_cdi(
             .with_help("leave cdi.enabled out (DRA turns it on), or set devicePlugin.mode: operand"),
         );
     }
-    let spec_dir = match &raw.spec_dir {
-        None => DEFAULT_CDI_SPEC_DIR.to_string(),
-        Some(dir) => {
-            if let Err(problem) = check_host_path(&dir.value) {
-                errors.push(Diagnostic::at_location(
-                    source,
-                    dir.referenced,
-                    format!("cdi.specDir {problem}"),
-                ));
-            }
-            dir.value.trim_end_matches('/').to_string()
-        }
-    };
+    let spec_dir = host_dir(
+        "cdi.specDir",
+        &raw.spec_dir,
+        DEFAULT_CDI_SPEC_DIR,
+        source,
+        errors,
+    );
     let runtime_class = match &raw.runtime_class {
         None => Some(DEFAULT_CDI_RUNTIME_CLASS.to_string()),
         Some(class) if class.value.is_empty() => None,

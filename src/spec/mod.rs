@@ -338,19 +338,13 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         source,
         &mut errors,
     );
-    let kubelet_dir = match &raw.device_plugin.kubelet_dir {
-        None => DEFAULT_KUBELET_DIR.to_string(),
-        Some(dir) => {
-            if let Err(problem) = check_host_path(&dir.value) {
-                errors.push(Diagnostic::at_location(
-                    source,
-                    dir.referenced,
-                    format!("devicePlugin.kubeletDir {problem}"),
-                ));
-            }
-            dir.value.trim_end_matches('/').to_string()
-        }
-    };
+    let kubelet_dir = host_dir(
+        "devicePlugin.kubeletDir",
+        &raw.device_plugin.kubelet_dir,
+        DEFAULT_KUBELET_DIR,
+        source,
+        &mut errors,
+    );
     let dcgm_exporter_interval = raw
         .dcgm_exporter
         .sample_interval_seconds
@@ -565,6 +559,29 @@ fn seconds(
 }
 
 /// Host paths in the spec are absolute and never climb with `..`.
+/// A directory on the host from the spec, without its trailing `/`;
+/// `default` when not given. One that is not an absolute host path is an
+/// error at its place.
+fn host_dir(
+    key: &str,
+    given: &Option<Spanned<String>>,
+    default: &str,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> String {
+    let Some(dir) = given else {
+        return default.to_string();
+    };
+    if let Err(problem) = check_host_path(&dir.value) {
+        errors.push(Diagnostic::at_location(
+            source,
+            dir.referenced,
+            format!("{key} {problem}"),
+        ));
+    }
+    dir.value.trim_end_matches('/').to_string()
+}
+
 fn check_host_path(value: &str) -> Result<(), String> {
     if value.starts_with('/') && !value.split('/').any(|p| p == "..") {
         Ok(())

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::messages;
 use crate::cdi::document::{self, Device as CdiDevice};
 use crate::dra::{DRIVER, Published, devices::DraDevice};
-use crate::host::Host;
+use crate::host::{Host, HostError};
 use crate::kube::Cluster;
 use crate::spec::Spec;
 
@@ -166,23 +166,8 @@ impl Preparer<'_> {
             .claims
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let path = spec_path(self.spec, &claim.uid);
-        let ours = self
-            .host
-            .read(&path)
-            .map_err(|e| crate::error_chain::error_chain(&e))?
-            .is_some_and(|text| text.starts_with(SPEC_MARKER));
-        let remove = |path: &str| {
-            self.host
-                .remove(path)
-                .map_err(|e| crate::error_chain::error_chain(&e))
-        };
-        if ours {
-            remove(&path)?;
-        }
-        remove(&record_path(&claim.uid))?;
-        self.host
-            .make_durable()
+        remove_claim(self.host, self.spec, &claim.uid)
+            .and_then(|_| self.host.make_durable())
             .map_err(|e| crate::error_chain::error_chain(&e))
     }
 
@@ -323,6 +308,7 @@ impl Preparer<'_> {
                 )
             })?;
         let hook = crate::toolkit::ctk_binary(self.host, self.spec).map_err(error)?;
+        let minors = crate::cdi::mig_minors(self.host).map_err(error)?;
         let mut cdi_devices = Vec::new();
         for prepared_device in &prepared.devices {
             let device: &DraDevice =
@@ -335,9 +321,17 @@ impl Preparer<'_> {
             let edits = match device.mig {
                 None => document::gpu_edits(device.minor),
                 Some((gi, ci)) => {
-                    let caps = crate::cdi::mig_caps(self.host, device.minor, gi, ci)
-                        .map_err(error)?
-                        .map_err(|missing| format!("MIG device {}: {missing}", device.name))?;
+                    let mut missing = Vec::new();
+                    let caps = crate::cdi::mig_caps(
+                        self.host,
+                        &minors,
+                        device.minor,
+                        gi,
+                        ci,
+                        &mut missing,
+                    )
+                    .map_err(error)?
+                    .ok_or_else(|| format!("MIG device {}: {}", device.name, missing.join("; ")))?;
                     document::mig_edits(device.minor, &caps)
                 }
             };
@@ -368,6 +362,20 @@ impl Preparer<'_> {
             .and_then(|_| self.host.make_durable())
             .map_err(error)
     }
+}
+
+/// Removes what preparing a claim left: its CDI spec (only if gpuprov
+/// wrote it), then its record. The spec's path when it was removed.
+pub fn remove_claim(host: &Host, spec: &Spec, uid: &str) -> Result<Option<String>, HostError> {
+    let path = spec_path(spec, uid);
+    let ours = host
+        .read(&path)?
+        .is_some_and(|text| text.starts_with(SPEC_MARKER));
+    if ours {
+        host.remove(&path)?;
+    }
+    host.remove(&record_path(uid))?;
+    Ok(ours.then_some(path))
 }
 
 /// The claim's CDI spec file, named as CDI names transient specs.

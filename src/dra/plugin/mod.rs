@@ -63,7 +63,7 @@ pub struct Registration {
 /// Whether something answers at a socket (a host path).
 pub fn answers(host: &Host, socket: &str) -> bool {
     host.resolve(socket)
-        .is_ok_and(|real| std::os::unix::net::UnixStream::connect(real).is_ok())
+        .is_ok_and(|real| crate::host::socket::answers(&real))
 }
 
 /// Whether a plugin answers at the registration socket and the kubelet
@@ -517,7 +517,7 @@ fn bind(host: &Host, socket: &str) -> Result<std::os::unix::net::UnixListener, S
                 "{socket} exists and is not a socket; gpuprov leaves it"
             ));
         }
-        if std::os::unix::net::UnixStream::connect(&real).is_ok() {
+        if crate::host::socket::answers(&real) {
             return Err(format!(
                 "another plugin answers at {socket} (NVIDIA's DRA driver?): gpuprov serves {DRIVER} only where nothing else does"
             ));
@@ -527,8 +527,7 @@ fn bind(host: &Host, socket: &str) -> Result<std::os::unix::net::UnixListener, S
     let listener = std::os::unix::net::UnixListener::bind(&real)
         .map_err(|e| format!("cannot listen on {socket}: {e}"))?;
     // The kubelet (root) is the only caller.
-    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(|e| format!("cannot restrict {socket} to root: {e}"))?;
+    crate::host::socket::set_socket_mode(&real, 0o600)?;
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("cannot listen on {socket}: {e}"))?;
