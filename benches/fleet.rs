@@ -387,8 +387,8 @@ fn steady_state_fleet(agents: usize, timeout: u64, seconds: u64) {
 /// `upgrade-done` and gives the slot back, all through gpuprov's own
 /// upgrade actions.
 fn rolling_upgrade_fleet(agents: usize, per_node: Duration, wait: Duration) {
+    use gpuprov::slots::{Fleet, take};
     use gpuprov::upgrade::run::make;
-    use gpuprov::upgrade::slots::{Fleet, take};
     use gpuprov::upgrade::{Action, State};
     let fake = FakeApi::start();
     let nodes: Vec<String> = (0..agents).map(|i| format!("node-{i}")).collect();
@@ -419,10 +419,17 @@ fn rolling_upgrade_fleet(agents: usize, per_node: Duration, wait: Duration) {
                     let mut looks = 0;
                     loop {
                         looks += 1;
-                        let fleet = Fleet::read(&cluster, &namespace, &upgrade).unwrap();
+                        let fleet = Fleet::read(
+                            &cluster,
+                            &gpuprov::upgrade::SLOTS,
+                            &namespace,
+                            upgrade.max_unavailable,
+                        )
+                        .unwrap();
                         if (fleet.ours(&cluster.node).is_some() || fleet.free().is_some())
                             && take(
                                 &cluster,
+                                &gpuprov::upgrade::SLOTS,
                                 &namespace,
                                 fleet.slots,
                                 upgrade.lease_duration_seconds,

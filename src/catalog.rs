@@ -396,6 +396,7 @@ mod tests {
                 "container-toolkit",
                 "containerd-runtime",
                 "gpu-health",
+                "gpu-remediation",
                 "mig",
                 "cdi",
                 "gpu-feature-discovery",

@@ -12,7 +12,7 @@ use crate::spec::{ExporterMode, PluginMode};
 use crate::state::{Change, Observation, RevertContext, StateContext, StateError};
 use crate::{
     cdi, containerd, dra, driver, exec, fabric, gpu, mig, operands, peermem, persistence,
-    telemetry, toolkit,
+    remediation, telemetry, toolkit,
 };
 
 type Observe = fn(&StateContext) -> Result<Observation, StateError>;
@@ -37,6 +37,10 @@ static CAPABILITIES: &[(&str, Capability)] = &[
     (
         "gpu-health",
         Capability::observing(gpu::gfd::observe_health),
+    ),
+    (
+        "gpu-remediation",
+        Capability::observing(remediation::observe).withdrawing(remediation::withdraw),
     ),
     ("mig", Capability::observing(mig::observe)),
     (

@@ -40,6 +40,106 @@ struct ConvergeResult {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultClassLabel {
+    class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: String,
+}
+
+/// GPU fault remediation, from the `gpu-remediation` step's details: the
+/// totals its record keeps on the node (they survive restarts, so they
+/// are gauges), the stage, whether a slot is held.
+struct Remediation {
+    faults: Family<FaultClassLabel, Gauge>,
+    actions: Family<ActionLabel, Gauge>,
+    storms: Gauge,
+    slot_held: Gauge,
+    stage: Family<StageLabel, Gauge>,
+}
+
+impl Remediation {
+    fn register(registry: &mut Registry) -> Remediation {
+        let remediation = Remediation {
+            faults: Family::default(),
+            actions: Family::default(),
+            storms: Gauge::default(),
+            slot_held: Gauge::default(),
+            stage: Family::default(),
+        };
+        registry.register(
+            "gpuprov_remediation_faults_seen",
+            "GPU faults seen on this node, by class (kept in its remediation record)",
+            remediation.faults.clone(),
+        );
+        registry.register(
+            "gpuprov_remediation_actions_taken",
+            "Remediation actions taken on this node (taint, draining, resetting, rebooting)",
+            remediation.actions.clone(),
+        );
+        registry.register(
+            "gpuprov_remediation_storms_seen",
+            "GPU fault storms that stopped this node's remediation",
+            remediation.storms.clone(),
+        );
+        registry.register(
+            "gpuprov_remediation_slot_held",
+            "Whether this node holds a remediation slot",
+            remediation.slot_held.clone(),
+        );
+        registry.register(
+            "gpuprov_remediation_stage",
+            "The node's remediation stage (1 for the current one)",
+            remediation.stage.clone(),
+        );
+        remediation
+    }
+
+    fn record(&self, report: &RunReport) {
+        let Some(step) = report
+            .steps
+            .iter()
+            .find(|s| s.capability.name() == "gpu-remediation")
+        else {
+            return;
+        };
+        let details = &step.details;
+        let counts = |key: &str| -> Vec<(String, i64)> {
+            details[key]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.as_i64().unwrap_or(0)))
+                .collect()
+        };
+        for (class, n) in counts("faultsSeen") {
+            self.faults.get_or_create(&FaultClassLabel { class }).set(n);
+        }
+        for (action, n) in counts("actionsTaken") {
+            self.actions.get_or_create(&ActionLabel { action }).set(n);
+        }
+        self.storms.set(details["stormsSeen"].as_i64().unwrap_or(0));
+        self.slot_held
+            .set(i64::from(details["slotHeld"].as_bool().unwrap_or(false)));
+        if let Some(stage) = details["stage"].as_str() {
+            self.stage.clear();
+            self.stage
+                .get_or_create(&StageLabel {
+                    stage: stage.to_string(),
+                })
+                .set(1);
+        }
+    }
+}
+
 /// What `/readyz` and `/metrics` report, updated after every converge.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -60,6 +160,7 @@ pub struct Metrics {
     /// another is sampling (a silent kubelet holds one for its timeout).
     last_gpu_series: Mutex<String>,
     node_status: NodeStatus,
+    remediation: Remediation,
 }
 
 /// The GPU Operator's node-status-exporter metrics, with its names and
@@ -205,6 +306,7 @@ impl Metrics {
             requests.clone(),
         );
         let node_status = NodeStatus::register(&mut registry);
+        let remediation = Remediation::register(&mut registry);
         Metrics {
             registry: Mutex::new(registry),
             outcomes,
@@ -217,6 +319,7 @@ impl Metrics {
             exporter: Mutex::new(None),
             last_gpu_series: Mutex::new(String::new()),
             node_status,
+            remediation,
         }
     }
 
@@ -247,6 +350,7 @@ impl Metrics {
         *self.readiness.lock().expect("not poisoned") = body;
         if let Ok(report) = result {
             self.node_status.record(report);
+            self.remediation.record(report);
             // Only this converge's outcomes: a state's old one goes.
             self.outcomes.clear();
             for step in &report.steps {

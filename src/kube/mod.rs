@@ -148,10 +148,11 @@ pub struct Cluster {
     /// This node's DRA ResourceSlices as gpuprov last read or wrote them
     /// (`resources.rs`).
     resource_slices: std::sync::Mutex<Option<Vec<serde_json::Value>>>,
-    /// The stop flag of the thread renewing a Lease this node holds (an
-    /// upgrade slot), while one runs: shared with a reconnected `Cluster`
+    /// The stop flags of the threads renewing the Leases this node holds
+    /// (an upgrade slot, a remediation slot), by slot prefix: shared with a reconnected `Cluster`
     /// (`keep_from`), so a reloaded spec keeps renewing the slot.
-    pub lease_renewal: Arc<std::sync::Mutex<Option<Arc<std::sync::atomic::AtomicBool>>>>,
+    pub lease_renewal:
+        Arc<std::sync::Mutex<BTreeMap<&'static str, Arc<std::sync::atomic::AtomicBool>>>>,
     /// How many GPU nodes the fleet has, and when that was read.
     pub fleet_size: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }

@@ -16,6 +16,9 @@ pub const SLOT_LABEL: &str = "gpuprov.io/driver-upgrade-slot";
 /// cordoned it, so that the upgrade leaves it so.
 pub const WAS_UNSCHEDULABLE: &str = "gpuprov.io/driver-upgrade.was-unschedulable";
 
+/// A Node's name and labels.
+pub type NodeLabelsOf = (String, std::collections::BTreeMap<String, String>);
+
 /// How an eviction went.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Eviction {
@@ -33,13 +36,18 @@ fn leases(namespace: &str) -> Request {
 }
 
 impl Cluster {
-    /// The fleet's slot Leases in `namespace`, in one list: from the API
+    /// The fleet's slot Leases in `namespace` (those labelled `label`), in one list: from the API
     /// server's watch cache when `cached` (`resourceVersion=0`, no etcd
     /// read: what a waiting node polls; a stale answer costs only a failed
     /// take, for taking is optimistic), else as they are now.
-    pub fn slot_leases(&self, namespace: &str, cached: bool) -> Result<Vec<Lease>, KubeError> {
-        let what = format!("GET leases in {namespace} ({SLOT_LABEL})");
-        let params = ListParams::default().labels(SLOT_LABEL);
+    pub fn slot_leases(
+        &self,
+        namespace: &str,
+        label: &str,
+        cached: bool,
+    ) -> Result<Vec<Lease>, KubeError> {
+        let what = format!("GET leases in {namespace} ({label})");
+        let params = ListParams::default().labels(label);
         let params = if cached { params.match_any() } else { params };
         let request = leases(namespace).list(&params).expect("a valid request");
         let (code, body) = self.send(&what, request)?;
@@ -49,6 +57,19 @@ impl Cluster {
         let list: k8s_openapi::List<Lease> =
             serde_json::from_slice(&body).map_err(|e| self.not_a(&what, code, "LeaseList", &e))?;
         Ok(list.items)
+    }
+
+    /// A Lease by name; `None` when there is none.
+    pub fn get_lease(&self, namespace: &str, name: &str) -> Result<Option<Lease>, KubeError> {
+        let what = format!("GET lease {namespace}/{name}");
+        let request = leases(namespace)
+            .get(name, &Default::default())
+            .expect("a valid request");
+        match self.send(&what, request)? {
+            (200, body) => self.lease_answered(&what, 200, &body).map(Some),
+            (404, _) => Ok(None),
+            (code, body) => Err(self.refused(&what, code, &body)),
+        }
     }
 
     /// Creates a Lease and answers it as created; `Ok(None)` when one of
@@ -124,11 +145,17 @@ impl Cluster {
 
     /// How many Nodes carry `label_selector` (metadata only, in pages).
     pub fn count_nodes(&self, label_selector: &str) -> Result<u64, KubeError> {
+        Ok(self.nodes_labels(label_selector)?.len() as u64)
+    }
+
+    /// The name and labels of each Node that carries `label_selector`
+    /// (metadata only, in pages).
+    pub fn nodes_labels(&self, label_selector: &str) -> Result<Vec<NodeLabelsOf>, KubeError> {
         let what = format!("GET nodes ({label_selector})");
         // 500 a page: 200 pages is a 100,000-node fleet; a server whose
         // continue tokens never end is refused, not followed for ever.
         const MAX_PAGES: usize = 200;
-        let mut count = 0;
+        let mut nodes = Vec::new();
         let mut next: Option<String> = None;
         for _ in 0..MAX_PAGES {
             let mut params = ListParams::default().labels(label_selector).limit(500);
@@ -144,15 +171,22 @@ impl Cluster {
             }
             let page: serde_json::Value =
                 serde_json::from_slice(&body).map_err(|e| self.not_a(&what, code, "list", &e))?;
-            count += page["items"]
-                .as_array()
-                .map_or(0, |items| items.len() as u64);
+            for item in page["items"].as_array().into_iter().flatten() {
+                let labels = item["metadata"]["labels"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect();
+                let name = item["metadata"]["name"].as_str().unwrap_or_default();
+                nodes.push((name.to_string(), labels));
+            }
             next = page["metadata"]["continue"]
                 .as_str()
                 .filter(|t| !t.is_empty())
                 .map(str::to_string);
             if next.is_none() {
-                return Ok(count);
+                return Ok(nodes);
             }
         }
         Err(KubeError::Api {

@@ -111,7 +111,12 @@ pub fn publish(
         // From the Node as the converge read it: a converged node sends
         // nothing.
         if taints_after(&facts.node_taints, taint, wanted, removing).is_some() {
-            replace_taint(cluster, taint, wanted, removing)?;
+            let why = if removing {
+                "GPUs are ready"
+            } else {
+                "GPU health is degraded"
+            };
+            set_taint(cluster, taint, !removing, why)?;
         }
     }
     Ok(())
@@ -143,14 +148,17 @@ fn taints_after(
     None
 }
 
-/// Reads the Node afresh and replaces its taints if it still needs it; a
-/// conflict (someone changed the Node meanwhile) is read and tried again.
-fn replace_taint(
+/// Puts `taint` on the Node (`present`) or takes it away (any value, same
+/// key and effect), reading the Node afresh and replacing its taints if it
+/// still needs it; a conflict (someone changed the Node meanwhile) is read
+/// and tried again. `why` is for the log.
+pub fn set_taint(
     cluster: &Cluster,
     taint: &StartupTaint,
-    wanted: bool,
-    removing: bool,
+    present: bool,
+    why: &str,
 ) -> Result<(), KubeError> {
+    let (wanted, removing) = (present, !present);
     const TRIES: usize = 3;
     let mut attempt = 0;
     loop {
@@ -167,14 +175,8 @@ fn replace_taint(
             }
             result => {
                 result?;
-                tracing::info!(
-                    "taint {taint} {}",
-                    if removing {
-                        "removed: GPUs are ready"
-                    } else {
-                        "put back: GPU health is degraded"
-                    }
-                );
+                let done = if removing { "removed" } else { "put on" };
+                tracing::info!("taint {taint} {done}: {why}");
                 return Ok(());
             }
         }

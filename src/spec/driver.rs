@@ -453,35 +453,12 @@ fn resolve_upgrade(
 ) -> UpgradeSpec {
     let default = RawUpgrade::default();
     let raw = raw.map_or(&default, |r| &r.value);
-    let max_unavailable = match &raw.max_unavailable {
-        None => MaxUnavailable::Count(1),
-        Some(given) => match &given.value {
-            IntOrPercent::Int(n) if *n >= 1 => MaxUnavailable::Count(*n),
-            IntOrPercent::Text(text)
-                if text
-                    .strip_suffix('%')
-                    .and_then(|p| p.parse::<u64>().ok())
-                    .is_some_and(|p| (1..=100).contains(&p)) =>
-            {
-                MaxUnavailable::Percent(text.trim_end_matches('%').parse().unwrap_or(1))
-            }
-            other => {
-                let shown = match other {
-                    IntOrPercent::Int(n) => n.to_string(),
-                    IntOrPercent::Text(t) => t.clone(),
-                };
-                errors.push(
-                    Diagnostic::at_location(
-                        source,
-                        given.referenced,
-                        format!("driver.upgrade.maxUnavailable must be a count of at least 1 or a percentage from 1% to 100%, not `{shown}`"),
-                    )
-                    .with_help("for example 2, or \"10%\" (quoted in YAML)"),
-                );
-                MaxUnavailable::Count(1)
-            }
-        },
-    };
+    let max_unavailable = max_unavailable(
+        "driver.upgrade.maxUnavailable",
+        raw.max_unavailable.as_ref(),
+        source,
+        errors,
+    );
     let failure_policy = choose(
         "driver.upgrade.failurePolicy",
         &raw.failure_policy,
@@ -494,17 +471,7 @@ fn resolve_upgrade(
         errors,
     );
     let selector = |given: &Option<Spanned<String>>, key: &str, errors: &mut Vec<Diagnostic>| {
-        let Some(given) = given else {
-            return String::new();
-        };
-        if let Err(why) = check_pod_selector(&given.value) {
-            errors.push(Diagnostic::at_location(
-                source,
-                given.referenced,
-                format!("{key} `{}`: {why}", given.value),
-            ));
-        }
-        given.value.clone()
+        pod_selector(given.as_ref(), key, source, errors)
     };
     let wait_timeout = match &raw.wait_for_jobs.timeout_seconds {
         // 0 is allowed here: wait as long as it takes.
@@ -553,6 +520,65 @@ fn resolve_upgrade(
             timeout_seconds: wait_timeout,
         },
     }
+}
+
+/// A count of GPU nodes (at least 1) or a percentage of them (1% to 100%),
+/// as `maxUnavailable` is written; 1 when not given.
+pub(super) fn max_unavailable(
+    key: &str,
+    given: Option<&Spanned<IntOrPercent>>,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> MaxUnavailable {
+    let Some(given) = given else {
+        return MaxUnavailable::Count(1);
+    };
+    match &given.value {
+        IntOrPercent::Int(n) if *n >= 1 => MaxUnavailable::Count(*n),
+        IntOrPercent::Text(text)
+            if text
+                .strip_suffix('%')
+                .and_then(|p| p.parse::<u64>().ok())
+                .is_some_and(|p| (1..=100).contains(&p)) =>
+        {
+            MaxUnavailable::Percent(text.trim_end_matches('%').parse().unwrap_or(1))
+        }
+        other => {
+            let shown = match other {
+                IntOrPercent::Int(n) => n.to_string(),
+                IntOrPercent::Text(t) => t.clone(),
+            };
+            errors.push(
+                Diagnostic::at_location(
+                    source,
+                    given.referenced,
+                    format!("{key} must be a count of at least 1 or a percentage from 1% to 100%, not `{shown}`"),
+                )
+                .with_help("for example 2, or \"10%\" (quoted in YAML)"),
+            );
+            MaxUnavailable::Count(1)
+        }
+    }
+}
+
+/// A pod selector from the spec, checked (empty when not given).
+pub(super) fn pod_selector(
+    given: Option<&Spanned<String>>,
+    key: &str,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> String {
+    let Some(given) = given else {
+        return String::new();
+    };
+    if let Err(why) = check_pod_selector(&given.value) {
+        errors.push(Diagnostic::at_location(
+            source,
+            given.referenced,
+            format!("{key} `{}`: {why}", given.value),
+        ));
+    }
+    given.value.clone()
 }
 
 /// An equality-based label selector as the API server takes it:

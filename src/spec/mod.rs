@@ -25,6 +25,7 @@ mod health;
 mod mig;
 mod operands;
 mod readiness;
+mod remediation;
 mod states;
 mod toolkit;
 
@@ -37,6 +38,7 @@ pub use health::*;
 pub use mig::*;
 pub use operands::*;
 pub use readiness::*;
+pub use remediation::*;
 pub use states::*;
 pub use toolkit::*;
 
@@ -57,6 +59,7 @@ pub const SWITCHES: &[&str] = &[
     "dcgmExporter.enabled",
     "gfd.enabled",
     "validator.enabled",
+    "remediation.enabled",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +105,8 @@ struct RawSpec {
     mig: mig::RawMig,
     #[serde(default)]
     health: health::RawHealth,
+    #[serde(default)]
+    remediation: remediation::RawRemediation,
     #[serde(default)]
     fabric_manager: gpu_system::RawFabricManager,
     #[serde(default)]
@@ -186,6 +191,7 @@ pub struct Spec {
     pub readiness: ReadinessSpec,
     pub mig: MigSpec,
     pub health: HealthSpec,
+    pub remediation: RemediationSpec,
     pub fabric_manager: FabricManagerSpec,
     pub persistence: PersistenceSpec,
     /// The user's own states, in document order, checked (the catalogue
@@ -245,6 +251,7 @@ impl Spec {
             "dcgmExporter.enabled" => self.dcgm_exporter.enabled,
             "gfd.enabled" => self.gfd.enabled,
             "validator.enabled" => self.validator.enabled,
+            "remediation.enabled" => self.remediation.enabled,
             _ => return None,
         })
     }
@@ -401,6 +408,8 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
     let readiness = readiness::resolve_readiness(&raw.readiness, source, &mut errors);
     let mig = mig::resolve_mig(&raw.mig, source, &mut errors);
     let health = health::resolve_health(&raw.health, source, &mut errors);
+    let remediation =
+        remediation::resolve_remediation(&raw.remediation, &health, source, &mut errors);
     let fabric_manager = gpu_system::resolve_fabric_manager(
         &raw.fabric_manager,
         driver.install.as_ref(),
@@ -435,6 +444,7 @@ fn resolve(raw: RawSpec, source: &Source) -> Result<Spec, Diagnostics> {
         readiness,
         mig,
         health,
+        remediation,
         fabric_manager,
         persistence,
         states,

@@ -8,9 +8,10 @@
 
 pub mod action;
 pub mod run;
-pub mod slots;
 
 pub use action::{Action, STATE_LABEL, State};
+
+use crate::slots::{self, SlotKind};
 
 use crate::spec::FailurePolicy;
 use crate::state::{
@@ -20,6 +21,31 @@ use crate::state::{
 
 /// `true` on a node keeps its driver as it is.
 pub const SKIP_LABEL: &str = "nvidia.com/gpu-driver-upgrade.skip";
+
+/// The fleet's upgrade slots.
+pub static SLOTS: SlotKind = SlotKind {
+    prefix: action::SLOT_PREFIX,
+    label: crate::kube::upgrade::SLOT_LABEL,
+    purpose: "upgrade",
+    still_out: cordoned_mid_upgrade,
+};
+
+/// Whether a node is cordoned and its published upgrade state is between
+/// cordon and uncordon: out of service for an upgrade that has not ended.
+fn cordoned_mid_upgrade(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    let cordoned = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    let state = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(STATE_LABEL))
+        .and_then(|s| State::parse(s));
+    cordoned && state.is_some_and(State::in_progress)
+}
 
 fn upgrade(action: Action) -> Change {
     Change::own(action)
@@ -185,7 +211,7 @@ pub fn observe(
         return Ok(Some(obs));
     }
 
-    let fleet = slots::Fleet::read(cluster, &namespace, spec)?;
+    let fleet = slots::Fleet::read(cluster, &SLOTS, &namespace, spec.max_unavailable)?;
     let ours = fleet.ours(&cluster.node);
     if ours.is_none() && fleet.free().is_none() {
         let mut obs = Observation::new(

@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{Action, STATE_LABEL, slots};
+use super::{Action, SLOTS, STATE_LABEL};
 use crate::kube::upgrade::Eviction;
 use crate::kube::{Cluster, KubeError};
+use crate::slots;
 use crate::state::{LabelsSet, error_chain};
 
 /// How often a wait looks again (jobs to finish, evictions a
@@ -33,13 +34,13 @@ pub fn make(
             namespace,
             slots,
             lease_seconds,
-        } => slots::take(cluster, namespace, *slots, *lease_seconds),
-        Action::ReleaseSlot { namespace } => slots::release(cluster, namespace),
+        } => slots::take(cluster, &SLOTS, namespace, *slots, *lease_seconds),
+        Action::ReleaseSlot { namespace } => slots::release(cluster, &SLOTS, namespace),
         Action::Publish { state } => {
             // Each stage that disrupts the node starts only while its slot
             // is held: one lost (the API server unreachable for longer than
             // the Lease) may be another node's by now.
-            if state.disrupts() && !slots::renewing(cluster) {
+            if state.disrupts() && !slots::renewing(cluster, &SLOTS) {
                 return Err(format!(
                     "the upgrade slot was lost before {}: another node may hold it now; stopping here",
                     state.as_str()
@@ -79,10 +80,12 @@ pub fn make(
             force,
         } => drain(
             cluster,
+            &|_| true,
             selector,
             Duration::from_secs(*timeout_seconds),
             *delete_empty_dir,
             *force,
+            "driver.upgrade.drain",
         ),
     }
 }
@@ -95,22 +98,29 @@ fn key(pod: &Pod) -> (String, String) {
 }
 
 /// A container of the pod asks for an NVIDIA device (`nvidia.com/gpu`,
-/// a MIG profile, a shared replica).
-fn uses_gpus(pod: &Pod) -> bool {
-    pod.spec.iter().flat_map(|s| &s.containers).any(|c| {
-        c.resources.as_ref().is_some_and(|r| {
-            r.limits
-                .iter()
-                .chain(r.requests.iter())
-                .flat_map(|m| m.iter())
-                .any(|(k, q)| k.starts_with("nvidia.com/") && q.0.trim() != "0")
+/// a MIG profile, a shared replica), or the pod has DRA resource claims
+/// (on a GPU node, its devices are GPUs).
+pub fn uses_gpus(pod: &Pod) -> bool {
+    let claims = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.resource_claims.as_ref())
+        .is_some_and(|c| !c.is_empty());
+    claims
+        || pod.spec.iter().flat_map(|s| &s.containers).any(|c| {
+            c.resources.as_ref().is_some_and(|r| {
+                r.limits
+                    .iter()
+                    .chain(r.requests.iter())
+                    .flat_map(|m| m.iter())
+                    .any(|(k, q)| k.starts_with("nvidia.com/") && q.0.trim() != "0")
+            })
         })
-    })
 }
 
 /// The operands' own pods (the device plugin, GFD, the exporter…): they
 /// follow the driver and are not the workload.
-fn is_operand(pod: &Pod, operands_namespace: &str) -> bool {
+pub fn is_operand(pod: &Pod, operands_namespace: &str) -> bool {
     pod.metadata.namespace.as_deref() == Some(operands_namespace)
         || pod
             .metadata
@@ -170,7 +180,13 @@ fn selects(selector: &str, pod: &Pod) -> bool {
         })
 }
 
-fn wait_for_jobs(cluster: &Cluster, selector: &str, timeout_seconds: u64) -> Result<(), String> {
+/// Waits for the pods `selector` names on this node to finish, up to
+/// `timeout_seconds` (0: as long as it takes); then goes on regardless.
+pub fn wait_for_jobs(
+    cluster: &Cluster,
+    selector: &str,
+    timeout_seconds: u64,
+) -> Result<(), String> {
     let deadline =
         (timeout_seconds > 0).then(|| Instant::now() + Duration::from_secs(timeout_seconds));
     loop {
@@ -205,12 +221,18 @@ fn wait_for_jobs(cluster: &Cluster, selector: &str, timeout_seconds: u64) -> Res
     }
 }
 
-fn drain(
+/// Evicts the pods on this node that `selector` names and `which` takes
+/// (DaemonSets' and mirror pods never) through the Eviction API, as
+/// `kubectl drain` does, until none is left or `timeout` passed; `spec_key` is
+/// the spec section, for the refusals' help.
+pub fn drain(
     cluster: &Cluster,
+    which: &dyn Fn(&Pod) -> bool,
     selector: &str,
     timeout: Duration,
     delete_empty_dir: bool,
     force: bool,
+    spec_key: &str,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -219,7 +241,7 @@ fn drain(
             .map_err(api)?
             .into_iter()
             .filter(|p| !owned_by_daemon_set(p) && !is_mirror(p) && !finished(p))
-            .filter(|p| selects(selector, p))
+            .filter(|p| selects(selector, p) && which(p))
             .collect();
         if pods.is_empty() {
             return Ok(());
@@ -236,12 +258,12 @@ fn drain(
                     .is_none_or(Vec::is_empty)
             {
                 return Err(format!(
-                    "drain: pod {ns}/{name} has no controller (set driver.upgrade.drain.force to evict it)"
+                    "drain: pod {ns}/{name} has no controller (set {spec_key}.force to evict it)"
                 ));
             }
             if !delete_empty_dir && has_empty_dir(pod) {
                 return Err(format!(
-                    "drain: pod {ns}/{name} has an emptyDir volume (set driver.upgrade.drain.deleteEmptyDir to evict it)"
+                    "drain: pod {ns}/{name} has an emptyDir volume (set {spec_key}.deleteEmptyDir to evict it)"
                 ));
             }
         }

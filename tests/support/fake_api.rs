@@ -510,6 +510,42 @@ impl FakeApi {
             .collect()
     }
 
+    /// A Lease `holder` holds (renewed now, for `seconds`), as another
+    /// node's agent would have taken it.
+    pub fn hold_lease(&self, namespace: &str, name: &str, holder: &str, seconds: u64) {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner.version += 1;
+        let now = k8s_openapi::jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string();
+        let label = if name.starts_with("gpuprov-remediation") {
+            "gpuprov.io/remediation-slot"
+        } else {
+            "gpuprov.io/driver-upgrade-slot"
+        };
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": name, "namespace": namespace,
+                         "resourceVersion": inner.version.to_string(),
+                         "uid": format!("lease-uid-{}", inner.version),
+                         "labels": {label: "true"}},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": seconds,
+                     "acquireTime": now, "renewTime": now},
+        });
+        inner
+            .leases
+            .insert((namespace.to_string(), name.to_string()), lease);
+    }
+
+    /// Deletes a Lease, as `kubectl delete lease` does.
+    pub fn delete_lease(&self, namespace: &str, name: &str) {
+        let mut inner = self.shared.0.lock().unwrap();
+        inner.version += 1;
+        inner
+            .leases
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+
     /// A PodDisruptionBudget that allows no disruption of the pods in
     /// `namespace` whose names start with `prefix`: their evictions get 429.
     pub fn protect_pods(&self, namespace: &str, prefix: &str) {
@@ -883,11 +919,21 @@ async fn list_nodes(
     if let Some(watch) = watch_of(&shared, &query, &watched) {
         return watch;
     }
+    // An existence selector (`key`), as the API server takes it.
+    let exists = query
+        .get("labelSelector")
+        .filter(|s| !s.contains(['=', '!', ',', ' ', '(']))
+        .cloned();
     let inner = shared.0.lock().unwrap();
     let items: Vec<Value> = watched
         .objects(&inner)
         .into_values()
         .map(|(_, o)| o)
+        .filter(|o| {
+            exists
+                .as_ref()
+                .is_none_or(|key| o["metadata"]["labels"].get(key).is_some())
+        })
         .collect();
     axum::Json(json!({
         "apiVersion": "v1", "kind": "NodeList",
@@ -1636,11 +1682,21 @@ async fn list_all_pods(
     if let Some(watch) = watch_of(&shared, &query, &watched) {
         return watch;
     }
+    // An existence selector (`key`), as the API server takes it.
+    let exists = query
+        .get("labelSelector")
+        .filter(|s| !s.contains(['=', '!', ',', ' ', '(']))
+        .cloned();
     let inner = shared.0.lock().unwrap();
     let items: Vec<Value> = watched
         .objects(&inner)
         .into_values()
         .map(|(_, o)| o)
+        .filter(|o| {
+            exists
+                .as_ref()
+                .is_none_or(|key| o["metadata"]["labels"].get(key).is_some())
+        })
         .collect();
     axum::Json(json!({
         "apiVersion": "v1", "kind": "PodList",
@@ -1779,7 +1835,9 @@ async fn create_lease(
         );
     }
     inner.version += 1;
+    // As the API server: a resourceVersion, a UID of its own.
     lease["metadata"]["resourceVersion"] = json!(inner.version.to_string());
+    lease["metadata"]["uid"] = json!(format!("lease-uid-{}", inner.version));
     lease["metadata"]["namespace"] = json!(ns);
     inner.leases.insert(key, lease.clone());
     (StatusCode::CREATED, axum::Json(lease)).into_response()

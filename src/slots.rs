@@ -1,5 +1,7 @@
-//! The fleet's upgrade slots: `maxUnavailable` Leases named
-//! `gpuprov-driver-upgrade-<n>` in gpuprov's namespace. A node takes a
+//! The fleet's slots: `maxUnavailable` Leases named `<prefix>-<n>` in
+//! gpuprov's namespace, one set for rolling driver upgrades
+//! (`gpuprov-driver-upgrade-<n>`) and one for fault remediation
+//! (`gpuprov-remediation-<n>`). A node takes a
 //! free one (absent, or expired: its holder stopped renewing it) with
 //! optimistic concurrency: creating it fails if another node created it
 //! first, and replacing an expired one fails if it changed since it was
@@ -7,7 +9,8 @@
 //! hold one. The holder renews it every third of its duration from a
 //! thread of `gpuprov run` (long waits and installs included); a node that
 //! dies stops renewing, and once its Lease expires another node may take
-//! the slot.
+//! the slot, unless the node is still out of service for what it took
+//! the slot for (its published state says so).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,14 +18,27 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 
-use crate::kube::upgrade::SLOT_LABEL;
 use crate::kube::{Cluster, ClusterOptions};
-use crate::spec::{MaxUnavailable, UpgradeSpec};
+use crate::spec::MaxUnavailable;
 use crate::state::{StateError, error_chain};
 
-use super::action::SLOT_PREFIX as PREFIX;
+/// One set of slots: what its Leases are called and what they are for.
+#[derive(Debug)]
+pub struct SlotKind {
+    /// Its Leases are `<prefix>-0`, `<prefix>-1`, …
+    pub prefix: &'static str,
+    /// The label each Lease carries, to list them in one request.
+    pub label: &'static str,
+    /// What a slot is for, in messages: `upgrade`, `remediation`.
+    pub purpose: &'static str,
+    /// Whether a node whose Lease expired is still out of service for
+    /// this purpose (it died mid-way): its slot is not free until it comes
+    /// back and finishes, or someone brings it back.
+    pub still_out: fn(&Node) -> bool,
+}
 /// The fleet's GPU nodes, for a percentage: gpuprov labels each.
 const GPU_NODES: &str = "nvidia.com/gpu.present=true";
 /// A fleet's size is read again after this long.
@@ -36,12 +52,12 @@ fn observe_error(e: crate::kube::KubeError) -> StateError {
 /// named past it (by hand, or by a hostile client) is no slot.
 const MAX_SLOTS: u64 = 1 << 20;
 
-fn slot_index(lease: &Lease) -> Option<u64> {
+fn slot_index(kind: &SlotKind, lease: &Lease) -> Option<u64> {
     let digits = lease
         .metadata
         .name
         .as_deref()?
-        .strip_prefix(PREFIX)?
+        .strip_prefix(kind.prefix)?
         .strip_prefix('-')?;
     // Written as gpuprov writes it: decimal, no sign, no leading zero.
     if digits.is_empty()
@@ -75,56 +91,55 @@ fn expired(lease: &Lease, now: SystemTime) -> bool {
 
 /// The slots as listed now.
 pub struct Fleet {
+    kind: &'static SlotKind,
     /// How many slots there are (`maxUnavailable`, scaled for a percentage).
     pub slots: u64,
     leases: Vec<Lease>,
     now: SystemTime,
-    /// Slots whose Lease expired while its node is still cordoned by an
-    /// unfinished upgrade (it died mid-upgrade): that node is still out of
-    /// service, so the slot is not free until it comes back and finishes,
-    /// or someone uncordons it.
+    /// Slots whose Lease expired while its node is still out of service
+    /// (`SlotKind::still_out`).
     held_out: BTreeMap<u64, String>,
 }
 
 impl Fleet {
     pub fn read(
         cluster: &Cluster,
+        kind: &'static SlotKind,
         namespace: &str,
-        spec: &UpgradeSpec,
+        max_unavailable: MaxUnavailable,
     ) -> Result<Fleet, StateError> {
-        let slots = match spec.max_unavailable {
-            MaxUnavailable::Count(n) => n,
-            percent => percent.slots(fleet_size(cluster)?),
-        };
+        let slots = of_fleet(cluster, max_unavailable)?;
         let leases = cluster
-            .slot_leases(namespace, true)
+            .slot_leases(namespace, kind.label, true)
             .map_err(observe_error)?;
-        Fleet::of(cluster, slots, leases).map_err(observe_error)
+        Fleet::of(cluster, kind, slots, leases).map_err(observe_error)
     }
 
     /// The fleet's slots from their Leases; the holder of an expired one
     /// is read to see whether it is still out (`held_out`).
     fn of(
         cluster: &Cluster,
+        kind: &'static SlotKind,
         slots: u64,
         leases: Vec<Lease>,
     ) -> Result<Fleet, crate::kube::KubeError> {
         let now = SystemTime::now();
         let mut held_out = BTreeMap::new();
         for lease in &leases {
-            let (Some(index), Some(node)) = (slot_index(lease), holder(lease)) else {
+            let (Some(index), Some(node)) = (slot_index(kind, lease), holder(lease)) else {
                 continue;
             };
             if node == cluster.node || !expired(lease, now) {
                 continue;
             }
             if let Some(holder_node) = cluster.node_named(node)?
-                && cordoned_mid_upgrade(&holder_node)
+                && (kind.still_out)(&holder_node)
             {
                 held_out.insert(index, node.to_string());
             }
         }
         Ok(Fleet {
+            kind,
             slots,
             leases,
             now,
@@ -133,7 +148,9 @@ impl Fleet {
     }
 
     fn lease(&self, index: u64) -> Option<&Lease> {
-        self.leases.iter().find(|l| slot_index(l) == Some(index))
+        self.leases
+            .iter()
+            .find(|l| slot_index(self.kind, l) == Some(index))
     }
 
     /// The slot this node holds (even past `slots`, if the fleet shrank).
@@ -141,11 +158,11 @@ impl Fleet {
         self.leases
             .iter()
             .filter(|l| holder(l) == Some(node))
-            .find_map(slot_index)
+            .find_map(|l| slot_index(self.kind, l))
     }
 
     /// The first slot nobody holds: no Lease, no holder, or expired (and
-    /// its node not left cordoned mid-upgrade).
+    /// its node not still out of service).
     pub fn free(&self) -> Option<u64> {
         (0..self.slots).find(|i| {
             !self.held_out.contains_key(i)
@@ -161,7 +178,10 @@ impl Fleet {
             .filter_map(|i| {
                 let node = holder(self.lease(i)?)?;
                 Some(match self.held_out.contains_key(&i) {
-                    true => format!("{node}, cordoned mid-upgrade, its Lease expired"),
+                    true => format!(
+                        "{node}, out of service mid-{}, its Lease expired",
+                        self.kind.purpose
+                    ),
                     false => node.to_string(),
                 })
             })
@@ -175,25 +195,16 @@ impl Fleet {
     }
 }
 
-/// Whether a node is cordoned and its published upgrade state is between
-/// cordon and uncordon: out of service for an upgrade that has not ended.
-fn cordoned_mid_upgrade(node: &k8s_openapi::api::core::v1::Node) -> bool {
-    let cordoned = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.unschedulable)
-        .unwrap_or(false);
-    let state = node
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(super::action::STATE_LABEL))
-        .and_then(|s| super::action::State::parse(s));
-    cordoned && state.is_some_and(super::action::State::in_progress)
+/// How many slots `max_unavailable` gives the fleet now.
+pub fn of_fleet(cluster: &Cluster, max_unavailable: MaxUnavailable) -> Result<u64, StateError> {
+    Ok(match max_unavailable {
+        MaxUnavailable::Count(n) => n,
+        percent => percent.slots(fleet_size(cluster)?),
+    })
 }
 
 /// How many GPU nodes the fleet has, read at most every 10 minutes.
-fn fleet_size(cluster: &Cluster) -> Result<u64, StateError> {
+pub fn fleet_size(cluster: &Cluster) -> Result<u64, StateError> {
     let mut known = cluster
         .fleet_size
         .lock()
@@ -209,9 +220,13 @@ fn fleet_size(cluster: &Cluster) -> Result<u64, StateError> {
 }
 
 /// The slot Lease this node holds, if any.
-pub fn held_by(cluster: &Cluster, namespace: &str) -> Result<Option<Lease>, StateError> {
+pub fn held_by(
+    cluster: &Cluster,
+    kind: &SlotKind,
+    namespace: &str,
+) -> Result<Option<Lease>, StateError> {
     Ok(cluster
-        .slot_leases(namespace, false)
+        .slot_leases(namespace, kind.label, false)
         .map_err(observe_error)?
         .into_iter()
         .find(|l| holder(l) == Some(cluster.node.as_str())))
@@ -230,16 +245,20 @@ fn now() -> MicroTime {
 /// then on; an error when every slot was taken meanwhile.
 pub fn take(
     cluster: &Cluster,
+    kind: &'static SlotKind,
     namespace: &str,
     slots: u64,
     lease_seconds: u64,
 ) -> Result<(), String> {
     let api = |e: crate::kube::KubeError| error_chain(&e);
-    if renewing(cluster) {
+    if renewing(cluster, kind) {
         return Ok(());
     }
-    let leases = cluster.slot_leases(namespace, false).map_err(api)?;
-    let fleet = Fleet::of(cluster, slots, leases).map_err(api)?;
+    let leases = cluster
+        .slot_leases(namespace, kind.label, false)
+        .map_err(api)?;
+    let fleet = Fleet::of(cluster, kind, slots, leases).map_err(api)?;
+    let purpose = kind.purpose;
     let spec = |acquired: Option<MicroTime>, transitions: i32| LeaseSpec {
         holder_identity: Some(cluster.node.clone()),
         lease_duration_seconds: Some(lease_seconds.min(i32::MAX as u64) as i32),
@@ -260,26 +279,26 @@ pub fn take(
             held.and_then(|s| s.lease_transitions).unwrap_or(0),
         ));
         return match cluster.replace_lease(namespace, &lease).map_err(api)? {
-            Some(renewed) => keep_renewing(cluster, namespace, renewed, lease_seconds),
+            Some(renewed) => keep_renewing(cluster, kind, namespace, renewed, lease_seconds),
             None => Err(format!(
-                "upgrade slot {name} was taken by another node after it expired; trying again at the next converge"
+                "{purpose} slot {name} was taken by another node after it expired; trying again at the next converge"
             )),
         };
     }
     let Some(index) = fleet.free() else {
         return Err(format!(
-            "every upgrade slot was taken meanwhile ({}); trying again at the next converge",
+            "every {purpose} slot was taken meanwhile ({}); trying again at the next converge",
             fleet.describe()
         ));
     };
-    let name = format!("{PREFIX}-{index}");
+    let name = format!("{}-{index}", kind.prefix);
     let taken = match fleet.lease(index) {
         None => {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
                     namespace: Some(namespace.to_string()),
-                    labels: Some([(SLOT_LABEL.to_string(), "true".to_string())].into()),
+                    labels: Some([(kind.label.to_string(), "true".to_string())].into()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(spec(None, 0)),
@@ -299,26 +318,27 @@ pub fn take(
     };
     let Some(lease) = taken else {
         return Err(format!(
-            "upgrade slot {name} was taken by another node meanwhile; trying again at the next converge"
+            "{purpose} slot {name} was taken by another node meanwhile; trying again at the next converge"
         ));
     };
-    tracing::info!(slot = %name, "took an upgrade slot");
-    keep_renewing(cluster, namespace, lease, lease_seconds)
+    tracing::info!(slot = %name, "took a {purpose} slot");
+    keep_renewing(cluster, kind, namespace, lease, lease_seconds)
 }
 
-/// Whether this process renews a slot for the cluster's node (and has
-/// not lost it).
-pub fn renewing(cluster: &Cluster) -> bool {
+/// Whether this process renews a slot of `kind` for the cluster's node
+/// (and has not lost it).
+pub fn renewing(cluster: &Cluster, kind: &SlotKind) -> bool {
     cluster
         .lease_renewal
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
+        .get(kind.prefix)
         .is_some_and(|stop| !stop.load(Ordering::Relaxed))
 }
 
 fn keep_renewing(
     cluster: &Cluster,
+    kind: &SlotKind,
     namespace: &str,
     lease: Lease,
     lease_seconds: u64,
@@ -327,23 +347,25 @@ fn keep_renewing(
         .lease_renewal
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    if let Some(old) = running.take() {
+    if let Some(old) = running.remove(kind.prefix) {
         old.store(true, Ordering::Relaxed);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let options: ClusterOptions = cluster.options.clone();
     let (halt, namespace) = (stop.clone(), namespace.to_string());
     let every = Duration::from_secs((lease_seconds / 3).max(1));
+    let purpose = kind.purpose;
     std::thread::Builder::new()
-        .name("upgrade slot".to_string())
-        .spawn(move || renew_loop(options, namespace, lease, halt, every))
-        .map_err(|e| format!("the upgrade slot's renewing thread cannot start: {e}"))?;
-    *running = Some(stop);
+        .name(format!("{purpose} slot"))
+        .spawn(move || renew_loop(options, purpose, namespace, lease, halt, every))
+        .map_err(|e| format!("the {purpose} slot's renewing thread cannot start: {e}"))?;
+    running.insert(kind.prefix, stop);
     Ok(())
 }
 
 fn renew_loop(
     options: ClusterOptions,
+    purpose: &'static str,
     namespace: String,
     mut lease: Lease,
     stop: Arc<AtomicBool>,
@@ -352,7 +374,7 @@ fn renew_loop(
     let cluster = match Cluster::connect(&options) {
         Ok(cluster) => cluster,
         Err(e) => {
-            tracing::error!("the upgrade slot cannot be renewed: {}", error_chain(&e));
+            tracing::error!("the {purpose} slot cannot be renewed: {}", error_chain(&e));
             stop.store(true, Ordering::Relaxed);
             return;
         }
@@ -372,27 +394,27 @@ fn renew_loop(
             Ok(Some(fresh)) => lease = fresh,
             Ok(None) => {
                 tracing::error!(
-                    "the upgrade slot {} was lost (another node took it after it expired)",
+                    "the {purpose} slot {} was lost (another node took it after it expired)",
                     renewed.metadata.name.as_deref().unwrap_or_default()
                 );
                 stop.store(true, Ordering::Relaxed);
             }
-            Err(e) => tracing::warn!("the upgrade slot was not renewed: {}", error_chain(&e)),
+            Err(e) => tracing::warn!("the {purpose} slot was not renewed: {}", error_chain(&e)),
         }
     }
 }
 
-/// Stops renewing and gives this node's slot back.
-pub fn release(cluster: &Cluster, namespace: &str) -> Result<(), String> {
+/// Stops renewing and gives this node's slot of `kind` back.
+pub fn release(cluster: &Cluster, kind: &SlotKind, namespace: &str) -> Result<(), String> {
     if let Some(stop) = cluster
         .lease_renewal
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .take()
+        .remove(kind.prefix)
     {
         stop.store(true, Ordering::Relaxed);
     }
-    let Some(lease) = held_by(cluster, namespace).map_err(|e| e.to_string())? else {
+    let Some(lease) = held_by(cluster, kind, namespace).map_err(|e| e.to_string())? else {
         return Ok(());
     };
     let name = lease.metadata.name.clone().unwrap_or_default();
@@ -400,7 +422,7 @@ pub fn release(cluster: &Cluster, namespace: &str) -> Result<(), String> {
     cluster
         .delete_lease(namespace, &name, &version)
         .map_err(|e| error_chain(&e))?;
-    tracing::info!(slot = %name, "gave the upgrade slot back");
+    tracing::info!(slot = %name, "gave the {} slot back", kind.purpose);
     Ok(())
 }
 
@@ -420,8 +442,15 @@ mod tests {
 
     #[test]
     fn only_plain_slot_numbers_name_a_slot() {
-        assert_eq!(slot_index(&named("gpuprov-driver-upgrade-0")), Some(0));
-        assert_eq!(slot_index(&named("gpuprov-driver-upgrade-17")), Some(17));
+        let kind = &crate::upgrade::SLOTS;
+        assert_eq!(
+            slot_index(kind, &named("gpuprov-driver-upgrade-0")),
+            Some(0)
+        );
+        assert_eq!(
+            slot_index(kind, &named("gpuprov-driver-upgrade-17")),
+            Some(17)
+        );
         for hostile in [
             "gpuprov-driver-upgrade-18446744073709551615",
             "gpuprov-driver-upgrade-1048576",
@@ -429,7 +458,7 @@ mod tests {
             "gpuprov-driver-upgrade-+1",
             "gpuprov-driver-upgrade-",
         ] {
-            assert_eq!(slot_index(&named(hostile)), None, "{hostile}");
+            assert_eq!(slot_index(kind, &named(hostile)), None, "{hostile}");
         }
     }
 }

@@ -1,0 +1,528 @@
+//! GPU fault remediation through `gpuprov run` against the fake API server,
+//! the faults injected as XID events into the fake NVML library's event
+//! set (and resets answered by its hot-plug functions): the stages each
+//! node publishes, in the order the API server got them, are the proof.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::daemon::{Daemon, eventually};
+use support::fake_api::FakeApi;
+use support::{copy_host, write_spec};
+
+const NODE: &str = "gpu-node-1";
+const STAGE: &str = "gpuprov.io/remediation";
+const NAMESPACE: &str = "gpuprov";
+/// GPU 2 of the HGX H100 fixture.
+const GPU2_BUS: &str = "00000000:3A:00.0";
+
+/// A node agent: `gpuprov run` on a copy of the 8-GPU HGX H100 host.
+struct Agent {
+    host: tempfile::TempDir,
+    events: PathBuf,
+    resets: PathBuf,
+    _daemon: Daemon,
+}
+
+impl Agent {
+    /// Health holds after 2 s without an error.
+    fn start(fake: &FakeApi, node: &str, remediation: &str) -> Agent {
+        Agent::start_with(fake, node, remediation, 2, |_| {})
+    }
+
+    /// With `health.recoverAfterSeconds` and `prepare` run on the host
+    /// before `gpuprov run` starts.
+    fn start_with(
+        fake: &FakeApi,
+        node: &str,
+        remediation: &str,
+        recover_after: u64,
+        prepare: impl FnOnce(&Path),
+    ) -> Agent {
+        let host = copy_host("h100x8-nvswitch-preinstalled");
+        prepare(host.path());
+        let fixture = support::telemetry_fixture(host.path());
+        let events = host.path().join("nvml-events");
+        std::fs::write(&events, "").unwrap();
+        let resets = host.path().join("nvml-resets");
+        let spec = write_spec(
+            host.path(),
+            "node.yaml",
+            &format!(
+                "health:\n  recoverAfterSeconds: {recover_after}\nremediation:\n  enabled: true\n{remediation}"
+            ),
+        );
+        let log = std::fs::File::create(host.path().join("gpuprov.log")).unwrap();
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"))
+            .env("GPUPROV_FAKE_NVML", &fixture)
+            .env("GPUPROV_FAKE_NVML_EVENTS", &events)
+            .env("GPUPROV_FAKE_NVML_RESETS", &resets)
+            .env("RUST_LOG", "info")
+            .args(["run", "--host-exec", "prefix", "--node-name", node])
+            .arg("--nvml-lib")
+            .arg(support::fake_nvml_library())
+            .arg("--config")
+            .arg(&spec)
+            .args(["--drift-interval", "1h", "--pending-interval", "1s"])
+            .args(["--slot-wait-interval", "1s"])
+            .arg("--kubeconfig")
+            .arg(fake.kubeconfig())
+            .arg("--host-root")
+            .arg(host.path())
+            .args(["--listen", "127.0.0.1:0"])
+            .env_remove("KUBECONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let agent = Agent {
+            host,
+            events,
+            resets,
+            _daemon: Daemon(child),
+        };
+        eventually(
+            &format!("{node}: gpu-remediation ready"),
+            Duration::from_secs(60),
+            || {
+                fake.labels(node)
+                    .get("gpuprov.io/gpu-remediation")
+                    .map(String::as_str)
+                    == Some("ready")
+            },
+        );
+        agent
+    }
+
+    /// An XID on a GPU, as the driver reports it.
+    fn xid(&self, gpu: u32, xid: u64) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.events)
+            .unwrap();
+        writeln!(file, "{gpu} xid {xid}").unwrap();
+    }
+
+    fn resets(&self) -> String {
+        std::fs::read_to_string(&self.resets).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.host.path().join("gpuprov.log")).unwrap_or_default()
+    }
+
+    /// `eventually`, with the agent's log in the failure.
+    fn until(&self, what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+        while !check() {
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; gpuprov's log:\n{}\nhost record: {}",
+                    self.log(),
+                    std::fs::read_to_string(
+                        self.host.path().join("var/lib/gpuprov/remediation.json")
+                    )
+                    .unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn cluster(nodes: &[&str]) -> FakeApi {
+    let fake = FakeApi::with_node(nodes[0], &[("nvidia.com/gpu.present", "true")]);
+    for node in &nodes[1..] {
+        fake.add_node(node, &[("nvidia.com/gpu.present", "true")], "kubelet");
+    }
+    fake.run_working_cluster(8, "NVIDIA-H100-80GB-HBM3");
+    fake
+}
+
+fn stage(fake: &FakeApi, node: &str) -> Option<String> {
+    fake.labels(node).get(STAGE).cloned()
+}
+
+/// Each node's published stages in the order the API server got them,
+/// and the most nodes past `taint` (holding a slot) at any moment.
+fn walks(fake: &FakeApi) -> (BTreeMap<String, Vec<String>>, usize) {
+    let mut walks: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut now: BTreeMap<String, String> = BTreeMap::new();
+    let mut most = 0;
+    for l in fake.log() {
+        if l.method != "PATCH" || !l.uri.contains("fieldManager=gpuprov-remediation") {
+            continue;
+        }
+        let node = l.uri["/api/v1/nodes/".len()..]
+            .split('?')
+            .next()
+            .unwrap()
+            .to_string();
+        let body: serde_json::Value = serde_json::from_str(&l.body).unwrap();
+        let stage = body["metadata"]["labels"][STAGE]
+            .as_str()
+            .unwrap_or("healthy")
+            .to_string();
+        walks.entry(node.clone()).or_default().push(stage.clone());
+        now.insert(node, stage);
+        let past_taint = now
+            .values()
+            .filter(|s| {
+                matches!(
+                    s.as_str(),
+                    "draining" | "resetting" | "rebooting" | "recovering"
+                )
+            })
+            .count();
+        most = most.max(past_taint);
+    }
+    (walks, most)
+}
+
+fn event_reasons(fake: &FakeApi, node: &str) -> Vec<String> {
+    fake.events()
+        .iter()
+        .filter(|e| e["regarding"]["name"] == node)
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn event_notes(fake: &FakeApi, reason: &str) -> Vec<String> {
+    fake.events()
+        .iter()
+        .filter(|e| e["reason"] == reason)
+        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn remediation_leases(fake: &FakeApi) -> Vec<String> {
+    fake.leases(NAMESPACE)
+        .into_keys()
+        .filter(|name| name.starts_with("gpuprov-remediation"))
+        .collect()
+}
+
+fn fault_taints(fake: &FakeApi, node: &str) -> Vec<String> {
+    fake.taints(node)
+        .into_iter()
+        .filter(|t| t.starts_with("gpuprov.io/gpu-fault"))
+        .collect()
+}
+
+/// A reset-class XID (48, double-bit ECC) on an idle GPU: the node takes
+/// the slot, is cordoned, GPU 2 (and only it) is reset through NVML,
+/// health holds for `recoverAfterSeconds`, and the taint, the cordon and
+/// the slot go; the node says `recovered`.
+#[test]
+fn a_reset_class_xid_on_an_idle_gpu_resets_and_recovers() {
+    let fake = cluster(&[NODE]);
+    let agent = Agent::start(&fake, NODE, "");
+    agent.xid(2, 48);
+    agent.until("recovered", 60, || {
+        stage(&fake, NODE).as_deref() == Some("recovered")
+    });
+    let (walks, _) = walks(&fake);
+    assert_eq!(
+        walks[NODE],
+        ["draining", "resetting", "recovering", "recovered"],
+        "{}",
+        agent.log()
+    );
+    assert_eq!(agent.resets(), format!("reset {GPU2_BUS}\n"));
+    assert!(
+        fault_taints(&fake, NODE).is_empty(),
+        "{:?}",
+        fake.taints(NODE)
+    );
+    assert!(!fake.unschedulable(NODE));
+    assert!(remediation_leases(&fake).is_empty());
+    // The taint was on while it lasted: the log has the taint's write.
+    assert!(
+        fake.log()
+            .iter()
+            .any(|l| l.method == "PATCH" && l.body.contains("\"key\":\"gpuprov.io/gpu-fault\"")),
+        "no taint written"
+    );
+    let reasons = event_reasons(&fake, NODE);
+    for wanted in ["GpuRemediation", "GpuRecovered"] {
+        assert!(reasons.iter().any(|r| r == wanted), "{reasons:?}");
+    }
+    assert!(
+        event_notes(&fake, "GpuRemediation")
+            .iter()
+            .any(|n| n
+                .contains("reset: resetNeeded on GPU 0000:3a:00.0: XID 48 (double-bit ECC error)")),
+        "{:#?}",
+        fake.events()
+    );
+}
+
+/// The same XID while a pod holds GPUs on the node: the pod is evicted
+/// (Eviction API) before the GPU is reset.
+#[test]
+fn a_reset_with_a_gpu_pod_running_drains_it_first() {
+    let fake = cluster(&[NODE]);
+    let agent = Agent::start(&fake, NODE, "");
+    fake.add_gpu_pod("ml", "trainer", NODE, &[("app", "trainer")], 8);
+    agent.xid(2, 48);
+    agent.until("recovered", 60, || {
+        stage(&fake, NODE).as_deref() == Some("recovered")
+    });
+    let log = fake.log();
+    let evicted = log
+        .iter()
+        .position(|l| l.method == "POST" && l.uri.contains("/pods/trainer/eviction"))
+        .expect("the GPU pod was evicted");
+    let resetting = log
+        .iter()
+        .position(|l| {
+            l.uri.contains("fieldManager=gpuprov-remediation") && l.body.contains("resetting")
+        })
+        .expect("the node said resetting");
+    assert!(evicted < resetting, "evicted after the reset began");
+    assert_eq!(agent.resets(), format!("reset {GPU2_BUS}\n"));
+}
+
+/// A reboot-class XID (79) with `rebootNeeded: reboot`: while another
+/// node holds the only slot, the node waits tainted and the command does
+/// not run; once the slot is free it runs, and after the node comes back
+/// (a new boot id) it recovers.
+#[test]
+fn a_reboot_class_xid_runs_the_command_only_with_a_slot() {
+    let fake = cluster(&[NODE, "gpu-node-2"]);
+    let agent = Agent::start_with(
+        &fake,
+        NODE,
+        "  policy:\n    rebootNeeded: reboot\n  rebootCommand: [/usr/local/sbin/test-reboot]\n",
+        10,
+        |host| {
+            let script = host.join("usr/local/sbin/test-reboot");
+            std::fs::create_dir_all(script.parent().unwrap()).unwrap();
+            std::fs::write(
+                &script,
+                "#!/bin/sh\necho rebooting >> \"$GPUPROV_HOST_ROOT/rebooted\"\n",
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let boot = host.join("proc/sys/kernel/random/boot_id");
+            std::fs::create_dir_all(boot.parent().unwrap()).unwrap();
+            std::fs::write(&boot, "1f0e6d3c-0000-4000-8000-000000000001\n").unwrap();
+        },
+    );
+    // The other node holds the only slot, renewing it.
+    fake.hold_lease(NAMESPACE, "gpuprov-remediation-0", "gpu-node-2", 3600);
+    agent.xid(3, 79);
+    agent.until("waiting for a slot", 30, || {
+        stage(&fake, NODE).as_deref() == Some("waiting-for-slot")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let rebooted = agent.host.path().join("rebooted");
+    assert!(!rebooted.exists(), "rebooted without a slot");
+    assert_eq!(
+        fault_taints(&fake, NODE),
+        ["gpuprov.io/gpu-fault:NoSchedule"]
+    );
+    assert!(
+        fake.log()
+            .iter()
+            .any(|l| l.body.contains("\"value\":\"rebootNeeded\""))
+    );
+
+    fake.delete_lease(NAMESPACE, "gpuprov-remediation-0");
+    eventually("the reboot command ran", Duration::from_secs(30), || {
+        rebooted.exists()
+    });
+    assert_eq!(stage(&fake, NODE).as_deref(), Some("rebooting"));
+    assert_eq!(std::fs::read_to_string(&rebooted).unwrap(), "rebooting\n");
+    assert!(fake.unschedulable(NODE));
+
+    // The node comes back on a new boot.
+    std::fs::write(
+        agent.host.path().join("proc/sys/kernel/random/boot_id"),
+        "1f0e6d3c-0000-4000-8000-000000000002\n",
+    )
+    .unwrap();
+    // The daemon looks again (in production it is a new process).
+    std::fs::write(agent.host.path().join("run/gpuprov/gpu-errors.json"), "[]").unwrap();
+    eventually("recovered", Duration::from_secs(60), || {
+        stage(&fake, NODE).as_deref() == Some("recovered")
+    });
+    let (walks, _) = walks(&fake);
+    assert_eq!(
+        walks[NODE],
+        [
+            "waiting-for-slot",
+            "draining",
+            "rebooting",
+            "recovering",
+            "recovered"
+        ]
+    );
+    assert_eq!(std::fs::read_to_string(&rebooted).unwrap(), "rebooting\n");
+    assert!(!fake.unschedulable(NODE));
+}
+
+/// Twenty agents, each with a reset-class XID at once, under
+/// `maxUnavailable: 2`: the API server's log proves no more than two were
+/// ever past `taint`, and all twenty recover.
+#[test]
+fn twenty_agents_never_have_more_than_two_past_taint() {
+    let nodes: Vec<String> = (1..=20).map(|i| format!("gpu-node-{i}")).collect();
+    let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let fake = cluster(&names);
+    let agents: Vec<Agent> = names
+        .iter()
+        .map(|node| {
+            Agent::start(
+                &fake,
+                node,
+                "  maxUnavailable: 2\n  storm:\n    maxFaultingNodes: \"100%\"\n",
+            )
+        })
+        .collect();
+    fake.clear_log();
+    for agent in &agents {
+        agent.xid(1, 48);
+    }
+    eventually("all twenty recovered", Duration::from_secs(240), || {
+        names
+            .iter()
+            .all(|n| stage(&fake, n).as_deref() == Some("recovered"))
+    });
+    let (walks, most) = walks(&fake);
+    assert!(most <= 2, "{most} nodes past taint at once: {walks:#?}");
+    assert!(most >= 1);
+    for node in &names {
+        assert_eq!(walks[*node].last().map(String::as_str), Some("recovered"));
+        assert!(!fake.unschedulable(node));
+    }
+    assert!(remediation_leases(&fake).is_empty());
+}
+
+/// More nodes faulting within the window than `storm.maxFaultingNodes`:
+/// the node that counts them raises the storm and stays at `taint`; the
+/// other affected node sees it and does the same; both have an event;
+/// nothing is drained or reset. Deleting the storm Lease lets them go on.
+#[test]
+fn a_storm_stops_automatic_action() {
+    let fake = cluster(&[NODE, "gpu-node-2", "gpu-node-3", "gpu-node-4"]);
+    // Two other nodes began faulting a minute ago.
+    let since = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 60)
+        .to_string();
+    for other in ["gpu-node-3", "gpu-node-4"] {
+        fake.set_label(
+            other,
+            "gpuprov.io/gpu-fault-since",
+            &since,
+            "gpuprov-remediation",
+        );
+    }
+    let spec = "  storm:\n    maxFaultingNodes: 2\n    windowSeconds: 600\n";
+    // The faults last the test out.
+    let first = Agent::start_with(&fake, NODE, spec, 120, |_| {});
+    let second = Agent::start_with(&fake, "gpu-node-2", spec, 120, |_| {});
+    first.xid(2, 48);
+    first.until("storm raised", 30, || {
+        fake.leases(NAMESPACE)
+            .contains_key("gpuprov-remediation-storm")
+    });
+    second.xid(5, 48);
+    for node in [NODE, "gpu-node-2"] {
+        eventually(
+            &format!("{node} storm-hold event"),
+            Duration::from_secs(30),
+            || {
+                stage(&fake, node).as_deref() == Some("storm-hold")
+                    && event_reasons(&fake, node)
+                        .iter()
+                        .any(|r| r == "GpuRemediationStorm")
+            },
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(first.resets(), "");
+    assert_eq!(second.resets(), "");
+    assert!(!fake.unschedulable(NODE) && !fake.unschedulable("gpu-node-2"));
+    assert!(
+        event_notes(&fake, "GpuRemediationStorm")
+            .iter()
+            .all(|n| n.contains("delete Lease gpuprov-remediation-storm")),
+        "{:#?}",
+        fake.events()
+    );
+    let (walks, most) = walks(&fake);
+    assert_eq!(most, 0, "{walks:#?}");
+}
+
+/// A GPU that faults again within `flapWindowSeconds` of its recovery is
+/// left tainted for a person, the history in its event; a person setting
+/// the label to `cleared` hands it back.
+#[test]
+fn a_flapping_gpu_is_left_for_a_person() {
+    let fake = cluster(&[NODE]);
+    let agent = Agent::start(&fake, NODE, "  flapWindowSeconds: 3600\n");
+    agent.xid(2, 48);
+    agent.until("recovered", 60, || {
+        stage(&fake, NODE).as_deref() == Some("recovered")
+    });
+    agent.xid(2, 48);
+    eventually("needs attention", Duration::from_secs(30), || {
+        stage(&fake, NODE).as_deref() == Some("needs-attention")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    // Not reset again, tainted, and it stays so.
+    assert_eq!(agent.resets(), format!("reset {GPU2_BUS}\n"));
+    assert_eq!(stage(&fake, NODE).as_deref(), Some("needs-attention"));
+    assert_eq!(
+        fault_taints(&fake, NODE),
+        ["gpuprov.io/gpu-fault:NoSchedule"],
+        "{:#?}",
+        fake.log()
+            .iter()
+            .filter(|l| l.body.contains("taints"))
+            .map(|l| l.body.clone())
+            .collect::<Vec<_>>()
+    );
+    let notes = event_notes(&fake, "GpuFaultRepeated");
+    assert!(
+        notes.iter().any(|n| n.contains("faulted again")
+            && n.contains("History:")
+            && n.contains("recovered: health held")),
+        "{notes:#?}"
+    );
+
+    fake.set_label(NODE, STAGE, "cleared", "kubectl-label");
+    agent.until("handed back", 30, || {
+        stage(&fake, NODE).is_none() && fault_taints(&fake, NODE).is_empty()
+    });
+}
+
+/// Remediation on, no fault: after the first converge a node writes
+/// nothing to the API server and asks it nothing for remediation.
+#[test]
+fn a_converged_healthy_node_writes_nothing() {
+    let fake = cluster(&[NODE]);
+    let _agent = Agent::start(&fake, NODE, "");
+    std::thread::sleep(Duration::from_secs(2));
+    fake.clear_log();
+    std::thread::sleep(Duration::from_secs(5));
+    let log = fake.log();
+    assert!(
+        log.iter()
+            .all(|l| l.method == "GET" && !l.uri.contains("lease")),
+        "{:#?}",
+        log.iter()
+            .map(|l| format!("{} {}", l.method, l.uri))
+            .collect::<Vec<_>>()
+    );
+    assert!(stage(&fake, NODE).is_none());
+}
