@@ -42,6 +42,28 @@ impl Agent {
         recover_after: u64,
         prepare: impl FnOnce(&Path),
     ) -> Agent {
+        Agent::start_full(fake, node, remediation, recover_after, None, prepare)
+    }
+
+    /// Serving its metrics on `port`.
+    fn start_on(
+        fake: &FakeApi,
+        node: &str,
+        remediation: &str,
+        recover_after: u64,
+        port: Option<u16>,
+    ) -> Agent {
+        Agent::start_full(fake, node, remediation, recover_after, port, |_| {})
+    }
+
+    fn start_full(
+        fake: &FakeApi,
+        node: &str,
+        remediation: &str,
+        recover_after: u64,
+        port: Option<u16>,
+        prepare: impl FnOnce(&Path),
+    ) -> Agent {
         let host = copy_host("h100x8-nvswitch-preinstalled");
         prepare(host.path());
         let fixture = support::telemetry_fixture(host.path());
@@ -72,7 +94,7 @@ impl Agent {
             .arg(fake.kubeconfig())
             .arg("--host-root")
             .arg(host.path())
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", &format!("127.0.0.1:{}", port.unwrap_or(0))])
             .env_remove("KUBECONFIG")
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -492,6 +514,11 @@ fn a_flapping_gpu_is_left_for_a_person() {
             .map(|l| l.body.clone())
             .collect::<Vec<_>>()
     );
+    // Once the GPU's own health is back, remediation holds GPUReady.
+    agent.until("GPUReady False for remediation", 30, || {
+        fake.condition(NODE, "nvidia.com/GPUReady")
+            .is_some_and(|c| c["status"] == "False" && c["reason"] == "GpuRemediationDegraded")
+    });
     let notes = event_notes(&fake, "GpuFaultRepeated");
     assert!(
         notes.iter().any(|n| n.contains("faulted again")
@@ -525,4 +552,101 @@ fn a_converged_healthy_node_writes_nothing() {
             .collect::<Vec<_>>()
     );
     assert!(stage(&fake, NODE).is_none());
+}
+
+/// `plan` on a node with a recent reset-class XID shows what remediation
+/// would do now, step by step, and changes nothing; without an API server
+/// it says remediation cannot act and names the fault.
+#[test]
+fn plan_shows_what_remediation_would_do() {
+    let fake = cluster(&[NODE]);
+    let host = copy_host("h100x8-nvswitch-preinstalled");
+    let fixture = support::telemetry_fixture(host.path());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::fs::create_dir_all(host.path().join("run/gpuprov")).unwrap();
+    std::fs::write(
+        host.path().join("run/gpuprov/gpu-errors.json"),
+        serde_json::json!([{"gpu": 2, "uuid": "GPU-5f1c4e2a-0d3b-4c7e-9a10-00000000003A", "xid": 48, "at": now}])
+            .to_string(),
+    )
+    .unwrap();
+    let spec = write_spec(
+        host.path(),
+        "node.yaml",
+        "remediation:\n  enabled: true\n  maxUnavailable: 3\n",
+    );
+    let plan = |with_api: bool| {
+        let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("gpuprov"));
+        command
+            .env("GPUPROV_FAKE_NVML", &fixture)
+            .args(["plan", "--host-exec", "prefix", "--node-name", NODE])
+            .arg("--nvml-lib")
+            .arg(support::fake_nvml_library())
+            .arg("--config")
+            .arg(&spec)
+            .arg("--host-root")
+            .arg(host.path())
+            .env_remove("KUBECONFIG");
+        if with_api {
+            command.arg("--kubeconfig").arg(fake.kubeconfig());
+        }
+        let output = command.output().unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr)
+    };
+    let text = plan(true);
+    for wanted in [
+        "reset in remediation slot 1 of 3: resetNeeded on GPU 0000:3a:00.0: XID 48 (double-bit ECC error)",
+        "take a remediation slot (one of 3 Leases gpuprov/gpuprov-remediation-N)",
+        "label the node gpuprov.io/remediation=draining",
+        "taint the node gpuprov.io/gpu-fault=resetNeeded:NoSchedule",
+        "cordon the node",
+        "evict the pods on this node that use GPUs through the Eviction API",
+        "reset GPU 0000:3a:00.0 through NVML once no process holds it",
+        "label the node gpuprov.io/remediation=recovering",
+    ] {
+        assert!(text.contains(wanted), "wanted {wanted:?} in:\n{text}");
+    }
+    assert!(stage(&fake, NODE).is_none());
+    assert!(fake.taints(NODE).iter().all(|t| !t.contains("gpu-fault")));
+    assert!(remediation_leases(&fake).is_empty());
+    assert!(!host.path().join("var/lib/gpuprov/remediation.json").exists());
+
+    let text = plan(false);
+    assert!(
+        text.contains("remediation acts through the API server, and there is none; GPU faults: resetNeeded on GPU 0000:3a:00.0: XID 48"),
+        "{text}"
+    );
+}
+
+/// `/metrics` after a reset: the faults seen, the actions taken, the stage.
+#[test]
+fn metrics_count_faults_and_actions() {
+    let fake = cluster(&[NODE]);
+    let port = support::daemon::free_port();
+    let agent = Agent::start_on(&fake, NODE, "", 4, Some(port));
+    agent.xid(2, 48);
+    agent.until("recovering", 30, || {
+        stage(&fake, NODE).as_deref() == Some("recovering")
+    });
+    agent.until("recovered", 30, || {
+        stage(&fake, NODE).as_deref() == Some("recovered")
+    });
+    agent.until("metrics", 30, || {
+        support::daemon::get(port, "/metrics")
+            .is_some_and(|(_, body)| body.contains("gpuprov_remediation_stage{stage=\"recovered\"} 1"))
+    });
+    let (_, body) = support::daemon::get(port, "/metrics").unwrap();
+    for wanted in [
+        "gpuprov_remediation_faults_seen{class=\"resetNeeded\"} 1",
+        "gpuprov_remediation_actions_taken{action=\"draining\"} 1",
+        "gpuprov_remediation_actions_taken{action=\"resetting\"} 1",
+        "gpuprov_remediation_slot_held 0",
+        "gpuprov_remediation_storms_seen 0",
+    ] {
+        assert!(body.contains(wanted), "wanted {wanted:?} in:\n{body}");
+    }
 }

@@ -382,11 +382,19 @@ fn enter(
             record.recovered_at = Some(now);
             record.faults.clear();
             record.rebooted_from = None;
+            // What the action acted on is handled; an error since it
+            // ended would have kept it from recovering.
+            record.handled_until = if record.stage == Stage::Recovering {
+                record.since
+            } else {
+                now
+            };
         }
         Stage::Healthy => {
             record.recovered_at = None;
             record.faults.clear();
             record.rebooted_from = None;
+            record.handled_until = now;
         }
         Stage::Draining | Stage::Resetting | Stage::Rebooting => {
             *record

@@ -105,13 +105,21 @@ pub fn current(ctx: &StateContext, seen_this_boot: &[String]) -> Vec<Fault> {
         }
     }
 
-    // The critical XIDs of the last `health.recoverAfterSeconds`.
+    // The critical XIDs of the last `health.recoverAfterSeconds`: the
+    // newest of each XID on each GPU (a failing GPU reports thousands).
     let health = &ctx.spec.health;
     if health.xids {
+        let mut newest: std::collections::BTreeMap<(u32, u64), crate::gpu::xid::GpuError> =
+            std::collections::BTreeMap::new();
         for error in crate::gpu::xid::recent(ctx.host, health.recover_after_seconds)
             .into_iter()
             .filter(|e| !health.ignored_xids.contains(&e.xid))
         {
+            newest.insert((error.gpu, error.xid), error);
+        }
+        let mut errors: Vec<_> = newest.into_values().collect();
+        errors.sort_by_key(|e| e.at);
+        for error in errors {
             let gpu = listed
                 .iter()
                 .find(|(_, uuid, index)| {

@@ -212,6 +212,14 @@ fn decide(
 
     match record.stage {
         Stage::Healthy | Stage::Recovered => {
+            // An error the last remediation handled is no new fault while
+            // it is still recent.
+            let faults: Vec<&Fault> = faults
+                .iter()
+                .copied()
+                .filter(|f| f.at > record.handled_until)
+                .collect();
+            let faults = faults.as_slice();
             if faults.is_empty() {
                 let reason = match record.recovered_at {
                     Some(at) if record.stage == Stage::Recovered => {

@@ -117,6 +117,10 @@ pub struct Record {
     pub rebooted_from: Option<String>,
     /// When the last remediation ended in a recovery.
     pub recovered_at: Option<u64>,
+    /// Errors reported up to this time were handled by the last
+    /// remediation (or a person cleared them): still recent, but no new
+    /// fault.
+    pub handled_until: u64,
     /// The storm (its Lease's UID) this node already raised an event for.
     pub storm_reported: Option<String>,
     pub history: Vec<Entry>,
