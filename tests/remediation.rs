@@ -613,7 +613,12 @@ fn plan_shows_what_remediation_would_do() {
     assert!(stage(&fake, NODE).is_none());
     assert!(fake.taints(NODE).iter().all(|t| !t.contains("gpu-fault")));
     assert!(remediation_leases(&fake).is_empty());
-    assert!(!host.path().join("var/lib/gpuprov/remediation.json").exists());
+    assert!(
+        !host
+            .path()
+            .join("var/lib/gpuprov/remediation.json")
+            .exists()
+    );
 
     let text = plan(false);
     assert!(
@@ -636,8 +641,9 @@ fn metrics_count_faults_and_actions() {
         stage(&fake, NODE).as_deref() == Some("recovered")
     });
     agent.until("metrics", 30, || {
-        support::daemon::get(port, "/metrics")
-            .is_some_and(|(_, body)| body.contains("gpuprov_remediation_stage{stage=\"recovered\"} 1"))
+        support::daemon::get(port, "/metrics").is_some_and(|(_, body)| {
+            body.contains("gpuprov_remediation_stage{stage=\"recovered\"} 1")
+        })
     });
     let (_, body) = support::daemon::get(port, "/metrics").unwrap();
     for wanted in [
@@ -649,4 +655,46 @@ fn metrics_count_faults_and_actions() {
     ] {
         assert!(body.contains(wanted), "wanted {wanted:?} in:\n{body}");
     }
+}
+
+/// A process that holds the faulty GPU (one the drain does not reach: not
+/// a pod) keeps it from being reset: the node is left tainted for a
+/// person, the reason in its events, and its slot goes back.
+#[test]
+fn a_gpu_a_process_holds_is_not_reset() {
+    let fake = cluster(&[NODE]);
+    let agent = Agent::start(&fake, NODE, "");
+    // NVML reads its fixture again at its next initialisation.
+    let fixture = agent.host.path().join("telemetry.yaml");
+    let text = std::fs::read_to_string(&fixture).unwrap();
+    std::fs::write(
+        &fixture,
+        text.replacen(
+            "    pciBusId: \"00000000:3A:00.0\"\n",
+            "    pciBusId: \"00000000:3A:00.0\"\n    processes: [4242]\n",
+            1,
+        ),
+    )
+    .unwrap();
+    agent.xid(2, 48);
+    agent.until("needs attention", 30, || {
+        stage(&fake, NODE).as_deref() == Some("needs-attention")
+    });
+    assert_eq!(agent.resets(), "");
+    assert!(remediation_leases(&fake).is_empty());
+    assert_eq!(
+        fault_taints(&fake, NODE),
+        ["gpuprov.io/gpu-fault:NoSchedule"]
+    );
+    let notes: Vec<String> = fake
+        .events()
+        .iter()
+        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("processes hold it (pid 4242): a reset would kill their work")),
+        "{notes:#?}"
+    );
 }

@@ -207,7 +207,44 @@ fn fault_taint(class: &str) -> StartupTaint {
     }
 }
 
+/// Makes `action`; a step past taint that fails leaves its reason in the
+/// record's history and in a Node event, for the person who takes over.
 fn make(on: &mut MakeContext, action: &Action) -> Result<(), String> {
+    let result = make_step(on, action);
+    if let Err(why) = &result
+        && let Some(step) = action.disruptive_step()
+    {
+        let mut record = Record::read(on.host);
+        record.note(super::now(), format!("{step} failed: {why}"));
+        let noted = record.write(on.host);
+        if let Some(cluster) = on.cluster {
+            let note = format!("{step} failed: {why}");
+            if let Err(e) = cluster.post_event(true, "GpuRemediationFailed", "Remediate", &note) {
+                tracing::warn!("the failure's event was not posted: {}", error_chain(&e));
+            }
+        }
+        if let Err(e) = noted {
+            tracing::warn!("the failure was not recorded: {e}");
+        }
+    }
+    result
+}
+
+impl Action {
+    /// The steps that disrupt the node's work, by name.
+    fn disruptive_step(&self) -> Option<&'static str> {
+        Some(match self {
+            Action::Cordon => "cordon",
+            Action::WaitForJobs { .. } => "waiting for jobs",
+            Action::EvictGpuPods { .. } => "drain",
+            Action::ResetGpus { .. } => "reset",
+            Action::Reboot { .. } => "reboot",
+            _ => return None,
+        })
+    }
+}
+
+fn make_step(on: &mut MakeContext, action: &Action) -> Result<(), String> {
     if let Action::Enter {
         stage,
         faults,

@@ -330,7 +330,15 @@ fn decide(
                 Outcome::Degraded,
                 format!(
                     "left tainted for a person (set {STAGE_LABEL}={CLEARED} to hand it back): {}",
-                    record.history.last().map_or("", |e| e.what.as_str())
+                    record
+                        .history
+                        .iter()
+                        .rev()
+                        .take(2)
+                        .rev()
+                        .map(|e| e.what.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ),
             );
             if !tainted(ctx) {
