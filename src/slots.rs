@@ -440,9 +440,16 @@ mod tests {
         }
     }
 
+    static KIND: SlotKind = SlotKind {
+        prefix: "gpuprov-driver-upgrade",
+        label: "gpuprov.io/driver-upgrade-slot",
+        purpose: "upgrade",
+        still_out: |_| false,
+    };
+
     #[test]
     fn only_plain_slot_numbers_name_a_slot() {
-        let kind = &crate::upgrade::SLOTS;
+        let kind = &KIND;
         assert_eq!(
             slot_index(kind, &named("gpuprov-driver-upgrade-0")),
             Some(0)

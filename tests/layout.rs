@@ -218,6 +218,7 @@ const HOUSE: &[&str] = &[
     "registry",
     "report",
     "runtime",
+    "slots",
     "spec",
     "state",
 ];

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::faults::Fault;
 use super::record::{Record, Stage};
+use super::reset::ResetTarget;
 use super::{FAULT_SINCE_LABEL, SLOTS, STAGE_LABEL, TAINT_KEY};
 use crate::kube::Cluster;
 use crate::slots;
@@ -18,14 +19,6 @@ use crate::state::{CapabilityChange, MakeContext, StateError, error_chain, json_
 /// The field manager of the remediation labels, apart from gpuprov's
 /// label set: each stage is published as it starts, not at a converge's end.
 const STAGE_MANAGER: &str = "gpuprov-remediation";
-
-/// A GPU to reset.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ResetTarget {
-    pub address: String,
-    pub uuid: String,
-}
 
 /// What a remediation does next; each is one `Change`.
 #[derive(Debug, Clone, PartialEq, Serialize)]

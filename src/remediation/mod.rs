@@ -24,9 +24,10 @@ pub mod storm;
 
 use std::time::Duration;
 
-use action::{Action, ResetTarget};
+use action::Action;
 use faults::Fault;
 use record::{Record, Stage};
+use reset::ResetTarget;
 
 use crate::slots::{self, SlotKind};
 use crate::spec::{RemediationSpec, RemedyPolicy};

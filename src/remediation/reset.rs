@@ -11,7 +11,13 @@ use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::{DetachGpuState, PcieLinkState};
 use nvml_wrapper::error::NvmlError;
 
-use super::action::ResetTarget;
+/// A GPU to reset.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResetTarget {
+    pub address: String,
+    pub uuid: String,
+}
 
 /// Resets each GPU in turn; the first that cannot be reset stops it.
 pub fn reset(library: &Path, gpus: &[ResetTarget]) -> Result<String, String> {
