@@ -12,7 +12,7 @@ trap 'rm -f "$out"' EXIT
     echo "memory: $(free -h | awk '/^Mem:/ {print $2}')"
     echo "kernel: $(uname -r); $(rustc --version)"
     echo "date: $(date -u +%Y-%m-%dT%H:%MZ); commit: $(git rev-parse --short HEAD 2>/dev/null || echo none)"
-    for bench in spine containerd runtimes process memory fleet cri mig telemetry cdi hostile dra; do
+    for bench in spine containerd runtimes process memory fleet cri mig telemetry cdi hostile dra remediation; do
         echo
         echo "== cargo bench --bench $bench"
         cargo bench --locked --bench "$bench" 2>/dev/null | grep -v '^$'

@@ -172,37 +172,9 @@ fn stage(fake: &FakeApi, node: &str) -> Option<String> {
 /// Each node's published stages in the order the API server got them,
 /// and the most nodes past `taint` (holding a slot) at any moment.
 fn walks(fake: &FakeApi) -> (BTreeMap<String, Vec<String>>, usize) {
-    let mut walks: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut now: BTreeMap<String, String> = BTreeMap::new();
-    let mut most = 0;
-    for l in fake.log() {
-        if l.method != "PATCH" || !l.uri.contains("fieldManager=gpuprov-remediation") {
-            continue;
-        }
-        let node = l.uri["/api/v1/nodes/".len()..]
-            .split('?')
-            .next()
-            .unwrap()
-            .to_string();
-        let body: serde_json::Value = serde_json::from_str(&l.body).unwrap();
-        let stage = body["metadata"]["labels"][STAGE]
-            .as_str()
-            .unwrap_or("healthy")
-            .to_string();
-        walks.entry(node.clone()).or_default().push(stage.clone());
-        now.insert(node, stage);
-        let past_taint = now
-            .values()
-            .filter(|s| {
-                matches!(
-                    s.as_str(),
-                    "draining" | "resetting" | "rebooting" | "recovering"
-                )
-            })
-            .count();
-        most = most.max(past_taint);
-    }
-    (walks, most)
+    fake.walks("gpuprov-remediation", STAGE, "healthy", |s| {
+        matches!(s, "draining" | "resetting" | "rebooting" | "recovering")
+    })
 }
 
 fn event_reasons(fake: &FakeApi, node: &str) -> Vec<String> {
@@ -697,4 +669,52 @@ fn a_gpu_a_process_holds_is_not_reset() {
             .any(|n| n.contains("processes hold it (pid 4242): a reset would kill their work")),
         "{notes:#?}"
     );
+}
+
+/// A GPU that falls off the bus (NVML answers `GPU_IS_LOST` for it, the
+/// driver reports XID 79): tainted by the default policies, with no slot;
+/// once it is back, health must hold `recoverAfterSeconds` before the
+/// taint goes.
+#[test]
+fn a_lost_gpu_is_tainted_until_it_is_back_and_health_holds() {
+    let fake = cluster(&[NODE]);
+    let agent = Agent::start(&fake, NODE, "");
+    let fixture = agent.host.path().join("telemetry.yaml");
+    let healthy = std::fs::read_to_string(&fixture).unwrap();
+    let lost = healthy.replacen(
+        "    pciBusId: \"00000000:9A:00.0\"\n",
+        "    pciBusId: \"00000000:9A:00.0\"\n    failures: {nvmlDeviceGetMemoryInfo_v2: 15, nvmlDeviceGetMemoryInfo: 15}\n",
+        1,
+    );
+    assert_ne!(lost, healthy);
+    std::fs::write(&fixture, lost).unwrap();
+    agent.xid(4, 79);
+    agent.until("tainted", 30, || {
+        stage(&fake, NODE).as_deref() == Some("tainted")
+    });
+    assert_eq!(
+        fault_taints(&fake, NODE),
+        ["gpuprov.io/gpu-fault:NoSchedule"]
+    );
+    assert!(remediation_leases(&fake).is_empty());
+    assert!(!fake.unschedulable(NODE));
+    let notes = event_notes(&fake, "GpuFault");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("gpuLost on GPU index 4: NVML reports it lost")),
+        "{notes:#?}"
+    );
+    // Still lost past the XID's window: still tainted.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(stage(&fake, NODE).as_deref(), Some("tainted"));
+
+    std::fs::write(&fixture, healthy).unwrap();
+    agent.until("recovered", 30, || {
+        stage(&fake, NODE).as_deref() == Some("recovered")
+    });
+    let (walks, _) = walks(&fake);
+    assert_eq!(walks[NODE], ["tainted", "recovering", "recovered"]);
+    assert!(fault_taints(&fake, NODE).is_empty());
+    assert_eq!(agent.resets(), "");
 }

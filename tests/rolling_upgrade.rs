@@ -358,37 +358,9 @@ fn agent(fake: &FakeApi, node: &str, host: &Path, spec: &Path) -> support::daemo
 /// them, and the most nodes between `cordon-required` and
 /// `uncordon-required` at any moment.
 fn walk_of_the_fleet(fake: &FakeApi) -> (BTreeMap<String, Vec<String>>, usize) {
-    let mut walks: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut now: BTreeMap<String, String> = BTreeMap::new();
-    let mut most = 0;
-    for l in fake.log() {
-        if l.method != "PATCH" || !l.uri.contains("fieldManager=gpuprov-driver-upgrade") {
-            continue;
-        }
-        let node = l.uri["/api/v1/nodes/".len()..]
-            .split('?')
-            .next()
-            .unwrap()
-            .to_string();
-        let body: serde_json::Value = serde_json::from_str(&l.body).unwrap();
-        let state = body["metadata"]["labels"][STATE]
-            .as_str()
-            .unwrap()
-            .to_string();
-        walks.entry(node.clone()).or_default().push(state.clone());
-        now.insert(node, state);
-        let in_progress = now
-            .values()
-            .filter(|s| {
-                !matches!(
-                    s.as_str(),
-                    "upgrade-required" | "upgrade-done" | "upgrade-failed"
-                )
-            })
-            .count();
-        most = most.max(in_progress);
-    }
-    (walks, most)
+    fake.walks("gpuprov-driver-upgrade", STATE, "", |s| {
+        !matches!(s, "upgrade-required" | "upgrade-done" | "upgrade-failed")
+    })
 }
 
 /// Ten node agents (`gpuprov run`, one process each) and a version change

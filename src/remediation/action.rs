@@ -140,9 +140,7 @@ impl CapabilityChange for Action {
             Action::WaitForJobs {
                 selector,
                 timeout_seconds,
-            } => format!(
-                "wait up to {timeout_seconds}s for the pods `{selector}` on this node to finish"
-            ),
+            } => crate::upgrade::action::wait_for_jobs_summary(selector, *timeout_seconds),
             Action::EvictGpuPods {
                 selector,
                 timeout_seconds,

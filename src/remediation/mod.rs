@@ -201,13 +201,21 @@ fn decide(
     let namespace = ctx.spec.operands.namespace.clone();
     let label = ctx.node_label(STAGE_LABEL);
 
-    // A person hands the node back.
-    if label.as_deref() == Some(CLEARED) && record.stage != Stage::Healthy {
+    // A person hands the node back (on a node with nothing to hand back,
+    // their label is only taken away).
+    if label.as_deref() == Some(CLEARED) {
         let mut d = Decision::new(
             Outcome::Ready,
             format!("{STAGE_LABEL}={CLEARED}: a person handed the node back"),
         );
-        d.changes = ending(&namespace, Stage::Healthy, "cleared by a person");
+        d.changes = if record.stage == Stage::Healthy {
+            vec![Action::Publish {
+                stage: Stage::Healthy,
+                fault_since: None,
+            }]
+        } else {
+            ending(&namespace, Stage::Healthy, "cleared by a person")
+        };
         return Ok(d);
     }
 
@@ -249,6 +257,29 @@ fn decide(
         }
         Stage::Tainted | Stage::WaitingForSlot | Stage::StormHold => {
             if faults.is_empty() {
+                // An XID clears only once `recoverAfterSeconds` passed
+                // without another: health held already. A GPU lost or
+                // unlisted clears the moment it is back: it must hold.
+                let xids_only = record.faults.iter().all(|f| f.what.starts_with("XID "));
+                if !xids_only {
+                    let mut d = Decision::new(
+                        Outcome::Degraded,
+                        "the GPU fault cleared: recovering while health holds",
+                    );
+                    d.changes = vec![
+                        Action::Enter {
+                            stage: Stage::Recovering,
+                            faults: Vec::new(),
+                            note: "the fault cleared".into(),
+                            storm: None,
+                        },
+                        Action::Publish {
+                            stage: Stage::Recovering,
+                            fault_since: Some(record.fault_since),
+                        },
+                    ];
+                    return Ok(d);
+                }
                 let mut d = Decision::new(Outcome::Ready, "the GPU fault cleared: recovered");
                 d.changes = ending(&namespace, Stage::Recovered, "the fault cleared");
                 // Nothing past the taint was done: no cordon, no slot.

@@ -132,14 +132,7 @@ impl Action {
             Action::WaitForJobs {
                 selector,
                 timeout_seconds,
-            } => {
-                let limit = if *timeout_seconds == 0 {
-                    "as long as it takes".to_string()
-                } else {
-                    format!("up to {timeout_seconds}s")
-                };
-                format!("wait {limit} for the pods `{selector}` on this node to finish")
-            }
+            } => wait_for_jobs_summary(selector, *timeout_seconds),
             Action::DeleteGpuPods { .. } => {
                 "delete the pods on this node that use NVIDIA GPUs (not the operands')".to_string()
             }
@@ -159,4 +152,14 @@ impl Action {
             }
         }
     }
+}
+
+/// How `plan` words a wait for jobs (0: as long as it takes).
+pub fn wait_for_jobs_summary(selector: &str, timeout_seconds: u64) -> String {
+    let limit = if timeout_seconds == 0 {
+        "as long as it takes".to_string()
+    } else {
+        format!("up to {timeout_seconds}s")
+    };
+    format!("wait {limit} for the pods `{selector}` on this node to finish")
 }

@@ -467,6 +467,43 @@ impl FakeApi {
         self.shared.0.lock().unwrap().log.clone()
     }
 
+    /// Each node's values of the node label `label` as field manager
+    /// `manager` applied them, in the order the server got them (`absent`
+    /// where an apply left it out), and the most nodes whose latest value
+    /// `busy` took at any moment: what a fleet's coordination is proven by.
+    #[allow(dead_code)]
+    pub fn walks(
+        &self,
+        manager: &str,
+        label: &str,
+        absent: &str,
+        busy: impl Fn(&str) -> bool,
+    ) -> (BTreeMap<String, Vec<String>>, usize) {
+        let mut walks: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut now: BTreeMap<String, String> = BTreeMap::new();
+        let mut most = 0;
+        let applied = format!("fieldManager={manager}");
+        for l in self.log() {
+            if l.method != "PATCH" || !l.uri.contains(&applied) {
+                continue;
+            }
+            let node = l.uri["/api/v1/nodes/".len()..]
+                .split('?')
+                .next()
+                .unwrap()
+                .to_string();
+            let body: Value = serde_json::from_str(&l.body).unwrap();
+            let value = body["metadata"]["labels"][label]
+                .as_str()
+                .unwrap_or(absent)
+                .to_string();
+            walks.entry(node.clone()).or_default().push(value.clone());
+            now.insert(node, value);
+            most = most.max(now.values().filter(|v| busy(v)).count());
+        }
+        (walks, most)
+    }
+
     pub fn clear_log(&self) {
         self.shared.0.lock().unwrap().log.clear();
     }
@@ -925,16 +962,21 @@ async fn list_nodes(
         .filter(|s| !s.contains(['=', '!', ',', ' ', '(']))
         .cloned();
     let inner = shared.0.lock().unwrap();
-    let items: Vec<Value> = watched
-        .objects(&inner)
-        .into_values()
-        .map(|(_, o)| o)
-        .filter(|o| {
-            exists
-                .as_ref()
-                .is_none_or(|key| o["metadata"]["labels"].get(key).is_some())
-        })
-        .collect();
+    let items: Vec<Value> = match &exists {
+        // Selected before each Node is rendered: a fleet of thousands
+        // answers a few.
+        Some(key) => inner
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.labels.contains_key(key))
+            .map(|(name, node)| node_json(name, node))
+            .collect(),
+        None => watched
+            .objects(&inner)
+            .into_values()
+            .map(|(_, o)| o)
+            .collect(),
+    };
     axum::Json(json!({
         "apiVersion": "v1", "kind": "NodeList",
         "metadata": {"resourceVersion": inner.version.to_string()}, "items": items,
@@ -1688,16 +1730,21 @@ async fn list_all_pods(
         .filter(|s| !s.contains(['=', '!', ',', ' ', '(']))
         .cloned();
     let inner = shared.0.lock().unwrap();
-    let items: Vec<Value> = watched
-        .objects(&inner)
-        .into_values()
-        .map(|(_, o)| o)
-        .filter(|o| {
-            exists
-                .as_ref()
-                .is_none_or(|key| o["metadata"]["labels"].get(key).is_some())
-        })
-        .collect();
+    let items: Vec<Value> = match &exists {
+        // Selected before each Node is rendered: a fleet of thousands
+        // answers a few.
+        Some(key) => inner
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.labels.contains_key(key))
+            .map(|(name, node)| node_json(name, node))
+            .collect(),
+        None => watched
+            .objects(&inner)
+            .into_values()
+            .map(|(_, o)| o)
+            .collect(),
+    };
     axum::Json(json!({
         "apiVersion": "v1", "kind": "PodList",
         "metadata": {"resourceVersion": inner.version.to_string()}, "items": items,
