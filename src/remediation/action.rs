@@ -338,8 +338,17 @@ fn make_step(on: &mut MakeContext, action: &Action) -> Result<(), String> {
         Action::Reboot { argv, namespace } => {
             holding_slot(cluster, "rebooting")?;
             no_storm(cluster, namespace, "rebooting")?;
+            // A new boot id is what ends `rebooting`: without one, the
+            // node could never tell it came back.
+            let boot = super::boot_id(on.host);
+            if boot.is_empty() {
+                return Err(format!(
+                    "no boot id ({}): gpuprov could not tell the node rebooted, so it does not reboot it",
+                    "/proc/sys/kernel/random/boot_id"
+                ));
+            }
             let mut record = Record::read(on.host);
-            record.rebooted_from = Some(super::boot_id(on.host));
+            record.rebooted_from = Some(boot);
             record.write(on.host)?;
             let run = on.host.run(argv).map_err(|e| error_chain(&e))?;
             let (ok, summary) = (run.success(), run.failure_summary());

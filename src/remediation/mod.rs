@@ -73,12 +73,21 @@ pub fn now() -> u64 {
         .as_secs()
 }
 
-/// This boot's id, or empty where the host does not say.
+/// This boot's id: the host root's `/proc` where it is mounted there (a
+/// fixture host says it this way), else gpuprov's own (one kernel, one
+/// boot id, whatever the namespaces); empty where neither says.
 pub fn boot_id(host: &crate::host::Host) -> String {
+    let shown = |text: String| -> String { text.trim().chars().take(64).collect() };
     host.read(BOOT_ID)
         .ok()
         .flatten()
-        .map(|t| t.trim().chars().take(64).collect())
+        .map(shown)
+        .filter(|id| !id.is_empty())
+        .or_else(|| {
+            crate::host::read_user_file(std::path::Path::new(BOOT_ID), 4096)
+                .ok()
+                .map(shown)
+        })
         .unwrap_or_default()
 }
 
@@ -184,20 +193,26 @@ fn decide(
             .collect::<Vec<_>>()
             .join("; ")
     };
-    let Some(cluster) = ctx.cluster else {
-        return Ok(if faults.is_empty() && !record.stage.tainted() {
-            Decision::new(Outcome::Ready, "no GPU fault")
-        } else {
+    if ctx.cluster.is_none() {
+        let why = "remediation acts through the API server, and there is none";
+        return Ok(if !faults.is_empty() {
+            Decision::new(
+                Outcome::Failed,
+                format!("{why}; GPU faults: {}", described()),
+            )
+        } else if record.stage.tainted() {
             Decision::new(
                 Outcome::Failed,
                 format!(
-                    "remediation acts through the API server, and there is none; GPU faults: {}",
-                    described()
+                    "{why}; the node's remediation is at {} ({})",
+                    record.stage.as_str(),
+                    record::RECORD_FILE
                 ),
             )
+        } else {
+            Decision::new(Outcome::Ready, "no GPU fault")
         });
-    };
-    let _ = cluster;
+    }
     let namespace = ctx.spec.operands.namespace.clone();
     let label = ctx.node_label(STAGE_LABEL);
 
@@ -487,7 +502,12 @@ fn begin(
     namespace: &str,
 ) -> Result<Decision, StateError> {
     let spec = &ctx.spec.remediation;
-    let cluster = ctx.cluster.expect("checked by decide");
+    let Some(cluster) = ctx.cluster else {
+        return Ok(Decision::new(
+            Outcome::Failed,
+            "remediation acts through the API server, and there is none",
+        ));
+    };
     // The policy: the strongest of the faults now and those it began with.
     let kept: Vec<&Fault> = record.faults.iter().collect();
     let all: Vec<&Fault> = faults.iter().copied().chain(kept).collect();
@@ -503,7 +523,7 @@ fn begin(
     let described = described.join("; ");
     let tainting = |stage: Stage, note: String, storm: Option<String>| {
         let mut changes = Vec::new();
-        if record.stage != stage || record.storm_reported != storm && storm.is_some() {
+        if record.stage != stage || (storm.is_some() && record.storm_reported != storm) {
             changes.push(Action::Enter {
                 stage,
                 faults: owned(faults),
