@@ -1724,27 +1724,12 @@ async fn list_all_pods(
     if let Some(watch) = watch_of(&shared, &query, &watched) {
         return watch;
     }
-    // An existence selector (`key`), as the API server takes it.
-    let exists = query
-        .get("labelSelector")
-        .filter(|s| !s.contains(['=', '!', ',', ' ', '(']))
-        .cloned();
     let inner = shared.0.lock().unwrap();
-    let items: Vec<Value> = match &exists {
-        // Selected before each Node is rendered: a fleet of thousands
-        // answers a few.
-        Some(key) => inner
-            .nodes
-            .iter()
-            .filter(|(_, node)| node.labels.contains_key(key))
-            .map(|(name, node)| node_json(name, node))
-            .collect(),
-        None => watched
-            .objects(&inner)
-            .into_values()
-            .map(|(_, o)| o)
-            .collect(),
-    };
+    let items: Vec<Value> = watched
+        .objects(&inner)
+        .into_values()
+        .map(|(_, o)| o)
+        .collect();
     axum::Json(json!({
         "apiVersion": "v1", "kind": "PodList",
         "metadata": {"resourceVersion": inner.version.to_string()}, "items": items,
