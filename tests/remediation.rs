@@ -718,3 +718,90 @@ fn a_lost_gpu_is_tainted_until_it_is_back_and_health_holds() {
     assert!(fault_taints(&fake, NODE).is_empty());
     assert_eq!(agent.resets(), "");
 }
+
+/// A PodDisruptionBudget that never allows the GPU pod's eviction: the
+/// drain fails at its timeout, the node is left for a person with the
+/// reason in an event, and its slot goes back; no GPU is reset.
+#[test]
+fn a_drain_a_pdb_blocks_leaves_the_node_for_a_person() {
+    let fake = cluster(&[NODE]);
+    let agent = Agent::start(&fake, NODE, "  drain:\n    timeoutSeconds: 3\n");
+    fake.add_gpu_pod("ml", "trainer", NODE, &[("app", "trainer")], 8);
+    fake.protect_pods("ml", "trainer");
+    agent.xid(2, 48);
+    agent.until("needs attention", 60, || {
+        stage(&fake, NODE).as_deref() == Some("needs-attention")
+    });
+    assert_eq!(agent.resets(), "");
+    assert!(remediation_leases(&fake).is_empty());
+    assert_eq!(
+        fault_taints(&fake, NODE),
+        ["gpuprov.io/gpu-fault:NoSchedule"]
+    );
+    let notes = event_notes(&fake, "GpuRemediationFailed");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("drain failed: drain: not done within 3s: ml/trainer")),
+        "{notes:#?}"
+    );
+}
+
+/// Remediation turned off (the spec rewritten under `gpuprov run`) while
+/// a node is tainted: the remediation ends, taint and label gone.
+#[test]
+fn turning_remediation_off_ends_one_under_way() {
+    let fake = cluster(&[NODE]);
+    let agent = Agent::start_with(
+        &fake,
+        NODE,
+        "  policy:\n    resetNeeded: taint\n",
+        120,
+        |_| {},
+    );
+    agent.xid(2, 48);
+    agent.until("tainted", 30, || {
+        stage(&fake, NODE).as_deref() == Some("tainted")
+    });
+    write_spec(
+        agent.host.path(),
+        "node.yaml",
+        "health:\n  recoverAfterSeconds: 120\nremediation:\n  enabled: false\n",
+    );
+    agent.until("withdrawn", 30, || {
+        stage(&fake, NODE).is_none() && fault_taints(&fake, NODE).is_empty()
+    });
+    assert_eq!(
+        fake.labels(NODE)
+            .get("gpuprov.io/gpu-remediation")
+            .map(String::as_str),
+        Some("disabled")
+    );
+}
+
+/// A node mid driver upgrade belongs to the upgrade: a fault there is
+/// only tainted, no remediation slot is taken, nothing is reset.
+#[test]
+fn a_node_mid_driver_upgrade_is_only_tainted() {
+    let fake = cluster(&[NODE]);
+    let agent = Agent::start_with(&fake, NODE, "", 120, |_| {});
+    fake.set_label(
+        NODE,
+        "nvidia.com/gpu-driver-upgrade-state",
+        "drain-required",
+        "gpuprov-driver-upgrade",
+    );
+    agent.xid(2, 48);
+    agent.until("tainted", 30, || {
+        stage(&fake, NODE).as_deref() == Some("tainted")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(stage(&fake, NODE).as_deref(), Some("tainted"));
+    assert_eq!(agent.resets(), "");
+    assert!(remediation_leases(&fake).is_empty());
+    assert!(
+        agent
+            .log()
+            .contains("waits for the driver upgrade under way")
+    );
+}
