@@ -163,10 +163,14 @@ impl Executor<'_> {
             }
         }
         let (action, outcome, mut after) = match again() {
+            // Made as planned; `degraded` too when the step said it would
+            // be (a remediation under way: the node stays tainted).
             Ok(after)
                 if after.changes.is_empty()
                     && (after.outcome.lets_dependents_run()
-                        || after.outcome == Outcome::RebootRequired) =>
+                        || after.outcome == Outcome::RebootRequired
+                        || (after.outcome == Outcome::Degraded
+                            && obs.on_change == Outcome::Degraded)) =>
             {
                 (Action::Change, after.outcome, after)
             }

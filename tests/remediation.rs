@@ -227,6 +227,15 @@ fn a_reset_class_xid_on_an_idle_gpu_resets_and_recovers() {
         agent.log()
     );
     assert_eq!(agent.resets(), format!("reset {GPU2_BUS}\n"));
+    // A remediation under way is `degraded`, never `failed`.
+    assert!(
+        !fake
+            .log()
+            .iter()
+            .any(|l| l.body.contains("\"gpuprov.io/gpu-remediation\":\"failed\"")),
+        "{}",
+        agent.log()
+    );
     assert!(
         fault_taints(&fake, NODE).is_empty(),
         "{:?}",
