@@ -118,6 +118,27 @@ impl Executor<'_> {
                 &self.labels_set,
             ) {
                 Ok(made) => done += made,
+                // A change before the step's point of no return that may
+                // pass when tried again (a slot another node took first):
+                // nothing was disrupted, so the step stays as it was seen,
+                // waiting, and is looked at again.
+                Err(error)
+                    if error.kind() == ErrorKind::Transient
+                        && obs
+                            .on_failure
+                            .as_ref()
+                            .is_some_and(|f| done < f.changes_after) =>
+                {
+                    let mut waiting = obs.clone();
+                    waiting.reason = format!("{}; not yet: {error}", obs.reason);
+                    waiting.commands = commands;
+                    return StateReport::from_observation(
+                        state,
+                        Action::Wait,
+                        obs.outcome,
+                        waiting,
+                    );
+                }
                 Err(error) => {
                     // The error's own kind where it says more than that a
                     // person must act; else what the state says its

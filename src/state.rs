@@ -189,7 +189,9 @@ pub struct MakeContext<'a> {
 }
 
 /// The node labels this run set while making changes (a rolling upgrade's
-/// state): newer than the facts for the rest of the run, and gone with it.
+/// state), and gpuprov's own taints it put on or took away (keyed
+/// `taint:<key>`): newer than the facts for the rest of the run, and gone
+/// with it.
 #[derive(Debug, Default)]
 pub struct LabelsSet(RefCell<BTreeMap<String, String>>);
 

@@ -89,6 +89,7 @@ fn apply_converges_site_states_and_publishes_labels_for_nfd() {
          gpuprov.io/gpu-clocks-report=configured\n\
          gpuprov.io/gpu-feature-discovery=absent\n\
          gpuprov.io/gpu-health=absent\n\
+         gpuprov.io/gpu-remediation=disabled\n\
          gpuprov.io/gpudirect-rdma=disabled\n\
          gpuprov.io/mig=disabled\n\
          gpuprov.io/persistence=ready\n\
@@ -414,6 +415,7 @@ fn labels_sink_stdout_prints_labels_and_writes_no_feature_file() {
          gpuprov.io/fabric-manager=disabled\n\
          gpuprov.io/gpu-feature-discovery=absent\n\
          gpuprov.io/gpu-health=absent\n\
+         gpuprov.io/gpu-remediation=disabled\n\
          gpuprov.io/gpudirect-rdma=disabled\n\
          gpuprov.io/mig=disabled\n\
          gpuprov.io/persistence=ready\n\
@@ -486,6 +488,7 @@ fn states_dir_overrides_a_builtin_in_place_and_adds_new_states() {
             "container-toolkit",
             "containerd-runtime",
             "gpu-health",
+            "gpu-remediation",
             "mig",
             "cdi",
             "gpu-feature-discovery",

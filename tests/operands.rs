@@ -571,6 +571,7 @@ fn scenario_default() {
             ("gpuprov.io/fabric-manager", "disabled"),
             ("gpuprov.io/gpu-feature-discovery", "ready"),
             ("gpuprov.io/gpu-health", "ready"),
+            ("gpuprov.io/gpu-remediation", "disabled"),
             ("gpuprov.io/gpudirect-rdma", "disabled"),
             ("gpuprov.io/mig", "disabled"),
             ("gpuprov.io/persistence", "ready"),

@@ -177,6 +177,19 @@ fn walks(fake: &FakeApi) -> (BTreeMap<String, Vec<String>>, usize) {
     })
 }
 
+/// A remediation under way is `degraded`, never `failed`: no label write
+/// ever said otherwise.
+fn never_failed(fake: &FakeApi, agent: &Agent) {
+    assert!(
+        !fake
+            .log()
+            .iter()
+            .any(|l| l.body.contains("\"gpuprov.io/gpu-remediation\":\"failed\"")),
+        "{}",
+        agent.log()
+    );
+}
+
 fn event_reasons(fake: &FakeApi, node: &str) -> Vec<String> {
     fake.events()
         .iter()
@@ -227,15 +240,7 @@ fn a_reset_class_xid_on_an_idle_gpu_resets_and_recovers() {
         agent.log()
     );
     assert_eq!(agent.resets(), format!("reset {GPU2_BUS}\n"));
-    // A remediation under way is `degraded`, never `failed`.
-    assert!(
-        !fake
-            .log()
-            .iter()
-            .any(|l| l.body.contains("\"gpuprov.io/gpu-remediation\":\"failed\"")),
-        "{}",
-        agent.log()
-    );
+    never_failed(&fake, &agent);
     assert!(
         fault_taints(&fake, NODE).is_empty(),
         "{:?}",
@@ -368,6 +373,7 @@ fn a_reboot_class_xid_runs_the_command_only_with_a_slot() {
     );
     assert_eq!(std::fs::read_to_string(&rebooted).unwrap(), "rebooting\n");
     assert!(!fake.unschedulable(NODE));
+    never_failed(&fake, &agent);
 }
 
 /// Twenty agents, each with a reset-class XID at once, under
@@ -405,6 +411,7 @@ fn twenty_agents_never_have_more_than_two_past_taint() {
         assert!(!fake.unschedulable(node));
     }
     assert!(remediation_leases(&fake).is_empty());
+    never_failed(&fake, &agents[0]);
 }
 
 /// More nodes faulting within the window than `storm.maxFaultingNodes`:
@@ -464,6 +471,7 @@ fn a_storm_stops_automatic_action() {
     );
     let (walks, most) = walks(&fake);
     assert_eq!(most, 0, "{walks:#?}");
+    never_failed(&fake, &first);
 }
 
 /// A GPU that faults again within `flapWindowSeconds` of its recovery is
@@ -500,6 +508,7 @@ fn a_flapping_gpu_is_left_for_a_person() {
         fake.condition(NODE, "nvidia.com/GPUReady")
             .is_some_and(|c| c["status"] == "False" && c["reason"] == "GpuRemediationDegraded")
     });
+    never_failed(&fake, &agent);
     let notes = event_notes(&fake, "GpuFaultRepeated");
     assert!(
         notes.iter().any(|n| n.contains("faulted again")
@@ -726,6 +735,7 @@ fn a_lost_gpu_is_tainted_until_it_is_back_and_health_holds() {
     assert_eq!(walks[NODE], ["tainted", "recovering", "recovered"]);
     assert!(fault_taints(&fake, NODE).is_empty());
     assert_eq!(agent.resets(), "");
+    never_failed(&fake, &agent);
 }
 
 /// A PodDisruptionBudget that never allows the GPU pod's eviction: the
@@ -813,4 +823,5 @@ fn a_node_mid_driver_upgrade_is_only_tainted() {
             .log()
             .contains("waits for the driver upgrade under way")
     );
+    never_failed(&fake, &agent);
 }

@@ -14,7 +14,9 @@ use super::{FAULT_SINCE_LABEL, SLOTS, STAGE_LABEL, TAINT_KEY};
 use crate::kube::Cluster;
 use crate::slots;
 use crate::spec::StartupTaint;
-use crate::state::{CapabilityChange, MakeContext, StateError, error_chain, json_fields};
+use crate::state::{
+    CapabilityChange, ErrorKind, MakeContext, StateError, error_chain, json_fields,
+};
 
 /// The field manager of the remediation labels, apart from gpuprov's
 /// label set: each stage is published as it starts, not at a converge's end.
@@ -182,7 +184,12 @@ impl CapabilityChange for Action {
     }
 
     fn make(&self, on: &mut MakeContext) -> Result<(), StateError> {
-        make(on, self).map_err(StateError::operator)
+        make(on, self).map_err(|why| match self {
+            // Another node took the slot first (or the API server did not
+            // answer): nothing was disrupted, and looking again may do.
+            Action::TakeSlot { .. } => StateError::new(ErrorKind::Transient, why),
+            _ => StateError::operator(why),
+        })
     }
 }
 
@@ -281,11 +288,15 @@ fn make_step(on: &mut MakeContext, action: &Action) -> Result<(), String> {
         }
         Action::Taint { class } => {
             crate::readiness::set_taint(cluster, &fault_taint(class), true, "a GPU fault")
-                .map_err(api)
+                .map_err(api)?;
+            on.labels_set.record(super::TAINT_SET, "on");
+            Ok(())
         }
         Action::Untaint => {
             crate::readiness::set_taint(cluster, &fault_taint(""), false, "the GPUs recovered")
-                .map_err(api)
+                .map_err(api)?;
+            on.labels_set.record(super::TAINT_SET, "off");
+            Ok(())
         }
         Action::TakeSlot {
             namespace,
@@ -363,7 +374,23 @@ fn make_step(on: &mut MakeContext, action: &Action) -> Result<(), String> {
             namespace,
             faulting,
             threshold,
-        } => super::storm::raise(cluster, namespace, *faulting, *threshold),
+        } => {
+            let storm = super::storm::raise(cluster, namespace, *faulting, *threshold)?;
+            let mut record = Record::read(on.host);
+            if record.storm_reported.as_deref() != Some(storm.uid.as_str()) {
+                record.storm_reported = Some(storm.uid.clone());
+                record.storms_seen += 1;
+                record.write(on.host)?;
+                let note = format!(
+                    "automatic remediation stopped fleet-wide by a GPU fault storm: {}",
+                    storm.describe()
+                );
+                cluster
+                    .post_event(true, "GpuRemediationStorm", "Remediate", &note)
+                    .map_err(api)?;
+            }
+            Ok(())
+        }
         Action::Event {
             warning,
             reason,

@@ -406,12 +406,20 @@ fn first_class(record: &Record, faults: &[&Fault]) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Whether the node carries gpuprov's fault taint.
+/// Where this run notes that it put the fault taint on or took it away.
+const TAINT_SET: &str = "taint:gpuprov.io/gpu-fault";
+
+/// Whether the node carries gpuprov's fault taint: as this run left it,
+/// else as the Node was read.
 fn tainted(ctx: &StateContext) -> bool {
-    ctx.facts
-        .node_taints
-        .iter()
-        .any(|t| t.key == TAINT_KEY && t.effect == "NoSchedule")
+    match ctx.labels_set.get(TAINT_SET).as_deref() {
+        Some(set) => set == "on",
+        None => ctx
+            .facts
+            .node_taints
+            .iter()
+            .any(|t| t.key == TAINT_KEY && t.effect == "NoSchedule"),
+    }
 }
 
 fn owned(faults: &[&Fault]) -> Vec<Fault> {
@@ -746,6 +754,8 @@ fn begin(
         ),
     );
     d.changes = changes;
+    // Another node may take the slot first: then it looks again soon.
+    d.look_again = Some(LookAgain::SharedSlot);
     d.on_failure = Some(vec![
         Action::Enter {
             stage: Stage::NeedsAttention,

@@ -91,14 +91,14 @@ pub fn count(cluster: &Cluster, spec: &RemediationSpec) -> Result<(u64, u64), St
     Ok((faulting, threshold))
 }
 
-/// Creates the storm Lease; one created meanwhile by another node is the
-/// same storm.
+/// Creates the storm Lease, and answers the storm raised; one created
+/// meanwhile by another node is the same storm.
 pub fn raise(
     cluster: &Cluster,
     namespace: &str,
     faulting: u64,
     threshold: u64,
-) -> Result<(), String> {
+) -> Result<Storm, String> {
     use k8s_openapi::jiff::{Timestamp, Unit};
     let now = MicroTime(
         Timestamp::now()
@@ -136,5 +136,7 @@ pub fn raise(
         ),
         None => tracing::info!("GPU fault storm raised by another node meanwhile"),
     }
-    Ok(())
+    raised(cluster, namespace)
+        .map_err(|e| error_chain(&e))?
+        .ok_or_else(|| format!("the storm Lease {STORM_LEASE} was deleted as soon as it was made"))
 }
