@@ -471,20 +471,12 @@ fn rolling_upgrade_fleet(agents: usize, per_node: Duration, wait: Duration) {
     // Replay the request log: the most nodes between cordon-required and
     // upgrade-done at once.
     let log = fake.log();
-    let mut state: std::collections::BTreeMap<String, bool> = Default::default();
-    let mut most = 0;
-    for l in log
-        .iter()
-        .filter(|l| l.method == "PATCH" && l.uri.contains("fieldManager=gpuprov-driver-upgrade"))
-    {
-        let node = l.uri["/api/v1/nodes/".len()..]
-            .split('?')
-            .next()
-            .unwrap()
-            .to_string();
-        state.insert(node, l.body.contains("cordon-required"));
-        most = most.max(state.values().filter(|v| **v).count());
-    }
+    let (_, most) = fake.walks(
+        "gpuprov-driver-upgrade",
+        "nvidia.com/gpu-driver-upgrade-state",
+        "",
+        |s| s == "cordon-required",
+    );
     let lists = log
         .iter()
         .filter(|l| l.method == "GET" && l.uri.contains("/leases"))

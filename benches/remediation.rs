@@ -245,20 +245,12 @@ fn storm_fleet(agents: usize, faulting: usize, storm: &str, per_node: Duration, 
     let took = started.elapsed();
     let log = fake.log();
     // Replay the log: the most nodes past taint at once.
-    let mut past: std::collections::BTreeMap<String, bool> = Default::default();
-    let mut most = 0;
-    for l in log
-        .iter()
-        .filter(|l| l.method == "PATCH" && l.uri.contains("fieldManager=gpuprov-remediation"))
-    {
-        let node = l.uri["/api/v1/nodes/".len()..]
-            .split('?')
-            .next()
-            .unwrap()
-            .to_string();
-        past.insert(node, l.body.contains("\"draining\""));
-        most = most.max(past.values().filter(|v| **v).count());
-    }
+    let (_, most) = fake.walks(
+        "gpuprov-remediation",
+        "gpuprov.io/remediation",
+        "healthy",
+        |s| s == "draining",
+    );
     let slots = (agents as u64 * 10).div_ceil(100);
     let remediated = ends.iter().filter(|e| e.1 == Ended::Remediated).count();
     let held = ends.len() - remediated;

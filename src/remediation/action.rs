@@ -355,7 +355,7 @@ fn make_step(on: &mut MakeContext, action: &Action) -> Result<(), String> {
             if boot.is_empty() {
                 return Err(format!(
                     "no boot id ({}): gpuprov could not tell the node rebooted, so it does not reboot it",
-                    "/proc/sys/kernel/random/boot_id"
+                    super::BOOT_ID
                 ));
             }
             let mut record = Record::read(on.host);
@@ -377,9 +377,7 @@ fn make_step(on: &mut MakeContext, action: &Action) -> Result<(), String> {
         } => {
             let storm = super::storm::raise(cluster, namespace, *faulting, *threshold)?;
             let mut record = Record::read(on.host);
-            if record.storm_reported.as_deref() != Some(storm.uid.as_str()) {
-                record.storm_reported = Some(storm.uid.clone());
-                record.storms_seen += 1;
+            if record.report_storm(&storm.uid) {
                 record.write(on.host)?;
                 let note = format!(
                     "automatic remediation stopped fleet-wide by a GPU fault storm: {}",
@@ -471,11 +469,8 @@ fn enter(
     if stage == Stage::Tainted && record.stage != Stage::Tainted {
         *record.actions_taken.entry("taint".into()).or_default() += 1;
     }
-    if let Some(storm) = storm
-        && record.storm_reported.as_deref() != Some(storm)
-    {
-        record.storm_reported = Some(storm.to_string());
-        record.storms_seen += 1;
+    if let Some(storm) = storm {
+        record.report_storm(storm);
     }
     record.stage = stage;
     record.since = now;

@@ -30,7 +30,7 @@ use record::{Record, Stage};
 use reset::ResetTarget;
 
 use crate::slots::{self, SlotKind};
-use crate::spec::{RemediationSpec, RemedyPolicy};
+use crate::spec::{FaultClass, RemediationSpec, RemedyPolicy};
 use crate::state::{Change, LookAgain, Observation, OnFailure, Outcome, StateContext, StateError};
 
 /// Where the node's remediation stands (`Stage`); absent when healthy.
@@ -45,7 +45,7 @@ pub const STORM_LEASE: &str = "gpuprov-remediation-storm";
 /// What a person sets `STAGE_LABEL` to, to hand a node back to gpuprov.
 pub const CLEARED: &str = "cleared";
 /// Where the kernel says which boot this is.
-const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// The fleet's remediation slots.
 pub static SLOTS: SlotKind = SlotKind {
@@ -275,24 +275,25 @@ fn decide(
                 // An XID clears only once `recoverAfterSeconds` passed
                 // without another: health held already. A GPU lost or
                 // unlisted clears the moment it is back: it must hold.
-                let xids_only = record.faults.iter().all(|f| f.what.starts_with("XID "));
+                let xids_only = record.faults.iter().all(|f| {
+                    !matches!(
+                        f.class(),
+                        Some(FaultClass::GpuLost | FaultClass::NvmlMismatch)
+                    )
+                });
                 if !xids_only {
                     let mut d = Decision::new(
                         Outcome::Degraded,
                         "the GPU fault cleared: recovering while health holds",
                     );
-                    d.changes = vec![
-                        Action::Enter {
-                            stage: Stage::Recovering,
-                            faults: Vec::new(),
-                            note: "the fault cleared".into(),
-                            storm: None,
-                        },
-                        Action::Publish {
-                            stage: Stage::Recovering,
-                            fault_since: Some(record.fault_since),
-                        },
-                    ];
+                    d.changes = entering(
+                        Stage::Recovering,
+                        Vec::new(),
+                        "the fault cleared",
+                        None,
+                        Some(record.fault_since),
+                    )
+                    .into();
                     return Ok(d);
                 }
                 let mut d = Decision::new(Outcome::Ready, "the GPU fault cleared: recovered");
@@ -312,18 +313,14 @@ fn decide(
         Stage::Rebooting => {
             if record.rebooted_from.as_deref() != Some(boot) {
                 let mut d = Decision::new(Outcome::Degraded, "the node rebooted: recovering");
-                d.changes = vec![
-                    Action::Enter {
-                        stage: Stage::Recovering,
-                        faults: Vec::new(),
-                        note: "the node rebooted".into(),
-                        storm: None,
-                    },
-                    Action::Publish {
-                        stage: Stage::Recovering,
-                        fault_since: Some(record.fault_since),
-                    },
-                ];
+                d.changes = entering(
+                    Stage::Recovering,
+                    Vec::new(),
+                    "the node rebooted",
+                    None,
+                    Some(record.fault_since),
+                )
+                .into();
                 return Ok(d);
             }
             Ok(Decision::new(
@@ -422,6 +419,26 @@ fn tainted(ctx: &StateContext) -> bool {
     }
 }
 
+/// Entering `stage`: the record says so (with `faults` and why), then the
+/// node's labels (and when its fault began, while it lasts).
+fn entering(
+    stage: Stage,
+    faults: Vec<Fault>,
+    note: impl Into<String>,
+    storm: Option<String>,
+    fault_since: Option<u64>,
+) -> [Action; 2] {
+    [
+        Action::Enter {
+            stage,
+            faults,
+            note: note.into(),
+            storm,
+        },
+        Action::Publish { stage, fault_since },
+    ]
+}
+
 fn owned(faults: &[&Fault]) -> Vec<Fault> {
     faults.iter().map(|f| (*f).clone()).collect()
 }
@@ -441,17 +458,8 @@ fn needs_attention(
     );
     let described: Vec<String> = faults.iter().map(|f| f.describe()).collect();
     let history = record.history_text();
-    d.changes = vec![
-        Action::Enter {
-            stage: Stage::NeedsAttention,
-            faults: owned(faults),
-            note: why.to_string(),
-            storm: None,
-        },
-        Action::Publish {
-            stage: Stage::NeedsAttention,
-            fault_since: Some(now()),
-        },
+    d.changes = entering(Stage::NeedsAttention, owned(faults), why, None, Some(now())).into();
+    d.changes.extend([
         Action::Taint {
             class: first_class(record, faults),
         },
@@ -464,7 +472,7 @@ fn needs_attention(
                 if history.is_empty() { "none" } else { &history }
             ),
         },
-    ];
+    ]);
     if let Some(namespace) = release_from {
         d.changes.push(Action::ReleaseSlot {
             namespace: namespace.to_string(),
@@ -477,19 +485,12 @@ fn needs_attention(
 /// person cleared it): taint and cordon go, the labels say so, the slot
 /// goes back last.
 fn ending(namespace: &str, stage: Stage, why: &str) -> Vec<Action> {
+    let [enter, publish] = entering(stage, Vec::new(), why, None, None);
     vec![
         Action::Untaint,
         Action::Uncordon,
-        Action::Enter {
-            stage,
-            faults: Vec::new(),
-            note: why.to_string(),
-            storm: None,
-        },
-        Action::Publish {
-            stage,
-            fault_since: None,
-        },
+        enter,
+        publish,
         Action::Event {
             warning: false,
             reason: "GpuRecovered".into(),
@@ -532,16 +533,13 @@ fn begin(
     let tainting = |stage: Stage, note: String, storm: Option<String>| {
         let mut changes = Vec::new();
         if record.stage != stage || (storm.is_some() && record.storm_reported != storm) {
-            changes.push(Action::Enter {
+            changes.extend(entering(
                 stage,
-                faults: owned(faults),
+                owned(faults),
                 note,
                 storm,
-            });
-            changes.push(Action::Publish {
-                stage,
-                fault_since: Some(fault_since),
-            });
+                Some(fault_since),
+            ));
         }
         if !tainted(ctx) {
             changes.push(Action::Taint {
@@ -651,22 +649,19 @@ fn begin(
     }
 
     // The slot is ours, or free: the action.
-    let mut changes = vec![
-        Action::TakeSlot {
-            namespace: namespace.to_string(),
-            slots: fleet.slots,
-            lease_seconds: spec.lease_duration_seconds,
-        },
-        Action::Enter {
-            stage: Stage::Draining,
-            faults: owned(faults),
-            note: format!("{}: {described}", policy.as_str()),
-            storm: None,
-        },
-        Action::Publish {
-            stage: Stage::Draining,
-            fault_since: Some(fault_since),
-        },
+    let mut changes = vec![Action::TakeSlot {
+        namespace: namespace.to_string(),
+        slots: fleet.slots,
+        lease_seconds: spec.lease_duration_seconds,
+    }];
+    changes.extend(entering(
+        Stage::Draining,
+        owned(faults),
+        format!("{}: {described}", policy.as_str()),
+        None,
+        Some(fault_since),
+    ));
+    changes.extend([
         Action::Taint {
             class: class.clone(),
         },
@@ -676,7 +671,7 @@ fn begin(
             note: format!("{}: {described}", policy.as_str()),
         },
         Action::Cordon,
-    ];
+    ]);
     if !spec.wait_for_jobs.pod_selector.is_empty() {
         changes.push(Action::WaitForJobs {
             selector: spec.wait_for_jobs.pod_selector.clone(),
@@ -690,59 +685,32 @@ fn begin(
         force: spec.drain.force,
         operands_namespace: namespace.to_string(),
     });
-    let recovering = |note: &str| {
-        [
-            Action::Enter {
-                stage: Stage::Recovering,
-                faults: Vec::new(),
-                note: note.to_string(),
-                storm: None,
-            },
-            Action::Publish {
-                stage: Stage::Recovering,
-                fault_since: Some(fault_since),
-            },
-        ]
-    };
+    let stage =
+        |stage: Stage, note: String| entering(stage, Vec::new(), note, None, Some(fault_since));
     match policy {
         RemedyPolicy::Reset => {
             let targets = reset_targets(spec, &all);
             let library = crate::gpu::nvml::find_library(ctx.host, ctx.facts.nvml_lib.as_deref())
                 .map_err(|p| StateError::operator(p.to_string()))?;
-            changes.push(Action::Enter {
-                stage: Stage::Resetting,
-                faults: Vec::new(),
-                note: "GPU pods evicted".into(),
-                storm: None,
-            });
-            changes.push(Action::Publish {
-                stage: Stage::Resetting,
-                fault_since: Some(fault_since),
-            });
+            changes.extend(stage(Stage::Resetting, "GPU pods evicted".into()));
             changes.push(Action::ResetGpus {
                 gpus: targets,
                 library,
                 namespace: namespace.to_string(),
             });
-            changes.extend(recovering("GPU reset through NVML"));
+            changes.extend(stage(Stage::Recovering, "GPU reset through NVML".into()));
         }
         RemedyPolicy::Reboot => {
-            changes.push(Action::Enter {
-                stage: Stage::Rebooting,
-                faults: Vec::new(),
-                note: format!("running `{}`", spec.reboot_command.join(" ")),
-                storm: None,
-            });
-            changes.push(Action::Publish {
-                stage: Stage::Rebooting,
-                fault_since: Some(fault_since),
-            });
+            changes.extend(stage(
+                Stage::Rebooting,
+                format!("running `{}`", spec.reboot_command.join(" ")),
+            ));
             changes.push(Action::Reboot {
                 argv: spec.reboot_command.clone(),
                 namespace: namespace.to_string(),
             });
         }
-        _ => changes.extend(recovering("GPU pods evicted")),
+        _ => changes.extend(stage(Stage::Recovering, "GPU pods evicted".into())),
     }
     let mut d = Decision::new(
         Outcome::Degraded,
@@ -756,21 +724,15 @@ fn begin(
     d.changes = changes;
     // Another node may take the slot first: then it looks again soon.
     d.look_again = Some(LookAgain::SharedSlot);
-    d.on_failure = Some(vec![
-        Action::Enter {
-            stage: Stage::NeedsAttention,
-            faults: Vec::new(),
-            note: format!("{} failed (the node's events say why)", policy.as_str()),
-            storm: None,
-        },
-        Action::Publish {
-            stage: Stage::NeedsAttention,
-            fault_since: Some(fault_since),
-        },
-        Action::ReleaseSlot {
-            namespace: namespace.to_string(),
-        },
-    ]);
+    let mut on_failure: Vec<Action> = stage(
+        Stage::NeedsAttention,
+        format!("{} failed (the node's events say why)", policy.as_str()),
+    )
+    .into();
+    on_failure.push(Action::ReleaseSlot {
+        namespace: namespace.to_string(),
+    });
+    d.on_failure = Some(on_failure);
     Ok(d)
 }
 

@@ -175,6 +175,17 @@ impl Record {
         self.faults.drain(..drop);
     }
 
+    /// Notes the storm (its Lease's UID) as reported, counting it once;
+    /// whether it is new to this node.
+    pub fn report_storm(&mut self, uid: &str) -> bool {
+        if self.storm_reported.as_deref() == Some(uid) {
+            return false;
+        }
+        self.storm_reported = Some(uid.to_string());
+        self.storms_seen += 1;
+        true
+    }
+
     /// The history as one text, newest last, for an event.
     pub fn history_text(&self) -> String {
         self.history

@@ -473,17 +473,6 @@ fn resolve_upgrade(
     let selector = |given: &Option<Spanned<String>>, key: &str, errors: &mut Vec<Diagnostic>| {
         pod_selector(given.as_ref(), key, source, errors)
     };
-    let wait_timeout = match &raw.wait_for_jobs.timeout_seconds {
-        // 0 is allowed here: wait as long as it takes.
-        Some(t) if t.value == 0 => 0,
-        other => seconds(
-            other,
-            "driver.upgrade.waitForJobs.timeoutSeconds",
-            0,
-            source,
-            errors,
-        ),
-    };
     UpgradeSpec {
         max_unavailable,
         lease_duration_seconds: seconds(
@@ -511,14 +500,36 @@ fn resolve_upgrade(
             delete_empty_dir: raw.drain.delete_empty_dir,
             force: raw.drain.force,
         },
-        wait_for_jobs: WaitForJobsSpec {
-            pod_selector: selector(
-                &raw.wait_for_jobs.pod_selector,
-                "driver.upgrade.waitForJobs.podSelector",
-                errors,
-            ),
-            timeout_seconds: wait_timeout,
-        },
+        wait_for_jobs: wait_for_jobs(
+            &raw.wait_for_jobs,
+            "driver.upgrade.waitForJobs",
+            source,
+            errors,
+        ),
+    }
+}
+
+/// `<key>.podSelector` and `<key>.timeoutSeconds` checked: the pods to wait
+/// for, and how long (0, the default: as long as it takes).
+pub(super) fn wait_for_jobs(
+    raw: &RawWaitForJobs,
+    key: &str,
+    source: &Source,
+    errors: &mut Vec<Diagnostic>,
+) -> WaitForJobsSpec {
+    let timeout_seconds = match &raw.timeout_seconds {
+        // 0 is allowed here: wait as long as it takes.
+        Some(t) if t.value == 0 => 0,
+        other => seconds(other, &format!("{key}.timeoutSeconds"), 0, source, errors),
+    };
+    WaitForJobsSpec {
+        pod_selector: pod_selector(
+            raw.pod_selector.as_ref(),
+            &format!("{key}.podSelector"),
+            source,
+            errors,
+        ),
+        timeout_seconds,
     }
 }
 

@@ -3,7 +3,9 @@
 //! service at once. Off by default.
 
 use super::*;
-use crate::spec::driver::{IntOrPercent, RawWaitForJobs, max_unavailable, pod_selector};
+use crate::spec::driver::{
+    IntOrPercent, RawWaitForJobs, max_unavailable, pod_selector, wait_for_jobs,
+};
 
 /// What a fault is, as NVIDIA's XID catalogue resolves it (the XIDs in
 /// `health.ignoredXids`, application errors, are never faults).
@@ -331,17 +333,6 @@ pub(super) fn resolve_remediation(
         source,
         errors,
     );
-    let wait_timeout = match &raw.wait_for_jobs.timeout_seconds {
-        // 0 is allowed here: wait as long as it takes.
-        Some(t) if t.value == 0 => 0,
-        other => seconds(
-            other,
-            "remediation.waitForJobs.timeoutSeconds",
-            0,
-            source,
-            errors,
-        ),
-    };
     RemediationSpec {
         enabled: raw.enabled.unwrap_or(false),
         policy,
@@ -373,15 +364,12 @@ pub(super) fn resolve_remediation(
             delete_empty_dir: raw.drain.delete_empty_dir,
             force: raw.drain.force,
         },
-        wait_for_jobs: WaitForJobsSpec {
-            pod_selector: pod_selector(
-                raw.wait_for_jobs.pod_selector.as_ref(),
-                "remediation.waitForJobs.podSelector",
-                source,
-                errors,
-            ),
-            timeout_seconds: wait_timeout,
-        },
+        wait_for_jobs: wait_for_jobs(
+            &raw.wait_for_jobs,
+            "remediation.waitForJobs",
+            source,
+            errors,
+        ),
         storm_max_faulting_nodes: match &raw.storm.max_faulting_nodes {
             None => MaxUnavailable::Percent(10),
             given => max_unavailable(
