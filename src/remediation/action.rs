@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::faults::Fault;
-use super::record::{Record, Stage};
+use super::record::{self, Record, Stage};
 use super::reset::ResetTarget;
 use super::{FAULT_SINCE_LABEL, SLOTS, STAGE_LABEL, TAINT_KEY};
 use crate::kube::Cluster;
@@ -459,15 +459,12 @@ fn enter(
             record.handled_until = now;
         }
         Stage::Draining | Stage::Resetting | Stage::Rebooting => {
-            *record
-                .actions_taken
-                .entry(stage.as_str().to_string())
-                .or_default() += 1;
+            record::count(&mut record.actions_taken, stage.as_str());
         }
         _ => {}
     }
     if stage == Stage::Tainted && record.stage != Stage::Tainted {
-        *record.actions_taken.entry("taint".into()).or_default() += 1;
+        record::count(&mut record.actions_taken, "taint");
     }
     if let Some(storm) = storm {
         record.report_storm(storm);

@@ -737,7 +737,7 @@ fn begin(
 }
 
 /// The GPUs whose faults ask for a reset, by UUID (one NVML could not
-/// name cannot be reset, and is left to the rest of the walk).
+/// name cannot be reset; none at all fails the reset step).
 fn reset_targets(spec: &RemediationSpec, faults: &[&Fault]) -> Vec<ResetTarget> {
     let mut targets: Vec<ResetTarget> = Vec::new();
     for fault in faults {

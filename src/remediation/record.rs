@@ -133,13 +133,20 @@ pub struct Record {
 
 impl Record {
     /// The record, or an empty one when there is none or it is unreadable
-    /// (gpuprov's own; rewritten whole at the next change).
+    /// (gpuprov's own; rewritten whole at the next change). A record
+    /// longer than gpuprov keeps (edited by hand) is cut to its newest.
     pub fn read(host: &Host) -> Record {
-        host.read(RECORD_FILE)
+        let mut record: Record = host
+            .read(RECORD_FILE)
             .ok()
             .flatten()
             .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let drop = record.history.len().saturating_sub(HISTORY_KEPT);
+        record.history.drain(..drop);
+        let drop = record.faults.len().saturating_sub(FAULTS_KEPT);
+        record.faults.drain(..drop);
+        record
     }
 
     pub fn write(&self, host: &Host) -> Result<(), String> {
@@ -167,7 +174,7 @@ impl Record {
                 .iter()
                 .any(|f| f.class == fault.class && f.gpu == fault.gpu && f.what == fault.what);
             if !known {
-                *self.faults_seen.entry(fault.class.clone()).or_default() += 1;
+                count(&mut self.faults_seen, &fault.class);
                 self.faults.push((*fault).clone());
             }
         }
@@ -182,7 +189,7 @@ impl Record {
             return false;
         }
         self.storm_reported = Some(uid.to_string());
-        self.storms_seen += 1;
+        self.storms_seen = self.storms_seen.saturating_add(1);
         true
     }
 
@@ -194,6 +201,13 @@ impl Record {
             .collect::<Vec<_>>()
             .join("; ")
     }
+}
+
+/// One more of `what` in a total (saturating: a record is text a person
+/// may have edited).
+pub fn count(totals: &mut BTreeMap<String, u64>, what: &str) {
+    let total = totals.entry(what.to_string()).or_default();
+    *total = total.saturating_add(1);
 }
 
 pub fn rfc3339(seconds: u64) -> String {

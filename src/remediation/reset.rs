@@ -21,6 +21,11 @@ pub struct ResetTarget {
 
 /// Resets each GPU in turn; the first that cannot be reset stops it.
 pub fn reset(library: &Path, gpus: &[ResetTarget]) -> Result<String, String> {
+    if gpus.is_empty() {
+        // A fault whose GPU NVML did not name (no UUID): nothing to reset
+        // is no reset done.
+        return Err("no GPU to reset: the driver did not say which GPU faulted (no UUID)".into());
+    }
     let mut done = Vec::new();
     for gpu in gpus {
         reset_one(library, gpu).map_err(|why| {
