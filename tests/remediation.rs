@@ -803,13 +803,14 @@ fn turning_remediation_off_ends_one_under_way() {
 #[test]
 fn a_node_mid_driver_upgrade_is_only_tainted() {
     let fake = cluster(&[NODE]);
-    let agent = Agent::start_with(&fake, NODE, "", 120, |_| {});
+    // Labelled before gpuprov starts, so that its first converge sees it.
     fake.set_label(
         NODE,
         "nvidia.com/gpu-driver-upgrade-state",
         "drain-required",
         "gpuprov-driver-upgrade",
     );
+    let agent = Agent::start_with(&fake, NODE, "", 120, |_| {});
     agent.xid(2, 48);
     agent.until("tainted", 30, || {
         stage(&fake, NODE).as_deref() == Some("tainted")
